@@ -1,0 +1,40 @@
+"""g2e: From Generator to Embedder, in JAX/Flax NNX."""
+
+import setuptools
+
+setuptools.setup(
+    name="g2e",
+    version="0.1.0",
+    description=(
+        "Zero-shot and SaHa-fine-tuned multimodal embeddings from Qwen2-VL, "
+        "in JAX/Flax NNX."
+    ),
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["g2e", "g2e.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.23,<0.24",
+        "tensorflow-datasets>=4.9.10,<5",
+        # tfds encodes images and writes summaries through TensorFlow.
+        "tensorflow-cpu>=2.21,<2.22",
+        "array-record>=0.8,<0.9",
+        "ml-collections>=1.1,<2",
+        "einops>=0.8,<0.9",
+        "safetensors>=0.8,<0.9",
+        "pillow>=12,<14",
+        "numpy>=2.0,<3",
+        "pyarrow>=20",
+        "tqdm>=4.66",
+        "matplotlib>=3.9,<4",
+    ],
+    extras_require={
+        # torch is the numerical reference in tests only; runtime code never imports it.
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    },
+)
