@@ -1,0 +1,201 @@
+"""LoRA and DoRA adapters as plain functions over arrays.
+
+A projection y = x @ W + b with kernel W [in, out] gets a low-rank update through A [in, r]
+and B [r, out], scaled by s = alpha / r:
+
+    LoRA:  y = x @ W + b + s * drop(x) @ A @ B
+    DoRA:  y = m / ||W + s A B||_c * (x @ W + s x @ A @ B) + b         (no dropout / eval)
+
+where ||.||_c is the column norm (one per output feature) and m [out] the learned magnitude.
+The maths follows PEFT (peft/tuners/lora/layer.py, dora.py, variants.py) so that weights move
+between the two without change:
+- lora_A is Gaussian with std 1/r for init='gaussian' (Kaiming-uniform for 'kaiming'), lora_B
+    zeros, and the DoRA magnitude starts as the column norms of W (so the adapter starts as the
+    identity);
+- the DoRA weight norm is detached from the gradient (DoRA paper, section 4.3);
+- with dropout active, PEFT's DoRA adds its correction to the undropped base output:
+    y = x @ W + b + (m/n - 1) * drop(x) @ W + (m/n) * s * drop(x) @ A @ B.
+
+Adapter state is a dict with keys 'lora_a' [in, r], 'lora_b' [r, out] and, for DoRA,
+'magnitude' [out]. The model stores these as nnx.LoRAParam; this module never sees modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Which projections get an adapter and how it is shaped (SPEC §3 defaults).
+
+    Attributes:
+        kind: 'lora' or 'dora'.
+        r: rank of the update.
+        alpha: scaling numerator; the update is scaled by alpha / r.
+        dropout: dropout rate on the adapter's input while training.
+        targets: projection names (text model) that carry an adapter.
+        init: 'gaussian' (lora_A ~ N(0, 1/r^2), PEFT's init_lora_weights='gaussian') or
+            'kaiming' (PEFT's default Kaiming-uniform with a=sqrt(5)).
+    """
+
+    kind: Literal["lora", "dora"] = "dora"
+    r: int = 8
+    alpha: float = 64.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+
+    def __post_init__(self):
+        if self.kind not in ("lora", "dora"):
+            raise ValueError(f"AdapterConfig.kind={self.kind!r}: use 'lora' or 'dora' "
+                                              "(train.adapter.kind='none' means full fine-tuning, no adapter).")
+        if self.r < 1:
+            raise ValueError(f"AdapterConfig.r={self.r}: the rank must be >= 1.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout={self.dropout}: must be in [0, 1).")
+        if self.init not in ("gaussian", "kaiming"):
+            raise ValueError(f"AdapterConfig.init={self.init!r}: use 'gaussian' or 'kaiming'.")
+        unknown = [t for t in self.targets if t not in KNOWN_TARGETS]
+        if unknown:
+            raise ValueError(f"AdapterConfig.targets has unknown projections {unknown}; "
+                                              f"choose from {KNOWN_TARGETS}.")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scaling(self) -> float:
+        """The update's scale, alpha / r (PEFT without rsLoRA)."""
+        return self.alpha / self.r
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> AdapterConfig | None:
+        """Builds from the `train.adapter` config block; None when kind is 'none' (full FT)."""
+        kind = cfg["kind"]
+        if kind == "none":
+            return None
+        return cls(kind=kind, r=int(cfg["r"]), alpha=float(cfg["alpha"]),
+                              dropout=float(cfg["dropout"]), targets=tuple(cfg["targets"]),
+                              init=cfg.get("init", "gaussian"))
+
+
+def init_adapter(rng: Array, in_features: int, out_features: int, kernel: Array | None,
+                                  config: AdapterConfig, dtype: Any = jnp.float32) -> dict[str, Array]:
+    """Initial adapter state for one projection, as PEFT initialises it.
+
+    Args:
+        rng: PRNG key for lora_a.
+        in_features, out_features: the projection's shape.
+        kernel: the base kernel [in, out]; needed for DoRA (the magnitude starts as its column
+            norms), ignored for LoRA.
+        config: the adapter config.
+        dtype: dtype of the returned arrays.
+
+    Returns:
+        {'lora_a': [in, r], 'lora_b': [r, out]} plus 'magnitude': [out] for DoRA.
+    """
+    shape = (in_features, config.r)
+    if config.init == "gaussian":
+        lora_a = jax.random.normal(rng, shape, jnp.float32) / config.r
+    else:
+        # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
+        bound = 1.0 / math.sqrt(in_features)
+        lora_a = jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+    state = {"lora_a": lora_a.astype(dtype),
+                      "lora_b": jnp.zeros((config.r, out_features), dtype)}
+    if config.kind == "dora":
+        if kernel is None:
+            raise ValueError("init_adapter: DoRA needs the base kernel to set the magnitude.")
+        if kernel.shape != (in_features, out_features):
+            raise ValueError(f"init_adapter: kernel shape {kernel.shape} != "
+                                              f"({in_features}, {out_features}).")
+        # B = 0, so ||W + s A B||_c = ||W||_c.
+        state["magnitude"] = _column_norm(kernel.astype(jnp.float32)).astype(dtype)
+    return state
+
+
+def _column_norm(weight: Array) -> Array:
+    """L2 norm of each output column of a [in, out] weight -> [out]."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=0))
+
+
+def _dropout(x: Array, rate: float, deterministic: bool, rng: Array | None) -> Array:
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("lora.apply: dropout is active (deterministic=False) but rng is None; "
+                                          "pass a PRNG key or deterministic=True.")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def apply(x: Array, kernel: Array, bias: Array | None, adapter: Mapping[str, Array],
+                    config: AdapterConfig, *, deterministic: bool, rng: Array | None = None) -> Array:
+    """The adapted projection, y = x @ W (+ b) with the adapter's update.
+
+    Args:
+        x: inputs [..., in] in the compute dtype.
+        kernel: frozen base kernel [in, out].
+        bias: base bias [out] or None.
+        adapter: {'lora_a', 'lora_b'} (+ 'magnitude' for DoRA), see init_adapter.
+        config: the adapter config.
+        deterministic: True turns dropout off (evaluation, embedding, mining).
+        rng: PRNG key for dropout; required when deterministic is False and dropout > 0.
+
+    Returns:
+        [..., out] in x's dtype.
+    """
+    dtype = x.dtype
+    kernel = kernel.astype(dtype)
+    lora_a = adapter["lora_a"].astype(dtype)
+    lora_b = adapter["lora_b"].astype(dtype)
+    s = config.scaling
+    base = x @ kernel
+    dropped = _dropout(x, config.dropout, deterministic, rng)
+    update = (dropped @ lora_a) @ lora_b
+    if config.kind == "lora":
+        y = base + s * update
+    else:
+        magnitude = adapter["magnitude"]
+        # PEFT forms the norm from B @ A detached from the graph and then detaches the norm too:
+        # no gradient flows through ||W + s A B||_c, only through m and the update itself.
+        delta = jax.lax.stop_gradient(lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
+        norm = _column_norm(kernel.astype(jnp.float32) + s * delta)
+        norm = jax.lax.stop_gradient(norm)
+        scale = (magnitude.astype(jnp.float32) / norm).astype(dtype)
+        # PEFT: result + (m/n - 1) * base(drop(x)) + (m/n) * s * lora(drop(x)); without dropout
+        # drop(x) = x and this is (m/n) * (x W + s x A B).
+        base_dropped = base if dropped is x else dropped @ kernel
+        y = base + (scale - 1) * base_dropped + scale * (s * update)
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def merge(kernel: Array, adapter: Mapping[str, Array], config: AdapterConfig) -> Array:
+    """Folds the adapter into the base kernel, so x @ merged == apply(x, ...) (deterministic).
+
+    Args:
+        kernel: base kernel [in, out].
+        adapter: the adapter state for this projection.
+        config: the adapter config.
+
+    Returns:
+        The merged kernel [in, out] in kernel's dtype (computed in float32).
+    """
+    w = kernel.astype(jnp.float32)
+    delta = adapter["lora_a"].astype(jnp.float32) @ adapter["lora_b"].astype(jnp.float32)
+    merged = w + config.scaling * delta
+    if config.kind == "dora":
+        merged = merged * (adapter["magnitude"].astype(jnp.float32) / _column_norm(merged))
+    return merged.astype(kernel.dtype)
