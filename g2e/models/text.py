@@ -1,0 +1,245 @@
+"""Qwen2 text decoder with multimodal rotary embeddings (M-RoPE), layers stacked and scanned.
+
+Letters: B batch, L length, D hidden, H query heads, K key/value heads, E head dim, F MLP width,
+V vocab, N layers.
+
+Logical axis names of parameters: 'vocab', 'embed' (D), 'heads' (H*E), 'kv_heads' (K*E),
+'mlp' (F), 'layers' (N, added by the stacking vmap). Activations: 'batch', 'length',
+'act_embed'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from g2e.models import attention as attention_lib
+from g2e.models import lora
+from g2e.models.config import TextConfig
+from g2e.models.sharding import constrain
+
+# Remat policies by name; 'none' keeps every activation, 'full' recomputes each layer.
+REMAT_POLICIES = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+_normal = nnx.initializers.normal(0.02)
+
+
+def remat_policy(name: str):
+    """Checks a remat policy name; see REMAT_POLICIES."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+    return REMAT_POLICIES[name]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled after the cast back (as HF Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
+                              axis_name: str = "embed"):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Projection(nnx.Module):
+    """Dense y = x @ W (+ b), W [in, out]; carries a LoRA/DoRA adapter when configured.
+
+    All text projections (q/k/v/o, gate/up/down) are this class, so adapters attach in one place:
+    `name` is the HF/PEFT projection name matched against `adapter.targets`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, name: str,
+                              axes: tuple[str, str], use_bias: bool, dtype: Any, param_dtype: Any,
+                              adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+        self.name = name
+        self.dtype = dtype
+        self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype),
+                                                        out_sharding=axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
+                                  if use_bias else None)
+        self.adapter_config = adapter if adapter is not None and name in adapter.targets else None
+        if self.adapter_config is not None:
+            state = lora.init_adapter(rngs.params(), in_features, out_features, self.kernel.value,
+                                                                self.adapter_config, dtype=param_dtype)
+            self.lora_a = nnx.LoRAParam(state["lora_a"], out_sharding=(axes[0], None))
+            self.lora_b = nnx.LoRAParam(state["lora_b"], out_sharding=(None, axes[1]))
+            if "magnitude" in state:
+                self.magnitude = nnx.LoRAParam(state["magnitude"], out_sharding=(axes[1],))
+
+    def adapter_state(self) -> dict[str, jax.Array]:
+        """The adapter's arrays by lora.py's keys ({} without an adapter)."""
+        if self.adapter_config is None:
+            return {}
+        state = {"lora_a": self.lora_a.value, "lora_b": self.lora_b.value}
+        if self.adapter_config.kind == "dora":
+            state["magnitude"] = self.magnitude.value
+        return state
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                              rng: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        bias = None if self.bias is None else self.bias.value
+        if self.adapter_config is not None:
+            return lora.apply(x, self.kernel.value, bias, self.adapter_state(), self.adapter_config,
+                                                deterministic=deterministic, rng=rng)
+        y = x @ self.kernel.value.astype(self.dtype)
+        return y if bias is None else y + bias.astype(self.dtype)
+
+
+def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
+                                    dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, L, E] of M-RoPE from position ids [3, B, L] (HF Qwen2VLRotaryEmbedding).
+
+    Frequency j (of E/2) rotates with the temporal, height or width id according to
+    `mrope_section`; the halves are duplicated for rotate-half application.
+    """
+    head_dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, E/2]
+    axis_of_freq = jnp.repeat(jnp.arange(3) % 3, jnp.array(config.mrope_section),
+                                                        total_repeat_length=head_dim // 2)
+    freqs = jnp.take_along_axis(freqs, axis_of_freq[None, None, None, :], axis=0)[0]
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, E]
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, heads, E] rotated by cos/sin [B, L, E] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with q/k/v bias and M-RoPE."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, attention: str,
+                              adapter, rngs: nnx.Rngs):
+        d, e = config.hidden_size, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
+        self.q_proj = Projection(d, config.num_heads * e, name="q_proj", axes=("embed", "heads"),
+                                                          use_bias=True, **kw)
+        self.k_proj = Projection(d, config.num_kv_heads * e, name="k_proj",
+                                                          axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = Projection(d, config.num_kv_heads * e, name="v_proj",
+                                                          axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = Projection(config.num_heads * e, d, name="o_proj", axes=("heads", "embed"),
+                                                          use_bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, e
+        self.attention = attention
+
+    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng):
+        b, l, _ = x.shape
+        keys = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
+        kw = dict(deterministic=deterministic)
+        q = self.q_proj(x, rng=keys[0], **kw).reshape(b, l, self.num_heads, self.head_dim)
+        k = self.k_proj(x, rng=keys[1], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, rng=keys[2], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = attention_lib.attend(q, k, v, segment_ids=segment_ids, causal=True,
+                                                              implementation=self.attention)
+        return self.o_proj(out.reshape(b, l, -1), rng=keys[3], **kw)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, adapter, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
+        self.gate_proj = Projection(d, f, name="gate_proj", axes=("embed", "mlp"), **kw)
+        self.up_proj = Projection(d, f, name="up_proj", axes=("embed", "mlp"), **kw)
+        self.down_proj = Projection(f, d, name="down_proj", axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x, *, deterministic, rng):
+        keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+        kw = dict(deterministic=deterministic)
+        hidden = jax.nn.silu(self.gate_proj(x, rng=keys[0], **kw)) * self.up_proj(x, rng=keys[1], **kw)
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+        return self.down_proj(hidden, rng=keys[2], **kw)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, attention, adapter,
+                              rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype,
+                                                              attention=attention, adapter=adapter, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng):
+        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
+                                                      deterministic=deterministic, rng=keys[0])
+        x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1])
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class TextDecoder(nnx.Module):
+    """Token embedding, N stacked decoder layers (one lax.scan), final RMSNorm."""
+
+    def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, remat: str,
+                              attention: str, adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        remat_policy(remat)
+        self.embed_tokens = nnx.Param(
+                _normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype),
+                out_sharding=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                                                    adapter=adapter, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                                                param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, L, D] in the compute dtype."""
+        return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
+                              attention_mask: jax.Array, *, deterministic: bool = True,
+                              rng: jax.Array | None = None) -> jax.Array:
+        """inputs_embeds [B, L, D], position_ids [3, B, L], attention_mask [B, L] -> hidden [B, L, D]."""
+        cos, sin = mrope_cos_sin(position_ids, self.config, self.dtype)
+        segment_ids = attention_mask.astype(jnp.int32)
+        graphdef, layer_state = nnx.split(self.layers)
+        layer_rngs = (jnp.zeros((self.config.num_layers,), jnp.uint32) if rng is None
+                                    else jax.random.split(rng, self.config.num_layers))
+
+        def body(x, layer_and_rng):
+            state, layer_rng = layer_and_rng
+            layer = nnx.merge(graphdef, state)
+            x = layer(x, cos, sin, segment_ids, deterministic=deterministic,
+                                rng=None if rng is None else layer_rng)
+            return x, None
+
+        policy = remat_policy(self.remat)
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        x, _ = jax.lax.scan(body, x, (layer_state, layer_rngs))
+        return self.norm(x)
