@@ -1,0 +1,250 @@
+"""g2e.distributed: mesh from config, host shares, and a real two-process CPU job vs. one process."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from g2e import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------
+# Mesh
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    (dict(data=-1, fsdp=1, tensor=1), (8, 1, 1)),
+    (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+    (dict(data=1, fsdp=2, tensor=-1), (1, 2, 4)),
+    (dict(data=4, fsdp=2, tensor=1), (4, 2, 1)),
+])
+def test_mesh_shape_fills_the_rest(sizes, expected):
+    assert distributed.mesh_shape(sizes, 8) == expected
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(data=-1, fsdp=3, tensor=1), "mesh.fsdp=3 does not divide 8 devices"),
+    (dict(data=-1, fsdp=-1, tensor=1), "mesh.data and mesh.fsdp are both -1"),
+    (dict(data=2, fsdp=2, tensor=1), "set one axis to -1"),
+    (dict(data=-1, fsdp=4, tensor=4), "mesh.fsdp*mesh.tensor = 16 does not divide 8 devices"),
+    (dict(data=0, fsdp=1, tensor=1), "mesh.data=0"),
+    (dict(data=-1, fsdp=1, tensor="2"), "mesh.tensor='2'"),
+])
+def test_mesh_shape_errors_name_the_key(sizes, message):
+    with pytest.raises(ValueError) as error:
+        distributed.mesh_shape(sizes, 8)
+    assert message in str(error.value)
+
+
+def test_make_mesh_auto_axes_over_all_devices():
+    config = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2))
+    mesh = distributed.make_mesh(config)
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == dict(data=2, fsdp=2, tensor=2)
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def _fake_devices(num_slices: int, per_slice: int):
+    return [SimpleNamespace(id=s * per_slice + i, slice_index=s, process_index=s,
+                            platform="cpu", device_kind="fake")
+            for s in range(num_slices) for i in range(per_slice)]
+
+
+def test_multi_slice_places_only_data_across_slices():
+    devices = _fake_devices(num_slices=2, per_slice=8)
+    grid = distributed.device_grid((4, 2, 2), devices)  # data 4 = 2 slices x 2 inside
+    assert grid.shape == (4, 2, 2)
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    # Every (fsdp, tensor) block lies inside one slice; data rows 0-1 on slice 0, 2-3 on 1.
+    np.testing.assert_array_equal(slice_of[:, 0, 0], [0, 0, 1, 1])
+    assert (slice_of == slice_of[:, :1, :1]).all()
+
+
+def test_multi_slice_data_must_cover_the_slices():
+    with pytest.raises(ValueError, match="mesh.data=1 is not a multiple of the 2 slices"):
+        distributed.device_grid((1, 4, 2), _fake_devices(num_slices=2, per_slice=4))
+
+
+# ------------------------------------------------------------------------------------------
+# Host shares on one process
+
+
+@pytest.mark.parametrize("n_items, count", [(22, 2), (7, 3), (2, 4), (0, 2), (9, 1)])
+def test_host_slices_partition_the_items_in_order(n_items, count):
+    shares = [distributed.host_slice(n_items, i, count) for i in range(count)]
+    rows = [row for share in shares for row in range(n_items)[share]]
+    assert rows == list(range(n_items))
+    sizes = [share.stop - share.start for share in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_helpers():
+    assert distributed.is_primary()
+    assert distributed.host_slice(5) == slice(0, 5)
+    values = np.arange(10.0).reshape(5, 2)
+    np.testing.assert_array_equal(distributed.gather_in_order(values, 5), values)
+    with pytest.raises(ValueError, match="holds 4 rows, but its share of 5 items is 5"):
+        distributed.gather_in_order(values[:4], 5)
+    distributed.barrier("single")   # no-op with one process
+
+
+def test_global_batch_shards_the_batch_dimension():
+    mesh = distributed.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    local = {"input_ids": np.arange(32, dtype=np.int32).reshape(8, 4),
+             "position_ids": np.arange(96, dtype=np.int32).reshape(3, 8, 4)}
+    batch = distributed.global_batch(local, mesh)
+    assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert batch["position_ids"].sharding.spec[1] == ("data", "fsdp")
+    np.testing.assert_array_equal(distributed.local_rows(batch["input_ids"]), local["input_ids"])
+    np.testing.assert_array_equal(
+        distributed.local_rows(batch["position_ids"], batch_dim=1), local["position_ids"])
+
+
+# ------------------------------------------------------------------------------------------
+# When to call jax.distributed.initialize
+
+
+def _config(**settings):
+    base = dict(coordinator_address="", num_processes=0, process_id=-1)
+    return ml_collections.ConfigDict(dict(distributed=dict(base, **settings)))
+
+
+SLURM_TWO_TASKS = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2",
+                       SLURM_PROCID="1", SLURM_LOCALID="0")
+
+
+@pytest.mark.parametrize("config, env, on_tpu_vm, reason", [
+    (_config(), {}, False, None),
+    (_config(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0), {}, False,
+     "config"),
+    (_config(), SLURM_TWO_TASKS, False, "slurm"),
+    (_config(), dict(SLURM_TWO_TASKS, SLURM_NTASKS="1"), False, None),
+    # Inside an allocation but not under srun: no step variables, one process.
+    (_config(), {k: v for k, v in SLURM_TWO_TASKS.items() if k != "SLURM_STEP_NODELIST"}, False,
+     None),
+    (_config(), dict(OMPI_MCA_orte_hnp_uri="x", OMPI_COMM_WORLD_SIZE="4"), False, "mpi"),
+    (_config(), dict(TPU_WORKER_HOSTNAMES="w0,w1"), False, "tpu"),
+    (_config(), dict(TPU_WORKER_HOSTNAMES="w0"), False, None),
+    (_config(), dict(MEGASCALE_COORDINATOR_ADDRESS="w0:8080"), False, "tpu"),
+    (_config(), {}, True, "tpu_vm"),
+    (_config(), dict(JAX_PLATFORMS="cpu"), True, None),
+    (ml_collections.ConfigDict(), {}, False, None),     # a config without a distributed block
+])
+def test_distributed_reason(config, env, on_tpu_vm, reason):
+    assert distributed.distributed_reason(config, env, on_tpu_vm) == reason
+
+
+def test_initialize_is_a_no_op_on_one_host():
+    distributed.initialize(_config())
+    distributed.initialize(_config())
+    assert not jax.distributed.is_initialized()
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(num_processes=0, process_id=0), "distributed.num_processes is 0"),
+    (dict(num_processes=2, process_id=2), "distributed.process_id is 2"),
+])
+def test_initialize_explicit_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(_config(coordinator_address="127.0.0.1:1", **settings))
+
+
+# ------------------------------------------------------------------------------------------
+# Two processes x 4 CPU devices == one process x 8 devices
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_job(argv: list[str], num_processes: int, devices_per_process: int,
+            log_dir: pathlib.Path, timeout: float = 120) -> None:
+    """Runs `argv` as a JAX job of `num_processes` CPU processes on this machine.
+
+    With more than one process, each gets `--config.distributed.*` flags for a coordinator on
+    127.0.0.1, so `g2e.distributed.initialize` connects them. Fails with the logs' tails.
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    port = _free_port()
+    processes, logs = [], []
+    for index in range(num_processes):
+        flags = []
+        if num_processes > 1:
+            flags = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     f"--config.distributed.num_processes={num_processes}",
+                     f"--config.distributed.process_id={index}"]
+        log = log_dir / f"process_{num_processes}_{index}.log"
+        logs.append(log)
+        with open(log, "w") as f:
+            processes.append(subprocess.Popen(argv + flags, cwd=REPO, env=env, stdout=f,
+                                              stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in processes]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if codes is None or any(codes):
+        tails = "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-25:])
+                          for log in logs)
+        pytest.fail(f"{argv} with {num_processes} processes: exit codes {codes}\n{tails}")
+
+
+def _toy_command(out: pathlib.Path) -> list[str]:
+    return [sys.executable, str(REPO / "tests" / "multihost_toy.py"), f"--out={out}"]
+
+
+def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
+    meta_single = json.loads((single / "meta.json").read_text())
+    meta_multi = json.loads((multi / "meta.json").read_text())
+    assert (meta_single["process_count"], meta_single["device_count"]) == (1, 8)
+    assert (meta_multi["process_count"], meta_multi["device_count"]) == (2, 8)
+    assert meta_single["mesh"] == meta_multi["mesh"] == dict(data=2, fsdp=2, tensor=2)
+    one, two = np.load(single / "results.npz"), np.load(multi / "results.npz")
+    assert sorted(one) == sorted(two)
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert one["embeddings"].shape == (22, 8)
+    assert not np.allclose(one["weights"], one["initial"])     # training moved the weights
+    np.testing.assert_array_equal(two["restored"], two["weights"])  # checkpoint round trip
+
+
+# A case: (command for an output directory, comparison of the one- and two-process outputs).
+# The real stages plug in here with their own command (e.g. `python -m g2e.main ...`).
+JOBS: dict[str, tuple[Callable[[pathlib.Path], list[str]],
+                      Callable[[pathlib.Path, pathlib.Path], None]]] = {
+    "toy": (_toy_command, _compare_toy),
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_two_processes_match_one(job, tmp_path):
+    command, compare = JOBS[job]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    run_job(command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path)
+    run_job(command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path)
+    compare(single, multi)
