@@ -1,0 +1,452 @@
+"""Host-side preprocessing: items -> token ids + image patches -> fixed-shape batches.
+
+Letters: B batch, L text length, P vision patches per example, M = P // 4 merged vision tokens.
+
+`Processor.from_dir(checkpoint_dir, ...)` reads the tokenizer (transformers' `AutoTokenizer`)
+and the Qwen2-VL image processor settings (`Qwen2VLImageProcessorPil`, no torch) from a
+checkpoint directory. `encode` builds the prompt (g2e.data.prompts), loads and pre-resizes the
+image (g2e.data.images), tokenises, expands each `<|image_pad|>` to the image's merged-patch
+count and truncates; `collate` pads a list of encodings to the smallest (L, P) bucket that fits
+and computes the M-RoPE ids and vision layout (g2e.models.positions), giving the batch dict of
+the design contract.
+
+Truncation keeps the chat template, the system turn, the query suffix and the last (pooled)
+token: only the data's own text is cut, from its end, and never an image token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import transformers
+from PIL import Image
+
+from g2e.data import images as images_lib
+from g2e.data import prompts
+from g2e.data.errors import BadInput, BadInputReport
+from g2e.models import positions
+
+# A text with more tokens than this many times max_length is bad input, not just truncated.
+FAR_OVER_FACTOR = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedItem:
+    """One input to embed: text (with its task instruction) and/or an image.
+
+    `image` is encoded bytes, a path (relative to the processor's image root), a PIL image, or
+    None ('' counts as None, as MMEB writes it). `role` is 'query' or 'candidate'. `row` only
+    serves error messages (which row of `subset` the item came from).
+    """
+
+    text: str
+    image: bytes | str | Image.Image | None
+    role: str
+    subset: str = ""
+    row: Any = None
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One tokenised example, before padding.
+
+    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: float32 [p, 1176] (the
+    example's images' patches, concatenated); image_grid_thw: (t, h, w) per image;
+    target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
+    truncated_tokens: how many text tokens truncation removed.
+    """
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    image_grid_thw: list[tuple[int, int, int]]
+    target_mask: np.ndarray | None = None
+    truncated_tokens: int = 0
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
+    """Smallest bucket >= size; past the largest, a multiple of the largest (bounded programs).
+
+    Raises:
+      ValueError: for the 'length' buckets, whose largest must hold max_length.
+    """
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    largest = buckets[-1]
+    if what == "length" or largest <= 0:
+        raise ValueError(f"{what} {size} exceeds the largest {what} bucket {largest}; add a "
+                         f"larger one to data.{what}_buckets")
+    return -(-size // largest) * largest
+
+
+def default_length_buckets(max_length: int) -> tuple[int, ...]:
+    """Powers of two from 64 below max_length, then max_length."""
+    buckets, size = [], 64
+    while size < max_length:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_length)
+
+
+def default_patch_buckets(max_patches_per_image: int) -> tuple[int, ...]:
+    """0 (text only), powers of four from 64 below the per-image maximum, then that maximum."""
+    top = -(-max_patches_per_image // 4) * 4
+    return (0, *[b for b in (64, 256, 1024, 4096, 16384, 65536) if b < top], top)
+
+
+class Processor:
+    """Turns `EmbedItem`s into fixed-shape batches for Qwen2-VL (see the module docstring)."""
+
+    def __init__(
+        self,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        image_processor: transformers.Qwen2VLImageProcessorPil,
+        *,
+        max_length: int,
+        image_resolution: str = "processor",
+        prompt: prompts.PromptOptions = prompts.PromptOptions(),
+        length_buckets: Sequence[int] | None = None,
+        patch_buckets: Sequence[int] | None = None,
+        on_bad_input: str = "error",
+        padding_side: str = "right",
+        image_root: str | os.PathLike | None = None,
+        image_token_id: int | None = None,
+    ):
+        if image_resolution not in images_lib.POLICIES:
+            raise ValueError(f"data.image_resolution must be one of {images_lib.POLICIES}, got "
+                             f"{image_resolution!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if max_length < 16:
+            raise ValueError(f"data.max_length={max_length} cannot hold the chat template")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_length = max_length
+        self.image_resolution = image_resolution
+        self.prompt = prompt
+        self.padding_side = padding_side
+        self.image_root = image_root
+        self.report = BadInputReport(on_bad_input)
+        self.merge_size = int(image_processor.merge_size)
+        self.patch_dim = (3 * int(image_processor.temporal_patch_size)
+                          * int(image_processor.patch_size) ** 2)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
+        if image_token_id is not None and image_token_id != self.image_token_id:
+            raise ValueError(f"config.json image_token_id={image_token_id} but the tokenizer maps "
+                             f"{prompts.IMAGE_PAD} to {self.image_token_id}; tokenizer and "
+                             "model do not belong together")
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set pad_token in tokenizer_config.json")
+        self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
+        if self.length_buckets[-1] < max_length:
+            raise ValueError(f"largest length bucket {self.length_buckets[-1]} is below "
+                             f"max_length={max_length}; add a bucket of at least max_length")
+        max_patches = int(image_processor.size.longest_edge) // int(image_processor.patch_size) ** 2
+        self.patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
+        unit = self.merge_size ** 2
+        if any(b % unit for b in self.patch_buckets):
+            raise ValueError(f"patch buckets {self.patch_buckets} must be multiples of {unit}")
+        self.stats = dict(batches=0, real_tokens=0, token_slots=0, real_patches=0,
+                          patch_slots=0, truncated_items=0, truncated_tokens=0)
+        self.shapes: set[tuple[int, int, int]] = set()
+
+    @classmethod
+    def from_dir(
+        cls,
+        checkpoint_dir: str | os.PathLike,
+        *,
+        max_length: int,
+        image_resolution: str = "processor",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        prompt: prompts.PromptOptions = prompts.PromptOptions(),
+        length_buckets: Sequence[int] | None = None,
+        patch_buckets: Sequence[int] | None = None,
+        on_bad_input: str = "error",
+        padding_side: str = "right",
+        image_root: str | os.PathLike | None = None,
+    ) -> "Processor":
+        """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
+
+        `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
+        processor's. Raises FileNotFoundError when the directory lacks the tokenizer or
+        preprocessor_config.json.
+        """
+        checkpoint_dir = pathlib.Path(checkpoint_dir)
+        if not (checkpoint_dir / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{checkpoint_dir}/preprocessor_config.json is missing; "
+                                    "model_dir must be a Qwen2-VL checkpoint directory")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
+        overrides = {key: value for key, value in
+                     (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(
+            checkpoint_dir, **overrides)
+        image_token_id = None
+        if (checkpoint_dir / "config.json").is_file():
+            image_token_id = json.loads((checkpoint_dir / "config.json").read_text()).get(
+                "image_token_id")
+        return cls(tokenizer, image_processor, max_length=max_length,
+                   image_resolution=image_resolution, prompt=prompt,
+                   length_buckets=length_buckets, patch_buckets=patch_buckets,
+                   on_bad_input=on_bad_input, padding_side=padding_side,
+                   image_root=image_root, image_token_id=image_token_id)
+
+    # ---- images ---------------------------------------------------------------------------
+
+    def load_images(self, sources: Sequence[images_lib.ImageSource], *,
+                    image_root: str | os.PathLike | None = None) -> list[Image.Image]:
+        """Loads each image safely and applies the resolution policy. Raises BadInput."""
+        root = self.image_root if image_root is None else image_root
+        loaded = []
+        for source in sources:
+            image = images_lib.load_image(source, image_root=root)
+            image = images_lib.apply_policy(image, self.image_resolution)
+            name = source if isinstance(source, str) else ""
+            images_lib.check_aspect_ratio(image, name)
+            loaded.append(image)
+        return loaded
+
+    def image_features(self, loaded: Sequence[Image.Image]
+                       ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Patches [p, 1176] and grids (t, h, w) of RGB images, via the HF image processor."""
+        if not loaded:
+            return np.zeros((0, self.patch_dim), np.float32), []
+        features = self.image_processor(images=list(loaded))
+        grids = [tuple(int(x) for x in grid) for grid in np.asarray(features["image_grid_thw"])]
+        return np.asarray(features["pixel_values"], np.float32), grids
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: prompts.ChatPrompt, loaded: Sequence[Image.Image]) -> Encoded:
+        """Tokenises a ChatPrompt whose `<|image_pad|>`s stand for `loaded` images, in order.
+
+        Raises:
+          BadInput: text far over max_length, or a prompt that does not fit even with its
+            text cut (too many image tokens for max_length).
+        """
+        pixel_values, grids = self.image_features(loaded)
+        text = prompt.text
+        body_start = len(prompt.head)
+        body_end = body_start + len(prompt.body)
+        answer_start = len(text) - len(prompt.answer)
+        tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(tokens["input_ids"], np.int64)
+        offsets = np.asarray(tokens["offset_mapping"], np.int64).reshape(-1, 2)
+        is_image = ids == self.image_token_id
+        if int(is_image.sum()) != len(grids):
+            raise BadInput("image placeholders do not match images",
+                           detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(grids)} "
+                                  "image(s)")
+        cuttable = (offsets[:, 0] >= body_start) & (offsets[:, 1] <= body_end) & ~is_image
+        num_text = int(cuttable.sum())
+        if num_text > FAR_OVER_FACTOR * self.max_length:
+            raise BadInput("text far over max_length",
+                           detail=f"{num_text} text tokens, max_length={self.max_length}",
+                           hint=f"texts over {FAR_OVER_FACTOR}x max_length are refused; raise "
+                                "data.max_length or shorten the text")
+        # Expand each image token to its merged-patch count.
+        repeats = np.ones(len(ids), np.int64)
+        repeats[is_image] = [t * h * w // self.merge_size ** 2 for t, h, w in grids]
+        total = int(repeats.sum())
+        excess = total - self.max_length
+        keep = np.ones(len(ids), bool)
+        if excess > 0:
+            cut_positions = np.flatnonzero(cuttable)
+            if len(cut_positions) < excess:
+                raise BadInput(
+                    "prompt does not fit max_length even with its text removed",
+                    detail=f"{total} tokens ({total - int(repeats[~is_image].sum())} image "
+                           f"tokens), max_length={self.max_length}",
+                    hint="raise data.max_length, lower data.max_pixels or pick a smaller "
+                         "data.image_resolution")
+            keep[cut_positions[len(cut_positions) - excess:]] = False
+            self.stats["truncated_items"] += 1
+            self.stats["truncated_tokens"] += excess
+        input_ids = np.repeat(ids[keep], repeats[keep]).astype(np.int32)
+        target_mask = None
+        if prompt.answer:
+            is_answer = (offsets[:, 0] >= answer_start).astype(np.int32)
+            target_mask = np.repeat(is_answer[keep], repeats[keep]).astype(np.int32)
+        return Encoded(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grids,
+                       target_mask=target_mask, truncated_tokens=max(excess, 0))
+
+    def _guarded(self, build, *, subset: str, row: Any) -> Encoded | None:
+        """Runs `build()`; applies the on_bad_input policy to a BadInput (None when skipped)."""
+        try:
+            return build()
+        except BadInput as error:
+            self.report.handle(error.with_context(subset=subset, row=row))
+            return None
+
+    def encode(self, item: EmbedItem, *, image_root: str | os.PathLike | None = None
+               ) -> Encoded | None:
+        """Encodes one item with the hierarchical embedding prompt.
+
+        Returns None when the item is bad input and on_bad_input='skip' (it is counted in
+        `self.report`). Raises BadInput (naming subset, row and file) under 'error'.
+        """
+        image = None if item.image is None or (isinstance(item.image, str) and not item.image) \
+            else item.image
+
+        def build() -> Encoded:
+            loaded = self.load_images([image] if image is not None else [],
+                                      image_root=image_root)
+            prompt = prompts.embedding_prompt(item.text, has_image=image is not None,
+                                              role=item.role, subset=item.subset,
+                                              options=self.prompt)
+            return self.encode_prompt(prompt, loaded)
+
+        return self._guarded(build, subset=item.subset, row=item.row)
+
+    def encode_chat(self, system: str | None, user: str,
+                    images: Sequence[images_lib.ImageSource] = (), *, user_suffix: str = "",
+                    answer: str | None = None, subset: str = "", row: Any = None,
+                    image_root: str | os.PathLike | None = None) -> Encoded | None:
+        """Encodes a free chat turn: `user` (may hold image placeholders; else images go first)
+        then `user_suffix`; with `answer`, the assistant's reply and a `target_mask` over it.
+
+        Bad input follows the on_bad_input policy as in `encode`.
+        """
+        def build() -> Encoded:
+            loaded = self.load_images(images, image_root=image_root)
+            body = prompts.place_images(user, len(loaded))
+            prompt = prompts.chat_prompt(system, body, user_suffix=user_suffix, answer=answer)
+            return self.encode_prompt(prompt, loaded)
+
+        return self._guarded(build, subset=subset, row=row)
+
+    def encode_judge(self, query: EmbedItem, candidate: EmbedItem, *,
+                     image_root: str | os.PathLike | None = None) -> Encoded | None:
+        """Encodes the mining stage's Yes/No judge prompt for a (query, candidate) pair."""
+        def has(item):
+            return item.image is not None and not (isinstance(item.image, str) and not item.image)
+
+        def build() -> Encoded:
+            sources = [item.image for item in (query, candidate) if has(item)]
+            loaded = self.load_images(sources, image_root=image_root)
+            prompt = prompts.judge_prompt(query.text, has(query), candidate.text, has(candidate))
+            return self.encode_prompt(prompt, loaded)
+
+        return self._guarded(build, subset=query.subset, row=query.row)
+
+    def judge_token_ids(self) -> tuple[int, int]:
+        """Ids of the judge's answers ('Yes', 'No'); each must be a single token."""
+        ids = []
+        for word in (prompts.JUDGE_YES, prompts.JUDGE_NO):
+            pieces = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(pieces) != 1:
+                raise ValueError(f"the tokenizer splits the judge answer {word!r} into {pieces}; "
+                                 "the generative check needs it as one token")
+            ids.append(pieces[0])
+        return ids[0], ids[1]
+
+    # ---- batching -------------------------------------------------------------------------
+
+    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None
+                ) -> dict[str, np.ndarray]:
+        """Pads encodings into the fixed-shape batch of the design contract.
+
+        L and P are the smallest buckets that fit. With `pad_to_batch=N`, dummy rows (one
+        attended pad token, no image) fill the batch to N rows; the caller drops their outputs.
+        A `target_mask` [B, L] is added when any encoding carries one.
+        """
+        count = len(encoded)
+        batch = pad_to_batch or count
+        if count == 0 or count > batch:
+            raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
+        length = pick_bucket(max(e.length for e in encoded), self.length_buckets, "length")
+        most_patches = max(e.num_patches for e in encoded)
+        num_patches = 0 if most_patches == 0 else pick_bucket(
+            most_patches, self.patch_buckets, "patch")
+
+        input_ids = np.full((batch, length), self.pad_token_id, np.int32)
+        attention_mask = np.zeros((batch, length), np.int32)
+        image_token_index = np.zeros((batch, length), np.int32)
+        last_index = np.zeros((batch,), np.int32)
+        pixel_values = np.zeros((batch, num_patches, self.patch_dim), np.float32)
+        vision_segment_ids = np.zeros((batch, num_patches), np.int32)
+        vision_positions = np.zeros((batch, num_patches, 2), np.int32)
+        with_targets = any(e.target_mask is not None for e in encoded)
+        target_mask = np.zeros((batch, length), np.int32)
+        grids: list[list[tuple[int, int, int]]] = []
+
+        for row in range(batch):
+            item = encoded[row] if row < count else None
+            size = item.length if item is not None else 1
+            start = 0 if self.padding_side == "right" else length - size
+            span = slice(start, start + size)
+            attention_mask[row, span] = 1
+            last_index[row] = start + size - 1
+            if item is None:  # A dummy row: one attended pad token keeps softmaxes finite.
+                grids.append([])
+                continue
+            input_ids[row, span] = item.input_ids
+            is_image = item.input_ids == self.image_token_id
+            image_token_index[row, start + np.flatnonzero(is_image)] = np.arange(
+                int(is_image.sum()), dtype=np.int32)
+            if item.target_mask is not None:
+                target_mask[row, span] = item.target_mask
+            pixel_values[row, :item.num_patches] = item.pixel_values
+            if num_patches:
+                vision_positions[row], vision_segment_ids[row] = positions.vision_layout(
+                    item.image_grid_thw, num_patches, self.merge_size)
+            grids.append(list(item.image_grid_thw))
+
+        position_ids = positions.rope_index(input_ids, attention_mask, grids,
+                                            image_token_id=self.image_token_id,
+                                            spatial_merge_size=self.merge_size)
+        self._count(encoded, batch, length, num_patches)
+        out = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            vision_segment_ids=vision_segment_ids,
+            vision_positions=vision_positions,
+            image_token_index=image_token_index,
+            last_index=last_index,
+        )
+        if with_targets:
+            out["target_mask"] = target_mask
+        return out
+
+    def _count(self, encoded: Sequence[Encoded], batch: int, length: int,
+               num_patches: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["real_tokens"] += sum(e.length for e in encoded)
+        self.stats["token_slots"] += batch * length
+        self.stats["real_patches"] += sum(e.num_patches for e in encoded)
+        self.stats["patch_slots"] += batch * num_patches
+        self.shapes.add((batch, length, num_patches))
+
+    def padding_report(self) -> dict[str, Any]:
+        """Padding fractions, distinct (B, L, P) shapes compiled, truncation and skip counts."""
+        stats = self.stats
+
+        def fraction(real: int, slots: int) -> float:
+            return 0.0 if slots == 0 else 1.0 - real / slots
+
+        return dict(
+            batches=stats["batches"],
+            token_padding_fraction=fraction(stats["real_tokens"], stats["token_slots"]),
+            patch_padding_fraction=fraction(stats["real_patches"], stats["patch_slots"]),
+            shapes=sorted(self.shapes),
+            truncated_items=stats["truncated_items"],
+            truncated_tokens=stats["truncated_tokens"],
+            skipped=self.report.total,
+        )
