@@ -58,7 +58,7 @@ def attend(
         tril = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         mask = tril if mask is None else mask & tril
     return jax.nn.dot_product_attention(
-            query, key, value, mask=mask, scale=scale, implementation=implementation)
+        query, key, value, mask=mask, scale=scale, implementation=implementation)
 
 
 def _splash(query, key, value, segment_ids, causal, scale):
@@ -71,13 +71,13 @@ def _splash(query, key, value, segment_ids, causal, scale):
     num_kv_heads = key.shape[2]
     if length % 128:
         raise ValueError(
-                f"attention='pallas' needs a length that is a multiple of 128, got {length}; "
-                "choose length buckets that are multiples of 128 or use attention='xla'.")
+            f"attention='pallas' needs a length that is a multiple of 128, got {length}; "
+            "choose length buckets that are multiples of 128 or use attention='xla'.")
     groups = num_heads // num_kv_heads
     one_head = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
     kernel = sk.make_splash_mqa_single_device(
-            sm.MultiHeadMask([one_head] * groups),
-            interpret=jax.default_backend() != "tpu")
+        sm.MultiHeadMask([one_head] * groups),
+        interpret=jax.default_backend() != "tpu")
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
 

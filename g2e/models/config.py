@@ -91,8 +91,8 @@ class Qwen2VLConfig:
         model_type = hf.get("model_type")
         if model_type != MODEL_TYPE:
             raise ValueError(
-                    f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}; g2e only reads "
-                    "Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration).")
+                f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}; g2e only reads "
+                "Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration).")
         # Newer files nest text fields; older ones keep them at the top level.
         text = dict(hf)
         text.update(hf.get("text_config") or {})
@@ -111,49 +111,49 @@ class Qwen2VLConfig:
         mrope_section = tuple(rope.get("mrope_section", (16, 24, 24)))
         num_heads = need(text, "num_attention_heads", "text_config.")
         text_cfg = TextConfig(
-                vocab_size=need(text, "vocab_size", "text_config."),
-                hidden_size=need(text, "hidden_size", "text_config."),
-                intermediate_size=need(text, "intermediate_size", "text_config."),
-                num_layers=need(text, "num_hidden_layers", "text_config."),
-                num_heads=num_heads,
-                num_kv_heads=text.get("num_key_value_heads") or num_heads,
-                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                mrope_section=mrope_section,
-                hidden_act=text.get("hidden_act", "silu"),
-                max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            vocab_size=need(text, "vocab_size", "text_config."),
+            hidden_size=need(text, "hidden_size", "text_config."),
+            intermediate_size=need(text, "intermediate_size", "text_config."),
+            num_layers=need(text, "num_hidden_layers", "text_config."),
+            num_heads=num_heads,
+            num_kv_heads=text.get("num_key_value_heads") or num_heads,
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            mrope_section=mrope_section,
+            hidden_act=text.get("hidden_act", "silu"),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
         )
         if 2 * sum(mrope_section) != text_cfg.head_dim:
             raise ValueError(
-                    f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
-                    f"head_dim/2 is {text_cfg.head_dim // 2}")
+                f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
+                f"head_dim/2 is {text_cfg.head_dim // 2}")
         vision_rope = vision.get("rope_parameters") or {}
         vision_cfg = VisionConfig(
-                depth=need(vision, "depth", "vision_config."),
-                embed_dim=need(vision, "embed_dim", "vision_config."),
-                hidden_size=vision.get("hidden_size", text_cfg.hidden_size),
-                num_heads=need(vision, "num_heads", "vision_config."),
-                mlp_ratio=float(vision.get("mlp_ratio", 4)),
-                patch_size=int(vision.get("patch_size", 14)),
-                temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-                spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-                in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-                hidden_act=vision.get("hidden_act", "quick_gelu"),
-                rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+            depth=need(vision, "depth", "vision_config."),
+            embed_dim=need(vision, "embed_dim", "vision_config."),
+            hidden_size=vision.get("hidden_size", text_cfg.hidden_size),
+            num_heads=need(vision, "num_heads", "vision_config."),
+            mlp_ratio=float(vision.get("mlp_ratio", 4)),
+            patch_size=int(vision.get("patch_size", 14)),
+            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+            in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
         )
         tie = bool(hf.get("tie_word_embeddings", False) or
-                              (hf.get("text_config") or {}).get("tie_word_embeddings", False))
+                   (hf.get("text_config") or {}).get("tie_word_embeddings", False))
         eos = text.get("eos_token_id")
         return cls(
-                text=text_cfg,
-                vision=vision_cfg,
-                image_token_id=int(hf.get("image_token_id", 151655)),
-                video_token_id=int(hf.get("video_token_id", 151656)),
-                vision_start_token_id=int(hf.get("vision_start_token_id", 151652)),
-                vision_end_token_id=int(hf.get("vision_end_token_id", 151653)),
-                tie_word_embeddings=tie,
-                bos_token_id=text.get("bos_token_id"),
-                eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            text=text_cfg,
+            vision=vision_cfg,
+            image_token_id=int(hf.get("image_token_id", 151655)),
+            video_token_id=int(hf.get("video_token_id", 151656)),
+            vision_start_token_id=int(hf.get("vision_start_token_id", 151652)),
+            vision_end_token_id=int(hf.get("vision_end_token_id", 151653)),
+            tie_word_embeddings=tie,
+            bos_token_id=text.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
     @classmethod
@@ -167,8 +167,8 @@ class Qwen2VLConfig:
         config_path = pathlib.Path(path) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(
-                    f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL checkpoint "
-                    "directory (config.json + model*.safetensors).")
+                f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL checkpoint "
+                "directory (config.json + model*.safetensors).")
         with open(config_path) as f:
             return cls.from_hf(json.load(f), source=str(config_path))
 
@@ -176,26 +176,26 @@ class Qwen2VLConfig:
         """The config.json dict in transformers' nested layout (loadable by transformers 5)."""
         t, v = self.text, self.vision
         rope = {"rope_type": "default", "type": "mrope", "mrope_section": list(t.mrope_section),
-                        "rope_theta": t.rope_theta}
+                "rope_theta": t.rope_theta}
         text = dict(
-                model_type="qwen2_vl_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
-                max_position_embeddings=t.max_position_embeddings, rope_parameters=rope,
-                tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-                eos_token_id=self.eos_token_id, use_sliding_window=False, attention_dropout=0.0)
+            model_type="qwen2_vl_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings, rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, use_sliding_window=False, attention_dropout=0.0)
         vision = dict(
-                model_type="qwen2_vl_vision", depth=v.depth, embed_dim=v.embed_dim,
-                hidden_size=v.hidden_size, num_heads=v.num_heads,
+            model_type="qwen2_vl_vision", depth=v.depth, embed_dim=v.embed_dim,
+            hidden_size=v.hidden_size, num_heads=v.num_heads,
             mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
-                hidden_act=v.hidden_act,
-                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+            patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
+            hidden_act=v.hidden_act,
+            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
         return dict(
-                architectures=["Qwen2VLForConditionalGeneration"], model_type=MODEL_TYPE,
-                text_config=text, vision_config=vision, image_token_id=self.image_token_id,
-                video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
-                vision_end_token_id=self.vision_end_token_id,
-                tie_word_embeddings=self.tie_word_embeddings)
+            architectures=["Qwen2VLForConditionalGeneration"], model_type=MODEL_TYPE,
+            text_config=text, vision_config=vision, image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id,
+            tie_word_embeddings=self.tie_word_embeddings)

@@ -25,32 +25,32 @@ Rules = Sequence[tuple[str, Any]]
 # The default table: batch over data+fsdp, weights' model dim over fsdp, heads/MLP/vocab over
 # tensor (Megatron-style), everything else replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("vision_embed", "fsdp"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("vision_heads", "tensor"),
-        ("vision_mlp", "tensor"),
-        ("vocab", "tensor"),
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vocab", "tensor"),
 )
 
 # Logical axes of each batch field (see "The batch" in the design notes).
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
-        "input_ids": ("batch", "length"),
-        "attention_mask": ("batch", "length"),
-        "position_ids": (None, "batch", "length"),
-        "pixel_values": ("batch", "patches", None),
-        "vision_segment_ids": ("batch", "patches"),
-        "vision_positions": ("batch", "patches", None),
-        "image_token_index": ("batch", "length"),
-        "last_index": ("batch",),
+    "input_ids": ("batch", "length"),
+    "attention_mask": ("batch", "length"),
+    "position_ids": (None, "batch", "length"),
+    "pixel_values": ("batch", "patches", None),
+    "vision_segment_ids": ("batch", "patches"),
+    "vision_positions": ("batch", "patches", None),
+    "image_token_index": ("batch", "length"),
+    "last_index": ("batch",),
 }
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Rules,
-                                        mesh_axis_names: Sequence[str] | None = None) -> PartitionSpec:
+                    mesh_axis_names: Sequence[str] | None = None) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec with the rule table.
 
     Mesh axes absent from `mesh_axis_names` (when given) and mesh axes already used by an earlier
@@ -66,7 +66,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
             continue
         wanted = (target,) if isinstance(target, str) else tuple(target)
         kept = tuple(a for a in wanted if a not in used and
-                                  (mesh_axis_names is None or a in mesh_axis_names))
+                     (mesh_axis_names is None or a in mesh_axis_names))
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return PartitionSpec(*spec)
@@ -99,7 +99,7 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
 
 
 def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh,
-                                        rules: Rules) -> dict[str, NamedSharding]:
+                    rules: Rules) -> dict[str, NamedSharding]:
     """NamedShardings for a batch dict (numpy arrays or ShapeDtypeStructs)."""
     out = {}
     for name, array in batch.items():
@@ -120,7 +120,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def create_sharded(make_module: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
-                                      rules: Rules) -> nnx.Module:
+                   rules: Rules) -> nnx.Module:
     """Builds a module with every parameter created already sharded (never whole on one device).
 
     Shapes come from `nnx.eval_shape`; the initialiser then runs under `jax.jit` with

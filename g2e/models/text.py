@@ -22,12 +22,13 @@ from g2e.models import lora
 from g2e.models.config import TextConfig
 from g2e.models.sharding import constrain
 
-# Remat policies by name; 'none' keeps every activation, 'full' recomputes each layer.
+# Remat policies by name (the same names as the vision tower's): 'none' keeps every
+# activation, 'full' recomputes each layer, 'dots' / 'dots_no_batch' keep matmul outputs.
 REMAT_POLICIES = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 _normal = nnx.initializers.normal(0.02)
@@ -44,7 +45,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, scaled after the cast back (as HF Qwen2RMSNorm)."""
 
     def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
-                              axis_name: str = "embed"):
+                 axis_name: str = "embed"):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
         self.eps = eps
         self.dtype = dtype
@@ -63,18 +64,18 @@ class Projection(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, name: str,
-                              axes: tuple[str, str], use_bias: bool, dtype: Any, param_dtype: Any,
-                              adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+                 axes: tuple[str, str], use_bias: bool, dtype: Any, param_dtype: Any,
+                 adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
         self.name = name
         self.dtype = dtype
         self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype),
-                                                        out_sharding=axes)
+                                out_sharding=axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
-                                  if use_bias else None)
+                     if use_bias else None)
         self.adapter_config = adapter if adapter is not None and name in adapter.targets else None
         if self.adapter_config is not None:
             state = lora.init_adapter(rngs.params(), in_features, out_features, self.kernel.value,
-                                                                self.adapter_config, dtype=param_dtype)
+                                      self.adapter_config, dtype=param_dtype)
             self.lora_a = nnx.LoRAParam(state["lora_a"], out_sharding=(axes[0], None))
             self.lora_b = nnx.LoRAParam(state["lora_b"], out_sharding=(None, axes[1]))
             if "magnitude" in state:
@@ -90,18 +91,18 @@ class Projection(nnx.Module):
         return state
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True,
-                              rng: jax.Array | None = None) -> jax.Array:
+                 rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias.value
         if self.adapter_config is not None:
             return lora.apply(x, self.kernel.value, bias, self.adapter_state(), self.adapter_config,
-                                                deterministic=deterministic, rng=rng)
+                              deterministic=deterministic, rng=rng)
         y = x @ self.kernel.value.astype(self.dtype)
         return y if bias is None else y + bias.astype(self.dtype)
 
 
 def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
-                                    dtype: Any) -> tuple[jax.Array, jax.Array]:
+                  dtype: Any) -> tuple[jax.Array, jax.Array]:
     """cos/sin [B, L, E] of M-RoPE from position ids [3, B, L] (HF Qwen2VLRotaryEmbedding).
 
     Frequency j (of E/2) rotates with the temporal, height or width id according to
@@ -111,7 +112,7 @@ def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, E/2]
     axis_of_freq = jnp.repeat(jnp.arange(3) % 3, jnp.array(config.mrope_section),
-                                                        total_repeat_length=head_dim // 2)
+                              total_repeat_length=head_dim // 2)
     freqs = jnp.take_along_axis(freqs, axis_of_freq[None, None, None, :], axis=0)[0]
     freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, E]
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
@@ -128,17 +129,17 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with q/k/v bias and M-RoPE."""
 
     def __init__(self, config: TextConfig, *, dtype, param_dtype, attention: str,
-                              adapter, rngs: nnx.Rngs):
+                 adapter, rngs: nnx.Rngs):
         d, e = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
         self.q_proj = Projection(d, config.num_heads * e, name="q_proj", axes=("embed", "heads"),
-                                                          use_bias=True, **kw)
+                                 use_bias=True, **kw)
         self.k_proj = Projection(d, config.num_kv_heads * e, name="k_proj",
-                                                          axes=("embed", "kv_heads"), use_bias=True, **kw)
+                                 axes=("embed", "kv_heads"), use_bias=True, **kw)
         self.v_proj = Projection(d, config.num_kv_heads * e, name="v_proj",
-                                                          axes=("embed", "kv_heads"), use_bias=True, **kw)
+                                 axes=("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = Projection(config.num_heads * e, d, name="o_proj", axes=("heads", "embed"),
-                                                          use_bias=False, **kw)
+                                 use_bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, e
         self.attention = attention
 
@@ -151,7 +152,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x, rng=keys[2], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention_lib.attend(q, k, v, segment_ids=segment_ids, causal=True,
-                                                              implementation=self.attention)
+                                   implementation=self.attention)
         return self.o_proj(out.reshape(b, l, -1), rng=keys[3], **kw)
 
 
@@ -177,18 +178,18 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: TextConfig, *, dtype, param_dtype, attention, adapter,
-                              rngs: nnx.Rngs):
+                 rngs: nnx.Rngs):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype,
-                                                              attention=attention, adapter=adapter, rngs=rngs)
+                                   attention=attention, adapter=adapter, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng):
         keys = (None, None) if rng is None else tuple(jax.random.split(rng))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
-                                                      deterministic=deterministic, rng=keys[0])
+                               deterministic=deterministic, rng=keys[0])
         x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1])
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -197,44 +198,44 @@ class TextDecoder(nnx.Module):
     """Token embedding, N stacked decoder layers (one lax.scan), final RMSNorm."""
 
     def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, remat: str,
-                              attention: str, adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+                 attention: str, adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         self.remat = remat
         remat_policy(remat)
         self.embed_tokens = nnx.Param(
-                _normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype),
-                out_sharding=("vocab", "embed"))
+            _normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype),
+            out_sharding=("vocab", "embed"))
 
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
             return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
-                                                    adapter=adapter, rngs=layer_rngs)
+                                adapter=adapter, rngs=layer_rngs)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                                                param_dtype=param_dtype)
+                            param_dtype=param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, L, D] in the compute dtype."""
         return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
-                              attention_mask: jax.Array, *, deterministic: bool = True,
-                              rng: jax.Array | None = None) -> jax.Array:
+                 attention_mask: jax.Array, *, deterministic: bool = True,
+                 rng: jax.Array | None = None) -> jax.Array:
         """inputs_embeds [B, L, D], position_ids [3, B, L], attention_mask [B, L] -> hidden [B, L, D]."""
         cos, sin = mrope_cos_sin(position_ids, self.config, self.dtype)
         segment_ids = attention_mask.astype(jnp.int32)
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = (jnp.zeros((self.config.num_layers,), jnp.uint32) if rng is None
-                                    else jax.random.split(rng, self.config.num_layers))
+                      else jax.random.split(rng, self.config.num_layers))
 
         def body(x, layer_and_rng):
             state, layer_rng = layer_and_rng
             layer = nnx.merge(graphdef, state)
             x = layer(x, cos, sin, segment_ids, deterministic=deterministic,
-                                rng=None if rng is None else layer_rng)
+                      rng=None if rng is None else layer_rng)
             return x, None
 
         policy = remat_policy(self.remat)
