@@ -1,0 +1,479 @@
+"""MMEB evaluation: precision@1 per subset, meta-task / IND / OOD / overall aggregates.
+
+For each subset every unique query and every unique candidate (deduplicated by text + image:
+candidate lists repeat across rows) is embedded once through an injected
+`embed_fn(items) -> [N, D] float32`. A row is scored by cosine between its query and each of
+its candidates; the first candidate is the positive (SPEC §4).
+
+Precision@1 and ties: a row is correct iff `argmax(scores) == 0`, with argmax taking the first
+maximum — i.e. the positive wins ties. This is what the release (and VLM2Vec) compute with
+`np.argmax`. Candidates of a row that are the positive itself (same text + image) share its
+score exactly, so a repeated positive never beats itself.
+
+Outputs in `out_dir`: results.json, results.md (the leaderboard's layout plus a per-subset
+table), results.png (one bar per subset). Embeddings are cached per subset under
+`out_dir/cache/<subset>/` as queries.npy, candidates.npy and index.json (keys + the caller's
+model/prompt fingerprint; no pickle). index.json is written last, so a subset counts as cached
+only once it finished; an interrupted evaluation resumes at the first unfinished subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tqdm
+from etils import epath
+
+from g2e.data import mmeb
+from g2e.data import subsets as subset_registry
+from g2e.data.errors import BadInputReport
+from g2e.data.preprocess import EmbedItem
+
+META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
+SPLITS = ("IND", "OOD")
+CACHE_FORMAT = 1
+
+EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
+Key = tuple[str, str]  # (text, image key)
+
+
+def image_key(image: Any) -> str:
+    """A stable string naming an image for deduplication: its path, or a hash of its bytes.
+
+    Takes None (text only) -> "", a path (str / PathLike) -> the path as given, bytes -> a
+    sha1 of the bytes, a PIL image -> a sha1 of its mode, size and pixels.
+    """
+    if image is None:
+        return ""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return "sha1:" + hashlib.sha1(bytes(image)).hexdigest()
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):
+        digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+        return "pil:" + digest.hexdigest()
+    return str(image)
+
+
+def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: int, desc: str,
+                progress: bool = True) -> np.ndarray:
+    """Embeds `items` in chunks of `batch_size` behind a progress bar (examples/s).
+
+    Returns:
+        float32 [len(items), D].
+    Raises:
+        ValueError: embed_fn returned the wrong shape or non-finite values (the message names
+        `desc` and the chunk).
+    """
+    chunks = []
+    with tqdm.tqdm(total=len(items), desc=desc, unit="ex", disable=not progress,
+                   dynamic_ncols=True) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            embeddings = np.asarray(embed_fn(chunk), dtype=np.float32)
+            where = f"{desc}, items {start}..{start + len(chunk) - 1}"
+            if embeddings.ndim != 2 or embeddings.shape[0] != len(chunk):
+                raise ValueError(f"{where}: embed_fn returned shape {embeddings.shape} for "
+                                 f"{len(chunk)} items; it must return [N, D]")
+            if not np.all(np.isfinite(embeddings)):
+                raise ValueError(f"{where}: embed_fn returned non-finite values; check the "
+                                 f"model's dtype and these inputs")
+            chunks.append(embeddings)
+            bar.update(len(chunk))
+    if not chunks:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(chunks, axis=0)
+
+
+def _normalize(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    # A zero vector stays zero (cosine 0 with everything) instead of becoming NaN.
+    return embeddings / np.maximum(norms, 1e-12)
+
+
+def precision_at_1(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray,
+                   row_query: Sequence[int],
+                   row_candidates: Sequence[Sequence[int]]) -> np.ndarray:
+    """Which rows rank their positive (first candidate) first, by cosine.
+
+    Args:
+        query_embeddings: [Q, D] unique query embeddings (need not be normalised).
+        candidate_embeddings: [C, D] unique candidate embeddings.
+        row_query: per row, the index of its query in `query_embeddings`.
+        row_candidates: per row, the indices of its candidates in `candidate_embeddings`,
+            positive first; rows may have different lengths.
+    Returns:
+        bool [rows]: True where the first maximum of the row's scores is the positive, so the
+        positive wins ties; duplicates of the positive within a row get exactly its score.
+    Raises:
+        ValueError: a row without candidates.
+    """
+    queries = _normalize(np.asarray(query_embeddings, np.float32))
+    candidates = _normalize(np.asarray(candidate_embeddings, np.float32))
+    correct = np.zeros(len(row_query), dtype=bool)
+    for row, (query_index, candidate_indices) in enumerate(zip(row_query, row_candidates)):
+        candidate_indices = np.asarray(candidate_indices, dtype=np.int64)
+        if candidate_indices.size == 0:
+            raise ValueError(f"row {row} has no candidates; MMEB rows list the positive first")
+        # One row at a time keeps memory at [K, D]; gathering all rows would be [rows, K, D].
+        scores = candidates[candidate_indices] @ queries[query_index]
+        # BLAS may sum identical rows in different orders; copies of the positive must tie.
+        scores[candidate_indices == candidate_indices[0]] = scores[0]
+        correct[row] = int(np.argmax(scores)) == 0
+    return correct
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def aggregate(subset_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Builds results.json's content from per-subset results.
+
+    Args:
+        subset_results: {name: {"precision_at_1": percent, "meta_task": one of META_TASKS,
+            "split": "IND" | "OOD", "num_queries": int, ...}}.
+    Returns:
+        {"subsets": subset_results, "meta_tasks": {task: mean}, "IND": mean, "OOD": mean,
+        "overall": mean}: unweighted means over the subsets present (each subset counts once,
+        as on the leaderboard). A meta-task with no subset present is left out; IND, OOD or
+        overall with none present is None (null in JSON).
+    """
+    def mean_of(keep: Callable[[dict[str, Any]], bool]) -> float | None:
+        return _mean([r["precision_at_1"] for r in subset_results.values() if keep(r)])
+
+    meta_tasks = {}
+    for task in META_TASKS:
+        value = mean_of(lambda r: r["meta_task"] == task)
+        if value is not None:
+            meta_tasks[task] = value
+    return {
+        "subsets": subset_results,
+        "meta_tasks": meta_tasks,
+        "IND": mean_of(lambda r: r["split"] == "IND"),
+        "OOD": mean_of(lambda r: r["split"] == "OOD"),
+        "overall": mean_of(lambda r: True),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One subset: dedupe, embed (or read the cache), score.
+
+
+def _dedupe(keys: Sequence[Key]) -> tuple[list[Key], list[int]]:
+    """Unique keys in first-seen order, and each input's index into them."""
+    position: dict[Key, int] = {}
+    indices = [position.setdefault(key, len(position)) for key in keys]
+    return list(position), indices
+
+
+def _load_cache(cache_dir: epath.Path, fingerprint: str, query_keys: list[Key],
+                candidate_keys: list[Key]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (queries, candidates) if they belong to these keys and this fingerprint."""
+    index_path = cache_dir / "index.json"
+    if not index_path.exists():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        if (index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fingerprint
+                or [tuple(k) for k in index["query_keys"]] != query_keys
+                or [tuple(k) for k in index["candidate_keys"]] != candidate_keys):
+            logging.info("cache %s is for another model, prompt or data; re-embedding",
+                         cache_dir)
+            return None
+        with (cache_dir / "queries.npy").open("rb") as f:
+            queries = np.load(f, allow_pickle=False)
+        with (cache_dir / "candidates.npy").open("rb") as f:
+            candidates = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logging.warning("cache %s is unreadable (%s); re-embedding", cache_dir, error)
+        return None
+    if (queries.shape[0] != len(query_keys) or candidates.shape[0] != len(candidate_keys)
+            or queries.ndim != 2 or candidates.shape[1:] != queries.shape[1:]):
+        logging.warning("cache %s holds arrays of the wrong shape; re-embedding", cache_dir)
+        return None
+    return queries, candidates
+
+
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+    """Writes through a temporary file and a rename, so `path` is either whole or absent."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _save_cache(cache_dir: epath.Path, fingerprint: str, subset: str, query_keys: list[Key],
+                candidate_keys: list[Key], queries: np.ndarray,
+                candidates: np.ndarray) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / "index.json"
+    # index.json is the commit marker: drop a stale one first so it never vouches for arrays
+    # written after it, then write it last.
+    if index_path.exists():
+        index_path.unlink()
+    _write_atomic(cache_dir / "queries.npy", _npy_bytes(queries))
+    _write_atomic(cache_dir / "candidates.npy", _npy_bytes(candidates))
+    index = {"format": CACHE_FORMAT, "subset": subset, "fingerprint": fingerprint,
+             "dim": int(queries.shape[1]),
+             "query_keys": [list(k) for k in query_keys],
+             "candidate_keys": [list(k) for k in candidate_keys]}
+    _write_atomic(index_path, json.dumps(index).encode())
+
+
+def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str, *,
+                    batch_size: int, cache_dir: epath.Path | None = None,
+                    fingerprint: str = "", progress: bool = True,
+                    write_cache: bool = True) -> dict[str, Any]:
+    """Embeds one subset's unique queries and candidates (or reads them from the cache), scores.
+
+    Args:
+        embed_fn: items -> float32 [N, D] embeddings, in input order.
+        rows: the subset's eval rows.
+        subset: the subset's name (goes into EmbedItem.subset: prompts depend on it).
+        batch_size: items per embed_fn call.
+        cache_dir: where this subset's cache lives; None disables caching.
+        fingerprint: names the model + prompt; a cache with another fingerprint is not reused.
+        write_cache: False on hosts that must not write (multi-host: only process 0 writes).
+    Returns:
+        {"precision_at_1": percent, "num_queries": rows, "num_correct": int,
+        "num_unique_queries": int, "num_unique_candidates": int}; the same whether the
+        embeddings came from the cache or not.
+    Raises:
+        ValueError: no rows, a row without candidates, or a bad embed_fn output.
+    """
+    if not rows:
+        raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
+                         f"fix its files")
+    for row_number, r in enumerate(rows):
+        if not r.tgt_texts or len(r.tgt_texts) != len(r.tgt_images):
+            raise ValueError(f"subset {subset}, row {row_number}: needs a non-empty candidate "
+                             f"list with one image entry per text")
+    # Keys once per row (hashing image bytes is not free); per key its image and first row.
+    sources: dict[Key, tuple[Any, int]] = {}
+    row_keys = []
+    flat_keys = []
+    for r in rows:
+        key = (r.qry_text, image_key(r.qry_image))
+        sources.setdefault(key, (r.qry_image, r.index))
+        row_keys.append(key)
+        for text, image in zip(r.tgt_texts, r.tgt_images):
+            key = (text, image_key(image))
+            sources.setdefault(key, (image, r.index))
+            flat_keys.append(key)
+    query_keys, row_query = _dedupe(row_keys)
+    candidate_keys, flat_candidates = _dedupe(flat_keys)
+    row_candidates, start = [], 0
+    for r in rows:
+        row_candidates.append(flat_candidates[start:start + len(r.tgt_texts)])
+        start += len(r.tgt_texts)
+
+    cached = None
+    if cache_dir is not None:
+        cached = _load_cache(cache_dir, fingerprint, query_keys, candidate_keys)
+    if cached is not None:
+        logging.info("subset %s: reusing the embeddings cached in %s", subset, cache_dir)
+        queries, candidates = cached
+    else:
+        query_items = [EmbedItem(text=key[0], image=sources[key][0], role="query",
+                                 subset=subset, row=sources[key][1]) for key in query_keys]
+        candidate_items = [EmbedItem(text=key[0], image=sources[key][0], role="candidate",
+                                     subset=subset, row=sources[key][1])
+                           for key in candidate_keys]
+        queries = embed_items(embed_fn, query_items, batch_size=batch_size,
+                              desc=f"{subset} queries", progress=progress)
+        candidates = embed_items(embed_fn, candidate_items, batch_size=batch_size,
+                                 desc=f"{subset} candidates", progress=progress)
+        if queries.shape[1] != candidates.shape[1]:
+            raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
+                             f"but candidates width {candidates.shape[1]}")
+        if cache_dir is not None and write_cache:
+            _save_cache(cache_dir, fingerprint, subset, query_keys, candidate_keys, queries,
+                        candidates)
+
+    correct = precision_at_1(queries, candidates, row_query, row_candidates)
+    return {
+        "precision_at_1": 100.0 * float(correct.mean()),
+        "num_queries": len(rows),
+        "num_correct": int(correct.sum()),
+        "num_unique_queries": len(query_keys),
+        "num_unique_candidates": len(candidate_keys),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole benchmark and its reports.
+
+# The subset table spells meta-tasks in lower case; reports use the leaderboard's names.
+_META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval": "Retrieval",
+                    "grounding": "Grounding"}
+
+
+def _subset_list(subsets: str | Sequence[str] | None, eval_dir: str) -> list[str]:
+    if isinstance(subsets, str):
+        subsets = [s.strip() for s in subsets.split(",") if s.strip()]
+    if not subsets:
+        subsets = mmeb.list_subsets(eval_dir)
+        if not subsets:
+            raise FileNotFoundError(f"{eval_dir}: no MMEB-eval subsets found; point "
+                                    f"data.eval_dir at MMEB-eval in the hub's layout")
+    return list(subsets)
+
+
+def _leaderboard_order(names: Sequence[str], eval_dir: str) -> list[str]:
+    """Meta-task order of the leaderboard, IND before OOD, then the subset table's order."""
+    table = list(subset_registry.known_subsets(eval_dir))
+
+    def rank(name: str):
+        info = subset_registry.subset_info(name, eval_dir)
+        canonical = subset_registry.canonical_name(name)
+        position = table.index(canonical) if canonical in table else len(table)
+        return (subset_registry.META_TASKS.index(info.meta_task), SPLITS.index(info.group),
+                position, name)
+
+    return sorted(names, key=rank)
+
+
+def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir: str,
+                  subsets: str | Sequence[str] | None = None, on_bad_input: str = "error",
+                  batch_size: int = 16, fingerprint: str = "", model_name: str = "g2e",
+                  progress: bool = True, write_outputs: bool = True) -> dict[str, Any]:
+    """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
+
+    Args:
+        embed_fn: items -> float32 [N, D] embeddings in input order (EmbedItem: text, image,
+            role 'query'|'candidate', subset); the prompt is its business.
+        eval_dir: MMEB-eval (or a mini-MMEB's eval part) in the hub's layout.
+        image_root: the directory the rows' image paths are relative to.
+        out_dir: gets results.json, results.md, results.png and cache/<subset>/.
+        subsets: names or a comma-separated string; None / empty: every subset present.
+        on_bad_input: 'error' or 'skip' for rows the reader cannot use (missing image files,
+            malformed candidate lists); skipped rows are counted per subset, and a subset with
+            no usable row is listed under "skipped_subsets" and left out of the means.
+        batch_size: items per embed_fn call.
+        fingerprint: names the model + prompt (e.g. checkpoint path, adapter, prompt flags);
+            cached embeddings with another fingerprint are recomputed, never reused.
+        model_name: the Model column of results.md.
+        progress: show progress bars.
+        write_outputs: False on hosts other than process 0 (they embed but write nothing).
+    Returns:
+        The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
+        "split", "num_queries", ...}}, "meta_tasks": {...}, "IND", "OOD", "overall"},
+        scores in percent.
+    Raises:
+        FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset the table and
+        manifest do not know. ValueError: empty subsets, bad embeddings.
+    """
+    results, skipped_subsets = {}, {}
+    names = []
+    for name in _subset_list(subsets, eval_dir):
+        try:
+            subset_registry.subset_info(name, eval_dir)
+        except subset_registry.UnknownSubsetError as error:
+            if on_bad_input != "skip":
+                raise
+            skipped_subsets[name] = str(error)
+            continue
+        names.append(name)
+    names = _leaderboard_order(names, eval_dir)
+    out = epath.Path(out_dir)
+    if write_outputs:
+        out.mkdir(parents=True, exist_ok=True)
+    for number, name in enumerate(names, 1):
+        info = subset_registry.subset_info(name, eval_dir)
+        logging.info("MMEB subset %d/%d: %s", number, len(names), name)
+        report = BadInputReport(on_bad_input)
+        rows = mmeb.read_eval_subset(eval_dir, name, image_root, report)
+        if report.total:
+            logging.warning("subset %s: %s", name, report.summary())
+        if not rows and report.total:
+            # Under 'skip' an unusable subset is reported and left out of every mean.
+            skipped_subsets[name] = report.examples[0] if report.examples else "no usable rows"
+            logging.warning("subset %s: no usable rows; left out of the results", name)
+            continue
+        scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size,
+                                 cache_dir=out / "cache" / name, fingerprint=fingerprint,
+                                 progress=progress, write_cache=write_outputs)
+        results[name] = {"precision_at_1": scores.pop("precision_at_1"),
+                         "meta_task": _META_TASK_NAMES[info.meta_task], "split": info.group,
+                         **scores, "num_skipped_rows": report.total}
+        logging.info("%s: precision@1 %.2f over %d queries", name,
+                     results[name]["precision_at_1"], results[name]["num_queries"])
+    summary = aggregate(results)
+    if skipped_subsets:
+        summary["skipped_subsets"] = skipped_subsets
+    if write_outputs:
+        _write_atomic(out / "results.json", json.dumps(summary, indent=2).encode())
+        _write_atomic(out / "results.md", results_markdown(summary, model_name).encode())
+        _write_atomic(out / "results.png", results_chart(summary, model_name))
+    return summary
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def results_markdown(summary: dict[str, Any], model_name: str = "g2e") -> str:
+    """results.json's content as Markdown: the leaderboard row, then one row per subset.
+
+    Leaderboard columns: Model | Classification | VQA | Retrieval | Grounding | IND | OOD |
+    Overall; a group with no subset evaluated shows '-'.
+    """
+    tasks = [_META_TASK_NAMES[t] for t in subset_registry.META_TASKS]
+    counts = {t: sum(r["meta_task"] == t for r in summary["subsets"].values()) for t in tasks}
+    counts.update({s: sum(r["split"] == s for r in summary["subsets"].values()) for s in SPLITS})
+    header = ["Model", *tasks, *SPLITS, "Overall"]
+    row = [model_name, *(_percent(summary["meta_tasks"].get(t)) for t in tasks),
+           *(_percent(summary[s]) for s in SPLITS), _percent(summary["overall"])]
+    number = ["# subsets", *(str(counts[t]) for t in tasks), *(str(counts[s]) for s in SPLITS),
+              str(len(summary["subsets"]))]
+    lines = [f"# MMEB precision@1 (%): {model_name}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             "| " + " | ".join(number) + " |", "| " + " | ".join(row) + " |", "",
+             "| Subset | Meta-task | Split | Queries | Precision@1 |", "|---|---|---|---|---|"]
+    for name, r in summary["subsets"].items():
+        lines.append(f"| {name} | {r['meta_task']} | {r['split']} | {r['num_queries']} | "
+                     f"{_percent(r['precision_at_1'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_chart(summary: dict[str, Any], model_name: str = "g2e") -> bytes:
+    """A PNG bar chart, one bar per subset coloured by meta-task, the overall mean dashed."""
+    # The object API (no pyplot) keeps no global figure state and needs no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(summary["subsets"])
+    values = [summary["subsets"][n]["precision_at_1"] for n in names]
+    colours = dict(zip(META_TASKS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    figure = Figure(figsize=(max(6.0, 0.35 * len(names) + 2.0), 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar(range(len(names)), values,
+             color=[colours[summary["subsets"][n]["meta_task"]] for n in names])
+    axes.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=8)
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("precision@1 (%)")
+    if summary["overall"] is not None:
+        axes.axhline(summary["overall"], color="black", linestyle="--", linewidth=1,
+                     label=f"overall {summary['overall']:.1f}")
+    for task in META_TASKS:
+        if task in summary["meta_tasks"]:
+            axes.bar([], [], color=colours[task], label=task)
+    axes.legend(fontsize=8, loc="upper right")
+    axes.set_title(f"MMEB: {model_name}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
