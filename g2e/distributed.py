@@ -133,6 +133,13 @@ def initialize(config: Any) -> None:
                                    num_processes=num_processes, process_id=process_id)
     else:
         logging.info("jax.distributed: auto-detected %s environment", reason)
+        tasks_here = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
+        if (reason == "slurm" and "JAX_LOCAL_DEVICE_IDS" not in os.environ
+                and (tasks_here == "1" or tasks_here.startswith("1("))):
+            # JAX gives each SLURM task only the GPU numbered SLURM_LOCALID.
+            logging.warning("One SLURM task on this node sees only GPU %s; to use all its GPUs "
+                            "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
+                            os.environ.get("SLURM_LOCALID", "0"))
         jax.distributed.initialize()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,147 @@
+"""launch/: the scripts parse, and their dry runs print the commands a user would run."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ["launch/tpu_vm.sh", "launch/gpu.sh", "launch/slurm.sbatch"]
+
+
+def dry_run(script: str, *args: str, env: dict[str, str] | None = None,
+            tmp: pathlib.Path | None = None) -> list[list[str]]:
+    """Runs `script --dry-run args` in a clean environment; returns each printed command's argv."""
+    clean = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+             "TMPDIR": str(tmp or "/tmp")}
+    result = subprocess.run(["bash", str(REPO / script), "--dry-run", *args], cwd=REPO,
+                            env=dict(clean, **(env or {})), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def failure(script: str, *args: str) -> str:
+    result = subprocess.run(["bash", str(REPO / script), "--dry-run", *args], cwd=REPO,
+                            env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2, result
+    return result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_parses_and_passes_shellcheck(script):
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "--shell=bash", str(REPO / script)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+    help_text = subprocess.run(["bash", str(REPO / script), "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--dry-run" in help_text and "Usage:" in help_text
+
+
+def _remote(command: list[str]) -> list[str]:
+    """The worker-side command of a `gcloud ... ssh --command=...` line, as argv."""
+    (remote,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--command=")]
+    return shlex.split(remote)
+
+
+def test_tpu_vm_single_host(tmp_path):
+    commands = dry_run("launch/tpu_vm.sh", "up", "--name=g2e-1", "--zone=us-central2-b",
+                       "--workdir=gs://bucket/g2e", tmp=tmp_path)
+    archive = f"{tmp_path}/g2e-src-g2e-1.tar.gz"
+    tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
+    where = ["--zone=us-central2-b"]
+    assert commands[0] == tpu + ["create", "g2e-1"] + where + [
+        "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]
+    assert commands[1] == ["git", "-C", str(REPO), "archive", "--format=tar.gz",
+                           f"--output={archive}", "HEAD"]
+    assert commands[2] == tpu + ["scp", archive, "g2e-1:g2e-src.tar.gz"] + where + [
+        "--worker=all"]
+    assert commands[3][:8] == tpu + ["ssh", "g2e-1"] + where + ["--worker=all"]
+    install = " ".join(_remote(commands[3]))
+    assert "tar -xzf ~/g2e-src.tar.gz -C ~/g2e" in install
+    assert "python3.11 -m venv ~/g2e-venv" in install
+    assert "pip install -q -e $HOME/g2e[tpu]" in install
+    assert commands[4][:8] == tpu + ["ssh", "g2e-1"] + where + ["--worker=all"]
+    assert _remote(commands[4]) == [
+        "set", "-o", "pipefail;", "cd", "~/g2e", "&&", "~/g2e-venv/bin/python", "-m", "g2e.main",
+        "--config=configs/mmeb.py", "--config.workdir=gs://bucket/g2e", "2>&1", "|", "tee",
+        "~/g2e-run.log"]
+    assert len(commands) == 5      # no delete without --delete-after
+
+
+def test_tpu_vm_multi_host(tmp_path):
+    commands = dry_run(
+        "launch/tpu_vm.sh", "up", "--accelerator-type=v4-32", "--spot", "--delete-after",
+        "--config=configs/mmeb.py:7b", "--", "--config.train.steps=100",
+        "--config.data.train_subsets=A B's,C", tmp=tmp_path,
+        env={"TPU_NAME": "pod", "TPU_ZONE": "us-central2-b", "TPU_PROJECT": "proj",
+             "G2E_WORKDIR": "gs://bucket/7b"})
+    where = ["--zone=us-central2-b", "--project=proj"]
+    assert commands[0] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod"] + where + [
+        "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"]
+    gcloud = [c for c in commands if c[0] == "gcloud" and c[4] in ("scp", "ssh")]
+    assert len(gcloud) == 3     # copy, install and run reach every worker of the slice
+    for command in gcloud:
+        assert "--worker=all" in command and all(flag in command for flag in where), command
+    run = _remote(commands[4])
+    assert run[7:14] == ["-m", "g2e.main", "--config=configs/mmeb.py:7b",
+                         "--config.workdir=gs://bucket/7b", "--config.train.steps=100",
+                         "--config.data.train_subsets=A B's,C", "2>&1"]
+    assert commands[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod"] + where + [
+        "--quiet"]
+
+
+def test_tpu_vm_delete_and_errors():
+    assert dry_run("launch/tpu_vm.sh", "delete", "--name=x", "--zone=z") == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "x", "--zone=z", "--quiet"]]
+    assert "--name (or TPU_NAME) is required" in failure("launch/tpu_vm.sh", "create", "--zone=z")
+    assert "must be a gs://bucket/path URL, got '/tmp/w'" in failure(
+        "launch/tpu_vm.sh", "run", "--name=x", "--zone=z", "--workdir=/tmp/w")
+    assert "give a command" in failure("launch/tpu_vm.sh", "--name=x", "--zone=z")
+
+
+def test_gpu_single_host():
+    commands = dry_run("launch/gpu.sh", "--install", "--venv=/opt/g2e", "--gpus=0,1,2,3",
+                       "--workdir=/data/g2e", "--", "--config.mesh.fsdp=4")
+    assert commands == [
+        ["python3.11", "-m", "venv", "/opt/g2e"],
+        ["/opt/g2e/bin/pip", "install", "-q", "-e", f"{REPO}[gpu]"],
+        ["cd", str(REPO)],
+        ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+         "/opt/g2e/bin/python", "-m", "g2e.main", "--config=configs/mmeb.py",
+         "--config.workdir=/data/g2e", "--config.mesh.fsdp=4"]]
+    # Without --gpus, every visible GPU; the config's own workdir.
+    assert dry_run("launch/gpu.sh", "--venv=/v", "--config=configs/demo.py")[-1] == [
+        "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "/v/bin/python", "-m", "g2e.main",
+        "--config=configs/demo.py"]
+    assert "must list GPU ids" in failure("launch/gpu.sh", "--gpus=all")
+
+
+def test_slurm_submits_itself():
+    commands = dry_run("launch/slurm.sbatch", "--nodes=4", "--workdir=/shared/g2e", "--",
+                       "--config.train.steps=5")
+    assert commands == [[
+        "sbatch", "--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--time=24:00:00",
+        f"--chdir={REPO}", f"{REPO}/launch/slurm.sbatch", "--nodes=4", "--workdir=/shared/g2e",
+        "--", "--config.train.steps=5"]]
+
+
+def test_slurm_multi_host_in_a_job():
+    job = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"}
+    per_node = dry_run("launch/slurm.sbatch", "--workdir=/shared/g2e", "--python=/opt/g2e/python",
+                       "--", "--config.mesh.fsdp=4", env=job)
+    assert per_node == [[
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--kill-on-bad-exit=1",
+        "env", "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "/opt/g2e/python", "-m", "g2e.main",
+        "--config=configs/mmeb.py", "--config.workdir=/shared/g2e", "--config.mesh.fsdp=4"]]
+    per_gpu = dry_run("launch/slurm.sbatch", "--workdir=/shared/g2e", "--per-gpu", env=job)
+    assert per_gpu == [[
+        "srun", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--kill-on-bad-exit=1",
+        "python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/shared/g2e"]]
+    assert "--workdir (or G2E_WORKDIR) is required" in failure("launch/slurm.sbatch")
