@@ -125,8 +125,8 @@ def init_adapter(rng: Array, in_features: int, out_features: int, kernel: Array 
 
 
 def _column_norm(weight: Array) -> Array:
-    """L2 norm of each output column of a [in, out] weight -> [out]."""
-    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=0))
+    """L2 norm of each output column of a [..., in, out] weight -> [..., out]."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=-2))
 
 
 def _dropout(x: Array, rate: float, deterministic: bool, rng: Array | None) -> Array:
@@ -185,6 +185,8 @@ def apply(x: Array, kernel: Array, bias: Array | None, adapter: Mapping[str, Arr
 def merge(kernel: Array, adapter: Mapping[str, Array], config: AdapterConfig) -> Array:
     """Folds the adapter into the base kernel, so x @ merged == apply(x, ...) (deterministic).
 
+    Works on stacked (scanned) layers too: kernel [..., in, out] with adapters [..., in, r] etc.
+
     Args:
         kernel: base kernel [in, out].
         adapter: the adapter state for this projection.
@@ -197,5 +199,34 @@ def merge(kernel: Array, adapter: Mapping[str, Array], config: AdapterConfig) ->
     delta = adapter["lora_a"].astype(jnp.float32) @ adapter["lora_b"].astype(jnp.float32)
     merged = w + config.scaling * delta
     if config.kind == "dora":
-        merged = merged * (adapter["magnitude"].astype(jnp.float32) / _column_norm(merged))
+        magnitude = adapter["magnitude"].astype(jnp.float32)[..., None, :]
+        merged = merged * (magnitude / _column_norm(merged)[..., None, :])
     return merged.astype(kernel.dtype)
+
+
+def merge_adapters(model: Any) -> int:
+    """Folds every adapter of an nnx model into its base kernel, in place.
+
+    Each module with an `adapter_config` (g2e.models.text.Projection) gets kernel <- merge(...),
+    loses its nnx.LoRAParam variables and runs as a plain projection afterwards; the model's
+    `adapter` attribute, if any, is cleared. Stacked (scanned) layers merge all at once.
+
+    Returns:
+        The number of projection modules merged (stacked layers count once).
+    """
+    from flax import nnx  # Only this model-level helper needs Flax.
+
+    count = 0
+    for _, module in list(nnx.iter_graph(model)):
+        config = getattr(module, "adapter_config", None)
+        if not isinstance(module, nnx.Module) or config is None:
+            continue
+        module.kernel.value = merge(module.kernel.value, module.adapter_state(), config)
+        for name in ("lora_a", "lora_b", "magnitude"):
+            if hasattr(module, name):
+                delattr(module, name)
+        module.adapter_config = None
+        count += 1
+    if hasattr(model, "adapter"):
+        model.adapter = None
+    return count
