@@ -3,7 +3,8 @@
   python -m g2e.data.mini_mmeb --out DIR [--seed N] [--scale S]
       [--train_rows 200] [--eval_queries 60] [--candidates 12]
 
-Images are small (56-112 px sides) scenes of coloured shapes on a 3x3 grid. Ten subsets
+Images are small (56-112 px sides; grounding candidates are crops of single objects) scenes
+of coloured shapes on a 3x3 grid. Ten subsets
 cover MMEB's four meta-tasks with an IND/OOD split like MMEB's; IND subsets have training
 data, OOD subsets are evaluation only:
 
@@ -18,8 +19,10 @@ Layout written (train image root = eval image root = DIR):
   DIR/train/<Subset>/diverse_instruction-00000-of-00001.parquet  same rows, varied instructions
   DIR/eval/<Subset>/test-00000-of-00001.parquet             MMEB-eval columns
   DIR/images/<Subset>/{Train,Test}/*.jpg                    paths as the parquet names them
-Texts carry `<|image_1|>` placeholders exactly like MMEB. The output is a function of the
-seed and the sizes only.
+Texts carry `<|image_1|>` placeholders exactly like MMEB (an item has an image exactly when
+its text starts with one). Classification labels repeat across rows, so candidates have
+several owner queries, as SaHa mining expects. The output is a function of the seed and the
+sizes (byte for byte, with one Pillow version: JPEG encoding may differ between versions).
 """
 
 import argparse

@@ -36,6 +36,7 @@ EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 TRAIN_SPLITS = ("original", "diverse_instruction")
 EVAL_SPLIT = "test"
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainRow:
   """One MMEB-train pair. `index` is the row's number in its subset's split (over the

@@ -75,7 +75,12 @@ class EmptySplitError(ValueError):
   """Every row of a split (or the whole subset) was skipped as bad input."""
 
 
-class _MmebBuilder(tfds.core.GeneratorBasedBuilder):
+# Run as `python -m`, this file is imported twice (as __main__ and by its name); only the
+# named import registers the builders with TFDS (so tfds.builder('mmeb_train/...') works).
+_REGISTER = dict(skip_registration=__name__ == "__main__")
+
+
+class _MmebBuilder(tfds.core.GeneratorBasedBuilder, **_REGISTER):
   """Shared build steps; the subclasses fix the features and splits."""
 
   VERSION = tfds.core.Version(VERSION)
@@ -110,7 +115,7 @@ class _MmebBuilder(tfds.core.GeneratorBasedBuilder):
       yield row.index, example
 
 
-class MmebTrain(_MmebBuilder):
+class MmebTrain(_MmebBuilder, **_REGISTER):
   """MMEB-train subsets (splits `original`, `diverse_instruction`) with image bytes inside."""
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -149,7 +154,7 @@ class MmebTrain(_MmebBuilder):
     return generators
 
 
-class MmebEval(_MmebBuilder):
+class MmebEval(_MmebBuilder, **_REGISTER):
   """MMEB-eval subsets (split `test`) with image bytes inside."""
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -283,4 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  # TFDS locates a builder's code by its module, which must not be __main__: run the
+  # imported module's main.
+  from g2e.data import tfds_builders
+  tfds_builders.main()

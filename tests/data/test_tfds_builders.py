@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
@@ -123,3 +125,21 @@ def test_corrupt_image_is_found_while_building(tmp_path):
   assert report.counts == {("ShapeCls", "cannot decode image"): 2, ("Nope", "unknown subset"): 1}
   got = tfds_builders.RowSource("train", str(tmp_path / "b"), "ShapeCls", "original")
   assert [r.index for r in got] == [0, 2, 3]
+
+
+def test_command_line_prepares_a_readable_copy(tmp_path):
+  source = str(tmp_path / "mini")
+  mini_mmeb.build(source, seed=5, train_rows=3, eval_queries=2, candidates=2)
+  data_dir = str(tmp_path / "data")
+  command = [sys.executable, "-m", "g2e.data.tfds_builders", "--kind", "train",
+             "--source", os.path.join(source, "train"), "--image_root", source,
+             "--data_dir", data_dir, "--subsets", "ShapeCls,ShapeVQA"]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "prepared 2 train subsets" in done.stdout
+  assert "bad input: none skipped" in done.stdout
+  rows = tfds_builders.RowSource("train", data_dir, "ShapeVQA", "diverse_instruction")
+  assert len(rows) == 3 and rows[0].qry_image.startswith(b"\xff\xd8")  # JPEG bytes
+  assert sorted(os.listdir(os.path.join(data_dir, "mmeb_train"))) == ["ShapeCls", "ShapeVQA"]
