@@ -1,0 +1,322 @@
+"""Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, 2x2 patch merger.
+
+Letters: B batch, P patches per example, C flattened patch (3*2*14*14 = 1176), V vision width,
+N vision heads, E vision head dim, F vision MLP width, D text width, M = P // 4 merged tokens,
+S = 3 (query, key, value).
+
+Several images of one example are packed into its P patches (as the HF image processor emits
+them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per image, 0 on
+padding) confine attention to one image, like transformers' per-image `cu_seqlens`. The host
+builds `segment_ids` and the (row, col) rotary `positions` with
+`g2e.models.positions.vision_layout`.
+
+Parameter logical axes: 'vision_embed' (V), 'vision_heads' (N), 'vision_mlp' (F and the
+merger's hidden width), 'embed' (D), 'layers' (added by the stacking vmap). Activations:
+'batch', 'patches', 'act_vision_embed', 'vision_heads', 'vision_mlp'.
+
+Blocks are created stacked along a leading 'layers' axis (`nnx.vmap`) and run with
+`jax.lax.scan`, rematerialised per layer by the text decoder's named policies
+(`g2e.models.text.REMAT_POLICIES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from g2e.models import attention as attention_lib
+from g2e.models.config import VisionConfig
+from g2e.models.sharding import constrain
+from g2e.models.text import remat_policy
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+_LN_EPS = 1e-6  # transformers' Qwen2-VL vision LayerNorms
+
+
+def _axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
+    return {"out_sharding": names}
+
+
+def _layer_norm(width: int, axis: str, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance: the fast E[x^2] - E[x]^2 form loses the 1e-4 parity at width 1280.
+    return nnx.LayerNorm(width, epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
+                         use_fast_variance=False, scale_metadata=_axes(axis),
+                         bias_metadata=_axes(axis), rngs=rngs)
+
+
+def _linear(fan_in: int, fan_out: int, axes: tuple[str | None, str | None], dtype, param_dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(fan_in, fan_out, dtype=dtype, param_dtype=param_dtype,
+                      kernel_metadata=_axes(*axes), bias_metadata=_axes(axes[1]), rngs=rngs)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """float32 cos, sin [B, P, E] of the 2-D rotary embedding of (row, col) `positions` [B, P, 2].
+
+    As transformers: E/4 frequencies; the first half of the head rotates with the row, the
+    second half with the column, each half laid out [freqs, freqs] for `rotate_half`.
+    """
+    spatial = head_dim // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, P, 2, E/4]
+    angles = angles.reshape(*positions.shape[:-1], spatial)       # [row freqs, col freqs]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Applies the rotary tables [B, P, E] to x [B, P, N, E] in float32 (as transformers)."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class VisionBlock(nnx.Module):
+    """Pre-LN ViT block: x + Attn(LN(x)), then x + MLP(LN(x)) with QuickGELU."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str,
+                 rngs: nnx.Rngs):
+        width, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
+        mlp = int(width * config.mlp_ratio)
+        if config.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act={config.hidden_act!r} is not supported; "
+                             f"use one of {sorted(_ACTIVATIONS)}.")
+        self.activation = config.hidden_act
+        self.attention = attention
+        self.norm1 = _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
+        self.qkv = nnx.Einsum(
+            "bpv,vsne->bpsne", (width, 3, heads, head_dim), (3, heads, head_dim),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_metadata=_axes("vision_embed", None, "vision_heads", None),
+            bias_metadata=_axes(None, "vision_heads", None))
+        self.proj = nnx.Einsum(
+            "bpne,nev->bpv", (heads, head_dim, width), (width,),
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_metadata=_axes("vision_heads", None, "vision_embed"),
+            bias_metadata=_axes("vision_embed"))
+        self.norm2 = _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
+        self.fc1 = _linear(width, mlp, ("vision_embed", "vision_mlp"), dtype, param_dtype, rngs)
+        self.fc2 = _linear(mlp, width, ("vision_mlp", "vision_embed"), dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array,
+                 sin: jax.Array) -> jax.Array:
+        """x [B, P, V] -> [B, P, V]."""
+        qkv = self.qkv(self.norm1(x))  # [B, P, S, N, E]
+        query, key, value = (qkv[:, :, i] for i in range(3))
+        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        query = constrain(query, ("batch", "patches", "vision_heads", None))
+        out = attention_lib.attend(query, key, value, segment_ids=segment_ids, causal=False,
+                                   implementation=self.attention)
+        x = x + self.proj(out)
+        hidden = _ACTIVATIONS[self.activation](self.fc1(self.norm2(x)))
+        hidden = constrain(hidden, ("batch", "patches", "vision_mlp"))
+        x = x + self.fc2(hidden)
+        return constrain(x, ("batch", "patches", "act_vision_embed"))
+
+
+class PatchMerger(nnx.Module):
+    """LayerNorm, then each 2x2 window's 4 consecutive patches concatenated, Linear-GELU-Linear."""
+
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.window = config.spatial_merge_size**2
+        merged = config.embed_dim * self.window
+        self.ln_q = _layer_norm(config.embed_dim, "vision_embed", dtype, param_dtype, rngs)
+        self.fc1 = _linear(merged, merged, ("vision_embed", "vision_mlp"), dtype, param_dtype, rngs)
+        self.fc2 = _linear(merged, config.hidden_size, ("vision_mlp", "embed"), dtype, param_dtype,
+                           rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, P, V] -> [B, M, D]."""
+        batch, patches, width = x.shape
+        x = self.ln_q(x).reshape(batch, patches // self.window, self.window * width)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    """Qwen2-VL vision encoder: flattened patches [B, P, C] -> merged tokens [B, M, D]."""
+
+    def __init__(self, config: VisionConfig, out_width: int | None = None, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
+                 rngs: nnx.Rngs):
+        """Builds the tower with random weights (real ones: `vision_params_from_hf`).
+
+        Args:
+          config: vision sizes.
+          out_width: merger output width D; default `config.hidden_size` (the text width).
+          dtype: compute dtype; param_dtype: parameter storage dtype.
+          remat: per-layer rematerialisation policy name (see g2e.models.text.REMAT_POLICIES).
+          attention: 'xla', 'cudnn' or 'pallas' (g2e.models.attention.attend).
+          rngs: initialisation RNGs.
+        """
+        remat_policy(remat)  # Fails early on an unknown name.
+        if out_width is not None and out_width != config.hidden_size:
+            config = dataclasses.replace(config, hidden_size=out_width)
+        if attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={attention!r}; use one of "
+                             f"{attention_lib.IMPLEMENTATIONS}.")
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        # Parameters carry logical axis names only; g2e.models.sharding places them on a mesh.
+        with nnx.use_eager_sharding(False):
+            # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
+            self.patch_embed = nnx.Param(
+                nnx.initializers.lecun_normal()(rngs.params(),
+                                                (config.patch_dim, config.embed_dim), param_dtype),
+                out_sharding=(None, "vision_embed"))
+
+            @nnx.split_rngs(splits=config.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> VisionBlock:
+                return VisionBlock(config, dtype=dtype, param_dtype=param_dtype,
+                                   attention=attention, rngs=rngs)
+
+            self.blocks = make_blocks(rngs)
+            self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array, segment_ids: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        """Encodes packed images.
+
+        Args:
+          pixel_values: [B, P, C] flattened patches (HF image processor layout), zero padding.
+          segment_ids: int [B, P], 1..n per image frame, 0 on padding.
+          positions: int [B, P, 2] (row, col) of each patch.
+
+        Returns:
+          [B, M, D] merged vision tokens in the compute dtype; rows of padding are zero.
+        """
+        window = self.config.spatial_merge_size**2
+        if pixel_values.shape[1] % window:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} patches per example; the "
+                             f"patch bucket must be a multiple of {window}.")
+        x = jnp.einsum("bpc,cv->bpv", pixel_values.astype(self.dtype),
+                       self.patch_embed[...].astype(self.dtype))
+        x = constrain(x, ("batch", "patches", "act_vision_embed"))
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        graphdef, layers = nnx.split(self.blocks)
+
+        def layer(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, segment_ids, cos, sin), None
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=False)
+        x, _ = jax.lax.scan(layer, x, layers)
+        merged = self.merger(x)
+        real = (segment_ids[:, ::window] > 0)[..., None]
+        return jnp.where(real, merged, 0).astype(merged.dtype)
+
+
+# ---- Hugging Face weight names -------------------------------------------------------------
+# (our path in nnx.state(tower).to_pure_dict(), HF name after the prefix, kind). `{i}` marks a
+# per-layer tensor stacked on our leading 'layers' axis. Kinds say how HF's layout maps to ours.
+HF_NAMES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("patch_embed",), "patch_embed.proj.weight", "conv"),
+    (("blocks", "norm1", "scale"), "blocks.{i}.norm1.weight", "same"),
+    (("blocks", "norm1", "bias"), "blocks.{i}.norm1.bias", "same"),
+    (("blocks", "qkv", "kernel"), "blocks.{i}.attn.qkv.weight", "qkv"),
+    (("blocks", "qkv", "bias"), "blocks.{i}.attn.qkv.bias", "qkv_bias"),
+    (("blocks", "proj", "kernel"), "blocks.{i}.attn.proj.weight", "proj"),
+    (("blocks", "proj", "bias"), "blocks.{i}.attn.proj.bias", "same"),
+    (("blocks", "norm2", "scale"), "blocks.{i}.norm2.weight", "same"),
+    (("blocks", "norm2", "bias"), "blocks.{i}.norm2.bias", "same"),
+    (("blocks", "fc1", "kernel"), "blocks.{i}.mlp.fc1.weight", "linear"),
+    (("blocks", "fc1", "bias"), "blocks.{i}.mlp.fc1.bias", "same"),
+    (("blocks", "fc2", "kernel"), "blocks.{i}.mlp.fc2.weight", "linear"),
+    (("blocks", "fc2", "bias"), "blocks.{i}.mlp.fc2.bias", "same"),
+    (("merger", "ln_q", "scale"), "merger.ln_q.weight", "same"),
+    (("merger", "ln_q", "bias"), "merger.ln_q.bias", "same"),
+    (("merger", "fc1", "kernel"), "merger.mlp.0.weight", "linear"),
+    (("merger", "fc1", "bias"), "merger.mlp.0.bias", "same"),
+    (("merger", "fc2", "kernel"), "merger.mlp.2.weight", "linear"),
+    (("merger", "fc2", "bias"), "merger.mlp.2.bias", "same"),
+)
+
+
+def _from_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.ndarray:
+    heads, head_dim = config.num_heads, config.head_dim
+    if kind == "same":
+        return array
+    if kind == "linear":                      # torch [out, in] -> [in, out]
+        return array.T
+    if kind == "conv":                        # [V, 3, 2, 14, 14] -> [C, V]
+        return array.reshape(array.shape[0], -1).T
+    if kind == "qkv":                         # [S*N*E, V] -> [V, S, N, E]
+        return array.T.reshape(array.shape[1], 3, heads, head_dim)
+    if kind == "qkv_bias":                    # [S*N*E] -> [S, N, E]
+        return array.reshape(3, heads, head_dim)
+    if kind == "proj":                        # [V, N*E] -> [N, E, V]
+        return array.T.reshape(heads, head_dim, array.shape[0])
+    raise ValueError(f"unknown layout kind {kind!r}")
+
+
+def _to_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.ndarray:
+    if kind == "same":
+        return array
+    if kind == "linear":
+        return array.T
+    if kind == "conv":
+        return array.T.reshape(config.embed_dim, config.in_channels, config.temporal_patch_size,
+                               config.patch_size, config.patch_size)
+    if kind == "qkv":
+        return array.reshape(array.shape[0], -1).T
+    if kind == "qkv_bias":
+        return array.reshape(-1)
+    if kind == "proj":
+        return array.reshape(-1, array.shape[-1]).T
+    raise ValueError(f"unknown layout kind {kind!r}")
+
+
+def vision_params_from_hf(get_tensor: Callable[[str], np.ndarray], config: VisionConfig,
+                          prefix: str = "visual.") -> dict:
+    """Reads HF vision weights into a pure dict shaped like `nnx.state(VisionTower(...))`.
+
+    Args:
+      get_tensor: returns the numpy array stored under a full HF name (raises KeyError if
+        absent).
+      config: the vision config (head split of the fused qkv weight).
+      prefix: HF name prefix of the tower ('visual.' in saved checkpoints, 'model.visual.' in
+        transformers 5 module names).
+
+    Returns:
+      nested dict of numpy arrays; use `nnx.replace_by_pure_dict(state, result)`.
+    """
+    out: dict = {}
+    for path, hf_name, kind in HF_NAMES:
+        if "{i}" in hf_name:
+            array = np.stack([_from_hf_layout(kind, get_tensor(prefix + hf_name.format(i=i)),
+                                              config) for i in range(config.depth)])
+        else:
+            array = _from_hf_layout(kind, get_tensor(prefix + hf_name), config)
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = array
+    return out
+
+
+def vision_params_to_hf(params: dict, config: VisionConfig,
+                        prefix: str = "visual.") -> dict[str, np.ndarray]:
+    """The inverse of `vision_params_from_hf`: pure dict of the tower -> {HF name: array}."""
+    out = {}
+    for path, hf_name, kind in HF_NAMES:
+        array = params
+        for key in path:
+            array = array[key]
+        array = np.asarray(array)
+        if "{i}" in hf_name:
+            for i in range(config.depth):
+                out[prefix + hf_name.format(i=i)] = _to_hf_layout(kind, array[i], config)
+        else:
+            out[prefix + hf_name] = _to_hf_layout(kind, array, config)
+    return out
