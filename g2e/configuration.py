@@ -84,9 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="bfloat16"))
 
+    # The demo's tiny generator (configs/demo.py): mini-MMEB size and model widths.
     c.demo = ml_collections.ConfigDict(dict(
-            seed=0, scale=1.0, generator_steps=300, generator_lr=3e-3, generator_batch_size=16,
-            hidden_size=64, num_layers=2))
+        seed=0, scale=1.0, generator_steps=300, generator_lr=3e-3, generator_batch_size=16,
+        vocab_size=1024, hidden_size=64, num_layers=2, heads=4, kv_heads=2, vision_width=32))
     return c
 
 

@@ -1,0 +1,174 @@
+"""The demo's `prepare_demo` stage: a mini-MMEB and a tiny Qwen2-VL trained as a *generator*.
+
+The method starts from a generative MLLM. The demo has none to download, so it makes one: a
+tiny Qwen2-VL-architecture model (random init) trained by next-token prediction to answer the
+mini-MMEB's questions, name its labels and caption its images — a generator, never trained on
+embeddings. It is saved as a Hugging Face checkpoint (config.json, safetensors, tokenizer,
+preprocessor config) and every later stage loads it like a downloaded Qwen2-VL.
+
+Layout under <workdir>/prepare_demo/: mini_mmeb/ (train/, eval/, images/, subsets.json) and
+model/ (the checkpoint). Each is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from g2e.data import mini_mmeb, mmeb
+from g2e.data.preprocess import Encoded, Processor
+from g2e.models import hf_io, tiny
+from g2e.models.config import Qwen2VLConfig
+from g2e.models.qwen2_vl import Qwen2VL
+
+GENERATOR_QUESTION = "What does the image show?"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPaths:
+    data_dir: pathlib.Path
+    train_dir: pathlib.Path
+    eval_dir: pathlib.Path
+    image_root: pathlib.Path
+    model_dir: pathlib.Path
+
+
+def demo_paths(out: pathlib.Path) -> DemoPaths:
+    data = out / "mini_mmeb"
+    return DemoPaths(data, data / "train", data / "eval", data, out / "model")
+
+
+def _fresh(path: pathlib.Path) -> pathlib.Path:
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def generator_examples(train_dir: pathlib.Path, image_root: pathlib.Path
+                       ) -> list[tuple[str, str | None, str]]:
+    """(user text, image path or None, answer) pairs from the mini-MMEB's training rows.
+
+    A row whose positive is text teaches the model to answer its query with it (labels,
+    answers, captions); a row whose positive is an image teaches it to describe that image with
+    the query's text (the caption after the instruction).
+    """
+    examples = []
+    for subset in mmeb.list_subsets(str(train_dir)):
+        for row in mmeb.read_train_subset(str(train_dir), subset, "original", str(image_root)):
+            if row.pos_image is None:
+                examples.append((row.qry_text, row.qry_image, row.pos_text))
+            elif row.qry_image is None and row.qry_text:
+                caption = row.qry_text.rsplit(": ", 1)[-1].strip()
+                examples.append((GENERATOR_QUESTION, row.pos_image, caption))
+    return examples
+
+
+def _lm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+    """Next-token cross-entropy over the answer tokens (target_mask) of a batch."""
+    model = nnx.merge(graphdef, params)
+    hidden = model(batch)
+    length = batch["input_ids"].shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length - 1), (hidden.shape[0], length - 1))
+    logits = model.logits_at(hidden, positions).astype(jnp.float32)        # [B, L-1, V]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["target_mask"][:, 1:].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def train_generator(model: Qwen2VL, processor: Processor, examples, *, steps: int, lr: float,
+                    batch_size: int, seed: int) -> list[float]:
+    """Next-token training of `model` in place on (user, image, answer) examples; losses."""
+    encoded: list[Encoded] = []
+    for user, image, answer in examples:
+        item = processor.encode_chat(None, user, [image] if image else [], answer=answer)
+        if item is not None:
+            encoded.append(item)
+    if len(encoded) < batch_size:
+        raise ValueError(f"demo: only {len(encoded)} generator examples for a batch of "
+                         f"{batch_size}; raise demo.scale")
+    graphdef, params = nnx.split(model, nnx.Param)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 20)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 0.9, 0.98,
+                                                                        weight_decay=0.01))
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(_lm_loss)(params, graphdef, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # Examples with and without images are batched apart, so few shapes are compiled.
+    groups = [[e for e in encoded if e.num_patches], [e for e in encoded if not e.num_patches]]
+    groups = [g for g in groups if len(g) >= batch_size]
+    rng = np.random.default_rng(seed)
+    losses = []
+    bar = tqdm.trange(steps, desc="generator", unit="step", dynamic_ncols=True)
+    for index in bar:
+        group = groups[index % len(groups)]
+        chosen = rng.choice(len(group), batch_size, replace=False)
+        batch = processor.collate([group[i] for i in chosen])
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(float(loss))
+        if index % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    nnx.update(model, params)
+    return losses
+
+
+def prepare(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, Any]:
+    """Builds the demo's data and generator checkpoint under `out` (see the module docstring)."""
+    demo = config.demo
+    paths = demo_paths(out)
+    summary: dict[str, Any] = {}
+    if not (paths.data_dir / "subsets.json").is_file():
+        tmp = _fresh(paths.data_dir)
+        summary["mini_mmeb"] = mini_mmeb.build(
+            str(tmp), seed=demo.seed, train_rows=max(16, round(200 * demo.scale)),
+            eval_queries=max(4, round(60 * demo.scale)), candidates=12)
+        shutil.rmtree(paths.data_dir, ignore_errors=True)
+        tmp.rename(paths.data_dir)
+        logging.info("demo: mini-MMEB in %s (%s)", paths.data_dir, summary["mini_mmeb"])
+    if (paths.model_dir / "config.json").is_file():
+        return summary
+    start = time.time()
+    examples = generator_examples(paths.train_dir, paths.image_root)
+    tmp = _fresh(paths.model_dir)
+    texts = [text for user, _, answer in examples for text in (user, answer)]
+    tiny.write_assets(tmp, texts=texts, vocab_size=demo.vocab_size,
+                      hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
+                      layers=demo.num_layers, heads=demo.heads, kv_heads=demo.kv_heads,
+                      vision_width=demo.vision_width, vision_heads=demo.heads,
+                      vision_layers=demo.num_layers, tie_word_embeddings=True)
+    model_config = Qwen2VLConfig.from_dir(tmp)
+    model = Qwen2VL(model_config, dtype=jnp.float32, param_dtype=jnp.float32,
+                    rngs=nnx.Rngs(demo.seed))
+    processor = Processor.from_dir(tmp, max_length=config.data.train_max_length,
+                                   image_resolution="processor",
+                                   length_buckets=tuple(config.data.length_buckets),
+                                   patch_buckets=tuple(config.data.patch_buckets))
+    losses = train_generator(model, processor, examples, steps=demo.generator_steps,
+                             lr=demo.generator_lr, batch_size=demo.generator_batch_size,
+                             seed=demo.seed)
+    hf_io.save_hf(model, tmp, dtype=np.float32)
+    shutil.rmtree(paths.model_dir, ignore_errors=True)
+    tmp.rename(paths.model_dir)
+    summary["generator"] = {"examples": len(examples), "steps": demo.generator_steps,
+                            "first_loss": round(float(np.mean(losses[:10])), 4),
+                            "last_loss": round(float(np.mean(losses[-10:])), 4),
+                            "seconds": round(time.time() - start, 1)}
+    logging.info("demo: generator checkpoint in %s (%s)", paths.model_dir, summary["generator"])
+    return summary

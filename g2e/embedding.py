@@ -1,0 +1,208 @@
+"""Embedding: the jitted step and the `Embedder` that feeds it fixed-shape batches.
+
+An embedding is the last-layer hidden state of the last non-pad token (the `\\n` after
+`assistant`), L2-normalised (SPEC §1). Items are encoded on the host by a `Processor`, grouped
+by (length, patch) bucket so a run compiles a bounded number of programs, padded to a fixed
+batch size, sharded over the mesh's batch axes and embedded by one jitted function of
+`(graphdef, state, batch)`. Results come back in input order.
+
+Multi-host: each process encodes and embeds its `host_slice` of the items; the processes agree
+on the number of steps and the (length, patches) shape of each step, feed their rows into one
+global batch, and gather the results in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from g2e import distributed
+from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
+from g2e.models import sharding
+from g2e.models.qwen2_vl import Qwen2VL
+
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items"]
+
+
+def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
+               ) -> jax.Array:
+    """L2-normalised float32 embeddings [B, D] of one batch (pure; jit with graphdef static)."""
+    model = nnx.merge(graphdef, state)
+    return model.embed(batch)
+
+
+class BatchRunner:
+    """Runs a jitted `step(graphdef, state, batch) -> [B, ...]` over host-encoded inputs.
+
+    Inputs are encoded one by one (`encode(input) -> Encoded | None`, None for skipped bad
+    input), grouped by (length, patch) bucket, padded to a fixed batch size, sharded over the
+    mesh's batch axes and run; outputs come back in input order (rows of skipped inputs are NaN).
+
+    Args:
+      model: the (possibly adapter-carrying) Qwen2VL, its parameters already placed/sharded.
+      processor: the host-side Processor (prompt options, image policy, buckets).
+      step: the pure per-batch function, jitted here with graphdef static.
+      mesh: a device mesh (None: default device). Batches are sharded over its data/fsdp axes.
+      rules: the logical-axis rule table (config.sharding_rules).
+      batch_size: rows per step on each process; rounded up to a multiple of this process's
+        devices on the batch axes.
+    """
+
+    def __init__(self, model: Qwen2VL, processor: Processor, step, *,
+                 mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, Any]] = (),
+                 batch_size: int = 16, progress: bool = True):
+        self.processor = processor
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.progress = progress
+        self.graphdef, self.state = nnx.split(model)
+        self.output_width = model.config.text.hidden_size
+        ways = 1
+        if mesh is not None:
+            ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+            ways = max(ways // jax.process_count(), 1)
+        self.batch_size = -(-batch_size // ways) * ways
+        self._step = jax.jit(step, static_argnums=0)
+
+    def run(self, inputs: Sequence[Any], encode, *, desc: str) -> np.ndarray:
+        """Encodes and runs every input; returns float32 [len(inputs), ...] in input order."""
+        share = distributed.host_slice(len(inputs))
+        local = self._run_local(list(inputs[share]), encode, desc=desc)
+        return distributed.gather_in_order(local, len(inputs))
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nnx.logical_axis_rules(self.rules))
+        return stack
+
+    def _plan(self, encoded: list[Encoded | None]) -> list[tuple[list[int], int, int]]:
+        """Groups this host's inputs into steps of (indices, length bucket, patch bucket)."""
+        proc = self.processor
+
+        def shape(i):
+            e = encoded[i]
+            patches = 0 if e.num_patches == 0 else pick_bucket(e.num_patches,
+                                                               proc.patch_buckets, "patch")
+            return patches, pick_bucket(e.length, proc.length_buckets, "length")
+
+        valid = [i for i, e in enumerate(encoded) if e is not None]
+        order = sorted(valid, key=lambda i: (*shape(i), encoded[i].length))
+        steps = []
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            patches, length = max(shape(i) for i in chunk)
+            steps.append((chunk, length, patches))
+        return steps
+
+    def _agree(self, steps: list[tuple[list[int], int, int]]) -> list[tuple[int, int]]:
+        """The (length, patches) of every global step, the same on all processes."""
+        shapes = np.array([(length, patches) for _, length, patches in steps],
+                          np.int32).reshape(-1, 2)
+        if jax.process_count() == 1:
+            return [tuple(s) for s in shapes]
+        counts = multihost_utils.process_allgather(np.array([len(shapes)], np.int32))
+        padded = np.zeros((int(np.max(counts)), 2), np.int32)
+        padded[:len(shapes)] = shapes
+        every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, steps, 2]
+        return [tuple(s) for s in every.max(axis=0)]
+
+    def _run_local(self, inputs: list[Any], encode, *, desc: str) -> np.ndarray:
+        encoded = [encode(x) for x in inputs]
+        steps = self._plan(encoded)
+        out: np.ndarray | None = None
+        with tqdm.tqdm(total=len(inputs), desc=desc, unit="ex", dynamic_ncols=True,
+                       disable=not (self.progress and distributed.is_primary())) as bar:
+            for step, (length, patches) in enumerate(self._agree(steps)):
+                indices = steps[step][0] if step < len(steps) else []
+                batch = self.processor.collate([encoded[i] for i in indices],
+                                               pad_to_batch=self.batch_size, length=length,
+                                               num_patches=patches)
+                result = self._run_batch(batch)[:len(indices)]
+                if out is None:
+                    out = np.full((len(inputs),) + result.shape[1:], np.nan, np.float32)
+                out[indices] = result
+                bar.update(len(indices))
+        if out is None:  # Nothing ran here (every input skipped, or none).
+            out = np.full((len(inputs), self.output_width), np.nan, np.float32)
+        return out
+
+    def _run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        with self._context():
+            if self.mesh is not None:
+                device_batch = distributed.global_batch(
+                    batch, self.mesh, sharding.batch_shardings(batch, self.mesh, self.rules))
+            else:
+                device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            result = self._step(self.graphdef, self.state, device_batch)
+        if self.mesh is not None:
+            return distributed.local_rows(result)
+        return np.asarray(result)
+
+
+class Embedder(BatchRunner):
+    """Embeds `EmbedItem`s: `embedder(items) -> float32 [N, D]`, L2-normalised, input order.
+
+    Bad items follow the processor's on_bad_input policy; a skipped item's row is NaN.
+    """
+
+    def __init__(self, model: Qwen2VL, processor: Processor, **kwargs):
+        super().__init__(model, processor, embed_step, **kwargs)
+
+    def __call__(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
+        return self.run(items, self.processor.encode, desc=desc)
+
+
+def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[EmbedItem], list[int]]:
+    """Reads the embed command's input: one {"text", "image", "role"} object per line.
+
+    Returns the items and their line numbers (1-based). A malformed line raises ValueError naming
+    the file and line; with on_bad_input='skip' it is logged, counted and left out of the items
+    (its output row is NaN).
+    """
+    items, lines, skipped = [], [], 0
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("the line is not a JSON object")
+                unknown = set(record) - {"text", "image", "role"}
+                if unknown:
+                    raise ValueError(f"unknown keys {sorted(unknown)}")
+                text, image, role = record.get("text", ""), record.get("image"), record.get("role")
+                if not isinstance(text, str):
+                    raise ValueError("'text' must be a string")
+                if image is not None and not isinstance(image, str):
+                    raise ValueError("'image' must be a path or null")
+                if role not in ("query", "candidate"):
+                    raise ValueError(f"'role' is {role!r}; use 'query' or 'candidate'")
+            except ValueError as error:  # json.JSONDecodeError is a ValueError too.
+                message = (f"{path}, line {number}: {error}. Each line must be "
+                           '{"text": str, "image": path or null, "role": "query" | "candidate"}')
+                if on_bad_input == "error":
+                    raise ValueError(message) from None
+                logging.warning("skipped: %s", message)
+                skipped += 1
+                items.append(None)
+                lines.append(number)
+                continue
+            items.append(EmbedItem(text=text, image=image, role=role, subset="", row=number))
+            lines.append(number)
+    if skipped:
+        logging.warning("%s: %d malformed line(s) skipped (their output rows are NaN)", path,
+                        skipped)
+    return items, lines

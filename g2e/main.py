@@ -1,0 +1,87 @@
+"""Runs the g2e recipe: the configured stages in order, each skipped once its outputs are complete.
+
+  python -m g2e.main --config=configs/mmeb.py [--config.stages=eval_zero_shot,mine,...]
+
+Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE.json):
+  prepare_demo    the demo's mini-MMEB and tiny generator checkpoint (configs/demo.py)
+  eval_plain      zero-shot MMEB with the plain prompt (no system turn, no suffix)
+  eval_zero_shot  zero-shot MMEB with the hierarchical prompt
+  mine            SaHa clusters per training subset
+  train           contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)
+  eval            MMEB with the fine-tuned model
+  export          Hugging Face directory (<workdir>/export/hf) and PEFT adapter (export/peft)
+  report          the table of every evaluation (<workdir>/report.md, report.json)
+  embed           the embed command (configs/embed.py)
+A rerun skips complete stages (`--config.force=STAGE` redoes one), so a preempted run picks up
+where it stopped; training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from ml_collections import config_flags
+
+from g2e import configuration
+
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Recipe file.",
+                                          lock_config=True)
+
+
+def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(workdir / "log.txt"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE")
+    config = _CONFIG.value
+    configuration.validate(config)
+
+    # Imported after validation so a bad key fails before JAX starts.
+    from g2e import distributed
+    from g2e import stages
+
+    distributed.initialize(config)
+    workdir = pathlib.Path(config.workdir).resolve()
+    _setup_logging(workdir, distributed.is_primary())
+    names = configuration.split_list(config.stages)
+    force = set(configuration.split_list(config.force))
+    if "prepare_demo" in names:
+        stages.point_at_demo(config, workdir)
+    pipeline = stages.Pipeline(config, workdir)
+    logging.info("g2e: stages %s, workdir %s", ", ".join(names), workdir)
+    for name in names:
+        done = workdir / name / "DONE.json"
+        # The embed command always runs: its input may have changed since the last run.
+        if name != "embed" and done.exists() and name not in force:
+            logging.info("== %s: complete (%s), skipped", name, done)
+            continue
+        logging.info("== %s", name)
+        start = time.time()
+        summary = getattr(stages, f"run_{name}")(pipeline) or {}
+        distributed.barrier(f"stage-{name}")
+        if distributed.is_primary() and name != "embed":
+            done.parent.mkdir(parents=True, exist_ok=True)
+            record = {"stage": name, "seconds": round(time.time() - start, 1), **summary}
+            done.write_text(json.dumps(record, indent=2) + "\n")
+        logging.info("== %s: done in %.0f s", name, time.time() - start)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    app.run(main)
