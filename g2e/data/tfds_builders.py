@@ -7,6 +7,11 @@ A TPU VM then reads the prepared data from a bucket without the original image f
   python -m g2e.data.tfds_builders --kind eval --source /data/MMEB-eval \
       --image_root /data/MMEB-eval --data_dir gs://bucket/tfds
 
+Reading (the same row dataclasses as g2e.data.mmeb, images as bytes), e.g. for training:
+
+  rows = RowSource("train", "gs://bucket/tfds", "ImageNet_1K", "original")
+  for row in loader.Loader(rows, seed=0, drop_remainder=True): ...
+
 One BuilderConfig per subset, named after it: a subset is the unit of mining and
 evaluation, and subsets can then be (re)built one at a time. `mmeb_train/<Subset>` has the
 splits `original` and `diverse_instruction` (those present in the source), `mmeb_eval/<Subset>`
