@@ -1,5 +1,6 @@
 """MMEB evaluator: precision@1 and ties, aggregates, dedupe, reports, resumable cache."""
 
+import hashlib
 import json
 import os
 
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from g2e import evaluation
-from g2e.data import subsets
+from g2e.data import mini_mmeb, mmeb, subsets
 from g2e.data.errors import BadInput
 
 # A tiny MMEB-eval in the hub's layout, with real subset names so the MMEB table applies.
@@ -257,3 +258,54 @@ def test_bad_rows_and_unknown_subsets_error_or_are_skipped(mmeb_eval, tmp_path):
     assert summary["subsets"]["ImageNet-1K"]["precision_at_1"] == 100.0
     assert summary["subsets"]["ImageNet-1K"]["num_skipped_rows"] == 1
     assert "NotASubset" in summary["skipped_subsets"]
+
+
+def test_precision_at_1_matches_a_per_row_reference_across_blocks():
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(30, 8)).astype(np.float32)
+    candidates = rng.normal(size=(50, 8)).astype(np.float32)
+    rows = [rng.choice(50, size=rng.integers(1, 12), replace=False) for _ in range(150)]
+    row_query = rng.integers(0, 30, size=150)
+    correct = evaluation.precision_at_1(queries, candidates, row_query, rows)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    expected = [np.argmax(unit(candidates[ids]) @ unit(queries[q])) == 0
+                for q, ids in zip(row_query, rows)]
+    np.testing.assert_array_equal(correct, expected)
+    assert 0 < correct.sum() < 150
+
+
+def hashed_vector(text: str, image, role: str) -> np.ndarray:
+    """A deterministic pseudo-random embedding of (text, image file, role)."""
+    name = "" if image is None else os.path.basename(image)
+    seed = int.from_bytes(hashlib.sha1(f"{role}|{text}|{name}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).normal(size=16).astype(np.float32)
+
+
+def test_mini_mmeb_matches_a_row_by_row_reference(tmp_path):
+    """On the mini-MMEB's real layout and manifest, dedupe + cache change nothing: the result
+    equals embedding every query and candidate of every row separately."""
+    data = tmp_path / "mini"
+    mini_mmeb.build(str(data), seed=0, train_rows=1, eval_queries=6, candidates=4)
+    manifest = subsets.known_subsets(str(data / "eval"))
+    summary = evaluation.evaluate_mmeb(
+        lambda items: np.stack([hashed_vector(i.text, i.image, i.role) for i in items]),
+        eval_dir=str(data / "eval"), image_root=str(data), out_dir=str(tmp_path / "out"),
+        batch_size=5, progress=False)
+    assert set(summary["subsets"]) == set(manifest)
+    for name, result in summary["subsets"].items():
+        assert result["split"] == manifest[name].group
+        assert result["meta_task"].lower() == manifest[name].meta_task
+        rows = mmeb.read_eval_subset(str(data / "eval"), name, str(data))
+        right = 0
+        for row in rows:
+            query = hashed_vector(row.qry_text, row.qry_image, "query")
+            scores = [cos(query, hashed_vector(t, i, "candidate"))
+                      for t, i in zip(row.tgt_texts, row.tgt_images)]
+            right += int(np.argmax(scores)) == 0
+        assert result["precision_at_1"] == pytest.approx(100.0 * right / len(rows))
+    assert summary["overall"] == pytest.approx(
+        np.mean([r["precision_at_1"] for r in summary["subsets"].values()]))
+
+
+def cos(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
