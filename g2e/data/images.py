@@ -73,7 +73,7 @@ def resolve_path(path: str | os.PathLike, image_root: str | os.PathLike | None) 
 def _open(data: bytes, name: str, max_declared_pixels: int) -> Image.Image:
     """Decodes image bytes fully, with the size checked before decoding."""
     if not data:
-        raise BadInput("empty image file (0 bytes)", file=name,
+        raise BadInput("empty image file", detail="0 bytes", file=name,
                        hint="re-download the image or drop the row")
     try:
         with warnings.catch_warnings():

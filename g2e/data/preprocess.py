@@ -121,7 +121,7 @@ class Processor:
         prompt: prompts.PromptOptions = prompts.PromptOptions(),
         length_buckets: Sequence[int] | None = None,
         patch_buckets: Sequence[int] | None = None,
-        on_bad_input: str = "error",
+        on_bad_input: str | BadInputReport = "error",
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
         image_token_id: int | None = None,
@@ -140,7 +140,9 @@ class Processor:
         self.prompt = prompt
         self.padding_side = padding_side
         self.image_root = image_root
-        self.report = BadInputReport(on_bad_input)
+        # A report passed in is shared (e.g. with the MMEB readers), so one summary covers both.
+        self.report = (on_bad_input if isinstance(on_bad_input, BadInputReport)
+                       else BadInputReport(on_bad_input))
         self.merge_size = int(image_processor.merge_size)
         self.patch_dim = (3 * int(image_processor.temporal_patch_size)
                           * int(image_processor.patch_size) ** 2)
@@ -177,15 +179,15 @@ class Processor:
         prompt: prompts.PromptOptions = prompts.PromptOptions(),
         length_buckets: Sequence[int] | None = None,
         patch_buckets: Sequence[int] | None = None,
-        on_bad_input: str = "error",
+        on_bad_input: str | BadInputReport = "error",
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
     ) -> "Processor":
         """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
 
         `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
-        processor's. Raises FileNotFoundError when the directory lacks the tokenizer or
-        preprocessor_config.json.
+        processor's. `on_bad_input` is 'error', 'skip' or a shared BadInputReport.
+        Raises FileNotFoundError when the directory lacks preprocessor_config.json.
         """
         checkpoint_dir = pathlib.Path(checkpoint_dir)
         if not (checkpoint_dir / "preprocessor_config.json").is_file():
