@@ -14,7 +14,11 @@ Outputs in `out_dir`: results.json, results.md (the leaderboard's layout plus a 
 table), results.png (one bar per subset). Embeddings are cached per subset under
 `out_dir/cache/<subset>/` as queries.npy, candidates.npy and index.json (keys + the caller's
 model/prompt fingerprint; no pickle). index.json is written last, so a subset counts as cached
-only once it finished; an interrupted evaluation resumes at the first unfinished subset.
+only once it finished; an interrupted evaluation resumes at the first unfinished subset. Keys
+hold the images' absolute paths, so moving the image root re-embeds. Multi-host: every host
+calls evaluate_mmeb (embed_fn is collective), only process 0 writes (`write_outputs`), and
+out_dir must be one directory all hosts see (NFS, gs://), so that all take the same cache
+decisions.
 """
 
 from __future__ import annotations
@@ -378,8 +382,10 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir:
         write_outputs: False on hosts other than process 0 (they embed but write nothing).
     Returns:
         The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
-        "split", "num_queries", ...}}, "meta_tasks": {...}, "IND", "OOD", "overall"},
-        scores in percent.
+        "split", "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
+        "num_skipped_rows"}}, "meta_tasks": {task: mean}, "IND", "OOD", "overall"}, plus
+        "skipped_subsets": {name: reason} when some were skipped; scores in percent, means
+        as in `aggregate`. Nothing in it depends on timing or on the cache.
     Raises:
         FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset the table and
         manifest do not know. ValueError: empty subsets, bad embeddings.
