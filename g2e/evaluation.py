@@ -70,19 +70,24 @@ def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: in
                 progress: bool = True) -> np.ndarray:
     """Embeds `items` in chunks of `batch_size` behind a progress bar (examples/s).
 
+    Items are sent text-only first, then with images, each group by text length, so that a
+    chunk pads little (fixed-shape buckets); the result is in the input order.
+
     Returns:
         float32 [len(items), D].
     Raises:
         ValueError: embed_fn returned the wrong shape or non-finite values (the message names
-        `desc` and the chunk).
+        `desc` and the items).
     """
+    order = sorted(range(len(items)),
+                   key=lambda i: (items[i].image is not None, len(items[i].text), i))
     chunks = []
     with tqdm.tqdm(total=len(items), desc=desc, unit="ex", disable=not progress,
                    dynamic_ncols=True) as bar:
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+            chunk = [items[i] for i in order[start:start + batch_size]]
             embeddings = np.asarray(embed_fn(chunk), dtype=np.float32)
-            where = f"{desc}, items {start}..{start + len(chunk) - 1}"
+            where = f"{desc}, items {order[start:start + batch_size]}"
             if embeddings.ndim != 2 or embeddings.shape[0] != len(chunk):
                 raise ValueError(f"{where}: embed_fn returned shape {embeddings.shape} for "
                                  f"{len(chunk)} items; it must return [N, D]")
@@ -93,7 +98,9 @@ def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: in
             bar.update(len(chunk))
     if not chunks:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate(chunks, axis=0)
+    result = np.empty((len(items), chunks[0].shape[1]), np.float32)
+    result[order] = np.concatenate(chunks, axis=0)
+    return result
 
 
 def _normalize(embeddings: np.ndarray) -> np.ndarray:
