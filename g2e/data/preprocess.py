@@ -153,7 +153,8 @@ class Processor:
                              "model do not belong together")
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set pad_token in tokenizer_config.json")
+            raise ValueError("the tokenizer has no pad token; set pad_token in "
+                             "tokenizer_config.json")
         self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
         if self.length_buckets[-1] < max_length:
             raise ValueError(f"largest length bucket {self.length_buckets[-1]} is below "
@@ -359,22 +360,31 @@ class Processor:
 
     # ---- batching -------------------------------------------------------------------------
 
-    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None
+    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None,
+                length: int | None = None, num_patches: int | None = None
                 ) -> dict[str, np.ndarray]:
         """Pads encodings into the fixed-shape batch of the design contract.
 
-        L and P are the smallest buckets that fit. With `pad_to_batch=N`, dummy rows (one
-        attended pad token, no image) fill the batch to N rows; the caller drops their outputs.
-        A `target_mask` [B, L] is added when any encoding carries one.
+        L and P are the smallest buckets that fit, unless `length` / `num_patches` fix them
+        (multi-host steps agree on one shape; they must hold every encoding). With
+        `pad_to_batch=N`, dummy rows (one attended pad token, no image) fill the batch to N
+        rows (all N when `encoded` is empty); the caller drops their outputs. A `target_mask`
+        [B, L] is added when any encoding carries one.
         """
         count = len(encoded)
         batch = pad_to_batch or count
-        if count == 0 or count > batch:
+        if count > batch or batch == 0:
             raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
-        length = pick_bucket(max(e.length for e in encoded), self.length_buckets, "length")
-        most_patches = max(e.num_patches for e in encoded)
-        num_patches = 0 if most_patches == 0 else pick_bucket(
-            most_patches, self.patch_buckets, "patch")
+        longest = max((e.length for e in encoded), default=1)
+        most_patches = max((e.num_patches for e in encoded), default=0)
+        if length is None:
+            length = pick_bucket(longest, self.length_buckets, "length")
+        if num_patches is None:
+            num_patches = 0 if most_patches == 0 else pick_bucket(
+                most_patches, self.patch_buckets, "patch")
+        if length < longest or num_patches < most_patches:
+            raise ValueError(f"collate: shape (length {length}, patches {num_patches}) cannot "
+                             f"hold an encoding of {longest} tokens and {most_patches} patches")
 
         input_ids = np.full((batch, length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((batch, length), np.int32)

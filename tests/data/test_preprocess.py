@@ -10,7 +10,6 @@ import torch
 import transformers
 from PIL import Image
 
-from g2e.data import images as images_lib
 from g2e.data import prompts
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem, Processor
@@ -161,7 +160,8 @@ def test_batch_layout(checkpoint):
 def test_buckets(checkpoint):
     processor = make(checkpoint, length_buckets=(64, 128, 256), patch_buckets=(0, 32, 64))
     text_only = processor.collate([processor.encode(ITEMS[1])])
-    assert text_only["input_ids"].shape == (1, 64) and text_only["pixel_values"].shape == (1, 0, 1176)
+    assert text_only["input_ids"].shape == (1, 64)
+    assert text_only["pixel_values"].shape == (1, 0, 1176)
     # Past the largest patch bucket: the next multiple of it (a bounded set of shapes).
     big = processor.encode(EmbedItem("x", noise(224, 224), "query"))
     assert big.num_patches == 256
