@@ -152,7 +152,6 @@ def test_unknown_remat_policy_is_rejected(tiny):
         vision.VisionTower(config, remat="sometimes", rngs=nnx.Rngs(0))
 
 
-@pytest.mark.slow
 def test_2b_width_parity_one_and_two_images():
     hf_model, config = _hf_vision("2b")
     assert (config.embed_dim, config.num_heads, config.hidden_size) == (1280, 16, 1536)
