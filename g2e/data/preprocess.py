@@ -366,14 +366,14 @@ class Processor:
         """Pads encodings into the fixed-shape batch of the design contract.
 
         L and P are the smallest buckets that fit, unless `length` / `num_patches` fix them
-        (multi-host steps agree on one shape; they must hold every encoding). With
+        (e.g. to a shape agreed across hosts; they must hold every encoding). With
         `pad_to_batch=N`, dummy rows (one attended pad token, no image) fill the batch to N
-        rows (all N when `encoded` is empty); the caller drops their outputs. A `target_mask`
-        [B, L] is added when any encoding carries one.
+        rows, so `encoded` may even be empty; the caller drops the dummy rows' outputs.
+        A `target_mask` [B, L] is added when any encoding carries one.
         """
         count = len(encoded)
         batch = pad_to_batch or count
-        if count > batch or batch == 0:
+        if batch == 0 or count > batch:
             raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
         longest = max((e.length for e in encoded), default=1)
         most_patches = max((e.num_patches for e in encoded), default=0)
@@ -383,8 +383,11 @@ class Processor:
             num_patches = 0 if most_patches == 0 else pick_bucket(
                 most_patches, self.patch_buckets, "patch")
         if length < longest or num_patches < most_patches:
-            raise ValueError(f"collate: shape (length {length}, patches {num_patches}) cannot "
-                             f"hold an encoding of {longest} tokens and {most_patches} patches")
+            raise ValueError(f"collate: (length={length}, num_patches={num_patches}) cannot hold "
+                             f"an encoding of {longest} tokens / {most_patches} patches")
+        if num_patches % self.merge_size ** 2:
+            raise ValueError(f"collate: num_patches={num_patches} must be a multiple of "
+                             f"{self.merge_size ** 2}")
 
         input_ids = np.full((batch, length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((batch, length), np.int32)

@@ -168,6 +168,14 @@ def test_buckets(checkpoint):
     assert processor.collate([big])["pixel_values"].shape == (1, 256, 1176)
     with pytest.raises(ValueError, match="pad_to_batch"):
         processor.collate([big, big], pad_to_batch=1)
+    # Shapes fixed by the caller (e.g. agreed across hosts), even with no encodings at all.
+    fixed = processor.collate([processor.encode(ITEMS[1])], pad_to_batch=2, length=256,
+                              num_patches=64)
+    assert fixed["input_ids"].shape == (2, 256) and fixed["pixel_values"].shape == (2, 64, 1176)
+    empty = processor.collate([], pad_to_batch=2, length=64, num_patches=0)
+    assert empty["attention_mask"].sum() == 2 and empty["input_ids"].shape == (2, 64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        processor.collate([big], length=64, num_patches=64)
     with pytest.raises(ValueError, match="length bucket"):
         make(checkpoint, max_length=300, length_buckets=(64, 256))
 
