@@ -10,6 +10,20 @@ host (or per GPU), and `initialize` connects them before anything touches a devi
 - Host data: every process reads only its share of a list (`host_slice`), assembles its rows
   into global arrays (`global_batch`), and per-item results are gathered back in input order
   (`gather_in_order`).
+- Every process must run the same jitted computations with the same global shapes in the same
+  order (a mismatch hangs or aborts the job). A per-item loop (embedding for evaluation or
+  mining) therefore runs `num_host_batches` steps on every host (short shares feed padding
+  rows) and agrees on each step's padded shape (length / patch bucket) with one
+  `max_across_processes` call up front:
+
+      mine = items[host_slice(len(items))]
+      steps = num_host_batches(len(items), local_batch_size)
+      chunks = [mine[s * local_batch_size:(s + 1) * local_batch_size] for s in range(steps)]
+      lengths = max_across_processes([bucket_of(chunk) for chunk in chunks])
+      for chunk, length in zip(chunks, lengths):
+          batch = global_batch(collate(chunk, length, rows=local_batch_size), mesh)
+          outputs.append(local_rows(embed_step(batch))[:len(chunk)])
+      embeddings = gather_in_order(np.concatenate(outputs), len(items))
 - Only the primary process (`is_primary`) writes logs, reports and exports; Orbax checkpoints
   are written by all processes together (Orbax coordinates that itself).
 """
@@ -251,6 +265,31 @@ def host_slice(n_items: int, process_index: int | None = None,
     base, extra = divmod(n_items, count)
     start = index * base + min(index, extra)
     return slice(start, start + base + (index < extra))
+
+
+def num_host_batches(n_items: int, local_batch_size: int) -> int:
+    """Steps every process runs to cover its `host_slice` of `n_items` in local batches.
+
+    The same on every process (the largest share decides), so all of them call the jitted step
+    equally often; processes with fewer items feed padding rows.
+    """
+    if local_batch_size < 1:
+        raise ValueError(f"local_batch_size is {local_batch_size}; it must be positive")
+    largest_share = -(-n_items // jax.process_count())
+    return -(-largest_share // local_batch_size)
+
+
+def max_across_processes(values: Sequence[int]) -> tuple[int, ...]:
+    """Element-wise maximum of small integer vectors over all processes (e.g. padded shapes).
+
+    Every process must call it at the same point with the same number of values. It waits for
+    the devices (a collective), so call it once for a whole loop rather than once per step.
+    """
+    local = np.asarray(values, np.int32).reshape(-1)
+    if jax.process_count() == 1:
+        return tuple(int(v) for v in local)
+    stacked = np.asarray(multihost_utils.process_allgather(local))      # [processes, n]
+    return tuple(int(v) for v in stacked.max(axis=0))
 
 
 def gather_in_order(local_array: np.ndarray, n_total: int) -> np.ndarray:

@@ -8,7 +8,7 @@
 #   create   create the TPU VM / pod slice (gcloud compute tpus tpu-vm create)
 #   install  copy this checkout (`git archive HEAD`: commit your changes first) to every worker,
 #            and install it with the [tpu] extra into a Python 3.11 virtualenv, ~/g2e-venv
-#            (apt-installs python3.11 where the image lacks it)
+#            (python3.11 comes from apt; ~/g2e is replaced)
 #   run      run `python -m g2e.main --config=CONFIG --config.workdir=WORKDIR G2E_FLAGS` on all
 #            workers at once (--worker=all), streaming their output here; each worker also keeps
 #            its output in ~/g2e-run.log. On a pod slice g2e.distributed detects the TPU VM and
@@ -111,8 +111,8 @@ done
 [[ -n "$NAME" ]] || die "--name (or TPU_NAME) is required"
 [[ -n "$ZONE" ]] || die "--zone (or TPU_ZONE) is required"
 if [[ "$COMMAND" == run || "$COMMAND" == up ]]; then
-  [[ "$WORKDIR" == gs://?* ]] ||
-    die "--workdir (or G2E_WORKDIR) must be a gs://bucket/path URL, got '$WORKDIR': the workers share it and it outlives the VM"
+  [[ "$WORKDIR" == gs://?* ]] || die "--workdir (or G2E_WORKDIR) must be a gs://bucket/path" \
+    "URL, got '$WORKDIR': the workers share it and it outlives the VM"
 fi
 
 TPU=(gcloud compute tpus tpu-vm)
@@ -127,12 +127,20 @@ create() {
 }
 
 install() {
-  # One line, in single quotes: ~ and $HOME expand on the worker, not here.
-  # shellcheck disable=SC2016
-  local setup='set -euo pipefail; rm -rf ~/g2e && mkdir -p ~/g2e && tar -xzf ~/g2e-src.tar.gz -C ~/g2e; command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv; }; [[ -x ~/g2e-venv/bin/python ]] || python3.11 -m venv ~/g2e-venv; ~/g2e-venv/bin/pip install -q -U pip && ~/g2e-venv/bin/pip install -q -e "$HOME/g2e[tpu]"'
+  # In single quotes: ~ and $HOME expand on the worker, not here.
+  # shellcheck disable=SC2016,SC2088
+  local steps=(
+    'set -euo pipefail'
+    'sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv'
+    'rm -rf ~/g2e && mkdir -p ~/g2e && tar -xzf ~/g2e-src.tar.gz -C ~/g2e'
+    '[[ -x ~/g2e-venv/bin/python ]] || python3.11 -m venv ~/g2e-venv'
+    '~/g2e-venv/bin/pip install -q -U pip && ~/g2e-venv/bin/pip install -q -e "$HOME/g2e[tpu]"'
+  )
+  local setup
+  setup="$(printf '%s; ' "${steps[@]}")"
   run git -C "$REPO" archive --format=tar.gz --output="$ARCHIVE" HEAD
   run "${TPU[@]}" scp "$ARCHIVE" "$NAME:g2e-src.tar.gz" "${LOCATION[@]}" --worker=all
-  run "${TPU[@]}" ssh "$NAME" "${LOCATION[@]}" --worker=all --command="$setup"
+  run "${TPU[@]}" ssh "$NAME" "${LOCATION[@]}" --worker=all --command="${setup%; }"
 }
 
 run_g2e() {

@@ -12,7 +12,6 @@ results (DIR/results.npz) — the test compares them; DIR/meta.json records the 
 """
 
 import json
-import math
 import os
 
 import jax
@@ -51,24 +50,28 @@ def contrastive_loss(weights, queries, candidates):
         logits, jnp.arange(logits.shape[0])).mean()
 
 
-def evaluate(weights, items, mesh):
-    """Embeds the items in global batches, each host feeding its own share; returns [N, D]."""
-    count = jax.process_count()
+def evaluate(weights, items, lengths, mesh):
+    """Embeds the items in global batches, each host feeding its own share; returns [N, D].
+
+    Items have a valid length (features past it are zero); each step is padded to the largest
+    length any host needs, as the real embedder pads to length buckets.
+    """
     share = distributed.host_slice(len(items))
-    local_items = items[share]
-    local_batch = GLOBAL_BATCH // count
-    # Every host runs the same number of steps (SPMD); the shorter shares feed padding.
-    largest_share = math.ceil(len(items) / count)
-    steps = math.ceil(largest_share / local_batch)
+    local_items, local_lengths = items[share], lengths[share]
+    local_batch = GLOBAL_BATCH // jax.process_count()
     embed_fn = jax.jit(embed)
+    steps = distributed.num_host_batches(len(items), local_batch)
+    chunks = [slice(step * local_batch, (step + 1) * local_batch) for step in range(steps)]
+    widths = distributed.max_across_processes(
+        [local_lengths[rows].max(initial=1) for rows in chunks])
     outputs = []
-    for step in range(steps):
-        chunk = local_items[step * local_batch:(step + 1) * local_batch]
-        padded = np.zeros((local_batch, WIDTH), np.float32)
-        padded[:len(chunk)] = chunk
+    for rows, width in zip(chunks, widths):
+        chunk = local_items[rows]
+        padded = np.zeros((local_batch, width), np.float32)
+        padded[:len(chunk)] = chunk[:, :width]
         padded[len(chunk):] = 1.0     # any finite row; its embedding is dropped below
         batch = distributed.global_batch({"x": padded}, mesh)
-        outputs.append(distributed.local_rows(embed_fn(weights, batch["x"]))[:len(chunk)])
+        outputs.append(distributed.local_rows(embed_fn(weights[:width], batch["x"]))[:len(chunk)])
     return distributed.gather_in_order(np.concatenate(outputs), len(items))
 
 
@@ -108,21 +111,27 @@ def main(_):
     mesh = distributed.make_mesh(config.mesh)
     rng = np.random.default_rng(0)       # the same data on every host; each reads its share
     items = rng.normal(size=(NUM_ITEMS, WIDTH)).astype(np.float32)
+    lengths = np.sort(rng.integers(2, WIDTH + 1, size=NUM_ITEMS))  # hosts need different widths
+    items[np.arange(WIDTH) >= lengths[:, None]] = 0.0
     queries = rng.normal(size=(3 * GLOBAL_BATCH, WIDTH)).astype(np.float32)
     candidates = (queries + 1.0 * rng.normal(size=queries.shape)).astype(np.float32)
     initial = rng.normal(size=(WIDTH, EMBED)).astype(np.float32)
-    # Weights sharded over fsdp and tensor, so gradients and updates cross hosts.
-    weights = jax.device_put(initial, NamedSharding(mesh, PartitionSpec("fsdp", "tensor")))
+    # Weights sharded over every mesh axis, data included, so the embedding step, gradients and
+    # updates all exchange data between hosts (and a shape mismatch between hosts would fail).
+    weights = jax.device_put(initial,
+                             NamedSharding(mesh, PartitionSpec("fsdp", ("data", "tensor"))))
 
-    embeddings = evaluate(weights, items, mesh)
+    embeddings = evaluate(weights, items, lengths, mesh)
+    reference = items @ initial
+    reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
     weights, losses = train(weights, queries, candidates, mesh)
     restored = checkpoint_round_trip(weights, os.path.abspath(_OUT.value))
     final = multihost_utils.process_allgather(weights, tiled=True)
     final_restored = multihost_utils.process_allgather(restored, tiled=True)
 
     if distributed.is_primary():
-        np.savez(os.path.join(_OUT.value, "results.npz"), embeddings=embeddings, losses=losses,
-                 weights=final, restored=final_restored,
+        np.savez(os.path.join(_OUT.value, "results.npz"), embeddings=embeddings,
+                 reference=reference, losses=losses, weights=final, restored=final_restored,
                  initial=initial)
         with open(os.path.join(_OUT.value, "meta.json"), "w") as f:
             json.dump(dict(process_count=jax.process_count(), device_count=jax.device_count(),

@@ -1,4 +1,4 @@
-"""g2e.distributed: mesh from config, host shares, and a real two-process CPU job vs. one process."""
+"""g2e.distributed: mesh from config, host shares, and a two-process CPU job against one process."""
 
 import json
 import os
@@ -95,6 +95,9 @@ def test_host_slices_partition_the_items_in_order(n_items, count):
 def test_single_process_helpers():
     assert distributed.is_primary()
     assert distributed.host_slice(5) == slice(0, 5)
+    assert distributed.num_host_batches(22, 8) == 3
+    assert distributed.num_host_batches(0, 8) == 0
+    assert distributed.max_across_processes([3, 7]) == (3, 7)
     values = np.arange(10.0).reshape(5, 2)
     np.testing.assert_array_equal(distributed.gather_in_order(values, 5), values)
     with pytest.raises(ValueError, match="holds 4 rows, but its share of 5 items is 5"):
@@ -227,6 +230,8 @@ def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert one["embeddings"].shape == (22, 8)
+    # In input order and unaffected by padding: the host-side product of items and weights.
+    np.testing.assert_allclose(one["embeddings"], one["reference"], rtol=1e-4, atol=1e-5)
     assert not np.allclose(one["weights"], one["initial"])     # training moved the weights
     np.testing.assert_array_equal(two["restored"], two["weights"])  # checkpoint round trip
 
