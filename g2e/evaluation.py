@@ -67,12 +67,15 @@ def image_key(image: Any) -> str:
 
 
 def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: int, desc: str,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, allow_skipped: bool = False) -> np.ndarray:
     """Embeds `items` in chunks of `batch_size` behind a progress bar (examples/s).
 
     Items are sent text-only first, then with images, each group by text length, so that a
     chunk pads little (fixed-shape buckets); the result is in the input order.
 
+    Args:
+        allow_skipped: accept all-NaN rows, the Embedder's mark of an input it skipped under
+            on_bad_input='skip' (callers then leave out what used them).
     Returns:
         float32 [len(items), D].
     Raises:
@@ -91,7 +94,9 @@ def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: in
             if embeddings.ndim != 2 or embeddings.shape[0] != len(chunk):
                 raise ValueError(f"{where}: embed_fn returned shape {embeddings.shape} for "
                                  f"{len(chunk)} items; it must return [N, D]")
-            if not np.all(np.isfinite(embeddings)):
+            finite = np.isfinite(embeddings)
+            skipped = np.all(np.isnan(embeddings), axis=1) if allow_skipped else False
+            if not np.all(finite.all(axis=1) | skipped):
                 raise ValueError(f"{where}: embed_fn returned non-finite values; check the "
                                  f"model's dtype and these inputs")
             chunks.append(embeddings)
@@ -254,8 +259,8 @@ def _save_cache(cache_dir: epath.Path, fingerprint: str, subset: str, query_keys
 
 def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str, *,
                     batch_size: int, cache_dir: epath.Path | None = None,
-                    fingerprint: str = "", progress: bool = True,
-                    write_cache: bool = True) -> dict[str, Any]:
+                    fingerprint: str = "", progress: bool = True, write_cache: bool = True,
+                    on_bad_input: str = "error") -> dict[str, Any]:
     """Embeds one subset's unique queries and candidates (or reads them from the cache), scores.
 
     Args:
@@ -266,12 +271,15 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         cache_dir: where this subset's cache lives; None disables caching.
         fingerprint: names the model + prompt; a cache with another fingerprint is not reused.
         write_cache: False on hosts that must not write (multi-host: only process 0 writes).
+        on_bad_input: under 'skip', an item embed_fn skipped (an all-NaN row: e.g. an image
+            that does not decode) drops every row whose query or candidate it is.
     Returns:
-        {"precision_at_1": percent, "num_queries": rows, "num_correct": int,
-        "num_unique_queries": int, "num_unique_candidates": int}; the same whether the
-        embeddings came from the cache or not.
+        {"precision_at_1": percent over the rows scored, "num_queries": rows scored,
+        "num_correct": int, "num_unique_queries": int, "num_unique_candidates": int,
+        "num_skipped_rows": rows dropped for a skipped item}; the same whether the embeddings
+        came from the cache or not.
     Raises:
-        ValueError: no rows, a row without candidates, or a bad embed_fn output.
+        ValueError: no rows (or none left), a row without candidates, a bad embed_fn output.
     """
     if not rows:
         raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
@@ -311,10 +319,13 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         candidate_items = [EmbedItem(text=key[0], image=sources[key][0], role="candidate",
                                      subset=subset, row=sources[key][1])
                            for key in candidate_keys]
+        allow_skipped = on_bad_input == "skip"
         queries = embed_items(embed_fn, query_items, batch_size=batch_size,
-                              desc=f"{subset} queries", progress=progress)
+                              desc=f"{subset} queries", progress=progress,
+                              allow_skipped=allow_skipped)
         candidates = embed_items(embed_fn, candidate_items, batch_size=batch_size,
-                                 desc=f"{subset} candidates", progress=progress)
+                                 desc=f"{subset} candidates", progress=progress,
+                                 allow_skipped=allow_skipped)
         if queries.shape[1] != candidates.shape[1]:
             raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
                              f"but candidates width {candidates.shape[1]}")
@@ -322,13 +333,26 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
             _save_cache(cache_dir, fingerprint, subset, query_keys, candidate_keys, queries,
                         candidates)
 
-    correct = precision_at_1(queries, candidates, row_query, row_candidates)
+    # NaN rows only get here under 'skip' (cached ones included: they were embedded so).
+    good_query = ~np.isnan(queries).any(axis=1)
+    good_candidate = ~np.isnan(candidates).any(axis=1)
+    keep = [good_query[q] and bool(good_candidate[c].all())
+            for q, c in zip(row_query, row_candidates)]
+    if not any(keep):
+        raise ValueError(f"subset {subset}: every row uses an input embed_fn skipped as bad")
+    correct = precision_at_1(queries, candidates,
+                             [q for q, k in zip(row_query, keep) if k],
+                             [c for c, k in zip(row_candidates, keep) if k])
+    if not all(keep):
+        logging.warning("subset %s: %d rows left out: they use inputs skipped as bad", subset,
+                        len(keep) - sum(keep))
     return {
         "precision_at_1": 100.0 * float(correct.mean()),
-        "num_queries": len(rows),
+        "num_queries": int(sum(keep)),
         "num_correct": int(correct.sum()),
         "num_unique_queries": len(query_keys),
         "num_unique_candidates": len(candidate_keys),
+        "num_skipped_rows": len(keep) - int(sum(keep)),
     }
 
 
@@ -379,8 +403,9 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir:
         out_dir: gets results.json, results.md, results.png and cache/<subset>/.
         subsets: names or a comma-separated string; None / empty: every subset present.
         on_bad_input: 'error' or 'skip' for rows the reader cannot use (missing image files,
-            malformed candidate lists); skipped rows are counted per subset, and a subset with
-            no usable row is listed under "skipped_subsets" and left out of the means.
+            malformed candidate lists) and rows using an item embed_fn skipped (a NaN row);
+            skipped rows are counted per subset, and a subset with no usable row is listed
+            under "skipped_subsets" and left out of the means.
         batch_size: items per embed_fn call.
         fingerprint: names the model + prompt (e.g. checkpoint path, adapter, prompt flags);
             cached embeddings with another fingerprint are recomputed, never reused.
@@ -426,10 +451,12 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir:
             continue
         scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size,
                                  cache_dir=out / "cache" / name, fingerprint=fingerprint,
-                                 progress=progress, write_cache=write_outputs)
+                                 progress=progress, write_cache=write_outputs,
+                                 on_bad_input=on_bad_input)
+        scores["num_skipped_rows"] += report.total
         results[name] = {"precision_at_1": scores.pop("precision_at_1"),
                          "meta_task": _META_TASK_NAMES[info.meta_task], "split": info.group,
-                         **scores, "num_skipped_rows": report.total}
+                         **scores}
         logging.info("%s: precision@1 %.2f over %d queries", name,
                      results[name]["precision_at_1"], results[name]["num_queries"])
     summary = aggregate(results)

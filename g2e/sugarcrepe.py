@@ -119,11 +119,12 @@ def read_category(data_dir: str, category: str, image_root: str, *, plus_plus: b
 
 
 def _embed_examples(embed_fn: EmbedFn, examples: Sequence[Example], captions: Sequence[str], *,
-                    benchmark: str, batch_size: int, progress: bool
+                    benchmark: str, batch_size: int, progress: bool, allow_skipped: bool
                     ) -> tuple[np.ndarray, dict[str, int], np.ndarray, dict[str, int]]:
     """Embeds each unique image once (candidate) and each unique caption text once (query).
 
-    Returns (image embeddings, image path -> row, caption embeddings, caption -> row).
+    Returns (image embeddings, image path -> row, caption embeddings, caption -> row); with
+    `allow_skipped`, rows of inputs embed_fn skipped as bad are NaN.
     """
     image_rows = {}
     for e in examples:
@@ -136,10 +137,23 @@ def _embed_examples(embed_fn: EmbedFn, examples: Sequence[Example], captions: Se
     caption_items = [EmbedItem(text=prompts.sugarcrepe_caption(text), image=None, role="query",
                                subset=benchmark) for text in caption_rows]
     images = evaluation.embed_items(embed_fn, image_items, batch_size=batch_size,
-                                    desc=f"{benchmark} images", progress=progress)
+                                    desc=f"{benchmark} images", progress=progress,
+                                    allow_skipped=allow_skipped)
     texts = evaluation.embed_items(embed_fn, caption_items, batch_size=batch_size,
-                                   desc=f"{benchmark} captions", progress=progress)
+                                   desc=f"{benchmark} captions", progress=progress,
+                                   allow_skipped=allow_skipped)
     return images, image_rows, texts, caption_rows
+
+
+def _gather(group: Sequence[Example], fields: Sequence[str], images: np.ndarray,
+            image_rows: dict[str, int], texts: np.ndarray, caption_rows: dict[str, int]
+            ) -> tuple[list[np.ndarray], int]:
+    """Per field ('image' or a caption field) the [N, D] embeddings of the usable examples,
+    and how many examples were dropped because embed_fn skipped one of their inputs."""
+    arrays = [images[[image_rows[e.image] for e in group]] if f == "image"
+              else texts[[caption_rows[getattr(e, f)] for e in group]] for f in fields]
+    usable = np.all([~np.isnan(a).any(axis=1) for a in arrays], axis=0)
+    return [a[usable] for a in arrays], int((~usable).sum())
 
 
 def _unit(embeddings: np.ndarray) -> np.ndarray:
@@ -211,7 +225,8 @@ def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
         image_root: the folder with the COCO val2017 images.
         categories: names or a comma-separated string; None: every category present.
         out_dir: if set, results.json and results.md are written there.
-        on_bad_input: 'error' or 'skip' (missing images / fields).
+        on_bad_input: 'error' or 'skip': examples with a missing image or field, or an input
+            embed_fn skipped (a NaN row), are dropped and counted in "skipped".
         batch_size: items per embed_fn call.
         model_name: the Model column of results.md.
         progress: show progress bars.
@@ -226,15 +241,17 @@ def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
     captions = [t for e in examples for t in (e.caption, e.negative_caption)]
     images, image_rows, texts, caption_rows = _embed_examples(
         embed_fn, examples, captions, benchmark="SugarCrepe", batch_size=batch_size,
-        progress=progress)
-    results = {}
+        progress=progress, allow_skipped=report.policy == "skip")
+    results, dropped = {}, 0
     for category, group in by_category.items():
-        correct = sugarcrepe_correct(
-            images[[image_rows[e.image] for e in group]],
-            texts[[caption_rows[e.caption] for e in group]],
-            texts[[caption_rows[e.negative_caption] for e in group]])
+        arrays, category_dropped = _gather(group, ("image", "caption", "negative_caption"),
+                                           images, image_rows, texts, caption_rows)
+        dropped += category_dropped
+        if not len(arrays[0]):
+            raise ValueError(f"SugarCrepe {category}: every example uses a skipped input")
+        correct = sugarcrepe_correct(*arrays)
         results[category] = {"accuracy": 100.0 * float(correct.mean()),
-                             "num_examples": len(group)}
+                             "num_examples": len(correct)}
     groups = {}
     for prefix in SUGARCREPE_GROUPS:
         value = _mean([r["accuracy"] for c, r in results.items() if c.startswith(prefix + "_")])
@@ -242,7 +259,7 @@ def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
             groups[prefix] = value
     summary = {"benchmark": "SugarCrepe", "categories": results, "groups": groups,
                "average": _mean([r["accuracy"] for r in results.values()]),
-               "skipped": report.total}
+               "skipped": report.total + dropped}
     if report.total:
         logging.warning("%s", report.summary())
     if out_dir:
@@ -269,21 +286,23 @@ def evaluate_sugarcrepe_pp(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
     captions = [t for e in examples for t in (e.caption, e.caption2, e.negative_caption)]
     images, image_rows, texts, caption_rows = _embed_examples(
         embed_fn, examples, captions, benchmark="SugarCrepe++", batch_size=batch_size,
-        progress=progress)
-    results = {}
+        progress=progress, allow_skipped=report.policy == "skip")
+    results, dropped = {}, 0
     for category, group in by_category.items():
-        image_to_text, text_only = sugarcrepe_pp_correct(
-            images[[image_rows[e.image] for e in group]],
-            texts[[caption_rows[e.caption] for e in group]],
-            texts[[caption_rows[e.caption2] for e in group]],
-            texts[[caption_rows[e.negative_caption] for e in group]])
+        arrays, category_dropped = _gather(
+            group, ("image", "caption", "caption2", "negative_caption"), images, image_rows,
+            texts, caption_rows)
+        dropped += category_dropped
+        if not len(arrays[0]):
+            raise ValueError(f"SugarCrepe++ {category}: every example uses a skipped input")
+        image_to_text, text_only = sugarcrepe_pp_correct(*arrays)
         results[category] = {"image_to_text": 100.0 * float(image_to_text.mean()),
                              "text_only": 100.0 * float(text_only.mean()),
-                             "num_examples": len(group)}
+                             "num_examples": len(image_to_text)}
     summary = {"benchmark": "SugarCrepe++", "categories": results,
                "average": {k: _mean([r[k] for r in results.values()])
                            for k in ("image_to_text", "text_only")},
-               "skipped": report.total}
+               "skipped": report.total + dropped}
     if report.total:
         logging.warning("%s", report.summary())
     if out_dir:

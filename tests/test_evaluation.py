@@ -309,3 +309,29 @@ def test_mini_mmeb_matches_a_row_by_row_reference(tmp_path):
 
 def cos(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_items_the_embedder_skipped_drop_their_rows_under_skip(mmeb_eval, tmp_path):
+    eval_dir, image_root = mmeb_eval
+
+    class SkipsImageD(FakeEmbedder):
+        """Returns NaN for d.png, as the Embedder does for an input it skipped as bad."""
+
+        def __call__(self, items):
+            embeddings = super().__call__(items)
+            for row, item in enumerate(items):
+                if item.image and item.image.endswith("d.png"):
+                    embeddings[row] = np.nan
+            return embeddings
+
+    run = dict(eval_dir=eval_dir, image_root=image_root, subsets="ImageNet-1K", progress=False)
+    with pytest.raises(ValueError, match="ImageNet-1K queries.*non-finite"):
+        evaluation.evaluate_mmeb(SkipsImageD(), out_dir=str(tmp_path / "a"), **run)
+    for attempt in range(2):  # The second run reads the cache, NaN rows included.
+        embedder = SkipsImageD()
+        summary = evaluation.evaluate_mmeb(embedder, out_dir=str(tmp_path / "b"),
+                                           on_bad_input="skip", **run)
+        result = summary["subsets"]["ImageNet-1K"]
+        assert (result["precision_at_1"], result["num_queries"]) == (100.0, 3)
+        assert result["num_skipped_rows"] == 1
+        assert embedder.calls == (0 if attempt else 2)  # queries, candidates

@@ -170,3 +170,22 @@ def test_missing_category_file_names_what_is_there(sugarcrepe_dir, image_root):
     with pytest.raises(FileNotFoundError, match="none of SugarCrepe\\+\\+'s files"):
         sugarcrepe.evaluate_sugarcrepe_pp(FakeEmbedder(), data_dir=sugarcrepe_dir + "/nowhere",
                                           image_root=image_root, progress=False)
+
+
+def test_inputs_the_embedder_skipped_drop_their_examples(sugarcrepe_dir, image_root):
+
+    class SkipsBlueCat(FakeEmbedder):
+        """NaN for one caption, as the Embedder returns for an input it skipped as bad."""
+
+        def __call__(self, items):
+            embeddings = super().__call__(items)
+            embeddings[[i.text.endswith("a blue cat") for i in items]] = np.nan
+            return embeddings
+
+    run = dict(data_dir=sugarcrepe_dir, image_root=image_root, categories="replace_att",
+               progress=False)
+    with pytest.raises(ValueError, match="SugarCrepe captions.*non-finite"):
+        sugarcrepe.evaluate_sugarcrepe(SkipsBlueCat(), **run)
+    summary = sugarcrepe.evaluate_sugarcrepe(SkipsBlueCat(), on_bad_input="skip", **run)
+    assert summary["categories"] == {"replace_att": {"accuracy": 0.0, "num_examples": 2}}
+    assert summary["skipped"] == 1
