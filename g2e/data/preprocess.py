@@ -51,6 +51,10 @@ class EmbedItem:
     subset: str = ""
     row: Any = None
 
+    def __post_init__(self):
+        if self.role not in prompts.ROLES:
+            raise ValueError(f"EmbedItem.role must be one of {prompts.ROLES}, got {self.role!r}")
+
 
 @dataclasses.dataclass
 class Encoded:

@@ -284,6 +284,11 @@ def test_judge_prompt_with_two_images_matches_transformers(checkpoint, hf_model)
     assert processor.tokenizer.decode([yes]) == "Yes" and processor.tokenizer.decode([no]) == "No"
 
 
+def test_embed_item_checks_its_role():
+    with pytest.raises(ValueError, match="role"):
+        EmbedItem("a cat", None, "document")
+
+
 def test_prompt_ablation_reaches_the_tokens(checkpoint):
     plain = make(checkpoint, prompt=prompts.PromptOptions(system=False, suffix=False))
     encoded = plain.encode(ITEMS[1])
