@@ -57,6 +57,17 @@ one two three four five six seven eight nine ten many some few all no not only a
 sitting standing walking running holding looking playing eating riding wearing showing there
 Select the portion of the image that follows the language expressions. Identify the category.
 Retrieve an image that matches the caption. Answer the question about the image. Find a caption.
+about after again against around because before behind between during under over through
+kitchen bedroom bathroom office garden beach mountain river forest road bridge building tower
+window door wall floor roof fence sign light lamp clock mirror picture painting poster screen
+apple banana orange pizza sandwich cake bread coffee tea milk wine beer soup salad dinner lunch
+shirt dress jacket hat shoe bag umbrella glasses watch helmet uniform coat scarf glove
+football baseball tennis soccer basketball skateboard surfboard snowboard kite frisbee ball
+elephant giraffe zebra bear lion tiger monkey mouse rabbit duck chicken fish snake turtle
+number letter word sentence question answer category label caption title document chart table
+news article story report sports politics business science health travel food fashion music
+country state place scene indoor outdoor morning evening night winter summer spring autumn
+happy sad angry calm quiet loud fast slow old new young hot cold warm clean dirty empty full
 Yes
 No
 """
