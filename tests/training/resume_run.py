@@ -1,0 +1,46 @@
+"""Subprocess body of the resume test: a short toy run in a workdir, printing each step.
+
+  python -m tests.training.resume_run WORKDIR OUT.npz SECONDS_PER_BATCH
+
+Runs 12 toy steps (checkpoints every 3) on a 2-device mesh, resuming from WORKDIR's checkpoints, and
+writes the final trainable parameters to OUT.npz.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
+from g2e.training import batches, trainer  # noqa: E402
+from tests.training import toy  # noqa: E402
+
+
+def main(workdir: str, out: str, delay: float):
+    cfg = toy.train_config(steps=12, checkpoint_every=3)
+    mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:2])
+    queries, candidates = toy.data(40)
+    clusters = [[i, i + 1] for i in range(0, 30, 2)] + [[i] for i in range(30, 40)]
+    schedule = batches.ClusterSchedule(clusters, 40, cfg.cluster_size, 8, seed=0)
+    base_encode = toy.encode(queries, candidates)
+
+    def encode(rows):
+        time.sleep(delay)  # a slow host pipeline leaves room to kill between checkpoints
+        return base_encode(rows)
+
+    trainable, frozen = toy.params()
+    result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=mesh,
+                         schedule=schedule, encode=encode, workdir=workdir)
+    if not result.stopped_early:
+        np.savez(out, **{k: np.asarray(v) for k, v in result.trainable.items()})
+    print(f"finished step={result.step} stopped_early={result.stopped_early}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]))

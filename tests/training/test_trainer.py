@@ -1,0 +1,146 @@
+"""Cluster batches, the train loop, checkpoint resume after SIGKILL / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from g2e.training import batches, optimizer, trainer
+from tests.training import toy
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_clusters_stay_whole_and_batches_are_a_function_of_the_step():
+    clusters = [[0, 1, 2], [3, 4], [5], [6, 7, 8, 9], [10, 11], [12], [13, 14, 15]]
+    schedule = batches.ClusterSchedule(clusters, 20, cluster_size=4, batch_size=8, seed=1)
+    again = batches.ClusterSchedule(clusters, 20, cluster_size=4, batch_size=8, seed=1)
+    by_anchor = {c[0]: c for c in clusters}
+    seen_epochs = set()
+    for step in [5, 0, 1, 2, 3, 4, 9]:
+        rows = schedule.rows(step)
+        np.testing.assert_array_equal(rows, again.rows(step))
+        assert len(rows) == 8 and len(set(rows.tolist())) == 8
+        seen_epochs.add(schedule.position(step)["epoch"])
+        placed = []
+        for slot in rows.reshape(2, 4).tolist():
+            # Each slot starts with whole clusters; the rest are filler rows (random negatives).
+            pos = 0
+            while pos < 4 and slot[pos] in by_anchor and \
+                    slot[pos:pos + len(by_anchor[slot[pos]])] == by_anchor[slot[pos]]:
+                placed += by_anchor[slot[pos]]
+                pos += len(by_anchor[slot[pos]])
+            assert pos > 0, slot
+        fillers = set(rows.tolist()) - set(placed)
+        assert not fillers & set(placed)
+    assert len(seen_epochs) > 1
+    assert not np.array_equal(schedule.rows(0), schedule.rows(1))
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        batches.ClusterSchedule(clusters, 6, cluster_size=4, batch_size=8, seed=0)
+
+
+def test_learning_rate_warms_up_and_decays_linearly():
+    schedule = optimizer.learning_rate_schedule(5e-5, 100, 1500)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(2.5e-5)
+    assert float(schedule(100)) == pytest.approx(5e-5)
+    assert float(schedule(800)) == pytest.approx(2.5e-5)
+    assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _mesh():
+    return jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def test_short_run_lowers_the_loss_and_logs(tmp_path):
+    cfg = toy.train_config(steps=30, lr=5e-2, clusters_per_device=1, cluster_size=2,
+                           query_chunk=1, candidate_chunk=2, checkpoint_every=100, log_every=1)
+    queries, candidates = toy.data(64)
+    schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, 2, 16, seed=0)
+    trainable, frozen = toy.params()
+    result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=_mesh(),
+                         schedule=schedule, encode=toy.encode(queries, candidates),
+                         workdir=str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 31))
+    first, last = np.mean([x["loss"] for x in lines[:3]]), np.mean([x["loss"] for x in lines[-3:]])
+    assert last < 0.7 * first, (first, last)
+    for key in ("accuracy", "grad_norm", "param_norm", "update_norm", "learning_rate",
+                "pairs_per_s"):
+        assert np.isfinite(lines[-1][key]), key
+    assert result.step == 30 and not result.stopped_early
+    assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+
+
+def test_nan_stops_with_step_and_subsets(tmp_path):
+    cfg = toy.train_config(steps=3, clusters_per_device=1, cluster_size=2, query_chunk=2,
+                           candidate_chunk=2)
+    queries, candidates = toy.data(32)
+    queries[:] = np.nan
+    schedule = batches.ClusterSchedule([[i] for i in range(32)], 32, 2, 16, seed=0)
+    trainable, frozen = toy.params()
+    with pytest.raises(FloatingPointError, match=r"step 0: .*subsets in the batch: VQA"):
+        trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=_mesh(),
+                    schedule=schedule, encode=toy.encode(queries, candidates),
+                    workdir=str(tmp_path), subsets=["VQA"] * 32)
+    # The poisoned state never reached a checkpoint.
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def _run(workdir, out, delay):
+    return subprocess.Popen([sys.executable, "-m", "tests.training.resume_run", str(workdir),
+                             str(out), str(delay)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (ckpt_dir / str(step)).is_dir() and proc.poll() is None:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint {step} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
+    reference = _run(tmp_path / "ref", tmp_path / "ref.npz", 0.0)
+    work, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    killed = _run(work, tmp_path / "out.npz", 0.4)
+    _wait_for_checkpoint(killed, ckpts, 3)
+    time.sleep(0.6)  # between the checkpoints of steps 3 and 6
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    assert not (ckpts / "9").exists()
+
+    resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert resumed_from in (3, 6)
+    stopped = _run(work, tmp_path / "out.npz", 0.4)
+    # A new checkpoint proves the restarted run is inside its loop (signal handler installed).
+    _wait_for_checkpoint(stopped, ckpts, resumed_from + 3)
+    stopped.send_signal(signal.SIGTERM)
+    output = stopped.communicate(timeout=60)[0]
+    assert stopped.returncode == 0, output
+    assert "stopped_early=True" in output, output
+
+    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    finished = _run(work, tmp_path / "out.npz", 0.0)
+    output = finished.communicate(timeout=120)[0]
+    assert finished.returncode == 0, output
+    assert "finished step=12 stopped_early=False" in output, output
+    ref, out = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "out.npz")
+    for key in ref.files:
+        # Bitwise: the same compiled step on the same batches from the same state.
+        np.testing.assert_array_equal(out[key], ref[key], err_msg=key)
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())[-1] == 12
