@@ -83,8 +83,9 @@ def read_category(data_dir: str, category: str, image_root: str, *, plus_plus: b
     """
     path = os.path.join(data_dir, f"{category}.json")
     if not os.path.isfile(path):
-        found = sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) if os.path.isdir(
-            data_dir) else "no such directory"
+        found = "no such directory"
+        if os.path.isdir(data_dir):
+            found = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
         raise FileNotFoundError(f"{path} does not exist; data_dir must hold the benchmark's "
                                 f"<category>.json files (found there: {found})")
     with open(path, encoding="utf-8") as f:
