@@ -246,7 +246,6 @@ class Processor:
           BadInput: text far over max_length, or a prompt that does not fit even with its
             text cut (too many image tokens for max_length).
         """
-        pixel_values, grids = self.image_features(loaded)
         text = prompt.text
         body_start = len(prompt.head)
         body_end = body_start + len(prompt.body)
@@ -255,9 +254,9 @@ class Processor:
         ids = np.asarray(tokens["input_ids"], np.int64)
         offsets = np.asarray(tokens["offset_mapping"], np.int64).reshape(-1, 2)
         is_image = ids == self.image_token_id
-        if int(is_image.sum()) != len(grids):
+        if int(is_image.sum()) != len(loaded):
             raise BadInput("image placeholders do not match images",
-                           detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(grids)} "
+                           detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(loaded)} "
                                   "image(s)")
         cuttable = (offsets[:, 0] >= body_start) & (offsets[:, 1] <= body_end) & ~is_image
         num_text = int(cuttable.sum())
@@ -266,6 +265,7 @@ class Processor:
                            detail=f"{num_text} text tokens, max_length={self.max_length}",
                            hint=f"texts over {FAR_OVER_FACTOR}x max_length are refused; raise "
                                 "data.max_length or shorten the text")
+        pixel_values, grids = self.image_features(loaded)
         # Expand each image token to its merged-patch count.
         repeats = np.ones(len(ids), np.int64)
         repeats[is_image] = [t * h * w // self.merge_size ** 2 for t, h, w in grids]
