@@ -314,7 +314,7 @@ def gather_in_order(local_array: np.ndarray, n_total: int) -> np.ndarray:
             f"gather_in_order: process {jax.process_index()} holds {local_array.shape[0]} rows, "
             f"but its share of {n_total} items is {share.stop - share.start} "
             f"(items {share.start}:{share.stop}); give it exactly the rows of host_slice")
-    if count == 1:
+    if count == 1 or n_total == 0:
         return local_array
     # process_allgather needs equal shapes: pad every share to the largest and trim afterwards.
     largest = -(-n_total // count)

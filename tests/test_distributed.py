@@ -151,7 +151,10 @@ def test_distributed_reason(config, env, on_tpu_vm, reason):
     assert distributed.distributed_reason(config, env, on_tpu_vm) == reason
 
 
-def test_initialize_is_a_no_op_on_one_host():
+def test_initialize_is_a_no_op_on_one_host(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(name)
     distributed.initialize(_config())
     distributed.initialize(_config())
     assert not jax.distributed.is_initialized()
@@ -177,27 +180,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _slurm_environment(num_processes: int) -> dict[str, str]:
+    """What `srun` sets for all tasks of a one-node step, with a job id whose port is free."""
+    # JAX's SLURM support puts the coordinator on port 61440 + job id % 4096 of the first node.
+    for job_id in np.random.default_rng().permutation(4096):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", 61440 + int(job_id))) != 0:
+                break
+    return dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost",
+                SLURM_NTASKS=str(num_processes), SLURM_STEP_NUM_NODES="1")
+
+
 def run_job(argv: list[str], num_processes: int, devices_per_process: int,
-            log_dir: pathlib.Path, timeout: float = 120) -> None:
+            log_dir: pathlib.Path, timeout: float = 120, slurm: bool = False) -> None:
     """Runs `argv` as a JAX job of `num_processes` CPU processes on this machine.
 
     With more than one process, each gets `--config.distributed.*` flags for a coordinator on
-    127.0.0.1, so `g2e.distributed.initialize` connects them. Fails with the logs' tails.
+    127.0.0.1 (or, with `slurm`, the SLURM variables of an `srun` step), so
+    `g2e.distributed.initialize` connects them. Fails with the logs' tails.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     port = _free_port()
+    slurm_env = _slurm_environment(num_processes) if slurm else {}
     processes, logs = [], []
     for index in range(num_processes):
-        flags = []
-        if num_processes > 1:
+        flags, task_env = [], dict(env)
+        if slurm:
+            task_env.update(slurm_env, SLURM_PROCID=str(index), SLURM_LOCALID=str(index))
+        elif num_processes > 1:
             flags = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                      f"--config.distributed.num_processes={num_processes}",
                      f"--config.distributed.process_id={index}"]
         log = log_dir / f"process_{num_processes}_{index}.log"
         logs.append(log)
         with open(log, "w") as f:
-            processes.append(subprocess.Popen(argv + flags, cwd=REPO, env=env, stdout=f,
+            processes.append(subprocess.Popen(argv + flags, cwd=REPO, env=task_env, stdout=f,
                                               stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
@@ -253,3 +271,14 @@ def test_two_processes_match_one(job, tmp_path):
     run_job(command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path)
     run_job(command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path)
     compare(single, multi)
+
+
+def test_slurm_srun_environment_is_detected(tmp_path):
+    """The SLURM path: no coordinator flags, only srun's variables (as launch/slurm.sbatch)."""
+    run_job(_toy_command(tmp_path), num_processes=2, devices_per_process=4, log_dir=tmp_path,
+            slurm=True)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["process_count"], meta["device_count"]) == (2, 8)
+    results = np.load(tmp_path / "results.npz")
+    np.testing.assert_allclose(results["embeddings"], results["reference"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(results["restored"], results["weights"])
