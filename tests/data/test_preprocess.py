@@ -178,6 +178,10 @@ def test_buckets(checkpoint):
         processor.collate([big], length=64, num_patches=64)
     with pytest.raises(ValueError, match="length bucket"):
         make(checkpoint, max_length=300, length_buckets=(64, 256))
+    # Defaults: powers of two up to max_length; patches up to the processor's max_pixels.
+    defaults = make(checkpoint, max_length=300)
+    assert defaults.length_buckets == (64, 128, 256, 300)
+    assert defaults.patch_buckets == (0, 64, 256)  # 224*224 pixels = 256 patches
 
 
 def test_pixel_limits_override(checkpoint):
