@@ -355,6 +355,11 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
 
     Returns:
       {name: jax.Array} with the global shapes.
+
+    Raises:
+      ValueError: with several processes, for a sharding that replicates a field's batch
+        dimension (each process's rows would be taken for the whole batch). Shardings derived
+        from the *local* shape can do that when the local batch is smaller than data * fsdp.
     """
     out = {}
     for name, local in local_batch.items():
@@ -365,6 +370,14 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
             sharding = shardings
         else:
             sharding = shardings[name]
+        if jax.process_count() > 1 and isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * local.ndim
+            if spec[_batch_dim(name)] is None:
+                raise ValueError(
+                    f"global_batch: field {name!r} {local.shape} has sharding {sharding.spec}, "
+                    f"which replicates its batch dimension across {jax.process_count()} "
+                    "processes; shard it over the data/fsdp axes (shardings from the global "
+                    "shape, or shardings=None for the default)")
         out[name] = jax.make_array_from_process_local_data(sharding, local)
     return out
 

@@ -117,6 +117,14 @@ def test_global_batch_shards_the_batch_dimension():
         distributed.local_rows(batch["position_ids"], batch_dim=1), local["position_ids"])
 
 
+def test_global_batch_refuses_a_replicated_batch_across_processes(monkeypatch):
+    mesh = distributed.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="'input_ids' .* replicates its batch dimension"):
+        distributed.global_batch({"input_ids": np.zeros((4, 3), np.int32)}, mesh, replicated)
+
+
 # ------------------------------------------------------------------------------------------
 # When to call jax.distributed.initialize
 
@@ -262,6 +270,7 @@ JOBS: dict[str, tuple[Callable[[pathlib.Path], list[str]],
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_two_processes_match_one(job, tmp_path):
     command, compare = JOBS[job]
@@ -273,6 +282,7 @@ def test_two_processes_match_one(job, tmp_path):
     compare(single, multi)
 
 
+@pytest.mark.slow
 def test_slurm_srun_environment_is_detected(tmp_path):
     """The SLURM path: no coordinator flags, only srun's variables (as launch/slurm.sbatch)."""
     run_job(_toy_command(tmp_path), num_processes=2, devices_per_process=4, log_dir=tmp_path,
