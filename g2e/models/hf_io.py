@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import zlib
 import os
 import pathlib
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from g2e.models import vision as vision_lib
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.models.sharding import Rules, DEFAULT_RULES, state_shardings
+from g2e.models.text import Projection
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -299,28 +301,39 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
         {path: variable.replace(loaded[tuple(str(k) for k in path)])
              for path, variable in nnx.to_flat_state(abstract_params)})
 
-    model = nnx.merge(graphdef, params, _init_adapter(make, abstract_adapter, adapter_shardings))
-    if adapter is not None and adapter.kind == "dora":
-        _reset_dora_magnitudes(model)
+    model = nnx.merge(graphdef, params, abstract_adapter)
+    if adapter is not None:
+        _init_adapters(model, adapter, seed, _by_path(adapter_shardings))
     return model
 
 
-def _init_adapter(make, abstract_adapter, shardings):
-    """Initialises only the adapter variables (XLA prunes the unused base initialisers)."""
-    if not jax.tree.leaves(abstract_adapter):
-        return abstract_adapter
-    return jax.jit(lambda: nnx.state(make(), nnx.LoRAParam), out_shardings=shardings)()
+def _init_adapters(model: Qwen2VL, adapter: lora.AdapterConfig, seed: int,
+                   shardings: dict[tuple, jax.sharding.Sharding]) -> None:
+    """Initialises each adapted projection from its loaded kernel (DoRA magnitudes need it).
 
+    One small jitted init per projection, placed directly with the adapter's shardings.
+    """
+    root = jax.random.key(seed)
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, Projection) or module.adapter_config is None:
+            continue
+        path = tuple(str(k) for k in path)
+        names = ["lora_a", "lora_b"] + (["magnitude"] if adapter.kind == "dora" else [])
+        dtypes = {name: getattr(module, name).value.dtype for name in names}
 
-def _reset_dora_magnitudes(model: Qwen2VL) -> None:
-    """DoRA magnitudes start as the column norms of the loaded (not the random) kernels."""
-    from g2e.models.text import Projection  # Local: only needed for adapters.
+        def init(key, kernel, dtypes=dtypes):
+            state = lora.init_adapter(key, kernel.shape[0], kernel.shape[1], kernel, adapter)
+            return {name: state[name].astype(dtypes[name]) for name in dtypes}
 
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, Projection) and module.adapter_config is not None:
-            kernel = module.kernel.value.astype(jnp.float32)
-            norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=-2))
-            module.magnitude.value = norms.astype(module.magnitude.value.dtype)
+        kernel = module.kernel.value
+        key = jax.random.fold_in(root, zlib.crc32("/".join(path).encode()))
+        if kernel.ndim == 3:  # stacked layers: one key per layer
+            init = jax.vmap(init)
+            key = jax.random.split(key, kernel.shape[0])
+        out_shardings = {name: shardings[path + (name,)] for name in names}
+        state = jax.jit(init, out_shardings=out_shardings)(key, kernel)
+        for name in names:
+            getattr(module, name).value = state[name]
 
 
 # ----------------------------------------------------------------------------- writing
