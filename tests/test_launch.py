@@ -1,5 +1,6 @@
 """launch/: the scripts parse, and their dry runs print the commands a user would run."""
 
+import json
 import os
 import pathlib
 import shlex
@@ -145,3 +146,72 @@ def test_slurm_multi_host_in_a_job():
         "srun", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--kill-on-bad-exit=1",
         "python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/shared/g2e"]]
     assert "--workdir (or G2E_WORKDIR) is required" in failure("launch/slurm.sbatch")
+
+
+def _fake_tools(directory: pathlib.Path, *names: str) -> None:
+    """Executables that record their argv (and CUDA/JAX variables) instead of doing anything."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        tool = directory / name
+        tool.write_text(f"""#!{shutil.which('python3') or '/usr/bin/python3'}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(dict(argv=[os.path.basename(sys.argv[0])] + sys.argv[1:],
+                              env={{k: v for k, v in os.environ.items()
+                                   if k.startswith(("CUDA_", "XLA_PYTHON", "JAX_"))}})) + "\\n")
+fail = os.environ.get("FAKE_FAIL_IF", "")
+sys.exit(3 if fail and any(fail in arg for arg in sys.argv) else 0)
+""")
+        tool.chmod(0o755)
+
+
+def _real_run(script: str, *args: str, tmp: pathlib.Path, path_dir: pathlib.Path,
+              env: dict[str, str] | None = None) -> tuple[int, list[dict]]:
+    log = tmp / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    result = subprocess.run(
+        ["bash", str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+        timeout=60, env={"PATH": f"{path_dir}:{os.environ['PATH']}", "HOME": str(tmp),
+                         "TMPDIR": str(tmp), "FAKE_LOG": str(log), **(env or {})})
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return result.returncode, calls
+
+
+def test_tpu_vm_runs_what_it_prints_and_deletes_after_a_failure(tmp_path):
+    fakes = tmp_path / "bin"
+    _fake_tools(fakes, "gcloud")
+    args = ("up", "--name=pod", "--zone=z", "--accelerator-type=v4-32", "--delete-after",
+            "--workdir=gs://b/w", "--", "--config.data.train_subsets=A B's")
+    printed = dry_run("launch/tpu_vm.sh", *args, tmp=tmp_path)
+    code, calls = _real_run("launch/tpu_vm.sh", *args, tmp=tmp_path, path_dir=fakes)
+    assert code == 0
+    gcloud = [command for command in printed if command[0] == "gcloud"]
+    assert [call["argv"] for call in calls] == gcloud
+    assert (tmp_path / "g2e-src-pod.tar.gz").stat().st_size > 0   # git archive really ran
+    # The run fails on the workers: the slice is still deleted, and the failure is reported.
+    code, calls = _real_run("launch/tpu_vm.sh", *args, tmp=tmp_path, path_dir=fakes,
+                            env={"FAKE_FAIL_IF": "g2e.main"})
+    assert code == 3
+    assert calls[-1]["argv"] == gcloud[-1] and "delete" in gcloud[-1]
+
+
+def test_gpu_and_slurm_run_what_they_print(tmp_path):
+    fakes = tmp_path / "bin"
+    _fake_tools(fakes, "sbatch", "srun")
+    _fake_tools(tmp_path / "venv" / "bin", "python")
+    args = ("--venv=" + str(tmp_path / "venv"), "--gpus=0,1", "--", "--config.seed=3")
+    code, calls = _real_run("launch/gpu.sh", *args, tmp=tmp_path, path_dir=fakes)
+    assert code == 0 and len(calls) == 1
+    assert calls[0]["argv"] == ["python"] + dry_run("launch/gpu.sh", *args)[-1][4:]
+    assert calls[0]["env"] == {"CUDA_VISIBLE_DEVICES": "0,1",
+                               "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+
+    args = ("--workdir=/shared/w", "--", "--config.seed=3")
+    code, calls = _real_run("launch/slurm.sbatch", "--nodes=3", *args, tmp=tmp_path,
+                            path_dir=fakes)
+    assert code == 0 and [c["argv"] for c in calls] == dry_run("launch/slurm.sbatch",
+                                                               "--nodes=3", *args)
+    job = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_ON_NODE": "2"}
+    code, calls = _real_run("launch/slurm.sbatch", *args, tmp=tmp_path, path_dir=fakes, env=job)
+    assert code == 0 and [c["argv"] for c in calls] == dry_run("launch/slurm.sbatch", *args,
+                                                               env=job)
