@@ -28,7 +28,6 @@ from jax.experimental import multihost_utils
 
 from g2e import distributed
 from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
-from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 
 __all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items"]
@@ -141,8 +140,8 @@ class BatchRunner:
     def _run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         with self._context():
             if self.mesh is not None:
-                device_batch = distributed.global_batch(
-                    batch, self.mesh, sharding.batch_shardings(batch, self.mesh, self.rules))
+                # Every field's batch dimension over data x fsdp, from the global shape.
+                device_batch = distributed.global_batch(batch, self.mesh)
             else:
                 device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
             result = self._step(self.graphdef, self.state, device_batch)

@@ -131,8 +131,8 @@ def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
         on_bad_input=config.data.on_bad_input, batch_size=8 * embedder.batch_size,
         fingerprint=pipeline.fingerprint(pipeline._model_key, processor.prompt),
         model_name=stage, write_outputs=distributed.is_primary())
-    logging.info("%s: overall %.2f (IND %s, OOD %s); padding %s", stage, results["overall"],
-                 results.get("IND"), results.get("OOD"), processor.padding_report())
+    logging.info("%s: overall %s (IND %s, OOD %s); padding %s", stage, results["overall"],
+                 results["IND"], results["OOD"], processor.padding_report())
     return {"overall": results["overall"]}
 
 
