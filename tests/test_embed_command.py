@@ -1,0 +1,134 @@
+"""The embed command end to end, as a user runs it:
+
+  python -m g2e.main --config=configs/embed.py --config.model_dir=DIR \
+      --config.input=IN.jsonl --config.output=OUT.npy
+
+It must match transformers' PyTorch model with the SPEC §1 prompt, one example at a time
+(within 1e-4), keep input order, and handle bad lines: a clear error naming the file and line
+under the default on_bad_input=error; NaN rows and a count under on_bad_input=skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from g2e.data.preprocess import EmbedItem
+from tests import assets
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "embed.py"
+
+# (text, image path relative to the run directory or None, role)
+GOOD_LINES = [
+    ("a red circle and a blue square", None, "query"),
+    # Image and text without a placeholder: the image goes first.
+    ("Represent the given image with the following question: What shape is in the image?",
+     "images/wide.png", "query"),
+    ("a red circle", None, "candidate"),
+    ("<|image_1|>\nFind me an everyday image that matches the caption", "tall.jpg", "query"),
+    ("a photo of a dog", "images/wide.png", "candidate"),
+    ("", "tall.jpg", "candidate"),  # Image only.
+    ("Find me an everyday image that matches the caption: a man holding a cup", None, "query"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return assets.tiny_checkpoint(tmp_path_factory.mktemp("embed_command_ckpt"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The working directory of the command runs, holding the images (paths relative to it)."""
+    directory = tmp_path_factory.mktemp("embed_command_run")
+    (directory / "images").mkdir()
+    assets.noise_image(84, 168, seed=1).save(directory / "images" / "wide.png")
+    assets.noise_image(140, 84, seed=2).save(directory / "tall.jpg", quality=95)
+    return directory
+
+
+def write_jsonl(path: pathlib.Path, lines: list) -> pathlib.Path:
+    """Writes JSONL; a str entry is written verbatim (a malformed line), a tuple as an object."""
+    with open(path, "w") as handle:
+        for line in lines:
+            if isinstance(line, str):
+                handle.write(line + "\n")
+            else:
+                text, image, role = line
+                handle.write(json.dumps({"text": text, "image": image, "role": role}) + "\n")
+    return path
+
+
+def run_embed(run_dir: pathlib.Path, model_dir: pathlib.Path, name: str, *extra: str,
+              devices: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "g2e.main", f"--config={CONFIG}",
+               f"--config.model_dir={model_dir}", f"--config.input={name}.jsonl",
+               f"--config.output=out/{name}.npy", f"--config.workdir=work_{name}", *extra]
+    return subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def reference(checkpoint, run_dir, line) -> np.ndarray:
+    torch_model, directory = checkpoint
+    text, image, role = line
+    item = EmbedItem(text, None if image is None else str(run_dir / image), role)
+    return assets.reference_embedding(torch_model, directory, item)
+
+
+def test_embed_command_matches_transformers(checkpoint, run_dir):
+    write_jsonl(run_dir / "good.jsonl", GOOD_LINES)
+    # 8 devices: the command shards its batches over a data=8 mesh.
+    result = run_embed(run_dir, checkpoint[1], "good", devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(run_dir / "out" / "good.npy")
+    assert out.dtype == np.float32 and out.shape == (len(GOOD_LINES), 64)
+    for index, line in enumerate(GOOD_LINES):
+        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
+                                   rtol=0, err_msg=f"line {index + 1}: {line}")
+
+
+BAD_LINES = {
+    "malformed": ('{"text": "a red circle", "image": null, "role": "query"',
+                  ["malformed.jsonl, line 2"]),
+    "role": (json.dumps({"text": "a red circle", "image": None, "role": "answer"}),
+             ["role.jsonl, line 2", "'answer'", "query", "candidate"]),
+    "missing": (json.dumps({"text": "a cat", "image": "images/missing.png", "role": "query"}),
+                ["missing image", "images/missing.png", "row 2"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_bad_line_stops_with_named_error(checkpoint, run_dir, kind):
+    bad, expected = BAD_LINES[kind]
+    write_jsonl(run_dir / f"{kind}.jsonl", [GOOD_LINES[0], bad, GOOD_LINES[1]])
+    result = run_embed(run_dir, checkpoint[1], kind)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    for fragment in expected:
+        assert fragment in last_line, (fragment, result.stderr[-3000:])
+    assert not (run_dir / "out" / f"{kind}.npy").exists()
+
+
+def test_skip_bad_lines_gives_nan_rows_and_count(checkpoint, run_dir):
+    lines = [GOOD_LINES[1], BAD_LINES["malformed"][0], GOOD_LINES[0], BAD_LINES["role"][0],
+             BAD_LINES["missing"][0], GOOD_LINES[3]]
+    write_jsonl(run_dir / "skip.jsonl", lines)
+    result = run_embed(run_dir, checkpoint[1], "skip", "--config.data.on_bad_input=skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 bad line(s) skipped as NaN rows" in result.stdout + result.stderr
+    out = np.load(run_dir / "out" / "skip.npy")
+    assert out.shape == (len(lines), 64)
+    bad_rows = [1, 3, 4]
+    assert np.isnan(out[bad_rows]).all()
+    for row in sorted(set(range(len(lines))) - set(bad_rows)):
+        np.testing.assert_allclose(out[row], reference(checkpoint, run_dir, lines[row]),
+                                   atol=1e-4, rtol=0, err_msg=f"line {row + 1}")
