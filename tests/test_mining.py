@@ -367,3 +367,13 @@ def test_index_keys_and_ranges():
     assert ids.tolist() == [0, 1, 0, 2] and count == 3
     ptr = np.asarray([0, 2, 2, 5])
     assert greedy._ranges(ptr, np.asarray([2, 0, 1])).tolist() == [2, 3, 4, 0, 1]
+
+
+def test_no_rows_and_a_lone_row():
+    empty = np.zeros((0, 4), np.float32)
+    assert mining.build_clusters([], [], empty, empty, top_k=2, pool_mult=1,
+                                 keep_retrieval_order=False) == []
+    lone = np.eye(4, dtype=np.float32)[:1]
+    result = mining.mine_clusters(["a"], ["p"], lone, lone, top_k=2, pool_mult=1,
+                                  keep_retrieval_order=False)
+    assert result.clusters == [] and result.report["rows_uncovered"] == 1

@@ -31,7 +31,8 @@ class MiningResult:
         phase-1 clusters first (in anchor row order), then phase-2 ones.
     phases: the phase (1 or 2) of each cluster.
     report: JSON-ready dict (see `mine_clusters`); deterministic for fixed inputs.
-    timing: seconds spent in the similarity/top-pool search and in the bookkeeping.
+    timing: seconds spent waiting for the similarity/top-pool search (the next block is
+        searched while this one is walked) and in the bookkeeping; blocks searched.
     """
 
     clusters: list[list[int]]
@@ -145,9 +146,9 @@ class _State:
 
 
 def _dots(vectors: np.ndarray, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """vectors[rows] @ vector, by einsum: BLAS gemv here is slow on a busy host (threads
-    wait on each other) and its per-row summation order may depend on the number of rows."""
-    return np.einsum("kd,d->k", vectors[rows], vector)
+    """vectors[rows] @ vector, one dot per row: unlike a BLAS gemv it runs on one thread (no
+    waiting on a busy host) and a row's result does not depend on the other rows."""
+    return np.vecdot(vectors[rows], vector)
 
 
 def _select_owners(cands: np.ndarray, anchor_key: int, anchor_vector: np.ndarray,
@@ -158,26 +159,31 @@ def _select_owners(cands: np.ndarray, anchor_key: int, anchor_vector: np.ndarray
     key owning several candidates was picked twice."""
     selectable = state.available[cands]
     start, end = owners.cand_ptr[anchor_key], owners.cand_ptr[anchor_key + 1]
-    if end - start > 1:
-        # The anchor key counts in `available` (it is not used yet) but is never its own
-        # owner. (A key owning one candidate owns only the anchor's positive, dropped already.)
+    # The anchor key counts in `available` (it is not used yet) but is never its own owner.
+    # A key owning one candidate owns only the anchor's positive, which is dropped already.
+    anchor_owns_others = end - start > 1
+    if anchor_owns_others:
         own = owners.cand_of_key[start:end]
         selectable = selectable - (cands[:, None] == own[None, :]).any(axis=1)
     chosen = cands[np.flatnonzero(selectable > 0)[:first_n]]
     if chosen.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    lengths = owners.owner_ptr[chosen + 1] - owners.owner_ptr[chosen]
-    keys = owners.owner_key[_ranges(owners.owner_ptr, chosen)]
+    starts = owners.owner_ptr[chosen]
+    lengths = owners.owner_ptr[chosen + 1] - starts
+    ends = np.cumsum(lengths)
+    keys = owners.owner_key[np.repeat(starts - ends + lengths, lengths) + np.arange(ends[-1])]
     segment = np.repeat(np.arange(chosen.size), lengths)
-    ok = ~state.excluded[keys] & (keys != anchor_key)
+    ok = ~state.excluded[keys]
+    if anchor_owns_others:
+        ok &= keys != anchor_key
     keys, segment = keys[ok], segment[ok]
     sims = _dots(key_vectors, keys, anchor_vector)
-    # Every chosen candidate has a selectable owner, so every segment is non-empty; the first
-    # maximum of a segment is the owner with the lower representative row.
-    starts = np.searchsorted(segment, np.arange(chosen.size))
-    best = np.maximum.reduceat(sims, starts)
-    positions = np.arange(keys.size)
-    first = np.minimum.reduceat(np.where(sims == best[segment], positions, keys.size), starts)
+    # Every chosen candidate has a selectable owner, so no segment is empty; the first maximum
+    # of a segment is the owner with the lower representative row.
+    bounds = np.searchsorted(segment, np.arange(chosen.size))
+    best = np.maximum.reduceat(sims, bounds)
+    positions = np.where(sims == best[segment], np.arange(keys.size), keys.size)
+    first = np.minimum.reduceat(positions, bounds)
     picked = keys[first]
     if owners.multi_owner and np.unique(picked).size < picked.size:
         return _select_owners_sequential(cands, anchor_key, anchor_vector, owners, key_vectors,
@@ -244,6 +250,7 @@ def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
     stats = out["phases"][phase]
 
     def dispatch(rows):
+        out["timing"]["blocks"] += 1
         return index.dispatch(padded_block(query_embeddings[rows], block_size))
 
     # Retrieval does not depend on the used state, so blocks of upcoming rows are searched at
@@ -259,17 +266,17 @@ def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
             pending = dispatch(next_rows)
         tock = time.perf_counter()
         out["timing"]["search_s"] += tock - tick
+        found = found.astype(np.int64)
         for anchor_row, cands in zip(rows.tolist(), found):
             anchor_key = int(owners.row_key[anchor_row])
             if state.used[anchor_key]:
                 continue
-            own = owners.row_cand[anchor_row]
-            rank = np.flatnonzero(cands == own)
-            rank = int(rank[0]) if rank.size else cands.size
+            is_own = cands == owners.row_cand[anchor_row]
+            rank = int(is_own.argmax()) if is_own.any() else cands.size
             stats["searched"] += 1
             for k in (1, 5, 10):
-                stats[f"hits@{k}"] += int(rank < k)
-            cands = cands[cands != own].astype(np.int64)
+                stats[f"hits@{k}"] += rank < k
+            cands = cands[~is_own]
             picked, sims = _select_owners(cands, anchor_key, key_vectors[anchor_key], owners,
                                           key_vectors, state, first_n)
             if picked.size == 0:
@@ -342,7 +349,7 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
     else:
         key_vectors = query_embeddings[first_key_row]
     out = {"clusters": [], "cluster_phases": [],
-           "timing": {"search_s": 0.0, "bookkeeping_s": 0.0},
+           "timing": {"search_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
            "phases": {p: {"searched": 0, "hits@1": 0, "hits@5": 0, "hits@10": 0,
                           "judge": {"judged": 0, "dropped": 0, "calls": 0}} for p in (1, 2)}}
     if n:
