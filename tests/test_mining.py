@@ -335,6 +335,7 @@ def test_mining_twice_writes_identical_cluster_files(tmp_path):
     assert loaded.clusters == result.clusters and loaded.phases == result.phases
     assert loaded.params == {"top_k": 3, "pool_mult": 2}
     assert json.loads(paths[0].read_text())["format_version"] == mining.FORMAT_VERSION
+    assert json.loads(json.dumps(result.report)) == result.report  # the stage writes it as JSON
 
 
 def test_cluster_file_errors(tmp_path):
@@ -377,3 +378,8 @@ def test_no_rows_and_a_lone_row():
     result = mining.mine_clusters(["a"], ["p"], lone, lone, top_k=2, pool_mult=1,
                                   keep_retrieval_order=False)
     assert result.clusters == [] and result.report["rows_uncovered"] == 1
+
+
+def test_yes_probability_is_the_two_token_softmax():
+    p = mining.yes_probability([2.0, 0.0, 1000.0, -1000.0], [2.0, np.log(3.0), 0.0, 0.0])
+    np.testing.assert_allclose(p, [0.5, 0.25, 1.0, 0.0], atol=1e-12)

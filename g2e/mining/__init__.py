@@ -39,6 +39,8 @@ broken cluster):
     a later row with the same query key is visited again, and the key can still be an owner.
   * A phase-2 anchor is not "taken as an owner in phase 2", so it may be an owner of a later
     phase-2 anchor (as in the release).
+  * The anchor is the visited row itself (the first unused row with its key), owners are
+    placed as their representative rows; the pool is clipped to the number of candidates.
 Rows that end up in no cluster are counted in the report ("rows_uncovered").
 
 Generative judge (g2e's addition, beyond the release): `judge(anchor_row, owner_rows)` returns
@@ -54,16 +56,19 @@ scans its candidates in chunks of a fixed size that does not depend on the numbe
 devices, so every similarity is computed by the same matmul shape and the result does not
 depend on the number of devices; per-shard top-pools are then merged (ties keep the lower
 index because shards and chunks are concatenated in index order).
+
+Modules: greedy.py (the construction, judge hook, report), search.py (device top-pool),
+files.py (the versioned cluster file the training stage reads).
 """
 
 from g2e.mining.files import (FORMAT_NAME, FORMAT_VERSION, ClusterFile, read_clusters,
                               write_clusters)
 from g2e.mining.greedy import (JudgeFn, MiningResult, build_clusters, index_keys,
-                               keeps_retrieval_order, mine_clusters)
+                               keeps_retrieval_order, mine_clusters, yes_probability)
 from g2e.mining.search import top_pool
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ClusterFile", "JudgeFn", "MiningResult",
     "build_clusters", "index_keys", "keeps_retrieval_order", "mine_clusters", "read_clusters",
-    "top_pool", "write_clusters",
+    "top_pool", "write_clusters", "yes_probability",
 ]

@@ -14,6 +14,13 @@ from g2e.mining.search import CandidateIndex, padded_block
 JudgeFn = Callable[[int, np.ndarray], np.ndarray]
 
 
+def yes_probability(yes_logits, no_logits) -> np.ndarray:
+    """A judge's P(yes) from the logits of the "yes" and "no" tokens at the last position:
+    the softmax over just those two, sigmoid(yes - no), computed without overflow."""
+    margin = np.asarray(yes_logits, np.float64) - np.asarray(no_logits, np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * margin))
+
+
 def keeps_retrieval_order(subset: str, data_dir: str | None = None) -> bool:
     """True for the classification subsets, whose owners keep retrieval order (SPEC §2.3c).
 
@@ -115,8 +122,8 @@ def _owners(query_keys, positive_keys) -> tuple[_Owners, np.ndarray, np.ndarray]
     row_key, num_keys = index_keys(query_keys)
     row_cand, num_cands = index_keys(positive_keys)
     rows = np.arange(n, dtype=np.int64)
-    rep_row = np.zeros(num_keys, np.int64)
-    rep_row[row_key] = rows                           # the last write wins: the last row
+    rep_row = np.full(num_keys, -1, np.int64)
+    np.maximum.at(rep_row, row_key, rows)             # a key stands for its last row
     first_key_row = np.full(num_keys, n, np.int64)
     np.minimum.at(first_key_row, row_key, rows)
     first_cand_row = np.full(num_cands, n, np.int64)
