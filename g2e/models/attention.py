@@ -61,6 +61,25 @@ def attend(
         query, key, value, mask=mask, scale=scale, implementation=implementation)
 
 
+def attend_at(query: jax.Array, key: jax.Array, value: jax.Array, *, segment_ids: jax.Array,
+              index: jax.Array) -> jax.Array:
+    """Causal attention of one query per example: the token at `index`.
+
+    Args:
+        query: [B, 1, H, E], the query of the token at `index` [B].
+        key, value: [B, L, K, E] of the whole sequence.
+        segment_ids: int [B, L] (see `attend`).
+
+    Returns:
+        [B, 1, H, E]. A single query row is matrix-vector work, so this always uses XLA.
+    """
+    length = key.shape[1]
+    query_segment = jnp.take_along_axis(segment_ids, index[:, None], axis=1)  # [B, 1]
+    allowed = (segment_ids == query_segment) & (jnp.arange(length)[None] <= index[:, None])
+    return jax.nn.dot_product_attention(query, key, value, mask=allowed[:, None, None, :],
+                                        implementation="xla")
+
+
 def _splash(query, key, value, segment_ids, causal, scale):
     """Pallas TPU splash attention; GQA runs as one MQA kernel per key/value head."""
     # Imported lazily: the TPU kernel module is only needed (and only lowers) on TPU.

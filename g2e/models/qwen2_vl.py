@@ -79,6 +79,17 @@ class Qwen2VL(nnx.Module):
         return self.language_model(embeds, batch["position_ids"], batch["attention_mask"],
                                    deterministic=deterministic, rng=rng)
 
+    def pooled_hidden(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
+                      rng: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden state [B, D] at batch['last_index'] (compute dtype).
+
+        Equal to `self(batch)` at those positions, but the last layer runs only there.
+        """
+        embeds = self.input_embeddings(batch)
+        return self.language_model(embeds, batch["position_ids"], batch["attention_mask"],
+                                   deterministic=deterministic, rng=rng,
+                                   pool_index=batch["last_index"].astype(jnp.int32))
+
     def head_kernel(self) -> jax.Array:
         """The LM head as [D, V] (the transposed token embedding when tied)."""
         if self.lm_head is None:
@@ -98,7 +109,5 @@ class Qwen2VL(nnx.Module):
 
     def embed(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index']."""
-        hidden = self(batch)
-        index = batch["last_index"].astype(jnp.int32)[:, None, None]
-        pooled = jnp.take_along_axis(hidden, index, axis=1)[:, 0].astype(jnp.float32)
+        pooled = self.pooled_hidden(batch).astype(jnp.float32)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

@@ -155,6 +155,19 @@ class Attention(nnx.Module):
                                    implementation=self.attention)
         return self.o_proj(out.reshape(b, l, -1), rng=keys[3], **kw)
 
+    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng):
+        """Attention output [B, 1, D] for the one query at `index` [B] of each example."""
+        b, l, _ = x.shape
+        keys = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
+        kw = dict(deterministic=deterministic)
+        pick = lambda a: jnp.take_along_axis(a, index[:, None, None], axis=1)  # noqa: E731
+        q = self.q_proj(pick(x), rng=keys[0], **kw).reshape(b, 1, self.num_heads, self.head_dim)
+        k = self.k_proj(x, rng=keys[1], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, rng=keys[2], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        q, k = _rotate(q, pick(cos), pick(sin)), _rotate(k, cos, sin)
+        out = attention_lib.attend_at(q, k, v, segment_ids=segment_ids, index=index)
+        return self.o_proj(out.reshape(b, 1, -1), rng=keys[3], **kw)
+
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -193,6 +206,17 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1])
         return constrain(x, ("batch", "length", "act_embed"))
 
+    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng):
+        """The block's output [B, D] at position `index` [B] only (keys/values from all of x)."""
+        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+        rows = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
+        rows = rows + self.self_attn.at_positions(self.input_layernorm(x), cos, sin,
+                                                  segment_ids, index,
+                                                  deterministic=deterministic, rng=keys[0])
+        rows = rows + self.mlp(self.post_attention_layernorm(rows), deterministic=deterministic,
+                               rng=keys[1])
+        return rows[:, 0]
+
 
 class TextDecoder(nnx.Module):
     """Token embedding, N stacked decoder layers (one lax.scan), final RMSNorm."""
@@ -223,13 +247,26 @@ class TextDecoder(nnx.Module):
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
                  attention_mask: jax.Array, *, deterministic: bool = True,
-                 rng: jax.Array | None = None) -> jax.Array:
-        """inputs_embeds [B, L, D], position_ids [3, B, L], attention_mask [B, L] -> hidden [B, L, D]."""
+                 rng: jax.Array | None = None,
+                 pool_index: jax.Array | None = None) -> jax.Array:
+        """Runs the decoder.
+
+        Args:
+            inputs_embeds: [B, L, D]; position_ids: [3, B, L]; attention_mask: [B, L].
+            deterministic, rng: adapter dropout off/on and its key.
+            pool_index: int [B] or None. When given, only the final hidden state at that
+                position of each example is computed: the last layer's queries, output
+                projection and MLP run for that one token (its keys/values still see all).
+
+        Returns:
+            Final-norm hidden states [B, L, D], or [B, D] at `pool_index`.
+        """
         cos, sin = mrope_cos_sin(position_ids, self.config, self.dtype)
         segment_ids = attention_mask.astype(jnp.int32)
         graphdef, layer_state = nnx.split(self.layers)
-        layer_rngs = (jnp.zeros((self.config.num_layers,), jnp.uint32) if rng is None
-                      else jax.random.split(rng, self.config.num_layers))
+        num_layers = self.config.num_layers
+        layer_rngs = (jnp.zeros((num_layers,), jnp.uint32) if rng is None
+                      else jax.random.split(rng, num_layers))
 
         def body(x, layer_and_rng):
             state, layer_rng = layer_and_rng
@@ -238,9 +275,16 @@ class TextDecoder(nnx.Module):
                       rng=None if rng is None else layer_rng)
             return x, None
 
-        policy = remat_policy(self.remat)
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
-        x, _ = jax.lax.scan(body, x, (layer_state, layer_rngs))
-        return self.norm(x)
+        if pool_index is None:
+            x, _ = jax.lax.scan(body, x, (layer_state, layer_rngs))
+            return self.norm(x)
+        scanned = jax.tree.map(lambda a: a[:-1], (layer_state, layer_rngs))
+        x, _ = jax.lax.scan(body, x, scanned)
+        last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], layer_state))
+        pooled = last.at_positions(x, cos, sin, segment_ids, pool_index,
+                                   deterministic=deterministic,
+                                   rng=None if rng is None else layer_rngs[-1])
+        return self.norm(pooled)
