@@ -57,9 +57,10 @@ def class_case():
     (True, [[0, 2, 4], [1, 5, 3], [6, 4, 2]]),
     (False, [[0, 4, 2], [1, 3, 5], [6, 2, 4]]),
 ])
-def test_classification_shared_positives_and_phase_two(keep_order, expected):
+@pytest.mark.parametrize("query_sims", ["host", "device"])
+def test_classification_shared_positives_and_phase_two(keep_order, expected, query_sims):
     result = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
-                                  keep_retrieval_order=keep_order)
+                                  keep_retrieval_order=keep_order, query_sims=query_sims)
     assert result.clusters == expected
     assert result.phases == [1, 1, 2]
     assert mining.build_clusters(*class_case(), top_k=2, pool_mult=1,
@@ -94,7 +95,8 @@ DUP_ROWS = [("u", "S"), ("x", "P"), ("y", "Q"), ("x", "Q"), ("z", "R"), ("v", "R
 DUP_CANDIDATES = {c: np.eye(6)[i] for i, c in enumerate("PQRS")}
 
 
-def test_duplicate_queries_and_a_key_owning_two_candidates():
+@pytest.mark.parametrize("query_sims", ["host", "device"])
+def test_duplicate_queries_and_a_key_owning_two_candidates(query_sims):
     # top_k=3, pool_mult=1: first_n=3, pool=4. Owners: P {x}, Q {y, x}, R {z, v}, S {u, w}.
     # Row 0 (u): retrieves P > Q > R > S, drops S. P -> x (u.x=24). Q -> {y, x}: x is already
     #   this cluster's owner, so y (u.y=19). R -> (u.z=20, u.v=21) = v. Ascending: y, v, x,
@@ -105,7 +107,7 @@ def test_duplicate_queries_and_a_key_owning_two_candidates():
         [q for q, _ in DUP_ROWS], [p for _, p in DUP_ROWS],
         unit([DUP_QUERIES[q] for q, _ in DUP_ROWS]),
         unit([DUP_CANDIDATES[p] for _, p in DUP_ROWS]),
-        top_k=3, pool_mult=1, keep_retrieval_order=False)
+        top_k=3, pool_mult=1, keep_retrieval_order=False, query_sims=query_sims)
     assert result.clusters == [[0, 2, 5, 3], [4, 6]]
     assert result.report["unique_queries"] == 6 and result.report["rows_uncovered"] == 1
 
@@ -120,7 +122,8 @@ def test_the_anchor_key_is_never_its_own_owner():
     assert clusters == [[0, 2]]
 
 
-def test_ties_go_to_the_lower_representative_row():
+@pytest.mark.parametrize("query_sims", ["host", "device"])
+def test_ties_go_to_the_lower_representative_row(query_sims):
     # b and c have identical queries (exactly representable, so exact ties) and share Q;
     # c's representative row (3) is after b's (2) although key c appears first.
     # Row 0 (a): drops P; Q -> tie between b (row 2) and c (row 3) -> b. Row 1 (c): drops Q;
@@ -130,7 +133,8 @@ def test_ties_go_to_the_lower_representative_row():
     queries = np.asarray([[1, 0, 0, 0], half, half, half], np.float32)
     positives = np.asarray([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]], np.float32)
     result = mining.mine_clusters(["a", "c", "b", "c"], ["P", "Q", "Q", "Q"], queries, positives,
-                                  top_k=1, pool_mult=1, keep_retrieval_order=False)
+                                  top_k=1, pool_mult=1, keep_retrieval_order=False,
+                                  query_sims=query_sims)
     assert result.clusters == [[0, 2], [1, 0]]
     assert result.report["phase1"]["anchors_searched"] == 3
 
@@ -210,20 +214,23 @@ def random_case(seed, rows=160, num_queries=120, num_positives=25, dim=24):
             query_table[query_ids], positive_table[positive_ids])
 
 
-@pytest.mark.parametrize("keep_order", [False, True])
-def test_matches_the_one_anchor_at_a_time_reference(keep_order):
+@pytest.mark.parametrize("keep_order, query_sims", [(False, "host"), (True, "host"),
+                                                     (False, "device")])
+def test_matches_the_one_anchor_at_a_time_reference(keep_order, query_sims):
     case = random_case(seed=1 + keep_order)
     expected, _ = reference_clusters(*case, top_k=2, pool_mult=1, keep_order=keep_order)
     result = mining.mine_clusters(*case, top_k=2, pool_mult=1, keep_retrieval_order=keep_order,
-                                  block_size=16, candidate_chunk=8)
+                                  block_size=16, candidate_chunk=8, query_sims=query_sims)
+    assert result.report["query_similarities"] == query_sims
     assert result.clusters == expected
     assert 2 in result.phases  # the case exercises phase 2
 
 
-def test_mining_does_not_depend_on_the_number_of_devices():
+@pytest.mark.parametrize("query_sims", ["host", "device"])
+def test_mining_does_not_depend_on_the_number_of_devices(query_sims):
     case = random_case(seed=3)
     settings = dict(top_k=3, pool_mult=2, keep_retrieval_order=False, block_size=32,
-                    candidate_chunk=8)
+                    candidate_chunk=8, query_sims=query_sims)
     on_eight = mining.mine_clusters(*case, **settings)
     on_one = mining.mine_clusters(*case, mesh=one_device_mesh(), **settings)
     assert len(jax.devices()) == 8
@@ -383,3 +390,19 @@ def test_no_rows_and_a_lone_row():
 def test_yes_probability_is_the_two_token_softmax():
     p = mining.yes_probability([2.0, 0.0, 1000.0, -1000.0], [2.0, np.log(3.0), 0.0, 0.0])
     np.testing.assert_allclose(p, [0.5, 0.25, 1.0, 0.0], atol=1e-12)
+
+
+def test_auto_query_similarities_follow_the_owner_density():
+    # Classification-like: 3 candidates owned by 7 queries -> the device; a sparse retrieval
+    # subset (one owner per candidate, many queries) -> the host.
+    dense = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
+                                 keep_retrieval_order=True)
+    assert dense.report["query_similarities"] == "device"
+    rng = np.random.default_rng(0)
+    sparse = unit(rng.standard_normal((300, 8)))
+    result = mining.mine_clusters(list(range(300)), list(range(300)), sparse, sparse[::-1],
+                                  top_k=1, pool_mult=1, keep_retrieval_order=False)
+    assert result.report["query_similarities"] == "host"
+    with pytest.raises(ValueError, match="query_sims"):
+        mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True,
+                             query_sims="gpu")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from g2e.data import subsets
-from g2e.mining.search import CandidateIndex, padded_block
+from g2e.mining.search import CandidateIndex, SimilarityTable, padded_block
 
 # judge(anchor_row, owner_rows) -> P(yes) per owner row, float array [len(owner_rows)].
 JudgeFn = Callable[[int, np.ndarray], np.ndarray]
@@ -152,15 +152,35 @@ class _State:
     available: np.ndarray      # [C] int: owners of each candidate that are not excluded
 
 
-def _dots(vectors: np.ndarray, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """vectors[rows] @ vector, one dot per row: unlike a BLAS gemv it runs on one thread (no
-    waiting on a busy host) and a row's result does not depend on the other rows."""
-    return np.vecdot(vectors[rows], vector)
+def _host_similarity(key_vectors: np.ndarray, anchor_key: int) -> Callable:
+    """keys -> their query similarity to the anchor, gathered on the host. One dot per row
+    (np.vecdot): unlike a BLAS gemv it runs on one thread, not waiting on a busy host, and a
+    row's result does not depend on the other rows."""
+    anchor_vector = key_vectors[anchor_key]
+    return lambda keys: np.vecdot(key_vectors[keys], anchor_vector)
 
 
-def _select_owners(cands: np.ndarray, anchor_key: int, anchor_vector: np.ndarray,
-                   owners: _Owners, key_vectors: np.ndarray, state: _State,
-                   first_n: int) -> tuple[np.ndarray, np.ndarray]:
+def _similarities_on_device(mode: str, num_keys: int, owners_per_candidate: float,
+                            first_n: int, pool: int, dim: int, platform: str) -> bool:
+    """Whether the anchor-owner query similarities come from the device (each searched row
+    against all K queries, one matmul per block) or from the host (each anchor gathers the
+    vectors of the ~E owners it looks at, E = first_n x owners per candidate).
+
+    'auto' compares costs: on CPU a matmul over K queries costs about as much as gathering
+    K/25 vectors; on an accelerator the matmul is free and K floats per row cross to the host
+    instead of E x D floats gathered there. Classification subsets (a few candidates, each
+    owned by thousands of queries) go to the device, sparse retrieval subsets stay on the host.
+    """
+    if mode in ("host", "device"):
+        return mode == "device"
+    if mode != "auto":
+        raise ValueError(f"mining: query_sims={mode!r}; use 'auto', 'host' or 'device'.")
+    expected = min(first_n, pool - 1) * owners_per_candidate
+    return num_keys <= (25 if platform == "cpu" else dim) * expected
+
+
+def _select_owners(cands: np.ndarray, anchor_key: int, similarity: Callable,
+                   owners: _Owners, state: _State, first_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Owner walk of one anchor: (owner keys in retrieval order, their similarity to the
     anchor query), at most first_n. Vectorised; falls back to a sequential walk only when a
     key owning several candidates was picked twice."""
@@ -184,7 +204,7 @@ def _select_owners(cands: np.ndarray, anchor_key: int, anchor_vector: np.ndarray
     if anchor_owns_others:
         ok &= keys != anchor_key
     keys, segment = keys[ok], segment[ok]
-    sims = _dots(key_vectors, keys, anchor_vector)
+    sims = similarity(keys)
     # Every chosen candidate has a selectable owner, so no segment is empty; the first maximum
     # of a segment is the owner with the lower representative row.
     bounds = np.searchsorted(segment, np.arange(chosen.size))
@@ -193,13 +213,11 @@ def _select_owners(cands: np.ndarray, anchor_key: int, anchor_vector: np.ndarray
     first = np.minimum.reduceat(positions, bounds)
     picked = keys[first]
     if owners.multi_owner and np.unique(picked).size < picked.size:
-        return _select_owners_sequential(cands, anchor_key, anchor_vector, owners, key_vectors,
-                                         state, first_n)
+        return _select_owners_sequential(cands, anchor_key, similarity, owners, state, first_n)
     return picked, sims[first]
 
 
-def _select_owners_sequential(cands, anchor_key, anchor_vector, owners, key_vectors, state,
-                              first_n):
+def _select_owners_sequential(cands, anchor_key, similarity, owners, state, first_n):
     """The owner walk one candidate at a time, with keys picked earlier taken out."""
     picked, picked_sims = [], []
     for cand in cands:
@@ -207,7 +225,7 @@ def _select_owners_sequential(cands, anchor_key, anchor_vector, owners, key_vect
         keys = keys[~state.excluded[keys] & (keys != anchor_key) & ~np.isin(keys, picked)]
         if keys.size == 0:
             continue
-        sims = _dots(key_vectors, keys, anchor_vector)
+        sims = similarity(keys)
         best = int(np.argmax(sims))
         picked.append(int(keys[best]))
         picked_sims.append(sims[best])
@@ -250,7 +268,8 @@ def _next_rows(row_key: np.ndarray, used: np.ndarray, start: int, count: int) ->
 
 
 def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
-               query_embeddings: np.ndarray, index: CandidateIndex, state: _State, *,
+               query_embeddings: np.ndarray, index: CandidateIndex,
+               table: SimilarityTable | None, state: _State, *,
                first_n: int, top_k: int, keep_retrieval_order: bool, judge: JudgeFn | None,
                judge_threshold: float, block_size: int, out: dict) -> None:
     """One greedy pass over the rows (SPEC §2.3 / §2.4); appends to out['clusters'] etc."""
@@ -258,7 +277,8 @@ def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
 
     def dispatch(rows):
         out["timing"]["blocks"] += 1
-        return index.dispatch(padded_block(query_embeddings[rows], block_size))
+        block = padded_block(query_embeddings[rows], block_size)
+        return index.dispatch(block), table.dispatch(block) if table else None
 
     # Retrieval does not depend on the used state, so blocks of upcoming rows are searched at
     # once, the next block while this one is walked; rows that become used meanwhile are
@@ -267,14 +287,15 @@ def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
     pending = dispatch(rows) if rows.size else None
     while rows.size:
         tick = time.perf_counter()
-        _, found = index.fetch(pending)
+        _, found = index.fetch(pending[0])
+        block_sims = table.fetch(pending[1]) if table else None
         next_rows = _next_rows(owners.row_key, state.used, int(rows[-1]) + 1, block_size)
         if next_rows.size:
             pending = dispatch(next_rows)
         tock = time.perf_counter()
         out["timing"]["search_s"] += tock - tick
         found = found.astype(np.int64)
-        for anchor_row, cands in zip(rows.tolist(), found):
+        for j, (anchor_row, cands) in enumerate(zip(rows.tolist(), found)):
             anchor_key = int(owners.row_key[anchor_row])
             if state.used[anchor_key]:
                 continue
@@ -284,8 +305,11 @@ def _run_phase(phase: int, owners: _Owners, key_vectors: np.ndarray,
             for k in (1, 5, 10):
                 stats[f"hits@{k}"] += rank < k
             cands = cands[~is_own]
-            picked, sims = _select_owners(cands, anchor_key, key_vectors[anchor_key], owners,
-                                          key_vectors, state, first_n)
+            if block_sims is None:
+                similarity = _host_similarity(key_vectors, anchor_key)
+            else:
+                similarity = block_sims[j].__getitem__
+            picked, sims = _select_owners(cands, anchor_key, similarity, owners, state, first_n)
             if picked.size == 0:
                 continue
             if not keep_retrieval_order:
@@ -315,7 +339,8 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
                   top_k: int, pool_mult: int, keep_retrieval_order: bool,
                   judge: JudgeFn | None = None, judge_threshold: float = 0.5,
                   block_size: int = 256, candidate_chunk: int = 2048,
-                  mesh: jax.sharding.Mesh | None = None, subset: str = "") -> MiningResult:
+                  mesh: jax.sharding.Mesh | None = None, query_sims: str = "auto",
+                  subset: str = "") -> MiningResult:
     """SaHa clusters (as `build_clusters`), optionally with the generative judge, plus a report.
 
     Args:
@@ -326,6 +351,10 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
       candidate_chunk: candidates per matmul inside a shard (a fixed shape, so the result does
         not depend on the number of devices).
       mesh: candidates are sharded over all its axes; default all devices on one axis.
+      query_sims: where anchor-owner query similarities are computed: 'host' (gather the
+        owners' vectors), 'device' (each searched row against all queries, sharded like the
+        candidates) or 'auto' (by a cost model, see _similarities_on_device). Both give the
+        same clusters up to float rounding in near-ties.
       subset: the subset name, recorded in the report.
 
     Returns:
@@ -355,20 +384,27 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
         key_vectors = query_embeddings
     else:
         key_vectors = query_embeddings[first_key_row]
-    out = {"clusters": [], "cluster_phases": [],
+    out = {"clusters": [], "cluster_phases": [], "query_sims": "host",
            "timing": {"search_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
            "phases": {p: {"searched": 0, "hits@1": 0, "hits@5": 0, "hits@10": 0,
                           "judge": {"judged": 0, "dropped": 0, "calls": 0}} for p in (1, 2)}}
     if n:
         index = CandidateIndex(positive_embeddings[first_cand_row], pool, mesh,
-                                candidate_chunk)
+                               candidate_chunk)
+        platform = (mesh.devices.flat[0].platform if mesh is not None
+                    else jax.default_backend())
+        on_device = _similarities_on_device(
+            query_sims, first_key_row.size, owners.owner_key.size / num_cands, first_n, pool,
+            query_embeddings.shape[1], platform)
+        table = SimilarityTable(key_vectors, mesh, candidate_chunk) if on_device else None
+        out["query_sims"] = "device" if on_device else "host"
         used = np.zeros(first_key_row.size, bool)
         owner_counts = np.diff(owners.owner_ptr)
         settings = dict(top_k=top_k, keep_retrieval_order=keep_retrieval_order, judge=judge,
                         judge_threshold=judge_threshold, block_size=block_size, out=out)
-        _run_phase(1, owners, key_vectors, query_embeddings, index,
+        _run_phase(1, owners, key_vectors, query_embeddings, index, table,
                    _State(used, used, owner_counts.copy()), first_n=first_n, **settings)
-        _run_phase(2, owners, key_vectors, query_embeddings, index,
+        _run_phase(2, owners, key_vectors, query_embeddings, index, table,
                    _State(used, np.zeros_like(used), owner_counts.copy()),
                    first_n=2 * first_n, **settings)
     report = _report(out, subset=subset, num_rows=n, num_keys=first_key_row.size,
@@ -406,6 +442,7 @@ def _report(out: dict, *, subset, num_rows, num_keys, num_cands, top_k, pool_mul
         "first_n": top_k * pool_mult,
         "pool": pool,
         "keep_retrieval_order": keep_retrieval_order,
+        "query_similarities": out["query_sims"],
         "clusters": len(clusters),
         "cluster_size": {
             "min": int(sizes.min()) if sizes.size else 0,

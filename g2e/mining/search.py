@@ -1,4 +1,5 @@
-"""Device scoring for mining: each query's top `pool` candidates by inner product.
+"""Device scoring for mining: each query's top `pool` candidates by inner product, and
+(for subsets whose candidates have many owners) a query block's similarity to every query.
 
 Candidates are sharded over all axes of a mesh; each shard scans its candidates in chunks of
 a fixed size that does not depend on the number of devices (so every similarity comes from
@@ -61,41 +62,89 @@ def _search_fn(mesh: jax.sharding.Mesh, num_real: int, pool: int, chunk: int):
     return jax.jit(sharded)
 
 
-class CandidateIndex:
+@functools.lru_cache(maxsize=16)
+def _similarity_fn(mesh: jax.sharding.Mesh, chunk: int):
+    """Jitted (queries [B, D], rows [Kpad, D] sharded) -> similarities [B, Kpad], replicated."""
+    axes = tuple(mesh.axis_names)
+    spec = jax.sharding.PartitionSpec
+
+    def local(queries, rows):
+        blocks = rows.reshape(rows.shape[0] // chunk, chunk, rows.shape[1])
+        sims = jax.lax.map(
+            lambda block: jnp.einsum("bd,cd->bc", queries, block,
+                                     precision=jax.lax.Precision.HIGHEST,
+                                     preferred_element_type=jnp.float32), blocks)
+        sims = sims.transpose(1, 0, 2).reshape(queries.shape[0], -1)
+        return jax.lax.all_gather(sims, axes, axis=1, tiled=True, to="invarying")
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(axes)),
+                            out_specs=spec())
+    return jax.jit(sharded)
+
+
+class _ShardedRows:
+    """A [num, D] float32 table on a mesh: rows padded to whole fixed-size chunks per shard
+    and sharded over all mesh axes. The chunk depends on the table only, never on the
+    device count, so every shard runs the same matmul shape."""
+
+    def __init__(self, rows: np.ndarray, mesh: jax.sharding.Mesh | None, chunk: int):
+        if mesh is None:
+            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("rows",))
+        num, dim = rows.shape
+        self.mesh, self.num = mesh, num
+        self.chunk = min(chunk, _round_up(num, 128))
+        padded = _round_up(num, self.chunk * mesh.size)
+        sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+        table = np.zeros((padded, dim), np.float32)
+        table[:num] = rows
+        ids = np.arange(padded, dtype=np.int32)
+        # make_array_from_callback works on one host and on many (each holds all rows).
+        self.rows = jax.make_array_from_callback(table.shape, sharding, lambda i: table[i])
+        self.ids = jax.make_array_from_callback(ids.shape, sharding, lambda i: ids[i])
+
+
+def _host(array: jax.Array) -> np.ndarray:
+    """A replicated device array on the host (waits for it; any process may call it)."""
+    return np.asarray(array.addressable_shards[0].data)
+
+
+class CandidateIndex(_ShardedRows):
     """Candidate embeddings sharded over a mesh; `search` gives each query's top `pool`."""
 
     def __init__(self, candidates: np.ndarray, pool: int, mesh: jax.sharding.Mesh | None,
                  chunk: int):
-        if mesh is None:
-            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("candidates",))
-        num, dim = candidates.shape
-        # The chunk depends on the candidates only, never on the device count.
-        chunk = min(chunk, _round_up(num, 128))
-        padded = _round_up(num, chunk * mesh.size)
-        sharding = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
-        table = np.zeros((padded, dim), np.float32)
-        table[:num] = candidates
-        ids = np.arange(padded, dtype=np.int32)
-        # make_array_from_callback works on one host and on many (each holds all rows).
-        self.candidates = jax.make_array_from_callback(table.shape, sharding,
-                                                       lambda index: table[index])
-        self.ids = jax.make_array_from_callback(ids.shape, sharding, lambda index: ids[index])
-        self.fn = _search_fn(mesh, num, pool, chunk)
+        super().__init__(candidates, mesh, chunk)
+        self.fn = _search_fn(self.mesh, self.num, pool, self.chunk)
 
     def dispatch(self, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """Starts the search of a [block, D] query block; returns without waiting."""
-        return self.fn(queries, self.candidates, self.ids)
+        return self.fn(queries, self.rows, self.ids)
 
     @staticmethod
     def fetch(dispatched: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
         """Waits for a dispatched search: (values [block, pool], candidate ids [block, pool])."""
-        values, found = dispatched
-        return (np.asarray(values.addressable_shards[0].data),
-                np.asarray(found.addressable_shards[0].data))
+        return _host(dispatched[0]), _host(dispatched[1])
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.fetch(self.dispatch(queries))
+
+
+class SimilarityTable(_ShardedRows):
+    """Vectors sharded over a mesh; a query block's similarity to every one of them."""
+
+    def __init__(self, vectors: np.ndarray, mesh: jax.sharding.Mesh | None, chunk: int):
+        super().__init__(vectors, mesh, chunk)
+        self.fn = _similarity_fn(self.mesh, self.chunk)
+
+    def dispatch(self, queries: np.ndarray) -> jax.Array:
+        """Starts [block, D] queries x all vectors; returns without waiting."""
+        return self.fn(queries, self.rows)
+
+    @staticmethod
+    def fetch(dispatched: jax.Array) -> np.ndarray:
+        """Waits for it: float32 [block, num (padded)]; columns past `num` are 0."""
+        return _host(dispatched)
 
 
 def top_pool(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray, pool: int, *,
