@@ -8,11 +8,15 @@ similarity/top-pool search and of the bookkeeping (owner walk, ordering, marking
 release's loop (a CPU flat index searched one anchor at a time, Python bookkeeping) takes
 about 52 s on the default input on a 2-core CPU.
 
-Measured (default input, JAX on CPU): 6.2 s wall in total (search wait 1.8 s, bookkeeping
-3.5 s, 10.2 s CPU) on 2 otherwise idle cores (`taskset -c 0,1` on a 16-core Xeon host); on
-the shared 2-core development VM 9-10 s of CPU, its wall time depending on the other load.
-With the search on one H100: search wait 0.09 s, bookkeeping 3.0 s (plus a one-off ~12 s of
-XLA GPU autotuning at the first compile; XLA_FLAGS=--xla_gpu_autotune_level=0 cuts it to 1 s).
+Measured (default input, JAX on CPU): 6.2-6.5 s wall in total (search wait 1.8 s,
+bookkeeping 3.5-3.7 s, 10-11 s CPU) on 2 otherwise idle cores (`taskset -c 0,1` on the
+16-core Xeon host of an H100 machine); on the shared 2-core development VM 9-10 s of CPU,
+its wall time depending on the other load. With one H100 (query similarities then on the
+device): search wait 3.0 s (mostly moving [256, 100000] similarity blocks to the host),
+bookkeeping 1.0 s, plus a one-off ~12 s of XLA GPU autotuning per new matmul shape
+(XLA_FLAGS=--xla_gpu_autotune_level=0 cuts it to ~1 s).
+A classification-like input (`--rows 50000 --positives 24`: every candidate owned by ~2000
+queries) takes 10.1 s on the 2 idle cores (query similarities on the device path).
 """
 
 import argparse
