@@ -55,7 +55,11 @@ owner walk does), jitted, with the candidates sharded over all axes of the mesh.
 scans its candidates in chunks of a fixed size that does not depend on the number of
 devices, so every similarity is computed by the same matmul shape and the result does not
 depend on the number of devices; per-shard top-pools are then merged (ties keep the lower
-index because shards and chunks are concatenated in index order).
+index because shards and chunks are concatenated in index order). The anchor-owner query
+similarities come either from the host (each anchor gathers its owners' vectors: cheap when
+candidates have few owners) or, for owner-dense subsets such as classification, from the
+device (each searched row against all queries, sharded and chunked the same way); a cost
+model picks one (`mine_clusters(query_sims=...)` overrides it).
 
 Modules: greedy.py (the construction, judge hook, report), search.py (device top-pool),
 files.py (the versioned cluster file the training stage reads).
