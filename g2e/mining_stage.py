@@ -136,10 +136,13 @@ def mine(pipeline) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
     return {"subsets": len(reports),
-            "clusters": sum(r.get("num_clusters", 0) for r in reports.values())}
+            "clusters": sum(r["clusters"] for r in reports.values()),
+            "judge_dropped": sum(r["judge"]["dropped"] for r in reports.values())}
 
 
 def _headline(report: dict) -> str:
-    keys = ("num_clusters", "phase1_clusters", "phase2_clusters", "judge_dropped", "hits@1",
-            "hits@5", "hits@10")
-    return ", ".join(f"{k}={report[k]}" for k in keys if k in report)
+    retrieval = report.get("retrieval", {})
+    return (f"phase 1/2 clusters {report['phase1']['clusters']}/{report['phase2']['clusters']}, "
+            f"rows uncovered {report['rows_uncovered']}, judge dropped "
+            f"{report['judge']['dropped']} of {report['judge']['pairs']}, zero-shot hit@1/5/10 "
+            f"{retrieval.get('hit@1')}/{retrieval.get('hit@5')}/{retrieval.get('hit@10')}")
