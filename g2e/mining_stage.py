@@ -79,7 +79,7 @@ def mine(pipeline) -> dict[str, Any]:
     if config.mine.judge:
         judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
                       batch_size=config.mine.judge_batch_size, progress=False)
-    fingerprint = pipeline.fingerprint(pipeline._model_key, processor.prompt)
+    fingerprint = pipeline.fingerprint(pipeline.model_key, processor.prompt)
     reports = {}
     for subset in train_subsets(config):
         clusters_file = out / f"{subset}.clusters.json"

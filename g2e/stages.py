@@ -32,7 +32,7 @@ class Pipeline:
         self.config = config
         self.workdir = workdir
         self._mesh = None
-        self._model_key = None
+        self.model_key = None
         self._model = None
 
     @property
@@ -58,6 +58,10 @@ class Pipeline:
         raise FileNotFoundError(f"{adapter} (or {full}) is missing: run the train stage first "
                                 "(--config.stages=train)")
 
+    def forget_model(self) -> None:
+        """Drops the cached model (its weights changed in place, or memory is needed)."""
+        self._model = self.model_key = None
+
     def model(self, *, trained: bool, adapter=None):
         """The base model (+ config.adapter_dir) or the fine-tuned one; cached between stages.
 
@@ -74,7 +78,7 @@ class Pipeline:
             raise ValueError("--config.adapter_dir cannot be trained further here; merge it "
                              "first with --config.stages=export and train from export/hf")
         key = (model_dir, adapter_dir, adapter)
-        if key == self._model_key:
+        if key == self.model_key:
             return self._model
         self._model = None  # Free the previous model before loading the next.
         model_config = self.config.model
@@ -85,7 +89,7 @@ class Pipeline:
             mesh=self.mesh, rules=self.rules, seed=self.config.seed)
         if adapter_dir:
             export.load_peft_adapter(model, adapter_dir)
-        self._model, self._model_key = model, key
+        self._model, self.model_key = model, key
         return model
 
     def processor(self, *, prompt: prompts.PromptOptions | None = None, train: bool = False,
@@ -129,7 +133,7 @@ def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
         image_root=config.data.eval_image_root or config.data.eval_dir,
         out_dir=str(pipeline.workdir / stage), subsets=config.data.eval_subsets,
         on_bad_input=config.data.on_bad_input, batch_size=8 * embedder.batch_size,
-        fingerprint=pipeline.fingerprint(pipeline._model_key, processor.prompt),
+        fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
         model_name=stage, write_outputs=distributed.is_primary())
     logging.info("%s: overall %s (IND %s, OOD %s); padding %s", stage, results["overall"],
                  results["IND"], results["OOD"], processor.padding_report())
@@ -195,7 +199,7 @@ def run_export(pipeline: Pipeline):
             results=results)
         logging.info("export: Hugging Face model in %s%s", written["hf"],
                      f", PEFT adapter in {written['peft']}" if written["peft"] else "")
-    pipeline._model_key = None  # The model was merged in place.
+    pipeline.forget_model()  # The model was merged in place.
     return written
 
 
