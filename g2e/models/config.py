@@ -167,8 +167,8 @@ class Qwen2VLConfig:
         config_path = pathlib.Path(path) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(
-                f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL checkpoint "
-                "directory (config.json + model*.safetensors).")
+                f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL "
+                "checkpoint directory (config.json + model*.safetensors).")
         with open(config_path) as f:
             return cls.from_hf(json.load(f), source=str(config_path))
 

@@ -56,7 +56,7 @@ class Qwen2VL(nnx.Module):
                 out_sharding=("embed", "vocab")))
 
     def input_embeddings(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """Token embeddings with each <|image_pad|> replaced by its merged vision token: [B, L, D]."""
+        """Token embeddings [B, L, D], each <|image_pad|> replaced by its merged vision token."""
         input_ids = batch["input_ids"]
         embeds = self.language_model.embed(input_ids)
         pixel_values = batch.get("pixel_values")
@@ -97,7 +97,9 @@ class Qwen2VL(nnx.Module):
         return self.lm_head.value
 
     def logits_at(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
-        """Logits at chosen positions only: hidden [B, L, D], positions [B] or [B, K] -> [B, (K,) V].
+        """Logits at chosen positions only.
+
+        hidden [B, L, D], positions [B] or [B, K] -> logits [B, V] or [B, K, V].
 
         Only the chosen rows go through the head, so no [B, L, V] tensor is ever formed.
         """

@@ -109,10 +109,12 @@ def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
     `mrope_section`; the halves are duplicated for rotate-half application.
     """
     head_dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, E/2]
-    axis_of_freq = jnp.repeat(jnp.arange(3) % 3, jnp.array(config.mrope_section),
-                              total_repeat_length=head_dim // 2)
+    # Static choice of axis per frequency: section i uses axis i % 3 (HF's
+    # recomposition_frequencies).
+    axis_of_freq = np.repeat(np.arange(len(config.mrope_section)) % 3, config.mrope_section)
     freqs = jnp.take_along_axis(freqs, axis_of_freq[None, None, None, :], axis=0)[0]
     freqs = jnp.concatenate([freqs, freqs], axis=-1)  # [B, L, E]
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
@@ -182,7 +184,8 @@ class MLP(nnx.Module):
     def __call__(self, x, *, deterministic, rng):
         keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         kw = dict(deterministic=deterministic)
-        hidden = jax.nn.silu(self.gate_proj(x, rng=keys[0], **kw)) * self.up_proj(x, rng=keys[1], **kw)
+        gate = self.gate_proj(x, rng=keys[0], **kw)
+        hidden = jax.nn.silu(gate) * self.up_proj(x, rng=keys[1], **kw)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))
         return self.down_proj(hidden, rng=keys[2], **kw)
 

@@ -88,7 +88,7 @@ def make_hf_model(
     num_layers: int = 2,
     std: float = 0.05,
 ) -> transformers.Qwen2VLForConditionalGeneration:
-    """Builds a float32 eval-mode PyTorch Qwen2-VL with normal(0, std) weights (norm scales 1+noise)."""
+    """A float32 eval-mode PyTorch Qwen2-VL with normal(0, std) weights (norm scales 1 + noise)."""
     config = transformers.Qwen2VLConfig(
         **hf_config_dict(widths, tie_word_embeddings=tie_word_embeddings, vocab_size=vocab_size,
                          num_layers=num_layers))

@@ -13,7 +13,6 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from g2e.models import attention, hf_io, lora, text
 from g2e.models.config import Qwen2VLConfig
-from g2e.models.qwen2_vl import Qwen2VL
 from tests.models import checkpoints
 from tests.models.test_qwen2_vl import CASES, make_batch
 
