@@ -339,16 +339,37 @@ def _init_adapters(model: Qwen2VL, adapter: lora.AdapterConfig, seed: int,
 # ----------------------------------------------------------------------------- writing
 
 
+def merged_kernels(model: Qwen2VL) -> dict[tuple, jax.Array]:
+    """Kernels of adapted projections with their LoRA/DoRA update folded in (lora.merge).
+
+    Returns:
+        {kernel path in nnx.state(model): merged kernel}; empty without adapters.
+    """
+    merged = {}
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, Projection) or module.adapter_config is None:
+            continue
+        merge = functools.partial(lora.merge, config=module.adapter_config)
+        kernel, adapter_state = module.kernel.value, module.adapter_state()
+        if kernel.ndim == 3:  # stacked layers
+            merge = jax.vmap(merge)
+        merged[tuple(str(k) for k in path) + ("kernel",)] = jax.jit(merge)(kernel, adapter_state)
+    return merged
+
+
 def to_hf_state_dict(model: Qwen2VL, dtype: Any = None) -> dict[str, np.ndarray]:
     """Our parameters under HF names, shapes and layouts (released naming), as numpy arrays.
 
-    Adapters are not merged here (export merges them with lora.merge first). `dtype` casts
-    every tensor (e.g. ml_dtypes.bfloat16); None keeps each parameter's dtype.
+    Adapters are merged into their base kernels (`merged_kernels`), so the result is a plain
+    Qwen2-VL checkpoint. `dtype` casts every tensor (e.g. ml_dtypes.bfloat16); None keeps
+    each parameter's dtype.
     """
-    params = _by_path(nnx.state(model, nnx.Param))
+    params = {path: variable.value for path, variable in
+              _by_path(nnx.state(model, nnx.Param)).items()}
+    params.update(merged_kernels(model))
     out: dict[str, np.ndarray] = {}
     for param in hf_params(model.config):
-        value = np.asarray(jax.device_get(params[param.path].value))
+        value = np.asarray(jax.device_get(params[param.path]))
         layers = range(value.shape[0]) if param.stacked else [None]
         for layer in layers:
             array = value if layer is None else value[layer]
@@ -382,7 +403,7 @@ def save_hf(model: Qwen2VL, out_dir: str | os.PathLike, *, max_shard_bytes: int 
     """Writes config.json, model-0000i-of-0000n.safetensors and model.safetensors.index.json.
 
     Args:
-        model: the model (adapters already merged, if wanted).
+        model: the model; adapters are merged into the written kernels.
         out_dir: created if missing.
         max_shard_bytes: a new shard starts when the next tensor would pass this size.
         dtype: tensor dtype on disk (e.g. ml_dtypes.bfloat16 or np.float32); None keeps ours.

@@ -165,3 +165,23 @@ def test_misshaped_tensor_named(tmp_path, tiny):
     _rewrite(tmp_path, reference, shrink)
     with pytest.raises(ValueError, match=r"'visual.blocks.0.mlp.fc1.weight' has shape \[63, 32\]"):
         hf_io.load_model(tmp_path)
+
+
+def test_save_hf_merges_adapters(tmp_path, tiny):
+    """A DoRA-adapted model written with save_hf reloads as a plain model with its outputs."""
+    _, path, _ = tiny
+    config = lora.AdapterConfig(kind="dora", r=2, alpha=4.0, dropout=0.0,
+                                targets=("v_proj", "up_proj"))
+    adapted = hf_io.load_model(path, adapter=config)
+    for projection in (adapted.language_model.layers.self_attn.v_proj,
+                       adapted.language_model.layers.mlp.up_proj):
+        shape = projection.lora_b.value.shape
+        projection.lora_b.value = jax.random.normal(jax.random.key(0), shape) * 0.1
+    hf_io.save_hf(adapted, tmp_path)
+    merged = hf_io.load_model(tmp_path)
+    input_ids = np.array([[5, 17, 33, 2, 9, 41]], np.int32)
+    batch = dict(input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+                 position_ids=np.broadcast_to(np.arange(6, dtype=np.int32), (3, 1, 6)))
+    forward = jax.jit(lambda model: model(batch))
+    np.testing.assert_allclose(forward(merged), forward(adapted), atol=1e-5)
+    assert not np.allclose(forward(merged), forward(hf_io.load_model(path)), atol=1e-3)
