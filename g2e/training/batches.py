@@ -67,6 +67,9 @@ class ClusterSchedule:
                     batches.append(self._fill(slots, rng))
                     slots = []
             slot = slot + list(cluster)
+        slots.append(slot)
+        if len(slots) == slots_per_batch:
+            batches.append(self._fill(slots, rng))
         # The last, incomplete batch of an epoch is dropped (its clusters come back reshuffled).
         return batches
 
