@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -33,6 +34,21 @@ from g2e import configuration
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Recipe file.",
                                           lock_config=True)
+
+
+def _local_workdir(workdir: str) -> pathlib.Path:
+    """config.workdir as an absolute local path; a URL (gs://...) is refused before JAX starts.
+
+    The stages write with ordinary file I/O (pathlib, numpy, json), so a URL would silently become
+    a wrong local directory such as ./gs:/bucket/path.
+    """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        raise configuration.ConfigError(
+            f"--config.workdir: is the URL {workdir!r}, but g2e writes its outputs with local file "
+            "I/O; mount the bucket (e.g. gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and give "
+            "the mounted path, e.g. --config.workdir=/gcs/BUCKET/path. launch/tpu_vm.sh "
+            "--workdir=gs://BUCKET/path mounts the bucket on every worker and does this for you.")
+    return pathlib.Path(workdir).resolve()
 
 
 def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
@@ -51,13 +67,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE")
     config = _CONFIG.value
     configuration.validate(config)
+    workdir = _local_workdir(config.workdir)
 
     # Imported after validation so a bad key fails before JAX starts.
     from g2e import distributed
     from g2e import stages
 
     distributed.initialize(config)
-    workdir = pathlib.Path(config.workdir).resolve()
     _setup_logging(workdir, distributed.is_primary())
     names = configuration.split_list(config.stages)
     force = set(configuration.split_list(config.force))

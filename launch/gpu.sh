@@ -8,7 +8,8 @@
 #
 # Flags (the environment variable in brackets is the default; a flag wins over its variable):
 #   --config=CONFIG    g2e config [G2E_CONFIG, default configs/mmeb.py]
-#   --workdir=DIR      checkpoints, results and exports [G2E_WORKDIR, default: the config's]
+#   --workdir=DIR      checkpoints, results and exports, a local directory (a bucket only
+#                      through a gcsfuse mount) [G2E_WORKDIR, default: the config's]
 #   --gpus=IDS         which GPUs, e.g. 0,1,2,3 [G2E_GPUS, else CUDA_VISIBLE_DEVICES, else all]
 #   --venv=DIR         virtualenv to run from [G2E_VENV, default .venv in the checkout]
 #   --install          first create the virtualenv with python3.11 and pip install -e '.[gpu]'
@@ -78,6 +79,9 @@ while (($#)); do
   shift
 done
 
+[[ ! "$WORKDIR" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]] ||
+  die "--workdir must be a directory, got the URL '$WORKDIR': g2e writes with local file I/O;" \
+    "mount the bucket (gcsfuse --implicit-dirs BUCKET DIR) and give the mounted path"
 [[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
   die "--gpus (or G2E_GPUS / CUDA_VISIBLE_DEVICES) must list GPU ids like 0,1,2,3, got '$GPUS'"
 

@@ -1,4 +1,5 @@
-"""launch/: the scripts parse, and their dry runs print the commands a user would run."""
+"""launch/: the scripts parse, and their dry runs print the commands a user would run; g2e.main
+refuses a gs:// workdir (launch/tpu_vm.sh mounts the bucket and passes the mounted path)."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import pathlib
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -45,10 +47,35 @@ def test_script_parses_and_passes_shellcheck(script):
     assert "--dry-run" in help_text and "Usage:" in help_text
 
 
+def _remote_script(command: list[str]) -> str:
+    """The worker-side shell command of a `gcloud ... ssh --command=...` line."""
+    (remote,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--command=")]
+    subprocess.run(["bash", "-n", "-c", remote], check=True)   # it parses on the worker
+    return remote
+
+
 def _remote(command: list[str]) -> list[str]:
     """The worker-side command of a `gcloud ... ssh --command=...` line, as argv."""
-    (remote,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--command=")]
-    return shlex.split(remote)
+    return shlex.split(_remote_script(command))
+
+
+def _g2e_command(command: list[str]) -> list[str]:
+    """From the run step's worker-side command: `cd ~/g2e && python ... 2>&1 | tee log`."""
+    remote = _remote(command)
+    start = remote.index("cd")
+    return remote[start:]
+
+
+GCSFUSE = ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=200000",
+           "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0"]
+
+
+def _mount(bucket: str) -> str:
+    """The worker-side step that mounts gs://bucket at /gcs/bucket unless it is mounted."""
+    point = f"/gcs/{bucket}"
+    return (f"mountpoint -q {point} || {{ sudo umount -l {point} 2>/dev/null || true; "
+            f'sudo mkdir -p {point} && sudo chown "$(id -u):$(id -g)" {point} && '
+            f"{' '.join(GCSFUSE)} {bucket} {point}; }}; ")
 
 
 def test_tpu_vm_single_host(tmp_path):
@@ -68,10 +95,19 @@ def test_tpu_vm_single_host(tmp_path):
     assert "tar -xzf ~/g2e-src.tar.gz -C ~/g2e" in install
     assert "python3.11 -m venv ~/g2e-venv" in install
     assert "pip install -q -e $HOME/g2e[tpu]" in install
+    # gcsfuse from Google's apt repository, unless the image has it.
+    assert "command -v gcsfuse >/dev/null || {" in _remote_script(commands[3])
+    assert ("deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google"
+            ".com/apt gcsfuse-$(lsb_release -c -s) main") in install
+    assert "sudo apt-get install -y -q gcsfuse; }" in install
     assert commands[4][:8] == tpu + ["ssh", "g2e-1"] + where + ["--worker=all"]
-    assert _remote(commands[4]) == [
-        "set", "-o", "pipefail;", "cd", "~/g2e", "&&", "~/g2e-venv/bin/python", "-m", "g2e.main",
-        "--config=configs/mmeb.py", "--config.workdir=gs://bucket/g2e", "2>&1", "|", "tee",
+    # The run mounts the workdir's bucket, then runs g2e on the mounted path.
+    run = _remote_script(commands[4])
+    assert run.startswith("set -euo pipefail; command -v gcsfuse >/dev/null || ")
+    assert _mount("bucket") + "cd ~/g2e && " in run
+    assert _g2e_command(commands[4]) == [
+        "cd", "~/g2e", "&&", "~/g2e-venv/bin/python", "-m", "g2e.main",
+        "--config=configs/mmeb.py", "--config.workdir=/gcs/bucket/g2e", "2>&1", "|", "tee",
         "~/g2e-run.log"]
     assert len(commands) == 5      # no delete without --delete-after
 
@@ -90,12 +126,98 @@ def test_tpu_vm_multi_host(tmp_path):
     assert len(gcloud) == 3     # copy, install and run reach every worker of the slice
     for command in gcloud:
         assert "--worker=all" in command and all(flag in command for flag in where), command
-    run = _remote(commands[4])
-    assert run[7:14] == ["-m", "g2e.main", "--config=configs/mmeb.py:7b",
-                         "--config.workdir=gs://bucket/7b", "--config.train.steps=100",
+    run = _g2e_command(commands[4])
+    assert run[4:11] == ["-m", "g2e.main", "--config=configs/mmeb.py:7b",
+                         "--config.workdir=/gcs/bucket/7b", "--config.train.steps=100",
                          "--config.data.train_subsets=A B's,C", "2>&1"]
     assert commands[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod"] + where + [
         "--quiet"]
+
+
+def test_tpu_vm_translates_gs_urls_to_mounted_paths(tmp_path):
+    commands = dry_run(
+        "launch/tpu_vm.sh", "run", "--name=pod", "--zone=z", "--workdir=gs://out.example/g2e/2b",
+        "--", "--config.model_dir=gs://models/Qwen2-VL-2B-Instruct",
+        "--config.data.eval_dir", "gs://data-1/MMEB-eval",
+        "--config.data.eval_image_root=gs://data-1/MMEB-eval/images", "--config.seed=gs-like",
+        "--config.data.train_dir=/local/train", tmp=tmp_path)
+    assert len(commands) == 1
+    run = _remote_script(commands[0])
+    # Each bucket once, in the order the run names them, all before g2e starts.
+    assert _mount("out.example") + _mount("models") + _mount("data-1") + "cd ~/g2e && " in run
+    assert run.count("gcsfuse --implicit-dirs") == 3
+    assert _g2e_command(commands[0])[4:14] == [
+        "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/gcs/out.example/g2e/2b",
+        "--config.model_dir=/gcs/models/Qwen2-VL-2B-Instruct", "--config.data.eval_dir",
+        "/gcs/data-1/MMEB-eval", "--config.data.eval_image_root=/gcs/data-1/MMEB-eval/images",
+        "--config.seed=gs-like", "--config.data.train_dir=/local/train"]
+    assert "does not start with gs://BUCKET/ and a valid bucket name" in failure(
+        "launch/tpu_vm.sh", "run", "--name=x", "--zone=z", "--workdir=gs://b/w", "--",
+        "--config.model_dir=gs://Bad Bucket/m")
+
+
+def test_tpu_vm_worker_side_run_mounts_then_runs(tmp_path):
+    """The run step's worker command, executed with fake sudo/gcsfuse/mountpoint/python."""
+    (command,) = dry_run("launch/tpu_vm.sh", "run", "--name=pod", "--zone=z",
+                         "--workdir=gs://b/w", "--", "--config.model_dir=gs://m/qwen",
+                         tmp=tmp_path)
+    remote = _remote_script(command)
+    fakes = tmp_path / "bin"
+    _fake_tools(fakes, "sudo", "gcsfuse")
+    (fakes / "mountpoint").write_text(  # `mountpoint -q DIR`: mounted when DIR is in $MOUNTED
+        '#!/bin/sh\ncase " $MOUNTED " in *" $2 "*) exit 0 ;; esac\nexit 1\n')
+    (fakes / "mountpoint").chmod(0o755)
+    home = tmp_path / "home"
+    (home / "g2e").mkdir(parents=True)
+    _fake_tools(home / "g2e-venv" / "bin", "python")
+    log = tmp_path / "worker.jsonl"
+
+    def worker(path: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+        log.unlink(missing_ok=True)
+        result = subprocess.run(["bash", "-c", remote], capture_output=True, text=True,
+                                timeout=30, env={"PATH": path, "HOME": str(home),
+                                                 "FAKE_LOG": str(log), **env})
+        calls = [json.loads(line)["argv"] for line in log.read_text().splitlines()] \
+            if log.exists() else []
+        return result, calls
+
+    system = "/usr/bin:/bin"
+    result, calls = worker(f"{fakes}:{system}", MOUNTED="/gcs/m")   # m is still mounted
+    assert result.returncode == 0, result.stderr
+    uid_gid = f"{os.getuid()}:{os.getgid()}"
+    assert calls == [
+        ["sudo", "umount", "-l", "/gcs/b"], ["sudo", "mkdir", "-p", "/gcs/b"],
+        ["sudo", "chown", uid_gid, "/gcs/b"], GCSFUSE + ["b", "/gcs/b"],
+        ["python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/gcs/b/w",
+         "--config.model_dir=/gcs/m/qwen"]]
+    # A failed mount stops the run before g2e starts, and fails the ssh.
+    result, calls = worker(f"{fakes}:{system}", MOUNTED="", FAKE_FAIL_IF="bin/gcsfuse")
+    assert result.returncode == 3 and calls[-1] == GCSFUSE + ["b", "/gcs/b"]
+    # Without gcsfuse (no `install`): a clear message, nothing mounted, nothing run.
+    (fakes / "gcsfuse").unlink()
+    if not shutil.which("gcsfuse", path=system):
+        result, calls = worker(f"{fakes}:{system}", MOUNTED="")
+        assert result.returncode == 1 and calls == []
+        assert "gcsfuse is missing on" in result.stderr
+        assert "run launch/tpu_vm.sh install" in result.stderr
+
+
+def test_main_refuses_a_url_workdir_before_jax_starts(tmp_path):
+    command = [sys.executable, "-X", "importtime", "-m", "g2e.main",
+               f"--config={REPO}/configs/mmeb.py", "--config.model_dir=x",
+               "--config.workdir=gs://b/w", "--config.stages=eval_zero_shot",
+               "--config.data.eval_dir=x"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "--config.workdir: is the URL 'gs://b/w'" in result.stderr, result.stderr[-2000:]
+    assert "mount the bucket" in result.stderr and "launch/tpu_vm.sh" in result.stderr
+    # jax was never imported (so no device was touched), and nothing was written locally.
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "g2e.configuration" in imported and "jax" not in imported
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tpu_vm_delete_and_errors():
@@ -122,6 +244,8 @@ def test_gpu_single_host():
         "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "/v/bin/python", "-m", "g2e.main",
         "--config=configs/demo.py"]
     assert "must list GPU ids" in failure("launch/gpu.sh", "--gpus=all")
+    assert "must be a directory, got the URL 'gs://b/w'" in failure("launch/gpu.sh",
+                                                                    "--workdir=gs://b/w")
 
 
 def test_slurm_submits_itself():
@@ -146,6 +270,7 @@ def test_slurm_multi_host_in_a_job():
         "srun", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--kill-on-bad-exit=1",
         "python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/shared/g2e"]]
     assert "--workdir (or G2E_WORKDIR) is required" in failure("launch/slurm.sbatch")
+    assert "got the URL 'gs://b/w'" in failure("launch/slurm.sbatch", "--workdir=gs://b/w")
 
 
 def _fake_tools(directory: pathlib.Path, *names: str) -> None:
