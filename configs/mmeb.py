@@ -4,7 +4,7 @@
       --config.model_dir=/data/Qwen2-VL-2B-Instruct \
       --config.data.train_dir=/data/MMEB-train --config.data.train_image_root=/data/MMEB-train \
       --config.data.eval_dir=/data/MMEB-eval --config.data.eval_image_root=/data/MMEB-eval \
-      --config.workdir=gs://my-bucket/g2e-2b
+      --config.workdir=/data/runs/g2e-2b
 
 `configs/mmeb.py:7b` selects the 7B recipe (point model_dir at Qwen2-VL-7B-Instruct).
 Release defaults: DoRA r=8, alpha=64 on q/k/v/o and MLP down; InfoNCE at temperature 0.02;
