@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +88,9 @@ def time_g2e(model, batch, *, cpd, cluster, chunk, steps, temperature=0.02):
     mesh = jax.make_mesh((jax.device_count(), 1, 1), ("data", "fsdp", "tensor"),
                          axis_types=(AxisType.Auto,) * 3)
     graphdef, trainable, frozen = model_training.split_model(model, full=False)
-    train_cfg = dict(lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0, grad_clip=1.0)
-    import ml_collections
-    opt, schedule = optimizer.make_optimizer(ml_collections.ConfigDict(train_cfg))
+    train_cfg = types.SimpleNamespace(lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0,
+                                      grad_clip=1.0)
+    opt, schedule = optimizer.make_optimizer(train_cfg)
     loss_config = loss_lib.LossConfig(temperature)
     setup = trainer.StepSetup(embed_fn=model_training.model_embed_fn(graphdef),
                               loss_config=loss_config, optimizer=opt, schedule=schedule,
