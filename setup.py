@@ -30,6 +30,8 @@ setuptools.setup(
         "pyarrow>=20",
         "tqdm>=4.66",
         "matplotlib>=3.9,<4",
+        "tensorboardX>=2.6,<3",
+        "etils[epath]>=1.7",
     ],
     extras_require={
         # torch is the numerical reference in tests only; runtime code never imports it.

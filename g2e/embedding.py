@@ -159,8 +159,11 @@ class Embedder(BatchRunner):
     def __init__(self, model: Qwen2VL, processor: Processor, **kwargs):
         super().__init__(model, processor, embed_step, **kwargs)
 
-    def __call__(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
+    def embed(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
+        """float32 [len(items), D] in input order (NaN rows for skipped bad items)."""
         return self.run(items, self.processor.encode, desc=desc)
+
+    __call__ = embed
 
 
 def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[EmbedItem], list[int]]:
