@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
             train_dir="", train_image_root="", train_subsets="", train_split="diverse_instruction",
             eval_dir="", eval_image_root="", eval_subsets="",
+            # 'parquet': the hub's layout in train_dir / eval_dir; 'tfds': the array_record copy
+            # `python -m g2e.data.tfds_builders` wrote to tfds_dir (images inside, gs:// works).
+            format="parquet", tfds_dir="",
             on_bad_input="error",
             max_length=2048, train_max_length=1024,
             image_resolution="random", train_image_resolution="mid_low",
@@ -149,7 +152,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"data.max_length={config.data.max_length}; add a bucket of at least that size")
     needs_train_data = any(s in stages for s in ("mine", "train"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
-    if "prepare_demo" not in stages:
+    if config.data.format not in ("parquet", "tfds"):
+        _fail("data.format", f"is {config.data.format!r}; use parquet (the hub's layout) or tfds "
+                    "(the copy g2e.data.tfds_builders prepares)")
+    if config.data.format == "tfds":
+        if (needs_train_data or needs_eval_data) and not config.data.tfds_dir:
+            _fail("data.tfds_dir", "is empty; with data.format=tfds point it at the data_dir "
+                        "`python -m g2e.data.tfds_builders` wrote to")
+    elif "prepare_demo" not in stages:
         if needs_train_data and not config.data.train_dir:
             _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
         if needs_eval_data and not config.data.eval_dir:

@@ -15,10 +15,10 @@ table), results.png (one bar per subset). Embeddings are cached per subset under
 `out_dir/cache/<subset>/` as queries.npy, candidates.npy and index.json (keys + the caller's
 model/prompt fingerprint; no pickle). index.json is written last, so a subset counts as cached
 only once it finished; an interrupted evaluation resumes at the first unfinished subset. Keys
-hold the images' absolute paths, so moving the image root re-embeds. Multi-host: every host
-calls evaluate_mmeb (embed_fn is collective), only process 0 writes (`write_outputs`), and
-out_dir must be one directory all hosts see (NFS, gs://), so that all take the same cache
-decisions.
+hold the images' absolute paths (or, read from the TFDS copy, a sha1 of their bytes), so moving
+the image root re-embeds. Multi-host: every host calls evaluate_mmeb (embed_fn is collective),
+only process 0 writes (`write_outputs`), and out_dir must be one directory all hosts see (NFS,
+gs://), so that all take the same cache decisions.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ import tqdm
 from etils import epath
 
 from g2e.data import mmeb
+from g2e.data import rows as rows_lib
 from g2e.data import subsets as subset_registry
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import EmbedItem
@@ -284,15 +286,17 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
     if not rows:
         raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
                          f"fix its files")
+    # One pass over the rows: from a TFDS copy each pass reads (and each key hashes) the
+    # images again. Per key its image and first row; per row its number of candidates.
+    sources: dict[Key, tuple[Any, int]] = {}
+    row_keys = []
+    flat_keys = []
+    row_lengths = []
     for row_number, r in enumerate(rows):
         if not r.tgt_texts or len(r.tgt_texts) != len(r.tgt_images):
             raise ValueError(f"subset {subset}, row {row_number}: needs a non-empty candidate "
                              f"list with one image entry per text")
-    # Keys once per row (hashing image bytes is not free); per key its image and first row.
-    sources: dict[Key, tuple[Any, int]] = {}
-    row_keys = []
-    flat_keys = []
-    for r in rows:
+        row_lengths.append(len(r.tgt_texts))
         key = (r.qry_text, image_key(r.qry_image))
         sources.setdefault(key, (r.qry_image, r.index))
         row_keys.append(key)
@@ -303,9 +307,9 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
     query_keys, row_query = _dedupe(row_keys)
     candidate_keys, flat_candidates = _dedupe(flat_keys)
     row_candidates, start = [], 0
-    for r in rows:
-        row_candidates.append(flat_candidates[start:start + len(r.tgt_texts)])
-        start += len(r.tgt_texts)
+    for length in row_lengths:
+        row_candidates.append(flat_candidates[start:start + length])
+        start += length
 
     cached = None
     if cache_dir is not None:
@@ -364,23 +368,25 @@ _META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval
                     "grounding": "Grounding"}
 
 
-def _subset_list(subsets: str | Sequence[str] | None, eval_dir: str) -> list[str]:
+def _subset_list(subsets: str | Sequence[str] | None, data: Any) -> list[str]:
     if isinstance(subsets, str):
         subsets = [s.strip() for s in subsets.split(",") if s.strip()]
     if not subsets:
-        subsets = mmeb.list_subsets(eval_dir)
+        subsets = rows_lib.list_eval_subsets(data)
         if not subsets:
-            raise FileNotFoundError(f"{eval_dir}: no MMEB-eval subsets found; point "
-                                    f"data.eval_dir at MMEB-eval in the hub's layout")
+            raise FileNotFoundError(
+                f"{rows_lib.manifest_dir(data, 'eval')}: no MMEB-eval subsets found; point "
+                "data.eval_dir at MMEB-eval in the hub's layout (or data.tfds_dir at its "
+                "prepared copy, with data.format=tfds)")
     return list(subsets)
 
 
-def _leaderboard_order(names: Sequence[str], eval_dir: str) -> list[str]:
+def _leaderboard_order(names: Sequence[str], manifest_dir: str) -> list[str]:
     """Meta-task order of the leaderboard, IND before OOD, then the subset table's order."""
-    table = list(subset_registry.known_subsets(eval_dir))
+    table = list(subset_registry.known_subsets(manifest_dir))
 
     def rank(name: str):
-        info = subset_registry.subset_info(name, eval_dir)
+        info = subset_registry.subset_info(name, manifest_dir)
         canonical = subset_registry.canonical_name(name)
         position = table.index(canonical) if canonical in table else len(table)
         return (subset_registry.META_TASKS.index(info.meta_task), SPLITS.index(info.group),
@@ -389,7 +395,8 @@ def _leaderboard_order(names: Sequence[str], eval_dir: str) -> list[str]:
     return sorted(names, key=rank)
 
 
-def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir: str,
+def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_root: str = "",
+                  data: Any = None,
                   subsets: str | Sequence[str] | None = None, on_bad_input: str = "error",
                   batch_size: int = 16, fingerprint: str = "", model_name: str = "g2e",
                   progress: bool = True, write_outputs: bool = True) -> dict[str, Any]:
@@ -398,9 +405,12 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir:
     Args:
         embed_fn: items -> float32 [N, D] embeddings in input order (EmbedItem: text, image,
             role 'query'|'candidate', subset); the prompt is its business.
+        out_dir: gets results.json, results.md, results.png and cache/<subset>/.
         eval_dir: MMEB-eval (or a mini-MMEB's eval part) in the hub's layout.
         image_root: the directory the rows' image paths are relative to.
-        out_dir: gets results.json, results.md, results.png and cache/<subset>/.
+        data: instead of eval_dir / image_root, the config's data section: the rows come
+            from the source its `format` names (parquet, or the TFDS copy in `tfds_dir`;
+            see g2e.data.rows). The results are the same for both copies of one data set.
         subsets: names or a comma-separated string; None / empty: every subset present.
         on_bad_input: 'error' or 'skip' for rows the reader cannot use (missing image files,
             malformed candidate lists) and rows using an item embed_fn skipped (a NaN row);
@@ -422,26 +432,33 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, eval_dir: str, image_root: str, out_dir:
         FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset the table and
         manifest do not know. ValueError: empty subsets, bad embeddings.
     """
+    if data is None:
+        if not eval_dir:
+            raise ValueError("evaluate_mmeb needs eval_dir (the hub's layout) or data (the "
+                             "config's data section)")
+        data = types.SimpleNamespace(format="parquet", eval_dir=eval_dir,
+                                     eval_image_root=image_root, tfds_dir="")
+    manifest_dir = rows_lib.manifest_dir(data, "eval")
     results, skipped_subsets = {}, {}
     names = []
-    for name in _subset_list(subsets, eval_dir):
+    for name in _subset_list(subsets, data):
         try:
-            subset_registry.subset_info(name, eval_dir)
+            subset_registry.subset_info(name, manifest_dir)
         except subset_registry.UnknownSubsetError as error:
             if on_bad_input != "skip":
                 raise
             skipped_subsets[name] = str(error)
             continue
         names.append(name)
-    names = _leaderboard_order(names, eval_dir)
+    names = _leaderboard_order(names, manifest_dir)
     out = epath.Path(out_dir)
     if write_outputs:
         out.mkdir(parents=True, exist_ok=True)
     for number, name in enumerate(names, 1):
-        info = subset_registry.subset_info(name, eval_dir)
+        info = subset_registry.subset_info(name, manifest_dir)
         logging.info("MMEB subset %d/%d: %s", number, len(names), name)
         report = BadInputReport(on_bad_input)
-        rows = mmeb.read_eval_subset(eval_dir, name, image_root, report)
+        rows = rows_lib.eval_rows(data, name, report)
         if report.total:
             logging.warning("subset %s: %s", name, report.summary())
         if not rows and report.total:

@@ -5,8 +5,8 @@ For each subset of MMEB-train: embed the unique queries (query prompt) and the u
 interrupted stage resumes — then `g2e.mining.mine_clusters` with the generative judge (when
 `mine.judge`). Writes `<workdir>/mine/<subset>.clusters.json` (the versioned format of
 `g2e.mining.write_clusters`; row indices are positions in the subset's rows as
-`g2e.data.mmeb.read_train_subset` returns them) and `<subset>.report.json`, plus `report.json`
-over all subsets.
+`g2e.data.rows.train_rows` returns them, the same for the parquet files and the TFDS copy) and
+`<subset>.report.json`, plus `report.json` over all subsets.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import numpy as np
 
 from g2e import distributed, mining
 from g2e.data import mmeb
+from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import EmbedItem
 from g2e.embedding import Embedder
+from g2e.evaluation import image_key
 from g2e.judge import Judge
 
 
@@ -39,6 +41,25 @@ def _unique(keys: list) -> tuple[list, np.ndarray]:
     position: dict = {}
     inverse = np.array([position.setdefault(k, len(position)) for k in keys], np.int64)
     return list(position), inverse
+
+
+def _row_keys(rows) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(query key, positive key) of each row: its text and its image's path, or a sha1 of the
+    image bytes when the rows come from the TFDS copy (short keys; one pass over the rows)."""
+    query_keys, positive_keys = [], []
+    for r in rows:
+        query_keys.append((r.qry_text, image_key(r.qry_image)))
+        positive_keys.append((r.pos_text, image_key(r.pos_image)))
+    return query_keys, positive_keys
+
+
+def _first_rows(rows, keys: list) -> dict:
+    """{key: the first of `rows` with that key} (each row read once, when its key is new)."""
+    first: dict = {}
+    for i, key in enumerate(keys):
+        if key not in first:
+            first[key] = rows[i]
+    return first
 
 
 def _cached_embeddings(cache: pathlib.Path, fingerprint: str, name: str, items: list,
@@ -89,18 +110,15 @@ def mine(pipeline) -> dict[str, Any]:
             logging.info("mine %s: clusters exist, kept", subset)
             continue
         bad = BadInputReport(config.data.on_bad_input)
-        rows = mmeb.read_train_subset(config.data.train_dir, subset, config.data.train_split,
-                                      config.data.train_image_root or config.data.train_dir,
-                                      bad)
+        rows = rows_lib.train_rows(config.data, subset, bad)
         if not rows:
             logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
             continue
-        query_keys = [(r.qry_text, r.qry_image or "") for r in rows]
-        positive_keys = [(r.pos_text, r.pos_image or "") for r in rows]
+        query_keys, positive_keys = _row_keys(rows)
         unique_queries, query_of_row = _unique(query_keys)
         unique_positives, positive_of_row = _unique(positive_keys)
-        first_query = {k: rows[i] for i, k in reversed(list(enumerate(query_keys)))}
-        first_positive = {k: rows[i] for i, k in reversed(list(enumerate(positive_keys)))}
+        first_query = _first_rows(rows, query_keys)
+        first_positive = _first_rows(rows, positive_keys)
         cache = out / "cache" / subset
         query_embeddings = _cached_embeddings(
             cache, fingerprint, "queries", [query_item(first_query[k]) for k in unique_queries],
@@ -116,7 +134,8 @@ def mine(pipeline) -> dict[str, Any]:
             query_keys, positive_keys, query_embeddings[query_of_row],
             positive_embeddings[positive_of_row], top_k=config.mine.top_k,
             pool_mult=config.mine.pool_mult,
-            keep_retrieval_order=mining.keeps_retrieval_order(subset, config.data.train_dir),
+            keep_retrieval_order=mining.keeps_retrieval_order(
+                subset, rows_lib.manifest_dir(config.data, "train")),
             judge=_judge_fn(judge, rows) if judge is not None else None,
             judge_threshold=config.mine.judge_threshold, block_size=config.mine.block_size,
             mesh=pipeline.mesh, subset=subset)

@@ -9,12 +9,15 @@ of another shape (the mini-MMEB, or a user's own) declares its subsets in a mani
 
 `subset_info(name, data_dir)` looks for that manifest in `data_dir` and in its parent (so
 both `DIR/train` and `DIR/eval` of one data set find `DIR/subsets.json`), then falls back
-to the real MMEB table.
+to the real MMEB table. `python -m g2e.data.tfds_builders` copies the manifest into the TFDS
+data_dir it writes (local or gs://), so reading the prepared copy finds it there.
 """
 
 import dataclasses
 import json
 import os
+
+from etils import epath
 
 META_TASKS = ("classification", "vqa", "retrieval", "grounding")
 GROUPS = ("IND", "OOD")
@@ -90,28 +93,28 @@ def _validate(info: SubsetInfo, where: str) -> SubsetInfo:
 
 def write_manifest(data_dir: str, infos: list[SubsetInfo]) -> str:
   """Writes `data_dir/subsets.json` declaring `infos`; returns its path."""
-  path = os.path.join(data_dir, MANIFEST_NAME)
-  entries = [dataclasses.asdict(_validate(i, path)) for i in infos]
-  with open(path, "w") as f:
-    json.dump({"subsets": entries}, f, indent=1)
-  return path
+  path = epath.Path(data_dir) / MANIFEST_NAME
+  entries = [dataclasses.asdict(_validate(i, os.fspath(path))) for i in infos]
+  path.write_text(json.dumps({"subsets": entries}, indent=1))
+  return os.fspath(path)
 
 
 def find_manifest(data_dir: str | None) -> str | None:
   """Returns the manifest path in `data_dir` or its parent, or None when there is none."""
   if not data_dir:
     return None
-  for d in (data_dir, os.path.dirname(os.path.abspath(data_dir))):
-    path = os.path.join(d, MANIFEST_NAME)
-    if os.path.isfile(path):
-      return path
+  # epath: a prepared TFDS copy (with its manifest) may be read from a bucket (gs://).
+  folder = epath.Path(data_dir if "://" in data_dir else os.path.abspath(data_dir))
+  for d in (folder, folder.parent):
+    path = d / MANIFEST_NAME
+    if path.is_file():
+      return os.fspath(path)
   return None
 
 
 def read_manifest(path: str) -> dict[str, SubsetInfo]:
   """Reads a manifest; raises ValueError naming the file and entry when it is malformed."""
-  with open(path) as f:
-    entries = json.load(f).get("subsets")
+  entries = json.loads(epath.Path(path).read_text()).get("subsets")
   if not isinstance(entries, list):
     raise ValueError(f"{path}: expected {{'subsets': [...]}}; see g2e/data/subsets.py.")
   infos = {}

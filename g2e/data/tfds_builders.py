@@ -33,9 +33,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from g2e.data import images
 from g2e.data import mmeb
+from g2e.data import subsets as subsets_lib
 from g2e.data.errors import BadInput, BadInputReport
 
 VERSION = "1.0.0"
@@ -200,15 +202,45 @@ def builder(kind: str, data_dir: str, subset: str, **config) -> _MmebBuilder:
   return _BUILDERS[kind](data_dir=data_dir, config=MmebConfig(name=subset, **config))
 
 
+def copy_manifest(source_dir: str, data_dir: str) -> str | None:
+  """Writes the subsets.json found at (or above) `source_dir` into `data_dir`, adding its
+  entries to those of a manifest already there (train and eval are prepared into one
+  data_dir); returns the path written, or None when the source has none (real MMEB).
+
+  Raises:
+    ValueError: when both manifests declare a subset differently.
+  """
+  source = subsets_lib.find_manifest(source_dir)
+  if source is None:
+    return None
+  infos = subsets_lib.read_manifest(source)
+  existing = os.fspath(epath.Path(data_dir) / subsets_lib.MANIFEST_NAME)
+  if epath.Path(existing).is_file():
+    merged = subsets_lib.read_manifest(existing)
+    for name, info in infos.items():
+      if merged.get(name, info) != info:
+        raise ValueError(f"{source} declares {info} but {existing} declares {merged[name]}; "
+                         "prepare data sets with different subset tables into different "
+                         "data_dirs")
+    infos = {**merged, **infos}
+  epath.Path(data_dir).mkdir(parents=True, exist_ok=True)
+  return subsets_lib.write_manifest(data_dir, list(infos.values()))
+
+
 def prepare(kind: str, source_dir: str, image_root: str, subsets: Sequence[str],
             data_dir: str, on_bad_input: str = "error",
             verify_images: bool = True) -> BadInputReport:
   """Builds the array_record copy of each subset under `data_dir` (prepared ones are kept).
 
+  The source's subsets.json (a mini-MMEB's or a user's own data set; see
+  g2e.data.subsets) is copied into `data_dir`, merged with one already there, so that
+  subset meta-tasks are found when reading the copy without the source.
+
   Returns:
     The report of what was skipped, whole subsets included (under 'error' the first bad
     input raises BadInput instead).
   """
+  copy_manifest(source_dir, data_dir)
   report = BadInputReport(on_bad_input)
   for subset in subsets:
     b = builder(kind, data_dir, subset, source_dir=source_dir, image_root=image_root,
