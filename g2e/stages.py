@@ -129,8 +129,7 @@ def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
     embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
                         batch_size=config.eval.batch_size, progress=False)
     results = evaluation.evaluate_mmeb(
-        embedder, eval_dir=config.data.eval_dir,
-        image_root=config.data.eval_image_root or config.data.eval_dir,
+        embedder, data=config.data,
         out_dir=str(pipeline.workdir / stage), subsets=config.data.eval_subsets,
         on_bad_input=config.data.on_bad_input, batch_size=8 * embedder.batch_size,
         fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
@@ -160,10 +159,11 @@ def run_eval(pipeline: Pipeline):
 
 
 def train_subsets(config: ml_collections.ConfigDict) -> list[str]:
-    from g2e.data import mmeb
+    """data.train_subsets, or every subset of the configured source (parquet or tfds)."""
+    from g2e.data import rows
 
-    return configuration.split_list(config.data.train_subsets) or mmeb.list_subsets(
-        config.data.train_dir)
+    return configuration.split_list(config.data.train_subsets) or rows.list_train_subsets(
+        config.data)
 
 
 def run_mine(pipeline: Pipeline):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from g2e import distributed, export, mining
 from g2e.data import mmeb
+from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.models import hf_io, lora
 from g2e.training import model_training
@@ -36,19 +38,18 @@ def adapter_config(config) -> lora.AdapterConfig | None:
                               dropout=adapter.dropout, targets=tuple(adapter.targets))
 
 
-def training_rows(pipeline) -> tuple[list[mmeb.TrainRow], list[list[int]]]:
-    """All training rows (subsets concatenated) and the clusters over them."""
+def training_rows(pipeline) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
+    """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
+    over them."""
     from g2e.stages import train_subsets
 
     config = pipeline.config
-    rows: list[mmeb.TrainRow] = []
+    parts: list[Sequence[mmeb.TrainRow]] = []
+    offset = 0
     clusters: list[list[int]] = []
     bad = BadInputReport(config.data.on_bad_input)
     for subset in train_subsets(config):
-        subset_rows = mmeb.read_train_subset(
-            config.data.train_dir, subset, config.data.train_split,
-            config.data.train_image_root or config.data.train_dir, bad)
-        offset = len(rows)
+        subset_rows = rows_lib.train_rows(config.data, subset, bad)
         path = pipeline.workdir / "mine" / f"{subset}.clusters.json"
         covered = np.zeros(len(subset_rows), bool)
         if config.train.use_clusters and path.is_file():
@@ -60,10 +61,11 @@ def training_rows(pipeline) -> tuple[list[mmeb.TrainRow], list[list[int]]]:
             logging.warning("train: %s has no clusters (%s); its rows train as single rows",
                             subset, path)
         clusters += [[offset + int(i)] for i in np.flatnonzero(~covered)]
-        rows += subset_rows
+        parts.append(subset_rows)
+        offset += len(subset_rows)
     if bad.total:
         logging.warning("train: %s", bad.summary())
-    return rows, clusters
+    return rows_lib.ConcatRows(parts), clusters
 
 
 def train(pipeline) -> dict[str, Any]:
