@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -172,3 +173,20 @@ def test_config_validation_names_the_data_keys():
   config.data.format = "arrow"
   with pytest.raises(configuration.ConfigError, match="data.format"):
     configuration.validate(config)
+
+
+def test_training_rows_over_the_tfds_copy_offset_the_mined_clusters(prepared, tmp_path):
+  from g2e import mining, training_stage
+
+  root, expected = prepared
+  pipeline = types.SimpleNamespace(config=_data("tfds", root), workdir=tmp_path)
+  mining.write_clusters(str(tmp_path / "mine" / "ShapeCls.clusters.json"), [[0, 2], [3, 1]],
+                        [1, 2], subset="ShapeCls", num_rows=5)
+  got, clusters = training_stage.training_rows(pipeline)
+  want = [r for s in expected["train_subsets"] for r in expected["train"]["original", s][0]]
+  assert [(r.subset, r.index, r.qry_text, r.pos_text) for r in got] == [
+      (r.subset, r.index, r.qry_text, r.pos_text) for r in want]
+  offset = 5 * expected["train_subsets"].index("ShapeCls")
+  assert [offset, offset + 2] in clusters and [offset + 3, offset + 1] in clusters
+  assert sorted(i for c in clusters for i in c) == list(range(len(want)))
+  assert got[offset + 3].qry_image == expected["train"]["original", "ShapeCls"][1][3]["qry"]
