@@ -103,3 +103,19 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 24 and all(np.isfinite(x["loss"]) for x in lines)
     assert lines[-1]["tokens_per_s"] > 0
+
+
+def test_split_model_trains_adapters_or_everything(assets):
+    model = _model(assets / "model", "dora")
+    _, adapters, frozen = model_training.split_model(model, full=False)
+    names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
+    assert names == {"lora_a", "lora_b", "magnitude"}
+    assert all(p[-1].key not in names
+               for p, _ in jax.tree_util.tree_leaves_with_path(frozen.to_pure_dict()))
+    plain = Qwen2VL(Qwen2VLConfig.from_dir(assets / "model"), rngs=nnx.Rngs(0))
+    _, everything, rest = model_training.split_model(plain, full=True)
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(plain, nnx.Param)))
+    assert sum(x.size for x in jax.tree.leaves(everything)) == total
+    assert not jax.tree.leaves(rest.to_pure_dict())
+    with pytest.raises(ValueError, match="adapter.kind=none"):
+        model_training.split_model(plain, full=False)
