@@ -12,8 +12,9 @@ STAGES = ("prepare_demo", "eval_plain", "eval_zero_shot", "mine", "train", "eval
                     "report", "embed")
 IMAGE_RESOLUTIONS = ("high", "mid_high", "mid", "mid_low", "clip", "low", "random", "processor")
 
-# Logical axis -> mesh axes. Batch-like axes go over data and fsdp; weights are sharded over
-# fsdp on their model width and over tensor on heads / MLP width / vocabulary.
+# Logical axis -> mesh axes (g2e.models.sharding applies it). Batch-like axes go over data and
+# fsdp; weights are sharded over fsdp on their model width and over tensor on heads / MLP width /
+# vocabulary (Megatron-style); axes without a mesh axis are replicated.
 DEFAULT_SHARDING_RULES = (
         ("batch", ("data", "fsdp")),
         ("length", None),
@@ -27,7 +28,7 @@ DEFAULT_SHARDING_RULES = (
         ("vision_embed", "fsdp"),
         ("vision_heads", "tensor"),
         ("vision_mlp", "tensor"),
-        ("patch", None),
+        ("patches", None),
         ("lora_rank", None),
 )
 

@@ -20,21 +20,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from g2e.configuration import DEFAULT_SHARDING_RULES
+
 Rules = Sequence[tuple[str, Any]]
 
-# The default table: batch over data+fsdp, weights' model dim over fsdp, heads/MLP/vocab over
-# tensor (Megatron-style), everything else replicated.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vision_embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vision_heads", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("vocab", "tensor"),
-)
+# The default table lives with the rest of the configuration (configs override it there).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = DEFAULT_SHARDING_RULES
 
 # Logical axes of each batch field (see "The batch" in the design notes).
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
