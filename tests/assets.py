@@ -18,20 +18,10 @@ from g2e.data import images as images_lib
 from g2e.data import prompts
 from g2e.data.preprocess import EmbedItem
 from g2e.models import tiny
+from tests.models.checkpoints import randomize
 
 TEXTS = ("Represent the given image with the following question: What shape is in the image?",
          "a red circle and a blue square", "Find me an everyday image that matches the caption")
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """normal(0, std) weights; norm scales 1 + noise, so activations keep a sane size."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=generator) * std
-        param.copy_(1.0 + noise if "norm" in name or "ln_q" in name else noise)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
 
 
 def tiny_checkpoint(out_dir: str | pathlib.Path, *, seed: int = 0

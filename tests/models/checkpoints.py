@@ -79,6 +79,17 @@ def hf_config_dict(
     )
 
 
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """normal(0, std) weights; norm scales 1 + noise, so activations keep a sane size."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator) * std
+        param.copy_(1.0 + noise if "norm" in name or "ln_q" in name else noise)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
 def make_hf_model(
     *,
     widths: str = "tiny",
@@ -98,17 +109,7 @@ def make_hf_model(
     config.vision_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.Qwen2VLForConditionalGeneration(config).float().eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * std
-            # Norm scales stay near 1 so activations keep a sane size through the layers.
-            if "norm" in name or "ln_q" in name:
-                param.copy_(1.0 + noise)
-            else:
-                param.copy_(noise)
-        if model.config.tie_word_embeddings:
-            model.tie_weights()
+    randomize(model, seed, std)
     return model
 
 
