@@ -89,6 +89,16 @@ def flops_per_token(model: nnx.Module) -> float:
     return 2.0 * sum(x.size for x in jax.tree.leaves(params))
 
 
+class _SubsetNames:
+    """rows[i].subset on demand: only a failing batch's rows are read (rows may be lazy)."""
+
+    def __init__(self, rows: Sequence[Any]):
+        self._rows = rows
+
+    def __getitem__(self, index: int) -> str:
+        return self._rows[int(index)].subset
+
+
 def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
                 clusters: Sequence[Sequence[int]] | None, processor: Processor, mesh: Mesh,
                 workdir: str) -> trainer.FitResult:
@@ -120,7 +130,7 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
                           fixed_shapes=jax.process_count() > 1)
     result = trainer.fit(model_embed_fn(graphdef), trainable, frozen, train_cfg=train_cfg,
                          mesh=mesh, schedule=schedule, encode=encode, workdir=workdir,
-                         seed=int(config.seed), subsets=[r.subset for r in rows],
+                         seed=int(config.seed), subsets=_SubsetNames(rows),
                          flops_per_token=flops_per_token(model))
     nnx.update(model, nnx.State(result.trainable))
     return result

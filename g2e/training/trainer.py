@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -157,7 +157,7 @@ class FitResult:
 
 
 def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
-                  subsets: Sequence[str] | None):
+                  subsets: Any):
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
     if bad:
         names = sorted({subsets[r] for r in rows}) if subsets is not None else ["(unknown)"]
@@ -170,7 +170,7 @@ def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
 def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train_cfg: Any,
         mesh: Mesh, schedule: batches_lib.ClusterSchedule,
         encode: Callable[[np.ndarray], Mapping[str, Any]], workdir: str, seed: int = 0,
-        subsets: Sequence[str] | None = None, flops_per_token: float | None = None,
+        subsets: Any = None, flops_per_token: float | None = None,
         async_checkpoints: bool = True) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
@@ -183,7 +183,8 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
       encode: host function, row ids -> {'query': model batch, 'candidate': model batch} numpy.
       workdir: checkpoints, train_metrics.jsonl and tensorboard/ go here.
       seed: dropout RNG seed.
-      subsets: subset name per row, named in the NaN error.
+      subsets: indexable, row id -> subset name (read only for a failing batch, in the NaN
+        error).
       flops_per_token: model FLOPs of one token's forward (2 x parameters) for the MFU estimate.
       async_checkpoints: write checkpoints in the background.
 

@@ -17,7 +17,7 @@ from g2e.data.preprocess import Processor
 from g2e.models import lora, tiny
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.training import batches, loss as loss_lib, model_training
+from g2e.training import loss as loss_lib, model_training
 
 
 @pytest.fixture(scope="module")
