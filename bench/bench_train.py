@@ -166,7 +166,7 @@ def cpu_mode(args):
         g2e_s, g2e_loss = time_g2e(model, batch, cpd=args.clusters_per_device,
                                    cluster=args.cluster_size, chunk=pairs // jax.device_count(),
                                    steps=args.steps)
-        torch_s, torch_loss = time_torch(tmp, batch, args.steps, threads=os.cpu_count() or 1)
+        torch_s, torch_loss = time_torch(tmp, batch, args.steps, threads=len(os.sched_getaffinity(0)))
     del transformers
     print(f"batch: {pairs} pairs, text length {args.text_len}, tiny Qwen2-VL, DoRA r=8 "
           f"(devices: {jax.device_count()} {jax.devices()[0].device_kind})")
