@@ -38,12 +38,6 @@ LossFn = Callable[[Array, Array, PyTree], tuple[Array, Mapping[str, Array]]]
 BATCH_AXIS = {"position_ids": 1}
 
 
-def batch_size(batch: Mapping[str, Array]) -> int:
-    """Number of examples in a model batch dict."""
-    key = next(iter(batch))
-    return batch[key].shape[BATCH_AXIS.get(key, 0)]
-
-
 def _groups(mesh: Mesh | None, batch_axes: tuple[str, ...]) -> int:
     if mesh is None:
         return 1
