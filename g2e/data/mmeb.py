@@ -30,8 +30,14 @@ from g2e.data.errors import BadInput, BadInputReport
 # bytes (read from the TFDS copy), or None for "no image".
 Image = str | bytes | None
 
-TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text",
-                 "neg_image_path")
+TRAIN_COLUMNS = (
+    "qry",
+    "qry_image_path",
+    "pos_text",
+    "pos_image_path",
+    "neg_text",
+    "neg_image_path",
+)
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 TRAIN_SPLITS = ("original", "diverse_instruction")
 EVAL_SPLIT = "test"
@@ -39,174 +45,216 @@ EVAL_SPLIT = "test"
 
 @dataclasses.dataclass(frozen=True)
 class TrainRow:
-  """One MMEB-train pair. `index` is the row's number in its subset's split (over the
-  split's parquet files in name order, counting skipped rows), a stable id for mining."""
+    """One MMEB-train pair. `index` is the row's number in its subset's split (over the
+    split's parquet files in name order, counting skipped rows), a stable id for mining."""
 
-  subset: str
-  index: int
-  qry_text: str
-  qry_image: Image
-  pos_text: str
-  pos_image: Image
-  neg_text: str
-  neg_image: Image
+    subset: str
+    index: int
+    qry_text: str
+    qry_image: Image
+    pos_text: str
+    pos_image: Image
+    neg_text: str
+    neg_image: Image
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalRow:
-  """One MMEB-eval query with its candidates; candidate 0 is the positive."""
+    """One MMEB-eval query with its candidates; candidate 0 is the positive."""
 
-  subset: str
-  index: int
-  qry_text: str
-  qry_image: Image
-  tgt_texts: tuple[str, ...]
-  tgt_images: tuple[Image, ...]
+    subset: str
+    index: int
+    qry_text: str
+    qry_image: Image
+    tgt_texts: tuple[str, ...]
+    tgt_images: tuple[Image, ...]
 
 
 def as_report(on_bad_input: str | BadInputReport) -> BadInputReport:
-  """Returns `on_bad_input` if it is a report, else a new report with that policy."""
-  if isinstance(on_bad_input, BadInputReport):
-    return on_bad_input
-  return BadInputReport(on_bad_input)
+    """Returns `on_bad_input` if it is a report, else a new report with that policy."""
+    if isinstance(on_bad_input, BadInputReport):
+        return on_bad_input
+    return BadInputReport(on_bad_input)
 
 
 def list_subsets(data_dir: str) -> list[str]:
-  """Returns the names of the subset folders under `data_dir` that hold parquet files."""
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"MMEB directory {data_dir} does not exist; point "
-                            "config.data.train_dir / eval_dir at a local copy of the hub repo.")
-  return sorted(
-      name for name in os.listdir(data_dir)
-      if glob.glob(os.path.join(data_dir, name, "**", "*.parquet"), recursive=True))
+    """Returns the names of the subset folders under `data_dir` that hold parquet files."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"MMEB directory {data_dir} does not exist; point "
+            "config.data.train_dir / eval_dir at a local copy of the hub repo."
+        )
+    return sorted(
+        name
+        for name in os.listdir(data_dir)
+        if glob.glob(os.path.join(data_dir, name, "**", "*.parquet"), recursive=True)
+    )
 
 
 def parquet_files(data_dir: str, subset: str, split: str) -> list[str]:
-  """Returns the parquet files of `subset`/`split` in name order (both hub layouts)."""
-  folder = os.path.join(data_dir, subset)
-  files = glob.glob(os.path.join(folder, f"{split}-*.parquet"))
-  files += glob.glob(os.path.join(folder, split, "*.parquet"))
-  return sorted(files)
+    """Returns the parquet files of `subset`/`split` in name order (both hub layouts)."""
+    folder = os.path.join(data_dir, subset)
+    files = glob.glob(os.path.join(folder, f"{split}-*.parquet"))
+    files += glob.glob(os.path.join(folder, split, "*.parquet"))
+    return sorted(files)
 
 
 def resolve_image(image_root: str, relative_path: str | None) -> str | None:
-  """Returns the absolute path of an image named relative to `image_root`, or None for ''.
+    """Returns the absolute path of an image named relative to `image_root`, or None for ''.
 
-  Raises:
-    BadInput: when the path leaves the image root (symlinks inside it are fine) or the file
-      does not exist.
-  """
-  if not relative_path:
-    return None
-  path = str(images.resolve_path(relative_path, image_root))
-  if not os.path.isfile(path):
-    raise BadInput("missing image", file=path,
-                   hint=f"check the image root {image_root}: it must hold the paths the "
-                   "parquet names")
-  return path
+    Raises:
+      BadInput: when the path leaves the image root (symlinks inside it are fine) or the file
+        does not exist.
+    """
+    if not relative_path:
+        return None
+    path = str(images.resolve_path(relative_path, image_root))
+    if not os.path.isfile(path):
+        raise BadInput(
+            "missing image",
+            file=path,
+            hint=f"check the image root {image_root}: it must hold the paths the parquet names",
+        )
+    return path
 
 
-def _open_subset(data_dir: str, subset: str, split: str, columns: tuple[str, ...],
-                 report: BadInputReport) -> list[str]:
-  """Checks that `subset` is known and its files have `columns`; returns the files, or []
-  when the subset is skipped."""
-  try:
-    subsets_lib.subset_info(subset, data_dir)
-    files = parquet_files(data_dir, subset, split)
-    if not files:
-      available = ", ".join(list_subsets(data_dir)) if os.path.isdir(data_dir) else "none"
-      raise BadInput("no parquet files", file=os.path.join(data_dir, subset),
-                     detail=f"split {split!r}; subsets there: {available}",
-                     hint=f"expected {subset}/{split}-*.parquet or {subset}/{split}/*.parquet")
-    for path in files:
-      missing = [c for c in columns if c not in pq.read_schema(path).names]
-      if missing:
-        raise BadInput("missing columns", file=path, detail=f"lacks {missing}",
-                       hint=f"MMEB files have the columns {list(columns)}")
-  except subsets_lib.UnknownSubsetError as err:
-    report.handle(BadInput("unknown subset", subset=subset, detail=str(err)))
-    return []
-  except BadInput as err:
-    report.handle(err.with_context(subset=subset))
-    return []
-  return files
+def _open_subset(
+    data_dir: str, subset: str, split: str, columns: tuple[str, ...], report: BadInputReport
+) -> list[str]:
+    """Checks that `subset` is known and its files have `columns`; returns the files, or []
+    when the subset is skipped."""
+    try:
+        subsets_lib.subset_info(subset, data_dir)
+        files = parquet_files(data_dir, subset, split)
+        if not files:
+            available = ", ".join(list_subsets(data_dir)) if os.path.isdir(data_dir) else "none"
+            raise BadInput(
+                "no parquet files",
+                file=os.path.join(data_dir, subset),
+                detail=f"split {split!r}; subsets there: {available}",
+                hint=f"expected {subset}/{split}-*.parquet or {subset}/{split}/*.parquet",
+            )
+        for path in files:
+            missing = [c for c in columns if c not in pq.read_schema(path).names]
+            if missing:
+                raise BadInput(
+                    "missing columns",
+                    file=path,
+                    detail=f"lacks {missing}",
+                    hint=f"MMEB files have the columns {list(columns)}",
+                )
+    except subsets_lib.UnknownSubsetError as err:
+        report.handle(BadInput("unknown subset", subset=subset, detail=str(err)))
+        return []
+    except BadInput as err:
+        report.handle(err.with_context(subset=subset))
+        return []
+    return files
 
 
 def _rows(files: list[str], columns: tuple[str, ...]):
-  """Yields (file, row in file, split-wide index, record dict) over `files`."""
-  index = 0
-  for path in files:
-    table = pq.read_table(path, columns=list(columns))
-    for row, record in enumerate(table.to_pylist()):
-      yield path, row, index, record
-      index += 1
+    """Yields (file, row in file, split-wide index, record dict) over `files`."""
+    index = 0
+    for path in files:
+        table = pq.read_table(path, columns=list(columns))
+        for row, record in enumerate(table.to_pylist()):
+            yield path, row, index, record
+            index += 1
 
 
-def read_train_subset(train_dir: str, subset: str, split: str, image_root: str,
-                      on_bad_input: str | BadInputReport = "error") -> list[TrainRow]:
-  """Reads one MMEB-train subset split into rows with validated absolute image paths.
+def read_train_subset(
+    train_dir: str,
+    subset: str,
+    split: str,
+    image_root: str,
+    on_bad_input: str | BadInputReport = "error",
+) -> list[TrainRow]:
+    """Reads one MMEB-train subset split into rows with validated absolute image paths.
 
-  Args:
-    train_dir: local copy of MMEB-train (holds <Subset>/<split>-*.parquet).
-    subset: subset folder name, e.g. 'ImageNet_1K'.
-    split: 'original' or 'diverse_instruction'.
-    image_root: the folder that holds the `images/...` paths of the parquet.
-    on_bad_input: 'error', 'skip', or a BadInputReport that applies its policy and counts
-      what is skipped (pass one to report the skips at the end of a stage).
+    Args:
+      train_dir: local copy of MMEB-train (holds <Subset>/<split>-*.parquet).
+      subset: subset folder name, e.g. 'ImageNet_1K'.
+      split: 'original' or 'diverse_instruction'.
+      image_root: the folder that holds the `images/...` paths of the parquet.
+      on_bad_input: 'error', 'skip', or a BadInputReport that applies its policy and counts
+        what is skipped (pass one to report the skips at the end of a stage).
 
-  Returns:
-    The rows in file order; skipped rows are absent but keep their `index` numbering.
+    Returns:
+      The rows in file order; skipped rows are absent but keep their `index` numbering.
 
-  Raises:
-    BadInput: under 'error', at the first bad input, naming subset, file and row.
-  """
-  report = as_report(on_bad_input)
-  files = _open_subset(train_dir, subset, split, TRAIN_COLUMNS, report)
-  rows = []
-  for path, row, index, r in _rows(files, TRAIN_COLUMNS):
-    try:
-      paths = [resolve_image(image_root, r[c])
-               for c in ("qry_image_path", "pos_image_path", "neg_image_path")]
-    except BadInput as err:
-      report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
-      continue
-    rows.append(TrainRow(subset, index, r["qry"] or "", paths[0], r["pos_text"] or "",
-                         paths[1], r["neg_text"] or "", paths[2]))
-  return rows
+    Raises:
+      BadInput: under 'error', at the first bad input, naming subset, file and row.
+    """
+    report = as_report(on_bad_input)
+    files = _open_subset(train_dir, subset, split, TRAIN_COLUMNS, report)
+    rows = []
+    for path, row, index, r in _rows(files, TRAIN_COLUMNS):
+        try:
+            paths = [
+                resolve_image(image_root, r[c])
+                for c in ("qry_image_path", "pos_image_path", "neg_image_path")
+            ]
+        except BadInput as err:
+            report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
+            continue
+        rows.append(
+            TrainRow(
+                subset,
+                index,
+                r["qry"] or "",
+                paths[0],
+                r["pos_text"] or "",
+                paths[1],
+                r["neg_text"] or "",
+                paths[2],
+            )
+        )
+    return rows
 
 
-def read_eval_subset(eval_dir: str, subset: str, image_root: str,
-                     on_bad_input: str | BadInputReport = "error") -> list[EvalRow]:
-  """Reads one MMEB-eval subset (split `test`) into rows with validated image paths.
+def read_eval_subset(
+    eval_dir: str, subset: str, image_root: str, on_bad_input: str | BadInputReport = "error"
+) -> list[EvalRow]:
+    """Reads one MMEB-eval subset (split `test`) into rows with validated image paths.
 
-  Args:
-    eval_dir: local copy of MMEB-eval (holds <Subset>/test-*.parquet).
-    subset: subset folder name, e.g. 'ImageNet-1K'.
-    image_root: the folder the parquet's image paths are relative to.
-    on_bad_input: 'error', 'skip', or a BadInputReport (see read_train_subset).
+    Args:
+      eval_dir: local copy of MMEB-eval (holds <Subset>/test-*.parquet).
+      subset: subset folder name, e.g. 'ImageNet-1K'.
+      image_root: the folder the parquet's image paths are relative to.
+      on_bad_input: 'error', 'skip', or a BadInputReport (see read_train_subset).
 
-  Returns:
-    The rows in file order, each with its candidates (positive first).
+    Returns:
+      The rows in file order, each with its candidates (positive first).
 
-  Raises:
-    BadInput: under 'error', at the first bad input, naming subset, file and row.
-  """
-  report = as_report(on_bad_input)
-  files = _open_subset(eval_dir, subset, EVAL_SPLIT, EVAL_COLUMNS, report)
-  rows = []
-  for path, row, index, r in _rows(files, EVAL_COLUMNS):
-    texts, image_paths = r["tgt_text"], r["tgt_img_path"]
-    try:
-      if not texts or image_paths is None or len(texts) != len(image_paths):
-        raise BadInput("malformed candidate lists", file=path,
-                       detail=f"tgt_text {texts!r}, tgt_img_path {image_paths!r}",
-                       hint="tgt_text and tgt_img_path must be non-empty lists of equal "
-                       "length")
-      qry_image = resolve_image(image_root, r["qry_img_path"])
-      tgt_images = tuple(resolve_image(image_root, p) for p in image_paths)
-    except BadInput as err:
-      report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
-      continue
-    rows.append(EvalRow(subset, index, r["qry_text"] or "", qry_image,
-                        tuple(t or "" for t in texts), tgt_images))
-  return rows
+    Raises:
+      BadInput: under 'error', at the first bad input, naming subset, file and row.
+    """
+    report = as_report(on_bad_input)
+    files = _open_subset(eval_dir, subset, EVAL_SPLIT, EVAL_COLUMNS, report)
+    rows = []
+    for path, row, index, r in _rows(files, EVAL_COLUMNS):
+        texts, image_paths = r["tgt_text"], r["tgt_img_path"]
+        try:
+            if not texts or image_paths is None or len(texts) != len(image_paths):
+                raise BadInput(
+                    "malformed candidate lists",
+                    file=path,
+                    detail=f"tgt_text {texts!r}, tgt_img_path {image_paths!r}",
+                    hint="tgt_text and tgt_img_path must be non-empty lists of equal length",
+                )
+            qry_image = resolve_image(image_root, r["qry_img_path"])
+            tgt_images = tuple(resolve_image(image_root, p) for p in image_paths)
+        except BadInput as err:
+            report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
+            continue
+        rows.append(
+            EvalRow(
+                subset,
+                index,
+                r["qry_text"] or "",
+                qry_image,
+                tuple(t or "" for t in texts),
+                tgt_images,
+            )
+        )
+    return rows

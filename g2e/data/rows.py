@@ -30,125 +30,138 @@ FORMATS = ("parquet", "tfds")
 
 
 def _format(data: Any) -> str:
-  fmt = data.get("format", "parquet") if hasattr(data, "get") else data.format
-  if fmt not in FORMATS:
-    raise ValueError(f"--config.data.format is {fmt!r}; use one of {', '.join(FORMATS)}")
-  if fmt == "tfds" and not data.tfds_dir:
-    raise ValueError("--config.data.tfds_dir is empty; with data.format=tfds point it at the "
-                     "data_dir `python -m g2e.data.tfds_builders` wrote to")
-  return fmt
+    fmt = data.get("format", "parquet") if hasattr(data, "get") else data.format
+    if fmt not in FORMATS:
+        raise ValueError(f"--config.data.format is {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "tfds" and not data.tfds_dir:
+        raise ValueError(
+            "--config.data.tfds_dir is empty; with data.format=tfds point it at the "
+            "data_dir `python -m g2e.data.tfds_builders` wrote to"
+        )
+    return fmt
 
 
 def manifest_dir(data: Any, kind: str) -> str:
-  """The directory whose (or whose parent's) subsets.json declares the `kind` ('train' or
-  'eval') subsets: tfds_dir for the TFDS copy, else train_dir / eval_dir."""
-  if _format(data) == "tfds":
-    return data.tfds_dir
-  return data.train_dir if kind == "train" else data.eval_dir
+    """The directory whose (or whose parent's) subsets.json declares the `kind` ('train' or
+    'eval') subsets: tfds_dir for the TFDS copy, else train_dir / eval_dir."""
+    if _format(data) == "tfds":
+        return data.tfds_dir
+    return data.train_dir if kind == "train" else data.eval_dir
 
 
-def _tfds_rows(kind: str, data: Any, subset: str, split: str,
-               report: BadInputReport) -> Sequence:
-  """The prepared copy of `subset`/`split`, or [] after reporting why it cannot be read."""
-  from g2e.data import tfds_builders  # TensorFlow Datasets only when this format is used.
+def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputReport) -> Sequence:
+    """The prepared copy of `subset`/`split`, or [] after reporting why it cannot be read."""
+    from g2e.data import tfds_builders  # TensorFlow Datasets only when this format is used.
 
-  try:
-    subsets_lib.subset_info(subset, data.tfds_dir)
-  except subsets_lib.UnknownSubsetError as err:
-    report.handle(BadInput("unknown subset", subset=subset, detail=str(err)))
-    return []
-  try:
-    return tfds_builders.RowSource(kind, data.tfds_dir, subset, split)
-  except (FileNotFoundError, KeyError) as err:
-    report.handle(BadInput("not in the TFDS copy", subset=subset, file=data.tfds_dir,
-                           detail=str(err).strip("'\""),
-                           hint="prepare it with `python -m g2e.data.tfds_builders` or drop "
-                           "it from the subset list"))
-    return []
+    try:
+        subsets_lib.subset_info(subset, data.tfds_dir)
+    except subsets_lib.UnknownSubsetError as err:
+        report.handle(BadInput("unknown subset", subset=subset, detail=str(err)))
+        return []
+    try:
+        return tfds_builders.RowSource(kind, data.tfds_dir, subset, split)
+    except (FileNotFoundError, KeyError) as err:
+        report.handle(
+            BadInput(
+                "not in the TFDS copy",
+                subset=subset,
+                file=data.tfds_dir,
+                detail=str(err).strip("'\""),
+                hint="prepare it with `python -m g2e.data.tfds_builders` or drop "
+                "it from the subset list",
+            )
+        )
+        return []
 
 
 def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.TrainRow]:
-  """The rows of one MMEB-train subset (split `data.train_split`) in the configured format.
+    """The rows of one MMEB-train subset (split `data.train_split`) in the configured format.
 
-  Args:
-    data: the config's `data` section (format, tfds_dir, train_dir, train_image_root,
-      train_split).
-    subset: the subset's name, e.g. 'ImageNet_1K'.
-    report: applies `data.on_bad_input` to an unknown, missing or unreadable subset or row
-      (raising BadInput under 'error', counting under 'skip').
+    Args:
+      data: the config's `data` section (format, tfds_dir, train_dir, train_image_root,
+        train_split).
+      subset: the subset's name, e.g. 'ImageNet_1K'.
+      report: applies `data.on_bad_input` to an unknown, missing or unreadable subset or row
+        (raising BadInput under 'error', counting under 'skip').
 
-  Returns:
-    The rows in source order ([] for a skipped subset); images are absolute paths (parquet)
-    or the encoded bytes (tfds).
-  """
-  if _format(data) == "tfds":
-    return _tfds_rows("train", data, subset, data.train_split, report)
-  return mmeb.read_train_subset(data.train_dir, subset, data.train_split,
-                                data.train_image_root or data.train_dir, report)
+    Returns:
+      The rows in source order ([] for a skipped subset); images are absolute paths (parquet)
+      or the encoded bytes (tfds).
+    """
+    if _format(data) == "tfds":
+        return _tfds_rows("train", data, subset, data.train_split, report)
+    return mmeb.read_train_subset(
+        data.train_dir, subset, data.train_split, data.train_image_root or data.train_dir, report
+    )
 
 
 def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.EvalRow]:
-  """The rows of one MMEB-eval subset in the configured format (see `train_rows`; the keys
-  read are format, tfds_dir, eval_dir and eval_image_root)."""
-  if _format(data) == "tfds":
-    return _tfds_rows("eval", data, subset, mmeb.EVAL_SPLIT, report)
-  return mmeb.read_eval_subset(data.eval_dir, subset, data.eval_image_root or data.eval_dir,
-                               report)
+    """The rows of one MMEB-eval subset in the configured format (see `train_rows`; the keys
+    read are format, tfds_dir, eval_dir and eval_image_root)."""
+    if _format(data) == "tfds":
+        return _tfds_rows("eval", data, subset, mmeb.EVAL_SPLIT, report)
+    return mmeb.read_eval_subset(
+        data.eval_dir, subset, data.eval_image_root or data.eval_dir, report
+    )
 
 
 def _prepared_subsets(kind: str, tfds_dir: str) -> list[str]:
-  """The subsets with a prepared copy under `tfds_dir` (<builder>/<subset>/<version>/)."""
-  from etils import epath
+    """The subsets with a prepared copy under `tfds_dir` (<builder>/<subset>/<version>/)."""
+    from etils import epath
 
-  from g2e.data import tfds_builders
+    from g2e.data import tfds_builders
 
-  builder_class = tfds_builders.MmebTrain if kind == "train" else tfds_builders.MmebEval
-  folder = epath.Path(tfds_dir) / builder_class.name
-  if not folder.is_dir():
-    raise FileNotFoundError(
-        f"{folder} does not exist: no {kind} subsets were prepared under data.tfds_dir="
-        f"{tfds_dir}; run `python -m g2e.data.tfds_builders --kind {kind} ...` first")
-  return sorted(p.name for p in folder.iterdir()
-                if (p / tfds_builders.VERSION / "dataset_info.json").exists())
+    builder_class = tfds_builders.MmebTrain if kind == "train" else tfds_builders.MmebEval
+    folder = epath.Path(tfds_dir) / builder_class.name
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} does not exist: no {kind} subsets were prepared under data.tfds_dir="
+            f"{tfds_dir}; run `python -m g2e.data.tfds_builders --kind {kind} ...` first"
+        )
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if (p / tfds_builders.VERSION / "dataset_info.json").exists()
+    )
 
 
 def list_train_subsets(data: Any) -> list[str]:
-  """The MMEB-train subsets present in the configured source, in name order."""
-  if _format(data) == "tfds":
-    return _prepared_subsets("train", data.tfds_dir)
-  return mmeb.list_subsets(data.train_dir)
+    """The MMEB-train subsets present in the configured source, in name order."""
+    if _format(data) == "tfds":
+        return _prepared_subsets("train", data.tfds_dir)
+    return mmeb.list_subsets(data.train_dir)
 
 
 def list_eval_subsets(data: Any) -> list[str]:
-  """The MMEB-eval subsets present in the configured source, in name order."""
-  if _format(data) == "tfds":
-    return _prepared_subsets("eval", data.tfds_dir)
-  return mmeb.list_subsets(data.eval_dir)
+    """The MMEB-eval subsets present in the configured source, in name order."""
+    if _format(data) == "tfds":
+        return _prepared_subsets("eval", data.tfds_dir)
+    return mmeb.list_subsets(data.eval_dir)
 
 
 class ConcatRows(Sequence):
-  """Several row sequences read as one (indices run through them in order), without copying:
-  the train stage concatenates every subset's rows, which over TFDS hold image bytes."""
+    """Several row sequences read as one (indices run through them in order), without copying:
+    the train stage concatenates every subset's rows, which over TFDS hold image bytes."""
 
-  def __init__(self, parts: Sequence[Sequence]):
-    self.parts = [p for p in parts if len(p)]
-    self.starts = [0]
-    for part in self.parts:
-      self.starts.append(self.starts[-1] + len(part))
+    def __init__(self, parts: Sequence[Sequence]):
+        self.parts = [p for p in parts if len(p)]
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + len(part))
 
-  def __len__(self) -> int:
-    return self.starts[-1]
+    def __len__(self) -> int:
+        return self.starts[-1]
 
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    i = int(i)
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"row {i} of {len(self)} rows")
-    i %= len(self)
-    part = bisect.bisect_right(self.starts, i) - 1
-    return self.parts[part][i - self.starts[part]]
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)} rows")
+        i %= len(self)
+        part = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[part][i - self.starts[part]]
 
-  def __iter__(self) -> Iterator:
-    for part in self.parts:
-      yield from part
+    def __iter__(self) -> Iterator:
+        for part in self.parts:
+            yield from part
