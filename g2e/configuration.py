@@ -8,90 +8,150 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("prepare_demo", "eval_plain", "eval_zero_shot", "mine", "train", "eval", "export",
-                    "report", "embed")
+STAGES = (
+    "prepare_demo",
+    "eval_plain",
+    "eval_zero_shot",
+    "mine",
+    "train",
+    "eval",
+    "export",
+    "report",
+    "embed",
+)
 IMAGE_RESOLUTIONS = ("high", "mid_high", "mid", "mid_low", "clip", "low", "random", "processor")
 
 # Logical axis -> mesh axes (g2e.models.sharding applies it). Batch-like axes go over data and
 # fsdp; weights are sharded over fsdp on their model width and over tensor on heads / MLP width /
 # vocabulary (Megatron-style); axes without a mesh axis are replicated.
 DEFAULT_SHARDING_RULES = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("mlp", "tensor"),
-        ("layers", None),
-        ("vision_embed", "fsdp"),
-        ("vision_heads", "tensor"),
-        ("vision_mlp", "tensor"),
-        ("patches", None),
-        ("lora_rank", None),
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("patches", None),
+    ("lora_rank", None),
 )
 
 
 def base_config() -> ml_collections.ConfigDict:
     """The defaults of every key; recipes override what they change."""
     c = ml_collections.ConfigDict()
-    c.model_dir = ""          # a Hugging Face Qwen2-VL directory
-    c.adapter_dir = ""        # optional PEFT LoRA/DoRA adapter applied on top of model_dir
+    c.model_dir = ""  # a Hugging Face Qwen2-VL directory
+    c.adapter_dir = ""  # optional PEFT LoRA/DoRA adapter applied on top of model_dir
     c.workdir = "workdir"
     c.stages = "eval_zero_shot,mine,train,eval,export"
-    c.force = ""              # comma-separated stages to redo even if complete
+    c.force = ""  # comma-separated stages to redo even if complete
     c.seed = 0
     # Embed command (configs/embed.py).
     c.input = ""
     c.output = ""
 
     c.distributed = ml_collections.ConfigDict(
-            dict(coordinator_address="", num_processes=0, process_id=-1))
+        dict(coordinator_address="", num_processes=0, process_id=-1)
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
-    c.model = ml_collections.ConfigDict(dict(
-            dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="xla"))
+    c.model = ml_collections.ConfigDict(
+        dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="xla")
+    )
 
     c.prompt = ml_collections.ConfigDict(dict(system=True, suffix=True))
 
-    c.data = ml_collections.ConfigDict(dict(
-            train_dir="", train_image_root="", train_subsets="", train_split="diverse_instruction",
-            eval_dir="", eval_image_root="", eval_subsets="",
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_dir="",
+            train_image_root="",
+            train_subsets="",
+            train_split="diverse_instruction",
+            eval_dir="",
+            eval_image_root="",
+            eval_subsets="",
             # 'parquet': the hub's layout in train_dir / eval_dir; 'tfds': the array_record copy
             # `python -m g2e.data.tfds_builders` wrote to tfds_dir (images inside, gs:// works).
-            format="parquet", tfds_dir="",
+            format="parquet",
+            tfds_dir="",
             on_bad_input="error",
-            max_length=2048, train_max_length=1024,
-            image_resolution="random", train_image_resolution="mid_low",
-            min_pixels=0, max_pixels=0,           # 0: the checkpoint's image processor settings
+            max_length=2048,
+            train_max_length=1024,
+            image_resolution="random",
+            train_image_resolution="mid_low",
+            min_pixels=0,
+            max_pixels=0,  # 0: the checkpoint's image processor settings
             length_buckets=(128, 256, 512, 1024, 2048),
             patch_buckets=(0, 1024, 4096, 16384),
-    ))
+        )
+    )
 
     c.eval = ml_collections.ConfigDict(dict(batch_size=16))
 
-    c.mine = ml_collections.ConfigDict(dict(
-            top_k=15, pool_mult=3, block_size=256, batch_size=16,
-            judge=True, judge_threshold=0.5, judge_batch_size=16))
+    c.mine = ml_collections.ConfigDict(
+        dict(
+            top_k=15,
+            pool_mult=3,
+            block_size=256,
+            batch_size=16,
+            judge=True,
+            judge_threshold=0.5,
+            judge_batch_size=16,
+        )
+    )
 
-    c.train = ml_collections.ConfigDict(dict(
-            steps=1500, lr=5e-5, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
-            clusters_per_device=16, cluster_size=16, query_chunk=4, candidate_chunk=4,
-            temperature=0.02, use_clusters=True,
-            checkpoint_every=100, keep_checkpoints=3, log_every=10,
-            adapter=ml_collections.ConfigDict(dict(
-                    kind="dora", r=8, alpha=64, dropout=0.1,
-                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))),
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1500,
+            lr=5e-5,
+            warmup_steps=100,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            clusters_per_device=16,
+            cluster_size=16,
+            query_chunk=4,
+            candidate_chunk=4,
+            temperature=0.02,
+            use_clusters=True,
+            checkpoint_every=100,
+            keep_checkpoints=3,
+            log_every=10,
+            adapter=ml_collections.ConfigDict(
+                dict(
+                    kind="dora",
+                    r=8,
+                    alpha=64,
+                    dropout=0.1,
+                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+                )
+            ),
+        )
+    )
 
     c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="bfloat16"))
 
     # The demo's tiny generator (configs/demo.py): mini-MMEB size and model widths.
-    c.demo = ml_collections.ConfigDict(dict(
-        seed=0, scale=1.0, generator_steps=300, generator_lr=3e-3, generator_batch_size=16,
-        vocab_size=1024, hidden_size=64, num_layers=2, heads=4, kv_heads=2, vision_width=32))
+    c.demo = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            scale=1.0,
+            generator_steps=300,
+            generator_lr=3e-3,
+            generator_batch_size=16,
+            vocab_size=1024,
+            hidden_size=64,
+            num_layers=2,
+            heads=4,
+            kv_heads=2,
+            vision_width=32,
+        )
+    )
     return c
 
 
@@ -115,8 +175,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("stages", "is empty; give a comma-separated list of " + ", ".join(STAGES))
     for stage in stages + split_list(config.force):
         if stage not in STAGES:
-            _fail("stages" if stage in stages else "force",
-                        f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
+            _fail(
+                "stages" if stage in stages else "force",
+                f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}",
+            )
     if "prepare_demo" not in stages and not config.model_dir:
         _fail("model_dir", "is empty; point it at a Hugging Face Qwen2-VL directory")
     if "embed" in stages:
@@ -144,38 +206,62 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("data.on_bad_input", f"is {config.data.on_bad_input!r}; use error or skip")
     for key in ("image_resolution", "train_image_resolution"):
         if config.data[key] not in IMAGE_RESOLUTIONS:
-            _fail(f"data.{key}", f"is {config.data[key]!r}; use one of {', '.join(IMAGE_RESOLUTIONS)}")
+            _fail(
+                f"data.{key}", f"is {config.data[key]!r}; use one of {', '.join(IMAGE_RESOLUTIONS)}"
+            )
     for key in ("max_length", "train_max_length"):
         if config.data[key] < 16:
             _fail(f"data.{key}", f"is {config.data[key]}; it must hold the chat template (>= 16)")
     if max(config.data.length_buckets) < config.data.max_length:
-        _fail("data.length_buckets", f"largest bucket {max(config.data.length_buckets)} is below "
-                    f"data.max_length={config.data.max_length}; add a bucket of at least that size")
+        _fail(
+            "data.length_buckets",
+            f"largest bucket {max(config.data.length_buckets)} is below "
+            f"data.max_length={config.data.max_length}; add a bucket of at least that size",
+        )
     needs_train_data = any(s in stages for s in ("mine", "train"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
     if config.data.format not in ("parquet", "tfds"):
-        _fail("data.format", f"is {config.data.format!r}; use parquet (the hub's layout) or tfds "
-                    "(the copy g2e.data.tfds_builders prepares)")
+        _fail(
+            "data.format",
+            f"is {config.data.format!r}; use parquet (the hub's layout) or tfds "
+            "(the copy g2e.data.tfds_builders prepares)",
+        )
     if config.data.format == "tfds":
         if (needs_train_data or needs_eval_data) and not config.data.tfds_dir:
-            _fail("data.tfds_dir", "is empty; with data.format=tfds point it at the data_dir "
-                        "`python -m g2e.data.tfds_builders` wrote to")
+            _fail(
+                "data.tfds_dir",
+                "is empty; with data.format=tfds point it at the data_dir "
+                "`python -m g2e.data.tfds_builders` wrote to",
+            )
     elif "prepare_demo" not in stages:
         if needs_train_data and not config.data.train_dir:
             _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
         if needs_eval_data and not config.data.eval_dir:
             _fail("data.eval_dir", "is empty; point it at MMEB-eval in the hub's layout")
     train = config.train
-    for key in ("steps", "clusters_per_device", "cluster_size", "query_chunk", "candidate_chunk",
-                            "checkpoint_every", "keep_checkpoints"):
+    for key in (
+        "steps",
+        "clusters_per_device",
+        "cluster_size",
+        "query_chunk",
+        "candidate_chunk",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         if train[key] < 1:
             _fail(f"train.{key}", f"is {train[key]}; it must be at least 1")
     if train.clusters_per_device * train.cluster_size % train.query_chunk:
-        _fail("train.query_chunk", f"{train.query_chunk} does not divide the per-device batch "
-                    f"{train.clusters_per_device} x {train.cluster_size}")
+        _fail(
+            "train.query_chunk",
+            f"{train.query_chunk} does not divide the per-device batch "
+            f"{train.clusters_per_device} x {train.cluster_size}",
+        )
     if train.clusters_per_device * train.cluster_size % train.candidate_chunk:
-        _fail("train.candidate_chunk", f"{train.candidate_chunk} does not divide the per-device "
-                    f"batch {train.clusters_per_device} x {train.cluster_size}")
+        _fail(
+            "train.candidate_chunk",
+            f"{train.candidate_chunk} does not divide the per-device "
+            f"batch {train.clusters_per_device} x {train.cluster_size}",
+        )
     if train.temperature <= 0:
         _fail("train.temperature", f"is {train.temperature}; it must be positive")
     if train.adapter.kind not in ("lora", "dora", "none"):
