@@ -262,11 +262,73 @@ def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
     np.testing.assert_array_equal(two["restored"], two["weights"])  # checkpoint round trip
 
 
+# The real recipe on a trimmed demo: a zero-shot evaluation of two subsets and two training steps
+# on unclustered rows (so no mine stage). The one-process run also prepares the demo (seeded);
+# the two-process run reads that very checkpoint and mini-MMEB, so both start from the same bytes.
+DEMO_FLAGS = [
+    "--config=configs/demo.py",
+    "--config.demo.scale=0.05", "--config.demo.generator_steps=2",
+    "--config.data.eval_subsets=ShapeCls,ShapeVQA", "--config.eval.batch_size=8",
+    "--config.train.steps=2", "--config.train.checkpoint_every=2",
+    "--config.train.use_clusters=False", "--config.train.clusters_per_device=1",
+    "--config.train.cluster_size=2", "--config.train.query_chunk=2",
+    "--config.train.candidate_chunk=2",
+]
+
+
+def _demo_command(out: pathlib.Path) -> list[str]:
+    """`python -m g2e.main` into out/workdir; the second run (out/../multi) reuses the demo data."""
+    argv = [sys.executable, "-m", "g2e.main", *DEMO_FLAGS, f"--config.workdir={out / 'workdir'}"]
+    if out.name == "single":
+        return argv + ["--config.stages=prepare_demo,eval_zero_shot,train"]
+    demo = out.parent / "single" / "workdir" / "prepare_demo"
+    data = demo / "mini_mmeb"
+    return argv + ["--config.stages=eval_zero_shot,train", f"--config.model_dir={demo / 'model'}",
+                   f"--config.data.train_dir={data / 'train'}",
+                   f"--config.data.eval_dir={data / 'eval'}",
+                   f"--config.data.train_image_root={data}",
+                   f"--config.data.eval_image_root={data}"]
+
+
+def _compare_demo(single: pathlib.Path, multi: pathlib.Path) -> None:
+    from safetensors.numpy import load_file
+
+    one, two = single / "workdir", multi / "workdir"
+    assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in (two / "log.txt").read_text()
+    results = [json.loads((d / "eval_zero_shot" / "results.json").read_text()) for d in (one, two)]
+    assert sorted(results[0]["subsets"]) == ["ShapeCls", "ShapeVQA"]
+    for name, subset in results[0]["subsets"].items():
+        other = results[1]["subsets"][name]
+        assert (other["precision_at_1"], other["num_queries"]) == (
+            subset["precision_at_1"], subset["num_queries"]), name
+    assert results[1]["overall"] == results[0]["overall"]
+    # The evaluation's embedding cache: every query and candidate, in input order, both runs.
+    for name in results[0]["subsets"]:
+        for side in ("queries", "candidates"):
+            path = pathlib.Path("eval_zero_shot", "cache", name, f"{side}.npy")
+            np.testing.assert_allclose(np.load(two / path), np.load(one / path), rtol=1e-5,
+                                       atol=1e-5, err_msg=str(path))
+    metrics = [[json.loads(line) for line in (d / "train" / "train_metrics.jsonl").open()]
+               for d in (one, two)]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2]
+    for key in ("loss", "accuracy", "grad_norm", "update_norm"):
+        np.testing.assert_allclose([m[key] for m in metrics[1]], [m[key] for m in metrics[0]],
+                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    adapters = [load_file(d / "train" / "adapter" / "adapter_model.safetensors")
+                for d in (one, two)]
+    assert adapters[0] and sorted(adapters[0]) == sorted(adapters[1])
+    for name, value in adapters[0].items():
+        np.testing.assert_allclose(adapters[1][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Two steps moved the adapter: B starts at zero and is no longer zero.
+    assert any(np.abs(v).max() > 0 for k, v in adapters[0].items() if "lora_B" in k)
+
+
 # A case: (command for an output directory, comparison of the one- and two-process outputs).
-# The real stages plug in here with their own command (e.g. `python -m g2e.main ...`).
+# The one-process run goes first, in tmp_path/single; the two-process run in tmp_path/multi.
 JOBS: dict[str, tuple[Callable[[pathlib.Path], list[str]],
                       Callable[[pathlib.Path, pathlib.Path], None]]] = {
     "toy": (_toy_command, _compare_toy),
+    "demo": (_demo_command, _compare_demo),
 }
 
 
@@ -277,8 +339,8 @@ def test_two_processes_match_one(job, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
-    run_job(command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path)
-    run_job(command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path)
+    run_job(command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path, timeout=240)
+    run_job(command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path, timeout=240)
     compare(single, multi)
 
 
