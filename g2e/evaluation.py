@@ -23,7 +23,6 @@ gs://), so that all take the same cache decisions.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -37,6 +36,7 @@ import tqdm
 from etils import epath
 
 from g2e.data import mmeb
+from g2e.data.images import image_key
 from g2e.data import rows as rows_lib
 from g2e.data import subsets as subset_registry
 from g2e.data.errors import BadInputReport
@@ -49,23 +49,6 @@ _ROW_BLOCK = 64  # rows scored per matmul in precision_at_1
 
 EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
 Key = tuple[str, str]  # (text, image key)
-
-
-def image_key(image: Any) -> str:
-    """A stable string naming an image for deduplication: its path, or a hash of its bytes.
-
-    Takes None (text only) -> "", a path (str / PathLike) -> the path as given, bytes -> a
-    sha1 of the bytes, a PIL image -> a sha1 of its mode, size and pixels.
-    """
-    if image is None:
-        return ""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return "sha1:" + hashlib.sha1(bytes(image)).hexdigest()
-    if hasattr(image, "tobytes") and hasattr(image, "mode"):
-        digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
-        digest.update(image.tobytes())
-        return "pil:" + digest.hexdigest()
-    return str(image)
 
 
 def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: int, desc: str,

@@ -24,7 +24,7 @@ from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import EmbedItem
 from g2e.embedding import Embedder
-from g2e.evaluation import image_key
+from g2e.data.images import image_key
 from g2e.judge import Judge
 
 

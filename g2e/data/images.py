@@ -19,10 +19,12 @@ still applies its own min/max pixels afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pathlib
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -199,3 +201,19 @@ def check_aspect_ratio(image: Image.Image, name: str = "") -> None:
         raise BadInput("image aspect ratio over 200", file=name,
                        detail=f"{width}x{height}", hint="drop the row or crop the image")
 
+
+def image_key(image: Any) -> str:
+    """A stable string naming an image for deduplication: its path, or a hash of its bytes.
+
+    Takes None (text only) -> "", a path (str / PathLike) -> the path as given, bytes -> a
+    sha1 of the bytes, a PIL image -> a sha1 of its mode, size and pixels.
+    """
+    if image is None:
+        return ""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return "sha1:" + hashlib.sha1(bytes(image)).hexdigest()
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):
+        digest = hashlib.sha1(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+        return "pil:" + digest.hexdigest()
+    return str(image)

@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from g2e.data import prompts
+from g2e.data.images import image_key
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.training import batches, gradcache, trainer
 
@@ -49,9 +51,20 @@ def model_embed_fn(graphdef: nnx.GraphDef) -> gradcache.EmbedFn:
     return embed
 
 
+def positive_ids(rows: Sequence[Any]) -> np.ndarray:
+    """int32 [len(rows)]: rows whose positives embed identically (same text, image and prompt)
+    share an id, so the loss masks them as duplicates instead of scoring them as negatives
+    (e.g. two rows of a classification subset with the same label)."""
+    keys: dict = {}
+    ids = [keys.setdefault((row.pos_text, image_key(row.pos_image),
+                            prompts.uses_suffix("candidate", row.subset)), len(keys))
+           for row in rows]
+    return np.asarray(ids, np.int32)
+
+
 def make_encoder(processor: Processor, rows: Sequence[Any], *, image_root: str | None,
                  fixed_shapes: bool) -> Callable[[np.ndarray], dict]:
-    """Host encoder: row ids -> {'query': batch, 'candidate': batch} (numpy, design contract).
+    """Host encoder: row ids -> {'query': batch, 'candidate': batch, 'ids': positive ids}.
 
     Queries use the query prompt (qry_text, qry_image), candidates the candidate prompt
     (pos_text, pos_image). With `fixed_shapes` every batch is padded to the largest length and
@@ -77,8 +90,11 @@ def make_encoder(processor: Processor, rows: Sequence[Any], *, image_root: str |
             encoded.append(enc)
         return processor.collate(encoded, **shape)
 
+    candidate_ids = positive_ids(rows)
+
     def encode(row_ids: np.ndarray) -> dict:
-        return {"query": side(row_ids, "query"), "candidate": side(row_ids, "candidate")}
+        return {"query": side(row_ids, "query"), "candidate": side(row_ids, "candidate"),
+                "ids": candidate_ids[np.asarray(row_ids, np.int64)]}
 
     return encode
 

@@ -180,7 +180,8 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
       train_cfg: the `train` config block.
       mesh: device mesh with ('data', 'fsdp', ...) axes.
       schedule: which rows form each step's global batch.
-      encode: host function, row ids -> {'query': model batch, 'candidate': model batch} numpy.
+      encode: host function, row ids -> {'query': model batch, 'candidate': model batch} numpy
+        (and optionally 'ids': int32 per row, equal for duplicate candidates).
       workdir: checkpoints, train_metrics.jsonl and tensorboard/ go here.
       seed: dropout RNG seed.
       subsets: indexable, row id -> subset name (read only for a failing batch, in the NaN
@@ -229,7 +230,9 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         rows = schedule.rows(step)
         local = rows[rows_here]
         host = dict(encode(local))
-        host["ids"] = local.astype(np.int32)
+        # Candidates with equal ids are duplicates, masked rather than scored as negatives:
+        # the encoder may give content ids, else each row is its own.
+        host.setdefault("ids", local.astype(np.int32))
         tokens = sum(int(np.sum(host[k]["attention_mask"])) for k in ("query", "candidate")
                      if "attention_mask" in host[k])
         return rows, host, tokens * jax.process_count()
