@@ -34,6 +34,9 @@ from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 
 GENERATOR_QUESTION = "What does the image show?"
+ONE_WORD_IMAGE = "Summarize the image in one word."
+ONE_WORD_TEXT = "Describe the text in one word."
+YES_NO = "Is there a {} in the image? Answer Yes or No."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +59,40 @@ def _fresh(path: pathlib.Path) -> pathlib.Path:
     return tmp
 
 
+def _one_word(text: str) -> str | None:
+    """The first shape named in a mini-MMEB caption, its one-word summary (None if none)."""
+    words = [w.strip(".,") for w in text.lower().split()]
+    return next((w for w in words if w in mini_mmeb.SHAPES), None)
+
+
 def generator_examples(train_dir: pathlib.Path, image_root: pathlib.Path
                        ) -> list[tuple[str, str | None, str]]:
     """(user text, image path or None, answer) pairs from the mini-MMEB's training rows.
 
-    A row whose positive is text teaches the model to answer its query with it (labels,
-    answers, captions); a row whose positive is an image teaches it to describe that image with
-    the query's text (the caption after the instruction).
+    Like an instruction-tuned MLLM's data: a row whose positive is text teaches the model to
+    answer its query with it (labels, answers, captions); a row whose positive is an image
+    teaches it to caption that image with the query's caption; and every caption also gives
+    a one-word summary task, of the image and of the caption text (the first shape named), and
+    a yes/no question about the image (is a given shape in it?).
     """
     examples = []
     for subset in mmeb.list_subsets(str(train_dir)):
         for row in mmeb.read_train_subset(str(train_dir), subset, "original", str(image_root)):
             if row.pos_image is None:
                 examples.append((row.qry_text, row.qry_image, row.pos_text))
+                caption, image = row.pos_text, row.qry_image
             elif row.qry_image is None and row.qry_text:
-                caption = row.qry_text.rsplit(": ", 1)[-1].strip()
-                examples.append((GENERATOR_QUESTION, row.pos_image, caption))
+                caption, image = row.qry_text.rsplit(": ", 1)[-1].strip(), row.pos_image
+                examples.append((GENERATOR_QUESTION, image, caption))
+            else:
+                continue
+            word = _one_word(caption)
+            if word and len(caption.split()) > 1:
+                examples.append((ONE_WORD_IMAGE, image, word))
+                examples.append((f"{caption}\n{ONE_WORD_TEXT}", None, word))
+                asked = mini_mmeb.SHAPES[(row.index + len(caption)) % len(mini_mmeb.SHAPES)]
+                answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
+                examples.append((YES_NO.format(asked), image, answer))
     return examples
 
 
