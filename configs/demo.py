@@ -36,9 +36,9 @@ def get_config():
     config.mine.top_k = 3
     config.mine.pool_mult = 3
     config.mine.batch_size = 32
-    config.mine.judge_batch_size = 16
+    config.mine.judge_batch_size = 4  # The judge sees up to top_k owners of one anchor at a time.
 
-    config.train.steps = 60
+    config.train.steps = 300
     config.train.lr = 1e-3
     config.train.warmup_steps = 5
     config.train.clusters_per_device = 4
@@ -52,4 +52,10 @@ def get_config():
     config.train.adapter.dropout = 0.0
 
     config.export.dtype = "float32"
+
+    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 1000 next-token steps.
+    config.demo.hidden_size = 128
+    config.demo.num_layers = 4
+    config.demo.vision_width = 64
+    config.demo.generator_steps = 1000
     return config
