@@ -13,10 +13,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The demo, trimmed: a tenth of the mini-MMEB, a generator trained for a few steps, 12 steps of
-# DoRA fine-tuning with a checkpoint every 3.
+# The demo, trimmed: a tenth of the mini-MMEB, a smaller generator trained for a few steps,
+# 12 steps of DoRA fine-tuning with a checkpoint every 3.
 TRIMMED = [
     "--config.demo.scale=0.1", "--config.demo.generator_steps=6",
+    "--config.demo.hidden_size=64", "--config.demo.num_layers=2", "--config.demo.vision_width=32",
     "--config.train.steps=12", "--config.train.checkpoint_every=3",
     "--config.train.warmup_steps=2", "--config.eval.batch_size=16",
     "--config.mine.batch_size=16", "--config.mine.judge_batch_size=8",
