@@ -155,6 +155,10 @@ def initialize(config: Any) -> None:
                             "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
                             os.environ.get("SLURM_LOCALID", "0"))
         jax.distributed.initialize()
+    # The first cross-process collective sets up the CPU (Gloo) context and gives up after 30 s
+    # if a process arrives later; done here, while all are in step, later barriers may wait
+    # as long as the primary needs (e.g. while it alone prepares the demo).
+    barrier("g2e-initialize")
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -213,7 +213,13 @@ def run_report(pipeline: Pipeline):
 def run_prepare_demo(pipeline: Pipeline):
     from g2e import demo
 
-    return demo.prepare(pipeline.config, pipeline.workdir / "prepare_demo")
+    # The primary alone writes (the processes share the workdir, and prepare replaces
+    # directories); the others wait, then read its files.
+    summary = {}
+    if distributed.is_primary():
+        summary = demo.prepare(pipeline.config, pipeline.workdir / "prepare_demo")
+    distributed.barrier("prepare_demo")
+    return summary
 
 
 def point_at_demo(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
