@@ -268,6 +268,7 @@ def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
 DEMO_FLAGS = [
     "--config=configs/demo.py", "--config.stages=prepare_demo,eval_zero_shot,train",
     "--config.demo.scale=0.05", "--config.demo.generator_steps=2",
+    "--config.demo.hidden_size=64", "--config.demo.num_layers=2", "--config.demo.vision_width=32",
     "--config.data.eval_subsets=ShapeCls,ShapeVQA", "--config.eval.batch_size=8",
     "--config.train.steps=2", "--config.train.checkpoint_every=2",
     "--config.train.use_clusters=False", "--config.train.clusters_per_device=1",
