@@ -32,6 +32,7 @@ setuptools.setup(
         "matplotlib>=3.9,<4",
         "tensorboardX>=2.6,<3",
         "etils[epath]>=1.7",
+        "importlib_resources>=6",  # tfds builders import it
     ],
     extras_require={
         # torch is the numerical reference in tests only; runtime code never imports it.
