@@ -118,6 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
             query_chunk=4,
             candidate_chunk=4,
             temperature=0.02,
+            # Beyond the paper, off by default: logit + alpha * sg(sim) on negatives; mask
+            # negatives scoring above the positive + margin (< 0: off); learn the temperature.
+            hardness_alpha=0.0,
+            false_negative_margin=-1.0,
+            learnable_temperature=False,
             use_clusters=True,
             checkpoint_every=100,
             keep_checkpoints=3,
