@@ -24,9 +24,7 @@ from g2e.models.qwen2_vl import Qwen2VL
 def yes_no_logits(model: Qwen2VL, batch: dict[str, jax.Array], yes_id: int, no_id: int
                   ) -> jax.Array:
     """Logits [B, 2] of the 'Yes' and 'No' tokens at each row's last (pooled) position."""
-    hidden = model(batch)
-    index = batch["last_index"].astype(jnp.int32)[:, None, None]
-    last = jnp.take_along_axis(hidden, index, axis=1)[:, 0]          # [B, D]
+    last = model.pooled_hidden(batch)                                # [B, D]
     head = model.head_kernel()[:, jnp.array([yes_id, no_id])]         # [D, 2]
     return (last @ head.astype(last.dtype)).astype(jnp.float32)
 

@@ -109,7 +109,12 @@ class Qwen2VL(nnx.Module):
         logits = rows @ self.head_kernel().astype(hidden.dtype)
         return logits[:, 0] if squeeze else logits
 
-    def embed(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index']."""
-        pooled = self.pooled_hidden(batch).astype(jnp.float32)
+    def embed(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
+              rng: jax.Array | None = None) -> jax.Array:
+        """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index'].
+
+        `deterministic=False` with an `rng` turns adapter dropout on (training).
+        """
+        pooled = self.pooled_hidden(batch, deterministic=deterministic, rng=rng).astype(
+            jnp.float32)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

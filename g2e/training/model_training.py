@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -43,10 +42,7 @@ def model_embed_fn(graphdef: nnx.GraphDef) -> gradcache.EmbedFn:
 
     def embed(trainable, frozen, batch, rng):
         model = nnx.merge(graphdef, nnx.State(trainable), frozen)
-        hidden = model(batch, deterministic=False, rng=rng)
-        index = batch["last_index"].astype(jnp.int32)[:, None, None]
-        pooled = jnp.take_along_axis(hidden, index, axis=1)[:, 0].astype(jnp.float32)
-        return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return model.embed(batch, deterministic=False, rng=rng)
 
     return embed
 
