@@ -18,7 +18,7 @@ import numpy as np
 
 from g2e import configuration, distributed
 from g2e.data import prompts
-from g2e.data.preprocess import EmbedItem, Processor
+from g2e.data.preprocess import Processor
 
 # Where the train stage leaves the fine-tuned weights for `eval` and `export`.
 TRAINED_ADAPTER = "train/adapter"

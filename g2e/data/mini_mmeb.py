@@ -37,6 +37,7 @@ import PIL.ImageDraw
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
 
 IMAGE = "<|image_1|>\n"
@@ -406,19 +407,7 @@ def _write_parquet(path: str, records: list[dict], schema: pa.Schema) -> None:
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
 
 
-TRAIN_SCHEMA = pa.schema(
-    [
-        (c, pa.string())
-        for c in (
-            "qry",
-            "qry_image_path",
-            "pos_text",
-            "pos_image_path",
-            "neg_text",
-            "neg_image_path",
-        )
-    ]
-)
+TRAIN_SCHEMA = pa.schema([(c, pa.string()) for c in mmeb.TRAIN_COLUMNS])
 EVAL_SCHEMA = pa.schema(
     [
         ("qry_text", pa.string()),
