@@ -13,10 +13,9 @@ import time
 
 import tensorflow_datasets as tfds
 
-from g2e.data import mini_mmeb
 from g2e.data import mmeb
 from g2e.data import tfds_builders
-from g2e.data.loader import Loader
+from g2e.demo import mini_mmeb
 
 
 def main() -> None:
@@ -51,12 +50,7 @@ def main() -> None:
     sources = [("train", s, split) for s in train_subsets for split in mmeb.TRAIN_SPLITS]
     sources += [("eval", s, mmeb.EVAL_SPLIT) for s in eval_subsets]
     for kind, subset, split in sources:
-        for row in Loader(
-            tfds_builders.RowSource(kind, data_dir, subset, split),
-            seed=args.seed,
-            process_index=0,
-            process_count=1,
-        ):
+        for row in tfds_builders.RowSource(kind, data_dir, subset, split):
             rows += 1
             if kind == "train":
                 images += sum(x is not None for x in (row.qry_image, row.pos_image, row.neg_image))

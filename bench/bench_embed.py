@@ -7,7 +7,7 @@ CUDA too, with TF32 off on both sides so both compute in float32).
 
 The model has Qwen2-VL-2B widths (text 1536, vision 1280), `--layers` layers in each tower and
 the real vocabulary (151,936), with random weights written by transformers (tests/models/
-checkpoints.py) and a tokenizer from g2e.models.tiny. The items are a fixed mix of text-only
+checkpoints.py) and a tokenizer from g2e.demo.tiny. The items are a fixed mix of text-only
 queries and candidates and ~224x224 images (PNG files, so both sides decode them).
 
 Both sides run end to end in float32, preprocessing included (prompt,
@@ -43,7 +43,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from g2e.data import prompts  # noqa: E402
 from g2e.data.preprocess import EmbedItem, Processor  # noqa: E402
 from g2e.embedding import Embedder  # noqa: E402
-from g2e.models import hf_io, tiny  # noqa: E402
+from g2e.demo import tiny  # noqa: E402
+from g2e.models import hf_io  # noqa: E402
 from tests.models import checkpoints  # noqa: E402
 
 VOCAB_SIZE = 151936

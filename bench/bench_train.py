@@ -34,7 +34,8 @@ from g2e.models import positions  # noqa: E402
 from g2e.models.config import Qwen2VLConfig  # noqa: E402
 from g2e.models.qwen2_vl import Qwen2VL  # noqa: E402
 from g2e.training import loss as loss_lib  # noqa: E402
-from g2e.training import model_training, optimizer, trainer  # noqa: E402
+from g2e.training import optimizer, trainer  # noqa: E402
+from g2e.training import stage as model_training  # noqa: E402
 
 QWEN2_VL_2B = dict(
     model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
@@ -93,7 +94,8 @@ def time_g2e(model, batch, *, cpd, cluster, chunk, steps, temperature=0.02):
     loss_config = loss_lib.LossConfig(temperature)
     setup = trainer.StepSetup(embed_fn=model_training.model_embed_fn(graphdef),
                               loss_config=loss_config, optimizer=opt, schedule=schedule,
-                              mesh=mesh, query_chunk=chunk, candidate_chunk=chunk)
+                              mesh=mesh, query_chunk=chunk, candidate_chunk=chunk,
+                              batch_axes=("data",))
     state = trainer.init_state(trainable, opt, 0, loss_config)
     shard = lambda key: NamedSharding(mesh, P(None, "data") if key == "position_ids"
                                       else P("data"))

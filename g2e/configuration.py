@@ -1,45 +1,21 @@
 """Every configuration key g2e reads, with its default, and the start-up validation.
 
 Recipes in `configs/` start from `base_config()` and override what differs; `validate` runs
-before any stage so a bad key fails in seconds with its name, not an hour into a run.
+before any stage so a bad key fails in seconds with its name, not an hour into a run. The
+allowed values of a key come from the module that implements them (remat policies from the
+decoder, image policies from the image loader, ...), never from a copy here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
-STAGES = (
-    "prepare_demo",
-    "eval_plain",
-    "eval_zero_shot",
-    "mine",
-    "train",
-    "eval",
-    "export",
-    "report",
-    "embed",
-)
-IMAGE_RESOLUTIONS = ("high", "mid_high", "mid", "mid_low", "clip", "low", "random", "processor")
+from g2e.data import errors, images, rows
+from g2e.models import attention, lora, sharding, text
 
-# Logical axis -> mesh axes (g2e.models.sharding applies it). Batch-like axes go over data and
-# fsdp; weights are sharded over fsdp on their model width and over tensor on heads / MLP width /
-# vocabulary (Megatron-style); axes without a mesh axis are replicated.
-DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("vision_embed", "fsdp"),
-    ("vision_heads", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("patches", None),
-    ("lora_rank", None),
-)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(coordinator_address="", num_processes=0, process_id=-1)
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = DEFAULT_SHARDING_RULES
+    c.sharding_rules = sharding.DEFAULT_RULES
 
     c.model = ml_collections.ConfigDict(
         dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="xla")
@@ -173,17 +149,31 @@ def split_list(value: str) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the keys every stage relies on; raises ConfigError naming the bad key."""
+def validate(config: ml_collections.ConfigDict, known_stages: Sequence[str]) -> None:
+    """Checks the keys every stage relies on; raises ConfigError naming the bad key.
+
+    `known_stages` are the stage names `g2e.main` knows (its table of stages).
+    """
+    stages = _check_stages(config, known_stages)
+    _check_model_and_mesh(config)
+    _check_data(config, stages)
+    _check_train(config.train)
+    _check_mine(config.mine)
+
+
+def _one_of(key: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        _fail(key, f"is {value!r}; use one of {', '.join(allowed)}")
+
+
+def _check_stages(config: ml_collections.ConfigDict, known: Sequence[str]) -> list[str]:
     stages = split_list(config.stages)
     if not stages:
-        _fail("stages", "is empty; give a comma-separated list of " + ", ".join(STAGES))
-    for stage in stages + split_list(config.force):
-        if stage not in STAGES:
-            _fail(
-                "stages" if stage in stages else "force",
-                f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}",
-            )
+        _fail("stages", "is empty; give a comma-separated list of " + ", ".join(known))
+    for key in ("stages", "force"):
+        for stage in split_list(config[key]):
+            if stage not in known:
+                _fail(key, f"unknown stage {stage!r}; known stages: {', '.join(known)}")
     if "prepare_demo" not in stages and not config.model_dir:
         _fail("model_dir", "is empty; point it at a Hugging Face Qwen2-VL directory")
     if "embed" in stages:
@@ -191,9 +181,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail("input", "is empty; give a JSONL file of {text, image, role} lines")
         if not config.output:
             _fail("output", "is empty; give the .npy file to write")
-        policy = config.get("image_resolution", "processor")
-        if policy not in IMAGE_RESOLUTIONS:
-            _fail("image_resolution", f"is {policy!r}; use one of {', '.join(IMAGE_RESOLUTIONS)}")
+        _one_of("image_resolution", config.get("image_resolution", "processor"), images.POLICIES)
+    return stages
+
+
+def _check_model_and_mesh(config: ml_collections.ConfigDict) -> None:
     for key in ("data", "fsdp", "tensor"):
         size = config.mesh[key]
         if not isinstance(size, int) or (size < 1 and size != -1):
@@ -201,81 +193,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if sum(config.mesh[k] == -1 for k in ("data", "fsdp", "tensor")) > 1:
         _fail("mesh", "more than one axis is -1; at most one axis takes the rest")
     for key in ("dtype", "param_dtype"):
-        if config.model[key] not in ("float32", "bfloat16", "float16"):
-            _fail(f"model.{key}", f"is {config.model[key]!r}; use float32, bfloat16 or float16")
-    if config.model.remat not in ("none", "full", "dots"):
-        _fail("model.remat", f"is {config.model.remat!r}; use none, full or dots")
-    if config.model.attention not in ("xla", "cudnn", "pallas"):
-        _fail("model.attention", f"is {config.model.attention!r}; use xla, cudnn or pallas")
-    if config.data.on_bad_input not in ("error", "skip"):
-        _fail("data.on_bad_input", f"is {config.data.on_bad_input!r}; use error or skip")
+        _one_of(f"model.{key}", config.model[key], DTYPES)
+    _one_of("model.remat", config.model.remat, tuple(text.REMAT_POLICIES))
+    _one_of("model.attention", config.model.attention, attention.IMPLEMENTATIONS)
+
+
+def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+    data = config.data
+    _one_of("data.on_bad_input", data.on_bad_input, errors.POLICIES)
     for key in ("image_resolution", "train_image_resolution"):
-        if config.data[key] not in IMAGE_RESOLUTIONS:
-            _fail(
-                f"data.{key}", f"is {config.data[key]!r}; use one of {', '.join(IMAGE_RESOLUTIONS)}"
-            )
+        _one_of(f"data.{key}", data[key], images.POLICIES)
     for key in ("max_length", "train_max_length"):
-        if config.data[key] < 16:
-            _fail(f"data.{key}", f"is {config.data[key]}; it must hold the chat template (>= 16)")
-    if max(config.data.length_buckets) < config.data.max_length:
-        _fail(
-            "data.length_buckets",
-            f"largest bucket {max(config.data.length_buckets)} is below "
-            f"data.max_length={config.data.max_length}; add a bucket of at least that size",
-        )
+        if data[key] < 16:
+            _fail(f"data.{key}", f"is {data[key]}; it must hold the chat template (>= 16)")
+    if max(data.length_buckets) < data.max_length:
+        _fail("data.length_buckets",
+              f"largest bucket {max(data.length_buckets)} is below data.max_length="
+              f"{data.max_length}; add a bucket of at least that size")
+    _one_of("data.format", data.format, rows.FORMATS)
     needs_train_data = any(s in stages for s in ("mine", "train"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
-    if config.data.format not in ("parquet", "tfds"):
-        _fail(
-            "data.format",
-            f"is {config.data.format!r}; use parquet (the hub's layout) or tfds "
-            "(the copy g2e.data.tfds_builders prepares)",
-        )
-    if config.data.format == "tfds":
-        if (needs_train_data or needs_eval_data) and not config.data.tfds_dir:
-            _fail(
-                "data.tfds_dir",
-                "is empty; with data.format=tfds point it at the data_dir "
-                "`python -m g2e.data.tfds_builders` wrote to",
-            )
+    if data.format == "tfds":
+        if (needs_train_data or needs_eval_data) and not data.tfds_dir:
+            _fail("data.tfds_dir", "is empty; with data.format=tfds point it at the data_dir "
+                  "`python -m g2e.data.tfds_builders` wrote to")
     elif "prepare_demo" not in stages:
-        if needs_train_data and not config.data.train_dir:
+        if needs_train_data and not data.train_dir:
             _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
-        if needs_eval_data and not config.data.eval_dir:
+        if needs_eval_data and not data.eval_dir:
             _fail("data.eval_dir", "is empty; point it at MMEB-eval in the hub's layout")
-    train = config.train
-    for key in (
-        "steps",
-        "clusters_per_device",
-        "cluster_size",
-        "query_chunk",
-        "candidate_chunk",
-        "checkpoint_every",
-        "keep_checkpoints",
-    ):
+
+
+def _check_train(train: ml_collections.ConfigDict) -> None:
+    for key in ("steps", "clusters_per_device", "cluster_size", "query_chunk",
+                "candidate_chunk", "checkpoint_every", "keep_checkpoints"):
         if train[key] < 1:
             _fail(f"train.{key}", f"is {train[key]}; it must be at least 1")
-    if train.clusters_per_device * train.cluster_size % train.query_chunk:
-        _fail(
-            "train.query_chunk",
-            f"{train.query_chunk} does not divide the per-device batch "
-            f"{train.clusters_per_device} x {train.cluster_size}",
-        )
-    if train.clusters_per_device * train.cluster_size % train.candidate_chunk:
-        _fail(
-            "train.candidate_chunk",
-            f"{train.candidate_chunk} does not divide the per-device "
-            f"batch {train.clusters_per_device} x {train.cluster_size}",
-        )
+    per_device = train.clusters_per_device * train.cluster_size
+    for key in ("query_chunk", "candidate_chunk"):
+        if per_device % train[key]:
+            _fail(f"train.{key}", f"{train[key]} does not divide the per-device batch "
+                  f"{train.clusters_per_device} x {train.cluster_size}")
     if train.temperature <= 0:
         _fail("train.temperature", f"is {train.temperature}; it must be positive")
-    if train.adapter.kind not in ("lora", "dora", "none"):
-        _fail("train.adapter.kind", f"is {train.adapter.kind!r}; use lora, dora or none")
+    _one_of("train.adapter.kind", train.adapter.kind, (*lora.KINDS, "none"))
     if train.adapter.kind != "none" and train.adapter.r < 1:
         _fail("train.adapter.r", f"is {train.adapter.r}; the rank must be at least 1")
     if not 0.0 <= train.adapter.dropout < 1.0:
         _fail("train.adapter.dropout", f"is {train.adapter.dropout}; use a value in [0, 1)")
-    mine = config.mine
+
+
+def _check_mine(mine: ml_collections.ConfigDict) -> None:
     if mine.top_k < 1 or mine.pool_mult < 1:
         _fail("mine.top_k" if mine.top_k < 1 else "mine.pool_mult", "must be at least 1")
     if not 0.0 < mine.judge_threshold < 1.0:

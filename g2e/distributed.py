@@ -8,8 +8,8 @@ host (or per GPU), and `initialize` connects them before anything touches a devi
   innermost (fastest links), then fsdp, then data; with several TPU slices only `data` crosses
   slices (data-parallel over the data-centre network, fsdp and tensor inside one slice).
 - Host data: every process reads only its share of a list (`host_slice`), assembles its rows
-  into global arrays (`global_batch`), and per-item results are gathered back in input order
-  (`gather_in_order`).
+  into global arrays (`put_batch`, the batch dimension over the mesh axes of the 'batch'
+  sharding rule), and per-item results are gathered back in input order (`gather_in_order`).
 - Every process must run the same jitted computations with the same global shapes in the same
   order (a mismatch hangs or aborts the job). A per-item loop (embedding for evaluation or
   mining) therefore runs `num_host_batches` steps on every host (short shares feed padding
@@ -21,7 +21,7 @@ host (or per GPU), and `initialize` connects them before anything touches a devi
       chunks = [mine[s * local_batch_size:(s + 1) * local_batch_size] for s in range(steps)]
       lengths = max_across_processes([bucket_of(chunk) for chunk in chunks])
       for chunk, length in zip(chunks, lengths):
-          batch = global_batch(collate(chunk, length, rows=local_batch_size), mesh)
+          batch = put_batch(collate(chunk, length, rows=local_batch_size), mesh, rules)
           outputs.append(local_rows(embed_step(batch))[:len(chunk)])
       embeddings = gather_in_order(np.concatenate(outputs), len(items))
 - Only the primary process (`is_primary`) writes logs, reports and exports; Orbax checkpoints
@@ -41,10 +41,9 @@ from absl import logging
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from g2e.models import sharding
 
-# Mesh axes that hold the batch dimension (as the default sharding rules: batch -> data, fsdp).
-BATCH_MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,64 +331,69 @@ def gather_in_order(local_array: np.ndarray, n_total: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _batch_dim(name: str) -> int:
-    # The batch format puts the batch first everywhere except position_ids [3, B, L].
-    return 1 if name == "position_ids" else 0
+def put_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: sharding.Rules, *,
+              global_rows: int | None = None) -> dict[str, Any]:
+    """This process's rows of a batch -> global arrays, the batch dimension over the batch axes.
 
-
-def batch_sharding(mesh: Mesh, name: str, ndim: int) -> NamedSharding:
-    """The default sharding of a batch field: its batch dimension over data and fsdp."""
-    spec = [None] * ndim
-    spec[_batch_dim(name)] = BATCH_MESH_AXES
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                 shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding
-                 | None = None) -> dict[str, jax.Array]:
-    """Assembles each process's rows of a batch into global arrays.
+    The one host-to-device placement of g2e: embedding, judging and training batches all go
+    through it.
 
     Args:
-      local_batch: this process's rows (its share of the global batch, the same number on
-        every process), e.g. the batch format of the design notes with B = global B / processes.
+      local_batch: {field: numpy array}, possibly nested ({'query': {...}, 'candidate': {...},
+        'ids': ...}); each array holds this process's rows, its batch dimension where
+        `sharding.batch_dim(field)` says (position_ids [3, B, L]: 1, else 0).
       mesh: the device mesh.
-      shardings: one sharding for every field, a dict per field, or None for `batch_sharding`
-        (batch dimension over data and fsdp). Process p's rows land after those of processes
-        0..p-1 when the mesh is `make_mesh`'s (process-major along the batch axes).
+      rules: the logical-axis rule table; its 'batch' rule names the mesh axes the batch is
+        split over (`sharding.batch_axes`).
+      global_rows: rows of the global batch; default this process's rows times the number of
+        processes (every process feeding an equal share).
 
     Returns:
-      {name: jax.Array} with the global shapes.
+      The same (nested) structure of jax.Arrays with the global shapes. Process p's rows land
+      after those of processes 0..p-1 on a `make_mesh` mesh (process-major along the batch
+      axes).
 
     Raises:
-      ValueError: with several processes, for a sharding that replicates a field's batch
-        dimension (each process's rows would be taken for the whole batch). Shardings derived
-        from the *local* shape can do that when the local batch is smaller than data * fsdp.
+      ValueError: with several processes, when the 'batch' rule names no mesh axis (each
+        process's rows would be taken for the whole batch).
     """
-    out = {}
-    for name, local in local_batch.items():
+    axes = sharding.batch_axes(rules, mesh.axis_names)
+    if not axes and jax.process_count() > 1:
+        raise ValueError(
+            f"put_batch: the 'batch' sharding rule maps to no axis of the mesh {mesh.axis_names}, "
+            f"so the batch would be replicated across {jax.process_count()} processes; map "
+            "'batch' to the data/fsdp axes in config.sharding_rules")
+
+    def place(field: str, local: Any) -> Any:
+        if isinstance(local, Mapping):
+            return {name: place(name, value) for name, value in local.items()}
         local = np.asarray(local)
-        if shardings is None:
-            sharding = batch_sharding(mesh, name, local.ndim)
-        elif isinstance(shardings, jax.sharding.Sharding):
-            sharding = shardings
-        else:
-            sharding = shardings[name]
-        if jax.process_count() > 1 and isinstance(sharding, NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * local.ndim
-            if spec[_batch_dim(name)] is None:
-                raise ValueError(
-                    f"global_batch: field {name!r} {local.shape} has sharding {sharding.spec}, "
-                    f"which replicates its batch dimension across {jax.process_count()} "
-                    "processes; shard it over the data/fsdp axes (shardings from the global "
-                    "shape, or shardings=None for the default)")
-        out[name] = jax.make_array_from_process_local_data(sharding, local)
-    return out
+        dim = sharding.batch_dim(field)
+        spec = [None] * local.ndim
+        spec[dim] = axes or None
+        shape = list(local.shape)
+        shape[dim] = global_rows if global_rows is not None else (
+            local.shape[dim] * jax.process_count())
+        return jax.make_array_from_process_local_data(
+            NamedSharding(mesh, PartitionSpec(*spec)), local, tuple(shape))
+
+    return {field: place(field, value) for field, value in local_batch.items()}
+
+
+def local_row_range(mesh: Mesh, rules: sharding.Rules, global_rows: int) -> slice:
+    """The contiguous rows of a `global_rows` batch whose data this process provides."""
+    axes = sharding.batch_axes(rules, mesh.axis_names)
+    placement = NamedSharding(mesh, PartitionSpec(axes or None))
+    indices = placement.addressable_devices_indices_map((global_rows,)).values()
+    starts = [index[0].start or 0 for index in indices]
+    stops = [global_rows if index[0].stop is None else index[0].stop for index in indices]
+    return slice(min(starts), max(stops))
 
 
 def local_rows(array: jax.Array, batch_dim: int = 0) -> np.ndarray:
     """This process's rows of a global array sharded over its batch dimension, in order.
 
-    The inverse of `global_batch` for outputs (e.g. embeddings [B, D]): the rows this process
+    The inverse of `put_batch` for outputs (e.g. embeddings [B, D]): the rows this process
     fed in, without gathering whole arrays from other hosts. An array also sharded over other
     dimensions (e.g. D over tensor) is first resharded to batch-only sharding.
     """

@@ -1,4 +1,5 @@
-"""Embedding: the jitted step and the `Embedder` that feeds it fixed-shape batches.
+"""Embedding: the jitted step, the `Embedder` that feeds it fixed-shape batches, the one
+embedding cache of g2e, and the `embed` stage.
 
 An embedding is the last-layer hidden state of the last non-pad token (the `\\n` after
 `assistant`), L2-normalised (SPEC §1). Items are encoded on the host by a `Processor`, grouped
@@ -9,14 +10,21 @@ batch size, sharded over the mesh's batch axes and embedded by one jitted functi
 Multi-host: each process encodes and embeds its `host_slice` of the items; the processes agree
 on the number of steps and the (length, patches) shape of each step, feed their rows into one
 global batch, and gather the results in input order.
+
+`EmbeddingCache` keeps embeddings of keyed items on disk (evaluation and mining use it), so a
+rerun or a resumed stage does not embed them again; it is versioned, written atomically and
+tied to a fingerprint of the model, prompt and preprocessing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
-from collections.abc import Sequence
+import pathlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,13 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from g2e import distributed
+from g2e import atomic, distributed
 from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
+from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
+from g2e.pipeline import Pipeline
 
-__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items"]
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "EmbeddingCache", "embed_step",
+           "read_jsonl_items", "run_embed"]
 
 
 def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
@@ -51,24 +61,27 @@ class BatchRunner:
       model: the (possibly adapter-carrying) Qwen2VL, its parameters already placed/sharded.
       processor: the host-side Processor (prompt options, image policy, buckets).
       step: the pure per-batch function, jitted here with graphdef static.
-      mesh: a device mesh (None: default device). Batches are sharded over its data/fsdp axes.
-      rules: the logical-axis rule table (config.sharding_rules).
+      mesh: a device mesh (None: default device). Batches are sharded over the mesh axes of
+        the 'batch' rule.
+      rules: the logical-axis rule table (config.sharding_rules; default
+        sharding.DEFAULT_RULES).
       batch_size: rows per step on each process; rounded up to a multiple of this process's
         devices on the batch axes.
     """
 
     def __init__(self, model: Qwen2VL, processor: Processor, step, *,
-                 mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, Any]] = (),
+                 mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None = None,
                  batch_size: int = 16, progress: bool = True):
         self.processor = processor
         self.mesh = mesh
-        self.rules = tuple(rules)
+        self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
         self.progress = progress
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
         ways = 1
         if mesh is not None:
-            ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+            axes = sharding.batch_axes(self.rules, mesh.axis_names)
+            ways = int(np.prod([mesh.shape[a] for a in axes]))
             ways = max(ways // jax.process_count(), 1)
         self.batch_size = -(-batch_size // ways) * ways
         self._step = jax.jit(step, static_argnums=0)
@@ -107,15 +120,11 @@ class BatchRunner:
 
     def _agree(self, steps: list[tuple[list[int], int, int]]) -> list[tuple[int, int]]:
         """The (length, patches) of every global step, the same on all processes."""
-        shapes = np.array([(length, patches) for _, length, patches in steps],
-                          np.int32).reshape(-1, 2)
-        if jax.process_count() == 1:
-            return [tuple(s) for s in shapes]
-        counts = multihost_utils.process_allgather(np.array([len(shapes)], np.int32))
-        padded = np.zeros((int(np.max(counts)), 2), np.int32)
-        padded[:len(shapes)] = shapes
-        every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, steps, 2]
-        return [tuple(s) for s in every.max(axis=0)]
+        (count,) = distributed.max_across_processes([len(steps)])
+        shapes = np.zeros((count, 2), np.int32)  # Steps past a process's own feed padding.
+        shapes[:len(steps)] = [(length, patches) for _, length, patches in steps]
+        agreed = np.asarray(distributed.max_across_processes(shapes.reshape(-1)))
+        return [tuple(int(v) for v in s) for s in agreed.reshape(-1, 2)]
 
     def _run_local(self, inputs: list[Any], encode, *, desc: str) -> np.ndarray:
         encoded = [encode(x) for x in inputs]
@@ -140,8 +149,7 @@ class BatchRunner:
     def _run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         with self._context():
             if self.mesh is not None:
-                # Every field's batch dimension over data x fsdp, from the global shape.
-                device_batch = distributed.global_batch(batch, self.mesh)
+                device_batch = distributed.put_batch(batch, self.mesh, self.rules)
             else:
                 device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
             result = self._step(self.graphdef, self.state, device_batch)
@@ -208,3 +216,117 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
         logging.warning("%s: %d malformed line(s) skipped (their output rows are NaN)", path,
                         skipped)
     return items, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding cache.
+
+CACHE_FORMAT = 2
+
+
+def _keys_digest(keys: Sequence[Any]) -> str:
+    """A sha1 over the items' keys, in order: the cache holds embeddings of exactly these."""
+    digest = hashlib.sha1()
+    for key in keys:
+        digest.update(json.dumps(key).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of keyed items under `directory`, one array per name.
+
+    `<name>.npy` holds float32 [N, D]; `<name>.json` holds the format version, the fingerprint
+    (model + prompt + preprocessing), N, D and a digest of the N keys in order. Both are
+    written atomically and the index last, after any stale index is removed, so an index only
+    ever vouches for a complete array of the same keys and fingerprint; anything else
+    (another model, other data, a damaged file) is embedded again, never reused.
+
+    Multi-host: every process reads the same directory (one all hosts see) and so takes the
+    same decision; only processes with `writable` write.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, fingerprint: str, *,
+                 writable: bool = True):
+        self.directory = pathlib.Path(directory)
+        self.fingerprint = fingerprint
+        self.writable = writable
+
+    def load(self, name: str, keys: Sequence[Any]) -> np.ndarray | None:
+        """The cached [len(keys), D] embeddings of `keys`, or None when not cached here."""
+        index_path = self.directory / f"{name}.json"
+        if not index_path.is_file():
+            return None
+        try:
+            index = json.loads(index_path.read_text())
+            expected = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint,
+                        "count": len(keys), "keys_sha1": _keys_digest(keys)}
+            if any(index.get(k) != v for k, v in expected.items()):
+                logging.info("cache %s/%s is for another model, prompt or data; re-embedding",
+                             self.directory, name)
+                return None
+            array = np.load(self.directory / f"{name}.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logging.warning("cache %s/%s is unreadable (%s); re-embedding", self.directory,
+                            name, error)
+            return None
+        if array.shape != (len(keys), index.get("dim")):
+            logging.warning("cache %s/%s holds an array of the wrong shape; re-embedding",
+                            self.directory, name)
+            return None
+        return array
+
+    def save(self, name: str, keys: Sequence[Any], embeddings: np.ndarray) -> None:
+        """Stores the [len(keys), D] embeddings of `keys` (no-op unless writable)."""
+        if not self.writable:
+            return
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(keys):
+            raise ValueError(f"cache {self.directory}/{name}: {embeddings.shape} embeddings "
+                             f"for {len(keys)} keys")
+        index_path = self.directory / f"{name}.json"
+        index_path.unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings, allow_pickle=False)
+        atomic.write_bytes(self.directory / f"{name}.npy", buffer.getvalue())
+        atomic.write_json(index_path, {
+            "format": CACHE_FORMAT, "fingerprint": self.fingerprint, "count": len(keys),
+            "dim": int(embeddings.shape[1]), "keys_sha1": _keys_digest(keys)})
+
+    def get(self, name: str, keys: Sequence[Any],
+            compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached embeddings of `keys`, or `compute()`'s, which are then stored."""
+        cached = self.load(name, keys)
+        if cached is not None:
+            logging.info("reusing the embeddings cached in %s/%s", self.directory, name)
+            return cached
+        embeddings = compute()
+        self.save(name, keys, embeddings)
+        return embeddings
+
+
+# ---------------------------------------------------------------------------------------------
+# The embed stage.
+
+
+def run_embed(pipeline: Pipeline) -> dict[str, int]:
+    """The embed command: JSONL of {text, image, role} -> float32 [N, D] .npy in input order."""
+    config = pipeline.config
+    items, _ = read_jsonl_items(config.input, config.data.on_bad_input)
+    model = pipeline.model(trained=False)
+    # Image paths are taken as given: relative ones from the working directory.
+    processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
+    embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
+                        batch_size=config.eval.batch_size)
+    present = [i for i, item in enumerate(items) if item is not None]
+    out = np.full((len(items), model.config.text.hidden_size), np.nan, np.float32)
+    if present:
+        out[present] = embedder([items[i] for i in present])
+    skipped = int(np.isnan(out).any(axis=1).sum())
+    if distributed.is_primary():
+        pathlib.Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        np.save(config.output, out)
+        logging.info("embed: wrote %s %s%s", config.output, out.shape,
+                     f"; {skipped} bad line(s) skipped as NaN rows: "
+                     f"{processor.report.summary()}" if skipped else "")
+    return {"rows": len(items), "skipped": skipped}

@@ -1,13 +1,10 @@
-"""Export to Hugging Face: the adapter-merged Qwen2-VL directory, and the adapter in PEFT format.
+"""The `export` stage: the adapter-merged Hugging Face directory and the adapter in PEFT format.
 
 `export_model` writes `<out>/hf` (sharded safetensors + index, config.json, generation config,
 the base checkpoint's tokenizer and preprocessor files, a model card) and, when the model
-carries adapters, `<out>/peft` (adapter_config.json + adapter_model.safetensors, loadable by
-PEFT on top of the base model). Each directory is written under a temporary name and renamed
-into place, so a partial export never looks complete.
-
-`read_peft_config` / `load_peft_adapter` read such an adapter back — ours, or one trained with
-the original PyTorch release — so it can be evaluated, mined and merged here.
+carries adapters, `<out>/peft` (g2e.models.peft: loadable by PEFT on top of the base model).
+Each directory is written under a temporary name and renamed into place (g2e.atomic), so a
+partial export never looks complete.
 """
 
 from __future__ import annotations
@@ -16,153 +13,36 @@ import json
 import logging
 import os
 import pathlib
-import re
-import shutil
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from safetensors.numpy import load_file, save_file
 
-from g2e.models import hf_io, lora
+from g2e import atomic, distributed
+from g2e.models import hf_io, lora, peft
 from g2e.models.qwen2_vl import Qwen2VL
-
-# Files of a base checkpoint that travel with the export unchanged.
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.json",
-               "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-_BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-             "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# transformers 5 writes Qwen2-VL's decoder as model.language_model.layers; releases trained on
-# transformers 4 (the paper's) wrote model.layers. Both read; we write the former.
-_PEFT_NAME = re.compile(r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
-                        r"(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)"
-                        r"(?:\.default)?(?:\.weight)?$")
-_OUR_KEY = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "magnitude"}
+from g2e.pipeline import Pipeline
 
 
-def adapter_arrays(model: Qwen2VL) -> dict[str, dict[str, np.ndarray]]:
-    """{projection name: {'lora_a' [layers, in, r], 'lora_b' [layers, r, out], 'magnitude'}}."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
-        *_, projection, key = (str(part) for part in path)
-        out.setdefault(projection, {})[key] = np.asarray(jax.device_get(variable.value),
-                                                         np.float32)
-    return out
-
-
-def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig, out_dir: str | os.PathLike,
-                      *, base_model: str = "") -> pathlib.Path:
-    """Writes the model's adapters as a PEFT LoRA/DoRA adapter directory (atomically).
-
-    Raises:
-      ValueError: the model carries no adapters.
-    """
-    arrays = adapter_arrays(model)
-    if not arrays:
-        raise ValueError("export: the model has no adapters to write in PEFT format")
-    tensors = {}
-    prefix = "base_model.model.model.language_model.layers"
-    for projection, state in sorted(arrays.items()):
-        block = _BLOCK_OF[projection]
-        for layer in range(state["lora_a"].shape[0]):
-            name = f"{prefix}.{layer}.{block}.{projection}"
-            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(state["lora_a"][layer].T)
-            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(state["lora_b"][layer].T)
-            if "magnitude" in state:
-                tensors[f"{name}.lora_magnitude_vector"] = state["magnitude"][layer]
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model or None,
-        "r": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
-        "target_modules": sorted(arrays), "use_dora": adapter.kind == "dora",
-        "init_lora_weights": adapter.init, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "modules_to_save": None, "inference_mode": True,
-        "auto_mapping": {"base_model_class": "Qwen2VLForConditionalGeneration",
-                         "parent_library": "transformers.models.qwen2_vl.modeling_qwen2_vl"},
-    }
-
-    def write(tmp: pathlib.Path):
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-    return _write_atomically(pathlib.Path(out_dir), write)
-
-
-def read_peft_config(adapter_dir: str | os.PathLike) -> lora.AdapterConfig:
-    """The AdapterConfig of a PEFT adapter directory.
-
-    Raises:
-      FileNotFoundError: adapter_config.json or adapter_model.safetensors is missing.
-      ValueError: not a LoRA/DoRA adapter of the language model's projections (names the key).
-    """
-    directory = pathlib.Path(adapter_dir)
-    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing; --config.adapter_dir must be "
-                                    "a PEFT adapter directory (adapter_config.json + "
-                                    "adapter_model.safetensors)")
-    config = json.loads((directory / PEFT_CONFIG).read_text())
-    where = directory / PEFT_CONFIG
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA "
-                         "(with or without DoRA) adapters are supported")
-    if config.get("use_rslora"):
-        raise ValueError(f"{where}: use_rslora=true is not supported (scaling alpha/sqrt(r))")
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    unknown = [t for t in targets or () if t not in lora.KNOWN_TARGETS]
-    if not targets or unknown:
-        raise ValueError(f"{where}: target_modules {targets} must be projections of the language "
-                         f"model, from {lora.KNOWN_TARGETS}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ValueError(f"{where}: {key} is not supported; use one rank and alpha")
-    return lora.AdapterConfig(
-        kind="dora" if config.get("use_dora") else "lora", r=int(config["r"]),
-        alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        targets=tuple(sorted(targets)))
-
-
-def load_peft_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike) -> None:
-    """Sets the model's adapter parameters from a PEFT adapter directory (in place).
-
-    The model must have been built with `read_peft_config(adapter_dir)`.
-
-    Raises:
-      KeyError: a tensor the model needs is not in the file (names it).
-      ValueError: a tensor has the wrong shape, or the file has tensors the model cannot take.
-    """
-    path = pathlib.Path(adapter_dir) / PEFT_WEIGHTS
-    tensors = load_file(str(path))
-    found: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for name, array in tensors.items():
-        match = _PEFT_NAME.match(name)
-        if match is None:
-            raise ValueError(f"{path}: tensor {name!r} is not a LoRA/DoRA weight of a language-"
-                             "model projection; g2e cannot apply it")
-        layer, _, projection, kind = match.groups()
-        value = array.T if kind in ("lora_A", "lora_B") else array.reshape(-1)
-        found.setdefault((projection, _OUR_KEY[kind]), {})[int(layer)] = value
-    for path_parts, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
-        *_, projection, key = (str(part) for part in path_parts)
-        layers = found.pop((projection, key), None)
-        expected = variable.value.shape
-        if layers is None or sorted(layers) != list(range(expected[0])):
-            raise KeyError(f"{path}: missing {projection}.{key} for some of the {expected[0]} "
-                           "layers; the adapter does not match this model")
-        stacked = np.stack([layers[i] for i in range(expected[0])])
-        if stacked.shape != expected:
-            raise ValueError(f"{path}: {projection}.{key} has shape {stacked.shape[1:]} per layer,"
-                             f" the model needs {expected[1:]}")
-        variable.value = jax.device_put(stacked.astype(variable.value.dtype),
-                                        variable.value.sharding)
-    if found:
-        raise ValueError(f"{path}: tensors for {sorted(found)} have no place in the model")
+def run(pipeline: Pipeline) -> dict[str, str]:
+    """Writes <workdir>/export/hf (adapters merged) and <workdir>/export/peft."""
+    config = pipeline.config
+    trained = pipeline.has_trained_model()
+    model = pipeline.model(trained=trained)
+    model_dir, adapter_dir = pipeline.model_paths(trained=trained)
+    adapter = peft.read_peft_config(adapter_dir) if adapter_dir else None
+    results_file = pipeline.workdir / ("eval" if trained else "eval_zero_shot") / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    written = {}
+    if distributed.is_primary():
+        written = export_model(
+            model, base_dir=model_dir, out_dir=pipeline.workdir / "export", adapter=adapter,
+            dtype=config.export.dtype, max_shard_bytes=config.export.max_shard_mb << 20,
+            results=results)
+        logging.info("export: Hugging Face model in %s%s", written["hf"],
+                     f", PEFT adapter in {written['peft']}" if written["peft"] else "")
+    pipeline.forget_model()  # The model was merged in place.
+    return written
 
 
 def model_card(results: dict[str, Any] | None, *, base_model: str) -> str:
@@ -208,8 +88,9 @@ def export_model(model: Qwen2VL, *, base_dir: str | os.PathLike, out_dir: str | 
     out_dir = pathlib.Path(out_dir)
     base_dir = pathlib.Path(base_dir)
     written = {"hf": str(out_dir / "hf"), "peft": ""}
-    if adapter is not None and adapter_arrays(model):
-        save_peft_adapter(model, adapter, out_dir / "peft", base_model=str(base_dir))
+    if adapter is not None and peft.adapter_arrays(model):
+        atomic.replace_directory(out_dir / "peft", lambda tmp: peft.save_peft_adapter(
+            model, adapter, tmp, base_model=str(base_dir)))
         written["peft"] = str(out_dir / "peft")
         merged = lora.merge_adapters(model)
         logging.info("export: merged %d adapted projections into the base weights", merged)
@@ -218,35 +99,12 @@ def export_model(model: Qwen2VL, *, base_dir: str | os.PathLike, out_dir: str | 
 
     def write(tmp: pathlib.Path):
         hf_io.save_hf(model, tmp, max_shard_bytes=max_shard_bytes, dtype=disk_dtype)
-        for name in ASSET_FILES:
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
+        hf_io.copy_assets(base_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             generation = {"bos_token_id": model.config.bos_token_id,
                           "eos_token_id": model.config.eos_token_id}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(results, base_model=str(base_dir)))
 
-    _write_atomically(out_dir / "hf", write)
+    atomic.replace_directory(out_dir / "hf", write)
     return written
-
-
-def _write_atomically(target: pathlib.Path, write) -> pathlib.Path:
-    """Runs write(tmp_dir) then renames tmp_dir to target (replacing an older target)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target

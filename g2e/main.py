@@ -1,5 +1,7 @@
 """Runs the g2e recipe: the configured stages in order, each skipped once its outputs are complete.
 
+This module is the only one that knows every stage: STAGES below is their table.
+
   python -m g2e.main --config=configs/mmeb.py [--config.stages=eval_zero_shot,mine,...]
 
 Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE.json):
@@ -18,7 +20,6 @@ where it stopped; training resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -29,7 +30,26 @@ import time
 from absl import app
 from ml_collections import config_flags
 
-from g2e import configuration
+from g2e import atomic, configuration, distributed, embedding, export
+from g2e.demo import prepare as demo
+from g2e.evaluation import stage as evaluation
+from g2e.mining import stage as mining
+from g2e.pipeline import Pipeline
+from g2e.training import stage as training
+
+# Every stage, in the order a recipe runs them: (name, function of the Pipeline -> summary).
+STAGES = (
+    ("prepare_demo", demo.run),
+    ("eval_plain", evaluation.run_eval_plain),
+    ("eval_zero_shot", evaluation.run_eval_zero_shot),
+    ("mine", mining.run),
+    ("train", training.run),
+    ("eval", evaluation.run_eval),
+    ("export", export.run),
+    ("report", evaluation.run_report),
+    ("embed", embedding.run_embed),
+)
+STAGE_NAMES = tuple(name for name, _ in STAGES)
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Recipe file.",
@@ -66,20 +86,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE")
     config = _CONFIG.value
-    configuration.validate(config)
+    # A bad key fails here, before any device is touched.
+    configuration.validate(config, STAGE_NAMES)
     workdir = _local_workdir(config.workdir)
-
-    # Imported after validation so a bad key fails before JAX starts.
-    from g2e import distributed
-    from g2e import stages
-
     distributed.initialize(config)
     _setup_logging(workdir, distributed.is_primary())
     names = configuration.split_list(config.stages)
     force = set(configuration.split_list(config.force))
     if "prepare_demo" in names:
-        stages.point_at_demo(config, workdir)
-    pipeline = stages.Pipeline(config, workdir)
+        demo.point_at_demo(config, workdir)
+    pipeline = Pipeline(config, workdir)
+    run_stage = dict(STAGES)
     logging.info("g2e: stages %s, workdir %s", ", ".join(names), workdir)
     for name in names:
         done = workdir / name / "DONE.json"
@@ -89,12 +106,11 @@ def main(argv: list[str]) -> None:
             continue
         logging.info("== %s", name)
         start = time.time()
-        summary = getattr(stages, f"run_{name}")(pipeline) or {}
+        summary = run_stage[name](pipeline) or {}
         distributed.barrier(f"stage-{name}")
         if distributed.is_primary() and name != "embed":
-            done.parent.mkdir(parents=True, exist_ok=True)
             record = {"stage": name, "seconds": round(time.time() - start, 1), **summary}
-            done.write_text(json.dumps(record, indent=2) + "\n")
+            atomic.write_json(done, record, indent=2)
         logging.info("== %s: done in %.0f s", name, time.time() - start)
 
 

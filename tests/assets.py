@@ -2,7 +2,7 @@
 and transformers' PyTorch embedding of an item with the SPEC §1 prompt, as the reference.
 
 The weights are written by transformers (`save_pretrained`) from a config built around a tiny
-tokenizer (g2e.models.tiny), with normal(0, 0.05) weights so that a wrong op shows.
+tokenizer (g2e.demo.tiny), with normal(0, 0.05) weights so that a wrong op shows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 from g2e.data import images as images_lib
 from g2e.data import prompts
 from g2e.data.preprocess import EmbedItem
-from g2e.models import tiny
+from g2e.demo import tiny
 from tests.models.checkpoints import randomize
 
 TEXTS = ("Represent the given image with the following question: What shape is in the image?",

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from g2e import distributed
+from g2e.models import sharding
 
 _OUT = flags.DEFINE_string("out", None, "directory for results.npz and meta.json", required=True)
 _CONFIG = config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(dict(
@@ -70,7 +71,7 @@ def evaluate(weights, items, lengths, mesh):
         padded = np.zeros((local_batch, width), np.float32)
         padded[:len(chunk)] = chunk[:, :width]
         padded[len(chunk):] = 1.0     # any finite row; its embedding is dropped below
-        batch = distributed.global_batch({"x": padded}, mesh)
+        batch = distributed.put_batch({"x": padded}, mesh, sharding.DEFAULT_RULES)
         outputs.append(distributed.local_rows(embed_fn(weights[:width], batch["x"]))[:len(chunk)])
     return distributed.gather_in_order(np.concatenate(outputs), len(items))
 
@@ -87,8 +88,9 @@ def train(weights, queries, candidates, mesh, steps=3):
     for step in range(steps):
         rows = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
         mine = distributed.host_slice(GLOBAL_BATCH)
-        batch = distributed.global_batch(
-            {"queries": queries[rows][mine], "candidates": candidates[rows][mine]}, mesh)
+        batch = distributed.put_batch(
+            {"queries": queries[rows][mine], "candidates": candidates[rows][mine]}, mesh,
+            sharding.DEFAULT_RULES)
         weights, loss = step_fn(weights, batch["queries"], batch["candidates"])
         losses.append(float(loss))
     return weights, np.array(losses)

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from g2e import configuration
+from g2e.main import STAGE_NAMES
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,7 +28,7 @@ def test_every_config_loads_and_validates(name, arg):
     config.data.eval_dir = config.data.eval_dir or "/some/eval"
     if name == "embed":
         config.input, config.output = "in.jsonl", "out.npy"
-    configuration.validate(config)
+    configuration.validate(config, STAGE_NAMES)
 
 
 def test_mmeb_7b_shards_over_fsdp():
@@ -50,10 +51,10 @@ def test_bad_keys_are_named(key, value, message):
         node = node[parent]
     node[leaf] = value
     with pytest.raises(configuration.ConfigError, match=message.replace(".", r"\.")):
-        configuration.validate(config)
+        configuration.validate(config, STAGE_NAMES)
 
 
 def test_missing_model_dir_is_named():
     config = _load("mmeb")
     with pytest.raises(configuration.ConfigError, match=r"--config\.model_dir"):
-        configuration.validate(config)
+        configuration.validate(config, STAGE_NAMES)

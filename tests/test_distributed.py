@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AxisType
 
 from g2e import distributed
+from g2e.models import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,24 +106,29 @@ def test_single_process_helpers():
     distributed.barrier("single")   # no-op with one process
 
 
-def test_global_batch_shards_the_batch_dimension():
+def test_put_batch_shards_the_batch_dimension_by_the_batch_rule():
     mesh = distributed.make_mesh(dict(data=2, fsdp=2, tensor=2))
     local = {"input_ids": np.arange(32, dtype=np.int32).reshape(8, 4),
-             "position_ids": np.arange(96, dtype=np.int32).reshape(3, 8, 4)}
-    batch = distributed.global_batch(local, mesh)
+             "position_ids": np.arange(96, dtype=np.int32).reshape(3, 8, 4),
+             "candidate": {"pixel_values": np.ones((8, 4, 2), np.float32)}}
+    batch = distributed.put_batch(local, mesh, sharding.DEFAULT_RULES)
     assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     assert batch["position_ids"].sharding.spec[1] == ("data", "fsdp")
+    assert batch["candidate"]["pixel_values"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(distributed.local_rows(batch["input_ids"]), local["input_ids"])
     np.testing.assert_array_equal(
         distributed.local_rows(batch["position_ids"], batch_dim=1), local["position_ids"])
+    # Another 'batch' rule moves every placement with it.
+    data_only = [("batch", "data")]
+    assert distributed.put_batch(local, mesh, data_only)["input_ids"].sharding.spec[0] == "data"
+    assert distributed.local_row_range(mesh, sharding.DEFAULT_RULES, 8) == slice(0, 8)
 
 
-def test_global_batch_refuses_a_replicated_batch_across_processes(monkeypatch):
+def test_put_batch_refuses_a_replicated_batch_across_processes(monkeypatch):
     mesh = distributed.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match="'input_ids' .* replicates its batch dimension"):
-        distributed.global_batch({"input_ids": np.zeros((4, 3), np.int32)}, mesh, replicated)
+    with pytest.raises(ValueError, match="'batch' sharding rule maps to no axis"):
+        distributed.put_batch({"input_ids": np.zeros((4, 3), np.int32)}, mesh, [("batch", None)])
 
 
 # ------------------------------------------------------------------------------------------

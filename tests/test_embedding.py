@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from g2e import configuration, distributed
+from g2e import distributed
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.embedding import Embedder
-from g2e.models import hf_io
+from g2e.models import hf_io, sharding
 from tests import assets
 
-RULES = configuration.DEFAULT_SHARDING_RULES
+RULES = sharding.DEFAULT_RULES
 LENGTH_BUCKETS = (256,)
 PATCH_BUCKETS = (0, 128, 256)
 LONG_TEXT = ("a red circle and a blue square next to a small green triangle on the left of a "

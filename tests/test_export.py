@@ -24,6 +24,7 @@ from g2e import export
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.embedding import Embedder
 from g2e.models import hf_io, lora
+from g2e.models import peft as peft_io
 from tests import assets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -106,11 +107,11 @@ def test_peft_loads_adapter_with_same_embeddings(exported):
 def test_adapter_dir_reload_in_g2e(exported):
     """What Pipeline.model does for --config.adapter_dir."""
     directory, out_dir, _, adapted, _ = exported
-    adapter = export.read_peft_config(out_dir / "peft")
+    adapter = peft_io.read_peft_config(out_dir / "peft")
     assert (adapter.kind, adapter.r, adapter.alpha) == ("dora", 4, 8.0)
     assert adapter == ADAPTER
     model = hf_io.load_model(directory, adapter=adapter, seed=1)
-    export.load_peft_adapter(model, out_dir / "peft")
+    peft_io.load_peft_adapter(model, out_dir / "peft")
     np.testing.assert_allclose(embed(model, directory), adapted, atol=1e-5, rtol=0)
 
 

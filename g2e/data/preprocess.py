@@ -56,6 +56,16 @@ class EmbedItem:
             raise ValueError(f"EmbedItem.role must be one of {prompts.ROLES}, got {self.role!r}")
 
 
+def query_item(row: Any) -> EmbedItem:
+    """The query side of a training row (g2e.data.mmeb.TrainRow): its text and image."""
+    return EmbedItem(row.qry_text, row.qry_image or None, "query", row.subset, row.index)
+
+
+def positive_item(row: Any) -> EmbedItem:
+    """The positive side of a training row, embedded as a candidate."""
+    return EmbedItem(row.pos_text, row.pos_image or None, "candidate", row.subset, row.index)
+
+
 @dataclasses.dataclass
 class Encoded:
     """One tokenised example, before padding.

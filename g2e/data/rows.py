@@ -19,10 +19,12 @@ not all held in memory, but every pass over the rows reads the records again.
 """
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
-from g2e.data import mmeb
+import numpy as np
+
+from g2e.data import images, mmeb
 from g2e.data import subsets as subsets_lib
 from g2e.data.errors import BadInput, BadInputReport
 
@@ -132,6 +134,12 @@ def list_train_subsets(data: Any) -> list[str]:
     return mmeb.list_subsets(data.train_dir)
 
 
+def train_subsets(data: Any) -> list[str]:
+    """data.train_subsets (comma-separated), or every subset of the configured source."""
+    named = [s.strip() for s in str(data.train_subsets).split(",") if s.strip()]
+    return named or list_train_subsets(data)
+
+
 def list_eval_subsets(data: Any) -> list[str]:
     """The MMEB-eval subsets present in the configured source, in name order."""
     if _format(data) == "tfds":
@@ -165,3 +173,29 @@ class ConcatRows(Sequence):
     def __iter__(self) -> Iterator:
         for part in self.parts:
             yield from part
+
+
+def index_keys(keys: Iterable[Hashable]) -> tuple[list, np.ndarray]:
+    """Numbers keys in order of first appearance.
+
+    Returns (the distinct keys in that order, int64 [N]: each input key's number). Items that
+    share a key are embedded once (evaluation, mining) and mined as one key.
+    """
+    numbers: dict = {}
+    ids = np.fromiter((numbers.setdefault(key, len(numbers)) for key in keys), np.int64)
+    return list(numbers), ids
+
+
+def first_of_each(ids: np.ndarray) -> np.ndarray:
+    """int64 [K]: the position of the first input with each number of `index_keys`."""
+    return np.unique(ids, return_index=True)[1].astype(np.int64)
+
+
+def train_row_keys(rows: Iterable[mmeb.TrainRow]) -> tuple[list[tuple], list[tuple]]:
+    """(query key, positive key) of each training row: its text and `images.image_key` of its
+    image (a path, or a short hash of the bytes a TFDS copy carries); one pass over the rows."""
+    query_keys, positive_keys = [], []
+    for row in rows:
+        query_keys.append((row.qry_text, images.image_key(row.qry_image)))
+        positive_keys.append((row.pos_text, images.image_key(row.pos_image)))
+    return query_keys, positive_keys

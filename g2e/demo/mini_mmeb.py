@@ -1,10 +1,11 @@
 """Mini-MMEB: a procedurally drawn MMEB in the hub's exact train and eval formats.
 
-  python -m g2e.data.mini_mmeb --out DIR [--seed N] [--scale S]
+  python -m g2e.demo.mini_mmeb --out DIR [--seed N] [--scale S]
+  (or, as before, python -m g2e.data.mini_mmeb ...)
       [--train_rows 200] [--eval_queries 60] [--candidates 12]
 
 Images are small (56-112 px sides; grounding candidates are crops of single objects) scenes
-of coloured shapes on a 3x3 grid. Ten subsets
+of coloured shapes on a 3x3 grid (g2e.demo.scenes). Ten subsets
 cover MMEB's four meta-tasks with an IND/OOD split like MMEB's; IND subsets have training
 data, OOD subsets are evaluation only:
 
@@ -33,41 +34,16 @@ import time
 
 import numpy as np
 import PIL.Image
-import PIL.ImageDraw
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
+from g2e.demo import scenes
 
 IMAGE = "<|image_1|>\n"
 REPRESENT_IMAGE = IMAGE + "Represent the given image."
 REPRESENT_CROP = IMAGE + "Represent the given cropped image of the object"
-MIN_SIDE, MAX_SIDE = 56, 112
-
-SHAPES = ("circle", "triangle", "square", "diamond", "pentagon", "hexagon", "star", "cross")
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 200, 20),
-    "orange": (245, 130, 20),
-    "purple": (140, 40, 180),
-    "black": (20, 20, 20),
-    "pink": (240, 110, 180),
-}
-POSITIONS = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "center",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-)
-NUMBERS = ("one", "two", "three", "four", "five", "six")
 
 # (meta-task, group, query instructions: the first is the `original` split's, the rest are
 # the `diverse_instruction` split's alternatives).
@@ -141,16 +117,6 @@ SUBSETS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Obj:
-    """One drawn object: shape, colour name, grid cell (0..8, row-major) and relative size."""
-
-    shape: str
-    color: str
-    cell: int
-    size: float
-
-
 @dataclasses.dataclass
 class Example:
     """One query and its positive, before writing. `question` follows the instruction in the
@@ -164,189 +130,108 @@ class Example:
     distractors: list = dataclasses.field(default_factory=list)
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Vertices of a star or cross centred on (cx, cy) with outer radius r."""
-    if shape == "star":
-        angles = np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-        return [(cx + rr * np.cos(a), cy - rr * np.sin(a)) for a, rr in zip(angles, radii)]
-    t = 0.35 * r  # half-width of the cross's bars
-    pts = [
-        (t, r),
-        (t, t),
-        (r, t),
-        (r, -t),
-        (t, -t),
-        (t, -r),
-        (-t, -r),
-        (-t, -t),
-        (-r, -t),
-        (-r, t),
-        (-t, t),
-        (-t, r),
-    ]
-    return [(cx + x, cy + y) for x, y in pts]
+def _distinct_objects(rng: np.random.Generator, n: int) -> list[scenes.Obj]:
+    """n objects of distinct shapes and distinct colours."""
+    shapes = scenes.pick(rng, scenes.SHAPES, n)
+    colors = scenes.pick(rng, scenes.COLORS, n)
+    return scenes.objects(rng, n, shapes=shapes, colors=colors)
 
 
-def draw(
-    rng: np.random.Generator,
-    objects: list[Obj],
-) -> tuple[PIL.Image.Image, list[tuple[int, int, int, int]]]:
-    """Draws `objects` on a pale background of random size; returns the image and each
-    object's bounding box (x0, y0, x1, y1)."""
-    w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-    grey = int(rng.integers(205, 246))
-    image = PIL.Image.new("RGB", (w, h), (grey, grey, grey))
-    canvas = PIL.ImageDraw.Draw(image)
-    boxes = []
-    for obj in objects:
-        row, col = divmod(obj.cell, 3)
-        r = obj.size * min(w, h) / 6
-        cx = (col + 0.5) * w / 3 + rng.uniform(-0.1, 0.1) * w / 3
-        cy = (row + 0.5) * h / 3 + rng.uniform(-0.1, 0.1) * h / 3
-        fill = COLORS[obj.color]
-        if obj.shape == "circle":
-            canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif obj.shape in ("star", "cross"):
-            canvas.polygon(_polygon(obj.shape, cx, cy, r), fill=fill)
-        else:
-            sides = {"triangle": 3, "square": 4, "diamond": 4, "pentagon": 5, "hexagon": 6}
-            rotation = {"diamond": 45}.get(obj.shape, 0)  # PIL draws a 4-gon axis-aligned
-            canvas.regular_polygon((cx, cy, r), sides[obj.shape], rotation=rotation, fill=fill)
-        boxes.append(
-            (
-                max(0, int(cx - r) - 2),
-                max(0, int(cy - r) - 2),
-                min(w, int(cx + r) + 3),
-                min(h, int(cy + r) + 3),
-            )
-        )
-    return image, boxes
+def _classification(name: str, rng: np.random.Generator) -> Example:
+    if name == "ShapeCls":
+        shape = scenes.pick(rng, scenes.SHAPES)
+        image, _ = scenes.draw(rng, scenes.objects(rng, 1, shapes=[shape]))
+        return Example("", image, shape, None)
+    if name == "ColorCls":
+        color, n = scenes.pick(rng, scenes.COLORS), int(rng.integers(1, 4))
+        image, _ = scenes.draw(rng, scenes.objects(rng, n, colors=[color] * n))
+        return Example("", image, color, None)
+    n = int(rng.integers(1, len(scenes.NUMBERS) + 1))  # CountCls
+    image, _ = scenes.draw(rng, scenes.objects(rng, n))
+    return Example("", image, scenes.NUMBERS[n - 1], None)
 
 
-def _objects(rng: np.random.Generator, n: int, shapes=None, colors=None) -> list[Obj]:
-    """n objects in distinct cells; shapes/colors fix them, else they are drawn at random."""
-    cells = rng.choice(9, size=n, replace=False)
-    shapes = shapes or [SHAPES[i] for i in rng.integers(0, len(SHAPES), size=n)]
-    colors = colors or [list(COLORS)[i] for i in rng.integers(0, len(COLORS), size=n)]
-    return [
-        Obj(s, c, int(cell), float(rng.uniform(0.55, 0.9)))
-        for s, c, cell in zip(shapes, colors, cells)
-    ]
+def _shape_vqa(rng: np.random.Generator) -> Example:
+    kind = int(rng.integers(0, 3))
+    if kind == 2:  # counting: k copies of one shape among other shapes
+        shape, k = scenes.pick(rng, scenes.SHAPES), int(rng.integers(1, 5))
+        others = [s for s in scenes.pick(rng, scenes.SHAPES, 3) if s != shape]
+        others = others[: int(rng.integers(0, 3))]
+        objects = scenes.objects(rng, k + len(others), shapes=[shape] * k + others)
+        image, _ = scenes.draw(rng, objects)
+        question = f"How many {scenes.plural(shape, 2)} are there?"
+        return Example(question, image, scenes.NUMBERS[k - 1], None)
+    n = int(rng.integers(1, 4))
+    objects = _distinct_objects(rng, n)
+    image, _ = scenes.draw(rng, objects)
+    target = objects[int(rng.integers(0, n))]
+    if kind == 0:
+        return Example(f"What shape is the {target.color} object?", image, target.shape, None)
+    return Example(f"What color is the {target.shape}?", image, target.color, None)
 
 
-def _pick(rng: np.random.Generator, items, k: int | None = None):
-    """One item (k=None) or k distinct items of `items`, drawn at random."""
-    items = list(items)
-    if k is None:
-        return items[int(rng.integers(0, len(items)))]
-    return [items[i] for i in rng.choice(len(items), size=k, replace=False)]
+def _position_vqa(rng: np.random.Generator) -> Example:
+    n = int(rng.integers(1, 5))
+    objects = scenes.objects(rng, n, shapes=scenes.pick(rng, scenes.SHAPES, n))
+    image, _ = scenes.draw(rng, objects)
+    target = objects[int(rng.integers(0, n))]
+    return Example(f"Where is the {target.color} {target.shape} in the image?", image,
+                   scenes.POSITIONS[target.cell], None)
 
 
-def _plural(shape: str, count: int) -> str:
-    if count == 1:
-        return shape
-    return shape + ("es" if shape == "cross" else "s")
+def _shape_edit(rng: np.random.Generator) -> Example:
+    objects = scenes.objects(rng, int(rng.integers(1, 4)))
+    state = rng.bit_generator.state
+    source, _ = scenes.draw(rng, objects)
+    i = int(rng.integers(0, len(objects)))
+    new_color = scenes.pick(rng, [c for c in scenes.COLORS if c != objects[i].color])
+    edited = list(objects)
+    edited[i] = dataclasses.replace(objects[i], color=new_color)
+    after = rng.bit_generator.state
+    rng.bit_generator.state = state  # same canvas and placement for the edited scene
+    target, _ = scenes.draw(rng, edited)
+    rng.bit_generator.state = after
+    change = f"make the {objects[i].color} {objects[i].shape} {new_color}"
+    # The unedited scene is the hardest negative.
+    return Example(change, source, REPRESENT_IMAGE, target, [(REPRESENT_IMAGE, source)])
 
 
-def caption(objects: list[Obj]) -> str:
-    """'two red circles and a blue star': objects grouped by colour and shape."""
-    groups: dict[tuple[str, str], int] = {}
-    for o in sorted(objects, key=lambda o: o.cell):
-        groups[(o.color, o.shape)] = groups.get((o.color, o.shape), 0) + 1
-    article = lambda color: "an" if color[0] in "aeiou" else "a"
-    parts = [
-        f"{article(color) if n == 1 else NUMBERS[n - 1]} {color} {_plural(shape, n)}"
-        for (color, shape), n in groups.items()
-    ]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _crop(image: PIL.Image.Image, box) -> PIL.Image.Image:
-    return image.crop(box)
+def _grounding(name: str, rng: np.random.Generator) -> Example:
+    n = int(rng.integers(2, 5))
+    objects = _distinct_objects(rng, n)
+    image, boxes = scenes.draw(rng, objects)
+    instruction = SUBSETS[name][2][0]
+    if name == "ShapeGround":
+        label = lambda o: f"{o.color} {o.shape}"  # noqa: E731
+        cand_text = lambda o: REPRESENT_CROP  # noqa: E731
+    else:
+        label = lambda o: f"the {o.color} {o.shape} at the {scenes.POSITIONS[o.cell]}"  # noqa
+        cand_text = lambda o: IMAGE + instruction + label(o)  # noqa: E731
+    crops = [(cand_text(o), scenes.crop(image, b)) for o, b in zip(objects, boxes)]
+    t = int(rng.integers(0, n))
+    # The scene's other objects are the hard negatives.
+    return Example(label(objects[t]), image, crops[t][0], crops[t][1],
+                   [c for j, c in enumerate(crops) if j != t])
 
 
 def _example(name: str, rng: np.random.Generator) -> Example:
     """Draws one query/positive pair of subset `name`."""
-    if name == "ShapeCls":
-        shape = _pick(rng, SHAPES)
-        image, _ = draw(rng, _objects(rng, 1, shapes=[shape]))
-        return Example("", image, shape, None)
-    if name == "ColorCls":
-        color, n = _pick(rng, COLORS), int(rng.integers(1, 4))
-        image, _ = draw(rng, _objects(rng, n, colors=[color] * n))
-        return Example("", image, color, None)
-    if name == "CountCls":
-        n = int(rng.integers(1, len(NUMBERS) + 1))
-        image, _ = draw(rng, _objects(rng, n))
-        return Example("", image, NUMBERS[n - 1], None)
+    if name in ("ShapeCls", "ColorCls", "CountCls"):
+        return _classification(name, rng)
     if name == "ShapeVQA":
-        kind = int(rng.integers(0, 3))
-        if kind == 2:  # counting: k copies of one shape among other shapes
-            shape, k = _pick(rng, SHAPES), int(rng.integers(1, 5))
-            others = [s for s in _pick(rng, SHAPES, 3) if s != shape][: int(rng.integers(0, 3))]
-            image, _ = draw(rng, _objects(rng, k + len(others), shapes=[shape] * k + others))
-            return Example(f"How many {_plural(shape, 2)} are there?", image, NUMBERS[k - 1], None)
-        n = int(rng.integers(1, 4))
-        objects = _objects(rng, n, shapes=_pick(rng, SHAPES, n), colors=_pick(rng, COLORS, n))
-        image, _ = draw(rng, objects)
-        target = objects[int(rng.integers(0, n))]
-        if kind == 0:
-            return Example(f"What shape is the {target.color} object?", image, target.shape, None)
-        return Example(f"What color is the {target.shape}?", image, target.color, None)
+        return _shape_vqa(rng)
     if name == "PositionVQA":
-        n = int(rng.integers(1, 5))
-        objects = _objects(rng, n, shapes=_pick(rng, SHAPES, n))
-        image, _ = draw(rng, objects)
-        target = objects[int(rng.integers(0, n))]
-        return Example(
-            f"Where is the {target.color} {target.shape} in the image?",
-            image,
-            POSITIONS[target.cell],
-            None,
-        )
+        return _position_vqa(rng)
     if name in ("ShapeCaption_t2i", "ShapeCaption_i2t"):
-        objects = _objects(rng, int(rng.integers(1, 4)))
-        image, _ = draw(rng, objects)
+        objects = scenes.objects(rng, int(rng.integers(1, 4)))
+        image, _ = scenes.draw(rng, objects)
         if name.endswith("t2i"):
-            return Example(caption(objects), None, REPRESENT_IMAGE, image)
-        return Example("", image, caption(objects), None)
+            return Example(scenes.caption(objects), None, REPRESENT_IMAGE, image)
+        return Example("", image, scenes.caption(objects), None)
     if name == "ShapeEdit":
-        objects = _objects(rng, int(rng.integers(1, 4)))
-        state = rng.bit_generator.state
-        source, _ = draw(rng, objects)
-        i = int(rng.integers(0, len(objects)))
-        new_color = _pick(rng, [c for c in COLORS if c != objects[i].color])
-        edited = list(objects)
-        edited[i] = dataclasses.replace(objects[i], color=new_color)
-        after = rng.bit_generator.state
-        rng.bit_generator.state = state  # same canvas and placement for the edited scene
-        target, _ = draw(rng, edited)
-        rng.bit_generator.state = after
-        change = f"make the {objects[i].color} {objects[i].shape} {new_color}"
-        # The unedited scene is the hardest negative.
-        return Example(change, source, REPRESENT_IMAGE, target, [(REPRESENT_IMAGE, source)])
+        return _shape_edit(rng)
     if name in ("ShapeGround", "ShapeRef-Matching"):
-        n = int(rng.integers(2, 5))
-        objects = _objects(rng, n, shapes=_pick(rng, SHAPES, n), colors=_pick(rng, COLORS, n))
-        image, boxes = draw(rng, objects)
-        instruction = SUBSETS[name][2][0]
-        if name == "ShapeGround":
-            label = lambda o: f"{o.color} {o.shape}"
-            cand_text = lambda o: REPRESENT_CROP
-        else:
-            label = lambda o: f"the {o.color} {o.shape} at the {POSITIONS[o.cell]}"
-            cand_text = lambda o: IMAGE + instruction + label(o)
-        crops = [(cand_text(o), _crop(image, b)) for o, b in zip(objects, boxes)]
-        t = int(rng.integers(0, n))
-        # The scene's other objects are the hard negatives.
-        return Example(
-            label(objects[t]),
-            image,
-            crops[t][0],
-            crops[t][1],
-            [c for j, c in enumerate(crops) if j != t],
-        )
+        return _grounding(name, rng)
     raise ValueError(f"mini-MMEB has no subset {name!r}; its subsets: {list(SUBSETS)}.")
 
 
@@ -363,17 +248,19 @@ def _distractors(
     meta_task = SUBSETS[name][0]
     if meta_task in ("classification", "vqa"):
         # Answers of the same kind: the label set of the subset (or of the question).
-        vocab = next((v for v in (SHAPES, tuple(COLORS), NUMBERS, POSITIONS) if ex.pos_text in v))
+        vocabularies = (scenes.SHAPES, tuple(scenes.COLORS), scenes.NUMBERS, scenes.POSITIONS)
+        vocab = next(v for v in vocabularies if ex.pos_text in v)
         return [
             (t, None)
-            for t in _pick(rng, [v for v in vocab if v != ex.pos_text], min(k, len(vocab) - 1))
+            for t in scenes.pick(rng, [v for v in vocab if v != ex.pos_text],
+                                 min(k, len(vocab) - 1))
         ]
     # What makes a candidate right: its caption for text positives, else the query's words.
     key = lambda e: e.pos_text if e.pos_image is None else e.question
     picked = list(ex.distractors[:k])
     others = [j for j in range(len(examples)) if j != i]
     seen = {key(ex)}
-    for j in _pick(rng, others, len(others)):
+    for j in scenes.pick(rng, others, len(others)):
         if len(picked) >= k:
             break
         other = examples[j]
@@ -424,7 +311,8 @@ def _write_train(out_dir: str, name: str, examples: list[Example], rng) -> None:
     for split in ("original", "diverse_instruction"):
         records = []
         for ex in examples:
-            instruction = instructions[0] if split == "original" else _pick(rng, instructions[1:])
+            instruction = (instructions[0] if split == "original"
+                           else scenes.pick(rng, instructions[1:]))
             records.append(
                 dict(
                     qry=_query_text(instruction, ex),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -27,11 +26,14 @@ import optax
 import tqdm
 from flax import nnx
 
-from g2e.data import mini_mmeb, mmeb
+from g2e import atomic, distributed
+from g2e.data import mmeb
 from g2e.data.preprocess import Encoded, Processor
-from g2e.models import hf_io, tiny
+from g2e.demo import mini_mmeb, scenes, tiny
+from g2e.models import hf_io
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
+from g2e.pipeline import Pipeline
 
 GENERATOR_QUESTION = "What does the image show?"
 ONE_WORD_IMAGE = "Summarize the image in one word."
@@ -53,16 +55,31 @@ def demo_paths(out: pathlib.Path) -> DemoPaths:
     return DemoPaths(data, data / "train", data / "eval", data, out / "model")
 
 
-def _fresh(path: pathlib.Path) -> pathlib.Path:
-    tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+def run(pipeline: Pipeline) -> dict[str, Any]:
+    """The `prepare_demo` stage: builds what `point_at_demo` pointed the config at."""
+    # The primary alone writes (the processes share the workdir, and prepare replaces
+    # directories); the others wait, then read its files.
+    summary = {}
+    if distributed.is_primary():
+        summary = prepare(pipeline.config, pipeline.workdir / "prepare_demo")
+    distributed.barrier("prepare_demo")
+    return summary
+
+
+def point_at_demo(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Points model_dir and the data keys at what prepare_demo writes (before it runs)."""
+    paths = demo_paths(workdir / "prepare_demo")
+    config.model_dir = str(paths.model_dir)
+    config.data.train_dir = str(paths.train_dir)
+    config.data.train_image_root = str(paths.image_root)
+    config.data.eval_dir = str(paths.eval_dir)
+    config.data.eval_image_root = str(paths.image_root)
 
 
 def _one_word(text: str) -> str | None:
     """The first shape named in a mini-MMEB caption, its one-word summary (None if none)."""
     words = [w.strip(".,") for w in text.lower().split()]
-    return next((w for w in words if w in mini_mmeb.SHAPES), None)
+    return next((w for w in words if w in scenes.SHAPES), None)
 
 
 def generator_examples(train_dir: pathlib.Path, image_root: pathlib.Path
@@ -90,7 +107,7 @@ def generator_examples(train_dir: pathlib.Path, image_root: pathlib.Path
             if word and len(caption.split()) > 1:
                 examples.append((ONE_WORD_IMAGE, image, word))
                 examples.append((f"{caption}\n{ONE_WORD_TEXT}", None, word))
-                asked = mini_mmeb.SHAPES[(row.index + len(caption)) % len(mini_mmeb.SHAPES)]
+                asked = scenes.SHAPES[(row.index + len(caption)) % len(scenes.SHAPES)]
                 answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
                 examples.append((YES_NO.format(asked), image, answer))
     return examples
@@ -156,40 +173,45 @@ def prepare(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, A
     paths = demo_paths(out)
     summary: dict[str, Any] = {}
     if not (paths.data_dir / "subsets.json").is_file():
-        tmp = _fresh(paths.data_dir)
-        summary["mini_mmeb"] = mini_mmeb.build(
-            str(tmp), seed=demo.seed, train_rows=max(16, round(200 * demo.scale)),
-            eval_queries=max(4, round(60 * demo.scale)), candidates=12)
-        shutil.rmtree(paths.data_dir, ignore_errors=True)
-        tmp.rename(paths.data_dir)
+        def build_data(tmp: pathlib.Path) -> None:
+            summary["mini_mmeb"] = mini_mmeb.build(
+                str(tmp), seed=demo.seed, train_rows=max(16, round(200 * demo.scale)),
+                eval_queries=max(4, round(60 * demo.scale)), candidates=12)
+
+        atomic.replace_directory(paths.data_dir, build_data)
         logging.info("demo: mini-MMEB in %s (%s)", paths.data_dir, summary["mini_mmeb"])
-    if (paths.model_dir / "config.json").is_file():
-        return summary
-    start = time.time()
+    if not (paths.model_dir / "config.json").is_file():
+        start = time.time()
+        summary["generator"] = {}
+        atomic.replace_directory(paths.model_dir, lambda tmp: summary["generator"].update(
+            build_generator(config, paths, tmp)))
+        summary["generator"]["seconds"] = round(time.time() - start, 1)
+        logging.info("demo: generator checkpoint in %s (%s)", paths.model_dir,
+                     summary["generator"])
+    return summary
+
+
+def build_generator(config: ml_collections.ConfigDict, paths: DemoPaths,
+                    out: pathlib.Path) -> dict[str, Any]:
+    """Writes the tiny generator checkpoint, trained on the mini-MMEB, into `out`."""
+    demo = config.demo
     examples = generator_examples(paths.train_dir, paths.image_root)
-    tmp = _fresh(paths.model_dir)
     texts = [text for user, _, answer in examples for text in (user, answer)]
-    tiny.write_assets(tmp, texts=texts, vocab_size=demo.vocab_size,
+    tiny.write_assets(out, texts=texts, vocab_size=demo.vocab_size,
                       hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
                       layers=demo.num_layers, heads=demo.heads, kv_heads=demo.kv_heads,
                       vision_width=demo.vision_width, vision_heads=demo.heads,
                       vision_layers=demo.num_layers, tie_word_embeddings=True)
-    model_config = Qwen2VLConfig.from_dir(tmp)
-    model = Qwen2VL(model_config, dtype=jnp.float32, param_dtype=jnp.float32,
+    model = Qwen2VL(Qwen2VLConfig.from_dir(out), dtype=jnp.float32, param_dtype=jnp.float32,
                     rngs=nnx.Rngs(demo.seed))
-    processor = Processor.from_dir(tmp, max_length=config.data.train_max_length,
+    processor = Processor.from_dir(out, max_length=config.data.train_max_length,
                                    image_resolution="processor",
                                    length_buckets=tuple(config.data.length_buckets),
                                    patch_buckets=tuple(config.data.patch_buckets))
     losses = train_generator(model, processor, examples, steps=demo.generator_steps,
                              lr=demo.generator_lr, batch_size=demo.generator_batch_size,
                              seed=demo.seed)
-    hf_io.save_hf(model, tmp, dtype=np.float32)
-    shutil.rmtree(paths.model_dir, ignore_errors=True)
-    tmp.rename(paths.model_dir)
-    summary["generator"] = {"examples": len(examples), "steps": demo.generator_steps,
-                            "first_loss": round(float(np.mean(losses[:10])), 4),
-                            "last_loss": round(float(np.mean(losses[-10:])), 4),
-                            "seconds": round(time.time() - start, 1)}
-    logging.info("demo: generator checkpoint in %s (%s)", paths.model_dir, summary["generator"])
-    return summary
+    hf_io.save_hf(model, out, dtype=np.float32)
+    return {"examples": len(examples), "steps": demo.generator_steps,
+            "first_loss": round(float(np.mean(losses[:10])), 4),
+            "last_loss": round(float(np.mean(losses[-10:])), 4)}

@@ -11,40 +11,36 @@ maximum — i.e. the positive wins ties. This is what the release (and VLM2Vec) 
 score exactly, so a repeated positive never beats itself.
 
 Outputs in `out_dir`: results.json, results.md (the leaderboard's layout plus a per-subset
-table), results.png (one bar per subset). Embeddings are cached per subset under
-`out_dir/cache/<subset>/` as queries.npy, candidates.npy and index.json (keys + the caller's
-model/prompt fingerprint; no pickle). index.json is written last, so a subset counts as cached
-only once it finished; an interrupted evaluation resumes at the first unfinished subset. Keys
-hold the images' absolute paths (or, read from the TFDS copy, a sha1 of their bytes), so moving
-the image root re-embeds. Multi-host: every host calls evaluate_mmeb (embed_fn is collective),
-only process 0 writes (`write_outputs`), and out_dir must be one directory all hosts see (NFS,
-gs://), so that all take the same cache decisions.
+table), results.png (one bar per subset; g2e.evaluation.report formats them). Embeddings are
+cached per subset under `out_dir/cache/<subset>/` (g2e.embedding.EmbeddingCache: queries and
+candidates, each tied to the caller's model/prompt fingerprint and to the keys), so an
+interrupted evaluation resumes where it stopped. Keys hold the images' absolute paths (or, read
+from the TFDS copy, a sha1 of their bytes), so moving the image root re-embeds. Multi-host:
+every host calls evaluate_mmeb (embed_fn is collective), only process 0 writes
+(`write_outputs`), and out_dir must be one directory all hosts see, so that all take the same
+cache decisions.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
+import pathlib
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
-from etils import epath
 
 from g2e.data import mmeb
-from g2e.data.images import image_key
 from g2e.data import rows as rows_lib
 from g2e.data import subsets as subset_registry
 from g2e.data.errors import BadInputReport
+from g2e.data.images import image_key
 from g2e.data.preprocess import EmbedItem
+from g2e.embedding import EmbeddingCache
+from g2e.evaluation import report as report_lib
 
-META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
-SPLITS = ("IND", "OOD")
-CACHE_FORMAT = 1
 _ROW_BLOCK = 64  # rows scored per matmul in precision_at_1
 
 EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
@@ -159,7 +155,7 @@ def aggregate(subset_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return _mean([r["precision_at_1"] for r in subset_results.values() if keep(r)])
 
     meta_tasks = {}
-    for task in META_TASKS:
+    for task in report_lib.META_TASKS:
         value = mean_of(lambda r: r["meta_task"] == task)
         if value is not None:
             meta_tasks[task] = value
@@ -176,76 +172,42 @@ def aggregate(subset_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # One subset: dedupe, embed (or read the cache), score.
 
 
-def _dedupe(keys: Sequence[Key]) -> tuple[list[Key], list[int]]:
-    """Unique keys in first-seen order, and each input's index into them."""
-    position: dict[Key, int] = {}
-    indices = [position.setdefault(key, len(position)) for key in keys]
-    return list(position), indices
+class _SubsetItems:
+    """A subset's unique queries and candidates (by text + image key), and the rows over them.
 
+    One pass over the rows: from a TFDS copy each pass reads the records again.
+    """
 
-def _load_cache(cache_dir: epath.Path, fingerprint: str, query_keys: list[Key],
-                candidate_keys: list[Key]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (queries, candidates) if they belong to these keys and this fingerprint."""
-    index_path = cache_dir / "index.json"
-    if not index_path.exists():
-        return None
-    try:
-        index = json.loads(index_path.read_text())
-        if (index.get("format") != CACHE_FORMAT or index.get("fingerprint") != fingerprint
-                or [tuple(k) for k in index["query_keys"]] != query_keys
-                or [tuple(k) for k in index["candidate_keys"]] != candidate_keys):
-            logging.info("cache %s is for another model, prompt or data; re-embedding",
-                         cache_dir)
-            return None
-        with (cache_dir / "queries.npy").open("rb") as f:
-            queries = np.load(f, allow_pickle=False)
-        with (cache_dir / "candidates.npy").open("rb") as f:
-            candidates = np.load(f, allow_pickle=False)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        logging.warning("cache %s is unreadable (%s); re-embedding", cache_dir, error)
-        return None
-    if (queries.shape[0] != len(query_keys) or candidates.shape[0] != len(candidate_keys)
-            or queries.ndim != 2 or candidates.shape[1:] != queries.shape[1:]):
-        logging.warning("cache %s holds arrays of the wrong shape; re-embedding", cache_dir)
-        return None
-    return queries, candidates
+    def __init__(self, rows: Sequence[mmeb.EvalRow], subset: str):
+        self.subset = subset
+        self.sources: dict[Key, tuple[Any, int]] = {}  # key -> (its image, its first row)
+        row_keys, flat_keys, lengths = [], [], []
+        for row_number, r in enumerate(rows):
+            if not r.tgt_texts or len(r.tgt_texts) != len(r.tgt_images):
+                raise ValueError(f"subset {subset}, row {row_number}: needs a non-empty "
+                                 "candidate list with one image entry per text")
+            lengths.append(len(r.tgt_texts))
+            row_keys.append(self._key(r.qry_text, r.qry_image, r.index))
+            flat_keys += [self._key(t, i, r.index) for t, i in zip(r.tgt_texts, r.tgt_images)]
+        self.query_keys, self.row_query = rows_lib.index_keys(row_keys)
+        self.candidate_keys, flat_candidates = rows_lib.index_keys(flat_keys)
+        self.row_candidates = np.split(flat_candidates, np.cumsum(lengths)[:-1])
 
+    def _key(self, text: str, image: Any, row: int) -> Key:
+        key = (text, image_key(image))
+        self.sources.setdefault(key, (image, row))
+        return key
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    """Writes through a temporary file and a rename, so `path` is either whole or absent."""
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _save_cache(cache_dir: epath.Path, fingerprint: str, subset: str, query_keys: list[Key],
-                candidate_keys: list[Key], queries: np.ndarray,
-                candidates: np.ndarray) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    index_path = cache_dir / "index.json"
-    # index.json is the commit marker: drop a stale one first so it never vouches for arrays
-    # written after it, then write it last.
-    if index_path.exists():
-        index_path.unlink()
-    _write_atomic(cache_dir / "queries.npy", _npy_bytes(queries))
-    _write_atomic(cache_dir / "candidates.npy", _npy_bytes(candidates))
-    index = {"format": CACHE_FORMAT, "subset": subset, "fingerprint": fingerprint,
-             "dim": int(queries.shape[1]),
-             "query_keys": [list(k) for k in query_keys],
-             "candidate_keys": [list(k) for k in candidate_keys]}
-    _write_atomic(index_path, json.dumps(index).encode())
+    def items(self, role: str) -> list[EmbedItem]:
+        keys = self.query_keys if role == "query" else self.candidate_keys
+        return [EmbedItem(text=text, image=self.sources[(text, image)][0], role=role,
+                          subset=self.subset, row=self.sources[(text, image)][1])
+                for text, image in keys]
 
 
 def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str, *,
-                    batch_size: int, cache_dir: epath.Path | None = None,
-                    fingerprint: str = "", progress: bool = True, write_cache: bool = True,
-                    on_bad_input: str = "error") -> dict[str, Any]:
+                    batch_size: int, cache: EmbeddingCache | None = None,
+                    progress: bool = True, on_bad_input: str = "error") -> dict[str, Any]:
     """Embeds one subset's unique queries and candidates (or reads them from the cache), scores.
 
     Args:
@@ -253,9 +215,8 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         rows: the subset's eval rows.
         subset: the subset's name (goes into EmbedItem.subset: prompts depend on it).
         batch_size: items per embed_fn call.
-        cache_dir: where this subset's cache lives; None disables caching.
-        fingerprint: names the model + prompt; a cache with another fingerprint is not reused.
-        write_cache: False on hosts that must not write (multi-host: only process 0 writes).
+        cache: this subset's embedding cache (g2e.embedding.EmbeddingCache: a directory, the
+            model/prompt fingerprint, whether this host writes); None disables caching.
         on_bad_input: under 'skip', an item embed_fn skipped (an all-NaN row: e.g. an image
             that does not decode) drops every row whose query or candidate it is.
     Returns:
@@ -269,67 +230,37 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
     if not rows:
         raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
                          f"fix its files")
-    # One pass over the rows: from a TFDS copy each pass reads (and each key hashes) the
-    # images again. Per key its image and first row; per row its number of candidates.
-    sources: dict[Key, tuple[Any, int]] = {}
-    row_keys = []
-    flat_keys = []
-    row_lengths = []
-    for row_number, r in enumerate(rows):
-        if not r.tgt_texts or len(r.tgt_texts) != len(r.tgt_images):
-            raise ValueError(f"subset {subset}, row {row_number}: needs a non-empty candidate "
-                             f"list with one image entry per text")
-        row_lengths.append(len(r.tgt_texts))
-        key = (r.qry_text, image_key(r.qry_image))
-        sources.setdefault(key, (r.qry_image, r.index))
-        row_keys.append(key)
-        for text, image in zip(r.tgt_texts, r.tgt_images):
-            key = (text, image_key(image))
-            sources.setdefault(key, (image, r.index))
-            flat_keys.append(key)
-    query_keys, row_query = _dedupe(row_keys)
-    candidate_keys, flat_candidates = _dedupe(flat_keys)
-    row_candidates, start = [], 0
-    for length in row_lengths:
-        row_candidates.append(flat_candidates[start:start + length])
-        start += length
+    items = _SubsetItems(rows, subset)
 
-    cached = None
-    if cache_dir is not None:
-        cached = _load_cache(cache_dir, fingerprint, query_keys, candidate_keys)
-    if cached is not None:
-        logging.info("subset %s: reusing the embeddings cached in %s", subset, cache_dir)
-        queries, candidates = cached
+    def embed(role: str) -> np.ndarray:
+        return embed_items(embed_fn, items.items(role), batch_size=batch_size,
+                           desc=f"{subset} {'queries' if role == 'query' else 'candidates'}",
+                           progress=progress, allow_skipped=on_bad_input == "skip")
+
+    if cache is None:
+        queries, candidates = embed("query"), embed("candidate")
     else:
-        query_items = [EmbedItem(text=key[0], image=sources[key][0], role="query",
-                                 subset=subset, row=sources[key][1]) for key in query_keys]
-        candidate_items = [EmbedItem(text=key[0], image=sources[key][0], role="candidate",
-                                     subset=subset, row=sources[key][1])
-                           for key in candidate_keys]
-        allow_skipped = on_bad_input == "skip"
-        queries = embed_items(embed_fn, query_items, batch_size=batch_size,
-                              desc=f"{subset} queries", progress=progress,
-                              allow_skipped=allow_skipped)
-        candidates = embed_items(embed_fn, candidate_items, batch_size=batch_size,
-                                 desc=f"{subset} candidates", progress=progress,
-                                 allow_skipped=allow_skipped)
-        if queries.shape[1] != candidates.shape[1]:
-            raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
-                             f"but candidates width {candidates.shape[1]}")
-        if cache_dir is not None and write_cache:
-            _save_cache(cache_dir, fingerprint, subset, query_keys, candidate_keys, queries,
-                        candidates)
+        queries = cache.get("queries", items.query_keys, lambda: embed("query"))
+        candidates = cache.get("candidates", items.candidate_keys, lambda: embed("candidate"))
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
+                         f"but candidates width {candidates.shape[1]}")
+    return _score(subset, queries, candidates, items)
 
+
+def _score(subset: str, queries: np.ndarray, candidates: np.ndarray,
+           items: _SubsetItems) -> dict[str, Any]:
+    """Precision@1 over the rows whose query and candidates all embedded (see evaluate_subset)."""
     # NaN rows only get here under 'skip' (cached ones included: they were embedded so).
     good_query = ~np.isnan(queries).any(axis=1)
     good_candidate = ~np.isnan(candidates).any(axis=1)
     keep = [good_query[q] and bool(good_candidate[c].all())
-            for q, c in zip(row_query, row_candidates)]
+            for q, c in zip(items.row_query, items.row_candidates)]
     if not any(keep):
         raise ValueError(f"subset {subset}: every row uses an input embed_fn skipped as bad")
     correct = precision_at_1(queries, candidates,
-                             [q for q, k in zip(row_query, keep) if k],
-                             [c for c, k in zip(row_candidates, keep) if k])
+                             [q for q, k in zip(items.row_query, keep) if k],
+                             [c for c, k in zip(items.row_candidates, keep) if k])
     if not all(keep):
         logging.warning("subset %s: %d rows left out: they use inputs skipped as bad", subset,
                         len(keep) - sum(keep))
@@ -337,19 +268,14 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         "precision_at_1": 100.0 * float(correct.mean()),
         "num_queries": int(sum(keep)),
         "num_correct": int(correct.sum()),
-        "num_unique_queries": len(query_keys),
-        "num_unique_candidates": len(candidate_keys),
+        "num_unique_queries": len(items.query_keys),
+        "num_unique_candidates": len(items.candidate_keys),
         "num_skipped_rows": len(keep) - int(sum(keep)),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole benchmark and its reports.
-
-# The subset table spells meta-tasks in lower case; reports use the leaderboard's names.
-_META_TASK_NAMES = {"classification": "Classification", "vqa": "VQA", "retrieval": "Retrieval",
-                    "grounding": "Grounding"}
-
 
 def _subset_list(subsets: str | Sequence[str] | None, data: Any) -> list[str]:
     if isinstance(subsets, str):
@@ -372,7 +298,8 @@ def _leaderboard_order(names: Sequence[str], manifest_dir: str) -> list[str]:
         info = subset_registry.subset_info(name, manifest_dir)
         canonical = subset_registry.canonical_name(name)
         position = table.index(canonical) if canonical in table else len(table)
-        return (subset_registry.META_TASKS.index(info.meta_task), SPLITS.index(info.group),
+        return (subset_registry.META_TASKS.index(info.meta_task),
+                report_lib.SPLITS.index(info.group),
                 position, name)
 
     return sorted(names, key=rank)
@@ -422,23 +349,11 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
         data = types.SimpleNamespace(format="parquet", eval_dir=eval_dir,
                                      eval_image_root=image_root, tfds_dir="")
     manifest_dir = rows_lib.manifest_dir(data, "eval")
-    results, skipped_subsets = {}, {}
-    names = []
-    for name in _subset_list(subsets, data):
-        try:
-            subset_registry.subset_info(name, manifest_dir)
-        except subset_registry.UnknownSubsetError as error:
-            if on_bad_input != "skip":
-                raise
-            skipped_subsets[name] = str(error)
-            continue
-        names.append(name)
-    names = _leaderboard_order(names, manifest_dir)
-    out = epath.Path(out_dir)
-    if write_outputs:
-        out.mkdir(parents=True, exist_ok=True)
+    names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir,
+                                            on_bad_input)
+    out = pathlib.Path(out_dir)
+    results = {}
     for number, name in enumerate(names, 1):
-        info = subset_registry.subset_info(name, manifest_dir)
         logging.info("MMEB subset %d/%d: %s", number, len(names), name)
         report = BadInputReport(on_bad_input)
         rows = rows_lib.eval_rows(data, name, report)
@@ -449,84 +364,38 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
             skipped_subsets[name] = report.examples[0] if report.examples else "no usable rows"
             logging.warning("subset %s: no usable rows; left out of the results", name)
             continue
-        scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size,
-                                 cache_dir=out / "cache" / name, fingerprint=fingerprint,
-                                 progress=progress, write_cache=write_outputs,
-                                 on_bad_input=on_bad_input)
+        cache = EmbeddingCache(out / "cache" / name, fingerprint, writable=write_outputs)
+        scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size, cache=cache,
+                                 progress=progress, on_bad_input=on_bad_input)
         scores["num_skipped_rows"] += report.total
+        info = subset_registry.subset_info(name, manifest_dir)
         results[name] = {"precision_at_1": scores.pop("precision_at_1"),
-                         "meta_task": _META_TASK_NAMES[info.meta_task], "split": info.group,
-                         **scores}
+                         "meta_task": report_lib.META_TASK_NAMES[info.meta_task],
+                         "split": info.group, **scores}
         logging.info("%s: precision@1 %.2f over %d queries", name,
                      results[name]["precision_at_1"], results[name]["num_queries"])
     summary = aggregate(results)
     if skipped_subsets:
         summary["skipped_subsets"] = skipped_subsets
     if write_outputs:
-        _write_atomic(out / "results.json", json.dumps(summary, indent=2).encode())
-        _write_atomic(out / "results.md", results_markdown(summary, model_name).encode())
-        _write_atomic(out / "results.png", results_chart(summary, model_name))
+        report_lib.write_results(out, summary, model_name)
     return summary
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+def _known_subsets(names: Sequence[str], manifest_dir: str,
+                   on_bad_input: str) -> tuple[list[str], dict[str, str]]:
+    """(the subsets the table or manifest knows, in leaderboard order; {unknown: why}).
 
-
-def results_markdown(summary: dict[str, Any], model_name: str = "g2e") -> str:
-    """results.json's content as Markdown: the leaderboard row, then one row per subset.
-
-    Leaderboard columns: Model | Classification | VQA | Retrieval | Grounding | IND | OOD |
-    Overall; a group with no subset evaluated shows '-'.
+    Raises UnknownSubsetError for an unknown subset unless on_bad_input is 'skip'.
     """
-    tasks = [_META_TASK_NAMES[t] for t in subset_registry.META_TASKS]
-    counts = {t: sum(r["meta_task"] == t for r in summary["subsets"].values()) for t in tasks}
-    counts.update({s: sum(r["split"] == s for r in summary["subsets"].values()) for s in SPLITS})
-    header = ["Model", *tasks, *SPLITS, "Overall"]
-    row = [model_name, *(_percent(summary["meta_tasks"].get(t)) for t in tasks),
-           *(_percent(summary[s]) for s in SPLITS), _percent(summary["overall"])]
-    number = ["# subsets", *(str(counts[t]) for t in tasks), *(str(counts[s]) for s in SPLITS),
-              str(len(summary["subsets"]))]
-    lines = [f"# MMEB precision@1 (%): {model_name}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| " + " | ".join(number) + " |", "| " + " | ".join(row) + " |", "",
-             "| Subset | Meta-task | Split | Queries | Precision@1 |", "|---|---|---|---|---|"]
-    for name, r in summary["subsets"].items():
-        lines.append(f"| {name} | {r['meta_task']} | {r['split']} | {r['num_queries']} | "
-                     f"{_percent(r['precision_at_1'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def results_chart(summary: dict[str, Any], model_name: str = "g2e") -> bytes:
-    """A PNG bar chart: one bar per subset, coloured by meta-task, OOD hatched, overall dashed."""
-    # The object API (no pyplot) keeps no global figure state and needs no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    names = list(summary["subsets"])
-    results = [summary["subsets"][n] for n in names]
-    colours = dict(zip(META_TASKS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    figure = Figure(figsize=(max(7.0, 0.4 * len(names) + 3.5), 4.8))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    bars = axes.bar(range(len(names)), [r["precision_at_1"] for r in results],
-                    color=[colours[r["meta_task"]] for r in results], edgecolor="white")
-    for bar, result in zip(bars, results):
-        if result["split"] == "OOD":
-            bar.set_hatch("//")
-    axes.bar_label(bars, fmt="%.1f", fontsize=7)
-    axes.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=8)
-    axes.set_ylim(0, 105)
-    axes.set_ylabel("precision@1 (%)")
-    handles = [Patch(color=colours[t], label=t) for t in META_TASKS if t in summary["meta_tasks"]]
-    handles.append(Patch(facecolor="lightgrey", edgecolor="white", hatch="//", label="OOD"))
-    if summary["overall"] is not None:
-        handles.append(axes.axhline(summary["overall"], color="black", linestyle="--",
-                                    linewidth=1, label=f"overall {summary['overall']:.1f}"))
-    axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes.set_title(f"MMEB precision@1: {model_name}")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    known, skipped = [], {}
+    for name in names:
+        try:
+            subset_registry.subset_info(name, manifest_dir)
+        except subset_registry.UnknownSubsetError as error:
+            if on_bad_input != "skip":
+                raise
+            skipped[name] = str(error)
+            continue
+        known.append(name)
+    return _leaderboard_order(known, manifest_dir), skipped

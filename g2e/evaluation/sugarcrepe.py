@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from g2e import evaluation
+from g2e import atomic
 from g2e.data import prompts
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem
+from g2e.evaluation import mmeb
 
 SUGARCREPE_CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att",
                          "add_obj", "add_att")
@@ -137,10 +138,10 @@ def _embed_examples(embed_fn: EmbedFn, examples: Sequence[Example], captions: Se
                              subset=benchmark) for path in image_rows]
     caption_items = [EmbedItem(text=prompts.sugarcrepe_caption(text), image=None, role="query",
                                subset=benchmark) for text in caption_rows]
-    images = evaluation.embed_items(embed_fn, image_items, batch_size=batch_size,
+    images = mmeb.embed_items(embed_fn, image_items, batch_size=batch_size,
                                     desc=f"{benchmark} images", progress=progress,
                                     allow_skipped=allow_skipped)
-    texts = evaluation.embed_items(embed_fn, caption_items, batch_size=batch_size,
+    texts = mmeb.embed_items(embed_fn, caption_items, batch_size=batch_size,
                                    desc=f"{benchmark} captions", progress=progress,
                                    allow_skipped=allow_skipped)
     return images, image_rows, texts, caption_rows
@@ -326,10 +327,5 @@ def _markdown(summary: dict[str, Any], model_name: str, metrics: Sequence[str]) 
 
 
 def _write(out_dir: str, summary: dict[str, Any], markdown: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("results.json", json.dumps(summary, indent=2)),
-                       ("results.md", markdown)):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    atomic.write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
+    atomic.write_text(os.path.join(out_dir, "results.md"), markdown)

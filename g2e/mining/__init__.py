@@ -62,17 +62,18 @@ device (each searched row against all queries, sharded and chunked the same way)
 model picks one (`mine_clusters(query_sims=...)` overrides it).
 
 Modules: greedy.py (the construction, judge hook, report), search.py (device top-pool),
-files.py (the versioned cluster file the training stage reads).
+files.py (the versioned cluster file the training stage reads), judge.py (the model's yes/no
+judgement), stage.py (the `mine` stage: embedding, the judge and the files per subset).
 """
 
 from g2e.mining.files import (FORMAT_NAME, FORMAT_VERSION, ClusterFile, read_clusters,
                               write_clusters)
-from g2e.mining.greedy import (JudgeFn, MiningResult, build_clusters, index_keys,
-                               keeps_retrieval_order, mine_clusters, yes_probability)
+from g2e.mining.greedy import (JudgeFn, MiningResult, build_clusters, keeps_retrieval_order,
+                               mine_clusters)
 from g2e.mining.search import top_pool
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "ClusterFile", "JudgeFn", "MiningResult",
-    "build_clusters", "index_keys", "keeps_retrieval_order", "mine_clusters", "read_clusters",
-    "top_pool", "write_clusters", "yes_probability",
+    "build_clusters", "keeps_retrieval_order", "mine_clusters", "read_clusters", "top_pool",
+    "write_clusters",
 ]

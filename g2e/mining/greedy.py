@@ -7,18 +7,12 @@ from typing import Callable, Hashable, Sequence
 import jax
 import numpy as np
 
+from g2e.data import rows as rows_lib
 from g2e.data import subsets
 from g2e.mining.search import CandidateIndex, SimilarityTable, padded_block
 
 # judge(anchor_row, owner_rows) -> P(yes) per owner row, float array [len(owner_rows)].
 JudgeFn = Callable[[int, np.ndarray], np.ndarray]
-
-
-def yes_probability(yes_logits, no_logits) -> np.ndarray:
-    """A judge's P(yes) from the logits of the "yes" and "no" tokens at the last position:
-    the softmax over just those two, sigmoid(yes - no), computed without overflow."""
-    margin = np.asarray(yes_logits, np.float64) - np.asarray(no_logits, np.float64)
-    return 0.5 * (1.0 + np.tanh(0.5 * margin))
 
 
 def keeps_retrieval_order(subset: str, data_dir: str | None = None) -> bool:
@@ -72,14 +66,6 @@ def build_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hasha
 # ----------------------------------------------------------------------------- keys / owners
 
 
-def index_keys(keys: Sequence[Hashable]) -> tuple[np.ndarray, int]:
-    """Numbers hashable keys in order of first appearance: (ids int32 [N], number of keys)."""
-    numbers: dict = {}
-    ids = np.fromiter((numbers.setdefault(k, len(numbers)) for k in keys), np.int64,
-                      count=len(keys))
-    return ids.astype(np.int32), len(numbers)
-
-
 def _csr(groups: np.ndarray, members: np.ndarray, num_groups: int):
     """Groups `members` by `groups` (stable): (ptr int64 [G+1], members sorted by group)."""
     order = np.argsort(groups, kind="stable")
@@ -119,8 +105,9 @@ def _owners(query_keys, positive_keys) -> tuple[_Owners, np.ndarray, np.ndarray]
     if len(positive_keys) != n:
         raise ValueError(f"mining: {n} query keys but {len(positive_keys)} positive keys; "
                          "pass one of each per row.")
-    row_key, num_keys = index_keys(query_keys)
-    row_cand, num_cands = index_keys(positive_keys)
+    distinct_keys, row_key = rows_lib.index_keys(query_keys)
+    distinct_cands, row_cand = rows_lib.index_keys(positive_keys)
+    num_keys, num_cands = len(distinct_keys), len(distinct_cands)
     rows = np.arange(n, dtype=np.int64)
     rep_row = np.full(num_keys, -1, np.int64)
     np.maximum.at(rep_row, row_key, rows)             # a key stands for its last row

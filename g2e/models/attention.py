@@ -1,6 +1,6 @@
 """The one attention function of g2e (text decoder and vision tower both call it).
 
-Letters: B batch, L length, H query heads, K key/value heads, E head dim.
+Letters: the legend of `g2e.models`.
 
 Masking is expressed with segment ids, which every backend understands: a query attends only to
 keys with the same segment id (and, if causal, at or before its own position). The text decoder
@@ -100,7 +100,7 @@ def _splash(query, key, value, segment_ids, causal, scale):
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
 
-    # [B, L, K*G, E] -> [B, K, G, L, E]; key/value [B, L, K, E] -> [B, K, L, E].
+    # [B, L, H, E] -> [B, K, H/K, L, E]; key/value [B, L, K, E] -> [B, K, L, E].
     q = (query * scale).reshape(batch, length, num_kv_heads, groups, head_dim)
     q = q.transpose(0, 2, 3, 1, 4)
     k = key.transpose(0, 2, 1, 3)
@@ -110,5 +110,5 @@ def _splash(query, key, value, segment_ids, causal, scale):
         return kernel(q_kg, k_k, v_k, segment_ids=sk.SegmentIds(q=seg, kv=seg))
 
     per_kv = jax.vmap(one, in_axes=(0, 0, 0, None))  # over K
-    out = jax.vmap(per_kv, in_axes=(0, 0, 0, 0))(q, k, v, segment_ids)  # [B, K, G, L, E]
+    out = jax.vmap(per_kv, in_axes=(0, 0, 0, 0))(q, k, v, segment_ids)  # [B, K, H/K, L, E]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)

@@ -18,7 +18,7 @@ MODEL_TYPE = "qwen2_vl"
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Qwen2 decoder sizes. Letters: D hidden, H heads, K kv heads, E head dim, F MLP, V vocab."""
+    """Qwen2 decoder sizes (letters of the `g2e.models` legend: D, H, K, E, F, V, N)."""
 
     vocab_size: int
     hidden_size: int

@@ -21,9 +21,10 @@ import dataclasses
 import functools
 import json
 import math
-import zlib
 import os
 import pathlib
+import shutil
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -41,6 +42,11 @@ from g2e.models.text import Projection
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# The files of a checkpoint directory besides config.json and the weights; they travel
+# unchanged with a checkpoint g2e writes from it.
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+               "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -439,3 +445,15 @@ def save_hf(model: Qwen2VL, out_dir: str | os.PathLike, *, max_shard_bytes: int 
     with open(out_dir / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     return files
+
+
+def copy_assets(source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copies the ASSET_FILES that `source_dir` has (tokenizer, image processor, ...) to
+    `out_dir`; returns their names."""
+    source_dir, out_dir = pathlib.Path(source_dir), pathlib.Path(out_dir)
+    copied = []
+    for name in ASSET_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, out_dir / name)
+            copied.append(name)
+    return copied

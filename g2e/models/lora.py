@@ -1,7 +1,7 @@
 """LoRA and DoRA adapters as plain functions over arrays.
 
-A projection y = x @ W + b with kernel W [in, out] gets a low-rank update through A [in, r]
-and B [r, out], scaled by s = alpha / r:
+A projection y = x @ W + b with kernel W [in, out] gets a low-rank update through A [in, R]
+and B [R, out] (R the rank, legend of `g2e.models`), scaled by s = alpha / R:
 
     LoRA:  y = x @ W + b + s * drop(x) @ A @ B
     DoRA:  y = m / ||W + s A B||_c * (x @ W + s x @ A @ B) + b         (no dropout / eval)
@@ -16,7 +16,7 @@ between the two without change:
 - with dropout active, PEFT's DoRA adds its correction to the undropped base output:
     y = x @ W + b + (m/n - 1) * drop(x) @ W + (m/n) * s * drop(x) @ A @ B.
 
-Adapter state is a dict with keys 'lora_a' [in, r], 'lora_b' [r, out] and, for DoRA,
+Adapter state is a dict with keys 'lora_a' [in, R], 'lora_b' [R, out] and, for DoRA,
 'magnitude' [out]. The model stores these as nnx.LoRAParam; this module never sees modules.
 """
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+KINDS = ("lora", "dora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -58,9 +59,9 @@ class AdapterConfig:
     init: Literal["gaussian", "kaiming"] = "gaussian"
 
     def __post_init__(self):
-        if self.kind not in ("lora", "dora"):
+        if self.kind not in KINDS:
             raise ValueError(f"AdapterConfig.kind={self.kind!r}: use 'lora' or 'dora' "
-                                              "(train.adapter.kind='none' means full fine-tuning, no adapter).")
+                             "(train.adapter.kind='none' means full fine-tuning, no adapter).")
         if self.r < 1:
             raise ValueError(f"AdapterConfig.r={self.r}: the rank must be >= 1.")
         if not 0.0 <= self.dropout < 1.0:
@@ -90,7 +91,7 @@ class AdapterConfig:
 
 
 def init_adapter(rng: Array, in_features: int, out_features: int, kernel: Array | None,
-                                  config: AdapterConfig, dtype: Any = jnp.float32) -> dict[str, Array]:
+                 config: AdapterConfig, dtype: Any = jnp.float32) -> dict[str, Array]:
     """Initial adapter state for one projection, as PEFT initialises it.
 
     Args:
@@ -140,7 +141,7 @@ def _dropout(x: Array, rate: float, deterministic: bool, rng: Array | None) -> A
 
 
 def apply(x: Array, kernel: Array, bias: Array | None, adapter: Mapping[str, Array],
-                    config: AdapterConfig, *, deterministic: bool, rng: Array | None = None) -> Array:
+          config: AdapterConfig, *, deterministic: bool, rng: Array | None = None) -> Array:
     """The adapted projection, y = x @ W (+ b) with the adapter's update.
 
     Args:

@@ -1,6 +1,6 @@
 """Host-side (numpy) position ids for Qwen2-VL: text M-RoPE ids and vision patch layout.
 
-Letters: B batch, L text length, P vision patches per example.
+Letters: the legend of `g2e.models`.
 
 `rope_index` reproduces transformers' `Qwen2VLModel.get_rope_index` (transformers 5.x)
 exactly. That version keys on the image tokens themselves (its `mm_token_type_ids` is 1 where

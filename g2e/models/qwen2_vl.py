@@ -1,7 +1,6 @@
 """Qwen2-VL as one nnx.Module: vision tower, embedding merge, text decoder, LM head, pooling.
 
-Letters: B batch, L length, D hidden, V vocab, P vision patches per example, M = P // 4 merged
-vision tokens, K positions asked for in `logits_at`.
+Letters: the legend of `g2e.models` (Q is the number of positions asked for in `logits_at`).
 
 The batch is the host dict described in the design notes (input_ids, attention_mask,
 position_ids [3, B, L], pixel_values [B, P, 1176], vision_segment_ids, vision_positions,
@@ -99,7 +98,7 @@ class Qwen2VL(nnx.Module):
     def logits_at(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """Logits at chosen positions only.
 
-        hidden [B, L, D], positions [B] or [B, K] -> logits [B, V] or [B, K, V].
+        hidden [B, L, D], positions [B] or [B, Q] -> logits [B, V] or [B, Q, V].
 
         Only the chosen rows go through the head, so no [B, L, V] tensor is ever formed.
         """

@@ -20,15 +20,32 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from g2e.configuration import DEFAULT_SHARDING_RULES
-
 Rules = Sequence[tuple[str, Any]]
 
-# The default table lives with the rest of the configuration (configs override it there).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = DEFAULT_SHARDING_RULES
+# The default table (`config.sharding_rules` starts from it). Batch-like axes go over data and
+# fsdp; weights are sharded over fsdp on their model width and over tensor on heads / MLP width /
+# vocabulary (Megatron-style); axes without a mesh axis are replicated. Names: the legend of
+# `g2e.models`.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("patches", None),
+    ("lora_rank", None),
+)
 
-# Logical axes of each batch field (see "The batch" in the design notes).
-BATCH_AXES: dict[str, tuple[str | None, ...]] = {
+# Logical axes of each batch field (see "The batch" in the design notes); a field not listed
+# has its batch dimension first.
+BATCH_FIELD_AXES: dict[str, tuple[str | None, ...]] = {
     "input_ids": ("batch", "length"),
     "attention_mask": ("batch", "length"),
     "position_ids": (None, "batch", "length"),
@@ -63,6 +80,21 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
     return PartitionSpec(*spec)
 
 
+def batch_axes(rules: Rules, mesh_axis_names: Sequence[str]) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over: the 'batch' rule, restricted to the mesh.
+
+    Every batch placement, per-device batch size and collective over the batch reads this, so
+    changing the 'batch' rule in the config moves all of them together.
+    """
+    entry = logical_to_spec(("batch",), rules, mesh_axis_names)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_dim(field: str) -> int:
+    """The position of the batch dimension in a batch field (1 for position_ids [3, B, L])."""
+    return BATCH_FIELD_AXES.get(field, ("batch",)).index("batch")
+
+
 def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: jax.sharding.Mesh) -> PartitionSpec:
     """Replicates any dimension the mesh axes do not divide (e.g. 2 KV heads on tensor=4)."""
     out = []
@@ -87,17 +119,6 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
         return NamedSharding(mesh, _fits(variable.shape, spec, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh,
-                    rules: Rules) -> dict[str, NamedSharding]:
-    """NamedShardings for a batch dict (numpy arrays or ShapeDtypeStructs)."""
-    out = {}
-    for name, array in batch.items():
-        axes = BATCH_AXES.get(name, ("batch",) + (None,) * (np.ndim(array) - 1))
-        spec = logical_to_spec(axes, rules, mesh.axis_names)
-        out[name] = NamedSharding(mesh, _fits(np.shape(array), spec, mesh))
-    return out
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -1,11 +1,8 @@
 """Qwen2 text decoder with multimodal rotary embeddings (M-RoPE), layers stacked and scanned.
 
-Letters: B batch, L length, D hidden, H query heads, K key/value heads, E head dim, F MLP width,
-V vocab, N layers.
-
-Logical axis names of parameters: 'vocab', 'embed' (D), 'heads' (H*E), 'kv_heads' (K*E),
-'mlp' (F), 'layers' (N, added by the stacking vmap). Activations: 'batch', 'length',
-'act_embed'.
+Letters and logical axis names: the legend of `g2e.models`. Parameters: 'vocab' (V), 'embed'
+(D), 'heads' (H*E), 'kv_heads' (K*E), 'mlp' (F), 'layers' (N, added by the stacking vmap).
+Activations: 'batch' (B), 'length' (L), 'act_embed' (D).
 """
 
 from __future__ import annotations
@@ -121,7 +118,7 @@ def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, L, heads, E] rotated by cos/sin [B, L, E] (rotate-half convention)."""
+    """x [B, L, H or K, E] rotated by cos/sin [B, L, E] (rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

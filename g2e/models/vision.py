@@ -1,8 +1,7 @@
 """Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, 2x2 patch merger.
 
-Letters: B batch, P patches per example, C flattened patch (3*2*14*14 = 1176), V vision width,
-N vision heads, E vision head dim, F vision MLP width, D text width, M = P // 4 merged tokens,
-S = 3 (query, key, value).
+Letters and logical axis names: the legend of `g2e.models` (W vision width, H vision heads,
+F vision MLP width, C flattened patch, M = P // 4 merged tokens, S = 3 for query/key/value).
 
 Several images of one example are packed into its P patches (as the HF image processor emits
 them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per image, 0 on
@@ -10,7 +9,7 @@ padding) confine attention to one image, like transformers' per-image `cu_seqlen
 builds `segment_ids` and the (row, col) rotary `positions` with
 `g2e.models.positions.vision_layout`.
 
-Parameter logical axes: 'vision_embed' (V), 'vision_heads' (N), 'vision_mlp' (F and the
+Parameter logical axes: 'vision_embed' (W), 'vision_heads' (H), 'vision_mlp' (F and the
 merger's hidden width), 'embed' (D), 'layers' (added by the stacking vmap). Activations:
 'batch', 'patches', 'act_vision_embed', 'vision_heads', 'vision_mlp'.
 
@@ -74,7 +73,7 @@ def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[ja
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Applies the rotary tables [B, P, E] to x [B, P, N, E] in float32 (as transformers)."""
+    """Applies the rotary tables [B, P, E] to x [B, P, H, E] in float32 (as transformers)."""
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
@@ -95,12 +94,12 @@ class VisionBlock(nnx.Module):
         self.attention = attention
         self.norm1 = _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
         self.qkv = nnx.Einsum(
-            "bpv,vsne->bpsne", (width, 3, heads, head_dim), (3, heads, head_dim),
+            "bpw,wshe->bpshe", (width, 3, heads, head_dim), (3, heads, head_dim),
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             kernel_metadata=_axes("vision_embed", None, "vision_heads", None),
             bias_metadata=_axes(None, "vision_heads", None))
         self.proj = nnx.Einsum(
-            "bpne,nev->bpv", (heads, head_dim, width), (width,),
+            "bphe,hew->bpw", (heads, head_dim, width), (width,),
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             kernel_metadata=_axes("vision_heads", None, "vision_embed"),
             bias_metadata=_axes("vision_embed"))
@@ -110,8 +109,8 @@ class VisionBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array,
                  sin: jax.Array) -> jax.Array:
-        """x [B, P, V] -> [B, P, V]."""
-        qkv = self.qkv(self.norm1(x))  # [B, P, S, N, E]
+        """x [B, P, W] -> [B, P, W]."""
+        qkv = self.qkv(self.norm1(x))  # [B, P, S, H, E]
         query, key, value = (qkv[:, :, i] for i in range(3))
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         query = constrain(query, ("batch", "patches", "vision_heads", None))
@@ -136,7 +135,7 @@ class PatchMerger(nnx.Module):
                            rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, P, V] -> [B, M, D]."""
+        """x [B, P, W] -> [B, M, D]."""
         batch, patches, width = x.shape
         x = self.ln_q(x).reshape(batch, patches // self.window, self.window * width)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -200,7 +199,7 @@ class VisionTower(nnx.Module):
         if pixel_values.shape[1] % window:
             raise ValueError(f"pixel_values has {pixel_values.shape[1]} patches per example; the "
                              f"patch bucket must be a multiple of {window}.")
-        x = jnp.einsum("bpc,cv->bpv", pixel_values.astype(self.dtype),
+        x = jnp.einsum("bpc,cw->bpw", pixel_values.astype(self.dtype),
                        self.patch_embed[...].astype(self.dtype))
         x = constrain(x, ("batch", "patches", "act_vision_embed"))
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
@@ -249,13 +248,13 @@ def _from_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.nd
         return array
     if kind == "linear":                      # torch [out, in] -> [in, out]
         return array.T
-    if kind == "conv":                        # [V, 3, 2, 14, 14] -> [C, V]
+    if kind == "conv":                        # [W, 3, 2, 14, 14] -> [C, W]
         return array.reshape(array.shape[0], -1).T
-    if kind == "qkv":                         # [S*N*E, V] -> [V, S, N, E]
+    if kind == "qkv":                         # [S*H*E, W] -> [W, S, H, E]
         return array.T.reshape(array.shape[1], 3, heads, head_dim)
-    if kind == "qkv_bias":                    # [S*N*E] -> [S, N, E]
+    if kind == "qkv_bias":                    # [S*H*E] -> [S, H, E]
         return array.reshape(3, heads, head_dim)
-    if kind == "proj":                        # [V, N*E] -> [N, E, V]
+    if kind == "proj":                        # [W, H*E] -> [H, E, W]
         return array.T.reshape(heads, head_dim, array.shape[0])
     raise ValueError(f"unknown layout kind {kind!r}")
 

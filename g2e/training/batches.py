@@ -13,14 +13,10 @@ number: a restarted run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from g2e.training.gradcache import BATCH_AXIS
 
 
 class ClusterSchedule:
@@ -118,44 +114,6 @@ class ClusterSchedule:
             first += self._epoch_lengths[epoch]
             epoch += 1
         return {"step": step, "epoch": epoch, "batch_in_epoch": step - first, "seed": self.seed}
-
-
-def batch_sharding(mesh: Mesh, key: str, batch_axes: tuple[str, ...]) -> NamedSharding:
-    """Sharding of one batch array: its batch dimension over the batch mesh axes."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    spec = [None] * (BATCH_AXIS.get(key, 0) + 1)
-    spec[BATCH_AXIS.get(key, 0)] = axes
-    return NamedSharding(mesh, P(*spec))
-
-
-def host_rows(mesh: Mesh, batch_size: int, batch_axes: tuple[str, ...]) -> slice:
-    """The contiguous range of global rows whose data this process must provide."""
-    sharding = batch_sharding(mesh, "ids", batch_axes)
-    index_map = sharding.addressable_devices_indices_map((batch_size,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [idx[0].stop if idx[0].stop is not None else batch_size for idx in index_map.values()]
-    return slice(min(starts), max(stops))
-
-
-def to_device(host_batch: Mapping[str, Any], mesh: Mesh, batch_size: int,
-              batch_axes: tuple[str, ...]) -> dict[str, Any]:
-    """Host numpy (this process's rows) -> global jax arrays sharded over the batch axes.
-
-    `host_batch` is {'query': {...}, 'candidate': {...}, 'ids': [n]} for this process's rows.
-    """
-    def put(key, x):
-        sharding = batch_sharding(mesh, key, batch_axes)
-        shape = list(x.shape)
-        shape[BATCH_AXIS.get(key, 0)] = batch_size
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x), tuple(shape))
-
-    out = {}
-    for name, value in host_batch.items():
-        if isinstance(value, Mapping):
-            out[name] = {k: put(k, v) for k, v in value.items()}
-        else:
-            out[name] = put(name, value)
-    return out
 
 
 class Prefetcher:

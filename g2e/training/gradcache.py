@@ -1,7 +1,7 @@
 """GradCache (Gao et al., 2021) in JAX: a large contrastive batch at the memory cost of a chunk.
 
-Letters: N global pairs, G batch groups (devices along the batch mesh axes), C chunk (examples
-per device per chunk), K = N / (G * C) chunks, D embedding width.
+Letters: N global pairs, G batch groups (devices along the batch mesh axes), T rows per device
+in one chunk, J = N / (G * T) chunks, D embedding width.
 
 1. Embed all queries and all candidates chunk by chunk (a `lax.scan`) without differentiating,
    so no activation outlives its chunk.
@@ -13,7 +13,7 @@ The dropout key of a chunk is the same in steps 1 and 3, so the re-run reproduce
 exactly. Everything is one traced function; jit it as a whole.
 
 Chunking keeps sharding: the global batch is laid out device-major ([G, n] with n = N / G rows
-per device), and chunk k takes rows k*C..(k+1)*C of every device, so each device embeds C of its
+per device), and chunk j takes rows j*T..(j+1)*T of every device, so each device embeds T of its
 own rows per scan step with no data movement. Peak memory is that of one chunk's forward and
 backward plus the [N, D] embeddings.
 """
@@ -27,16 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from g2e.models.sharding import batch_dim
+
 Array = jax.Array
 PyTree = Any
 # embed_fn(trainable, frozen, batch, rng) -> [b, D] embeddings of the b examples in `batch`.
 EmbedFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], Array]
 # loss_fn(queries [N, D], candidates [N, D], trainable) -> (loss, aux metrics).
 LossFn = Callable[[Array, Array, PyTree], tuple[Array, Mapping[str, Array]]]
-
-# Arrays of the model batch whose batch dimension is not the first (M-RoPE ids are [3, B, L]).
-BATCH_AXIS = {"position_ids": 1}
-
 
 def _groups(mesh: Mesh | None, batch_axes: tuple[str, ...]) -> int:
     if mesh is None:
@@ -54,10 +52,10 @@ def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
 
 
 def to_chunks(batch: Mapping[str, Array], chunk: int, groups: int) -> dict[str, Array]:
-    """[N, ...] arrays -> [K, G * C, ...] with chunk k holding rows k*C.. of every group."""
+    """[N, ...] arrays -> [J, G * T, ...] with chunk j holding rows j*T.. of every group."""
     out = {}
     for key, x in batch.items():
-        x = jnp.moveaxis(x, BATCH_AXIS.get(key, 0), 0)
+        x = jnp.moveaxis(x, batch_dim(key), 0)
         total = x.shape[0]
         if total % (groups * chunk):
             raise ValueError(f"GradCache: batch of {total} ('{key}') does not split into "
@@ -71,11 +69,11 @@ def to_chunks(batch: Mapping[str, Array], chunk: int, groups: int) -> dict[str, 
 
 def from_chunk(chunk_batch: Mapping[str, Array]) -> dict[str, Array]:
     """One chunk's arrays with the batch axis put back where the model expects it."""
-    return {k: jnp.moveaxis(x, 0, BATCH_AXIS.get(k, 0)) for k, x in chunk_batch.items()}
+    return {k: jnp.moveaxis(x, 0, batch_dim(k)) for k, x in chunk_batch.items()}
 
 
 def from_chunks(embeddings: Array, groups: int) -> Array:
-    """[K, G * C, D] chunked embeddings -> [N, D] in the batch's row order."""
+    """[J, G * T, D] chunked embeddings -> [N, D] in the batch's row order."""
     num, gc, dim = embeddings.shape
     x = embeddings.reshape(num, groups, gc // groups, dim).swapaxes(0, 1)
     return x.reshape(num * gc, dim)
@@ -83,9 +81,8 @@ def from_chunks(embeddings: Array, groups: int) -> Array:
 
 def embed_in_chunks(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
                     batch: Mapping[str, Array], rng: Array, chunk: int, *,
-                    mesh: Mesh | None = None,
-                    batch_axes: tuple[str, ...] = ("data", "fsdp")) -> Array:
-    """Embeddings [N, D] of a batch, computed C rows per device at a time, not differentiated."""
+                    mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()) -> Array:
+    """Embeddings [N, D] of a batch, computed T rows per device at a time, not differentiated."""
     groups = _groups(mesh, batch_axes)
     axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
     chunks = to_chunks(batch, chunk, groups)
@@ -129,7 +126,7 @@ def _accumulate_grads(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
 def loss_and_grads(embed_fn: EmbedFn, loss_fn: LossFn, trainable: PyTree, frozen: PyTree,
                    batch: Mapping[str, Mapping[str, Array]], rng: Array, *, query_chunk: int,
                    candidate_chunk: int, mesh: Mesh | None = None,
-                   batch_axes: tuple[str, ...] = ("data", "fsdp"),
+                   batch_axes: tuple[str, ...] = (),
                    ) -> tuple[Array, Mapping[str, Array], PyTree]:
     """GradCache loss and gradient of the trainable parameters.
 
@@ -142,7 +139,8 @@ def loss_and_grads(embed_fn: EmbedFn, loss_fn: LossFn, trainable: PyTree, frozen
         candidates is the positive of query i.
       rng: dropout key of this step.
       query_chunk, candidate_chunk: rows per device per chunk.
-      mesh, batch_axes: the device mesh and the axes the batch is split over.
+      mesh, batch_axes: the device mesh and the mesh axes the batch is split over
+        (`sharding.batch_axes`; with a mesh, () means the batch is not split).
 
     Returns:
       (loss, aux metrics of loss_fn, float32 gradients shaped like `trainable`).

@@ -95,7 +95,7 @@ def inverse_temperature(config: LossConfig, log_inverse_temperature: Array | Non
 
 
 def infonce(queries: Array, candidates: Array, ids: Array, config: LossConfig, *,
-            mesh: Mesh | None, batch_axes: tuple[str, ...] = ("data", "fsdp"),
+            mesh: Mesh | None, batch_axes: tuple[str, ...] = (),
             log_inverse_temperature: Array | None = None) -> tuple[Array, Array]:
     """Global-batch InfoNCE loss and in-batch top-1 accuracy.
 

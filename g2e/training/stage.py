@@ -2,35 +2,69 @@
 
 Reads every training subset's rows and, when `train.use_clusters`, the mine stage's clusters
 (`<workdir>/mine/<subset>.clusters.json`); rows that no cluster covers join as single rows, so
-no training pair is lost. Trains with `g2e.training.model_training.train_model` (checkpoints
-and metrics under `<workdir>/train/`, resumed automatically), then writes the result for the
-later stages: the adapter in PEFT format at `<workdir>/train/adapter`, or, for full
-fine-tuning, a Hugging Face checkpoint at `<workdir>/train/hf`.
+no training pair is lost. `train_model` binds the generic loop (`g2e.training.trainer.fit`:
+checkpoints and metrics under `<workdir>/train/`, resumed automatically) to Qwen2VL, the rows
+and the Processor; the stage then writes the result for the later stages: the adapter in PEFT
+format at `<workdir>/train/adapter`, or, for full fine-tuning, a Hugging Face checkpoint at
+`<workdir>/train/hf`.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
-from g2e import distributed, export, mining
-from g2e.data import mmeb
+from g2e import atomic, distributed, mining
+from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
-from g2e.models import hf_io, lora
-from g2e.training import model_training
+from g2e.data.images import image_key
+from g2e.data.preprocess import Processor, positive_item, query_item
+from g2e.models import hf_io, lora, peft, sharding
+from g2e.pipeline import TRAINED_ADAPTER, TRAINED_MODEL, Pipeline
+from g2e.training import batches, gradcache, trainer
 
 
 class Preempted(SystemExit):
     """Training stopped on SIGTERM / a preemption notice after saving a checkpoint."""
 
 
-def adapter_config(config) -> lora.AdapterConfig | None:
+def run(pipeline: Pipeline) -> dict[str, Any]:
+    """Runs the stage; returns the summary for DONE.json. Raises Preempted when stopped early."""
+    config = pipeline.config
+    adapter = adapter_config(config)
+    model = pipeline.model(trained=False, adapter=adapter)
+    rows, clusters = training_rows(pipeline)
+    logging.info("train: %d rows in %d clusters (%d of several rows)", len(rows), len(clusters),
+                 sum(len(c) > 1 for c in clusters))
+    processor = pipeline.processor(train=True)
+    result = train_model(config, model, rows, clusters, processor, pipeline.mesh,
+                         pipeline.rules, str(pipeline.workdir / "train"))
+    if result.stopped_early:
+        raise Preempted(f"train: stopped at step {result.step} after saving a checkpoint; "
+                        "rerun the same command to resume")
+    if distributed.is_primary():
+        if adapter is not None:
+            atomic.replace_directory(pipeline.workdir / TRAINED_ADAPTER, lambda tmp: (
+                peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir)))
+        else:
+            def write(tmp):
+                hf_io.save_hf(model, tmp)
+                hf_io.copy_assets(config.model_dir, tmp)
+            atomic.replace_directory(pipeline.workdir / TRAINED_MODEL, write)
+    pipeline.forget_model()  # Later stages load the trained model from what was written.
+    return {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
+            "rows": len(rows), "clusters": len(clusters)}
+
+
+def adapter_config(config: Any) -> lora.AdapterConfig | None:
+    """The train.adapter block as an AdapterConfig; None for full fine-tuning (kind 'none')."""
     adapter = config.train.adapter
     if adapter.kind == "none":
         return None
@@ -38,17 +72,15 @@ def adapter_config(config) -> lora.AdapterConfig | None:
                               dropout=adapter.dropout, targets=tuple(adapter.targets))
 
 
-def training_rows(pipeline) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
+def training_rows(pipeline: Pipeline) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
     over them."""
-    from g2e.stages import train_subsets
-
     config = pipeline.config
     parts: list[Sequence[mmeb.TrainRow]] = []
     offset = 0
     clusters: list[list[int]] = []
     bad = BadInputReport(config.data.on_bad_input)
-    for subset in train_subsets(config):
+    for subset in rows_lib.train_subsets(config.data):
         subset_rows = rows_lib.train_rows(config.data, subset, bad)
         path = pipeline.workdir / "mine" / f"{subset}.clusters.json"
         covered = np.zeros(len(subset_rows), bool)
@@ -68,31 +100,130 @@ def training_rows(pipeline) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     return rows_lib.ConcatRows(parts), clusters
 
 
-def train(pipeline) -> dict[str, Any]:
-    """Runs the stage; returns the summary for DONE.json. Raises Preempted when stopped early."""
-    config = pipeline.config
-    adapter = adapter_config(config)
-    model = pipeline.model(trained=False, adapter=adapter)
-    rows, clusters = training_rows(pipeline)
-    logging.info("train: %d rows in %d clusters (%d of several rows)", len(rows), len(clusters),
-                 sum(len(c) > 1 for c in clusters))
-    processor = pipeline.processor(train=True)
-    out = pipeline.workdir / "train"
-    result = model_training.train_model(config, model, rows, clusters, processor,
-                                        pipeline.mesh, str(out))
-    if result.stopped_early:
-        raise Preempted(f"train: stopped at step {result.step} after saving a checkpoint; "
-                        "rerun the same command to resume")
-    if distributed.is_primary():
-        if adapter is not None:
-            export.save_peft_adapter(model, adapter, out / "adapter",
-                                     base_model=config.model_dir)
-        else:
-            hf_io.save_hf(model, out / "hf")
-            for name in export.ASSET_FILES:
-                source = pathlib.Path(config.model_dir) / name
-                if source.is_file():
-                    shutil.copy2(source, out / "hf" / name)
-    pipeline.forget_model()  # Later stages load the trained model from what was written.
-    return {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
-            "rows": len(rows), "clusters": len(clusters)}
+def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
+    """Rows of one training step: devices along the batch axes x clusters x cluster size."""
+    axes = sharding.batch_axes(rules, mesh.axis_names)
+    groups = int(np.prod([mesh.shape[a] for a in axes]))
+    return groups * train_cfg.clusters_per_device * train_cfg.cluster_size
+
+
+def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
+                clusters: Sequence[Sequence[int]] | None, processor: Processor, mesh: Mesh,
+                rules: sharding.Rules, workdir: str) -> trainer.FitResult:
+    """Contrastive fine-tuning of `model` in place (SPEC §3); resumes from `workdir`.
+
+    Args:
+      config: the full config (reads train.*, data.train_image_root, seed).
+      model: a Qwen2VL, with adapters unless train.adapter.kind == 'none'; already sharded.
+      rows: MMEB-train rows (g2e.data.mmeb.TrainRow), indexed by cluster entries.
+      clusters: mined clusters (row indices, anchor first), or None to train on single rows
+        (also when train.use_clusters is False).
+      processor: the training Processor (train max length and image resolution).
+      mesh, rules: the device mesh and the logical-axis rules (the batch axes).
+      workdir: checkpoints, metrics and TensorBoard logs go here.
+
+    Returns:
+      trainer.FitResult; the model's parameters are updated to the trained ones.
+    """
+    train_cfg = config.train
+    full = train_cfg.adapter.kind == "none"
+    graphdef, trainable, frozen = split_model(model, full=full)
+    if clusters is None or not train_cfg.get("use_clusters", True):
+        clusters = [[i] for i in range(len(rows))]
+    schedule = batches.ClusterSchedule(clusters, len(rows), train_cfg.cluster_size,
+                                       global_batch_size(train_cfg, mesh, rules),
+                                       seed=int(config.seed))
+    encode = make_encoder(processor, rows, image_root=config.data.train_image_root or None,
+                          fixed_shapes=jax.process_count() > 1)
+    result = trainer.fit(model_embed_fn(graphdef), trainable, frozen, train_cfg=train_cfg,
+                         mesh=mesh, rules=rules, schedule=schedule, encode=encode,
+                         workdir=workdir, seed=int(config.seed), subsets=_SubsetNames(rows),
+                         flops_per_token=flops_per_token(model))
+    nnx.update(model, nnx.State(result.trainable))
+    return result
+
+
+def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """(graphdef, trainable as a plain nested dict, frozen State).
+
+    Trainable are the nnx.LoRAParam adapters, or every nnx.Param when `full` (full fine-tuning).
+    """
+    graphdef, trainable, frozen = nnx.split(model, nnx.Param if full else nnx.LoRAParam, ...)
+    pure = trainable.to_pure_dict()
+    if not jax.tree.leaves(pure):
+        raise ValueError("train_model: the model has no adapter parameters; build it with "
+                         "adapter=AdapterConfig(...) or set --config.train.adapter.kind=none "
+                         "for full fine-tuning.")
+    return graphdef, pure, frozen
+
+
+def model_embed_fn(graphdef: nnx.GraphDef) -> gradcache.EmbedFn:
+    """embed_fn for GradCache: the last non-pad token's hidden state, L2-normalised, with
+    adapter dropout on (training)."""
+
+    def embed(trainable, frozen, batch, rng):
+        model = nnx.merge(graphdef, nnx.State(trainable), frozen)
+        return model.embed(batch, deterministic=False, rng=rng)
+
+    return embed
+
+
+def positive_ids(rows: Sequence[Any]) -> np.ndarray:
+    """int32 [len(rows)]: rows whose positives embed identically (same text, image and prompt)
+    share an id, so the loss masks them as duplicates instead of scoring them as negatives
+    (e.g. two rows of a classification subset with the same label)."""
+    keys: dict = {}
+    ids = [keys.setdefault((row.pos_text, image_key(row.pos_image),
+                            prompts.uses_suffix("candidate", row.subset)), len(keys))
+           for row in rows]
+    return np.asarray(ids, np.int32)
+
+
+def make_encoder(processor: Processor, rows: Sequence[Any], *, image_root: str | None,
+                 fixed_shapes: bool) -> Callable[[np.ndarray], dict]:
+    """Host encoder: row ids -> {'query': batch, 'candidate': batch, 'ids': positive ids}.
+
+    Queries use the query prompt (qry_text, qry_image), candidates the candidate prompt
+    (pos_text, pos_image). With `fixed_shapes` every batch is padded to the largest length and
+    patch buckets (needed on several hosts, whose shapes must agree; one compilation).
+    """
+    shape = {}
+    if fixed_shapes:
+        shape = dict(length=processor.length_buckets[-1], num_patches=processor.patch_buckets[-1])
+
+    def side(row_ids, role):
+        encoded = []
+        for r in row_ids:
+            row = rows[int(r)]
+            item = query_item(row) if role == "query" else positive_item(row)
+            enc = processor.encode(item, image_root=image_root)
+            if enc is None:
+                raise ValueError(f"training row {row.index} of subset {row.subset} ({role}) "
+                                 "could not be encoded; fix or remove it from the training data "
+                                 "(bad rows must be dropped before mining).")
+            encoded.append(enc)
+        return processor.collate(encoded, **shape)
+
+    candidate_ids = positive_ids(rows)
+
+    def encode(row_ids: np.ndarray) -> dict:
+        return {"query": side(row_ids, "query"), "candidate": side(row_ids, "candidate"),
+                "ids": candidate_ids[np.asarray(row_ids, np.int64)]}
+
+    return encode
+
+
+def flops_per_token(model: nnx.Module) -> float:
+    """2 x the language model's parameter count: forward FLOPs of one text token."""
+    params = nnx.state(model.language_model, nnx.Param)
+    return 2.0 * sum(x.size for x in jax.tree.leaves(params))
+
+
+class _SubsetNames:
+    """rows[i].subset on demand: only a failing batch's rows are read (rows may be lazy)."""
+
+    def __init__(self, rows: Sequence[Any]):
+        self._rows = rows
+
+    def __getitem__(self, index: int) -> str:
+        return self._rows[int(index)].subset

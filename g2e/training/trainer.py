@@ -1,9 +1,10 @@
-"""The contrastive training stage: one jitted `train_step`, a plain loop, checkpoints, logs.
+"""The contrastive train loop: one jitted `train_step`, a plain loop, checkpoints, logs.
 
 State is a plain pytree {'params', 'opt_state', 'step', 'rng'} holding only the trainable
 parameters (adapters, or all weights for full fine-tuning) and their optimizer state; the frozen
 base weights are a separate, non-donated argument. `fit` is generic over an
-`embed_fn(trainable, frozen, batch, rng) -> [b, D]`; `train` binds it to a Qwen2VL.
+`embed_fn(trainable, frozen, batch, rng) -> [b, D]`; the train stage
+(`g2e.training.stage.train_model`) binds it to a Qwen2VL.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from g2e import distributed
+from g2e.models import sharding
 from g2e.training import batches as batches_lib
 from g2e.training import checkpointing, gradcache
 from g2e.training import loss as loss_lib
 from g2e.training import optimizer as optimizer_lib
 
 PyTree = Any
-BATCH_AXES = ("data", "fsdp")
 
 # Peak dense bf16 FLOP/s per chip, for the MFU estimate (device_kind prefixes).
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v6", 918e12),
@@ -49,7 +51,7 @@ class StepSetup:
     mesh: Mesh
     query_chunk: int
     candidate_chunk: int
-    batch_axes: tuple[str, ...] = BATCH_AXES
+    batch_axes: tuple[str, ...]
 
 
 def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int,
@@ -169,20 +171,22 @@ def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
 
 def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train_cfg: Any,
         mesh: Mesh, schedule: batches_lib.ClusterSchedule,
-        encode: Callable[[np.ndarray], Mapping[str, Any]], workdir: str, seed: int = 0,
-        subsets: Any = None, flops_per_token: float | None = None,
-        async_checkpoints: bool = True) -> FitResult:
+        encode: Callable[[np.ndarray], Mapping[str, Any]], workdir: str,
+        rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0, subsets: Any = None,
+        flops_per_token: float | None = None, async_checkpoints: bool = True) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
     Args:
       embed_fn: embeds one chunk, see gradcache.EmbedFn.
       trainable, frozen: parameter pytrees (already placed on `mesh`).
       train_cfg: the `train` config block.
-      mesh: device mesh with ('data', 'fsdp', ...) axes.
-      schedule: which rows form each step's global batch.
+      mesh: the device mesh.
+      schedule: which rows form each step's global batch (its batch_size rows).
       encode: host function, row ids -> {'query': model batch, 'candidate': model batch} numpy
         (and optionally 'ids': int32 per row, equal for duplicate candidates).
       workdir: checkpoints, train_metrics.jsonl and tensorboard/ go here.
+      rules: the logical-axis rules; the 'batch' rule names the mesh axes the batch is split
+        over.
       seed: dropout RNG seed.
       subsets: indexable, row id -> subset name (read only for a failing batch, in the NaN
         error).
@@ -198,21 +202,11 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
     """
     loss_config = loss_lib.LossConfig.from_config(train_cfg)
     optimizer, lr_schedule = optimizer_lib.make_optimizer(train_cfg)
-    groups = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
-    batch_size = groups * train_cfg.clusters_per_device * train_cfg.cluster_size
-    if schedule.batch_size != batch_size:
-        raise ValueError(f"fit: the cluster schedule makes batches of {schedule.batch_size} "
-                         f"rows but the mesh and train config give {batch_size}.")
     setup = StepSetup(embed_fn=embed_fn, loss_config=loss_config, optimizer=optimizer,
                       schedule=lr_schedule, mesh=mesh, query_chunk=train_cfg.query_chunk,
-                      candidate_chunk=train_cfg.candidate_chunk)
-    replicated = NamedSharding(mesh, P())
-    state = init_state(trainable, optimizer, seed, loss_config)
-    state = jax.tree.map(
-        lambda x: x if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
-        else jax.device_put(x, replicated), state)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-
+                      candidate_chunk=train_cfg.candidate_chunk,
+                      batch_axes=sharding.batch_axes(rules, mesh.axis_names))
+    state = _placed(init_state(trainable, optimizer, seed, loss_config), mesh)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=train_cfg.keep_checkpoints,
                                       every=train_cfg.checkpoint_every,
@@ -220,16 +214,57 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
     if ckpt.latest_step() is not None:
         state, position = ckpt.restore(checkpointing.abstract_like(state))
         logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
-    start = int(jax.device_get(state["step"]))
+    try:
+        loop = _Loop(setup, state, train_cfg, schedule, encode, rules, ckpt, workdir, subsets,
+                     flops_per_token)
+    except BaseException:
+        ckpt.close()
+        raise
+    try:
+        return loop.run(frozen)
+    finally:
+        loop.close()
 
-    step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
-                      out_shardings=(state_shardings, replicated))
-    rows_here = batches_lib.host_rows(mesh, batch_size, BATCH_AXES)
 
-    def host_batch(step: int):
-        rows = schedule.rows(step)
-        local = rows[rows_here]
-        host = dict(encode(local))
+def _placed(state: PyTree, mesh: Mesh) -> PyTree:
+    """The train state with every array not already spread over the mesh replicated on it."""
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+        else jax.device_put(x, replicated), state)
+
+
+class _Loop:
+    """The steps of `fit`: host batches prefetched, the jitted step, checks one step late,
+    metrics, checkpoints and the stop signal."""
+
+    def __init__(self, setup: StepSetup, state: PyTree, train_cfg: Any,
+                 schedule: batches_lib.ClusterSchedule, encode: Callable, rules: sharding.Rules,
+                 ckpt: checkpointing.Checkpointer, workdir: str, subsets: Any,
+                 flops_per_token: float | None):
+        self.setup, self.state, self.train_cfg = setup, state, train_cfg
+        self.schedule, self.encode, self.rules = schedule, encode, rules
+        self.ckpt, self.workdir, self.subsets = ckpt, workdir, subsets
+        self.flops_per_token, self.peak = flops_per_token, _peak_flops()
+        self.batch_size = schedule.batch_size
+        self.start = int(jax.device_get(state["step"]))
+        replicated = NamedSharding(setup.mesh, P())
+        self.step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
+                               out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                                              replicated))
+        self.rows_here = distributed.local_row_range(setup.mesh, rules, self.batch_size)
+        self.writer = MetricsWriter(workdir, train_cfg.steps, self.start,
+                                    jax.process_index() == 0)
+        self.prefetch = batches_lib.Prefetcher(self.host_batch, train_cfg.steps)
+        self.log_every = int(train_cfg.get("log_every", 10))
+        self.last: dict[str, float] = {}
+        self.tick = time.perf_counter()
+
+    def host_batch(self, step: int) -> tuple[np.ndarray, dict, int]:
+        """(global row ids, this process's encoded rows, tokens in the global batch)."""
+        rows = self.schedule.rows(step)
+        local = rows[self.rows_here]
+        host = dict(self.encode(local))
         # Candidates with equal ids are duplicates, masked rather than scored as negatives:
         # the encoder may give content ids, else each row is its own.
         host.setdefault("ids", local.astype(np.int32))
@@ -237,60 +272,55 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
                      if "attention_mask" in host[k])
         return rows, host, tokens * jax.process_count()
 
-    primary = jax.process_index() == 0
-    writer = MetricsWriter(workdir, train_cfg.steps, start, primary)
-    prefetch = batches_lib.Prefetcher(host_batch, train_cfg.steps)
-    peak = _peak_flops()
-    log_every = int(train_cfg.get("log_every", 10))
-    pending = None  # (step, rows, tokens, metrics on device): checked one step late
-    last: dict[str, float] = {}
-    stopped_early = False
-    tick = time.perf_counter()
-
-    def finish(pending):
-        nonlocal tick, last
-        step, rows, tokens, device_metrics = pending
+    def finish(self, step: int, rows: np.ndarray, tokens: int, device_metrics) -> None:
+        """Fetches a step's metrics, stops on NaN, logs them."""
         values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        _check_finite(step, values, rows, subsets)
+        _check_finite(step, values, rows, self.subsets)
         now = time.perf_counter()
-        elapsed, tick = now - tick, now
-        values["pairs_per_s"] = batch_size / elapsed
+        elapsed, self.tick = now - self.tick, now
+        values["pairs_per_s"] = self.batch_size / elapsed
         values["tokens_per_s"] = tokens / elapsed
-        if flops_per_token and peak:
-            values["mfu"] = 3 * flops_per_token * tokens / elapsed / (peak * jax.device_count())
-        last = values
-        if step % log_every == 0 or step + 1 == train_cfg.steps:
-            writer.write(step + 1, values)
-        writer.advance()
+        if self.flops_per_token and self.peak:
+            values["mfu"] = (3 * self.flops_per_token * tokens / elapsed
+                             / (self.peak * jax.device_count()))
+        self.last = values
+        if step % self.log_every == 0 or step + 1 == self.train_cfg.steps:
+            self.writer.write(step + 1, values)
+        self.writer.advance()
 
-    try:
+    def run(self, frozen: PyTree) -> FitResult:
+        pending = None  # (step, rows, tokens, metrics on device): checked one step late
+        stopped_early = False
         with checkpointing.StopSignal() as stop:
-            for step in range(start, train_cfg.steps):
-                rows, host, tokens = prefetch.get(step)
-                device_batch = batches_lib.to_device(host, mesh, batch_size, BATCH_AXES)
-                state, metrics = step_fn(state, frozen, device_batch)
+            for step in range(self.start, self.train_cfg.steps):
+                rows, host, tokens = self.prefetch.get(step)
+                device_batch = distributed.put_batch(host, self.setup.mesh, self.rules,
+                                                     global_rows=self.batch_size)
+                self.state, metrics = self.step_fn(self.state, frozen, device_batch)
                 if pending is not None:
-                    finish(pending)
+                    self.finish(*pending)
                 pending = (step, rows, tokens, metrics)
                 done = step + 1
-                stopping = stop.requested or ckpt.reached_preemption(done)
-                if stopping or done == train_cfg.steps or ckpt.manager.should_save(done):
+                stopping = stop.requested or self.ckpt.reached_preemption(done)
+                if stopping or done == self.train_cfg.steps or self.ckpt.manager.should_save(
+                        done):
                     # Check this step's loss before it can reach a checkpoint.
-                    finish(pending)
+                    self.finish(*pending)
                     pending = None
-                    ckpt.save(done, state, schedule.position(done), force=True)
+                    self.ckpt.save(done, self.state, self.schedule.position(done), force=True)
                 if stopping:
-                    ckpt.wait()
+                    self.ckpt.wait()
                     logging.warning("stop requested: saved step %d in %s; exiting.", done,
-                                    workdir)
+                                    self.workdir)
                     stopped_early = True
                     break
             if pending is not None:
-                finish(pending)
-    finally:
-        prefetch.close()
-        writer.close()
-        ckpt.close()
-    return FitResult(trainable=state["params"]["model"], params=state["params"],
-                     step=int(jax.device_get(state["step"])), stopped_early=stopped_early,
-                     last_metrics=last)
+                self.finish(*pending)
+        return FitResult(trainable=self.state["params"]["model"], params=self.state["params"],
+                         step=int(jax.device_get(self.state["step"])),
+                         stopped_early=stopped_early, last_metrics=self.last)
+
+    def close(self) -> None:
+        self.prefetch.close()
+        self.writer.close()
+        self.ckpt.close()

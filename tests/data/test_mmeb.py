@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from g2e.data import mini_mmeb
+from g2e.demo import mini_mmeb
 from g2e.data import mmeb
 from g2e.data.errors import BadInput, BadInputReport
 

@@ -13,7 +13,8 @@ from PIL import Image
 from g2e.data import prompts
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem, Processor
-from g2e.models import positions, tiny
+from g2e.demo import tiny
+from g2e.models import positions
 
 VQA = "<|image_1|>\nRepresent the given image with the following question: What is on the table?"
 TAIL = prompts.QUERY_SUFFIX_WITH_IMAGE + "<|im_end|>\n<|im_start|>assistant\n"

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from g2e import configuration, evaluation, mining_stage
-from g2e.data import mini_mmeb, mmeb, rows, subsets, tfds_builders
+from g2e import configuration
+from g2e.data import mmeb, rows, subsets, tfds_builders
 from g2e.data.errors import BadInput, BadInputReport
-from g2e.stages import train_subsets
+from g2e.demo import mini_mmeb
+from g2e.evaluation import mmeb as evaluation
+from g2e.main import STAGE_NAMES
 
 tfds.disable_progress_bar()
 
@@ -70,7 +72,7 @@ def prepared(tmp_path_factory):
     for kind, folder in (("train", parquet.data.train_dir), ("eval", parquet.data.eval_dir)):
         tfds_builders.prepare(kind, folder, source, mmeb.list_subsets(folder), str(root / "tfds"))
     expected = {
-        "train_subsets": train_subsets(parquet),
+        "train_subsets": rows.train_subsets(parquet.data),
         "eval_subsets": rows.list_eval_subsets(parquet.data),
         "results": _evaluate(parquet, root / "out_parquet"),
         "train": {},
@@ -86,7 +88,7 @@ def prepared(tmp_path_factory):
             expected["train"][split, subset] = (
                 subset_rows,
                 images,
-                mining_stage._row_keys(subset_rows),
+                rows.train_row_keys(subset_rows),
             )
     expected["parquet_results_json"] = (root / "out_parquet" / "results.json").read_text()
     shutil.rmtree(source)
@@ -110,7 +112,7 @@ def test_train_rows_are_equal_from_both_formats(prepared):
     root, expected = prepared
     for split in mmeb.TRAIN_SPLITS:
         config = _data("tfds", root, split)
-        assert train_subsets(config) == expected["train_subsets"]
+        assert rows.train_subsets(config.data) == expected["train_subsets"]
         for subset in expected["train_subsets"]:
             want, images, (want_queries, want_positives) = expected["train"][split, subset]
             got = rows.train_rows(config.data, subset, BadInputReport())
@@ -128,16 +130,15 @@ def test_train_rows_are_equal_from_both_formats(prepared):
                     assert value is None or isinstance(value, bytes)
                     assert (value or b"") == image[side]
             # Mining keys: short (a sha1, not the bytes), and the same rows share a key.
-            queries, positives = mining_stage._row_keys(got)
+            queries, positives = rows.train_row_keys(got)
             assert all(len(key[1]) < 50 for key in queries + positives)
             for got_keys, want_keys in ((queries, want_queries), (positives, want_positives)):
-                np.testing.assert_array_equal(
-                    mining_stage._unique(got_keys)[1], mining_stage._unique(want_keys)[1]
-                )
-                first = mining_stage._first_rows(got, got_keys)
-                assert list(first) == mining_stage._unique(got_keys)[0]
-                assert [r.index for r in first.values()] == [
-                    got[got_keys.index(k)].index for k in first
+                distinct, ids = rows.index_keys(got_keys)
+                np.testing.assert_array_equal(ids, rows.index_keys(want_keys)[1])
+                first = rows.first_of_each(ids)
+                assert [got_keys[i] for i in first] == distinct
+                assert [got[int(i)].index for i in first] == [
+                    got[got_keys.index(k)].index for k in distinct
                 ]
             assert any(w.qry_image or w.pos_image for w in want), subset
 
@@ -186,16 +187,17 @@ def test_config_validation_names_the_data_keys():
     config.model_dir, config.stages = "model", "eval"
     config.data.format = "tfds"
     with pytest.raises(configuration.ConfigError, match="data.tfds_dir"):
-        configuration.validate(config)
+        configuration.validate(config, STAGE_NAMES)
     config.data.tfds_dir = "gs://bucket/tfds"
-    configuration.validate(config)  # eval_dir is not needed with a TFDS copy
+    configuration.validate(config, STAGE_NAMES)  # eval_dir is not needed with a TFDS copy
     config.data.format = "arrow"
     with pytest.raises(configuration.ConfigError, match="data.format"):
-        configuration.validate(config)
+        configuration.validate(config, STAGE_NAMES)
 
 
 def test_training_rows_over_the_tfds_copy_offset_the_mined_clusters(prepared, tmp_path):
-    from g2e import mining, training_stage
+    from g2e import mining
+    from g2e.training import stage as training_stage
 
     root, expected = prepared
     pipeline = types.SimpleNamespace(config=_data("tfds", root), workdir=tmp_path)

@@ -1,6 +1,5 @@
-"""TFDS array_record builders: round trip on a mini-MMEB, bad input, loader over the copy."""
+"""TFDS array_record builders: round trip on a mini-MMEB, bad input."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,11 +8,9 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from g2e.data import mini_mmeb
-from g2e.data import mmeb
-from g2e.data import tfds_builders
+from g2e.data import mmeb, tfds_builders
+from g2e.demo import mini_mmeb
 from g2e.data.errors import BadInput
-from g2e.data.loader import Loader
 
 tfds.disable_progress_bar()
 
@@ -93,18 +90,6 @@ def test_records_keep_the_parquet_image_paths(prepared):
         os.path.relpath(p, source) for p in row.tgt_images
     ]
     assert text(records[2]["qry_image_path"]).startswith("images/ShapeEdit/Test/")
-
-
-def test_loader_resume_over_the_prepared_copy(prepared):
-    data_dir = prepared[0]
-    source = tfds_builders.RowSource("train", data_dir, "ShapeGround", "original")
-    full = [r.index for r in Loader(source, seed=4, process_index=0, process_count=1)]
-    loader = Loader(source, seed=4, process_index=0, process_count=1)
-    head = [next(loader).index for _ in range(4)]
-    state = json.dumps(loader.get_state())
-    restored = Loader(source, seed=4, process_index=0, process_count=1)
-    restored.set_state(json.loads(state))
-    assert head + [r.index for r in restored] == full and sorted(full) == list(range(6))
 
 
 def test_unprepared_subset_and_missing_split_say_what_to_do(prepared, tmp_path):

@@ -7,7 +7,7 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 
-from g2e.data import mini_mmeb
+from g2e.demo import mini_mmeb, scenes
 from g2e.data import subsets
 
 SIZES = dict(train_rows=12, eval_queries=6, candidates=5)
@@ -58,7 +58,7 @@ def _check_text_and_image(text: str, image_path: str, root: str, subset: str, pa
     if image_path:
         assert image_path.startswith(f"images/{subset}/{part}/"), image_path
         with PIL.Image.open(os.path.join(root, image_path)) as image:
-            assert max(image.size) <= mini_mmeb.MAX_SIDE
+            assert max(image.size) <= scenes.MAX_SIDE
 
 
 def test_train_files_have_mmeb_train_columns_and_conventions(mini):
@@ -124,7 +124,7 @@ def test_texts_read_like_mmeb(mini):
     assert first("eval", "ShapeGround", "qry_text").startswith(
         "<|image_1|>\nSelect the portion of the image that isolates the object of the given label: "
     )
-    assert first("train", "ShapeCls", "pos_text") in mini_mmeb.SHAPES
+    assert first("train", "ShapeCls", "pos_text") in scenes.SHAPES
 
 
 def test_classification_positives_repeat_so_queries_share_owners(mini):

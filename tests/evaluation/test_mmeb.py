@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from g2e import evaluation
-from g2e.data import mini_mmeb, mmeb, subsets
+from g2e.data import mmeb, subsets
+from g2e.demo import mini_mmeb
+from g2e.evaluation import mmeb as evaluation
 from g2e.data.errors import BadInput
 
 # A tiny MMEB-eval in the hub's layout, with real subset names so the MMEB table applies.
@@ -155,9 +156,10 @@ def test_evaluate_mmeb_known_answers_and_reports(mmeb_eval, tmp_path):
     assert "| RefCOCO | Grounding | OOD | 1 | 100.0 |" in markdown
     assert (out_dir / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     for subset in SUBSETS:
-        index = json.loads((out_dir / "cache" / subset / "index.json").read_text())
+        index = json.loads((out_dir / "cache" / subset / "candidates.json").read_text())
         assert np.load(out_dir / "cache" / subset / "candidates.npy").shape == (
-            len(index["candidate_keys"]), len(LABELS))
+            index["count"], len(LABELS))
+        assert index["count"] == summary["subsets"][subset]["num_unique_candidates"]
 
 
 def test_candidates_repeated_across_rows_are_embedded_once(mmeb_eval, tmp_path):
@@ -199,7 +201,7 @@ def test_interrupted_evaluation_resumes_from_the_cache(mmeb_eval, tmp_path):
                                  **run)
     assert not (resumed_dir / "results.json").exists()
     finished = sorted(p.name for p in (resumed_dir / "cache").iterdir()
-                      if (p / "index.json").exists())
+                      if (p / "candidates.json").exists())
     assert finished == ["ImageNet-1K", "OK-VQA"]
 
     rerun = FakeEmbedder()

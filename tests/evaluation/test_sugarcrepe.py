@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from g2e import sugarcrepe
+from g2e.evaluation import sugarcrepe
 from g2e.data import prompts
 from g2e.data.errors import BadInput
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from g2e import mining
+from g2e.data import rows
 from g2e.mining import greedy
 
 
@@ -371,8 +372,9 @@ def test_classification_subsets_keep_retrieval_order():
 
 
 def test_index_keys_and_ranges():
-    ids, count = mining.index_keys([("a", None), "b", ("a", None), 3])
-    assert ids.tolist() == [0, 1, 0, 2] and count == 3
+    keys, ids = rows.index_keys([("a", None), "b", ("a", None), 3])
+    assert ids.tolist() == [0, 1, 0, 2] and keys == [("a", None), "b", 3]
+    assert rows.first_of_each(ids).tolist() == [0, 1, 3]
     ptr = np.asarray([0, 2, 2, 5])
     assert greedy._ranges(ptr, np.asarray([2, 0, 1])).tolist() == [2, 3, 4, 0, 1]
 
@@ -385,11 +387,6 @@ def test_no_rows_and_a_lone_row():
     result = mining.mine_clusters(["a"], ["p"], lone, lone, top_k=2, pool_mult=1,
                                   keep_retrieval_order=False)
     assert result.clusters == [] and result.report["rows_uncovered"] == 1
-
-
-def test_yes_probability_is_the_two_token_softmax():
-    p = mining.yes_probability([2.0, 0.0, 1000.0, -1000.0], [2.0, np.log(3.0), 0.0, 0.0])
-    np.testing.assert_allclose(p, [0.5, 0.25, 1.0, 0.0], atol=1e-12)
 
 
 def test_auto_query_similarities_follow_the_owner_density():

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
+from g2e import distributed
 from g2e.models import hf_io, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
@@ -73,7 +74,7 @@ def test_sharded_outputs_equal_single_device(mesh, checkpoint):
 
     expected = jax.device_get(jax.jit(forward)(single, batch))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        placed = jax.device_put(batch, sharding.batch_shardings(batch, mesh, RULES))
+        placed = distributed.put_batch(batch, mesh, RULES)
         assert placed["input_ids"].sharding.spec == P(("data", "fsdp"), None)
         hidden, logits = jax.jit(forward)(sharded, placed)
         assert hidden.sharding.spec[0] == ("data", "fsdp")

@@ -11,11 +11,16 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from g2e.models import sharding
 from g2e.training import gradcache
 from g2e.training import loss as loss_lib
 from tests.training import toy
 
 N = 16
+
+
+# The mesh axes of the default 'batch' sharding rule.
+BATCH_AXES = sharding.batch_axes(sharding.DEFAULT_RULES, ("data", "fsdp", "tensor"))
 
 
 def _mesh(shape):
@@ -31,6 +36,7 @@ def _batch(num=N, seed=0):
 def _loss_fn(config, ids, mesh):
     def fn(queries, candidates, params):
         loss, acc = loss_lib.infonce(queries, candidates, ids, config, mesh=mesh,
+                                     batch_axes=BATCH_AXES,
                                      log_inverse_temperature=params.get("log_t"))
         return loss, {"accuracy": acc}
     return fn
@@ -136,7 +142,7 @@ def test_eight_devices_equal_one_device():
         placed = jax.tree.map(lambda x: jax.device_put(x, shard), batch)
         fn = jax.jit(functools.partial(
             gradcache.loss_and_grads, _embed, _loss_fn(config, jax.device_put(ids, shard), mesh),
-            query_chunk=2, candidate_chunk=1, mesh=mesh))
+            query_chunk=2, candidate_chunk=1, mesh=mesh, batch_axes=BATCH_AXES))
         results.append(fn(params, frozen, placed, rng))
     (loss1, aux1, g1), (loss8, aux8, g8) = results
     np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-6)

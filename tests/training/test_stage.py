@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from g2e.data import mini_mmeb, mmeb
+from g2e.data import mmeb
+from g2e.demo import mini_mmeb, tiny
 from g2e.data.preprocess import Processor
-from g2e.models import lora, tiny
+from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.training import loss as loss_lib, model_training
+from g2e.training import loss as loss_lib
+from g2e.training import stage as model_training
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
 
     before = fixed_loss()
     result = model_training.train_model(config, model, rows, clusters, processor, mesh,
+                                        sharding.DEFAULT_RULES,
                                         str(tmp_path))
     after = fixed_loss()
     assert result.step == 24
