@@ -58,19 +58,17 @@
 #     --workdir=gs://my-bucket/g2e/2b --delete-after -- --config.train.steps=1500
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LAUNCHER=tpu_vm.sh
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NAME="${TPU_NAME:-}"
 ZONE="${TPU_ZONE:-}"
 PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR_TYPE="${TPU_ACCELERATOR_TYPE:-v4-8}"
 RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 SPOT="${TPU_SPOT:-0}"
-CONFIG="${G2E_CONFIG:-configs/mmeb.py}"
-WORKDIR="${G2E_WORKDIR:-}"
 DELETE_AFTER="${TPU_DELETE_AFTER:-0}"
-DRY_RUN="${DRY_RUN:-0}"
 COMMAND=""
-G2E_ARGS=()
 GCS_ROOT=/gcs   # buckets are mounted at $GCS_ROOT/BUCKET on every worker
 # Directories other workers made are seen (implicit dirs, no metadata caching), and a
 # checkpoint directory written under a temporary name can be renamed into place.
@@ -78,37 +76,8 @@ GCSFUSE_FLAGS="--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-se
 GCSFUSE_FLAGS+=" --metadata-cache-negative-ttl-secs=0"
 BUCKETS=()      # the buckets `run` mounts
 
-die() {
-  echo "tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Prints a command so that it can be pasted into a shell.
-print_command() {
-  local words=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$arg")
-    elif [[ "$arg" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      words+=("${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'")
-    else
-      words+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
-
-# Runs a command, or only prints it with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    print_command "$@"
-  else
-    echo "+ $(print_command "$@")" >&2
-    "$@"
-  fi
-}
-
-while (($#)); do
+# This launcher's own flags and its command (see common.sh for the shared ones).
+parse_flag() {
   case "$1" in
     --name=*) NAME="${1#*=}" ;;
     --zone=*) ZONE="${1#*=}" ;;
@@ -116,19 +85,15 @@ while (($#)); do
     --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --version=*) RUNTIME_VERSION="${1#*=}" ;;
     --spot) SPOT=1 ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
     --delete-after) DELETE_AFTER=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; G2E_ARGS=("$@"); break ;;
     create | install | run | up | delete)
       [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
       COMMAND="$1" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+
+parse_args "$@"
 
 [[ -n "$COMMAND" ]] || die "give a command: create, install, run, up or delete (see --help)"
 [[ -n "$NAME" ]] || die "--name (or TPU_NAME) is required"

@@ -47,6 +47,15 @@ def test_script_parses_and_passes_shellcheck(script):
     assert "--dry-run" in help_text and "Usage:" in help_text
 
 
+def test_common_sh_parses_and_passes_shellcheck():
+    # Only sourced, so the launchers' checks follow it without reporting its own findings.
+    subprocess.run(["bash", "-n", str(REPO / "launch/common.sh")], check=True)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "--shell=bash", str(REPO / "launch/common.sh")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
 def _remote_script(command: list[str]) -> str:
     """The worker-side shell command of a `gcloud ... ssh --command=...` line."""
     (remote,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--command=")]
@@ -271,6 +280,32 @@ def test_slurm_multi_host_in_a_job():
         "python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/shared/g2e"]]
     assert "--workdir (or G2E_WORKDIR) is required" in failure("launch/slurm.sbatch")
     assert "got the URL 'gs://b/w'" in failure("launch/slurm.sbatch", "--workdir=gs://b/w")
+
+
+def test_slurm_job_finds_common_sh_from_its_spooled_copy(tmp_path):
+    """sbatch runs a copy of the script from its spool directory, away from launch/common.sh:
+    the job finds it from its working directory (the checkout's root) or SLURM_SUBMIT_DIR."""
+    spool = tmp_path / "spool" / "job42"
+    spool.mkdir(parents=True)
+    shutil.copy(REPO / "launch/slurm.sbatch", spool / "slurm_script")
+    job = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_GPUS_ON_NODE": "4"}
+    args = ["--dry-run", "--workdir=/shared/g2e", "--", "--config.seed=1"]
+    expected = dry_run("launch/slurm.sbatch", *args[1:], env=job)
+
+    def spooled(cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(spool / "slurm_script"), *args], cwd=cwd,
+                              env=dict(job, **env), capture_output=True, text=True, timeout=30)
+
+    elsewhere = str(tmp_path)
+    for result in (spooled(REPO, SLURM_SUBMIT_DIR=elsewhere),   # self-submitted: --chdir=REPO
+                   spooled(tmp_path, SLURM_SUBMIT_DIR=str(REPO))):   # sbatch called in REPO
+        assert result.returncode == 0, result.stderr
+        assert [shlex.split(line) for line in result.stdout.splitlines()] == expected
+    result = spooled(tmp_path, SLURM_SUBMIT_DIR=elsewhere)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "launch/common.sh is neither next to this script" in result.stderr
+    assert "submit the job from the checkout's root" in result.stderr
 
 
 def _fake_tools(directory: pathlib.Path, *names: str) -> None:
