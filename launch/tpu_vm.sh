@@ -64,11 +64,12 @@
 # A bucket named by both kinds is mounted both ways, and each key gets its own mount, e.g.
 # --workdir=gs://b/run --config.model_dir=gs://b/qwen gives /gcs/b/run and /gcs-ro/b/qwen.
 # Other paths must exist on every worker. The slice's service account needs read/write access
-# to the buckets (roles/storage.objectUser); mounts stay until the VM restarts, and a later
-# `run` reuses them. The read-only mounts treat their buckets as unchanging: a missing file is
-# not remembered (one uploaded later is found), but after replacing or deleting data, unmount
-# it on every worker (`sudo umount /gcs-ro/BUCKET`; the next `run` mounts it afresh). Their
-# caches grow with the files looked up (about 1.7 KB of worker memory each).
+# to the buckets mounted read-write (roles/storage.objectUser), read access to the others
+# (roles/storage.objectViewer); mounts stay until the VM restarts, and a later `run` reuses
+# them. The read-only mounts treat their buckets as unchanging: a missing file is not
+# remembered (one uploaded later is found), but after replacing or deleting data, unmount it
+# on every worker (`sudo umount /gcs-ro/BUCKET`; the next `run` mounts it afresh). Their caches
+# grow with the files looked up (about 1.7 KB of worker memory each).
 #
 # Example (a 4-host v4-32 slice):
 #   launch/tpu_vm.sh up --name=g2e --zone=us-central2-b --accelerator-type=v4-32 \
