@@ -23,65 +23,28 @@
 #   launch/gpu.sh --install --gpus=0,1,2,3 --workdir=/data/g2e/2b -- --config.mesh.fsdp=4
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG="${G2E_CONFIG:-configs/mmeb.py}"
-WORKDIR="${G2E_WORKDIR:-}"
+LAUNCHER=gpu.sh
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 GPUS="${G2E_GPUS:-${CUDA_VISIBLE_DEVICES:-}}"
 VENV="${G2E_VENV:-$REPO/.venv}"
 INSTALL="${G2E_INSTALL:-0}"
 MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-DRY_RUN="${DRY_RUN:-0}"
-G2E_ARGS=()
 
-die() {
-  echo "gpu.sh: $*" >&2
-  exit 2
-}
-
-# Prints a command so that it can be pasted into a shell.
-print_command() {
-  local words=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$arg")
-    elif [[ "$arg" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      words+=("${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'")
-    else
-      words+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
-
-# Runs a command, or only prints it with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    print_command "$@"
-  else
-    echo "+ $(print_command "$@")" >&2
-    "$@"
-  fi
-}
-
-while (($#)); do
+# This launcher's own flags (see common.sh for the shared ones).
+parse_flag() {
   case "$1" in
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
     --gpus=*) GPUS="${1#*=}" ;;
     --venv=*) VENV="${1#*=}" ;;
     --install) INSTALL=1 ;;
     --mem-fraction=*) MEM_FRACTION="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; G2E_ARGS=("$@"); break ;;
-    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
 
-[[ ! "$WORKDIR" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]] ||
-  die "--workdir must be a directory, got the URL '$WORKDIR': g2e writes with local file I/O;" \
-    "mount the bucket (gcsfuse --implicit-dirs BUCKET DIR) and give the mounted path"
+parse_args "$@"
+
+refuse_url_workdir "a directory" "(gcsfuse --implicit-dirs BUCKET DIR)"
 [[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
   die "--gpus (or G2E_GPUS / CUDA_VISIBLE_DEVICES) must list GPU ids like 0,1,2,3, got '$GPUS'"
 

@@ -41,74 +41,70 @@
 # is translated to the mounted path like --workdir (see Buckets).
 #
 # Buckets: g2e reads and writes with local file I/O, so `run` mounts each bucket it is given
-# with Cloud Storage FUSE on every worker at /gcs/BUCKET (gcsfuse --implicit-dirs
-# --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 --metadata-cache-negative-ttl-secs=0:
-# directories made by other workers are seen at once, and checkpoint directories can be
-# renamed into place), and passes gs://BUCKET/PATH to g2e as /gcs/BUCKET/PATH. That holds for
-# --workdir and for every `--config.KEY=gs://...` after `--`, e.g. the checkpoint and the data:
+# with Cloud Storage FUSE on every worker, and passes gs://BUCKET/PATH to g2e as the mounted
+# path. That holds for --workdir and for every `--config.KEY=gs://...` (or `--config.KEY
+# gs://...`) after `--`, e.g. the checkpoint and the data:
 #   -- --config.model_dir=gs://my-bucket/Qwen2-VL-2B-Instruct \
 #      --config.data.eval_dir=gs://my-bucket/MMEB-eval \
 #      --config.data.eval_image_root=gs://my-bucket/MMEB-eval
+# A bucket is mounted one of two ways, by what g2e does with the key that names it:
+#   /gcs/BUCKET     read-write, metadata caches off (gcsfuse --implicit-dirs
+#                   --rename-dir-limit=200000 --metadata-cache-ttl-secs=0
+#                   --metadata-cache-negative-ttl-secs=0): directories made by other workers
+#                   are seen at once, and checkpoint directories can be renamed into place.
+#                   For --workdir and every key not listed below.
+#   /gcs-ro/BUCKET  read-only, metadata cached for the mount's lifetime (gcsfuse
+#                   --implicit-dirs -o ro --metadata-cache-ttl-secs=-1
+#                   --stat-cache-max-size-mb=-1 --type-cache-max-size-mb=-1
+#                   --kernel-list-cache-ttl-secs=-1 --metadata-cache-negative-ttl-secs=0): each
+#                   file is looked up in Cloud Storage once per worker, not once per open,
+#                   which is what reading millions of small images needs. For the keys g2e
+#                   only reads: model_dir, adapter_dir, data.train_dir, data.train_image_root,
+#                   data.eval_dir, data.eval_image_root, data.tfds_dir.
+# A bucket named by both kinds is mounted both ways, and each key gets its own mount, e.g.
+# --workdir=gs://b/run --config.model_dir=gs://b/qwen gives /gcs/b/run and /gcs-ro/b/qwen.
 # Other paths must exist on every worker. The slice's service account needs read/write access
-# to the buckets (roles/storage.objectUser); mounts stay until the VM restarts, and a later
-# `run` reuses them.
+# to the buckets mounted read-write (roles/storage.objectUser), read access to the others
+# (roles/storage.objectViewer); mounts stay until the VM restarts, and a later `run` reuses
+# them. The read-only mounts treat their buckets as unchanging: a missing file is not
+# remembered (one uploaded later is found), but after replacing or deleting data, unmount it
+# on every worker (`sudo umount /gcs-ro/BUCKET`; the next `run` mounts it afresh). Their caches
+# grow with the files looked up (about 1.7 KB of worker memory each).
 #
 # Example (a 4-host v4-32 slice):
 #   launch/tpu_vm.sh up --name=g2e --zone=us-central2-b --accelerator-type=v4-32 \
 #     --workdir=gs://my-bucket/g2e/2b --delete-after -- --config.train.steps=1500
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LAUNCHER=tpu_vm.sh
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NAME="${TPU_NAME:-}"
 ZONE="${TPU_ZONE:-}"
 PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR_TYPE="${TPU_ACCELERATOR_TYPE:-v4-8}"
 RUNTIME_VERSION="${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 SPOT="${TPU_SPOT:-0}"
-CONFIG="${G2E_CONFIG:-configs/mmeb.py}"
-WORKDIR="${G2E_WORKDIR:-}"
 DELETE_AFTER="${TPU_DELETE_AFTER:-0}"
-DRY_RUN="${DRY_RUN:-0}"
 COMMAND=""
-G2E_ARGS=()
-GCS_ROOT=/gcs   # buckets are mounted at $GCS_ROOT/BUCKET on every worker
-# Directories other workers made are seen (implicit dirs, no metadata caching), and a
-# checkpoint directory written under a temporary name can be renamed into place.
+GCS_ROOT=/gcs          # read-write mounts, $GCS_ROOT/BUCKET on every worker (see Buckets)
+GCS_RO_ROOT=/gcs-ro    # read-only, metadata-cached mounts, $GCS_RO_ROOT/BUCKET
+# Read-write: directories other workers made are seen (implicit dirs, no metadata caching), and
+# a checkpoint directory written under a temporary name can be renamed into place.
 GCSFUSE_FLAGS="--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0"
 GCSFUSE_FLAGS+=" --metadata-cache-negative-ttl-secs=0"
-BUCKETS=()      # the buckets `run` mounts
+# Read-only: nothing changes under a run, so file attributes, types and directory listings are
+# kept for the mount's lifetime, without a size limit; a missing path is not remembered.
+GCSFUSE_RO_FLAGS="--implicit-dirs -o ro --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1"
+GCSFUSE_RO_FLAGS+=" --type-cache-max-size-mb=-1 --kernel-list-cache-ttl-secs=-1"
+GCSFUSE_RO_FLAGS+=" --metadata-cache-negative-ttl-secs=0"
+# The config keys g2e only reads (checkpoints and data): their buckets are mounted read-only.
+READ_ONLY_KEYS=(model_dir adapter_dir data.train_dir data.train_image_root data.eval_dir
+  data.eval_image_root data.tfds_dir)
+MOUNT_POINTS=()        # what `run` mounts: $GCS_ROOT/BUCKET or $GCS_RO_ROOT/BUCKET, in order
 
-die() {
-  echo "tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Prints a command so that it can be pasted into a shell.
-print_command() {
-  local words=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$arg")
-    elif [[ "$arg" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      words+=("${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'")
-    else
-      words+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
-
-# Runs a command, or only prints it with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    print_command "$@"
-  else
-    echo "+ $(print_command "$@")" >&2
-    "$@"
-  fi
-}
-
-while (($#)); do
+# This launcher's own flags and its command (see common.sh for the shared ones).
+parse_flag() {
   case "$1" in
     --name=*) NAME="${1#*=}" ;;
     --zone=*) ZONE="${1#*=}" ;;
@@ -116,19 +112,15 @@ while (($#)); do
     --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --version=*) RUNTIME_VERSION="${1#*=}" ;;
     --spot) SPOT=1 ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
     --delete-after) DELETE_AFTER=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; G2E_ARGS=("$@"); break ;;
     create | install | run | up | delete)
       [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
       COMMAND="$1" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+
+parse_args "$@"
 
 [[ -n "$COMMAND" ]] || die "give a command: create, install, run, up or delete (see --help)"
 [[ -n "$NAME" ]] || die "--name (or TPU_NAME) is required"
@@ -138,30 +130,38 @@ if [[ "$COMMAND" == run || "$COMMAND" == up ]]; then
     "URL, got '$WORKDIR': the workers share it and it outlives the VM"
 fi
 
-# Sets MOUNTED to where gs://BUCKET/PATH ($1) is on the workers, $GCS_ROOT/BUCKET/PATH, and
-# adds BUCKET to the buckets to mount.
+# Sets MOUNTED to where gs://BUCKET/PATH ($1) is on the workers, under the mount root $2
+# ($GCS_ROOT or $GCS_RO_ROOT), and adds ROOT/BUCKET to the mount points to make.
 mount_path() {
-  local url="$1" bucket
+  local url="$1" root="$2" bucket
   bucket="${url#gs://}"
   bucket="${bucket%%/*}"
   [[ "$bucket" =~ ^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$ ]] ||
     die "'$url' does not start with gs://BUCKET/ and a valid bucket name"
-  [[ " ${BUCKETS[*]} " == *" $bucket "* ]] || BUCKETS+=("$bucket")
-  MOUNTED="$GCS_ROOT/${url#gs://}"
+  [[ " ${MOUNT_POINTS[*]} " == *" $root/$bucket "* ]] || MOUNT_POINTS+=("$root/$bucket")
+  MOUNTED="$root/${url#gs://}"
 }
 
 if [[ "$COMMAND" == run || "$COMMAND" == up ]]; then
-  mount_path "$WORKDIR"
+  mount_path "$WORKDIR" "$GCS_ROOT"
   WORKDIR="$MOUNTED"
   for i in "${!G2E_ARGS[@]}"; do
-    if [[ "${G2E_ARGS[i]}" =~ ^(--config\.[A-Za-z0-9_.]+=)(gs://.*)$ ]]; then
-      flag="${BASH_REMATCH[1]}"
-      mount_path "${BASH_REMATCH[2]}"
-      G2E_ARGS[i]="$flag$MOUNTED"
+    key=""
+    if [[ "${G2E_ARGS[i]}" =~ ^--config\.([A-Za-z0-9_.]+)=(gs://.*)$ ]]; then
+      key="${BASH_REMATCH[1]}"
+      url="${BASH_REMATCH[2]}"
     elif [[ "${G2E_ARGS[i]}" == gs://* ]]; then   # the value of `--config.KEY gs://...`
-      mount_path "${G2E_ARGS[i]}"
-      G2E_ARGS[i]="$MOUNTED"
+      url="${G2E_ARGS[i]}"
+      if ((i > 0)) && [[ "${G2E_ARGS[i - 1]}" =~ ^--config\.([A-Za-z0-9_.]+)$ ]]; then
+        key="${BASH_REMATCH[1]}"
+      fi
+    else
+      continue
     fi
+    root="$GCS_ROOT"   # a key g2e may write to, or a URL no key names
+    [[ -z "$key" || " ${READ_ONLY_KEYS[*]} " != *" $key "* ]] || root="$GCS_RO_ROOT"
+    mount_path "$url" "$root"
+    G2E_ARGS[i]="${G2E_ARGS[i]%"$url"}$MOUNTED"
   done
 fi
 
@@ -203,18 +203,19 @@ install() {
 
 run_g2e() {
   local args=(-m g2e.main --config="$CONFIG" --config.workdir="$WORKDIR" "${G2E_ARGS[@]}")
-  local quoted bucket point steps
+  local quoted point flags steps
   quoted="$(printf ' %q' "${args[@]}")"
   # -e and pipefail on the worker so a failing mount or run fails the ssh, and gcloud with it.
   # shellcheck disable=SC2016
   steps='set -euo pipefail; command -v gcsfuse >/dev/null || { echo "gcsfuse is missing on '\
 '$(hostname): run launch/tpu_vm.sh install" >&2; exit 1; }; '
-  for bucket in "${BUCKETS[@]}"; do
-    point="$GCS_ROOT/$bucket"   # bucket names need no quoting: mount_path checked them
+  for point in "${MOUNT_POINTS[@]}"; do   # no quoting needed: mount_path checked the names
+    flags="$GCSFUSE_FLAGS"
+    [[ "$point" != "$GCS_RO_ROOT"/* ]] || flags="$GCSFUSE_RO_FLAGS"
     # A mount left by an earlier run is reused; a dead one (gcsfuse killed) is replaced.
     steps+="mountpoint -q $point || { sudo umount -l $point 2>/dev/null || true; "
     steps+="sudo mkdir -p $point && sudo chown \"\$(id -u):\$(id -g)\" $point && "
-    steps+="gcsfuse $GCSFUSE_FLAGS $bucket $point; }; "
+    steps+="gcsfuse $flags ${point##*/} $point; }; "
   done
   run "${TPU[@]}" ssh "$NAME" "${LOCATION[@]}" --worker=all \
     --command="${steps}cd ~/g2e && ~/g2e-venv/bin/python$quoted 2>&1 | tee ~/g2e-run.log"

@@ -47,6 +47,15 @@ def test_script_parses_and_passes_shellcheck(script):
     assert "--dry-run" in help_text and "Usage:" in help_text
 
 
+def test_common_sh_parses_and_passes_shellcheck():
+    # Only sourced, so the launchers' checks follow it without reporting its own findings.
+    subprocess.run(["bash", "-n", str(REPO / "launch/common.sh")], check=True)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", "--shell=bash", str(REPO / "launch/common.sh")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
 def _remote_script(command: list[str]) -> str:
     """The worker-side shell command of a `gcloud ... ssh --command=...` line."""
     (remote,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--command=")]
@@ -66,16 +75,23 @@ def _g2e_command(command: list[str]) -> list[str]:
     return remote[start:]
 
 
+# The workdir's mount: read-write, every worker sees the others' writes at once.
 GCSFUSE = ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=200000",
            "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0"]
+# The data's and checkpoints' mount: read-only, metadata cached for the mount's lifetime.
+GCSFUSE_RO = ["gcsfuse", "--implicit-dirs", "-o", "ro", "--metadata-cache-ttl-secs=-1",
+              "--stat-cache-max-size-mb=-1", "--type-cache-max-size-mb=-1",
+              "--kernel-list-cache-ttl-secs=-1", "--metadata-cache-negative-ttl-secs=0"]
 
 
-def _mount(bucket: str) -> str:
-    """The worker-side step that mounts gs://bucket at /gcs/bucket unless it is mounted."""
-    point = f"/gcs/{bucket}"
+def _mount(bucket: str, read_only: bool = False) -> str:
+    """The worker-side step that mounts gs://bucket at /gcs/bucket (read-only: /gcs-ro/bucket)
+    unless it is mounted."""
+    point, gcsfuse = (f"/gcs-ro/{bucket}", GCSFUSE_RO) if read_only else (f"/gcs/{bucket}",
+                                                                         GCSFUSE)
     return (f"mountpoint -q {point} || {{ sudo umount -l {point} 2>/dev/null || true; "
             f'sudo mkdir -p {point} && sudo chown "$(id -u):$(id -g)" {point} && '
-            f"{' '.join(GCSFUSE)} {bucket} {point}; }}; ")
+            f"{' '.join(gcsfuse)} {bucket} {point}; }}; ")
 
 
 def test_tpu_vm_single_host(tmp_path):
@@ -143,24 +159,50 @@ def test_tpu_vm_translates_gs_urls_to_mounted_paths(tmp_path):
         "--config.data.train_dir=/local/train", tmp=tmp_path)
     assert len(commands) == 1
     run = _remote_script(commands[0])
-    # Each bucket once, in the order the run names them, all before g2e starts.
-    assert _mount("out.example") + _mount("models") + _mount("data-1") + "cd ~/g2e && " in run
+    # Each bucket once, in the order the run names them, all before g2e starts: the workdir's
+    # read-write, the checkpoint's and the data's read-only with metadata cached.
+    assert (_mount("out.example") + _mount("models", read_only=True)
+            + _mount("data-1", read_only=True) + "cd ~/g2e && ") in run
     assert run.count("gcsfuse --implicit-dirs") == 3
     assert _g2e_command(commands[0])[4:14] == [
         "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/gcs/out.example/g2e/2b",
-        "--config.model_dir=/gcs/models/Qwen2-VL-2B-Instruct", "--config.data.eval_dir",
-        "/gcs/data-1/MMEB-eval", "--config.data.eval_image_root=/gcs/data-1/MMEB-eval/images",
+        "--config.model_dir=/gcs-ro/models/Qwen2-VL-2B-Instruct", "--config.data.eval_dir",
+        "/gcs-ro/data-1/MMEB-eval",
+        "--config.data.eval_image_root=/gcs-ro/data-1/MMEB-eval/images",
         "--config.seed=gs-like", "--config.data.train_dir=/local/train"]
     assert "does not start with gs://BUCKET/ and a valid bucket name" in failure(
         "launch/tpu_vm.sh", "run", "--name=x", "--zone=z", "--workdir=gs://b/w", "--",
         "--config.model_dir=gs://Bad Bucket/m")
 
 
+def test_tpu_vm_mounts_the_keys_g2e_only_reads_read_only(tmp_path):
+    """Data and checkpoint keys get the read-only cached mount, anything else the workdir's
+    read-write one; a bucket named by both is mounted both ways, each key on its own."""
+    read_only_keys = ["model_dir", "adapter_dir", "data.train_dir", "data.train_image_root",
+                      "data.eval_dir", "data.eval_image_root", "data.tfds_dir"]
+    flags = [f"--config.{key}=gs://shared/{key}" for key in read_only_keys]
+    (command,) = dry_run(
+        "launch/tpu_vm.sh", "run", "--name=pod", "--zone=z", "--workdir=gs://shared/run", "--",
+        *flags, "--config.adapter_dir", "gs://adapters/a", "--config.output", "gs://out/e.npy",
+        "--config.input=gs://shared/in.jsonl", "gs://loose/x", tmp=tmp_path)
+    run = _remote_script(command)
+    assert (_mount("shared") + _mount("shared", read_only=True)
+            + _mount("adapters", read_only=True) + _mount("out") + _mount("loose")
+            + "cd ~/g2e && ") in run
+    assert run.count("gcsfuse --implicit-dirs") == 5
+    assert _g2e_command(command)[6:] == [
+        "--config=configs/mmeb.py", "--config.workdir=/gcs/shared/run",
+        *[f"--config.{key}=/gcs-ro/shared/{key}" for key in read_only_keys],
+        "--config.adapter_dir", "/gcs-ro/adapters/a", "--config.output", "/gcs/out/e.npy",
+        "--config.input=/gcs/shared/in.jsonl", "/gcs/loose/x", "2>&1", "|", "tee",
+        "~/g2e-run.log"]
+
+
 def test_tpu_vm_worker_side_run_mounts_then_runs(tmp_path):
     """The run step's worker command, executed with fake sudo/gcsfuse/mountpoint/python."""
     (command,) = dry_run("launch/tpu_vm.sh", "run", "--name=pod", "--zone=z",
                          "--workdir=gs://b/w", "--", "--config.model_dir=gs://m/qwen",
-                         tmp=tmp_path)
+                         "--config.output=gs://m/e.npy", tmp=tmp_path)
     remote = _remote_script(command)
     fakes = tmp_path / "bin"
     _fake_tools(fakes, "sudo", "gcsfuse")
@@ -182,14 +224,22 @@ def test_tpu_vm_worker_side_run_mounts_then_runs(tmp_path):
         return result, calls
 
     system = "/usr/bin:/bin"
-    result, calls = worker(f"{fakes}:{system}", MOUNTED="/gcs/m")   # m is still mounted
-    assert result.returncode == 0, result.stderr
     uid_gid = f"{os.getuid()}:{os.getgid()}"
-    assert calls == [
-        ["sudo", "umount", "-l", "/gcs/b"], ["sudo", "mkdir", "-p", "/gcs/b"],
-        ["sudo", "chown", uid_gid, "/gcs/b"], GCSFUSE + ["b", "/gcs/b"],
-        ["python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/gcs/b/w",
-         "--config.model_dir=/gcs/m/qwen"]]
+
+    def mount(bucket: str, point: str, gcsfuse: list[str]) -> list[list[str]]:
+        return [["sudo", "umount", "-l", point], ["sudo", "mkdir", "-p", point],
+                ["sudo", "chown", uid_gid, point], gcsfuse + [bucket, point]]
+
+    g2e = ["python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/gcs/b/w",
+           "--config.model_dir=/gcs-ro/m/qwen", "--config.output=/gcs/m/e.npy"]
+    result, calls = worker(f"{fakes}:{system}", MOUNTED="")
+    assert result.returncode == 0, result.stderr
+    assert calls == (mount("b", "/gcs/b", GCSFUSE) + mount("m", "/gcs-ro/m", GCSFUSE_RO)
+                     + mount("m", "/gcs/m", GCSFUSE) + [g2e])
+    # Mounts an earlier run left are reused, each kind on its own.
+    result, calls = worker(f"{fakes}:{system}", MOUNTED="/gcs-ro/m /gcs/b")
+    assert result.returncode == 0, result.stderr
+    assert calls == mount("m", "/gcs/m", GCSFUSE) + [g2e]
     # A failed mount stops the run before g2e starts, and fails the ssh.
     result, calls = worker(f"{fakes}:{system}", MOUNTED="", FAKE_FAIL_IF="bin/gcsfuse")
     assert result.returncode == 3 and calls[-1] == GCSFUSE + ["b", "/gcs/b"]
@@ -270,6 +320,32 @@ def test_slurm_multi_host_in_a_job():
         "python", "-m", "g2e.main", "--config=configs/mmeb.py", "--config.workdir=/shared/g2e"]]
     assert "--workdir (or G2E_WORKDIR) is required" in failure("launch/slurm.sbatch")
     assert "got the URL 'gs://b/w'" in failure("launch/slurm.sbatch", "--workdir=gs://b/w")
+
+
+def test_slurm_job_finds_common_sh_from_its_spooled_copy(tmp_path):
+    """sbatch runs a copy of the script from its spool directory, away from launch/common.sh:
+    the job finds it from its working directory (the checkout's root) or SLURM_SUBMIT_DIR."""
+    spool = tmp_path / "spool" / "job42"
+    spool.mkdir(parents=True)
+    shutil.copy(REPO / "launch/slurm.sbatch", spool / "slurm_script")
+    job = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_GPUS_ON_NODE": "4"}
+    args = ["--dry-run", "--workdir=/shared/g2e", "--", "--config.seed=1"]
+    expected = dry_run("launch/slurm.sbatch", *args[1:], env=job)
+
+    def spooled(cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(spool / "slurm_script"), *args], cwd=cwd,
+                              env=dict(job, **env), capture_output=True, text=True, timeout=30)
+
+    elsewhere = str(tmp_path)
+    for result in (spooled(REPO, SLURM_SUBMIT_DIR=elsewhere),   # self-submitted: --chdir=REPO
+                   spooled(tmp_path, SLURM_SUBMIT_DIR=str(REPO))):   # sbatch called in REPO
+        assert result.returncode == 0, result.stderr
+        assert [shlex.split(line) for line in result.stdout.splitlines()] == expected
+    result = spooled(tmp_path, SLURM_SUBMIT_DIR=elsewhere)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "launch/common.sh is neither next to this script" in result.stderr
+    assert "submit the job from the checkout's root" in result.stderr
 
 
 def _fake_tools(directory: pathlib.Path, *names: str) -> None:
