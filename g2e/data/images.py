@@ -1,10 +1,10 @@
 """Safe image loading (the bad-input rules) and the image-resolution policies of SPEC §3.
 
-`load_image` turns a path (relative to an image root), raw bytes or a PIL image into an RGB
-PIL image, or raises `BadInput` naming the file: missing, empty, truncated or undecodable
-files, declared sizes past `max_declared_pixels` (decompression bombs, checked from the header
-before decoding), paths that leave the image root. Every mode is converted to RGB the same way
-on every machine:
+`load_image` turns a path (relative to an image root), raw bytes, a lazy `ImageRef` or a PIL
+image into an RGB PIL image, or raises `BadInput` naming the file: missing, empty, truncated or
+undecodable files, declared sizes past `max_declared_pixels` (decompression bombs, checked from
+the header before decoding), paths that leave the image root. Every mode is converted to RGB
+the same way on every machine:
   RGB                       as is
   with alpha (RGBA, LA, P with transparency, ...)   composited over white (as transformers'
                             `convert_to_rgb` does)
@@ -15,16 +15,22 @@ EXIF orientation is not applied (the reference pipeline does not either).
 
 `apply_policy` pre-resizes an RGB image by policy name before Qwen2-VL's image processor, which
 still applies its own min/max pixels afterwards.
+
+`ImageRef` is how rows read from a prepared TFDS copy carry an image: a stable `key` (the
+relative path the parquet named) and a way to fetch the bytes, so that passing rows around,
+deduplicating them (`image_key`) and iterating a split read no image bytes; `load_image`
+fetches them when the image is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import pathlib
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -49,7 +55,33 @@ POLICIES = (*SQUARE_POLICIES, "random", "processor")
 RANDOM_MAX_LONG_SIDE = 992
 RANDOM_MIN_SHORT_SIDE = 336
 
-ImageSource = bytes | str | os.PathLike | Image.Image
+
+class ImageStore(Protocol):
+    """Where an ImageRef's bytes live (e.g. tfds_builders.ImageTable)."""
+
+    def read_image(self, image_id: int) -> bytes:
+        """The encoded bytes of image `image_id`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """A lazy reference to an encoded image held by `store` under `image_id`.
+
+    `key` names the image stably (the relative path the source parquet named); it is what
+    `image_key` returns and what errors name. Two references are equal when their keys are.
+    Pickling a reference pickles its store, which should pickle small (reopen on demand).
+    """
+
+    key: str
+    store: ImageStore = dataclasses.field(compare=False, repr=False)
+    image_id: int = dataclasses.field(compare=False)
+
+    def read(self) -> bytes:
+        """The encoded image bytes (one read from the store per call)."""
+        return self.store.read_image(self.image_id)
+
+
+ImageSource = bytes | str | os.PathLike | ImageRef | Image.Image
 
 
 def resolve_path(path: str | os.PathLike, image_root: str | os.PathLike | None) -> pathlib.Path:
@@ -127,15 +159,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = None,
                max_declared_pixels: int = MAX_DECLARED_PIXELS) -> Image.Image:
-    """Loads an image from a path, bytes or a PIL image and returns it as RGB.
+    """Loads an image from a path, bytes, an ImageRef or a PIL image and returns it as RGB.
 
     Args:
-      source: a path (relative to `image_root` when one is given), encoded image bytes, or a
-        PIL image.
+      source: a path (relative to `image_root` when one is given), encoded image bytes, an
+        ImageRef (its bytes are read now), or a PIL image.
       image_root: the folder image paths are relative to (MMEB: the folder holding `images/`).
       max_declared_pixels: width*height above which a file is refused before decoding.
     Raises:
-      BadInput: see the module docstring; `file` names the path (or '<bytes>').
+      BadInput: see the module docstring; `file` names the path, the ImageRef's key, or
+        '<bytes>'.
     """
     if isinstance(source, Image.Image):
         width, height = source.size
@@ -145,8 +178,12 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
         return to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return to_rgb(_open(bytes(source), "<bytes>", max_declared_pixels))
+    if isinstance(source, ImageRef):
+        return to_rgb(_open(source.read(), source.key, max_declared_pixels))
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"image must be bytes, a path or a PIL image, got {type(source).__name__}")
+        raise TypeError(
+            f"image must be bytes, a path, an ImageRef or a PIL image, got {type(source).__name__}"
+        )
     if not os.fspath(source):
         raise BadInput("empty image path", hint="give the row an image path or no image")
     path = resolve_path(source, image_root)
@@ -205,11 +242,14 @@ def check_aspect_ratio(image: Image.Image, name: str = "") -> None:
 def image_key(image: Any) -> str:
     """A stable string naming an image for deduplication: its path, or a hash of its bytes.
 
-    Takes None (text only) -> "", a path (str / PathLike) -> the path as given, bytes -> a
-    sha1 of the bytes, a PIL image -> a sha1 of its mode, size and pixels.
+    Takes None (text only) -> "", a path (str / PathLike) -> the path as given, an ImageRef ->
+    its key (no bytes are read), bytes -> a sha1 of the bytes, a PIL image -> a sha1 of its
+    mode, size and pixels.
     """
     if image is None:
         return ""
+    if isinstance(image, ImageRef):
+        return image.key
     if isinstance(image, (bytes, bytearray, memoryview)):
         return "sha1:" + hashlib.sha1(bytes(image)).hexdigest()
     if hasattr(image, "tobytes") and hasattr(image, "mode"):

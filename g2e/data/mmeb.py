@@ -14,21 +14,27 @@ image file that does not exist raises errors.BadInput naming the subset, file an
 'error'; under 'skip' the row (or the whole subset) is dropped and counted in the
 errors.BadInputReport the caller passes, which it prints at the end. Images are not decoded
 here (that happens once, in images.load_image, when they are used).
+
+Existence is checked once per unique path and with one listing per image folder (an
+`ImagePaths` per subset read), not with a stat per row and candidate: an MMEB-eval subset
+names up to 1M candidate paths but far fewer unique images, and over a bucket mount
+(gcsfuse) every stat is a round trip. Rows that share an image share its path string.
 """
 
 import dataclasses
 import glob
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from g2e.data import images
 from g2e.data import subsets as subsets_lib
 from g2e.data.errors import BadInput, BadInputReport
 
-# An image as rows carry it: an absolute file path (read from parquet), the encoded file
-# bytes (read from the TFDS copy), or None for "no image".
-Image = str | bytes | None
+# An image as rows carry it: an absolute file path (read from parquet), a lazy reference into
+# a prepared TFDS copy's image table (images.ImageRef), encoded bytes, or None for "no image".
+Image = str | images.ImageRef | bytes | None
 
 TRAIN_COLUMNS = (
     "qry",
@@ -39,6 +45,16 @@ TRAIN_COLUMNS = (
     "neg_image_path",
 )
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+# The hub's column types, for writers of data sets in this layout (mini- and synthetic MMEB).
+TRAIN_SCHEMA = pa.schema([(c, pa.string()) for c in TRAIN_COLUMNS])
+EVAL_SCHEMA = pa.schema(
+    [
+        ("qry_text", pa.string()),
+        ("qry_img_path", pa.string()),
+        ("tgt_text", pa.list_(pa.string())),
+        ("tgt_img_path", pa.list_(pa.string())),
+    ]
+)
 TRAIN_SPLITS = ("original", "diverse_instruction")
 EVAL_SPLIT = "test"
 
@@ -118,6 +134,65 @@ def resolve_image(image_root: str, relative_path: str | None) -> str | None:
     return path
 
 
+class ImagePaths:
+    """Resolves and checks the image paths of one subset read, each unique path once.
+
+    Existence comes from one `os.scandir` per folder (cached), not a stat per path. A path's
+    outcome (its absolute path, or the BadInput of `resolve_image`, with the same message) is
+    remembered, so a candidate named by 1000 rows costs one dictionary look-up per row after
+    the first, and all those rows hold the same string object.
+    """
+
+    def __init__(self, image_root: str):
+        self.image_root = image_root
+        self._outcomes: dict[str, str | BadInput] = {}
+        self._listings: dict[str, frozenset[str]] = {}
+
+    def __call__(self, relative_path: str | None) -> str | None:
+        """Returns the absolute path of `relative_path` (None for '' or None).
+
+        Raises:
+          BadInput: as `resolve_image`, for every row that names a bad path.
+        """
+        if not relative_path:
+            return None
+        outcome = self._outcomes.get(relative_path)
+        if outcome is None:
+            try:
+                outcome = self._check(relative_path)
+            except BadInput as err:
+                outcome = err
+            self._outcomes[relative_path] = outcome
+        if isinstance(outcome, BadInput):
+            raise outcome.with_context()  # a fresh copy: the stored one keeps no traceback
+        return outcome
+
+    def _check(self, relative_path: str) -> str:
+        path = str(images.resolve_path(relative_path, self.image_root))
+        folder, name = os.path.split(path)
+        if name not in self._files_in(folder):
+            raise BadInput(
+                "missing image",
+                file=path,
+                hint=f"check the image root {self.image_root}: it must hold the paths the "
+                "parquet names",
+            )
+        return path
+
+    def _files_in(self, folder: str) -> frozenset[str]:
+        """The names of the files (symlinks to files included) in `folder`; none if absent."""
+        names = self._listings.get(folder)
+        if names is None:
+            try:
+                with os.scandir(folder) as entries:
+                    # is_file() uses the listing's entry type; it stats only symlinks.
+                    names = frozenset(entry.name for entry in entries if entry.is_file())
+            except OSError:  # absent, not a folder, unreadable: as os.path.isfile, "missing"
+                names = frozenset()
+            self._listings[folder] = names
+        return names
+
+
 def _open_subset(
     data_dir: str, subset: str, split: str, columns: tuple[str, ...], report: BadInputReport
 ) -> list[str]:
@@ -187,11 +262,12 @@ def read_train_subset(
     """
     report = as_report(on_bad_input)
     files = _open_subset(train_dir, subset, split, TRAIN_COLUMNS, report)
+    resolve = ImagePaths(image_root)
     rows = []
     for path, row, index, r in _rows(files, TRAIN_COLUMNS):
         try:
             paths = [
-                resolve_image(image_root, r[c])
+                resolve(r[c])
                 for c in ("qry_image_path", "pos_image_path", "neg_image_path")
             ]
         except BadInput as err:
@@ -231,6 +307,7 @@ def read_eval_subset(
     """
     report = as_report(on_bad_input)
     files = _open_subset(eval_dir, subset, EVAL_SPLIT, EVAL_COLUMNS, report)
+    resolve = ImagePaths(image_root)
     rows = []
     for path, row, index, r in _rows(files, EVAL_COLUMNS):
         texts, image_paths = r["tgt_text"], r["tgt_img_path"]
@@ -242,8 +319,8 @@ def read_eval_subset(
                     detail=f"tgt_text {texts!r}, tgt_img_path {image_paths!r}",
                     hint="tgt_text and tgt_img_path must be non-empty lists of equal length",
                 )
-            qry_image = resolve_image(image_root, r["qry_img_path"])
-            tgt_images = tuple(resolve_image(image_root, p) for p in image_paths)
+            qry_image = resolve(r["qry_img_path"])
+            tgt_images = tuple(resolve(p) for p in image_paths)
         except BadInput as err:
             report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
             continue

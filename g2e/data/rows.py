@@ -5,17 +5,20 @@
       image paths they name are read under `data.train_image_root` / `data.eval_image_root`
       (default: the data directory itself); rows carry absolute image paths (g2e.data.mmeb).
   'tfds': `data.tfds_dir` is the data_dir `python -m g2e.data.tfds_builders` wrote the
-      array_record copy to (local or gs://); rows carry the encoded image bytes
-      (g2e.data.tfds_builders.RowSource), so no image folder is needed.
-Both give the same TrainRow / EvalRow values up to the image (a path vs. that file's bytes),
-in the same order with the same `index`. `data.train_split` picks the train split either way.
+      array_record copy to (local or gs://); rows carry lazy references into the copy's
+      image tables (images.ImageRef, key = the relative path the parquet named; see
+      g2e.data.tfds_builders.RowSource), so no image folder is needed.
+Both give the same TrainRow / EvalRow values up to the image (an absolute path vs. a reference
+to that file's bytes), in the same order with the same `index`; images.image_key and
+images.load_image take either. `data.train_split` picks the train split either way.
 
 Subset meta-tasks (g2e.data.subsets.subset_info) are looked up next to the data the rows come
 from (`manifest_dir`): train_dir / eval_dir, or tfds_dir, where `tfds_builders.prepare` copies
 the source's `subsets.json` (a mini-MMEB's or a user's own data set; real MMEB needs none).
 
-Rows from TFDS are read lazily (a Sequence over the array_record files): a subset's images are
-not all held in memory, but every pass over the rows reads the records again.
+Rows from TFDS are read lazily (a Sequence over the array_record files): every pass over the
+rows reads their records again, but those hold no image bytes; an image's bytes are read
+when it is loaded.
 """
 
 import bisect
@@ -88,7 +91,11 @@ def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.
 
     Returns:
       The rows in source order ([] for a skipped subset); images are absolute paths (parquet)
-      or the encoded bytes (tfds).
+      or images.ImageRefs (tfds).
+
+    Raises:
+      tfds_builders.OutdatedCopyError: the TFDS copy of `subset` has an older layout
+        (whatever on_bad_input says: it must be prepared again).
     """
     if _format(data) == "tfds":
         return _tfds_rows("train", data, subset, data.train_split, report)
@@ -109,22 +116,9 @@ def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.E
 
 def _prepared_subsets(kind: str, tfds_dir: str) -> list[str]:
     """The subsets with a prepared copy under `tfds_dir` (<builder>/<subset>/<version>/)."""
-    from etils import epath
-
     from g2e.data import tfds_builders
 
-    builder_class = tfds_builders.MmebTrain if kind == "train" else tfds_builders.MmebEval
-    folder = epath.Path(tfds_dir) / builder_class.name
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} does not exist: no {kind} subsets were prepared under data.tfds_dir="
-            f"{tfds_dir}; run `python -m g2e.data.tfds_builders --kind {kind} ...` first"
-        )
-    return sorted(
-        p.name
-        for p in folder.iterdir()
-        if (p / tfds_builders.VERSION / "dataset_info.json").exists()
-    )
+    return tfds_builders.prepared_subsets(kind, tfds_dir)
 
 
 def list_train_subsets(data: Any) -> list[str]:
@@ -149,7 +143,7 @@ def list_eval_subsets(data: Any) -> list[str]:
 
 class ConcatRows(Sequence):
     """Several row sequences read as one (indices run through them in order), without copying:
-    the train stage concatenates every subset's rows, which over TFDS hold image bytes."""
+    the train stage concatenates every subset's rows, which over TFDS are read on access."""
 
     def __init__(self, parts: Sequence[Sequence]):
         self.parts = [p for p in parts if len(p)]

@@ -7,24 +7,42 @@ A TPU VM then reads the prepared data from a bucket without the original image f
   python -m g2e.data.tfds_builders --kind eval --source /data/MMEB-eval \
       --image_root /data/MMEB-eval --data_dir gs://bucket/tfds
 
-Reading (the same row dataclasses as g2e.data.mmeb, images as bytes), e.g. for training:
+Reading gives the row dataclasses of g2e.data.mmeb, whose images are lazy references:
 
   rows = RowSource("train", "gs://bucket/tfds", "ImageNet_1K", "original")
-  for row in loader.Loader(rows, seed=0, drop_remainder=True): ...
+  row = rows[17]                        # reads one small record: texts, paths, image ids
+  images.image_key(row.qry_image)       # the relative path the parquet named; no bytes read
+  images.load_image(row.qry_image)      # now the image's bytes are read from the table
 
 One BuilderConfig per subset, named after it: a subset is the unit of mining and
 evaluation, and subsets can then be (re)built one at a time. `mmeb_train/<Subset>` has the
-splits `original` and `diverse_instruction` (those present in the source), `mmeb_eval/<Subset>`
-has `test`. Images are stored as the encoded file bytes (a string tensor, not
-tfds.features.Image, which would decode and re-encode them), so they come back byte-identical,
-next to the path the parquet named. An empty byte string means "no image". Records keep
-the parquet's row order (TFDS's shuffling on write is disabled), and `index` is the row's
-number in the source split.
+row splits `original` and `diverse_instruction` (those present in the source), `mmeb_eval/
+<Subset>` has `test`; both also have the split `images`, the subset's image table.
 
-Rows are validated by g2e.data.mmeb while building, and every image is decoded once with
-g2e.data.images.load_image (verify_images=True) so that a corrupt file is found here, not on
-the TPU VM. Under on_bad_input='skip' the bad rows are absent from the files and
-`builder.report` (an errors.BadInputReport) counts them.
+Layout (VERSION 2.0.0):
+  split `images`: each unique image the subset's rows name (over all its row splits) once, in
+      order of first use: `index` = its id, `image_path` = the path the parquet named (relative
+      to the image root), `image` = the encoded file bytes (a string tensor, not
+      tfds.features.Image, which would decode and re-encode them: they come back
+      byte-identical).
+  row splits: one record per row, in the parquet's order (TFDS's shuffling on write is
+      disabled), `index` = the row's number in the source split; per image (train: qry, pos,
+      neg; eval: qry and each candidate) its relative path (`*_image_path`) and its id in the
+      table (`*_image_id`), -1 and '' for "no image".
+TFDS gives a builder one feature dict for all its splits, so both kinds of record share it and
+leave the other kind's fields empty ('', -1, []). Why a table: an MMEB-eval subset names up to
+1000 x 1000 candidate images but far fewer unique ones (stored per row, MSCOCO_t2i alone would
+take ~100 GB), and the two train splits name the same images. Rows name images by path as
+well as by id so that the key of a row's image (`images.ImageRef.key`) needs no table read;
+with the candidate texts that is ~75 bytes a candidate (~75 MB for 1000 x 1000 candidates).
+
+Rows are validated by g2e.data.mmeb while building, and every unique image is read once and
+(verify_images=True) decoded once with g2e.data.images.load_image, so that a corrupt file is
+found here, not on the TPU VM. Under on_bad_input='skip' the rows that name a bad image are
+absent from the row splits and `builder.report` (an errors.BadInputReport) counts them.
+
+Copies prepared by g2e before layout 2.0.0 (every row carrying its images' bytes) cannot be
+read: RowSource and prepared_subsets raise OutdatedCopyError; prepare them again.
 """
 
 import argparse
@@ -40,10 +58,16 @@ from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
 from g2e.data.errors import BadInput, BadInputReport
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"
+IMAGES_SPLIT = "images"
+NO_IMAGE = -1
 _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
-_BYTES_LIST = tfds.features.Tensor(shape=(None,), dtype=np.object_)
+_IDS = tfds.features.Tensor(shape=(None,), dtype=np.int64)
 _TEXT_LIST = tfds.features.Sequence(tfds.features.Text())
+
+
+class OutdatedCopyError(RuntimeError):
+    """A subset was prepared in a layout version this g2e does not read."""
 
 
 class MmebConfig(tfds.core.BuilderConfig):
@@ -70,12 +94,13 @@ class MmebConfig(tfds.core.BuilderConfig):
         self.verify_images = verify_images
 
 
-def _read_bytes(path: str | None, verify: bool) -> bytes:
-    """The file's bytes (b'' for no image); with `verify`, decoded once to find corrupt files."""
-    if path is None:
-        return b""
-    with open(path, "rb") as f:
-        data = f.read()
+def _read_bytes(path: str, verify: bool) -> bytes:
+    """The file's bytes; with `verify`, decoded once to find corrupt files."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as err:  # removed since the reader listed its folder
+        raise BadInput("missing image", file=path, detail=str(err)) from err
     if verify:
         try:
             images.load_image(data)
@@ -84,12 +109,75 @@ def _read_bytes(path: str | None, verify: bool) -> bytes:
     return data
 
 
-def _relative(path: str | None, image_root: str) -> str:
-    return "" if path is None else os.path.relpath(path, os.path.abspath(image_root))
+def _relative(path: str, image_root: str) -> str:
+    return os.path.relpath(path, os.path.abspath(image_root))
 
 
 class EmptySplitError(ValueError):
     """Every row of a split (or the whole subset) was skipped as bad input."""
+
+
+class _TableWriter:
+    """The image table of one subset while it is built.
+
+    `uses` maps each absolute image path the rows name to the first row naming it, in order of
+    first use. `examples()` yields the table's records, reading each image once (and, with
+    `verify`, decoding it once); a bad image raises BadInput naming that first row under
+    'error', and is left out under 'skip', where `image_id` then refuses it for every row that
+    names it.
+    """
+
+    def __init__(self, subset: str, uses: dict[str, int], image_root: str, verify: bool,
+                 policy: str, empty: dict):
+        self.subset, self.uses, self.verify, self.policy = subset, uses, verify, policy
+        self.empty = empty
+        self.relative = {path: _relative(path, image_root) for path in uses}
+        self.ids: dict[str, int] | None = None
+        self.bad: dict[str, BadInput] = {}
+
+    def examples(self):
+        """Yields (id, record) per good image, ids counting from 0 in order of first use."""
+        ids, bad = {}, {}
+        for path, first_row in self.uses.items():
+            try:
+                data = _read_bytes(path, self.verify)
+            except BadInput as err:
+                err = err.with_context(subset=self.subset)
+                if self.policy == "error":
+                    raise err.with_context(row=first_row)
+                bad[path] = err
+                continue
+            image_id = ids[path] = len(ids)
+            yield image_id, {
+                **self.empty,
+                "subset": self.subset,
+                "index": image_id,
+                "image_path": self.relative[path],
+                "image": data,
+            }
+        if not ids:
+            raise EmptySplitError(f"subset {self.subset}: every image is bad input")
+        self.ids, self.bad = ids, bad
+
+    def image_id(self, path: str | None) -> int:
+        """The table id of the image at absolute `path` (-1 for None).
+
+        Raises:
+          BadInput: the image was left out as bad (under 'skip').
+        """
+        if path is None:
+            return NO_IMAGE
+        if self.ids is None:
+            # TFDS writes splits in the order given, the table first; were the rows first,
+            # every image would be read (and decoded) once more here.
+            for _ in self.examples():
+                pass
+        if path in self.bad:
+            raise self.bad[path].with_context()
+        return self.ids[path]
+
+    def relative_path(self, path: str | None) -> str:
+        return "" if path is None else self.relative[path]
 
 
 # Run as `python -m`, this file is imported twice (as __main__ and by its name); only the
@@ -98,15 +186,30 @@ _REGISTER = dict(skip_registration=__name__ == "__main__")
 
 
 class _MmebBuilder(tfds.core.GeneratorBasedBuilder, **_REGISTER):
-    """Shared build steps; the subclasses fix the features and splits."""
+    """Shared build steps; the subclasses fix the row features and the row splits."""
 
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = []  # configs are made per subset: MmebConfig(name=subset, ...)
+    # The row records' own features and their values in an image-table record.
+    ROW_FEATURES: dict = {}
+    EMPTY_ROW: dict = {}
 
     def __init__(self, **kwargs):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
         self.report = BadInputReport(self.builder_config.on_bad_input)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "subset": tfds.features.Text(),
+            "index": np.int64,
+            **self.ROW_FEATURES,
+            "image_path": tfds.features.Text(),
+            "image": _BYTES,
+        }
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
 
     def _check_source(self) -> None:
         cfg = self.builder_config
@@ -125,8 +228,28 @@ class _MmebBuilder(tfds.core.GeneratorBasedBuilder, **_REGISTER):
             )
         return rows
 
+    def _generators(self, rows_by_split: dict[str, list], images_of, to_example) -> dict:
+        """The split generators: the image table of every image `images_of(row)` names (None:
+        no image), first, then the row splits, whose `to_example(row, table)` names them by
+        id. A row naming a bad image is skipped (and counted) or raises, per on_bad_input."""
+        cfg = self.builder_config
+        uses: dict[str, int] = {}
+        for rows in rows_by_split.values():
+            for row in rows:
+                for path in images_of(row):
+                    if path is not None:
+                        uses.setdefault(path, row.index)
+        table = _TableWriter(cfg.name, uses, cfg.image_root, cfg.verify_images,
+                             self.report.policy, {**self.EMPTY_ROW, "index": 0})
+        generators = {IMAGES_SPLIT: table.examples()} if uses else {}
+        for split, rows in rows_by_split.items():
+            generators[split] = self._generate_examples(
+                self._checked(rows, split), lambda row: to_example(row, table)
+            )
+        return generators
+
     def _generate_examples(self, rows: list, to_example):
-        """Yields (index, example) for the rows whose images read (and decode) cleanly."""
+        """Yields (index, example) for the rows whose images are in the table."""
         for row in rows:
             try:
                 example = to_example(row)
@@ -136,18 +259,26 @@ class _MmebBuilder(tfds.core.GeneratorBasedBuilder, **_REGISTER):
             yield row.index, example
 
 
-class MmebTrain(_MmebBuilder, **_REGISTER):
-    """MMEB-train subsets (splits `original`, `diverse_instruction`) with image bytes inside."""
+_TRAIN_SIDES = ("qry", "pos", "neg")
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        features = {"subset": tfds.features.Text(), "index": np.int64}
-        for side in ("qry", "pos", "neg"):
-            features[f"{side}_text"] = tfds.features.Text()
-            features[f"{side}_image_path"] = tfds.features.Text()
-            features[f"{side}_image"] = _BYTES
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(features), disable_shuffling=True
+
+class MmebTrain(_MmebBuilder, **_REGISTER):
+    """MMEB-train subsets (splits `original`, `diverse_instruction`) with their image table."""
+
+    ROW_FEATURES = {
+        f"{side}_{name}": feature
+        for side in _TRAIN_SIDES
+        for name, feature in (
+            ("text", tfds.features.Text()),
+            ("image_path", tfds.features.Text()),
+            ("image_id", np.int64),
         )
+    }
+    EMPTY_ROW = {
+        f"{side}_{name}": value
+        for side in _TRAIN_SIDES
+        for name, value in (("text", ""), ("image_path", ""), ("image_id", NO_IMAGE))
+    }
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the source is a local copy, nothing is downloaded
@@ -157,70 +288,70 @@ class MmebTrain(_MmebBuilder, **_REGISTER):
         if not splits:
             # Let the reader produce its bad-input error (or skip) naming subset and folder.
             splits = [mmeb.TRAIN_SPLITS[0]]
-
-        def to_example(row: mmeb.TrainRow) -> dict:
-            example = {"subset": row.subset, "index": row.index}
-            for side, text, image in (
-                ("qry", row.qry_text, row.qry_image),
-                ("pos", row.pos_text, row.pos_image),
-                ("neg", row.neg_text, row.neg_image),
-            ):
-                example[f"{side}_text"] = text
-                example[f"{side}_image_path"] = _relative(image, cfg.image_root)
-                example[f"{side}_image"] = _read_bytes(image, cfg.verify_images)
-            return example
-
-        generators = {}
-        for split in splits:
-            rows = mmeb.read_train_subset(
+        rows_by_split = {
+            split: mmeb.read_train_subset(
                 cfg.source_dir, cfg.name, split, cfg.image_root, self.report
             )
-            generators[split] = self._generate_examples(self._checked(rows, split), to_example)
-        return generators
+            for split in splits
+        }
+
+        def to_example(row: mmeb.TrainRow, table: _TableWriter) -> dict:
+            example = {"subset": row.subset, "index": row.index, "image_path": "", "image": b""}
+            for side in _TRAIN_SIDES:
+                image = getattr(row, f"{side}_image")
+                example[f"{side}_text"] = getattr(row, f"{side}_text")
+                example[f"{side}_image_path"] = table.relative_path(image)
+                example[f"{side}_image_id"] = table.image_id(image)
+            return example
+
+        return self._generators(
+            rows_by_split, lambda r: (r.qry_image, r.pos_image, r.neg_image), to_example
+        )
 
 
 class MmebEval(_MmebBuilder, **_REGISTER):
-    """MMEB-eval subsets (split `test`) with image bytes inside."""
+    """MMEB-eval subsets (split `test`) with their image table."""
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "subset": tfds.features.Text(),
-                    "index": np.int64,
-                    "qry_text": tfds.features.Text(),
-                    "qry_image_path": tfds.features.Text(),
-                    "qry_image": _BYTES,
-                    "tgt_text": _TEXT_LIST,
-                    "tgt_image_path": _TEXT_LIST,
-                    "tgt_image": _BYTES_LIST,
-                }
-            ),
-            disable_shuffling=True,
-        )
+    ROW_FEATURES = {
+        "qry_text": tfds.features.Text(),
+        "qry_image_path": tfds.features.Text(),
+        "qry_image_id": np.int64,
+        "tgt_text": _TEXT_LIST,
+        "tgt_image_path": _TEXT_LIST,
+        "tgt_image_id": _IDS,
+    }
+    EMPTY_ROW = {
+        "qry_text": "",
+        "qry_image_path": "",
+        "qry_image_id": NO_IMAGE,
+        "tgt_text": [],
+        "tgt_image_path": [],
+        "tgt_image_id": np.zeros(0, np.int64),
+    }
 
     def _split_generators(self, dl_manager):
         del dl_manager
         self._check_source()
         cfg = self.builder_config
+        rows = mmeb.read_eval_subset(cfg.source_dir, cfg.name, cfg.image_root, self.report)
 
-        def to_example(row: mmeb.EvalRow) -> dict:
+        def to_example(row: mmeb.EvalRow, table: _TableWriter) -> dict:
             return {
                 "subset": row.subset,
                 "index": row.index,
                 "qry_text": row.qry_text,
-                "qry_image_path": _relative(row.qry_image, cfg.image_root),
-                "qry_image": _read_bytes(row.qry_image, cfg.verify_images),
+                "qry_image_path": table.relative_path(row.qry_image),
+                "qry_image_id": table.image_id(row.qry_image),
                 "tgt_text": list(row.tgt_texts),
-                "tgt_image_path": [_relative(p, cfg.image_root) for p in row.tgt_images],
-                "tgt_image": np.array(
-                    [_read_bytes(p, cfg.verify_images) for p in row.tgt_images], dtype=np.object_
-                ),
+                "tgt_image_path": [table.relative_path(p) for p in row.tgt_images],
+                "tgt_image_id": np.array([table.image_id(p) for p in row.tgt_images], np.int64),
+                "image_path": "",
+                "image": b"",
             }
 
-        rows = mmeb.read_eval_subset(cfg.source_dir, cfg.name, cfg.image_root, self.report)
-        rows = self._checked(rows, mmeb.EVAL_SPLIT)
-        return {mmeb.EVAL_SPLIT: self._generate_examples(rows, to_example)}
+        return self._generators(
+            {mmeb.EVAL_SPLIT: rows}, lambda r: (r.qry_image, *r.tgt_images), to_example
+        )
 
 
 _BUILDERS = {"train": MmebTrain, "eval": MmebEval}
@@ -305,50 +436,130 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _image(data) -> bytes | None:
-    return bytes(data) or None
+class ImageTable:
+    """A prepared subset's image table, read lazily (an images.ImageStore).
+
+    `ref(image_id, path)` makes the rows' image references (one object per image, shared by
+    the rows that name it); `read_image(image_id)` reads one image's bytes, opening the
+    `images` split on first use. It pickles as (kind, data_dir, subset) and reopens there.
+    """
+
+    def __init__(self, kind: str, data_dir: str, subset: str):
+        self.kind, self.data_dir, self.subset = kind, data_dir, subset
+        self._records = None
+        self._refs: dict[int, images.ImageRef] = {}
+
+    def read_image(self, image_id: int) -> bytes:
+        if self._records is None:
+            b = builder(self.kind, self.data_dir, self.subset)
+            self._records = b.as_data_source(split=IMAGES_SPLIT)
+        return bytes(self._records[image_id]["image"])
+
+    def ref(self, image_id: int, path: str) -> images.ImageRef | None:
+        """The reference to image `image_id` (None for -1, "no image"); `path` is its key."""
+        if image_id < 0:
+            return None
+        ref = self._refs.get(image_id)
+        if ref is None:
+            ref = self._refs[image_id] = images.ImageRef(path, self, image_id)
+        return ref
+
+    def __getstate__(self) -> dict:
+        return dict(kind=self.kind, data_dir=self.data_dir, subset=self.subset)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
 
-def _train_row(record: dict) -> mmeb.TrainRow:
+def _train_row(record: dict, table: ImageTable) -> mmeb.TrainRow:
+    def image(side):
+        return table.ref(int(record[f"{side}_image_id"]), _text(record[f"{side}_image_path"]))
+
     return mmeb.TrainRow(
         _text(record["subset"]),
         int(record["index"]),
         _text(record["qry_text"]),
-        _image(record["qry_image"]),
+        image("qry"),
         _text(record["pos_text"]),
-        _image(record["pos_image"]),
+        image("pos"),
         _text(record["neg_text"]),
-        _image(record["neg_image"]),
+        image("neg"),
     )
 
 
-def _eval_row(record: dict) -> mmeb.EvalRow:
+def _eval_row(record: dict, table: ImageTable) -> mmeb.EvalRow:
     return mmeb.EvalRow(
         _text(record["subset"]),
         int(record["index"]),
         _text(record["qry_text"]),
-        _image(record["qry_image"]),
+        table.ref(int(record["qry_image_id"]), _text(record["qry_image_path"])),
         tuple(_text(t) for t in record["tgt_text"]),
-        tuple(_image(b) for b in record["tgt_image"]),
+        tuple(
+            table.ref(int(i), _text(p))
+            for i, p in zip(record["tgt_image_id"], record["tgt_image_path"], strict=True)
+        ),
     )
 
 
-class RowSource(Sequence):
-    """Random access to a prepared split as mmeb rows (images as encoded bytes).
+def _check_version(kind: str, data_dir: str, subset: str) -> None:
+    """Raises OutdatedCopyError when `subset` was prepared only in other layout versions."""
+    folder = epath.Path(data_dir) / _BUILDERS[kind].name / subset
+    if not folder.is_dir():
+        return
+    versions = sorted(p.name for p in folder.iterdir() if (p / "dataset_info.json").exists())
+    if versions and VERSION not in versions:
+        raise OutdatedCopyError(
+            f"{folder} holds layout version(s) {', '.join(versions)} of the TFDS copy, which "
+            f"this g2e cannot read (it reads {VERSION}: each image stored once, in a table per "
+            f"subset); prepare it again with `python -m g2e.data.tfds_builders --kind {kind} "
+            "...` (see its docstring)"
+        )
 
-    The raw TFDS record (with the image paths the parquet named) is `source.records[i]`.
+
+def prepared_subsets(kind: str, data_dir: str) -> list[str]:
+    """The subsets with a prepared `kind` copy under `data_dir` (<builder>/<subset>/<version>/).
+
+    Raises:
+      FileNotFoundError: no `kind` subset was prepared there.
+      OutdatedCopyError: a subset there was prepared in an older layout only.
+    """
+    folder = epath.Path(data_dir) / _BUILDERS[kind].name
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} does not exist: no {kind} subsets were prepared under data.tfds_dir="
+            f"{data_dir}; run `python -m g2e.data.tfds_builders --kind {kind} ...` first"
+        )
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    for name in names:
+        _check_version(kind, data_dir, name)
+    return [n for n in names if (folder / n / VERSION / "dataset_info.json").exists()]
+
+
+class RowSource(Sequence):
+    """Random access to a prepared row split as mmeb rows whose images are images.ImageRefs
+    into the subset's ImageTable (`source.table`): reading rows reads no image bytes.
+
+    The raw TFDS record (image paths and ids) is `source.records[i]`.
+
+    Raises (on construction):
+      OutdatedCopyError: the subset was prepared in an older layout.
+      FileNotFoundError: the subset was not prepared under `data_dir`.
+      KeyError: it has no row split `split`.
     """
 
     def __init__(self, kind: str, data_dir: str, subset: str, split: str):
         b = builder(kind, data_dir, subset)
         if not b.is_prepared():
+            _check_version(kind, data_dir, subset)
             raise FileNotFoundError(
                 f"{b.data_path} holds no prepared {b.name}/{subset}; run `python -m "
                 f"g2e.data.tfds_builders --kind {kind} ...` (see its docstring) first."
             )
-        if split not in b.info.splits:
-            raise KeyError(f"{b.name}/{subset} has splits {list(b.info.splits)}, not {split!r}.")
+        row_splits = [s for s in b.info.splits if s != IMAGES_SPLIT]
+        if split not in row_splits:
+            raise KeyError(f"{b.name}/{subset} has splits {row_splits}, not {split!r}.")
         self.records = b.as_data_source(split=split)
+        self.table = ImageTable(kind, data_dir, subset)
         self._to_row = _train_row if kind == "train" else _eval_row
 
     def __len__(self) -> int:
@@ -360,7 +571,7 @@ class RowSource(Sequence):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"row {i} of a split with {n} rows")
-        return self._to_row(self.records[i % n])
+        return self._to_row(self.records[i % n], self.table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,3 +163,79 @@ def test_malformed_candidate_lists(mini):
 def test_bad_policy_is_refused(source):
     with pytest.raises(ValueError, match="on_bad_input"):
         mmeb.read_eval_subset(os.path.join(source, "eval"), "ColorCls", source, "ignore")
+
+
+@pytest.fixture
+def repeated(tmp_path):
+    """An eval subset whose 6 rows name the same 8 candidate images (two folders) again and
+    again, as MMEB-eval's candidate pools do."""
+    from g2e.data import subsets
+
+    import PIL.Image
+
+    root = tmp_path / "data"
+    paths = []
+    for folder in ("A", "B"):
+        (root / "images" / folder).mkdir(parents=True)
+        for i in range(4):
+            path = f"images/{folder}/{i}.png"
+            PIL.Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(root / path)
+            paths.append(path)
+    records = [
+        dict(
+            qry_text=f"query {r}",
+            qry_img_path=paths[r % 8],
+            tgt_text=[f"candidate {(r + k) % 8}" for k in range(5)],
+            tgt_img_path=[paths[(r + k) % 8] for k in range(5)],
+        )
+        for r in range(6)
+    ]
+    os.makedirs(root / "eval" / "Repeat")
+    parquet = str(root / "eval" / "Repeat" / "test-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(records, schema=mmeb.EVAL_SCHEMA), parquet)
+    subsets.write_manifest(str(root), [subsets.SubsetInfo("Repeat", "retrieval", "IND")])
+    return str(root), parquet, paths
+
+
+def test_each_image_folder_is_listed_once_and_no_image_is_stat_ed(repeated, monkeypatch):
+    root, _, _ = repeated
+    images_dir = os.path.join(root, "images")
+    listed, stat_ed = [], []
+    scandir, stat, isfile = os.scandir, os.stat, os.path.isfile
+
+    def counting(calls, function):
+        def wrapper(path=".", *args, **kwargs):
+            if os.fspath(path).startswith(images_dir):
+                calls.append(os.fspath(path))
+            return function(path, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(os, "scandir", counting(listed, scandir))
+    monkeypatch.setattr(os, "stat", counting(stat_ed, stat))
+    monkeypatch.setattr(os.path, "isfile", counting(stat_ed, isfile))
+    rows = mmeb.read_eval_subset(os.path.join(root, "eval"), "Repeat", root)
+    assert len(rows) == 6 and sum(len(r.tgt_images) + 1 for r in rows) == 36
+    assert sorted(listed) == [os.path.join(images_dir, "A"), os.path.join(images_dir, "B")]
+    assert stat_ed == []
+    # Rows that name one image share one path string.
+    assert rows[0].tgt_images[1] is rows[1].tgt_images[0] is rows[1].qry_image
+    assert rows[0].tgt_images[1] == os.path.join(root, "images", "A", "1.png")
+
+
+def test_a_missing_shared_image_fails_every_row_that_names_it(repeated):
+    root, parquet, paths = repeated
+    os.remove(os.path.join(root, paths[6]))  # a candidate of rows 2 to 5
+    eval_dir = os.path.join(root, "eval")
+    with pytest.raises(BadInput) as info:
+        mmeb.read_eval_subset(eval_dir, "Repeat", root)
+    assert str(info.value) == (
+        f"subset 'Repeat', row 2 of {parquet}, file '{os.path.join(root, paths[6])}': "
+        f"missing image. check the image root {root}: it must hold the paths the parquet names"
+    )
+    report = BadInputReport("skip")
+    rows = mmeb.read_eval_subset(eval_dir, "Repeat", root, report)
+    assert [r.index for r in rows] == [0, 1]
+    assert report.counts == {("Repeat", "missing image"): 4}
+    for row, example in zip((2, 3, 4, 5), report.examples, strict=True):
+        assert f"row {row} of" in example and paths[6] in example

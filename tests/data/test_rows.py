@@ -1,4 +1,5 @@
-"""The stages' row readers: the TFDS copy gives what the parquet layout gives, images as bytes."""
+"""The stages' row readers: the TFDS copy gives what the parquet layout gives, images as lazy
+references into its image tables."""
 
 import hashlib
 import os
@@ -10,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from g2e import configuration
+from g2e.data import images as images_lib
 from g2e.data import mmeb, rows, subsets, tfds_builders
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.demo import mini_mmeb
@@ -20,10 +22,12 @@ tfds.disable_progress_bar()
 
 
 def _bytes(image) -> bytes:
-    """An image's content, whether the row names a file or carries the bytes."""
+    """An image's content, whether the row names a file or refers to the TFDS copy's table."""
     if isinstance(image, str):
         with open(image, "rb") as f:
             return f.read()
+    if isinstance(image, images_lib.ImageRef):
+        return image.read()
     return image or b""
 
 
@@ -126,10 +130,12 @@ def test_train_rows_are_equal_from_both_formats(prepared):
                     w.neg_text,
                 )
                 for side in ("qry", "pos", "neg"):
-                    value = getattr(g, f"{side}_image")
-                    assert value is None or isinstance(value, bytes)
-                    assert (value or b"") == image[side]
-            # Mining keys: short (a sha1, not the bytes), and the same rows share a key.
+                    value, path = getattr(g, f"{side}_image"), getattr(w, f"{side}_image")
+                    assert value is None or isinstance(value, images_lib.ImageRef)
+                    assert _bytes(value) == image[side]
+                    if path:  # the key is the path the parquet named
+                        assert value.key == os.path.relpath(path, root / "mini")
+            # Mining keys: short (the relative path), and the same rows share a key.
             queries, positives = rows.train_row_keys(got)
             assert all(len(key[1]) < 50 for key in queries + positives)
             for got_keys, want_keys in ((queries, want_queries), (positives, want_positives)):
@@ -216,4 +222,6 @@ def test_training_rows_over_the_tfds_copy_offset_the_mined_clusters(prepared, tm
     offset = 5 * expected["train_subsets"].index("ShapeCls")
     assert [offset, offset + 2] in clusters and [offset + 3, offset + 1] in clusters
     assert sorted(i for c in clusters for i in c) == list(range(len(want)))
-    assert got[offset + 3].qry_image == expected["train"]["original", "ShapeCls"][1][3]["qry"]
+    assert (
+        got[offset + 3].qry_image.read() == expected["train"]["original", "ShapeCls"][1][3]["qry"]
+    )
