@@ -100,9 +100,10 @@ def test_config_reads_released_layout_and_writes_transformers_layout():
     written = config.to_hf()
     assert written["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     hf = transformers.Qwen2_5_VLConfig(**written)
-    assert (hf.vision_config.hidden_size, hf.vision_config.out_hidden_size,
-            hf.vision_config.intermediate_size, hf.vision_config.window_size,
-            list(hf.vision_config.fullatt_block_indexes)) == (1280, 2048, 3420, 112, [7, 15, 23, 31])
+    hf_vision = hf.vision_config
+    assert (hf_vision.hidden_size, hf_vision.out_hidden_size, hf_vision.intermediate_size,
+            hf_vision.window_size, list(hf_vision.fullatt_block_indexes)) == (
+                1280, 2048, 3420, 112, [7, 15, 23, 31])
     assert hf.text_config.hidden_size == 2048 and hf.tie_word_embeddings
     # Our writing, and transformers' own nested layout, read back to the same config.
     assert Qwen2VLConfig.from_hf(written) == config
@@ -290,11 +291,13 @@ def test_sharded_load_equals_single_device(tiny25):
 
 
 def test_tiny_assets_write_a_qwen2_5_checkpoint(tmp_path):
-    """g2e.models.tiny writes a 2.5 config that transformers and g2e both read; a random
-    g2e model saved next to it loads in transformers with every tensor accounted for."""
+    """g2e.models.tiny writes a 2.5 config that transformers and g2e both read, with the
+    tokenizer's special ids; weights transformers writes next to it load in g2e."""
     written = tiny.write_assets(tmp_path, vocab_size=300, model_type=QWEN2_5_VL)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert isinstance(hf, transformers.Qwen2_5_VLConfig)
+    assert hf.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert hf.vision_config.out_hidden_size == hf.text_config.hidden_size
     config = Qwen2VLConfig.from_dir(tmp_path)
     assert config.model_type == QWEN2_5_VL and config.vision.window_merged == 2
@@ -302,7 +305,7 @@ def test_tiny_assets_write_a_qwen2_5_checkpoint(tmp_path):
     assert config.image_token_id == written["image_token_id"]
     preprocessor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert preprocessor["processor_class"] == "Qwen2_5_VLProcessor"
-    hf_io.save_hf(Qwen2VL(config, rngs=nnx.Rngs(0)), tmp_path)
-    _, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.manual_seed(0)
+    transformers.Qwen2_5_VLForConditionalGeneration(hf).save_pretrained(tmp_path)
+    model = hf_io.load_model(tmp_path)
+    assert isinstance(model, Qwen2VL) and model.config == config
