@@ -5,7 +5,8 @@ downloaded and torch is not needed:
   * `build_tokenizer` trains a byte-level BPE tokenizer with the `tokenizers` package, with
     Qwen2's pre-tokenizer and normaliser and Qwen's special tokens at the top of the vocabulary,
     wrapped as transformers' `Qwen2TokenizerFast` (it reloads with `AutoTokenizer`);
-  * `tiny_hf_config` returns a Qwen2-VL config.json dict with the tokenizer's special ids;
+  * `tiny_hf_config` returns a Qwen2-VL (or, with model_type='qwen2_5_vl', Qwen2.5-VL)
+    config.json dict with the tokenizer's special ids;
   * `preprocessor_config` returns the Qwen2-VL image processor settings for tiny images;
   * `write_assets` writes all three into a checkpoint directory (weights are written by
     whoever builds the model).
@@ -135,13 +136,23 @@ def tiny_hf_config(
     vision_mlp_ratio: int = 2,
     tie_word_embeddings: bool = False,
     vocab_multiple: int = 64,
+    model_type: str = "qwen2_vl",
+    vision_window_size: int = 56,
+    vision_fullatt_blocks: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """A Qwen2-VL config.json dict (the nested layout transformers 5 writes) for `tokenizer`.
 
     The vocabulary is the tokenizer's size rounded up to `vocab_multiple` (Qwen pads its
     embedding table the same way). `mrope_section` defaults to Qwen's 1:1.5:1.5 split of half
     the head dimension (16, 24, 24 for head dim 128).
+
+    model_type='qwen2_5_vl' writes a Qwen2.5-VL config instead: SwiGLU vision MLP of width
+    vision_width * vision_mlp_ratio, attention windows of `vision_window_size` pixels (56: 2x2
+    merged units, so tiny images hold several), full attention in `vision_fullatt_blocks`
+    (default: the last block).
     """
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {model_type!r}")
     head_dim = hidden_size // heads
     if mrope_section is None:
         half = head_dim // 2
@@ -153,7 +164,7 @@ def tiny_hf_config(
     ids = special_token_ids(tokenizer)
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
     text_config = {
-        "model_type": "qwen2_vl_text",
+        "model_type": f"{model_type}_text",
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
@@ -183,9 +194,29 @@ def tiny_hf_config(
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
+    architecture = "Qwen2VLForConditionalGeneration"
+    if model_type == "qwen2_5_vl":
+        fullatt = (vision_layers - 1,) if vision_fullatt_blocks is None else vision_fullatt_blocks
+        vision_config = {
+            "model_type": "qwen2_5_vl_vision",
+            "depth": vision_layers,
+            "hidden_size": vision_width,
+            "out_hidden_size": hidden_size,
+            "intermediate_size": vision_width * vision_mlp_ratio,
+            "num_heads": vision_heads,
+            "hidden_act": "silu",
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": vision_window_size,
+            "fullatt_block_indexes": list(fullatt),
+            "tokens_per_second": 2,
+        }
+        architecture = "Qwen2_5_VLForConditionalGeneration"
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+        "architectures": [architecture],
+        "model_type": model_type,
         "text_config": text_config,
         "vision_config": vision_config,
         "image_token_id": ids["<|image_pad|>"],
@@ -197,11 +228,15 @@ def tiny_hf_config(
 
 
 def preprocessor_config(*, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
-                        ) -> dict[str, Any]:
-    """Qwen2-VL image processor settings (patch 14, merge 2, temporal 2) for tiny images."""
+                        model_type: str = "qwen2_vl") -> dict[str, Any]:
+    """Qwen2-VL image processor settings (patch 14, merge 2, temporal 2) for tiny images.
+
+    Qwen2.5-VL uses the same image processor; only the processor class differs.
+    """
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": ("Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl"
+                            else "Qwen2VLProcessor"),
         "do_resize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -231,6 +266,7 @@ def write_assets(out_dir: str | pathlib.Path, *, texts: Iterable[str] = (),
     tokenizer.save_pretrained(out_dir)
     config = tiny_hf_config(tokenizer, **config_kwargs)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    processor = preprocessor_config(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = preprocessor_config(min_pixels=min_pixels, max_pixels=max_pixels,
+                                    model_type=config["model_type"])
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return config

@@ -1,9 +1,15 @@
-"""Qwen2-VL model configuration read from a Hugging Face config.json.
+"""Qwen2-VL and Qwen2.5-VL model configuration read from a Hugging Face config.json.
 
 Two config.json layouts exist and both are read:
     * transformers >= 4.5x / 5.x: text fields under "text_config", rope under "rope_parameters";
-    * released Qwen2-VL checkpoints (e.g. Qwen2-VL-2B-Instruct): text fields at the top level,
-        rope under "rope_scaling" / "rope_theta", vision "in_chans".
+    * released checkpoints (e.g. Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct): text fields at
+        the top level, rope under "rope_scaling" / "rope_theta", vision "in_chans".
+
+The two families share the text decoder (Qwen2 with M-RoPE) and differ in the vision tower
+only, so one config class serves both; `model_type` ('qwen2_vl' or 'qwen2_5_vl') is read from
+config.json and kept on the vision config. The vision config.json keys differ too: Qwen2-VL
+names the ViT width `embed_dim` and the merger output `hidden_size`; Qwen2.5-VL names them
+`hidden_size` and `out_hidden_size`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import pathlib
 from typing import Any
 
 MODEL_TYPE = "qwen2_vl"
+QWEN2_5_VL = "qwen2_5_vl"
+MODEL_TYPES = (MODEL_TYPE, QWEN2_5_VL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +47,13 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """Qwen2-VL ViT sizes; `hidden_size` is the merger's output width (= text hidden size)."""
+    """ViT sizes; `hidden_size` is the merger's output width (= text hidden size).
+
+    Qwen2.5-VL (`model_type` 'qwen2_5_vl') differs from Qwen2-VL in: RMSNorms instead of
+    LayerNorms, a SwiGLU MLP of width `intermediate_size` instead of fc1/fc2 of width
+    embed_dim * mlp_ratio, and attention confined to windows of `window_size` pixels square in
+    every block except `fullatt_block_indexes`. Those fields are unused by Qwen2-VL.
+    """
 
     depth: int
     embed_dim: int
@@ -52,10 +66,41 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    model_type: str = MODEL_TYPE
+    intermediate_size: int | None = None
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: int = 2  # video temporal ids only; kept so to_hf writes it back
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def is_qwen2_5(self) -> bool:
+        return self.model_type == QWEN2_5_VL
+
+    @property
+    def mlp_width(self) -> int:
+        """F: the block MLP's hidden width."""
+        if self.is_qwen2_5:
+            return int(self.intermediate_size)
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_merged(self) -> int:
+        """Side of an attention window in merged units (transformers' vit_merger_window_size)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def full_attention_blocks(self) -> tuple[bool, ...]:
+        """Per block: True where it attends over the whole image, False where within windows.
+
+        Indexes past the depth are ignored, as transformers does (a truncated debug model may
+        keep the released [7, 15, 23, 31]).
+        """
+        full = set(self.fullatt_block_indexes) if self.is_qwen2_5 else set(range(self.depth))
+        return tuple(i in full for i in range(self.depth))
 
     @property
     def patch_dim(self) -> int:
@@ -65,7 +110,10 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
-    """Whole-model config: text decoder, vision tower and the special token ids."""
+    """Whole-model config: text decoder, vision tower and the special token ids.
+
+    Serves Qwen2-VL and Qwen2.5-VL alike; `model_type` tells them apart.
+    """
 
     text: TextConfig
     vision: VisionConfig
@@ -81,18 +129,25 @@ class Qwen2VLConfig:
     def spatial_merge_size(self) -> int:
         return self.vision.spatial_merge_size
 
+    @property
+    def model_type(self) -> str:
+        """'qwen2_vl' or 'qwen2_5_vl' (the families differ in the vision tower only)."""
+        return self.vision.model_type
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> "Qwen2VLConfig":
         """Builds the config from a parsed HF config.json dict (either layout).
 
         Raises:
-            ValueError: model_type is not qwen2_vl, or a required key is missing (named).
+            ValueError: model_type is not qwen2_vl or qwen2_5_vl, or a required key is missing
+                or wrong (named).
         """
         model_type = hf.get("model_type")
-        if model_type != MODEL_TYPE:
+        if model_type not in MODEL_TYPES:
             raise ValueError(
-                f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}; g2e only reads "
-                "Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration).")
+                f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r} or "
+                f"{QWEN2_5_VL!r}; g2e only reads Qwen2-VL and Qwen2.5-VL checkpoints "
+                "(Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration).")
         # Newer files nest text fields; older ones keep them at the top level.
         text = dict(hf)
         text.update(hf.get("text_config") or {})
@@ -128,19 +183,40 @@ class Qwen2VLConfig:
                 f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
                 f"head_dim/2 is {text_cfg.head_dim // 2}")
         vision_rope = vision.get("rope_parameters") or {}
-        vision_cfg = VisionConfig(
+        common = dict(
             depth=need(vision, "depth", "vision_config."),
-            embed_dim=need(vision, "embed_dim", "vision_config."),
-            hidden_size=vision.get("hidden_size", text_cfg.hidden_size),
             num_heads=need(vision, "num_heads", "vision_config."),
-            mlp_ratio=float(vision.get("mlp_ratio", 4)),
             patch_size=int(vision.get("patch_size", 14)),
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
             spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
             in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-            hidden_act=vision.get("hidden_act", "quick_gelu"),
             rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
         )
+        if model_type == QWEN2_5_VL:
+            vision_cfg = VisionConfig(
+                **common, model_type=QWEN2_5_VL,
+                embed_dim=need(vision, "hidden_size", "vision_config."),
+                hidden_size=vision.get("out_hidden_size", text_cfg.hidden_size),
+                intermediate_size=need(vision, "intermediate_size", "vision_config."),
+                hidden_act=vision.get("hidden_act", "silu"),
+                window_size=int(need(vision, "window_size", "vision_config.")),
+                fullatt_block_indexes=tuple(
+                    int(i) for i in vision.get("fullatt_block_indexes") or ()),
+                tokens_per_second=int(vision.get("tokens_per_second", 2)),
+            )
+            if vision_cfg.window_merged < 1:
+                raise ValueError(
+                    f"{source}: vision_config.window_size={vision_cfg.window_size} is smaller "
+                    f"than one merged unit ({vision_cfg.spatial_merge_size * vision_cfg.patch_size}"
+                    " pixels); Qwen2.5-VL windows are whole merged units.")
+        else:
+            vision_cfg = VisionConfig(
+                **common,
+                embed_dim=need(vision, "embed_dim", "vision_config."),
+                hidden_size=vision.get("hidden_size", text_cfg.hidden_size),
+                mlp_ratio=float(vision.get("mlp_ratio", 4)),
+                hidden_act=vision.get("hidden_act", "quick_gelu"),
+            )
         tie = bool(hf.get("tie_word_embeddings", False) or
                    (hf.get("text_config") or {}).get("tie_word_embeddings", False))
         eos = text.get("eos_token_id")
@@ -167,34 +243,52 @@ class Qwen2VLConfig:
         config_path = pathlib.Path(path) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(
-                f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL "
-                "checkpoint directory (config.json + model*.safetensors).")
+                f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL or "
+                "Qwen2.5-VL checkpoint directory (config.json + model*.safetensors).")
         with open(config_path) as f:
             return cls.from_hf(json.load(f), source=str(config_path))
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json dict in transformers' nested layout (loadable by transformers 5)."""
+        """The config.json dict in transformers' nested layout (loadable by transformers 5).
+
+        Qwen2.5-VL configs are written for Qwen2_5_VLForConditionalGeneration.
+        """
         t, v = self.text, self.vision
         rope = {"rope_type": "default", "type": "mrope", "mrope_section": list(t.mrope_section),
                 "rope_theta": t.rope_theta}
         text = dict(
-            model_type="qwen2_vl_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+            model_type=f"{self.model_type}_text", vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
             num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
             rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
             max_position_embeddings=t.max_position_embeddings, rope_parameters=rope,
             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id, use_sliding_window=False, attention_dropout=0.0)
-        vision = dict(
-            model_type="qwen2_vl_vision", depth=v.depth, embed_dim=v.embed_dim,
-            hidden_size=v.hidden_size, num_heads=v.num_heads,
-            mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-            patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-            spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
-            hidden_act=v.hidden_act,
-            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+        if v.is_qwen2_5:
+            vision = dict(
+                model_type="qwen2_5_vl_vision", depth=v.depth, hidden_size=v.embed_dim,
+                out_hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_heads=v.num_heads, patch_size=v.patch_size,
+                temporal_patch_size=v.temporal_patch_size,
+                spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
+                hidden_act=v.hidden_act, window_size=v.window_size,
+                fullatt_block_indexes=list(v.fullatt_block_indexes),
+                tokens_per_second=v.tokens_per_second,
+                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+            architecture = "Qwen2_5_VLForConditionalGeneration"
+        else:
+            vision = dict(
+                model_type="qwen2_vl_vision", depth=v.depth, embed_dim=v.embed_dim,
+                hidden_size=v.hidden_size, num_heads=v.num_heads,
+                mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
+                hidden_act=v.hidden_act,
+                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+            architecture = "Qwen2VLForConditionalGeneration"
         return dict(
-            architectures=["Qwen2VLForConditionalGeneration"], model_type=MODEL_TYPE,
+            architectures=[architecture], model_type=self.model_type,
             text_config=text, vision_config=vision, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,

@@ -1,4 +1,7 @@
-"""Hugging Face Qwen2-VL checkpoints in and out: safetensors directory <-> (sharded) Qwen2VL.
+"""Hugging Face Qwen2-VL / Qwen2.5-VL checkpoints in and out: safetensors <-> (sharded) Qwen2VL.
+
+Which of the two a directory holds is read from its config.json (`model_type`); the text and
+LM-head names are shared, the vision tower's come from `g2e.models.vision.hf_names`.
 
 Reading: config.json plus model.safetensors, or model-*.safetensors with
 model.safetensors.index.json. Each parameter is built with `jax.make_array_from_callback`, and
@@ -100,9 +103,9 @@ def text_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
 
 
 def vision_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
-    """The vision tower's mapping, from vision.HF_NAMES and its layout converters."""
+    """The vision tower's mapping, from vision.hf_names and its layout converters."""
     out = []
-    for path, hf_name, kind in vision_lib.HF_NAMES:
+    for path, hf_name, kind in vision_lib.hf_names(config.vision):
         if kind in ("same", "linear"):
             out.append(HFParam(("visual",) + path, "visual." + hf_name, kind))
         else:
@@ -255,7 +258,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "xla",
                adapter: lora.AdapterConfig | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: Rules | None = None, seed: int = 0) -> Qwen2VL:
-    """Reads a HF Qwen2-VL directory into a Qwen2VL whose parameters are already sharded.
+    """Reads a HF Qwen2-VL or Qwen2.5-VL directory into a Qwen2VL, parameters already sharded.
 
     Args:
         path: checkpoint directory (config.json + model.safetensors or sharded files + index).
@@ -269,7 +272,8 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
 
     Raises:
         FileNotFoundError: the directory, config.json or safetensors files are missing.
-        ValueError: model_type is not qwen2_vl, or a tensor has the wrong shape (named).
+        ValueError: model_type is not qwen2_vl / qwen2_5_vl, or a tensor has the wrong shape
+            (named).
         KeyError: a tensor is missing (named).
     """
     directory = pathlib.Path(path)

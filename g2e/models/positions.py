@@ -16,7 +16,9 @@ tokens — g2e's prompts — get the same ids as the released model. Per example
 `vision_layout` gives, for one example's images concatenated in patch order as the HF image
 processor emits them, the (row, col) rotary position of each patch in 2x2 merge-window order
 (transformers' `get_vision_position_ids`) and the attention segment of each patch (one segment
-per image frame, as HF's `cu_seqlens`; 0 for padding).
+per image frame, as HF's `cu_seqlens`; 0 for padding). `vision_window_ids` gives Qwen2.5-VL's
+attention windows as segment ids over the same patch order (see its docstring for why the
+patches are not reordered as transformers does).
 """
 
 from __future__ import annotations
@@ -140,6 +142,19 @@ def vision_positions(grid_thw: GridTHW, spatial_merge_size: int = 2) -> np.ndarr
     return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int32)
 
 
+def _check_grids(caller: str, grid_thws: Sequence[GridTHW], num_patches: int,
+                 spatial_merge_size: int) -> None:
+    """Raises ValueError if a grid does not divide into merge windows or the patches exceed P."""
+    for grid in grid_thws:
+        if int(grid[1]) % spatial_merge_size or int(grid[2]) % spatial_merge_size:
+            raise ValueError(f"{caller}: grid {grid} is not divisible by the merge size "
+                             f"{spatial_merge_size}; resize images to multiples of 28 pixels.")
+    total = sum(int(g[0]) * int(g[1]) * int(g[2]) for g in grid_thws)
+    if total > num_patches:
+        raise ValueError(f"{caller}: images {list(grid_thws)} have {total} patches, more "
+                         f"than num_patches={num_patches}; use a larger patch bucket.")
+
+
 def vision_layout(
     grid_thws: Sequence[GridTHW],
     num_patches: int,
@@ -159,22 +174,67 @@ def vision_layout(
     Raises:
       ValueError: if a grid is not divisible by the merge window or the patches exceed P.
     """
+    _check_grids("vision_layout", grid_thws, num_patches, spatial_merge_size)
     positions = np.zeros((num_patches, 2), np.int32)
     segment_ids = np.zeros((num_patches,), np.int32)
     offset, segment = 0, 0
     for grid in grid_thws:
         t, h, w = (int(x) for x in grid)
-        if h % spatial_merge_size or w % spatial_merge_size:
-            raise ValueError(f"vision_layout: grid {grid} is not divisible by the merge size "
-                             f"{spatial_merge_size}; resize images to multiples of 28 pixels.")
         count = t * h * w
-        if offset + count > num_patches:
-            total = sum(int(g[0]) * int(g[1]) * int(g[2]) for g in grid_thws)
-            raise ValueError(f"vision_layout: images {list(grid_thws)} have {total} patches, more "
-                             f"than num_patches={num_patches}; use a larger patch bucket.")
         positions[offset:offset + count] = vision_positions((t, h, w), spatial_merge_size)
         frame_segments = segment + 1 + np.repeat(np.arange(t), h * w)
         segment_ids[offset:offset + count] = frame_segments
         offset += count
         segment += t
     return positions, segment_ids
+
+
+def vision_window_ids(
+    grid_thws: Sequence[GridTHW],
+    num_patches: int,
+    window_merged: int,
+    spatial_merge_size: int = 2,
+) -> np.ndarray:
+    """Qwen2.5-VL attention windows of one example's patches, as segment ids, padded to P.
+
+    Per image frame, the (h/m, w/m) grid of merged units is cut from the top-left into windows
+    of window_merged x window_merged units; where the grid does not divide, the windows on the
+    bottom and right edges are smaller (transformers' `get_vision_window_index`).
+
+    transformers gathers each window's units together before the blocks and undoes that order
+    after the merger. g2e keeps the processor's patch order instead: attention under a segment
+    mask does not depend on the order of the tokens, rotary positions travel with their patch,
+    and a merged unit's m*m patches are consecutive in both orders, so the result is the same
+    and the device needs neither the permutation nor its inverse (image_token_index and
+    pixel_values stay exactly as for Qwen2-VL).
+
+    Args:
+      grid_thws: (t, h, w) patch grid of each image, in the order their patches are concatenated.
+      num_patches: P, the padded patch count.
+      window_merged: window side in merged units (`VisionConfig.window_merged`, i.e.
+        window_size // spatial_merge_size // patch_size: 4 for Qwen2.5-VL's 112 pixels).
+      spatial_merge_size: side of the merge window.
+
+    Returns:
+      int32 [P]: 1, 2, ... one id per window (distinct across frames and images), 0 on padding.
+
+    Raises:
+      ValueError: as `vision_layout`, or if window_merged < 1.
+    """
+    if window_merged < 1:
+        raise ValueError(f"vision_window_ids: window_merged={window_merged} must be >= 1.")
+    _check_grids("vision_window_ids", grid_thws, num_patches, spatial_merge_size)
+    window_ids = np.zeros((num_patches,), np.int32)
+    side = window_merged * spatial_merge_size  # window side in patches
+    offset, first_id = 0, 1
+    for grid in grid_thws:
+        t, h, w = (int(x) for x in grid)
+        rows, cols = vision_positions((t, h, w), spatial_merge_size).T
+        windows_across = -(-w // side)
+        windows_per_frame = -(-h // side) * windows_across
+        frame = np.repeat(np.arange(t), h * w)
+        local = (rows // side) * windows_across + cols // side
+        window_ids[offset:offset + t * h * w] = first_id + frame * windows_per_frame + local
+        offset += t * h * w
+        first_id += t * windows_per_frame
+    return window_ids

@@ -5,6 +5,11 @@ Letters: the legend of `g2e.models` (Q is the number of positions asked for in `
 The batch is the host dict described in the design notes (input_ids, attention_mask,
 position_ids [3, B, L], pixel_values [B, P, 1176], vision_segment_ids, vision_positions,
 image_token_index, last_index). A batch with P == 0 (or no pixel_values) skips the tower.
+
+Qwen2.5-VL (config.model_type 'qwen2_5_vl') is the same model with another vision tower; its
+batch has one more field, vision_window_ids [B, P] (g2e.models.positions.vision_window_ids:
+each patch's attention window, in the same patch order; 0 on padding). Everything else,
+image_token_index included, is laid out exactly as for Qwen2-VL.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from g2e.models.vision import VisionTower
 
 
 class Qwen2VL(nnx.Module):
-    """Qwen2VLForConditionalGeneration in JAX: `model(batch)` -> final-norm hidden [B, L, D]."""
+    """Qwen2VLForConditionalGeneration (or Qwen2_5_VL...) in JAX: `model(batch)` -> [B, L, D].
+
+    The output is the final-norm hidden state; `config.model_type` picks the vision tower.
+    """
 
     def __init__(self, config: Qwen2VLConfig, *, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "xla",
@@ -62,7 +70,8 @@ class Qwen2VL(nnx.Module):
         if pixel_values is None or pixel_values.shape[1] == 0:
             return embeds
         vision_tokens = self.visual(pixel_values, batch["vision_segment_ids"],
-                                    batch["vision_positions"])  # [B, M, D]
+                                    batch["vision_positions"],
+                                    batch.get("vision_window_ids"))  # [B, M, D]
         index = batch["image_token_index"][..., None].astype(jnp.int32)  # [B, L, 1]
         gathered = jnp.take_along_axis(vision_tokens.astype(embeds.dtype), index, axis=1)
         is_image = (input_ids == self.config.image_token_id)[..., None]

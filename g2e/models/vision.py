@@ -1,4 +1,4 @@
-"""Qwen2-VL vision tower: patch embedding, 2-D rotary ViT blocks, 2x2 patch merger.
+"""Qwen2-VL and Qwen2.5-VL vision towers: patch embedding, 2-D rotary ViT blocks, 2x2 merger.
 
 Letters and logical axis names: the legend of `g2e.models` (W vision width, H vision heads,
 F vision MLP width, C flattened patch, M = P // 4 merged tokens, S = 3 for query/key/value).
@@ -8,6 +8,12 @@ them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per
 padding) confine attention to one image, like transformers' per-image `cu_seqlens`. The host
 builds `segment_ids` and the (row, col) rotary `positions` with
 `g2e.models.positions.vision_layout`.
+
+Qwen2.5-VL (`VisionConfig.is_qwen2_5`) changes three things, all local: RMSNorm instead of
+LayerNorm (blocks and merger), a SwiGLU MLP (gate_proj, up_proj, down_proj, with biases), and
+attention within windows (`window_ids` from `g2e.models.positions.vision_window_ids`, in the same
+patch order) in every block except `fullatt_block_indexes`. A per-layer boolean, scanned with the
+stacked blocks, picks the block's segment ids: the image's or the window's.
 
 Parameter logical axes: 'vision_embed' (W), 'vision_heads' (H), 'vision_mlp' (F and the
 merger's hidden width), 'embed' (D), 'layers' (added by the stacking vmap). Activations:
@@ -31,14 +37,15 @@ from flax import nnx
 from g2e.models import attention as attention_lib
 from g2e.models.config import VisionConfig
 from g2e.models.sharding import constrain
-from g2e.models.text import remat_policy
+from g2e.models.text import RMSNorm, remat_policy
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
 }
 
-_LN_EPS = 1e-6  # transformers' Qwen2-VL vision LayerNorms
+_LN_EPS = 1e-6  # transformers' vision LayerNorms (Qwen2-VL) and RMSNorms (Qwen2.5-VL)
 
 
 def _axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
@@ -50,6 +57,15 @@ def _layer_norm(width: int, axis: str, dtype, param_dtype, rngs: nnx.Rngs) -> nn
     return nnx.LayerNorm(width, epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
                          use_fast_variance=False, scale_metadata=_axes(axis),
                          bias_metadata=_axes(axis), rngs=rngs)
+
+
+def _norm(config: VisionConfig, width: int, dtype, param_dtype,
+          rngs: nnx.Rngs) -> nnx.LayerNorm | RMSNorm:
+    """Qwen2-VL's LayerNorm, or Qwen2.5-VL's RMSNorm (no bias; same eps)."""
+    if config.is_qwen2_5:
+        return RMSNorm(width, eps=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
+                       axis_name="vision_embed")
+    return _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
 
 
 def _linear(fan_in: int, fan_out: int, axes: tuple[str | None, str | None], dtype, param_dtype,
@@ -81,18 +97,23 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class VisionBlock(nnx.Module):
-    """Pre-LN ViT block: x + Attn(LN(x)), then x + MLP(LN(x)) with QuickGELU."""
+    """Pre-norm ViT block: x + Attn(norm1(x)), then x + MLP(norm2(x)).
+
+    Qwen2-VL: LayerNorms, MLP fc2(act(fc1(x))) with QuickGELU. Qwen2.5-VL: RMSNorms, MLP
+    down_proj(act(gate_proj(x)) * up_proj(x)) with SiLU.
+    """
 
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str,
                  rngs: nnx.Rngs):
         width, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
-        mlp = int(width * config.mlp_ratio)
+        mlp = config.mlp_width
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act={config.hidden_act!r} is not supported; "
                              f"use one of {sorted(_ACTIVATIONS)}.")
         self.activation = config.hidden_act
         self.attention = attention
-        self.norm1 = _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
+        self.swiglu = config.is_qwen2_5
+        self.norm1 = _norm(config, width, dtype, param_dtype, rngs)
         self.qkv = nnx.Einsum(
             "bpw,wshe->bpshe", (width, 3, heads, head_dim), (3, heads, head_dim),
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -103,9 +124,24 @@ class VisionBlock(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             kernel_metadata=_axes("vision_heads", None, "vision_embed"),
             bias_metadata=_axes("vision_embed"))
-        self.norm2 = _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
-        self.fc1 = _linear(width, mlp, ("vision_embed", "vision_mlp"), dtype, param_dtype, rngs)
-        self.fc2 = _linear(mlp, width, ("vision_mlp", "vision_embed"), dtype, param_dtype, rngs)
+        self.norm2 = _norm(config, width, dtype, param_dtype, rngs)
+        up, down = ("vision_embed", "vision_mlp"), ("vision_mlp", "vision_embed")
+        if self.swiglu:
+            self.gate_proj = _linear(width, mlp, up, dtype, param_dtype, rngs)
+            self.up_proj = _linear(width, mlp, up, dtype, param_dtype, rngs)
+            self.down_proj = _linear(mlp, width, down, dtype, param_dtype, rngs)
+        else:
+            self.fc1 = _linear(width, mlp, up, dtype, param_dtype, rngs)
+            self.fc2 = _linear(mlp, width, down, dtype, param_dtype, rngs)
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        """[B, P, W] -> [B, P, W]."""
+        activation = _ACTIVATIONS[self.activation]
+        axes = ("batch", "patches", "vision_mlp")
+        if self.swiglu:
+            hidden = activation(self.gate_proj(x)) * self.up_proj(x)
+            return self.down_proj(constrain(hidden, axes))
+        return self.fc2(constrain(activation(self.fc1(x)), axes))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array,
                  sin: jax.Array) -> jax.Array:
@@ -117,19 +153,17 @@ class VisionBlock(nnx.Module):
         out = attention_lib.attend(query, key, value, segment_ids=segment_ids, causal=False,
                                    implementation=self.attention)
         x = x + self.proj(out)
-        hidden = _ACTIVATIONS[self.activation](self.fc1(self.norm2(x)))
-        hidden = constrain(hidden, ("batch", "patches", "vision_mlp"))
-        x = x + self.fc2(hidden)
+        x = x + self.mlp(self.norm2(x))
         return constrain(x, ("batch", "patches", "act_vision_embed"))
 
 
 class PatchMerger(nnx.Module):
-    """LayerNorm, then each 2x2 window's 4 consecutive patches concatenated, Linear-GELU-Linear."""
+    """Norm (LayerNorm; RMSNorm in 2.5), each 2x2 window's 4 patches concatenated, MLP to D."""
 
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.window = config.spatial_merge_size**2
         merged = config.embed_dim * self.window
-        self.ln_q = _layer_norm(config.embed_dim, "vision_embed", dtype, param_dtype, rngs)
+        self.ln_q = _norm(config, config.embed_dim, dtype, param_dtype, rngs)
         self.fc1 = _linear(merged, merged, ("vision_embed", "vision_mlp"), dtype, param_dtype, rngs)
         self.fc2 = _linear(merged, config.hidden_size, ("vision_mlp", "embed"), dtype, param_dtype,
                            rngs)
@@ -142,7 +176,7 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """Qwen2-VL vision encoder: flattened patches [B, P, C] -> merged tokens [B, M, D]."""
+    """Qwen2(.5)-VL vision encoder: flattened patches [B, P, C] -> merged tokens [B, M, D]."""
 
     def __init__(self, config: VisionConfig, out_width: int | None = None, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
@@ -183,34 +217,46 @@ class VisionTower(nnx.Module):
             self.blocks = make_blocks(rngs)
             self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, segment_ids: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 window_ids: jax.Array | None = None) -> jax.Array:
         """Encodes packed images.
 
         Args:
           pixel_values: [B, P, C] flattened patches (HF image processor layout), zero padding.
           segment_ids: int [B, P], 1..n per image frame, 0 on padding.
           positions: int [B, P, 2] (row, col) of each patch.
+          window_ids: int [B, P], Qwen2.5-VL's attention window of each patch
+            (positions.vision_window_ids), 0 on padding; required by Qwen2.5-VL, unused by
+            Qwen2-VL.
 
         Returns:
           [B, M, D] merged vision tokens in the compute dtype; rows of padding are zero.
+
+        Raises:
+          ValueError: P is not a multiple of 4, or a Qwen2.5-VL tower gets no window_ids.
         """
         window = self.config.spatial_merge_size**2
         if pixel_values.shape[1] % window:
             raise ValueError(f"pixel_values has {pixel_values.shape[1]} patches per example; the "
                              f"patch bucket must be a multiple of {window}.")
+        full_attention = self.config.full_attention_blocks
+        if not all(full_attention) and window_ids is None:
+            raise ValueError("this Qwen2.5-VL vision tower attends within windows, so the batch "
+                             "needs 'vision_window_ids' (g2e.models.positions.vision_window_ids).")
         x = jnp.einsum("bpc,cw->bpw", pixel_values.astype(self.dtype),
                        self.patch_embed[...].astype(self.dtype))
         x = constrain(x, ("batch", "patches", "act_vision_embed"))
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         graphdef, layers = nnx.split(self.blocks)
 
-        def layer(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, segment_ids, cos, sin), None
+        def layer(x, scanned):
+            layer_state, full = scanned
+            ids = segment_ids if window_ids is None else jnp.where(full, segment_ids, window_ids)
+            return nnx.merge(graphdef, layer_state)(x, ids, cos, sin), None
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, layers)
+        x, _ = jax.lax.scan(layer, x, (layers, jnp.asarray(full_attention)))
         merged = self.merger(x)
         real = (segment_ids[:, ::window] > 0)[..., None]
         return jnp.where(real, merged, 0).astype(merged.dtype)
@@ -240,6 +286,34 @@ HF_NAMES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("merger", "fc2", "kernel"), "merger.mlp.2.weight", "linear"),
     (("merger", "fc2", "bias"), "merger.mlp.2.bias", "same"),
 )
+
+# Qwen2.5-VL: the same attention, patch embedding and merger MLP; its RMSNorms have no bias and
+# the block MLP is SwiGLU.
+HF_NAMES_QWEN2_5: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("patch_embed",), "patch_embed.proj.weight", "conv"),
+    (("blocks", "norm1", "scale"), "blocks.{i}.norm1.weight", "same"),
+    (("blocks", "qkv", "kernel"), "blocks.{i}.attn.qkv.weight", "qkv"),
+    (("blocks", "qkv", "bias"), "blocks.{i}.attn.qkv.bias", "qkv_bias"),
+    (("blocks", "proj", "kernel"), "blocks.{i}.attn.proj.weight", "proj"),
+    (("blocks", "proj", "bias"), "blocks.{i}.attn.proj.bias", "same"),
+    (("blocks", "norm2", "scale"), "blocks.{i}.norm2.weight", "same"),
+    (("blocks", "gate_proj", "kernel"), "blocks.{i}.mlp.gate_proj.weight", "linear"),
+    (("blocks", "gate_proj", "bias"), "blocks.{i}.mlp.gate_proj.bias", "same"),
+    (("blocks", "up_proj", "kernel"), "blocks.{i}.mlp.up_proj.weight", "linear"),
+    (("blocks", "up_proj", "bias"), "blocks.{i}.mlp.up_proj.bias", "same"),
+    (("blocks", "down_proj", "kernel"), "blocks.{i}.mlp.down_proj.weight", "linear"),
+    (("blocks", "down_proj", "bias"), "blocks.{i}.mlp.down_proj.bias", "same"),
+    (("merger", "ln_q", "scale"), "merger.ln_q.weight", "same"),
+    (("merger", "fc1", "kernel"), "merger.mlp.0.weight", "linear"),
+    (("merger", "fc1", "bias"), "merger.mlp.0.bias", "same"),
+    (("merger", "fc2", "kernel"), "merger.mlp.2.weight", "linear"),
+    (("merger", "fc2", "bias"), "merger.mlp.2.bias", "same"),
+)
+
+
+def hf_names(config: VisionConfig) -> tuple[tuple[tuple[str, ...], str, str], ...]:
+    """The HF name table of the tower `config` describes (Qwen2-VL or Qwen2.5-VL)."""
+    return HF_NAMES_QWEN2_5 if config.is_qwen2_5 else HF_NAMES
 
 
 def _from_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.ndarray:
@@ -291,7 +365,7 @@ def vision_params_from_hf(get_tensor: Callable[[str], np.ndarray], config: Visio
       nested dict of numpy arrays; use `nnx.replace_by_pure_dict(state, result)`.
     """
     out: dict = {}
-    for path, hf_name, kind in HF_NAMES:
+    for path, hf_name, kind in hf_names(config):
         if "{i}" in hf_name:
             array = np.stack([_from_hf_layout(kind, get_tensor(prefix + hf_name.format(i=i)),
                                               config) for i in range(config.depth)])
@@ -308,7 +382,7 @@ def vision_params_to_hf(params: dict, config: VisionConfig,
                         prefix: str = "visual.") -> dict[str, np.ndarray]:
     """The inverse of `vision_params_from_hf`: pure dict of the tower -> {HF name: array}."""
     out = {}
-    for path, hf_name, kind in HF_NAMES:
+    for path, hf_name, kind in hf_names(config):
         array = params
         for key in path:
             array = array[key]

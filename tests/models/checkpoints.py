@@ -1,13 +1,20 @@
-"""Test helper: tiny Hugging Face Qwen2-VL checkpoints made on the fly with transformers.
+"""Test helper: tiny Hugging Face Qwen2-VL / Qwen2.5-VL checkpoints made on the fly.
 
-Nothing is downloaded: a `Qwen2VLConfig` is built from plain numbers, the PyTorch model is
-initialised with normal(0, 0.05) weights (large enough that a wrong op shows in a parity test,
-unlike the default 0.02 init with zeroed biases) and written with `save_pretrained`.
+Nothing is downloaded: a `Qwen2VLConfig` (or `Qwen2_5_VLConfig`) is built from plain numbers,
+the PyTorch model is initialised with normal(0, 0.05) weights (large enough that a wrong op
+shows in a parity test, unlike the default 0.02 init with zeroed biases) and written with
+`save_pretrained`.
 
-Two width presets:
+Width presets, Qwen2-VL (model_type 'qwen2_vl'):
   'tiny': text hidden 64, 4 heads / 2 KV heads, MLP 128, vocab 512; vision width 32, 4 heads.
   '2b':   Qwen2-VL-2B widths (hidden 1536, 12 heads / 2 KV heads, MLP 8960, vision width 1280
           with 16 heads, merger to 1536), 2 layers each, reduced vocab unless `vocab_size` given.
+Qwen2.5-VL (model_type 'qwen2_5_vl'), the last vision block full attention, the others windowed:
+  'tiny': the tiny text; vision width 32, 4 heads, SwiGLU width 48, windows of 56 pixels
+          (2x2 merged units, so tiny images hold several windows).
+  '3b':   Qwen2.5-VL-3B widths (hidden 2048, 16 heads / 2 KV heads, MLP 11008, tied embeddings;
+          vision width 1280, 16 heads, SwiGLU 3420, merger to 2048, windows of 112 pixels),
+          2 layers each, reduced vocab unless `vocab_size` given.
 """
 
 from __future__ import annotations
@@ -22,15 +29,46 @@ import transformers
 TINY_VOCAB = 512
 
 
+QWEN2_5_VL = "qwen2_5_vl"
+
+
+def _qwen2_5_presets(widths: str, vocab_size: int | None) -> tuple[int, dict, dict]:
+    """(vocab, text kwargs, vision kwargs) of a Qwen2.5-VL width preset."""
+    if widths == "tiny":
+        text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+        vision = dict(hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
+                      window_size=56)
+        return vocab_size or TINY_VOCAB, text, vision
+    if widths == "3b":
+        text = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
+                    num_key_value_heads=2,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+        vision = dict(hidden_size=1280, out_hidden_size=2048, intermediate_size=3420,
+                      num_heads=16, window_size=112)
+        return vocab_size or 4096, text, vision
+    raise ValueError(f"Qwen2.5-VL widths must be 'tiny' or '3b', got {widths!r}")
+
+
 def hf_config_dict(
     widths: str = "tiny",
     *,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     vocab_size: int | None = None,
     num_layers: int = 2,
+    model_type: str = "qwen2_vl",
 ) -> dict[str, Any]:
-    """Returns the keyword arguments of a `transformers.Qwen2VLConfig` for a width preset."""
-    if widths == "tiny":
+    """Keyword arguments of a `transformers.Qwen2VLConfig` (or `Qwen2_5_VLConfig`) preset.
+
+    `tie_word_embeddings` None: as the preset's model (tied only for '3b', as Qwen2.5-VL-3B).
+    """
+    if tie_word_embeddings is None:
+        tie_word_embeddings = widths == "3b"
+    if model_type == QWEN2_5_VL:
+        vocab, text, vision = _qwen2_5_presets(widths, vocab_size)
+        vision.update(fullatt_block_indexes=[num_layers - 1], tokens_per_second=2)
+    elif widths == "tiny":
         vocab = vocab_size or TINY_VOCAB
         text = dict(
             hidden_size=64,
@@ -67,7 +105,7 @@ def hf_config_dict(
         pad_token_id=vocab - 8,
     )
     vision.update(depth=num_layers, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
-                  in_channels=3, hidden_act="quick_gelu")
+                  in_channels=3, hidden_act="silu" if model_type == QWEN2_5_VL else "quick_gelu")
     return dict(
         text_config=text,
         vision_config=vision,
@@ -93,22 +131,28 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 def make_hf_model(
     *,
     widths: str = "tiny",
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     seed: int = 0,
     vocab_size: int | None = None,
     num_layers: int = 2,
     std: float = 0.05,
-) -> transformers.Qwen2VLForConditionalGeneration:
-    """A float32 eval-mode PyTorch Qwen2-VL with normal(0, std) weights (norm scales 1 + noise)."""
-    config = transformers.Qwen2VLConfig(
+    model_type: str = "qwen2_vl",
+) -> transformers.PreTrainedModel:
+    """A float32 eval-mode PyTorch Qwen2-VL (or Qwen2.5-VL) with normal(0, std) weights (norm
+    scales 1 + noise)."""
+    config_class, model_class = (
+        (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration)
+        if model_type == QWEN2_5_VL else
+        (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration))
+    config = config_class(
         **hf_config_dict(widths, tie_word_embeddings=tie_word_embeddings, vocab_size=vocab_size,
-                         num_layers=num_layers))
+                         num_layers=num_layers, model_type=model_type))
     # sdpa and eager agree; eager keeps the reference free of kernel choices.
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
     config.vision_config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(config).float().eval()
+    model = model_class(config).float().eval()
     randomize(model, seed, std)
     return model
 
@@ -117,20 +161,21 @@ def make_hf_checkpoint(
     out_dir: str | pathlib.Path,
     *,
     widths: str = "tiny",
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     seed: int = 0,
     vocab_size: int | None = None,
     num_layers: int = 2,
     max_shard_size: str | None = None,
-) -> tuple[transformers.Qwen2VLForConditionalGeneration, pathlib.Path]:
-    """Writes a random Qwen2-VL checkpoint with `save_pretrained` and returns (torch model, dir).
+    model_type: str = "qwen2_vl",
+) -> tuple[transformers.PreTrainedModel, pathlib.Path]:
+    """Writes a random Qwen2(.5)-VL checkpoint with `save_pretrained`; returns (torch model, dir).
 
     `max_shard_size` (e.g. "200KB") makes transformers write sharded model-*.safetensors files
     with a model.safetensors.index.json, as large released checkpoints are.
     """
     out_dir = pathlib.Path(out_dir)
     model = make_hf_model(widths=widths, tie_word_embeddings=tie_word_embeddings, seed=seed,
-                          vocab_size=vocab_size, num_layers=num_layers)
+                          vocab_size=vocab_size, num_layers=num_layers, model_type=model_type)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **kwargs)
     return model, out_dir
