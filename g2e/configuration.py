@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from g2e import embedding
 from g2e.data import errors, images, rows
 from g2e.models import attention, lora, sharding, text
 
@@ -69,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.eval = ml_collections.ConfigDict(dict(batch_size=16))
+
+    # Embeddings of evaluation and mining are kept on disk in shards of this many items (a
+    # killed stage resumes at the first missing shard), stored as float32 or float16.
+    c.embedding_cache = ml_collections.ConfigDict(dict(shard_size=4096, dtype="float32"))
 
     c.mine = ml_collections.ConfigDict(
         dict(
@@ -199,6 +204,9 @@ def _check_model_and_mesh(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+    _one_of("embedding_cache.dtype", config.embedding_cache.dtype, embedding.CACHE_DTYPES)
+    if config.embedding_cache.shard_size < 1:
+        _fail("embedding_cache.shard_size", "must be at least 1")
     data = config.data
     _one_of("data.on_bad_input", data.on_bad_input, errors.POLICIES)
     for key in ("image_resolution", "train_image_resolution"):

@@ -122,6 +122,11 @@ class Pipeline:
             patch_buckets=tuple(data.patch_buckets), on_bad_input=data.on_bad_input,
             image_root=image_root)
 
+    def embedding_cache_options(self) -> dict[str, Any]:
+        """The EmbeddingCache options of the config (embedding_cache.shard_size, .dtype)."""
+        return dict(shard_size=int(self.config.embedding_cache.shard_size),
+                    dtype=self.config.embedding_cache.dtype)
+
     def fingerprint(self, *parts: Any) -> str:
         """Names a model + prompt + preprocessing, so caches from another setting are not used."""
         text = json.dumps([str(p) for p in parts] + [self.config.data.image_resolution,

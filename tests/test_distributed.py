@@ -309,9 +309,11 @@ def _compare_demo(single: pathlib.Path, multi: pathlib.Path) -> None:
     # The evaluation's embedding cache: every query and candidate, in input order, both runs.
     for name in results[0]["subsets"]:
         for side in ("queries", "candidates"):
-            path = pathlib.Path("eval_zero_shot", "cache", name, f"{side}.npy")
-            np.testing.assert_allclose(np.load(two / path), np.load(one / path), rtol=1e-5,
-                                       atol=1e-5, err_msg=str(path))
+            folder = pathlib.Path("eval_zero_shot", "cache", name, side)
+            stored = [np.concatenate([np.load(f) for f in sorted((d / folder).glob("*.npy"))])
+                      for d in (one, two)]
+            np.testing.assert_allclose(stored[1], stored[0], rtol=1e-5, atol=1e-5,
+                                       err_msg=str(folder))
     metrics = [[json.loads(line) for line in (d / "train" / "train_metrics.jsonl").open()]
                for d in (one, two)]
     assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2]

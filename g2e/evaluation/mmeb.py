@@ -231,17 +231,23 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
                          f"fix its files")
     items = _SubsetItems(rows, subset)
+    query_items, candidate_items = items.items("query"), items.items("candidate")
 
-    def embed(role: str) -> np.ndarray:
-        return embed_items(embed_fn, items.items(role), batch_size=batch_size,
-                           desc=f"{subset} {'queries' if role == 'query' else 'candidates'}",
-                           progress=progress, allow_skipped=on_bad_input == "skip")
+    def embed(role_items: list[EmbedItem], desc: str):
+        def compute(indices: np.ndarray) -> np.ndarray:
+            return embed_items(embed_fn, [role_items[i] for i in indices], batch_size=batch_size,
+                               desc=f"{subset} {desc}", progress=progress,
+                               allow_skipped=on_bad_input == "skip")
+        return compute
 
+    embed_queries, embed_candidates = embed(query_items, "queries"), embed(candidate_items,
+                                                                            "candidates")
     if cache is None:
-        queries, candidates = embed("query"), embed("candidate")
+        queries = embed_queries(np.arange(len(query_items)))
+        candidates = embed_candidates(np.arange(len(candidate_items)))
     else:
-        queries = cache.get("queries", items.query_keys, lambda: embed("query"))
-        candidates = cache.get("candidates", items.candidate_keys, lambda: embed("candidate"))
+        queries = cache.get("queries", items.query_keys, embed_queries)
+        candidates = cache.get("candidates", items.candidate_keys, embed_candidates)
     if queries.shape[1] != candidates.shape[1]:
         raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
                          f"but candidates width {candidates.shape[1]}")
@@ -309,7 +315,8 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
                   data: Any = None,
                   subsets: str | Sequence[str] | None = None, on_bad_input: str = "error",
                   batch_size: int = 16, fingerprint: str = "", model_name: str = "g2e",
-                  progress: bool = True, write_outputs: bool = True) -> dict[str, Any]:
+                  progress: bool = True, write_outputs: bool = True,
+                  cache_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
 
     Args:
@@ -332,6 +339,7 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
         model_name: the Model column of results.md.
         progress: show progress bars.
         write_outputs: False on hosts other than process 0 (they embed but write nothing).
+        cache_options: EmbeddingCache options (shard_size, dtype).
     Returns:
         The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
         "split", "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
@@ -364,7 +372,8 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
             skipped_subsets[name] = report.examples[0] if report.examples else "no usable rows"
             logging.warning("subset %s: no usable rows; left out of the results", name)
             continue
-        cache = EmbeddingCache(out / "cache" / name, fingerprint, writable=write_outputs)
+        cache = EmbeddingCache(out / "cache" / name, fingerprint, writable=write_outputs,
+                               **(cache_options or {}))
         scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size, cache=cache,
                                  progress=progress, on_bad_input=on_bad_input)
         scores["num_skipped_rows"] += report.total

@@ -29,7 +29,8 @@ def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
         out_dir=str(pipeline.workdir / stage), subsets=config.data.eval_subsets,
         on_bad_input=config.data.on_bad_input, batch_size=8 * embedder.batch_size,
         fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
-        model_name=stage, write_outputs=distributed.is_primary())
+        model_name=stage, write_outputs=distributed.is_primary(),
+        cache_options=pipeline.embedding_cache_options())
     logging.info("%s: overall %s (IND %s, OOD %s); padding %s", stage, results["overall"],
                  results["IND"], results["OOD"], processor.padding_report())
     return {"overall": results["overall"]}

@@ -56,7 +56,8 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
             logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
             continue
         cache = EmbeddingCache(out / "cache" / subset, fingerprint,
-                               writable=distributed.is_primary())
+                               writable=distributed.is_primary(),
+                               **pipeline.embedding_cache_options())
         result = _mine_subset(pipeline, subset, rows, embedder, cache, judge)
         report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
         if distributed.is_primary():
@@ -86,15 +87,13 @@ def _mine_subset(pipeline: Pipeline, subset: str, rows: Sequence[mmeb.TrainRow],
     unique_queries, query_of_row = rows_lib.index_keys(query_keys)
     unique_positives, positive_of_row = rows_lib.index_keys(positive_keys)
 
-    def embed(items, name):
-        return lambda: embedder(items, desc=f"{subset} {name}")
+    def embed(items: list, name: str):
+        return lambda indices: embedder([items[i] for i in indices], desc=f"{subset} {name}")
 
-    first_query = rows_lib.first_of_each(query_of_row)
-    first_positive = rows_lib.first_of_each(positive_of_row)
-    query_embeddings = cache.get("queries", unique_queries, embed(
-        [query_item(rows[int(r)]) for r in first_query], "queries"))
-    positive_embeddings = cache.get("positives", unique_positives, embed(
-        [positive_item(rows[int(r)]) for r in first_positive], "positives"))
+    queries = [query_item(rows[int(r)]) for r in rows_lib.first_of_each(query_of_row)]
+    positives = [positive_item(rows[int(r)]) for r in rows_lib.first_of_each(positive_of_row)]
+    query_embeddings = cache.get("queries", unique_queries, embed(queries, "queries"))
+    positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
     if embedder.processor.report.total:
         # Skipped items embed as NaN; mining needs every row, so name the problem.
         raise ValueError(f"mine {subset}: {embedder.processor.report.summary()}; rows with "

@@ -157,7 +157,7 @@ def test_evaluate_mmeb_known_answers_and_reports(mmeb_eval, tmp_path):
     assert (out_dir / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     for subset in SUBSETS:
         index = json.loads((out_dir / "cache" / subset / "candidates.json").read_text())
-        assert np.load(out_dir / "cache" / subset / "candidates.npy").shape == (
+        assert np.load(out_dir / "cache" / subset / "candidates" / "00000.npy").shape == (
             index["count"], len(LABELS))
         assert index["count"] == summary["subsets"][subset]["num_unique_candidates"]
 
@@ -201,7 +201,7 @@ def test_interrupted_evaluation_resumes_from_the_cache(mmeb_eval, tmp_path):
                                  **run)
     assert not (resumed_dir / "results.json").exists()
     finished = sorted(p.name for p in (resumed_dir / "cache").iterdir()
-                      if (p / "candidates.json").exists())
+                      if (p / "candidates" / "00000.npy").exists())
     assert finished == ["ImageNet-1K", "OK-VQA"]
 
     rerun = FakeEmbedder()
@@ -225,11 +225,31 @@ def test_a_truncated_cache_is_recomputed(mmeb_eval, tmp_path):
     run = dict(eval_dir=eval_dir, image_root=image_root, subsets="OK-VQA", progress=False,
                out_dir=str(tmp_path / "out"))
     evaluation.evaluate_mmeb(FakeEmbedder(), **run)
-    candidates = tmp_path / "out" / "cache" / "OK-VQA" / "candidates.npy"
+    candidates = tmp_path / "out" / "cache" / "OK-VQA" / "candidates" / "00000.npy"
     candidates.write_bytes(candidates.read_bytes()[:40])
     again = FakeEmbedder()
     summary = evaluation.evaluate_mmeb(again, **run)
     assert again.calls > 0 and summary["overall"] == 50.0
+
+
+def test_a_killed_subset_resumes_at_its_first_missing_shard(mmeb_eval, tmp_path):
+    eval_dir, image_root = mmeb_eval
+    run = dict(eval_dir=eval_dir, image_root=image_root, subsets="ImageNet-1K", batch_size=1,
+               progress=False, out_dir=str(tmp_path / "out"),
+               cache_options=dict(shard_size=1, dtype="float16"))
+    reference = evaluation.evaluate_mmeb(FakeEmbedder(), **{**run, "out_dir": str(tmp_path / "r")})
+    killed = FakeEmbedder(fail_after_calls=5)  # 3 queries, then 2 of the candidates
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_mmeb(killed, **run)
+    rerun = FakeEmbedder()
+    assert evaluation.evaluate_mmeb(rerun, **run) == reference
+    # Only what the killed run had not stored is embedded again: no query, the last candidates.
+    assert {i.role for i in rerun.items} == {"candidate"}
+    assert len(killed.items) + len(rerun.items) == sum(reference["subsets"]["ImageNet-1K"][k]
+                                                       for k in ("num_unique_queries",
+                                                                 "num_unique_candidates"))
+    shard = np.load(tmp_path / "out" / "cache" / "ImageNet-1K" / "queries" / "00000.npy")
+    assert shard.dtype == np.float16
 
 
 def test_bad_embeddings_are_reported_with_the_subset(mmeb_eval, tmp_path):
