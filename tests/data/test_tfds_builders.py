@@ -11,7 +11,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from g2e.data import images, mmeb, synthetic_mmeb, tfds_builders
+from g2e.data import images, mmeb, rows, synthetic_mmeb, tfds_builders
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.demo import mini_mmeb
 
@@ -283,14 +283,12 @@ def test_eval_rows_are_lazy_and_equal_the_parquet_rows(synthetic, monkeypatch):
 
 
 def test_train_rows_carry_path_keys_and_read_no_image_bytes(synthetic, monkeypatch):
-    from g2e import mining_stage
-
     source, data_dir, _ = synthetic
     reads = _count_table_reads(monkeypatch)
     for subset in mmeb.list_subsets(os.path.join(source, "train")):
         for split in mmeb.TRAIN_SPLITS:
             got = tfds_builders.RowSource("train", data_dir, subset, split)
-            queries, positives = mining_stage._row_keys(got)
+            queries, positives = rows.train_row_keys(got)
             want = _parquet_rows(source, "train", subset, split)
             relative = lambda p: os.path.relpath(p, source) if p else ""  # noqa: E731
             assert queries == [(r.qry_text, relative(r.qry_image)) for r in want]
