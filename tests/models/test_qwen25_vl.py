@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 from transformers import vision_utils
 
+from g2e import distributed
 from g2e.demo import tiny
 from g2e.models import hf_io, positions, sharding
 from g2e.models.config import Qwen2VLConfig
@@ -281,7 +282,7 @@ def test_sharded_load_equals_single_device(tiny25):
              for k, v in batch.items()}  # 4 rows: the batch axis spans data x fsdp
     expected = jax.device_get(forward(single, batch))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        placed = jax.device_put(batch, sharding.batch_shardings(batch, mesh, rules))
+        placed = distributed.put_batch(batch, mesh, rules)
         assert placed["vision_window_ids"].sharding.spec == P(("data", "fsdp"), None)
         got = jax.device_get(forward(sharded, placed))
     for ours, reference in zip(got, expected):
