@@ -7,3 +7,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Subprocesses (`python -m g2e.main`, multi-process runs) import the g2e of this checkout, not
+# whichever copy the virtual environment's editable install points at.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
