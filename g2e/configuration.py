@@ -58,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
             format="parquet",
             tfds_dir="",
             on_bad_input="error",
+            # Processes that decode, resize and tokenise (Grain workers); -1: one per usable
+            # core, 0: in the main process. Results do not depend on it.
+            workers=-1,
+            # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the resolution policy shrinks them
+            # that much anyway (far less host work for large photos and pages).
+            jpeg_draft=True,
             max_length=2048,
             train_max_length=1024,
             image_resolution="random",
@@ -209,6 +215,9 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
         _fail("embedding_cache.shard_size", "must be at least 1")
     data = config.data
     _one_of("data.on_bad_input", data.on_bad_input, errors.POLICIES)
+    if not isinstance(data.workers, int) or data.workers < -1:
+        _fail("data.workers", f"is {data.workers!r}; use a number of processes, 0 for none or "
+              "-1 for one per usable core")
     for key in ("image_resolution", "train_image_resolution"):
         _one_of(f"data.{key}", data[key], images.POLICIES)
     for key in ("max_length", "train_max_length"):

@@ -19,12 +19,14 @@ tied to a fingerprint of the model, prompt and preprocessing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +36,7 @@ import tqdm
 from flax import nnx
 
 from g2e import atomic, distributed
+from g2e.data import workers
 from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
@@ -53,13 +56,21 @@ def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
 class BatchRunner:
     """Runs a jitted `step(graphdef, state, batch) -> [B, ...]` over host-encoded inputs.
 
-    Inputs are encoded one by one (`encode(input) -> Encoded | None`, None for skipped bad
-    input), grouped by (length, patch) bucket, padded to a fixed batch size, sharded over the
-    mesh's batch axes and run; outputs come back in input order (rows of skipped inputs are NaN).
+    A stream, not a load: inputs are encoded in Grain worker processes
+    (`g2e.data.workers.stream`, in input order), taken in windows of `window` batches, grouped
+    inside a window by (length, patch) bucket, padded to a fixed batch size, sharded over the
+    mesh's batch axes and run; each batch's result is fetched while the next one runs. At most
+    one window of prepared inputs is held (plus the workers' small buffers), whatever the
+    number of inputs. Outputs come back in input order (rows of skipped inputs are NaN).
+
+    Multi-host: each process runs its `host_slice` of the inputs; the number of windows follows
+    from the largest share, and per window the processes agree on the number of steps and on
+    each step's (length, patches), so all of them run the same programs in the same order.
 
     Args:
       model: the (possibly adapter-carrying) Qwen2VL, its parameters already placed/sharded.
-      processor: the host-side Processor (prompt options, image policy, buckets).
+      processor: the host-side Processor (prompt options, image policy, buckets); its report
+        applies the on_bad_input policy to what the workers could not encode.
       step: the pure per-batch function, jitted here with graphdef static.
       mesh: a device mesh (None: default device). Batches are sharded over the mesh axes of
         the 'batch' rule.
@@ -67,15 +78,20 @@ class BatchRunner:
         sharding.DEFAULT_RULES).
       batch_size: rows per step on each process; rounded up to a multiple of this process's
         devices on the batch axes.
+      workers: encoding processes (data.workers); 0 encodes in this process.
+      window: batches per window (the bucketing horizon and the memory bound).
     """
 
     def __init__(self, model: Qwen2VL, processor: Processor, step, *,
                  mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None = None,
-                 batch_size: int = 16, progress: bool = True):
+                 batch_size: int = 16, progress: bool = True, workers: int = 0,
+                 window: int = 8):
         self.processor = processor
         self.mesh = mesh
         self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
         self.progress = progress
+        self.workers = workers
+        self.window = window
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
         ways = 1
@@ -85,11 +101,19 @@ class BatchRunner:
             ways = max(ways // jax.process_count(), 1)
         self.batch_size = -(-batch_size // ways) * ways
         self._step = jax.jit(step, static_argnums=0)
+        self.peak_prepared = 0  # the most prepared inputs this runner held at once
 
-    def run(self, inputs: Sequence[Any], encode, *, desc: str) -> np.ndarray:
-        """Encodes and runs every input; returns float32 [len(inputs), ...] in input order."""
+    def run(self, inputs: Sequence[Any], encode: Callable[[Any], Encoded | None], *,
+            desc: str) -> np.ndarray:
+        """Encodes and runs every input; returns float32 [len(inputs), ...] in input order.
+
+        `encode(input)` returns an Encoded, None (skipped), or raises BadInput (the processor's
+        report then applies the on_bad_input policy); it must pickle when workers > 0.
+        """
         share = distributed.host_slice(len(inputs))
-        local = self._run_local(list(inputs[share]), encode, desc=desc)
+        largest = -(-len(inputs) // jax.process_count())
+        windows = -(-largest // (self.batch_size * self.window))
+        local = self._run_local(inputs[share], encode, windows=windows, desc=desc)
         return distributed.gather_in_order(local, len(inputs))
 
     def _context(self):
@@ -99,63 +123,86 @@ class BatchRunner:
             stack.enter_context(nnx.logical_axis_rules(self.rules))
         return stack
 
-    def _plan(self, encoded: list[Encoded | None]) -> list[tuple[list[int], int, int]]:
-        """Groups this host's inputs into steps of (indices, length bucket, patch bucket)."""
-        proc = self.processor
+    def _shape(self, encoded: Encoded) -> tuple[int, int]:
+        """(length bucket, patch bucket) of one encoding."""
+        patches = 0 if encoded.num_patches == 0 else pick_bucket(
+            encoded.num_patches, self.processor.patch_buckets, "patch")
+        return pick_bucket(encoded.length, self.processor.length_buckets, "length"), patches
 
-        def shape(i):
-            e = encoded[i]
-            patches = 0 if e.num_patches == 0 else pick_bucket(e.num_patches,
-                                                               proc.patch_buckets, "patch")
-            return patches, pick_bucket(e.length, proc.length_buckets, "length")
-
-        valid = [i for i, e in enumerate(encoded) if e is not None]
-        order = sorted(valid, key=lambda i: (*shape(i), encoded[i].length))
+    def _plan(self, window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Encoded]]]:
+        """Groups a window's encodings into steps of one (patch, length) bucket each."""
+        order = sorted(window, key=lambda x: (self._shape(x[1])[::-1], x[1].length))
         steps = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            patches, length = max(shape(i) for i in chunk)
-            steps.append((chunk, length, patches))
+            steps.append(([i for i, _ in chunk], [e for _, e in chunk]))
         return steps
 
-    def _agree(self, steps: list[tuple[list[int], int, int]]) -> list[tuple[int, int]]:
-        """The (length, patches) of every global step, the same on all processes."""
+    def _agree(self, steps: list[tuple[list[int], list[Encoded]]]) -> list[tuple[int, int]]:
+        """The (length, patches) of every step of this window, the same on all processes:
+        per dimension the largest any process's step needs (not the largest pair)."""
         (count,) = distributed.max_across_processes([len(steps)])
         shapes = np.zeros((count, 2), np.int32)  # Steps past a process's own feed padding.
-        shapes[:len(steps)] = [(length, patches) for _, length, patches in steps]
+        for number, (_, encodings) in enumerate(steps):
+            shapes[number] = np.max([self._shape(e) for e in encodings], axis=0)
         agreed = np.asarray(distributed.max_across_processes(shapes.reshape(-1)))
         return [tuple(int(v) for v in s) for s in agreed.reshape(-1, 2)]
 
-    def _run_local(self, inputs: list[Any], encode, *, desc: str) -> np.ndarray:
-        encoded = [encode(x) for x in inputs]
-        steps = self._plan(encoded)
-        out: np.ndarray | None = None
+    def _take_window(self, results: Iterator[Any], start: int) -> list[tuple[int, Encoded]]:
+        """The next window's usable encodings as (local index, Encoded); bad ones go to the
+        processor's report (which raises under on_bad_input='error')."""
+        window = []
+        for offset, value in enumerate(itertools.islice(results,
+                                                        self.batch_size * self.window)):
+            if isinstance(value, workers.Failed):
+                self.processor.report.handle(value.error)
+            elif value is not None:
+                window.append((start + offset, value))
+        self.peak_prepared = max(self.peak_prepared, len(window))
+        return window
+
+    def _run_local(self, inputs: Sequence[Any], encode, *, windows: int,
+                   desc: str) -> np.ndarray:
+        out = np.full((len(inputs), self.output_width), np.nan, np.float32)
+        pending = None  # (indices, result on device): fetched while the next batch runs
+        results = workers.stream(inputs, encode, workers=self.workers)
         with tqdm.tqdm(total=len(inputs), desc=desc, unit="ex", dynamic_ncols=True,
                        disable=not (self.progress and distributed.is_primary())) as bar:
-            for step, (length, patches) in enumerate(self._agree(steps)):
-                indices = steps[step][0] if step < len(steps) else []
-                batch = self.processor.collate([encoded[i] for i in indices],
-                                               pad_to_batch=self.batch_size, length=length,
-                                               num_patches=patches)
-                result = self._run_batch(batch)[:len(indices)]
-                if out is None:
-                    out = np.full((len(inputs),) + result.shape[1:], np.nan, np.float32)
-                out[indices] = result
-                bar.update(len(indices))
-        if out is None:  # Nothing ran here (every input skipped, or none).
-            out = np.full((len(inputs), self.output_width), np.nan, np.float32)
+            for number in range(windows):
+                steps = self._plan(self._take_window(results, number * self.batch_size
+                                                     * self.window))
+                for step, (length, patches) in enumerate(self._agree(steps)):
+                    indices, encodings = steps[step] if step < len(steps) else ([], [])
+                    batch = self.processor.collate(encodings, pad_to_batch=self.batch_size,
+                                                   length=length, num_patches=patches)
+                    result = self._dispatch(batch)
+                    if pending is not None:
+                        out = self._store(out, *pending)
+                        bar.update(len(pending[0]))
+                    pending = (indices, result)
+            if pending is not None:
+                out = self._store(out, *pending)
+                bar.update(len(pending[0]))
         return out
 
-    def _run_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def _dispatch(self, batch: dict[str, np.ndarray]) -> jax.Array:
+        """Starts one batch on the devices; returns without waiting."""
         with self._context():
             if self.mesh is not None:
                 device_batch = distributed.put_batch(batch, self.mesh, self.rules)
             else:
                 device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            result = self._step(self.graphdef, self.state, device_batch)
-        if self.mesh is not None:
-            return distributed.local_rows(result)
-        return np.asarray(result)
+            return self._step(self.graphdef, self.state, device_batch)
+
+    def _store(self, out: np.ndarray, indices: list[int], result: jax.Array) -> np.ndarray:
+        """Waits for a batch's result and writes its real rows into `out` (widened to the
+        result's trailing shape on first use)."""
+        rows = distributed.local_rows(result) if self.mesh is not None else np.asarray(result)
+        rows = np.asarray(rows, np.float32)[:len(indices)]
+        if out.shape[1:] != rows.shape[1:]:
+            out = np.full((len(out),) + rows.shape[1:], np.nan, np.float32)
+        out[indices] = rows
+        return out
 
 
 class Embedder(BatchRunner):
@@ -169,7 +216,8 @@ class Embedder(BatchRunner):
 
     def embed(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
         """float32 [len(items), D] in input order (NaN rows for skipped bad items)."""
-        return self.run(items, self.processor.encode, desc=desc)
+        return self.run(items, functools.partial(self.processor.encode, strict=True),
+                        desc=desc)
 
     __call__ = embed
 
@@ -349,7 +397,7 @@ def run_embed(pipeline: Pipeline) -> dict[str, int]:
     # Image paths are taken as given: relative ones from the working directory.
     processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
     embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.eval.batch_size)
+                        batch_size=config.eval.batch_size, workers=pipeline.workers)
     present = [i for i, item in enumerate(items) if item is not None]
     out = np.full((len(items), model.config.text.hidden_size), np.nan, np.float32)
     if present:

@@ -19,6 +19,7 @@ import ml_collections
 
 from g2e import distributed
 from g2e.data import prompts
+from g2e.data import workers as data_workers
 from g2e.data.preprocess import Processor
 from g2e.models import hf_io, lora, peft, sharding
 from g2e.models.qwen2_vl import Qwen2VL
@@ -55,6 +56,12 @@ class Pipeline:
     def batch_axes(self) -> tuple[str, ...]:
         """The mesh axes the batch is split over (the 'batch' sharding rule)."""
         return sharding.batch_axes(self.rules, self.mesh.axis_names)
+
+    @property
+    def workers(self) -> int:
+        """Host worker processes (data.workers; -1: one per usable core)."""
+        workers = int(self.config.data.workers)
+        return data_workers.usable_cores() if workers == -1 else workers
 
     def has_trained_model(self) -> bool:
         """Whether the train stage left a fine-tuned model (adapter or full) in the workdir."""
@@ -120,7 +127,7 @@ class Pipeline:
             min_pixels=data.min_pixels or None, max_pixels=data.max_pixels or None,
             prompt=prompt, length_buckets=tuple(data.length_buckets),
             patch_buckets=tuple(data.patch_buckets), on_bad_input=data.on_bad_input,
-            image_root=image_root)
+            image_root=image_root, jpeg_draft=data.jpeg_draft)
 
     def embedding_cache_options(self) -> dict[str, Any]:
         """The EmbeddingCache options of the config (embedding_cache.shard_size, .dtype)."""

@@ -132,3 +132,20 @@ def test_skip_bad_lines_gives_nan_rows_and_count(checkpoint, run_dir):
     for row in sorted(set(range(len(lines))) - set(bad_rows)):
         np.testing.assert_allclose(out[row], reference(checkpoint, run_dir, lines[row]),
                                    atol=1e-4, rtol=0, err_msg=f"line {row + 1}")
+
+
+def test_a_long_text_and_a_small_image_share_a_batch(checkpoint, run_dir):
+    """One batch holds a text-only item of a long length bucket and an image item of a short
+    one: its shape is the largest of each dimension (it used to fail with "collate: (length=128,
+    num_patches=1024) cannot hold an encoding of 273 tokens")."""
+    words = ("a red circle next to a blue square under a green star near the yellow cross "
+             "and beside the orange pentagon").split()
+    long_text = " ".join(words[i % len(words)] for i in range(100))
+    lines = [(long_text, None, "query"), GOOD_LINES[1]]
+    write_jsonl(run_dir / "mixed.jsonl", lines)
+    result = run_embed(run_dir, checkpoint[1], "mixed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(run_dir / "out" / "mixed.npy")
+    for index, line in enumerate(lines):
+        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
+                                   rtol=0, err_msg=f"line {index + 1}")

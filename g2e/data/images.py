@@ -30,6 +30,7 @@ import io
 import os
 import pathlib
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -82,6 +83,8 @@ class ImageRef:
 
 
 ImageSource = bytes | str | os.PathLike | ImageRef | Image.Image
+# draft(width, height) -> the (width, height) the image will be resized to, or None.
+DraftFn = Callable[[int, int], tuple[int, int] | None]
 
 
 def resolve_path(path: str | os.PathLike, image_root: str | os.PathLike | None) -> pathlib.Path:
@@ -104,8 +107,9 @@ def resolve_path(path: str | os.PathLike, image_root: str | os.PathLike | None) 
     return pathlib.Path(joined)
 
 
-def _open(data: bytes, name: str, max_declared_pixels: int) -> Image.Image:
-    """Decodes image bytes fully, with the size checked before decoding."""
+def _open(data: bytes, name: str, max_declared_pixels: int,
+          draft: DraftFn | None = None) -> Image.Image:
+    """Decodes image bytes fully, with the size checked before decoding (see load_image)."""
     if not data:
         raise BadInput("empty image file", detail="0 bytes", file=name,
                        hint="re-download the image or drop the row")
@@ -127,6 +131,10 @@ def _open(data: bytes, name: str, max_declared_pixels: int) -> Image.Image:
                        hint="drop the row or shrink the image")
     if width < 1 or height < 1:
         raise BadInput("image has no pixels", file=name, detail=f"{width}x{height}")
+    target = draft(width, height) if draft is not None and image.format == "JPEG" else None
+    if target is not None:
+        # The DCT decodes at 1/2, 1/4 or 1/8 scale directly, never below the target size.
+        image.draft("RGB", target)
     try:
         image.load()
     except Exception as error:
@@ -158,7 +166,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = None,
-               max_declared_pixels: int = MAX_DECLARED_PIXELS) -> Image.Image:
+               max_declared_pixels: int = MAX_DECLARED_PIXELS,
+               draft: DraftFn | None = None) -> Image.Image:
     """Loads an image from a path, bytes, an ImageRef or a PIL image and returns it as RGB.
 
     Args:
@@ -166,6 +175,10 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
         ImageRef (its bytes are read now), or a PIL image.
       image_root: the folder image paths are relative to (MMEB: the folder holding `images/`).
       max_declared_pixels: width*height above which a file is refused before decoding.
+      draft: for a JPEG file, the size it will be resized to, from its declared size; the
+        decoder then reduces it by 2, 4 or 8 while decoding, as far as stays at or above that
+        size (far less work for a large photo or page; the pixels differ slightly from a full
+        decode followed by the same resize).
     Raises:
       BadInput: see the module docstring; `file` names the path, the ImageRef's key, or
         '<bytes>'.
@@ -177,9 +190,9 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
                            detail=f"{width}x{height}")
         return to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return to_rgb(_open(bytes(source), "<bytes>", max_declared_pixels))
+        return to_rgb(_open(bytes(source), "<bytes>", max_declared_pixels, draft))
     if isinstance(source, ImageRef):
-        return to_rgb(_open(source.read(), source.key, max_declared_pixels))
+        return to_rgb(_open(source.read(), source.key, max_declared_pixels, draft))
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"image must be bytes, a path, an ImageRef or a PIL image, got {type(source).__name__}"
@@ -190,7 +203,7 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
     if not path.is_file():
         raise BadInput("missing image", file=str(path),
                        hint="check data.*_image_root points at the folder holding images/")
-    return to_rgb(_open(path.read_bytes(), str(path), max_declared_pixels))
+    return to_rgb(_open(path.read_bytes(), str(path), max_declared_pixels, draft))
 
 
 def random_policy_size(width: int, height: int) -> tuple[int, int]:
@@ -211,23 +224,31 @@ def random_policy_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def apply_policy(image: Image.Image, policy: str) -> Image.Image:
+def policy_size(policy: str, width: int, height: int) -> tuple[int, int] | None:
+    """The (width, height) policy `policy` resizes a width x height image to; None for
+    'processor' (no pre-resize)."""
+    if policy == "processor":
+        return None
+    if policy in SQUARE_POLICIES:
+        return SQUARE_POLICIES[policy], SQUARE_POLICIES[policy]
+    if policy == "random":
+        return random_policy_size(width, height)
+    raise ValueError(f"image_resolution must be one of {POLICIES}, got {policy!r}")
+
+
+def apply_policy(image: Image.Image, policy: str,
+                 size: tuple[int, int] | None = None) -> Image.Image:
     """Pre-resizes an RGB image by policy (SPEC §3); 'processor' returns it unchanged.
 
     The square policies stretch to N x N with BICUBIC (PIL's default, as the release uses);
-    'random' uses LANCZOS.
+    'random' uses LANCZOS. `size` is the policy's target when the image was decoded smaller
+    than its file declared (a JPEG draft): the target of the declared size.
     """
-    if policy == "processor":
+    target = size or policy_size(policy, *image.size)
+    if target is None or target == image.size:
         return image
-    if policy in SQUARE_POLICIES:
-        side = SQUARE_POLICIES[policy]
-        return image.resize((side, side), Image.Resampling.BICUBIC)
-    if policy == "random":
-        size = random_policy_size(*image.size)
-        if size == image.size:
-            return image
-        return image.resize(size, Image.Resampling.LANCZOS)
-    raise ValueError(f"image_resolution must be one of {POLICIES}, got {policy!r}")
+    method = Image.Resampling.LANCZOS if policy == "random" else Image.Resampling.BICUBIC
+    return image.resize(target, method)
 
 
 def check_aspect_ratio(image: Image.Image, name: str = "") -> None:

@@ -27,6 +27,8 @@ import numpy as np
 import transformers
 from PIL import Image
 
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
 from g2e.data import images as images_lib
 from g2e.data import prompts
 from g2e.data.errors import BadInput, BadInputReport
@@ -70,8 +72,8 @@ def positive_item(row: Any) -> EmbedItem:
 class Encoded:
     """One tokenised example, before padding.
 
-    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: float32 [p, 1176] (the
-    example's images' patches, concatenated); image_grid_thw: (t, h, w) per image;
+    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: uint8 [p, 588] (one frame
+    of the example's images' patches, concatenated; the device normalises them); image_grid_thw: (t, h, w) per image;
     target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
     truncated_tokens: how many text tokens truncation removed.
     """
@@ -139,6 +141,7 @@ class Processor:
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
         image_token_id: int | None = None,
+        jpeg_draft: bool = False,
     ):
         if image_resolution not in images_lib.POLICIES:
             raise ValueError(f"data.image_resolution must be one of {images_lib.POLICIES}, got "
@@ -158,8 +161,9 @@ class Processor:
         self.report = (on_bad_input if isinstance(on_bad_input, BadInputReport)
                        else BadInputReport(on_bad_input))
         self.merge_size = int(image_processor.merge_size)
-        self.patch_dim = (3 * int(image_processor.temporal_patch_size)
-                          * int(image_processor.patch_size) ** 2)
+        self.jpeg_draft = jpeg_draft
+        self.temporal_patch = int(image_processor.temporal_patch_size)
+        self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
         self.image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
         if image_token_id is not None and image_token_id != self.image_token_id:
             raise ValueError(f"config.json image_token_id={image_token_id} but the tokenizer maps "
@@ -197,11 +201,14 @@ class Processor:
         on_bad_input: str | BadInputReport = "error",
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
+        jpeg_draft: bool = False,
     ) -> "Processor":
         """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
 
         `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
-        processor's. `on_bad_input` is 'error', 'skip' or a shared BadInputReport.
+        processor's. `on_bad_input` is 'error', 'skip' or a shared BadInputReport. `jpeg_draft`
+        lets JPEG files decode at a reduced scale when the resolution policy shrinks them by
+        2x or more (see g2e.data.images.load_image).
         Raises FileNotFoundError when the directory lacks preprocessor_config.json.
         """
         checkpoint_dir = pathlib.Path(checkpoint_dir)
@@ -221,7 +228,7 @@ class Processor:
                    image_resolution=image_resolution, prompt=prompt,
                    length_buckets=length_buckets, patch_buckets=patch_buckets,
                    on_bad_input=on_bad_input, padding_side=padding_side,
-                   image_root=image_root, image_token_id=image_token_id)
+                   image_root=image_root, image_token_id=image_token_id, jpeg_draft=jpeg_draft)
 
     # ---- images ---------------------------------------------------------------------------
 
@@ -231,21 +238,48 @@ class Processor:
         root = self.image_root if image_root is None else image_root
         loaded = []
         for source in sources:
-            image = images_lib.load_image(source, image_root=root)
-            image = images_lib.apply_policy(image, self.image_resolution)
-            name = source if isinstance(source, str) else ""
+            target: list[tuple[int, int] | None] = [None]
+
+            def draft(width: int, height: int) -> tuple[int, int] | None:
+                target[0] = images_lib.policy_size(self.image_resolution, width, height)
+                return target[0]
+
+            image = images_lib.load_image(source, image_root=root,
+                                          draft=draft if self.jpeg_draft else None)
+            image = images_lib.apply_policy(image, self.image_resolution, size=target[0])
+            name = source.key if isinstance(source, images_lib.ImageRef) else (
+                source if isinstance(source, str) else "")
             images_lib.check_aspect_ratio(image, name)
             loaded.append(image)
         return loaded
 
     def image_features(self, loaded: Sequence[Image.Image]
                        ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """Patches [p, 1176] and grids (t, h, w) of RGB images, via the HF image processor."""
+        """uint8 patches [p, C / 2] and grids (t, h, w) of RGB images.
+
+        The image processor's resize (a multiple of 28 pixels within its min/max pixels) on
+        the host; rescaling and normalising are left to the device (the vision tower's
+        `pixel_table`), so a patch travels as one frame of 588 bytes, not 1176 floats. The
+        patch order and layout are the image processor's.
+        """
+        processor = self.image_processor
         if not loaded:
-            return np.zeros((0, self.patch_dim), np.float32), []
-        features = self.image_processor(images=list(loaded))
-        grids = [tuple(int(x) for x in grid) for grid in np.asarray(features["image_grid_thw"])]
-        return np.asarray(features["pixel_values"], np.float32), grids
+            return np.zeros((0, self.patch_dim // self.temporal_patch), np.uint8), []
+        patch, merge = int(processor.patch_size), self.merge_size
+        pieces, grids = [], []
+        for image in loaded:
+            height, width = smart_resize(image.height, image.width, factor=patch * merge,
+                                         min_pixels=processor.size.shortest_edge,
+                                         max_pixels=processor.size.longest_edge)
+            if (width, height) != image.size:
+                image = image.resize((width, height), resample=processor.resample)
+            pixels = np.asarray(image, np.uint8).transpose(2, 0, 1)        # [3, H, W]
+            grid_h, grid_w = height // patch, width // patch
+            blocks = pixels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge,
+                                    patch).transpose(1, 4, 2, 5, 0, 3, 6)
+            pieces.append(blocks.reshape(grid_h * grid_w, -1))
+            grids.append((1, grid_h, grid_w))
+        return np.concatenate(pieces), grids
 
     # ---- encoding -------------------------------------------------------------------------
 
@@ -292,8 +326,6 @@ class Processor:
                     hint="raise data.max_length, lower data.max_pixels or pick a smaller "
                          "data.image_resolution")
             keep[cut_positions[len(cut_positions) - excess:]] = False
-            self.stats["truncated_items"] += 1
-            self.stats["truncated_tokens"] += excess
         input_ids = np.repeat(ids[keep], repeats[keep]).astype(np.int32)
         target_mask = None
         if prompt.answer:
@@ -302,20 +334,25 @@ class Processor:
         return Encoded(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grids,
                        target_mask=target_mask, truncated_tokens=max(excess, 0))
 
-    def _guarded(self, build, *, subset: str, row: Any) -> Encoded | None:
-        """Runs `build()`; applies the on_bad_input policy to a BadInput (None when skipped)."""
+    def _guarded(self, build, *, subset: str, row: Any, strict: bool) -> Encoded | None:
+        """Runs `build()`; applies the on_bad_input policy to a BadInput (None when skipped),
+        or, when `strict`, raises it with its subset and row for the caller to handle."""
         try:
             return build()
         except BadInput as error:
-            self.report.handle(error.with_context(subset=subset, row=row))
+            error = error.with_context(subset=subset, row=row)
+            if strict:
+                raise error from None
+            self.report.handle(error)
             return None
 
-    def encode(self, item: EmbedItem, *, image_root: str | os.PathLike | None = None
-               ) -> Encoded | None:
+    def encode(self, item: EmbedItem, *, image_root: str | os.PathLike | None = None,
+               strict: bool = False) -> Encoded | None:
         """Encodes one item with the hierarchical embedding prompt.
 
         Returns None when the item is bad input and on_bad_input='skip' (it is counted in
-        `self.report`). Raises BadInput (naming subset, row and file) under 'error'.
+        `self.report`). Raises BadInput (naming subset, row and file) under 'error', and
+        always when `strict` (a worker process leaves the policy to the main process).
         """
         image = None if item.image is None or (isinstance(item.image, str) and not item.image) \
             else item.image
@@ -328,12 +365,13 @@ class Processor:
                                               options=self.prompt)
             return self.encode_prompt(prompt, loaded)
 
-        return self._guarded(build, subset=item.subset, row=item.row)
+        return self._guarded(build, subset=item.subset, row=item.row, strict=strict)
 
     def encode_chat(self, system: str | None, user: str,
                     images: Sequence[images_lib.ImageSource] = (), *, user_suffix: str = "",
                     answer: str | None = None, subset: str = "", row: Any = None,
-                    image_root: str | os.PathLike | None = None) -> Encoded | None:
+                    image_root: str | os.PathLike | None = None,
+                    strict: bool = False) -> Encoded | None:
         """Encodes a free chat turn: `user` (may hold image placeholders; else images go first)
         then `user_suffix`; with `answer`, the assistant's reply and a `target_mask` over it.
 
@@ -345,10 +383,11 @@ class Processor:
             prompt = prompts.chat_prompt(system, body, user_suffix=user_suffix, answer=answer)
             return self.encode_prompt(prompt, loaded)
 
-        return self._guarded(build, subset=subset, row=row)
+        return self._guarded(build, subset=subset, row=row, strict=strict)
 
     def encode_judge(self, query: EmbedItem, candidate: EmbedItem, *,
-                     image_root: str | os.PathLike | None = None) -> Encoded | None:
+                     image_root: str | os.PathLike | None = None,
+                     strict: bool = False) -> Encoded | None:
         """Encodes the mining stage's Yes/No judge prompt for a (query, candidate) pair."""
         def has(item):
             return item.image is not None and not (isinstance(item.image, str) and not item.image)
@@ -359,7 +398,7 @@ class Processor:
             prompt = prompts.judge_prompt(query.text, has(query), candidate.text, has(candidate))
             return self.encode_prompt(prompt, loaded)
 
-        return self._guarded(build, subset=query.subset, row=query.row)
+        return self._guarded(build, subset=query.subset, row=query.row, strict=strict)
 
     def judge_token_ids(self) -> tuple[int, int]:
         """Ids of the judge's answers ('Yes', 'No'); each must be a single token."""
@@ -407,7 +446,8 @@ class Processor:
         attention_mask = np.zeros((batch, length), np.int32)
         image_token_index = np.zeros((batch, length), np.int32)
         last_index = np.zeros((batch,), np.int32)
-        pixel_values = np.zeros((batch, num_patches, self.patch_dim), np.float32)
+        pixel_values = np.zeros((batch, num_patches, self.patch_dim // self.temporal_patch),
+                                np.uint8)
         vision_segment_ids = np.zeros((batch, num_patches), np.int32)
         vision_positions = np.zeros((batch, num_patches, 2), np.int32)
         with_targets = any(e.target_mask is not None for e in encoded)
@@ -460,6 +500,8 @@ class Processor:
         self.stats["real_tokens"] += sum(e.length for e in encoded)
         self.stats["token_slots"] += batch * length
         self.stats["real_patches"] += sum(e.num_patches for e in encoded)
+        self.stats["truncated_items"] += sum(e.truncated_tokens > 0 for e in encoded)
+        self.stats["truncated_tokens"] += sum(e.truncated_tokens for e in encoded)
         self.stats["patch_slots"] += batch * num_patches
         self.shapes.add((batch, length, num_patches))
 

@@ -23,7 +23,8 @@ def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
     model = pipeline.model(trained=trained)
     processor = pipeline.processor(prompt=prompt)
     embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.eval.batch_size, progress=False)
+                        batch_size=config.eval.batch_size, progress=False,
+                        workers=pipeline.workers)
     results = mmeb.evaluate_mmeb(
         embedder, data=config.data,
         out_dir=str(pipeline.workdir / stage), subsets=config.data.eval_subsets,

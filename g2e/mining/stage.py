@@ -36,11 +36,12 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     model = pipeline.model(trained=False)
     processor = pipeline.processor()
     embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.mine.batch_size)
+                        batch_size=config.mine.batch_size, workers=pipeline.workers)
     judge = None
     if config.mine.judge:
         judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                      batch_size=config.mine.judge_batch_size, progress=False)
+                      batch_size=config.mine.judge_batch_size, progress=False,
+                      workers=pipeline.workers)
     fingerprint = pipeline.fingerprint(pipeline.model_key, processor.prompt)
     reports = {}
     for subset in rows_lib.train_subsets(config.data):

@@ -19,6 +19,8 @@ import json
 import pathlib
 from typing import Any
 
+import numpy as np
+
 MODEL_TYPE = "qwen2_vl"
 QWEN2_5_VL = "qwen2_5_vl"
 MODEL_TYPES = (MODEL_TYPE, QWEN2_5_VL)
@@ -71,10 +73,28 @@ class VisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     tokens_per_second: int = 2  # video temporal ids only; kept so to_hf writes it back
+    # How the image processor turns 8-bit pixels into model inputs (preprocessor_config.json's
+    # rescale_factor, image_mean, image_std; these defaults are every Qwen2-VL's). The host
+    # sends uint8 patches and the tower applies them (`pixel_table`).
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    def pixel_table(self) -> np.ndarray:
+        """float32 [3, 256]: the model input of 8-bit value v in channel c.
+
+        Computed as the Hugging Face image processor computes it (v in float64 times the
+        rescale factor, cast to float32, minus the mean, over the std, in float32), so a
+        lookup gives its pixel values bit for bit.
+        """
+        values = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, np.float32)[:, None]
+        std = np.asarray(self.image_std, np.float32)[:, None]
+        return ((values[None, :] - mean) / std).astype(np.float32)
 
     @property
     def is_qwen2_5(self) -> bool:
@@ -234,7 +254,7 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path) -> "Qwen2VLConfig":
-        """Reads `path`/config.json.
+        """Reads `path`/config.json, and the pixel normalisation of preprocessor_config.json.
 
         Raises:
             FileNotFoundError: the directory or its config.json does not exist.
@@ -246,7 +266,18 @@ class Qwen2VLConfig:
                 f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL or "
                 "Qwen2.5-VL checkpoint directory (config.json + model*.safetensors).")
         with open(config_path) as f:
-            return cls.from_hf(json.load(f), source=str(config_path))
+            config = cls.from_hf(json.load(f), source=str(config_path))
+        preprocessor = pathlib.Path(path) / "preprocessor_config.json"
+        if not preprocessor.is_file():
+            return config
+        with open(preprocessor) as f:
+            pixels = json.load(f)
+        vision = dataclasses.replace(
+            config.vision,
+            rescale_factor=float(pixels.get("rescale_factor", config.vision.rescale_factor)),
+            image_mean=tuple(float(v) for v in pixels.get("image_mean", config.vision.image_mean)),
+            image_std=tuple(float(v) for v in pixels.get("image_std", config.vision.image_std)))
+        return dataclasses.replace(config, vision=vision)
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict in transformers' nested layout (loadable by transformers 5).

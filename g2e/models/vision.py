@@ -217,12 +217,39 @@ class VisionTower(nnx.Module):
             self.blocks = make_blocks(rngs)
             self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+    def embed_patches(self, pixel_values: jax.Array) -> jax.Array:
+        """Patch embeddings [B, P, W] of float patches [B, P, C] or uint8 frames [B, P, C / 2].
+
+        For uint8 input each value is looked up in the processor's normalisation table (exact),
+        and, since both temporal frames of an image are equal, the two temporal halves of the
+        patch kernel are summed once instead of multiplying a duplicated frame.
+        """
+        kernel = self.patch_embed[...]
+        if pixel_values.dtype != jnp.uint8:
+            return jnp.einsum("bpc,cw->bpw", pixel_values.astype(self.dtype),
+                              kernel.astype(self.dtype))
+        config = self.config
+        channels, frames = config.in_channels, config.temporal_patch_size
+        batch, patches, width = pixel_values.shape
+        if width * frames != config.patch_dim:
+            raise ValueError(f"uint8 pixel_values have {width} values per patch; one frame of "
+                             f"{config.patch_dim // frames} is expected")
+        table = jnp.asarray(config.pixel_table())                            # [3, 256]
+        values = pixel_values.reshape(batch, patches, channels, -1).astype(jnp.int32)
+        normalised = table[jnp.arange(channels)[:, None], values]          # [B, P, 3, 196]
+        frame_kernel = kernel.reshape(channels, frames, -1, kernel.shape[-1]).sum(axis=1)
+        return jnp.einsum("bpc,cw->bpw", normalised.reshape(batch, patches, width)
+                          .astype(self.dtype),
+                          frame_kernel.reshape(width, -1).astype(self.dtype))
+
     def __call__(self, pixel_values: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  window_ids: jax.Array | None = None) -> jax.Array:
         """Encodes packed images.
 
         Args:
-          pixel_values: [B, P, C] flattened patches (HF image processor layout), zero padding.
+          pixel_values: [B, P, C] flattened patches (HF image processor layout), zero padding;
+            or, as the host sends them, uint8 [B, P, C / 2]: one frame of 8-bit values (an
+            image's two temporal frames are equal), normalised here with `pixel_table`.
           segment_ids: int [B, P], 1..n per image frame, 0 on padding.
           positions: int [B, P, 2] (row, col) of each patch.
           window_ids: int [B, P], Qwen2.5-VL's attention window of each patch
@@ -243,8 +270,7 @@ class VisionTower(nnx.Module):
         if not all(full_attention) and window_ids is None:
             raise ValueError("this Qwen2.5-VL vision tower attends within windows, so the batch "
                              "needs 'vision_window_ids' (g2e.models.positions.vision_window_ids).")
-        x = jnp.einsum("bpc,cw->bpw", pixel_values.astype(self.dtype),
-                       self.patch_embed[...].astype(self.dtype))
+        x = self.embed_patches(pixel_values)
         x = constrain(x, ("batch", "patches", "act_vision_embed"))
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         graphdef, layers = nnx.split(self.blocks)

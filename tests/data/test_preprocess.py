@@ -15,6 +15,7 @@ from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.demo import tiny
 from g2e.models import positions
+from g2e.models.config import Qwen2VLConfig
 
 VQA = "<|image_1|>\nRepresent the given image with the following question: What is on the table?"
 TAIL = prompts.QUERY_SUFFIX_WITH_IMAGE + "<|im_end|>\n<|im_start|>assistant\n"
@@ -44,6 +45,15 @@ def checkpoint(tmp_path_factory):
 def hf_model(checkpoint):
     # Only get_rope_index is used; the tiny model builds in well under a second.
     return transformers.Qwen2VLModel(transformers.AutoConfig.from_pretrained(checkpoint)).eval()
+
+
+def as_model_input(uint8_patches: np.ndarray, checkpoint) -> np.ndarray:
+    """The float patches [.., 1176] the vision tower makes of the host's uint8 frames [.., 588]:
+    each value through the config's normalisation table, the frame repeated in time."""
+    table = Qwen2VLConfig.from_dir(checkpoint).vision.pixel_table()
+    values = uint8_patches.reshape(*uint8_patches.shape[:-1], 3, 1, 196)
+    normalised = table[np.arange(3)[:, None, None], values]
+    return np.repeat(normalised, 2, axis=-2).reshape(*uint8_patches.shape[:-1], 1176)
 
 
 def make(checkpoint, **kwargs) -> Processor:
@@ -112,7 +122,10 @@ def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, 
         np.testing.assert_array_equal(batch["input_ids"][row][real], ids)
         assert encoded[row].image_grid_thw == item_grids
         count = pixel_values.shape[0]
-        np.testing.assert_array_equal(batch["pixel_values"][row, :count], pixel_values)
+        # Bit for bit what transformers' processor gives, once the device normalises.
+        np.testing.assert_array_equal(
+            as_model_input(batch["pixel_values"][row, :count], checkpoint), pixel_values)
+        assert batch["pixel_values"].dtype == np.uint8
         assert not batch["pixel_values"][row, count:].any()
         # The pooled token is the "\n" after "assistant", on either padding side.
         last = batch["last_index"][row]
@@ -133,7 +146,7 @@ def test_batch_layout(checkpoint):
     assert 64 < max(e.length for e in encoded) <= 128
     assert 32 < max(e.num_patches for e in encoded) <= 64
     expected = dict(input_ids=(B, L), attention_mask=(B, L), position_ids=(3, B, L),
-                    pixel_values=(B, P, 1176), vision_segment_ids=(B, P),
+                    pixel_values=(B, P, 588), vision_segment_ids=(B, P),
                     vision_positions=(B, P, 2), image_token_index=(B, L), last_index=(B,))
     assert {key: value.shape for key, value in batch.items()} == expected
     for row, item in enumerate(encoded):
@@ -162,17 +175,17 @@ def test_buckets(checkpoint):
     processor = make(checkpoint, length_buckets=(64, 128, 256), patch_buckets=(0, 32, 64))
     text_only = processor.collate([processor.encode(ITEMS[1])])
     assert text_only["input_ids"].shape == (1, 64)
-    assert text_only["pixel_values"].shape == (1, 0, 1176)
+    assert text_only["pixel_values"].shape == (1, 0, 588)
     # Past the largest patch bucket: the next multiple of it (a bounded set of shapes).
     big = processor.encode(EmbedItem("x", noise(224, 224), "query"))
     assert big.num_patches == 256
-    assert processor.collate([big])["pixel_values"].shape == (1, 256, 1176)
+    assert processor.collate([big])["pixel_values"].shape == (1, 256, 588)
     with pytest.raises(ValueError, match="pad_to_batch"):
         processor.collate([big, big], pad_to_batch=1)
     # Shapes fixed by the caller (e.g. agreed across hosts), even with no encodings at all.
     fixed = processor.collate([processor.encode(ITEMS[1])], pad_to_batch=2, length=256,
                               num_patches=64)
-    assert fixed["input_ids"].shape == (2, 256) and fixed["pixel_values"].shape == (2, 64, 1176)
+    assert fixed["input_ids"].shape == (2, 256) and fixed["pixel_values"].shape == (2, 64, 588)
     empty = processor.collate([], pad_to_batch=2, length=64, num_patches=0)
     assert empty["attention_mask"].sum() == 2 and empty["input_ids"].shape == (2, 64)
     with pytest.raises(ValueError, match="cannot hold"):
@@ -211,6 +224,7 @@ def test_truncation_cuts_the_text_and_keeps_the_template(checkpoint):
     assert (encoded.input_ids == processor.image_token_id).sum() == encoded.num_patches // 4
     kept_text = len(encoded.input_ids) - len(tail)
     np.testing.assert_array_equal(encoded.input_ids[:kept_text], full.input_ids[:kept_text])
+    processor.collate([encoded])  # batches count what was truncated
     report = processor.padding_report()
     assert report["truncated_items"] == 1 and report["truncated_tokens"] == encoded.truncated_tokens
 
@@ -279,7 +293,7 @@ def test_judge_prompt_with_two_images_matches_transformers(checkpoint, hf_model)
     ids, pixel_values, grids = hf_reference(
         processor, text, processor.load_images([query.image, candidate.image]))
     np.testing.assert_array_equal(encoded.input_ids, ids)
-    np.testing.assert_array_equal(encoded.pixel_values, pixel_values)
+    np.testing.assert_array_equal(as_model_input(encoded.pixel_values, checkpoint), pixel_values)
     batch = processor.collate([encoded], pad_to_batch=2)
     np.testing.assert_array_equal(batch["position_ids"],
                                   hf_rope(hf_model, processor, batch, [grids, []]))

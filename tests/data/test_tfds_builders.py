@@ -11,7 +11,8 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from g2e.data import images, mmeb, rows, synthetic_mmeb, tfds_builders
+from g2e.data import images, mmeb, synthetic_mmeb, tfds_builders
+from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.demo import mini_mmeb
 
@@ -288,7 +289,7 @@ def test_train_rows_carry_path_keys_and_read_no_image_bytes(synthetic, monkeypat
     for subset in mmeb.list_subsets(os.path.join(source, "train")):
         for split in mmeb.TRAIN_SPLITS:
             got = tfds_builders.RowSource("train", data_dir, subset, split)
-            queries, positives = rows.train_row_keys(got)
+            queries, positives = rows_lib.train_row_keys(got)
             want = _parquet_rows(source, "train", subset, split)
             relative = lambda p: os.path.relpath(p, source) if p else ""  # noqa: E731
             assert queries == [(r.qry_text, relative(r.qry_image)) for r in want]
