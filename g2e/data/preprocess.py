@@ -494,6 +494,45 @@ class Processor:
             out["target_mask"] = target_mask
         return out
 
+    def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
+        """(length bucket, patch bucket) `collate` picks for these encodings."""
+        longest = max((e.length for e in encoded), default=1)
+        most_patches = max((e.num_patches for e in encoded), default=0)
+        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets,
+                                                           "patch")
+        return pick_bucket(longest, self.length_buckets, "length"), patches
+
+    def widen(self, batch: dict[str, np.ndarray], *, length: int,
+              num_patches: int) -> dict[str, np.ndarray]:
+        """A collated batch padded to a larger (length, num_patches), as `collate` would have
+        padded it (e.g. to a shape agreed across hosts after collating locally)."""
+        extra_length = length - batch["input_ids"].shape[1]
+        extra_patches = num_patches - batch["pixel_values"].shape[1]
+        if extra_length < 0 or extra_patches < 0:
+            raise ValueError(f"widen: ({length}, {num_patches}) is smaller than the batch's "
+                             f"{batch['input_ids'].shape[1]}, {batch['pixel_values'].shape[1]}")
+        if not extra_length and not extra_patches:
+            return batch
+        left = self.padding_side == "left"
+        out = {}
+        for name, value in batch.items():
+            widths = [(0, 0)] * value.ndim
+            if name in ("input_ids", "attention_mask", "image_token_index", "target_mask"):
+                widths[1] = (extra_length, 0) if left else (0, extra_length)
+            elif name == "position_ids":
+                widths[2] = (extra_length, 0) if left else (0, extra_length)
+            elif name.startswith("vision_") or name == "pixel_values":
+                widths[1] = (0, extra_patches)
+            fill = self.pad_token_id if name == "input_ids" else 0
+            out[name] = np.pad(value, widths, constant_values=fill)
+        if left:
+            out["last_index"] = batch["last_index"] + extra_length
+        rows = batch["input_ids"].shape[0]
+        self.stats["token_slots"] += rows * extra_length
+        self.stats["patch_slots"] += rows * extra_patches
+        self.shapes.add((rows, length, num_patches))
+        return out
+
     def _count(self, encoded: Sequence[Encoded], batch: int, length: int,
                num_patches: int) -> None:
         self.stats["batches"] += 1

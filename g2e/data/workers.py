@@ -65,6 +65,42 @@ class _Catching:
             return Failed(error)
 
 
+class Stream:
+    """function(x) for x in `inputs`, in order, computed by `workers` processes (see `stream`).
+
+    Iterate it once; `get_state()` is Grain's position (for a checkpoint); `close()` stops the
+    workers (also done when the iteration ends).
+    """
+
+    def __init__(self, inputs: Sequence[Any], function: Callable[[Any], Any], *, workers: int,
+                 buffer: int = 4, min_items: int | None = None):
+        if min_items is None:
+            min_items = MIN_ITEMS_PER_WORKER * workers
+        dataset = grain.MapDataset.source(inputs).map(_Catching(function))
+        iterable = dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if workers > 0 and len(inputs) >= max(min_items, 1):
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=buffer))
+        self._iterator = iter(iterable)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._iterator
+        finally:
+            self.close()
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
 def stream(inputs: Sequence[Any], function: Callable[[Any], Any], *, workers: int,
            buffer: int = 4, min_items: int | None = None) -> Iterator[Any]:
     """Yields function(x) for x in `inputs`, in order, computed by `workers` processes.
@@ -79,19 +115,4 @@ def stream(inputs: Sequence[Any], function: Callable[[Any], Any], *, workers: in
       min_items: below this many inputs no process is started (default
         MIN_ITEMS_PER_WORKER x workers).
     """
-    if min_items is None:
-        min_items = MIN_ITEMS_PER_WORKER * workers
-    dataset = grain.MapDataset.source(inputs).map(_Catching(function))
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if workers > 0 and len(inputs) >= max(min_items, 1):
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=buffer))
-    iterator = iter(iterable)
-    try:
-        yield from iterator
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+    return iter(Stream(inputs, function, workers=workers, buffer=buffer, min_items=min_items))

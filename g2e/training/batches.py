@@ -12,11 +12,14 @@ number: a restarted run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections.abc import Callable, Sequence
-from typing import Any
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+
+from g2e import distributed
+from g2e.data import workers as workers_lib
 
 
 class ClusterSchedule:
@@ -116,29 +119,87 @@ class ClusterSchedule:
         return {"step": step, "epoch": epoch, "batch_in_epoch": step - first, "seed": self.seed}
 
 
-class Prefetcher:
-    """Builds the host batches of upcoming steps in a background thread (tokenising, images).
+class RowCodec(Protocol):
+    """How the training loop turns row ids into host batches (see `StepInputs`)."""
 
-    `make(step)` must be a pure function of the step; `get(step)` returns its result and queues
-    the next `depth` steps.
+    def encode(self, row: int) -> Any:
+        """One row's host work (a Grain worker runs it; it must pickle)."""
+
+    def shape(self, encoded: Sequence[Any]) -> Sequence[int]:
+        """Integers all processes must agree on (their elementwise maximum), e.g. buckets."""
+
+    def collate(self, encoded: Sequence[Any]) -> Mapping[str, Any]:
+        """This process's encoded rows as a host batch of their own shape."""
+
+    def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> Mapping[str, Any]:
+        """A collated host batch padded to the agreed (larger or equal) shape."""
+
+
+class _StepRows(Sequence):
+    """Row ids of this process's rows of steps first..last, flattened (Grain's source)."""
+
+    def __init__(self, schedule: ClusterSchedule, rows_here: slice, first: int, last: int):
+        self.schedule, self.rows_here, self.first = schedule, rows_here, first
+        self.per_step = rows_here.stop - rows_here.start
+        self.count = max(last - first, 0) * self.per_step
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> int:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        step, position = divmod(index, self.per_step)
+        return int(self.schedule.rows(self.first + step)[self.rows_here][position])
+
+
+class StepInputs:
+    """The host side of training: every step's rows, encoded by Grain worker processes.
+
+    Rows of step s are a pure function of (seed, s) (`ClusterSchedule`), so the input of a run
+    that resumes at step s is exactly the input the uninterrupted run had from s on; Grain's
+    own position is kept in the checkpoint too (`state`). Each process encodes only its rows
+    (`rows_here`); per step the processes agree on a few integers (the codec's `shape`, e.g.
+    the length and patch buckets of each side) and pad to them, never to the largest buckets.
+
+    Use: `prepare(step)` collates the step's local rows (while the devices run the previous
+    step), then `agree(prepared)` widens them to the shape all processes agreed on.
     """
 
-    def __init__(self, make: Callable[[int], Any], last_step: int, depth: int = 2):
-        self._make = make
-        self._last = last_step
-        self._depth = depth
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._futures: dict[int, concurrent.futures.Future] = {}
+    def __init__(self, schedule: ClusterSchedule, codec: RowCodec, *, rows_here: slice,
+                 first_step: int, last_step: int, workers: int):
+        self.schedule, self.codec = schedule, codec
+        self.rows = _StepRows(schedule, rows_here, first_step, last_step)
+        self.next_step = first_step
+        self._stream = workers_lib.Stream(self.rows, codec.encode, workers=workers,
+                                          min_items=0)
+        self._results = iter(self._stream)
 
-    def get(self, step: int) -> Any:
-        for s in range(step, min(step + self._depth + 1, self._last)):
-            if s not in self._futures:
-                self._futures[s] = self._pool.submit(self._make, s)
-        future = self._futures.pop(step, None)
-        result = future.result() if future is not None else self._make(step)
-        for s in [s for s in self._futures if s < step]:
-            self._futures.pop(s).cancel()
-        return result
+    def prepare(self, step: int) -> tuple[np.ndarray, Mapping[str, Any], np.ndarray]:
+        """(global row ids, this process's collated rows, its shape) of `step`, the next one."""
+        if step != self.next_step:
+            raise ValueError(f"StepInputs: asked for step {step}, the next is {self.next_step}")
+        encoded = list(itertools.islice(self._results, self.rows.per_step))
+        rows = self.schedule.rows(step)
+        for row, value in zip(rows[self.rows.rows_here], encoded):
+            if isinstance(value, workers_lib.Failed):
+                raise ValueError(
+                    f"training step {step}, row {row}: {value.error}; bad rows must be dropped "
+                    "before training (fix or remove them, then re-run the mine stage)") from None
+        self.next_step += 1
+        shape = np.asarray(self.codec.shape(encoded), np.int32)
+        return rows, self.codec.collate(encoded), shape
 
-    def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def agree(self, local: Mapping[str, Any], shape: np.ndarray) -> Mapping[str, Any]:
+        """The local batch widened to the shape all processes need (a no-op on one)."""
+        agreed = distributed.max_across_processes(shape)
+        if tuple(agreed) == tuple(int(v) for v in shape):
+            return local
+        return self.codec.widen(local, agreed)
+
+    def state(self) -> dict[str, Any]:
+        """The input position for a checkpoint: the next step and Grain's iterator state."""
+        return {"next_step": self.next_step, "grain": self._stream.get_state()}
+
+    def close(self) -> None:
+        self._stream.close()

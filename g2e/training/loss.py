@@ -58,7 +58,7 @@ def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, 
     Args:
       queries: [n, D] this device's query embeddings.
       candidates: [N, D] all candidate embeddings (gathered).
-      ids: [N] row id of every candidate (gathered), for masking exact duplicates.
+      ids: [N] or [N, k] id of every candidate (gathered), for masking exact duplicates.
       scale: scalar inverse temperature.
       offset: global index of this device's first row.
     """
@@ -68,7 +68,10 @@ def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, 
     positive_sims = jnp.take_along_axis(sims, targets[:, None], axis=1)
     is_target = jnp.arange(candidates.shape[0])[None, :] == targets[:, None]
     query_ids = jax.lax.dynamic_slice_in_dim(ids, offset, n)
-    masked = (ids[None, :] == query_ids[:, None]) & ~is_target
+    same = ids[None, :] == query_ids[:, None]
+    if same.ndim == 3:  # ids [N, k]: a digest in k parts
+        same = same.all(axis=-1)
+    masked = same & ~is_target
     if config.false_negative_margin is not None:
         likely_false = sims > jax.lax.stop_gradient(positive_sims) + config.false_negative_margin
         masked |= likely_false & ~is_target
@@ -102,7 +105,8 @@ def infonce(queries: Array, candidates: Array, ids: Array, config: LossConfig, *
     Args:
       queries: [N, D] L2-normalised query embeddings, sharded over `batch_axes` (or not).
       candidates: [N, D] L2-normalised positive embeddings; row i is query i's positive.
-      ids: [N] int row ids; candidates sharing the positive's id are not negatives.
+      ids: [N] or [N, k] int ids of the positives; candidates sharing the query's positive's
+        id (all k parts) are not negatives.
       config: loss options.
       mesh: the device mesh; None computes on one device without collectives.
       batch_axes: mesh axes the batch is split over.

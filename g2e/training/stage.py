@@ -11,8 +11,11 @@ format at `<workdir>/train/adapter`, or, for full fine-tuning, a Hugging Face ch
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -45,7 +48,8 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
                  sum(len(c) > 1 for c in clusters))
     processor = pipeline.processor(train=True)
     result = train_model(config, model, rows, clusters, processor, pipeline.mesh,
-                         pipeline.rules, str(pipeline.workdir / "train"))
+                         pipeline.rules, str(pipeline.workdir / "train"),
+                         workers=pipeline.workers)
     if result.stopped_early:
         raise Preempted(f"train: stopped at step {result.step} after saving a checkpoint; "
                         "rerun the same command to resume")
@@ -109,7 +113,7 @@ def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
 
 def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
                 clusters: Sequence[Sequence[int]] | None, processor: Processor, mesh: Mesh,
-                rules: sharding.Rules, workdir: str) -> trainer.FitResult:
+                rules: sharding.Rules, workdir: str, workers: int = 0) -> trainer.FitResult:
     """Contrastive fine-tuning of `model` in place (SPEC §3); resumes from `workdir`.
 
     Args:
@@ -121,6 +125,7 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
       processor: the training Processor (train max length and image resolution).
       mesh, rules: the device mesh and the logical-axis rules (the batch axes).
       workdir: checkpoints, metrics and TensorBoard logs go here.
+      workers: Grain processes encoding the rows (0: in this process).
 
     Returns:
       trainer.FitResult; the model's parameters are updated to the trained ones.
@@ -133,12 +138,11 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
     schedule = batches.ClusterSchedule(clusters, len(rows), train_cfg.cluster_size,
                                        global_batch_size(train_cfg, mesh, rules),
                                        seed=int(config.seed))
-    encode = make_encoder(processor, rows, image_root=config.data.train_image_root or None,
-                          fixed_shapes=jax.process_count() > 1)
+    codec = RowCodec(processor, rows, image_root=config.data.train_image_root or None)
     result = trainer.fit(model_embed_fn(graphdef), trainable, frozen, train_cfg=train_cfg,
-                         mesh=mesh, rules=rules, schedule=schedule, encode=encode,
+                         mesh=mesh, rules=rules, schedule=schedule, codec=codec,
                          workdir=workdir, seed=int(config.seed), subsets=_SubsetNames(rows),
-                         flops_per_token=flops_per_token(model))
+                         flops_per_token=flops_per_token(model), workers=workers)
     nnx.update(model, nnx.State(result.trainable))
     return result
 
@@ -168,49 +172,53 @@ def model_embed_fn(graphdef: nnx.GraphDef) -> gradcache.EmbedFn:
     return embed
 
 
-def positive_ids(rows: Sequence[Any]) -> np.ndarray:
-    """int32 [len(rows)]: rows whose positives embed identically (same text, image and prompt)
-    share an id, so the loss masks them as duplicates instead of scoring them as negatives
-    (e.g. two rows of a classification subset with the same label)."""
-    keys: dict = {}
-    ids = [keys.setdefault((row.pos_text, image_key(row.pos_image),
-                            prompts.uses_suffix("candidate", row.subset)), len(keys))
-           for row in rows]
-    return np.asarray(ids, np.int32)
+def positive_id(row: Any) -> np.ndarray:
+    """int32 [2]: a 62-bit digest of what the row's positive embeds as (text, image and the
+    candidate prompt). Rows whose positives are identical share it, so the loss masks them as
+    duplicates instead of scoring them as negatives (two rows of a classification subset with
+    the same label). A digest, not a number from a pass over all rows: each worker computes
+    its rows' ids, and equal positives on different hosts get equal ids."""
+    key = json.dumps([row.pos_text, image_key(row.pos_image),
+                      prompts.uses_suffix("candidate", row.subset)])
+    digest = np.frombuffer(hashlib.sha1(key.encode()).digest()[:8], np.uint32)
+    return (digest & 0x7FFFFFFF).astype(np.int32)
 
 
-def make_encoder(processor: Processor, rows: Sequence[Any], *, image_root: str | None,
-                 fixed_shapes: bool) -> Callable[[np.ndarray], dict]:
-    """Host encoder: row ids -> {'query': batch, 'candidate': batch, 'ids': positive ids}.
+class RowCodec:
+    """Training rows -> host batches {'query': batch, 'candidate': batch, 'ids': [n, 2]}.
 
-    Queries use the query prompt (qry_text, qry_image), candidates the candidate prompt
-    (pos_text, pos_image). With `fixed_shapes` every batch is padded to the largest length and
-    patch buckets (needed on several hosts, whose shapes must agree; one compilation).
+    `encode` runs in a Grain worker: one row's query (query prompt: qry_text, qry_image) and
+    positive (candidate prompt: pos_text, pos_image), and its positive id. `shape` gives the
+    length and patch buckets of both sides, which the processes agree on per step; `collate`
+    pads this process's rows to its own buckets and `widen` to the agreed ones.
     """
-    shape = {}
-    if fixed_shapes:
-        shape = dict(length=processor.length_buckets[-1], num_patches=processor.patch_buckets[-1])
 
-    def side(row_ids, role):
-        encoded = []
-        for r in row_ids:
-            row = rows[int(r)]
-            item = query_item(row) if role == "query" else positive_item(row)
-            enc = processor.encode(item, image_root=image_root)
-            if enc is None:
-                raise ValueError(f"training row {row.index} of subset {row.subset} ({role}) "
-                                 "could not be encoded; fix or remove it from the training data "
-                                 "(bad rows must be dropped before mining).")
-            encoded.append(enc)
-        return processor.collate(encoded, **shape)
+    def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
+        self.processor, self.rows, self.image_root = processor, rows, image_root
 
-    candidate_ids = positive_ids(rows)
+    def encode(self, row_id: int) -> tuple:
+        row = self.rows[int(row_id)]
+        encode = functools.partial(self.processor.encode, image_root=self.image_root,
+                                   strict=True)
+        return encode(query_item(row)), encode(positive_item(row)), positive_id(row)
 
-    def encode(row_ids: np.ndarray) -> dict:
-        return {"query": side(row_ids, "query"), "candidate": side(row_ids, "candidate"),
-                "ids": candidate_ids[np.asarray(row_ids, np.int64)]}
+    def shape(self, encoded: Sequence[tuple]) -> list[int]:
+        query = self.processor.shape_of([e[0] for e in encoded])
+        candidate = self.processor.shape_of([e[1] for e in encoded])
+        return [*query, *candidate]
 
-    return encode
+    def collate(self, encoded: Sequence[tuple]) -> dict:
+        return {"query": self.processor.collate([e[0] for e in encoded]),
+                "candidate": self.processor.collate([e[1] for e in encoded]),
+                "ids": np.stack([e[2] for e in encoded])}
+
+    def widen(self, batch: dict, shape: Sequence[int]) -> dict:
+        query_length, query_patches, candidate_length, candidate_patches = shape
+        return {**batch,
+                "query": self.processor.widen(batch["query"], length=query_length,
+                                              num_patches=query_patches),
+                "candidate": self.processor.widen(batch["candidate"], length=candidate_length,
+                                                  num_patches=candidate_patches)}
 
 
 def flops_per_token(model: nnx.Module) -> float:

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -170,10 +170,10 @@ def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
 
 
 def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train_cfg: Any,
-        mesh: Mesh, schedule: batches_lib.ClusterSchedule,
-        encode: Callable[[np.ndarray], Mapping[str, Any]], workdir: str,
-        rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0, subsets: Any = None,
-        flops_per_token: float | None = None, async_checkpoints: bool = True) -> FitResult:
+        mesh: Mesh, schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
+        workdir: str, rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0,
+        subsets: Any = None, flops_per_token: float | None = None,
+        async_checkpoints: bool = True, workers: int = 0) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
     Args:
@@ -182,8 +182,9 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
       train_cfg: the `train` config block.
       mesh: the device mesh.
       schedule: which rows form each step's global batch (its batch_size rows).
-      encode: host function, row ids -> {'query': model batch, 'candidate': model batch} numpy
-        (and optionally 'ids': int32 per row, equal for duplicate candidates).
+      codec: turns row ids into host batches {'query': model batch, 'candidate': model batch,
+        'ids': int32 [n] or [n, k] per row, equal for duplicate candidates}; its `encode`
+        runs in `workers` Grain processes (batches_lib.StepInputs).
       workdir: checkpoints, train_metrics.jsonl and tensorboard/ go here.
       rules: the logical-axis rules; the 'batch' rule names the mesh axes the batch is split
         over.
@@ -192,6 +193,7 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         error).
       flops_per_token: model FLOPs of one token's forward (2 x parameters) for the MFU estimate.
       async_checkpoints: write checkpoints in the background.
+      workers: Grain worker processes encoding rows (0: in this process).
 
     Returns:
       FitResult; `stopped_early` is True when SIGTERM or a preemption notice ended the run after
@@ -215,8 +217,8 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         state, position = ckpt.restore(checkpointing.abstract_like(state))
         logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
     try:
-        loop = _Loop(setup, state, train_cfg, schedule, encode, rules, ckpt, workdir, subsets,
-                     flops_per_token)
+        loop = _Loop(setup, state, train_cfg, schedule, codec, rules, ckpt, workdir, subsets,
+                     flops_per_token, workers)
     except BaseException:
         ckpt.close()
         raise
@@ -235,15 +237,15 @@ def _placed(state: PyTree, mesh: Mesh) -> PyTree:
 
 
 class _Loop:
-    """The steps of `fit`: host batches prefetched, the jitted step, checks one step late,
-    metrics, checkpoints and the stop signal."""
+    """The steps of `fit`: the next host batch prepared while a step runs, the jitted step,
+    checks one step late, metrics, checkpoints and the stop signal."""
 
     def __init__(self, setup: StepSetup, state: PyTree, train_cfg: Any,
-                 schedule: batches_lib.ClusterSchedule, encode: Callable, rules: sharding.Rules,
-                 ckpt: checkpointing.Checkpointer, workdir: str, subsets: Any,
-                 flops_per_token: float | None):
+                 schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
+                 rules: sharding.Rules, ckpt: checkpointing.Checkpointer, workdir: str,
+                 subsets: Any, flops_per_token: float | None, workers: int):
         self.setup, self.state, self.train_cfg = setup, state, train_cfg
-        self.schedule, self.encode, self.rules = schedule, encode, rules
+        self.schedule, self.rules = schedule, rules
         self.ckpt, self.workdir, self.subsets = ckpt, workdir, subsets
         self.flops_per_token, self.peak = flops_per_token, _peak_flops()
         self.batch_size = schedule.batch_size
@@ -252,25 +254,25 @@ class _Loop:
         self.step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
                                out_shardings=(jax.tree.map(lambda x: x.sharding, state),
                                               replicated))
-        self.rows_here = distributed.local_row_range(setup.mesh, rules, self.batch_size)
+        self.inputs = batches_lib.StepInputs(
+            schedule, codec, rows_here=distributed.local_row_range(setup.mesh, rules,
+                                                                   self.batch_size),
+            first_step=self.start, last_step=train_cfg.steps, workers=workers)
         self.writer = MetricsWriter(workdir, train_cfg.steps, self.start,
                                     jax.process_index() == 0)
-        self.prefetch = batches_lib.Prefetcher(self.host_batch, train_cfg.steps)
         self.log_every = int(train_cfg.get("log_every", 10))
         self.last: dict[str, float] = {}
         self.tick = time.perf_counter()
 
-    def host_batch(self, step: int) -> tuple[np.ndarray, dict, int]:
-        """(global row ids, this process's encoded rows, tokens in the global batch)."""
-        rows = self.schedule.rows(step)
-        local = rows[self.rows_here]
-        host = dict(self.encode(local))
-        # Candidates with equal ids are duplicates, masked rather than scored as negatives:
-        # the encoder may give content ids, else each row is its own.
-        host.setdefault("ids", local.astype(np.int32))
+    def next_batch(self, step: int) -> tuple[np.ndarray, Any, int]:
+        """(global row ids, the step's global device batch, tokens in it)."""
+        rows, local, shape = self.inputs.prepare(step)
+        host = self.inputs.agree(local, shape)
         tokens = sum(int(np.sum(host[k]["attention_mask"])) for k in ("query", "candidate")
                      if "attention_mask" in host[k])
-        return rows, host, tokens * jax.process_count()
+        device_batch = distributed.put_batch(host, self.setup.mesh, self.rules,
+                                             global_rows=self.batch_size)
+        return rows, device_batch, tokens * jax.process_count()
 
     def finish(self, step: int, rows: np.ndarray, tokens: int, device_metrics) -> None:
         """Fetches a step's metrics, stops on NaN, logs them."""
@@ -291,23 +293,24 @@ class _Loop:
     def run(self, frozen: PyTree) -> FitResult:
         pending = None  # (step, rows, tokens, metrics on device): checked one step late
         stopped_early = False
+        upcoming = self.next_batch(self.start) if self.start < self.train_cfg.steps else None
         with checkpointing.StopSignal() as stop:
             for step in range(self.start, self.train_cfg.steps):
-                rows, host, tokens = self.prefetch.get(step)
-                device_batch = distributed.put_batch(host, self.setup.mesh, self.rules,
-                                                     global_rows=self.batch_size)
+                rows, device_batch, tokens = upcoming
                 self.state, metrics = self.step_fn(self.state, frozen, device_batch)
+                done = step + 1
+                # The next step's rows are collated and placed while this one runs.
+                upcoming = self.next_batch(done) if done < self.train_cfg.steps else None
                 if pending is not None:
                     self.finish(*pending)
                 pending = (step, rows, tokens, metrics)
-                done = step + 1
                 stopping = stop.requested or self.ckpt.reached_preemption(done)
                 if stopping or done == self.train_cfg.steps or self.ckpt.manager.should_save(
                         done):
                     # Check this step's loss before it can reach a checkpoint.
                     self.finish(*pending)
                     pending = None
-                    self.ckpt.save(done, self.state, self.schedule.position(done), force=True)
+                    self.ckpt.save(done, self.state, self.position(done), force=True)
                 if stopping:
                     self.ckpt.wait()
                     logging.warning("stop requested: saved step %d in %s; exiting.", done,
@@ -320,7 +323,12 @@ class _Loop:
                          step=int(jax.device_get(self.state["step"])),
                          stopped_early=stopped_early, last_metrics=self.last)
 
+    def position(self, step: int) -> dict[str, Any]:
+        """The input position saved with the checkpoint of `step` (the schedule's place, and
+        Grain's iterator state, which is one step further: the next step is prepared ahead)."""
+        return {**self.schedule.position(step), "inputs": self.inputs.state()}
+
     def close(self) -> None:
-        self.prefetch.close()
+        self.inputs.close()
         self.writer.close()
         self.ckpt.close()

@@ -8,7 +8,6 @@ writes the final trainable parameters to OUT.npz.
 
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -21,26 +20,23 @@ from g2e.training import batches, trainer  # noqa: E402
 from tests.training import toy  # noqa: E402
 
 
-def main(workdir: str, out: str, delay: float):
+def main(workdir: str, out: str, delay: float, workers: int):
     cfg = toy.train_config(steps=12, checkpoint_every=3)
     mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"),
                          axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:2])
     queries, candidates = toy.data(40)
     clusters = [[i, i + 1] for i in range(0, 30, 2)] + [[i] for i in range(30, 40)]
     schedule = batches.ClusterSchedule(clusters, 40, cfg.cluster_size, 8, seed=0)
-    base_encode = toy.encode(queries, candidates)
-
-    def encode(rows):
-        time.sleep(delay)  # a slow host pipeline leaves room to kill between checkpoints
-        return base_encode(rows)
-
+    # A slow host pipeline (delay seconds per step of 8 rows on 2 workers) leaves room to kill
+    # between checkpoints.
+    codec = toy.Codec(queries, candidates, delay=delay / 4)
     trainable, frozen = toy.params()
     result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=mesh,
-                         schedule=schedule, encode=encode, workdir=workdir)
+                         schedule=schedule, codec=codec, workdir=workdir, workers=workers)
     if not result.stopped_early:
         np.savez(out, **{k: np.asarray(v) for k, v in result.trainable.items()})
     print(f"finished step={result.step} stopped_early={result.stopped_early}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -57,9 +58,8 @@ def test_merged_model_embeds_like_the_adapted_one(assets, kind):
     nnx.update(model, jax.tree.map(
         lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
     rows = _rows(assets)[:3]
-    encode = model_training.make_encoder(_processor(assets / "model"), rows, image_root=None,
-                                         fixed_shapes=False)
-    batch = encode(np.arange(3))
+    codec = model_training.RowCodec(_processor(assets / "model"), rows, image_root=None)
+    batch = codec.collate([codec.encode(i) for i in range(3)])
     adapted = [np.asarray(model.embed(batch[side])) for side in ("query", "candidate")]
     assert lora.merge_adapters(model) == 5  # q, k, v, o, down (stacked layers merge at once)
     assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
@@ -87,8 +87,8 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
         log_every=1, adapter=dict(kind="dora"))))
     # Clusters of same-subset rows, as mining would give (anchors first).
     clusters = [list(range(i, i + 4)) for i in range(0, len(rows) - 3, 4)]
-    fixed = model_training.make_encoder(processor, rows, image_root=None, fixed_shapes=False)(
-        np.arange(16))
+    codec = model_training.RowCodec(processor, rows, image_root=None)
+    fixed = codec.collate([codec.encode(i) for i in range(16)])
 
     def fixed_loss():
         q, c = model.embed(fixed["query"]), model.embed(fixed["candidate"])
@@ -122,3 +122,25 @@ def test_split_model_trains_adapters_or_everything(assets):
     assert not jax.tree.leaves(rest.to_pure_dict())
     with pytest.raises(ValueError, match="adapter.kind=none"):
         model_training.split_model(plain, full=False)
+
+
+def test_row_codec_ids_agreed_shapes_and_widening(assets):
+    """Equal positives share an id (a digest, computed per row); a batch collated to this
+    process's buckets and widened to larger agreed ones embeds the same."""
+    rows = _rows(assets)[:4]
+    duplicate = dataclasses.replace(rows[1], index=99, qry_text="another query")
+    processor = Processor.from_dir(assets / "model", max_length=128, image_resolution="processor",
+                                   length_buckets=(64, 128), patch_buckets=(0, 64, 128))
+    codec = model_training.RowCodec(processor, rows + [duplicate], image_root=None)
+    encoded = [codec.encode(i) for i in range(5)]
+    batch = codec.collate(encoded)
+    ids = batch["ids"]
+    assert ids.shape == (5, 2) and ids.dtype == np.int32
+    assert (ids[4] == ids[1]).all() and len({tuple(i) for i in ids[:4]}) == 4
+    shape = codec.shape(encoded)
+    wider = codec.widen(batch, [128, 128, 128, 128])
+    assert wider["query"]["input_ids"].shape[1] == 128 and shape[0] <= 128
+    model = _model(assets / "model", "lora")
+    for side in ("query", "candidate"):
+        np.testing.assert_allclose(np.asarray(model.embed(wider[side])),
+                                   np.asarray(model.embed(batch[side])), atol=1e-5, rtol=0)

@@ -7,6 +7,8 @@ positive are `QUERY[i]` and `CANDIDATE[i]`.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,11 +45,32 @@ def embed_fn(trainable, frozen, batch, rng, dropout: float = 0.0):
     return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
 
 
-def encode(queries: np.ndarray, candidates: np.ndarray):
-    """Host encoder: row ids -> {'query': {...}, 'candidate': {...}} numpy batches."""
-    def fn(rows):
-        return {"query": {"features": queries[rows]}, "candidate": {"features": candidates[rows]}}
-    return fn
+class Codec:
+    """The toy's rows as host batches {'query': {...}, 'candidate': {...}, 'ids': row ids}
+    (g2e.training.batches.RowCodec); `delay` seconds of host work per row."""
+
+    def __init__(self, queries: np.ndarray, candidates: np.ndarray, delay: float = 0.0):
+        self.queries, self.candidates, self.delay = queries, candidates, delay
+
+    def encode(self, row: int):
+        if self.delay:
+            time.sleep(self.delay)
+        return row
+
+    def shape(self, encoded):
+        return [len(encoded)]
+
+    def collate(self, encoded):
+        rows = np.asarray(encoded, np.int64)
+        return {"query": {"features": self.queries[rows]},
+                "candidate": {"features": self.candidates[rows]}, "ids": rows.astype(np.int32)}
+
+    def widen(self, batch, shape):
+        return batch
+
+
+def encode(queries: np.ndarray, candidates: np.ndarray) -> Codec:
+    return Codec(queries, candidates)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
