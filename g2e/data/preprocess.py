@@ -179,6 +179,10 @@ class Processor:
                              f"max_length={max_length}; add a bucket of at least max_length")
         max_patches = int(image_processor.size.longest_edge) // int(image_processor.patch_size) ** 2
         self.patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
+        if image_resolution in images_lib.SQUARE_POLICIES:
+            # Every image has the same size, so one bucket fits them all (1,024 patches at
+            # 448x448): no other program is compiled and no image is padded.
+            self.patch_buckets = (0, self.patches_per_image(image_resolution))
         unit = self.merge_size ** 2
         if any(b % unit for b in self.patch_buckets):
             raise ValueError(f"patch buckets {self.patch_buckets} must be multiples of {unit}")
@@ -231,6 +235,15 @@ class Processor:
                    image_root=image_root, image_token_id=image_token_id, jpeg_draft=jpeg_draft)
 
     # ---- images ---------------------------------------------------------------------------
+
+    def patches_per_image(self, policy: str) -> int:
+        """The patches of one image under a square resolution policy (e.g. 1,024 at 448^2)."""
+        side = images_lib.SQUARE_POLICIES[policy]
+        patch = int(self.image_processor.patch_size)
+        height, width = smart_resize(side, side, factor=patch * self.merge_size,
+                                     min_pixels=self.image_processor.size.shortest_edge,
+                                     max_pixels=self.image_processor.size.longest_edge)
+        return (height // patch) * (width // patch)
 
     def load_images(self, sources: Sequence[images_lib.ImageSource], *,
                     image_root: str | os.PathLike | None = None) -> list[Image.Image]:

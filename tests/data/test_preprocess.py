@@ -313,3 +313,17 @@ def test_prompt_ablation_reaches_the_tokens(checkpoint):
     encoded = plain.encode(ITEMS[1])
     assert plain.tokenizer.decode(encoded.input_ids) == (
         "<|im_start|>user\na vase of flowers<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_square_policy_gives_one_patch_bucket(checkpoint):
+    """448x448 training images all have the same patch count: one bucket holds them (1,024
+    patches with Qwen2-VL's pixel limits; the tiny checkpoint's max_pixels shrink it to 256)."""
+    processor = make(checkpoint, image_resolution="mid_low")
+    patches = processor.patches_per_image("mid_low")
+    assert processor.patch_buckets == (0, patches) and patches == 256
+    encoded = processor.encode(EmbedItem("", noise(300, 500), "candidate"))
+    assert encoded.num_patches == patches
+    assert processor.collate([encoded])["pixel_values"].shape[1] == patches
+    full_size = Processor.from_dir(checkpoint, max_length=256, image_resolution="mid_low",
+                                   max_pixels=12845056)
+    assert full_size.patch_buckets == (0, 1024)
