@@ -6,17 +6,13 @@
 Each line: {"text": str, "image": path or null, "role": "query" | "candidate"}; the output is
 float32 [N, D], L2-normalised, in input order. Relative image paths are taken from the working
 directory. `--config.image_resolution=random` (or any policy of SPEC §3) replaces the default
-`processor`.
+`processor`. In Python, `g2e.Embedder.from_pretrained(DIR).embed(texts, images, role=...)`
+gives the same vectors.
 """
 
 from g2e import configuration
 
 
 def get_config():
-    config = configuration.base_config()
-    config.stages = "embed"
-    config.image_resolution = "processor"
-    config.model.dtype = "float32"
-    config.model.param_dtype = "float32"
-    config.model.remat = "none"
-    return config
+    # The same settings as the Python API: `g2e.Embedder.from_pretrained(model_dir)`.
+    return configuration.embed_config()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from g2e import embedding
+from g2e import embedding_cache
 from g2e.data import errors, images, rows
 from g2e.models import attention, lora, sharding, text
 
@@ -147,6 +147,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def embed_config() -> ml_collections.ConfigDict:
+    """The embed command's settings (configs/embed.py), which the Python API uses too
+    (`g2e.Embedder.from_pretrained`), so both give the same vectors."""
+    c = base_config()
+    c.stages = "embed"
+    # How images are pre-resized ('processor': only the image processor's own min/max pixels).
+    c.image_resolution = "processor"
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    return c
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
 
@@ -165,9 +178,14 @@ def validate(config: ml_collections.ConfigDict, known_stages: Sequence[str]) -> 
 
     `known_stages` are the stage names `g2e.main` knows (its table of stages).
     """
-    stages = _check_stages(config, known_stages)
+    validate_settings(config, _check_stages(config, known_stages))
+
+
+def validate_settings(config: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
+    """The checks of `validate` beyond the stage list (model, mesh, data, train, mine), for
+    `stages` (e.g. the Python API's ['embed'])."""
     _check_model_and_mesh(config)
-    _check_data(config, stages)
+    _check_data(config, list(stages))
     _check_train(config.train)
     _check_mine(config.mine)
 
@@ -210,7 +228,7 @@ def _check_model_and_mesh(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
-    _one_of("embedding_cache.dtype", config.embedding_cache.dtype, embedding.CACHE_DTYPES)
+    _one_of("embedding_cache.dtype", config.embedding_cache.dtype, embedding_cache.CACHE_DTYPES)
     if config.embedding_cache.shard_size < 1:
         _fail("embedding_cache.shard_size", "must be at least 1")
     data = config.data

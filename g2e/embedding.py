@@ -11,17 +11,13 @@ Multi-host: each process encodes and embeds its `host_slice` of the items; the p
 on the number of steps and the (length, patches) shape of each step, feed their rows into one
 global batch, and gather the results in input order.
 
-`EmbeddingCache` keeps embeddings of keyed items on disk (evaluation and mining use it), so a
-rerun or a resumed stage does not embed them again; it is versioned, written atomically and
-tied to a fingerprint of the model, prompt and preprocessing.
+Evaluation and mining keep what they embed in `g2e.embedding_cache.EmbeddingCache`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import io
 import itertools
 import json
 import logging
@@ -35,15 +31,16 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from g2e import atomic, distributed
+from g2e import configuration, distributed
 from g2e.data import workers
+from g2e.data.errors import Line
 from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 
-__all__ = ["BatchRunner", "EmbedItem", "Embedder", "EmbeddingCache", "embed_step",
-           "read_jsonl_items", "run_embed"]
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items",
+           "run_embed"]
 
 
 def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
@@ -206,20 +203,86 @@ class BatchRunner:
 
 
 class Embedder(BatchRunner):
-    """Embeds `EmbedItem`s: `embedder(items) -> float32 [N, D]`, L2-normalised, input order.
+    """Embeds texts and images with a Qwen2-VL checkpoint: L2-normalised float32 vectors.
 
+    As a library (the same prompts, preprocessing and batching as the embed command):
+
+        embedder = Embedder.from_pretrained(model_dir, adapter_dir=None)  # mesh optional
+        vectors = embedder.embed(texts, images=None, role="query")       # [N, D]
+
+    The stages call it on `EmbedItem`s: `embedder(items) -> float32 [N, D]` in input order.
     Bad items follow the processor's on_bad_input policy; a skipped item's row is NaN.
     """
 
     def __init__(self, model: Qwen2VL, processor: Processor, **kwargs):
         super().__init__(model, processor, embed_step, **kwargs)
 
-    def embed(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline) -> Embedder:
+        """The embed command's embedder: the base model, its config's processor and batch."""
+        config = pipeline.config
+        processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
+        return cls(pipeline.model(trained=False), processor, mesh=pipeline.mesh,
+                   rules=pipeline.rules, batch_size=config.eval.batch_size,
+                   workers=pipeline.workers, progress=False)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | pathlib.Path, adapter_dir: str | None = None, *,
+                        mesh: jax.sharding.Mesh | None = None, **settings: Any) -> Embedder:
+        """An embedder for a Hugging Face Qwen2-VL / Qwen2.5-VL directory.
+
+        Args:
+          model_dir: the checkpoint (config.json, safetensors, tokenizer, preprocessor config).
+          adapter_dir: a PEFT LoRA/DoRA adapter applied on top (ours or the release's).
+          mesh: the device mesh; default all devices on the data axis.
+          settings: config keys to change from the embed command's (configs/embed.py), dotted
+            as on the command line, e.g. `image_resolution="random"` or
+            `**{"data.max_length": 1024}`.
+        Raises:
+          configuration.ConfigError: a setting names no key or has a bad value.
+        """
+        config = configuration.embed_config()
+        config.model_dir, config.adapter_dir = str(model_dir), str(adapter_dir or "")
+        for key, value in settings.items():
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            if leaf not in node:
+                raise configuration.ConfigError(f"Embedder.from_pretrained: no config key "
+                                                f"{key!r}; see g2e/configuration.py")
+            node[leaf] = value
+        configuration.validate_settings(config, ["embed"])
+        pipeline = Pipeline(config, pathlib.Path.cwd(), mesh=mesh)
+        return cls.from_pipeline(pipeline)
+
+    def embed(self, texts: Sequence[str], images: Sequence[Any] | None = None, *,
+              role: str = "query", subset: str = "") -> np.ndarray:
+        """float32 [len(texts), D] L2-normalised embeddings, in order.
+
+        Args:
+          texts: each input's text (its task instruction included; "" for an image alone).
+          images: None, or per text an image path (relative to the working directory), a PIL
+            image, encoded bytes, or None.
+          role: 'query' (with the one-word suffix) or 'candidate' (SPEC §1).
+          subset: an MMEB subset name, where prompts depend on it ('...Matching').
+        Raises:
+          ValueError: images and texts differ in length, or a bad role.
+          BadInput: a missing or broken image (names it), under on_bad_input='error'.
+        """
+        images = [None] * len(texts) if images is None else list(images)
+        if len(images) != len(texts):
+            raise ValueError(f"Embedder.embed: {len(texts)} texts but {len(images)} images")
+        items = [EmbedItem(text, image, role, subset, row=index)
+                 for index, (text, image) in enumerate(zip(texts, images))]
+        return self.embed_items(items)
+
+    def embed_items(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
         """float32 [len(items), D] in input order (NaN rows for skipped bad items)."""
         return self.run(items, functools.partial(self.processor.encode, strict=True),
                         desc=desc)
 
-    __call__ = embed
+    __call__ = embed_items
 
 
 def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[EmbedItem], list[int]]:
@@ -258,131 +321,13 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                 items.append(None)
                 lines.append(number)
                 continue
-            items.append(EmbedItem(text=text, image=image, role=role, subset="", row=number))
+            items.append(EmbedItem(text=text, image=image, role=role, subset="",
+                                   row=Line(path, number)))
             lines.append(number)
     if skipped:
         logging.warning("%s: %d malformed line(s) skipped (their output rows are NaN)", path,
                         skipped)
     return items, lines
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedding cache.
-
-CACHE_FORMAT = 3
-CACHE_DTYPES = ("float32", "float16")
-
-
-def _keys_digest(keys: Sequence[Any]) -> str:
-    """A sha1 over the items' keys, in order: the cache holds embeddings of exactly these."""
-    digest = hashlib.sha1()
-    for key in keys:
-        digest.update(json.dumps(key).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-class EmbeddingCache:
-    """Embeddings of keyed items under `directory`, one sharded array per name, resumable.
-
-    `<name>.json` holds the format version, the fingerprint (model + prompt + preprocessing),
-    the number of items, a digest of their keys in order, the shard size and the storage
-    dtype; `<name>/<shard>.npy` holds the [<= shard_size, D] embeddings of items
-    shard*shard_size.. . Every file is written atomically and a shard only after its items
-    are embedded, so a killed run keeps every finished shard and the next run embeds only
-    the missing ones. An index of another fingerprint, other keys or another layout makes
-    the old shards go; nothing is ever reused for other items.
-
-    Multi-host: every process reads the same directory (one all hosts see) and decides which
-    shards are missing before any is written (a barrier separates the two), so all of them
-    run the same embedding steps; only processes with `writable` write.
-    """
-
-    def __init__(self, directory: str | pathlib.Path, fingerprint: str, *,
-                 writable: bool = True, shard_size: int = 4096, dtype: str = "float32"):
-        if dtype not in CACHE_DTYPES:
-            raise ValueError(f"embedding cache dtype {dtype!r}: use one of {CACHE_DTYPES}")
-        self.directory = pathlib.Path(directory)
-        self.fingerprint = fingerprint
-        self.writable = writable
-        self.shard_size = shard_size
-        self.dtype = dtype
-
-    def _index(self, keys: Sequence[Any]) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "count": len(keys),
-                "keys_sha1": _keys_digest(keys), "shard_size": self.shard_size,
-                "dtype": self.dtype}
-
-    def _shards(self, name: str, count: int) -> list[pathlib.Path]:
-        return [self.directory / name / f"{start // self.shard_size:05d}.npy"
-                for start in range(0, count, self.shard_size)]
-
-    def missing(self, name: str, keys: Sequence[Any]) -> list[int]:
-        """The shards of `keys` not stored yet (all of them for another model or data)."""
-        shards = self._shards(name, len(keys))
-        try:
-            index = json.loads((self.directory / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return list(range(len(shards)))
-        if index != self._index(keys):
-            logging.info("cache %s/%s is for another model, prompt or data; re-embedding",
-                         self.directory, name)
-            return list(range(len(shards)))
-        return [i for i, path in enumerate(shards) if not path.is_file()]
-
-    def get(self, name: str, keys: Sequence[Any],
-            compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """float32 [len(keys), D]: the stored embeddings of `keys`, the missing shards computed.
-
-        `compute(indices)` embeds the items at `indices` (int64, ascending) and returns
-        [len(indices), D]; it is called once per missing shard, and each shard is stored as
-        soon as it is computed. A stored shard that does not read back is computed again.
-        """
-        shards = self._shards(name, len(keys))
-        missing = set(self.missing(name, keys))
-        distributed.barrier(f"embedding-cache-{self.directory}-{name}")
-        if self.writable and len(missing) == len(shards):
-            self._reset(name, keys)
-        parts = []
-        for number, path in enumerate(shards):
-            indices = np.arange(number * self.shard_size,
-                                min((number + 1) * self.shard_size, len(keys)))
-            stored = None if number in missing else self._read(path, len(indices))
-            if stored is None:
-                stored = np.asarray(compute(indices), np.float32)
-                if stored.ndim != 2 or stored.shape[0] != len(indices):
-                    raise ValueError(f"cache {self.directory}/{name}: compute gave "
-                                     f"{stored.shape} for {len(indices)} items")
-                if self.writable:
-                    self._write(path, stored)
-            parts.append(stored)
-        if missing and len(missing) < len(shards):
-            logging.info("cache %s/%s: %d of %d shards reused", self.directory, name,
-                         len(shards) - len(missing), len(shards))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-    def _reset(self, name: str, keys: Sequence[Any]) -> None:
-        """Removes another index's shards and writes the index of `keys`."""
-        for stale in (self.directory / name).glob("*.npy"):
-            stale.unlink()
-        atomic.write_json(self.directory / f"{name}.json", self._index(keys))
-
-    def _read(self, path: pathlib.Path, rows: int) -> np.ndarray | None:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            logging.warning("cache shard %s is unreadable (%s); re-embedding it", path, error)
-            return None
-        if array.ndim != 2 or array.shape[0] != rows:
-            logging.warning("cache shard %s holds %s, not %d rows; re-embedding it", path,
-                            array.shape, rows)
-            return None
-        return array.astype(np.float32)
-
-    def _write(self, path: pathlib.Path, embeddings: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, embeddings.astype(self.dtype), allow_pickle=False)
-        atomic.write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,13 +338,11 @@ def run_embed(pipeline: Pipeline) -> dict[str, int]:
     """The embed command: JSONL of {text, image, role} -> float32 [N, D] .npy in input order."""
     config = pipeline.config
     items, _ = read_jsonl_items(config.input, config.data.on_bad_input)
-    model = pipeline.model(trained=False)
     # Image paths are taken as given: relative ones from the working directory.
-    processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
-    embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.eval.batch_size, workers=pipeline.workers)
+    embedder = Embedder.from_pipeline(pipeline)
+    processor = embedder.processor
     present = [i for i, item in enumerate(items) if item is not None]
-    out = np.full((len(items), model.config.text.hidden_size), np.nan, np.float32)
+    out = np.full((len(items), embedder.output_width), np.nan, np.float32)
     if present:
         out[present] = embedder([items[i] for i in present])
     skipped = int(np.isnan(out).any(axis=1).sum())

@@ -32,10 +32,11 @@ TRAINED_MODEL = "train/hf"
 class Pipeline:
     """What the stages share: the config, the workdir, the mesh and the loaded models."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.workdir = workdir
-        self._mesh = None
+        self._mesh = mesh  # default: made from config.mesh on first use
         self.model_key = None
         self._model = None
 

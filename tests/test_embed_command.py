@@ -102,7 +102,8 @@ BAD_LINES = {
     "role": (json.dumps({"text": "a red circle", "image": None, "role": "answer"}),
              ["role.jsonl, line 2", "'answer'", "query", "candidate"]),
     "missing": (json.dumps({"text": "a cat", "image": "images/missing.png", "role": "query"}),
-                ["missing image", "images/missing.png", "row 2"]),
+                ["missing image", "images/missing.png", "line 2 of missing.jsonl",
+                 "relative path is taken from the working directory"]),
 }
 
 
@@ -149,3 +150,28 @@ def test_a_long_text_and_a_small_image_share_a_batch(checkpoint, run_dir):
     for index, line in enumerate(lines):
         np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
                                    rtol=0, err_msg=f"line {index + 1}")
+
+
+def test_python_api_equals_the_command_line_by_line(checkpoint, run_dir, monkeypatch):
+    """`g2e.Embedder.from_pretrained(DIR).embed(...)`: the embed command's vectors, in
+    order; an image may be given as a path (from the working directory) or a PIL image."""
+    from PIL import Image
+
+    from g2e import Embedder
+
+    write_jsonl(run_dir / "api.jsonl", GOOD_LINES)
+    result = run_embed(run_dir, checkpoint[1], "api", devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = np.load(run_dir / "out" / "api.npy")
+    monkeypatch.chdir(run_dir)
+    embedder = Embedder.from_pretrained(checkpoint[1])
+    for role in ("query", "candidate"):
+        lines = [i for i, line in enumerate(GOOD_LINES) if line[2] == role]
+        texts = [GOOD_LINES[i][0] for i in lines]
+        images = [GOOD_LINES[i][1] for i in lines]
+        vectors = embedder.embed(texts, images, role=role)
+        assert vectors.dtype == np.float32 and vectors.shape == (len(lines), 64)
+        np.testing.assert_allclose(vectors, command[lines], atol=1e-6, rtol=0)
+        pil = [None if path is None else Image.open(run_dir / path) for path in images]
+        np.testing.assert_allclose(embedder.embed(texts, pil, role=role), vectors, atol=1e-6,
+                                   rtol=0)

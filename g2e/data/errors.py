@@ -27,6 +27,18 @@ from typing import Any
 POLICIES = ("error", "skip")
 
 
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """Where an input came from in a text file (the embed command's JSONL): a BadInput's `row`
+    that reads 'line N of FILE'."""
+
+    path: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"line {self.number} of {self.path}"
+
+
 class BadInput(ValueError):
     """An input row that cannot be used as is (bad image, empty or over-long text, ...).
 
@@ -52,7 +64,7 @@ class BadInput(ValueError):
         if self.subset:
             where.append(f"subset {self.subset!r}")
         if self.row is not None:
-            where.append(f"row {self.row}")
+            where.append(str(self.row) if isinstance(self.row, Line) else f"row {self.row}")
         if self.file:
             where.append(f"file {self.file!r}")
         text = self.reason

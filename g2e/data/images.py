@@ -201,8 +201,10 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
         raise BadInput("empty image path", hint="give the row an image path or no image")
     path = resolve_path(source, image_root)
     if not path.is_file():
-        raise BadInput("missing image", file=str(path),
-                       hint="check data.*_image_root points at the folder holding images/")
+        hint = ("check data.*_image_root points at the folder holding images/"
+                if image_root is not None else
+                f"a relative path is taken from the working directory ({os.getcwd()})")
+        raise BadInput("missing image", file=str(path), hint=hint)
     return to_rgb(_open(path.read_bytes(), str(path), max_declared_pixels, draft))
 
 

@@ -12,7 +12,7 @@ score exactly, so a repeated positive never beats itself.
 
 Outputs in `out_dir`: results.json, results.md (the leaderboard's layout plus a per-subset
 table), results.png (one bar per subset; g2e.evaluation.report formats them). Embeddings are
-cached per subset under `out_dir/cache/<subset>/` (g2e.embedding.EmbeddingCache: queries and
+cached per subset under `out_dir/cache/<subset>/` (g2e.embedding_cache.EmbeddingCache: queries and
 candidates, each tied to the caller's model/prompt fingerprint and to the keys), so an
 interrupted evaluation resumes where it stopped. Keys hold the images' absolute paths (or, read
 from the TFDS copy, a sha1 of their bytes), so moving the image root re-embeds. Multi-host:
@@ -38,7 +38,7 @@ from g2e.data import subsets as subset_registry
 from g2e.data.errors import BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import EmbedItem
-from g2e.embedding import EmbeddingCache
+from g2e.embedding_cache import EmbeddingCache
 from g2e.evaluation import report as report_lib
 
 _ROW_BLOCK = 64  # rows scored per matmul in precision_at_1
@@ -215,7 +215,7 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         rows: the subset's eval rows.
         subset: the subset's name (goes into EmbedItem.subset: prompts depend on it).
         batch_size: items per embed_fn call.
-        cache: this subset's embedding cache (g2e.embedding.EmbeddingCache: a directory, the
+        cache: this subset's embedding cache (g2e.embedding_cache.EmbeddingCache: a directory, the
             model/prompt fingerprint, whether this host writes); None disables caching.
         on_bad_input: under 'skip', an item embed_fn skipped (an all-NaN row: e.g. an image
             that does not decode) drops every row whose query or candidate it is.

@@ -24,7 +24,8 @@ from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import positive_item, query_item
-from g2e.embedding import Embedder, EmbeddingCache
+from g2e.embedding import Embedder
+from g2e.embedding_cache import EmbeddingCache
 from g2e.mining.judge import Judge
 from g2e.pipeline import Pipeline
 
