@@ -24,16 +24,22 @@ TEXTS = ("Represent the given image with the following question: What shape is i
          "a red circle and a blue square", "Find me an everyday image that matches the caption")
 
 
-def tiny_checkpoint(out_dir: str | pathlib.Path, *, seed: int = 0
-                    ) -> tuple[transformers.Qwen2VLForConditionalGeneration, pathlib.Path]:
-    """Writes a tiny, complete Qwen2-VL checkpoint; returns (float32 eval torch model, dir)."""
+def tiny_checkpoint(out_dir: str | pathlib.Path, *, seed: int = 0, model_type: str = "qwen2_vl"
+                    ) -> tuple[transformers.PreTrainedModel, pathlib.Path]:
+    """Writes a tiny, complete Qwen2-VL (or, with model_type='qwen2_5_vl', Qwen2.5-VL)
+    checkpoint; returns (float32 eval torch model, dir)."""
     out_dir = pathlib.Path(out_dir)
-    config = tiny.write_assets(out_dir, texts=TEXTS, vocab_size=600)
-    hf_config = transformers.Qwen2VLConfig(**config)
+    config = tiny.write_assets(out_dir, texts=TEXTS, vocab_size=600, model_type=model_type)
+    if model_type == "qwen2_5_vl":
+        hf_config = transformers.Qwen2_5_VLConfig(**config)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        hf_config = transformers.Qwen2VLConfig(**config)
+        model_class = transformers.Qwen2VLForConditionalGeneration
     for sub in (hf_config, hf_config.text_config, hf_config.vision_config):
         sub._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(hf_config).float().eval()
+    model = model_class(hf_config).float().eval()
     randomize(model, seed)
     model.save_pretrained(out_dir)
     return model, out_dir

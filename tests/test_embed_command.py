@@ -175,3 +175,42 @@ def test_python_api_equals_the_command_line_by_line(checkpoint, run_dir, monkeyp
         pil = [None if path is None else Image.open(run_dir / path) for path in images]
         np.testing.assert_allclose(embedder.embed(texts, pil, role=role), vectors, atol=1e-6,
                                    rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qwen25_checkpoint(tmp_path_factory):
+    return assets.tiny_checkpoint(tmp_path_factory.mktemp("qwen25_ckpt"), seed=5,
+                                  model_type="qwen2_5_vl")
+
+
+@pytest.mark.slow
+def test_embed_command_on_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, run_dir):
+    """The model type comes from config.json: a Qwen2.5-VL directory (windowed vision
+    attention) embeds like transformers' Qwen2_5_VLForConditionalGeneration."""
+    checkpoint = qwen25_checkpoint
+    lines = GOOD_LINES[:4]
+    write_jsonl(run_dir / "qwen25.jsonl", lines)
+    result = run_embed(run_dir, checkpoint[1], "qwen25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(run_dir / "out" / "qwen25.npy")
+    for index, line in enumerate(lines):
+        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
+                                   rtol=0, err_msg=f"line {index + 1}: {line}")
+
+
+@pytest.mark.slow
+def test_mmeb_evaluation_of_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, tmp_path):
+    """A short MMEB evaluation (two mini-MMEB subsets) runs on the 2.5 checkpoint."""
+    from g2e import Embedder
+    from g2e.demo import mini_mmeb
+    from g2e.evaluation import mmeb as evaluation
+
+    data = tmp_path / "mini"
+    mini_mmeb.build(str(data), seed=1, train_rows=1, eval_queries=4, candidates=3)
+    embedder = Embedder.from_pretrained(qwen25_checkpoint[1])
+    results = evaluation.evaluate_mmeb(embedder, eval_dir=str(data / "eval"),
+                                       image_root=str(data), out_dir=str(tmp_path / "out"),
+                                       subsets="ShapeCls,ShapeCaption_t2i", progress=False)
+    assert sorted(results["subsets"]) == ["ShapeCaption_t2i", "ShapeCls"]
+    assert all(r["num_queries"] == 4 for r in results["subsets"].values())
+    assert 0.0 <= results["overall"] <= 100.0

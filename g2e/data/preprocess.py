@@ -33,6 +33,7 @@ from g2e.data import images as images_lib
 from g2e.data import prompts
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.models import positions
+from g2e.models.config import Qwen2VLConfig
 
 # A text with more tokens than this many times max_length is bad input, not just truncated.
 FAR_OVER_FACTOR = 4
@@ -142,6 +143,7 @@ class Processor:
         image_root: str | os.PathLike | None = None,
         image_token_id: int | None = None,
         jpeg_draft: bool = False,
+        window_merged: int = 0,
     ):
         if image_resolution not in images_lib.POLICIES:
             raise ValueError(f"data.image_resolution must be one of {images_lib.POLICIES}, got "
@@ -162,6 +164,8 @@ class Processor:
                        else BadInputReport(on_bad_input))
         self.merge_size = int(image_processor.merge_size)
         self.jpeg_draft = jpeg_draft
+        # Qwen2.5-VL's attention windows, in merged units (0: Qwen2-VL, no windows).
+        self.window_merged = window_merged
         self.temporal_patch = int(image_processor.temporal_patch_size)
         self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
         self.image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
@@ -224,15 +228,18 @@ class Processor:
                      (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
         image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(
             checkpoint_dir, **overrides)
-        image_token_id = None
+        image_token_id, window_merged = None, 0
         if (checkpoint_dir / "config.json").is_file():
-            image_token_id = json.loads((checkpoint_dir / "config.json").read_text()).get(
-                "image_token_id")
+            config = Qwen2VLConfig.from_dir(checkpoint_dir)
+            image_token_id = config.image_token_id
+            if config.vision.is_qwen2_5:
+                window_merged = config.vision.window_merged
         return cls(tokenizer, image_processor, max_length=max_length,
                    image_resolution=image_resolution, prompt=prompt,
                    length_buckets=length_buckets, patch_buckets=patch_buckets,
                    on_bad_input=on_bad_input, padding_side=padding_side,
-                   image_root=image_root, image_token_id=image_token_id, jpeg_draft=jpeg_draft)
+                   image_root=image_root, image_token_id=image_token_id, jpeg_draft=jpeg_draft,
+                   window_merged=window_merged)
 
     # ---- images ---------------------------------------------------------------------------
 
@@ -463,6 +470,7 @@ class Processor:
                                 np.uint8)
         vision_segment_ids = np.zeros((batch, num_patches), np.int32)
         vision_positions = np.zeros((batch, num_patches, 2), np.int32)
+        window_ids = np.zeros((batch, num_patches), np.int32)  # Qwen2.5-VL only
         with_targets = any(e.target_mask is not None for e in encoded)
         target_mask = np.zeros((batch, length), np.int32)
         grids: list[list[tuple[int, int, int]]] = []
@@ -487,6 +495,9 @@ class Processor:
             if num_patches:
                 vision_positions[row], vision_segment_ids[row] = positions.vision_layout(
                     item.image_grid_thw, num_patches, self.merge_size)
+                if self.window_merged:
+                    window_ids[row] = positions.vision_window_ids(
+                        item.image_grid_thw, num_patches, self.window_merged, self.merge_size)
             grids.append(list(item.image_grid_thw))
 
         position_ids = positions.rope_index(input_ids, attention_mask, grids,
@@ -505,6 +516,8 @@ class Processor:
         )
         if with_targets:
             out["target_mask"] = target_mask
+        if self.window_merged:
+            out["vision_window_ids"] = window_ids
         return out
 
     def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
