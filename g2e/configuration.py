@@ -53,6 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
             eval_dir="",
             eval_image_root="",
             eval_subsets="",
+            # SugarCrepe and SugarCrepe++ (stage eval_sugarcrepe): folders of their
+            # <category>.json files, and the folder of the COCO val2017 images they name.
+            sugarcrepe_dir="",
+            sugarcrepe_pp_dir="",
+            sugarcrepe_image_root="",
             # 'parquet': the hub's layout in train_dir / eval_dir; 'tfds': the array_record copy
             # `python -m g2e.data.tfds_builders` wrote to tfds_dir (images inside, gs:// works).
             format="parquet",
@@ -246,6 +251,13 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
               f"largest bucket {max(data.length_buckets)} is below data.max_length="
               f"{data.max_length}; add a bucket of at least that size")
     _one_of("data.format", data.format, rows.FORMATS)
+    if "eval_sugarcrepe" in stages and "prepare_demo" not in stages:
+        if not (data.sugarcrepe_dir or data.sugarcrepe_pp_dir):
+            _fail("data.sugarcrepe_dir", "and data.sugarcrepe_pp_dir are empty; point one at "
+                  "the folder of SugarCrepe's (or SugarCrepe++'s) <category>.json files")
+        if not data.sugarcrepe_image_root:
+            _fail("data.sugarcrepe_image_root", "is empty; point it at the COCO val2017 "
+                  "images the SugarCrepe files name")
     needs_train_data = any(s in stages for s in ("mine", "train"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
     if data.format == "tfds":

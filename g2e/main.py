@@ -11,6 +11,7 @@ Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE
   mine            SaHa clusters per training subset
   train           contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)
   eval            MMEB with the fine-tuned model
+  eval_sugarcrepe SugarCrepe / SugarCrepe++ of the model `eval` evaluates (data.sugarcrepe_dir)
   export          Hugging Face directory (<workdir>/export/hf) and PEFT adapter (export/peft)
   report          the table of every evaluation (<workdir>/report.md, report.json)
   embed           the embed command (configs/embed.py)
@@ -45,6 +46,7 @@ STAGES = (
     ("mine", mining.run),
     ("train", training.run),
     ("eval", evaluation.run_eval),
+    ("eval_sugarcrepe", evaluation.run_eval_sugarcrepe),
     ("export", export.run),
     ("report", evaluation.run_report),
     ("embed", embedding.run_embed),

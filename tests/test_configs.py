@@ -41,6 +41,9 @@ def test_mmeb_7b_shards_over_fsdp():
     ("data.on_bad_input", "ignore", "--config.data.on_bad_input"),
     ("train.query_chunk", 7, "--config.train.query_chunk"),
     ("data.image_resolution", "huge", "--config.data.image_resolution"),
+    ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
+    ("data.workers", -2, "--config.data.workers"),
+    ("embedding_cache.dtype", "int8", "--config.embedding_cache.dtype"),
 ])
 def test_bad_keys_are_named(key, value, message):
     config = _load("mmeb")

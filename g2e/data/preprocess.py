@@ -17,7 +17,6 @@ token: only the data's own text is cut, from its end, and never an image token.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Sequence

@@ -222,8 +222,9 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
     Returns:
         {"precision_at_1": percent over the rows scored, "num_queries": rows scored,
         "num_correct": int, "num_unique_queries": int, "num_unique_candidates": int,
-        "num_skipped_rows": rows dropped for a skipped item}; the same whether the embeddings
-        came from the cache or not.
+        "num_skipped_rows": rows dropped for a skipped item, "chance": percent a random
+        ranking scores, "correct": one '0'/'1' per scored row}; the same whether the
+        embeddings came from the cache or not.
     Raises:
         ValueError: no rows (or none left), a row without candidates, a bad embed_fn output.
     """
@@ -270,6 +271,7 @@ def _score(subset: str, queries: np.ndarray, candidates: np.ndarray,
     if not all(keep):
         logging.warning("subset %s: %d rows left out: they use inputs skipped as bad", subset,
                         len(keep) - sum(keep))
+    kept_candidates = [len(c) for c, k in zip(items.row_candidates, keep) if k]
     return {
         "precision_at_1": 100.0 * float(correct.mean()),
         "num_queries": int(sum(keep)),
@@ -277,6 +279,10 @@ def _score(subset: str, queries: np.ndarray, candidates: np.ndarray,
         "num_unique_queries": len(items.query_keys),
         "num_unique_candidates": len(items.candidate_keys),
         "num_skipped_rows": len(keep) - int(sum(keep)),
+        # Expected precision@1 of a random ranking: 1 / candidates, over the rows scored.
+        "chance": 100.0 * float(np.mean([1.0 / n for n in kept_candidates])),
+        # Each scored row's outcome, '1' correct, in row order (for bootstrap intervals).
+        "correct": "".join("1" if c else "0" for c in correct),
     }
 
 
@@ -343,7 +349,8 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
     Returns:
         The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
         "split", "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
-        "num_skipped_rows"}}, "meta_tasks": {task: mean}, "IND", "OOD", "overall"}, plus
+        "num_skipped_rows", "chance", "correct"}}, "meta_tasks": {task: mean}, "IND", "OOD",
+        "overall"}, plus
         "skipped_subsets": {name: reason} when some were skipped; scores in percent, means
         as in `aggregate`. Nothing in it depends on timing or on the cache.
     Raises:

@@ -1,10 +1,13 @@
-"""Reports of MMEB results: one evaluation's results.{json,md,png}, and the run's table.
+"""Reports: one evaluation's results files, and the run's table of every evaluation.
 
 `write_results` writes what `g2e.evaluation.mmeb.evaluate_mmeb` computed (the leaderboard's
-layout plus a per-subset table, and a bar chart). `write_report` (the `report` stage) collects
-every evaluation the run made into one table: rows plain zero-shot (`eval_plain`),
-hierarchical zero-shot (`eval_zero_shot`) and fine-tuned (`eval`), columns the four meta-tasks,
-IND, OOD and overall; written to <workdir>/report.md and <workdir>/report.json and printed.
+layout plus a per-subset table, and a bar chart); `write_sugarcrepe` what eval_sugarcrepe
+computed. `write_report` (the `report` stage) collects every evaluation the run made into one
+table, <workdir>/report.md and report.json (printed too): rows plain zero-shot (`eval_plain`),
+hierarchical zero-shot (`eval_zero_shot`), fine-tuned on SaHa clusters (`eval`), fine-tuned on
+random batches (`eval_random`), then any other evaluation; columns the four meta-tasks, IND,
+OOD and overall, each with a 95% bootstrap interval over queries, and SugarCrepe when
+evaluated; a last row gives chance (a random ranking's precision@1).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 import pathlib
 from typing import Any
 
+import numpy as np
+
 from g2e import atomic
 from g2e.data import subsets as subset_registry
 
@@ -23,49 +28,122 @@ SPLITS = ("IND", "OOD")
 # The subset table spells meta-tasks in lower case; reports use the leaderboard's names.
 META_TASK_NAMES = dict(zip(subset_registry.META_TASKS, META_TASKS))
 
+# (stage whose results.json makes the row, row name), in the report's order; any other
+# `eval*` stage with MMEB results follows as an extra row.
 ROWS = (("eval_plain", "zero-shot, plain prompt"),
         ("eval_zero_shot", "zero-shot, hierarchical prompt"),
-        ("eval", "fine-tuned (SaHa + DoRA)"))
-COLUMNS = (*META_TASKS, *SPLITS, "Overall")
-
-
-def _score(results: dict[str, Any], column: str) -> float | None:
-    if column in ("IND", "OOD"):
-        return results.get(column)
-    if column == "Overall":
-        return results.get("overall")
-    return results.get("meta_tasks", {}).get(column)
+        ("eval", "fine-tuned (SaHa)"),
+        ("eval_random", "fine-tuned, random batches"))
+GROUPS = (*META_TASKS, *SPLITS, "overall")  # what a row reports, with an interval each
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
 
 
 def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
+def _members(results: dict[str, Any], group: str) -> list[str]:
+    """The subsets a group's mean is over (a meta-task, IND, OOD or overall)."""
+    subsets = results["subsets"]
+    if group in META_TASKS:
+        return [n for n, r in subsets.items() if r["meta_task"] == group]
+    if group in SPLITS:
+        return [n for n, r in subsets.items() if r["split"] == group]
+    return list(subsets)
+
+
+def bootstrap_ci95(results: dict[str, Any]) -> dict[str, list[float]]:
+    """95% percentile intervals of every group's mean precision@1, resampling each subset's
+    queries with replacement (BOOTSTRAP_SAMPLES times, a fixed seed); a group is the unweighted
+    mean of its subsets, as on the leaderboard."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    samples = {}
+    for name, subset in results["subsets"].items():
+        outcomes = np.frombuffer(subset["correct"].encode(), np.uint8) == ord("1")
+        draws = rng.integers(0, len(outcomes), size=(BOOTSTRAP_SAMPLES, len(outcomes)))
+        samples[name] = 100.0 * outcomes[draws].mean(axis=1)
+    intervals = {}
+    for group in GROUPS:
+        members = _members(results, group)
+        if members:
+            means = np.mean([samples[m] for m in members], axis=0)
+            intervals[group] = [round(float(np.percentile(means, q)), 2) for q in (2.5, 97.5)]
+    return intervals
+
+
+def chance(results: dict[str, Any]) -> dict[str, float]:
+    """The precision@1 of a random ranking per group (1 / candidates, averaged like scores)."""
+    return {group: round(float(np.mean([results["subsets"][m]["chance"] for m in members])), 2)
+            for group in GROUPS if (members := _members(results, group))}
+
+
+def _row(stage: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "stage": stage, "overall": results["overall"],
+            "IND": results["IND"], "OOD": results["OOD"],
+            "meta_tasks": dict(results["meta_tasks"]), "ci95": bootstrap_ci95(results),
+            "subsets": {n: r["precision_at_1"] for n, r in results["subsets"].items()}}
+
+
 def collect(workdir: pathlib.Path) -> dict[str, Any]:
-    """{'rows': [{'stage', 'model', column: score...}], 'export': path or None, ...}."""
-    rows = []
-    for stage, label in ROWS:
+    """The report.json content (a contract): {"rows": [{"name", "overall", "IND", "OOD",
+    "meta_tasks": {meta_task: score}, "ci95": {group: [lo, hi]}, "stage", "subsets",
+    "sugarcrepe"?}], "chance": {group: score}, "export", "peft", "mining"}; scores in percent,
+    rows in ROWS order then any other evaluation stage."""
+    known = [stage for stage, _ in ROWS]
+    extra = sorted(p.parent.name for p in workdir.glob("eval*/results.json")
+                   if p.parent.name not in known and p.parent.name != "eval_sugarcrepe")
+    names = dict(ROWS)
+    rows, chances = [], {}
+    for stage in known + extra:
         path = workdir / stage / "results.json"
-        if not path.is_file():
-            continue
-        results = json.loads(path.read_text())
-        rows.append({"stage": stage, "model": label,
-                     **{column: _score(results, column) for column in COLUMNS},
-                     "subsets": {name: r["precision_at_1"]
-                                 for name, r in results.get("subsets", {}).items()}})
-    export = workdir / "export" / "hf"
-    mine = workdir / "mine" / "report.json"
-    return {"rows": rows, "export": str(export) if export.is_dir() else None,
-            "peft": str(workdir / "export" / "peft") if (workdir / "export" / "peft").is_dir()
-            else None,
+        if path.is_file():
+            results = json.loads(path.read_text())
+            rows.append(_row(stage, names.get(stage, stage), results))
+            chances = chances or chance(results)
+    _attach_sugarcrepe(workdir, rows)
+    export, peft, mine = (workdir / "export" / "hf", workdir / "export" / "peft",
+                          workdir / "mine" / "report.json")
+    return {"rows": rows, "chance": chances,
+            "export": str(export) if export.is_dir() else None,
+            "peft": str(peft) if peft.is_dir() else None,
             "mining": json.loads(mine.read_text()) if mine.is_file() else None}
 
 
+def _attach_sugarcrepe(workdir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    """Adds eval_sugarcrepe's scores to the row of the model it evaluated."""
+    path = workdir / "eval_sugarcrepe" / "results.json"
+    if not path.is_file():
+        return
+    results = json.loads(path.read_text())
+    stage = "eval" if results["model"] == "fine-tuned" else "eval_zero_shot"
+    for row in rows:
+        if row["stage"] == stage:
+            row["sugarcrepe"] = sugarcrepe_scores(results)
+
+
+def _with_interval(row: dict[str, Any], group: str, value: float | None) -> str:
+    interval = row["ci95"].get(group)
+    if value is None or interval is None:
+        return _cell(value)
+    return f"{value:.1f} ({interval[0]:.1f}-{interval[1]:.1f})"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: the meta-task table, then per-subset precision@1."""
-    lines = ["| Model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    """The report as Markdown: meta-tasks, IND, OOD and overall with 95% intervals, chance,
+    SugarCrepe when evaluated, then per-subset precision@1."""
+    extra = sorted({k for row in report["rows"] for k in row.get("sugarcrepe", {})})
+    header = ["Model", *META_TASKS, *SPLITS, "Overall", *extra]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in report["rows"]:
-        lines.append(f"| {row['model']} | " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+        values = [row["meta_tasks"].get(t) for t in META_TASKS] + [row["IND"], row["OOD"],
+                                                                   row["overall"]]
+        cells = [_with_interval(row, g, v) for g, v in zip(GROUPS, values)]
+        cells += [_cell(row.get("sugarcrepe", {}).get(k)) for k in extra]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    if report["chance"]:
+        lines.append("| chance | " + " | ".join(_cell(report["chance"].get(g)) for g in GROUPS)
+                     + " |" + " - |" * len(extra))
     subsets = sorted({name for row in report["rows"] for name in row["subsets"]})
     if subsets:
         lines += ["", "| Subset | " + " | ".join(r["stage"] for r in report["rows"]) + " |",
@@ -84,10 +162,51 @@ def write_report(workdir: pathlib.Path) -> dict[str, Any]:
     """Writes report.md and report.json into workdir, prints the table, returns a summary."""
     report = collect(workdir)
     text = markdown(report)
-    atomic.write_text(workdir / "report.md", "# g2e report (MMEB precision@1, %)\n\n" + text)
+    atomic.write_text(workdir / "report.md",
+                      "# g2e report (MMEB precision@1, %, with 95% bootstrap intervals)\n\n"
+                      + text)
     atomic.write_json(workdir / "report.json", report, indent=2)
     print("\n" + text, flush=True)
     return {"rows": [row["stage"] for row in report["rows"]], "export": report["export"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# SugarCrepe results.
+
+
+def sugarcrepe_scores(results: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of eval_sugarcrepe's results: SugarCrepe's average accuracy, and
+    SugarCrepe++'s image-to-text and text-only averages."""
+    scores = {}
+    if "sugarcrepe" in results:
+        scores["SugarCrepe"] = results["sugarcrepe"]["average"]
+    if "sugarcrepe_pp" in results:
+        average = results["sugarcrepe_pp"]["average"]
+        scores["SugarCrepe++ ITT"] = average["image_to_text"]
+        scores["SugarCrepe++ TOT"] = average["text_only"]
+    return scores
+
+
+def write_sugarcrepe(out_dir: pathlib.Path, results: dict[str, Any]) -> None:
+    """eval_sugarcrepe's results.json and results.md (one table per benchmark)."""
+    atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    lines = [f"# SugarCrepe and SugarCrepe++ accuracy (%): {results['model']} model", ""]
+    for key, metrics in (("sugarcrepe", ("accuracy",)),
+                         ("sugarcrepe_pp", ("image_to_text", "text_only"))):
+        if key not in results:
+            continue
+        summary = results[key]
+        categories = list(summary["categories"])
+        lines += [f"## {summary['benchmark']}", "",
+                  "| Metric | " + " | ".join(categories) + " | Average |",
+                  "|" + "---|" * (len(categories) + 2)]
+        for metric in metrics:
+            average = summary["average"]
+            mean = average[metric] if isinstance(average, dict) else average
+            cells = [_cell(summary["categories"][c][metric]) for c in categories]
+            lines.append(f"| {metric} | " + " | ".join(cells) + f" | {_cell(mean)} |")
+        lines.append("")
+    atomic.write_text(out_dir / "results.md", "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------

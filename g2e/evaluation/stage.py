@@ -1,8 +1,11 @@
-"""The evaluation stages: `eval_plain`, `eval_zero_shot` and `eval` (MMEB), and `report`.
+"""The evaluation stages: `eval_plain`, `eval_zero_shot` and `eval` (MMEB),
+`eval_sugarcrepe` (SugarCrepe and SugarCrepe++), and `report`.
 
 Each MMEB stage embeds with the Embedder of the model it names and writes
-`<workdir>/<stage>/results.{json,md,png}` (g2e.evaluation.mmeb); `report` collects them into
-one table (g2e.evaluation.report).
+`<workdir>/<stage>/results.{json,md,png}` (g2e.evaluation.mmeb); `eval_sugarcrepe` evaluates the
+model `eval` does (fine-tuned once trained, else zero-shot) into
+`<workdir>/eval_sugarcrepe/results.{json,md}`; `report` collects them into one table
+(g2e.evaluation.report).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 from g2e import distributed
 from g2e.data import prompts
 from g2e.embedding import Embedder
-from g2e.evaluation import mmeb, report
+from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
 
@@ -51,6 +54,30 @@ def run_eval_zero_shot(pipeline: Pipeline) -> dict[str, Any]:
 def run_eval(pipeline: Pipeline) -> dict[str, Any]:
     """MMEB with the fine-tuned model."""
     return _evaluate(pipeline, "eval", trained=True)
+
+
+def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
+    """SugarCrepe and SugarCrepe++ (whichever of data.sugarcrepe_dir / sugarcrepe_pp_dir is set)
+    of the fine-tuned model when the train stage wrote one, else of the zero-shot model."""
+    config, data = pipeline.config, pipeline.config.data
+    trained = pipeline.has_trained_model()
+    embedder = Embedder(pipeline.model(trained=trained), pipeline.processor(),
+                        mesh=pipeline.mesh, rules=pipeline.rules,
+                        batch_size=config.eval.batch_size, progress=False,
+                        workers=pipeline.workers)
+    common = dict(image_root=data.sugarcrepe_image_root, on_bad_input=data.on_bad_input,
+                  batch_size=8 * embedder.batch_size, progress=False)
+    results: dict[str, Any] = {"model": "fine-tuned" if trained else "zero-shot"}
+    if data.sugarcrepe_dir:
+        results["sugarcrepe"] = sugarcrepe.evaluate_sugarcrepe(
+            embedder, data_dir=data.sugarcrepe_dir, **common)
+    if data.sugarcrepe_pp_dir:
+        results["sugarcrepe_pp"] = sugarcrepe.evaluate_sugarcrepe_pp(
+            embedder, data_dir=data.sugarcrepe_pp_dir, **common)
+    if distributed.is_primary():
+        report.write_sugarcrepe(pipeline.workdir / "eval_sugarcrepe", results)
+    logging.info("eval_sugarcrepe (%s): %s", results["model"], report.sugarcrepe_scores(results))
+    return {"model": results["model"], **report.sugarcrepe_scores(results)}
 
 
 def run_report(pipeline: Pipeline) -> dict[str, Any]:
