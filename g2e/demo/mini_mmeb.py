@@ -21,7 +21,8 @@ Layout written (train image root = eval image root = DIR):
   DIR/eval/<Subset>/test-00000-of-00001.parquet             MMEB-eval columns
   DIR/images/<Subset>/{Train,Test}/*.jpg                    paths as the parquet names them
 Texts carry `<|image_1|>` placeholders exactly like MMEB (an item has an image exactly when
-its text starts with one). Classification labels repeat across rows, so candidates have
+its text starts with one). No subset can be solved by copying text from the query: where a
+candidate's text could be found in its query, every candidate carries that text. Classification labels repeat across rows, so candidates have
 several owner queries, as SaHa mining expects. The output is a function of the seed and the
 sizes (byte for byte, with one Pillow version: JPEG encoding may differ between versions).
 """
@@ -268,6 +269,10 @@ def _distractors(
             continue  # it would be a second correct candidate
         seen.add(key(other))
         picked.append((other.pos_text, other.pos_image))
+    if ex.pos_image is not None:
+        # Image candidates all carry the positive's text (ShapeRef-Matching's is the query's
+        # own expression): only the image tells the positive apart, never copied text.
+        picked = [(ex.pos_text, image) for _, image in picked]
     return picked
 
 

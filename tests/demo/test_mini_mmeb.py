@@ -146,3 +146,20 @@ def test_command_line_scale_and_refusal_to_overwrite(tmp_path, capsys):
     assert rows == 3
     with pytest.raises(FileExistsError, match="already holds a mini-MMEB"):
         mini_mmeb.main(["--out", out])
+
+
+def _core(text: str, instruction: str) -> str:
+    """A candidate's own words: its text without the image placeholder and the instruction."""
+    return text.replace(mini_mmeb.IMAGE, "").replace(instruction, "").strip().rstrip(".")
+
+
+def test_no_subset_is_solved_by_copying_text(mini):
+    """A query's text may hold a candidate's words only if every candidate has them too."""
+    for name, (_, _, instructions) in mini_mmeb.SUBSETS.items():
+        path = os.path.join(mini, "eval", name, "test-00000-of-00001.parquet")
+        for number, row in enumerate(pq.read_table(path).to_pylist()):
+            query = row["qry_text"]
+            cores = [_core(t, instructions[0]) for t in row["tgt_text"]]
+            positive = cores[0]
+            if positive and positive in query:
+                assert all(c == positive for c in cores), (name, number, row["tgt_text"])
