@@ -195,8 +195,10 @@ def _take_layer(stacked: jax.Array, layer: jax.Array) -> jax.Array:
 
 def _merge_sharding(shape: tuple[int, int], kernel: jax.Array) -> jax.sharding.Sharding | None:
     """How one merged layer [in, out] is spread: its out dimension over every mesh axis when
-    they divide it, `in` never split, so each column norm is computed whole on one device and
-    the result does not depend on how processes and devices are laid out. None: no mesh."""
+    they divide it (else replicated), `in` never split. Each column norm is then summed whole
+    on one device, and every device holds a block of the same shape for any layout of the same
+    number of devices (one process x 8 or two x 4), so the bytes do not depend on the layout
+    (XLA's CPU reductions round differently for blocks of different widths). None: no mesh."""
     sharding = kernel.sharding
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
