@@ -11,6 +11,9 @@ Release defaults: DoRA r=8, alpha=64 on q/k/v/o and MLP down; InfoNCE at tempera
 clusters of 16 rows, 16 clusters per device (2048 pairs on 8 devices), GradCache chunks of 4;
 AdamW lr 5e-5, 100 warm-up steps, 1500 steps; 448x448 training images, max length 1024;
 mining and evaluation use the `random` image policy and max length 2048.
+The export keeps the base checkpoint's dtype (export.dtype=source: bfloat16 for the released
+Qwen2-VL) and merges the adapters in float32; compiled programs are cached in
+<workdir>/compilation_cache (compilation_cache.dir), so a resumed run does not compile again.
 """
 
 from g2e import configuration

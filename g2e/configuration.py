@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from g2e import embedding_cache
+from g2e import embedding_cache, export
 from g2e.data import errors, images, rows
 from g2e.models import attention, lora, sharding, text
 
@@ -131,7 +131,18 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="bfloat16"))
+    # export.dtype: 'source' writes every tensor in the dtype the base checkpoint stores it in
+    # (the merge itself is float32 either way); float32 / bfloat16 / float16 cast all of them.
+    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="source"))
+
+    # Persistent XLA compilation cache, shared by every stage and every rerun: a resume after a
+    # preemption loads its compiled programs instead of compiling them again. dir '' means
+    # <workdir>/compilation_cache. Programs that compiled faster than min_compile_time_secs, or
+    # whose executable is smaller than min_entry_size_bytes, are not stored (JAX's thresholds:
+    # jax_persistent_cache_min_compile_time_secs / _min_entry_size_bytes).
+    c.compilation_cache = ml_collections.ConfigDict(
+        dict(enabled=True, dir="", min_compile_time_secs=1.0, min_entry_size_bytes=0)
+    )
 
     # The demo's tiny generator (configs/demo.py): mini-MMEB size and model widths.
     c.demo = ml_collections.ConfigDict(
@@ -193,6 +204,7 @@ def validate_settings(config: ml_collections.ConfigDict, stages: Sequence[str]) 
     _check_data(config, list(stages))
     _check_train(config.train)
     _check_mine(config.mine)
+    _check_export_and_cache(config)
 
 
 def _one_of(key: str, value, allowed: Sequence[str]) -> None:
@@ -295,3 +307,16 @@ def _check_mine(mine: ml_collections.ConfigDict) -> None:
         _fail("mine.top_k" if mine.top_k < 1 else "mine.pool_mult", "must be at least 1")
     if not 0.0 < mine.judge_threshold < 1.0:
         _fail("mine.judge_threshold", f"is {mine.judge_threshold}; use a probability in (0, 1)")
+
+
+def _check_export_and_cache(config: ml_collections.ConfigDict) -> None:
+    _one_of("export.dtype", config.export.dtype, export.DTYPES)
+    if config.export.max_shard_mb < 1:
+        _fail("export.max_shard_mb", f"is {config.export.max_shard_mb}; it must be at least 1")
+    cache = config.compilation_cache
+    if cache.min_compile_time_secs < 0:
+        _fail("compilation_cache.min_compile_time_secs",
+              f"is {cache.min_compile_time_secs}; use 0 or more seconds")
+    if cache.min_entry_size_bytes < -1:
+        _fail("compilation_cache.min_entry_size_bytes",
+              f"is {cache.min_entry_size_bytes}; use -1 (no limit), 0 (JAX's default) or bytes")

@@ -25,14 +25,17 @@ host (or per GPU), and `initialize` connects them before anything touches a devi
           outputs.append(local_rows(embed_step(batch))[:len(chunk)])
       embeddings = gather_in_order(np.concatenate(outputs), len(items))
 - Only the primary process (`is_primary`) writes logs, reports and exports; Orbax checkpoints
-  are written by all processes together (Orbax coordinates that itself).
+  are written by all processes together (Orbax coordinates that itself). An export or adapter
+  gathered from sharded arrays is written with `write_on_primary`: every process takes part
+  in the gathers, process 0 writes.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +44,7 @@ from absl import logging
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from g2e import atomic
 from g2e.models import sharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -174,6 +178,21 @@ def barrier(name: str) -> None:
     """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def write_on_primary(directory: str | os.PathLike,
+                     write: Callable[[pathlib.Path | None], Any]) -> None:
+    """Process 0 writes `directory` whole (`g2e.atomic.replace_directory(directory, write)`);
+    every other process calls `write(None)`.
+
+    For outputs gathered from arrays that span hosts (a model, its adapters): `write` runs the
+    same gathers on every process, so all take part, and writes only when given a folder.
+    Every process must call this at the same point.
+    """
+    if is_primary():
+        atomic.replace_directory(directory, write)
+    else:
+        write(None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,17 @@ the base checkpoint's tokenizer and preprocessor files, a model card) and, when 
 carries adapters, `<out>/peft` (g2e.models.peft: loadable by PEFT on top of the base model).
 Each directory is written under a temporary name and renamed into place (g2e.atomic), so a
 partial export never looks complete.
+
+What the export holds: the base checkpoint as stored on disk, every tensor copied bit for bit,
+except the adapted kernels, which are merged in float32 from the base's stored values (not
+from the model's copy in `param_dtype`); its config.json is the base's, with only the dtype
+changed when `export.dtype` names another one. `export.dtype=source` (the default) keeps each
+tensor's dtype, so an export without an adapter equals its source. Qwen2-VL and Qwen2.5-VL
+export alike: config.json, the PEFT `auto_mapping` and the model card follow the base's model
+type.
+
+Several processes: every process runs the stage; all take part in the merges and gathers of
+arrays that span hosts, and process 0 writes (`distributed.write_on_primary`).
 """
 
 from __future__ import annotations
@@ -15,13 +26,14 @@ import os
 import pathlib
 from typing import Any
 
-import ml_dtypes
-import numpy as np
-
-from g2e import atomic, distributed
+from g2e import distributed
 from g2e.models import hf_io, lora, peft
+from g2e.models.config import QWEN2_5_VL
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
+
+# export.dtype: 'source' keeps every tensor's dtype as the base checkpoint stores it.
+DTYPES = ("source", *hf_io.DISK_DTYPES)
 
 
 def run(pipeline: Pipeline) -> dict[str, str]:
@@ -33,24 +45,23 @@ def run(pipeline: Pipeline) -> dict[str, str]:
     adapter = peft.read_peft_config(adapter_dir) if adapter_dir else None
     results_file = pipeline.workdir / ("eval" if trained else "eval_zero_shot") / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
-    written = {}
-    if distributed.is_primary():
-        written = export_model(
-            model, base_dir=model_dir, out_dir=pipeline.workdir / "export", adapter=adapter,
-            dtype=config.export.dtype, max_shard_bytes=config.export.max_shard_mb << 20,
-            results=results)
-        logging.info("export: Hugging Face model in %s%s", written["hf"],
-                     f", PEFT adapter in {written['peft']}" if written["peft"] else "")
-    pipeline.forget_model()  # The model was merged in place.
+    written = export_model(
+        model, base_dir=model_dir, out_dir=pipeline.workdir / "export", adapter=adapter,
+        dtype=config.export.dtype, max_shard_bytes=config.export.max_shard_mb << 20,
+        results=results)
+    logging.info("export: Hugging Face model in %s%s", written["hf"],
+                 f", PEFT adapter in {written['peft']}" if written["peft"] else "")
     return written
 
 
-def model_card(results: dict[str, Any] | None, *, base_model: str) -> str:
+def model_card(results: dict[str, Any] | None, *, base_model: str,
+               model_type: str = "qwen2_vl") -> str:
     """A short README.md for the export: what it is, how to embed with it, its MMEB scores."""
+    family = "Qwen2.5-VL" if model_type == QWEN2_5_VL else "Qwen2-VL"
     lines = [
         "---", "library_name: transformers", "pipeline_tag: feature-extraction", "---", "",
-        "# g2e embedder (Qwen2-VL)", "",
-        f"Qwen2-VL fine-tuned as a universal multimodal embedding model with g2e (base: "
+        f"# g2e embedder ({family})", "",
+        f"{family} fine-tuned as a universal multimodal embedding model with g2e (base: "
         f"`{base_model}`). Embedding = the last-layer hidden state of the last prompt token "
         "(the newline after `assistant`), L2-normalised, with the hierarchical prompt:", "",
         "```", "<|im_start|>system", "Given an image, summarize the provided image in one word. "
@@ -75,36 +86,49 @@ def model_card(results: dict[str, Any] | None, *, base_model: str) -> str:
 
 
 def export_model(model: Qwen2VL, *, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                 adapter: lora.AdapterConfig | None, dtype: str = "bfloat16",
+                 adapter: lora.AdapterConfig | None, dtype: str = "source",
                  max_shard_bytes: int = 2 << 30, results: dict[str, Any] | None = None
                  ) -> dict[str, str]:
     """Writes <out_dir>/peft (if the model has adapters) then <out_dir>/hf (adapters merged).
 
-    Merging happens in place: afterwards `model` is the plain, merged model.
+    Every process calls it (see the module docstring); process 0 writes. The model is left as
+    it was.
+
+    Args:
+      model: the model loaded from `base_dir`, with its adapters (if any).
+      base_dir: the checkpoint the model was loaded from; the export starts from its files.
+      out_dir: the export's parent folder.
+      adapter: the adapters' configuration, for the PEFT copy; None writes no PEFT copy.
+      dtype: one of DTYPES: 'source', or the dtype every floating tensor is written in.
+      max_shard_bytes: size cap of one safetensors file.
+      results: MMEB results for the model card's table.
 
     Returns:
       {'hf': path, 'peft': path or ''}.
     """
     out_dir = pathlib.Path(out_dir)
     base_dir = pathlib.Path(base_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"export: dtype {dtype!r} is not one of {DTYPES}")
     written = {"hf": str(out_dir / "hf"), "peft": ""}
-    if adapter is not None and peft.adapter_arrays(model):
-        atomic.replace_directory(out_dir / "peft", lambda tmp: peft.save_peft_adapter(
+    if adapter is not None and peft.has_adapters(model):
+        distributed.write_on_primary(out_dir / "peft", lambda tmp: peft.save_peft_adapter(
             model, adapter, tmp, base_model=str(base_dir)))
         written["peft"] = str(out_dir / "peft")
-        merged = lora.merge_adapters(model)
-        logging.info("export: merged %d adapted projections into the base weights", merged)
-    disk_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32,
-                  "float16": np.float16}[dtype]
+    disk_dtype = None if dtype == "source" else hf_io.DISK_DTYPES[dtype]
 
-    def write(tmp: pathlib.Path):
-        hf_io.save_hf(model, tmp, max_shard_bytes=max_shard_bytes, dtype=disk_dtype)
+    def write(tmp: pathlib.Path | None):
+        hf_io.save_hf(model, tmp, source_dir=base_dir, dtype=disk_dtype,
+                      max_shard_bytes=max_shard_bytes)
+        if tmp is None:
+            return
         hf_io.copy_assets(base_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
             generation = {"bos_token_id": model.config.bos_token_id,
                           "eos_token_id": model.config.eos_token_id}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(results, base_model=str(base_dir)))
+        (tmp / "README.md").write_text(model_card(results, base_model=str(base_dir),
+                                                  model_type=model.config.model_type))
 
-    atomic.replace_directory(out_dir / "hf", write)
+    distributed.write_on_primary(out_dir / "hf", write)
     return written

@@ -16,7 +16,9 @@ Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE
   report          the table of every evaluation (<workdir>/report.md, report.json)
   embed           the embed command (configs/embed.py)
 A rerun skips complete stages (`--config.force=STAGE` redoes one), so a preempted run picks up
-where it stopped; training resumes from its last checkpoint.
+where it stopped; training resumes from its last checkpoint. Compiled programs are kept in a
+persistent compilation cache (<workdir>/compilation_cache by default, `compilation_cache.*`),
+so a rerun or a resume loads them instead of compiling again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import re
 import sys
 import time
 
+import jax
+import ml_collections
 from absl import app
 from ml_collections import config_flags
 
@@ -73,6 +77,23 @@ def _local_workdir(workdir: str) -> pathlib.Path:
     return pathlib.Path(workdir).resolve()
 
 
+def _setup_compilation_cache(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Points JAX's persistent compilation cache at compilation_cache.dir (default under the
+    workdir); must run before the first compilation. Only process 0 writes entries (JAX's
+    rule); every process reads them, so the folder is best on storage all hosts share."""
+    cache = config.compilation_cache
+    if not cache.enabled:
+        return
+    directory = cache.dir or str(workdir / "compilation_cache")
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", directory):  # gs://... goes through as is
+        directory = str(pathlib.Path(directory).resolve())
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(cache.min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(cache.min_entry_size_bytes))
+
+
 def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
     handlers = [logging.StreamHandler(sys.stdout)]
     if primary:
@@ -91,6 +112,7 @@ def main(argv: list[str]) -> None:
     # A bad key fails here, before any device is touched.
     configuration.validate(config, STAGE_NAMES)
     workdir = _local_workdir(config.workdir)
+    _setup_compilation_cache(config, workdir)
     distributed.initialize(config)
     _setup_logging(workdir, distributed.is_primary())
     names = configuration.split_list(config.stages)

@@ -1,21 +1,18 @@
 """Hugging Face Qwen2-VL / Qwen2.5-VL checkpoints in and out: safetensors <-> (sharded) Qwen2VL.
 
-Which of the two a directory holds is read from its config.json (`model_type`); the text and
-LM-head names are shared, the vision tower's come from `g2e.models.vision.hf_names`.
+Which of the two a directory holds is read from its config.json (`model_type`); the HF names,
+layouts and the safetensors files themselves are `g2e.models.hf_files`.
 
 Reading: config.json plus model.safetensors, or model-*.safetensors with
 model.safetensors.index.json. Each parameter is built with `jax.make_array_from_callback`, and
 the callback reads only the slice its device owns straight from a memory-mapped file, so a
-large model is never materialised whole on one device or host. (The files are memory-mapped
-and parsed here rather than through safe_open because numpy has no bfloat16, the dtype of the
-released checkpoints; ml_dtypes supplies it.)
+large model is never materialised whole on one device or host.
 
-Names: released checkpoints, and transformers 5's save_pretrained, write `model.layers.N...`,
-`model.embed_tokens`, `model.norm`, `visual...` and `lm_head.weight`; transformers' in-memory
-names (`model.language_model...`, `model.visual...`) are accepted too. Writing uses the former.
-
-Layouts: HF linear weights are [out, in], ours [in, out]; decoder and vision layers are stacked
-along a leading 'layers' axis.
+Writing (`save_hf`) is collective, since a model's arrays may span hosts: every process calls
+it with the same arguments, all take part in each merge and gather, and only process 0 (the
+one given a directory) writes. Adapters are merged in float32; given the checkpoint the model
+came from (`source_dir`), the base weights are the source's as stored on disk, not the copy
+held in `param_dtype`, and every tensor nothing changed is copied bit for bit.
 """
 
 from __future__ import annotations
@@ -35,206 +32,23 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from g2e.models import lora
-from g2e.models import vision as vision_lib
 from g2e.models.config import Qwen2VLConfig
+from g2e.models.hf_files import (DTYPE_NAMES, DTYPES, FLOATS, Checkpoint, HFParam, OutTensor,
+                                 check_shape, hf_params, read_block, write_shards)
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.models.sharding import Rules, DEFAULT_RULES, state_shardings
 from g2e.models.text import Projection
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # The files of a checkpoint directory besides config.json and the weights; they travel
 # unchanged with a checkpoint g2e writes from it.
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                "special_tokens_map.json", "added_tokens.json", "chat_template.json",
                "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class HFParam:
-    """How one of our parameters maps onto one HF tensor (per layer when stacked).
-
-    Attributes:
-        path: the parameter's path in nnx.state(model), e.g. ('language_model', 'norm', 'scale').
-        hf_name: HF tensor name; contains '{i}' for a stacked (per-layer) parameter.
-        kind: 'same' (identical layout), 'linear' (HF [out, in], ours [in, out]) — both read
-            slice by slice — or a reshaping layout of the vision tower ('conv', 'qkv', ...),
-            read whole per layer (those tensors are small) and converted by `from_hf`/`to_hf`.
-        from_hf, to_hf: whole-tensor layout converters for the reshaping kinds.
-    """
-
-    path: tuple[str, ...]
-    hf_name: str
-    kind: str = "same"
-    from_hf: Callable[[np.ndarray], np.ndarray] | None = None
-    to_hf: Callable[[np.ndarray], np.ndarray] | None = None
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf_name
-
-
-def text_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
-    """The text decoder's and LM head's parameter mapping (released HF names)."""
-    layer = ("language_model", "layers")
-    out = [HFParam(("language_model", "embed_tokens"), "model.embed_tokens.weight"),
-           HFParam(("language_model", "norm", "scale"), "model.norm.weight")]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out.append(HFParam(layer + ("self_attn", proj, "kernel"),
-                           f"model.layers.{{i}}.self_attn.{proj}.weight", "linear"))
-        if proj != "o_proj":
-            out.append(HFParam(layer + ("self_attn", proj, "bias"),
-                               f"model.layers.{{i}}.self_attn.{proj}.bias"))
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        out.append(HFParam(layer + ("mlp", proj, "kernel"),
-                           f"model.layers.{{i}}.mlp.{proj}.weight", "linear"))
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        out.append(HFParam(layer + (norm, "scale"), f"model.layers.{{i}}.{norm}.weight"))
-    if not config.tie_word_embeddings:
-        out.append(HFParam(("lm_head",), "lm_head.weight", "linear"))
-    return out
-
-
-def vision_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
-    """The vision tower's mapping, from vision.hf_names and its layout converters."""
-    out = []
-    for path, hf_name, kind in vision_lib.hf_names(config.vision):
-        if kind in ("same", "linear"):
-            out.append(HFParam(("visual",) + path, "visual." + hf_name, kind))
-        else:
-            out.append(HFParam(
-                ("visual",) + path, "visual." + hf_name, kind,
-                from_hf=functools.partial(vision_lib._from_hf_layout, kind, config=config.vision),
-                to_hf=functools.partial(vision_lib._to_hf_layout, kind, config=config.vision)))
-    return out
-
-
-def hf_params(config: Qwen2VLConfig) -> list[HFParam]:
-    """All parameter mappings: text decoder, LM head and vision tower."""
-    return text_hf_params(config) + vision_hf_params(config)
-
-
-def _alternative_names(name: str) -> list[str]:
-    """The released name first, then transformers' in-memory spelling of the same tensor."""
-    if name.startswith("model."):
-        return [name, "model.language_model." + name[len("model."):]]
-    if name.startswith("visual."):
-        return [name, "model." + name]
-    return [name]
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-class _SafetensorsFile:
-    """A memory-mapped .safetensors file: header parsed once, tensors sliced lazily."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        self.base = 8 + header_len
-        self.entries = header
-
-    def array(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memmap (reading happens only for the slices indexed)."""
-        entry = self.entries[name]
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end == start:
-            return np.zeros(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.base + start, shape=shape)
-
-
-class _Checkpoint:
-    """Name -> tensor access over a checkpoint directory's safetensors files."""
-
-    def __init__(self, directory: pathlib.Path):
-        index_path = directory / INDEX_FILE
-        single_path = directory / SINGLE_FILE
-        if index_path.is_file():
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
-                raise ValueError(f"{index_path}: no 'weight_map'; the index file is damaged.")
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not (directory / name).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{index_path} lists shard files that are missing from {directory}: {missing}; "
-                    "copy the complete checkpoint.")
-            opened = {name: _SafetensorsFile(directory / name) for name in files}
-            self.files = {tensor: opened[name] for tensor, name in weight_map.items()}
-        elif single_path.is_file():
-            single = _SafetensorsFile(single_path)
-            self.files = {tensor: single for tensor in single.entries}
-        else:
-            raise FileNotFoundError(
-                f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found; a Qwen2-VL checkpoint "
-                "directory holds config.json and its safetensors weights.")
-        self.directory = directory
-
-    def resolve(self, name: str) -> str:
-        for candidate in _alternative_names(name):
-            if candidate in self.files:
-                return candidate
-        raise KeyError(
-            f"{self.directory}: tensor {name!r} is missing from the checkpoint (also looked for "
-            f"{_alternative_names(name)[1:]}); the checkpoint does not match its config.json.")
-
-    def array(self, name: str) -> np.ndarray:
-        return self.files[name].array(name)
-
-
-def _read_block(checkpoint: _Checkpoint, param: HFParam, names: list[str], shape, index,
-                dtype) -> np.ndarray:
-    """Our array's block `index` (a tuple of slices over `shape`), read from the files."""
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    layer_ids = range(shape[0])[index[0]] if param.stacked else [None]
-    inner = index[1:] if param.stacked else index
-    blocks = []
-    for layer in layer_ids:
-        source = checkpoint.array(names[0 if layer is None else layer])
-        if param.kind == "linear":
-            block = np.asarray(source[inner[1], inner[0]]).T
-        elif param.kind == "same":
-            block = np.asarray(source[inner])
-        else:
-            block = param.from_hf(np.asarray(source))[inner]
-        blocks.append(block.astype(dtype))
-    return np.stack(blocks) if param.stacked else blocks[0]
-
-
-def _check_shape(checkpoint: _Checkpoint, param: HFParam, name: str,
-                 own_shape: tuple[int, ...]) -> None:
-    """Raises ValueError naming the tensor when its HF shape cannot be our `own_shape`."""
-    file = checkpoint.files[name]
-    found = tuple(file.entries[name]["shape"])
-    if param.kind == "linear":
-        ok, expected = found == own_shape[::-1], list(own_shape[::-1])
-    elif param.kind == "same":
-        ok, expected = found == own_shape, list(own_shape)
-    else:
-        ok = (math.prod(found) == math.prod(own_shape) and
-              param.from_hf(np.zeros(found, np.float32)).shape == own_shape)
-        expected = f"a {param.kind!r} layout of {list(own_shape)}"
-    if not ok:
-        raise ValueError(
-            f"{file.path}: tensor {name!r} has shape {list(found)}, expected {expected} from "
-            "config.json; the weights and the config do not match.")
-
-
-def _load_param(checkpoint: _Checkpoint, param: HFParam, abstract: jax.ShapeDtypeStruct,
+def _load_param(checkpoint: Checkpoint, param: HFParam, abstract: jax.ShapeDtypeStruct,
                 sharding: jax.sharding.Sharding) -> jax.Array:
     shape = tuple(abstract.shape)
     own_shape = shape[1:] if param.stacked else shape
@@ -242,12 +56,12 @@ def _load_param(checkpoint: _Checkpoint, param: HFParam, abstract: jax.ShapeDtyp
     for layer in (range(shape[0]) if param.stacked else [None]):
         name = checkpoint.resolve(param.hf_name.format(i=layer) if param.stacked
                                   else param.hf_name)
-        _check_shape(checkpoint, param, name, own_shape)
+        check_shape(checkpoint, param, name, own_shape)
         names.append(name)
     dtype = np.dtype(abstract.dtype)
     return jax.make_array_from_callback(
         shape, sharding,
-        lambda index: _read_block(checkpoint, param, names, shape, index, dtype))
+        lambda index: read_block(checkpoint, param, names, shape, index, dtype))
 
 
 def _by_path(state: nnx.State) -> dict[tuple, Any]:
@@ -280,7 +94,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory does not exist.")
     config = Qwen2VLConfig.from_dir(directory)
-    checkpoint = _Checkpoint(directory)
+    checkpoint = Checkpoint(directory)
     rules = DEFAULT_RULES if rules is None else rules
 
     def make() -> Qwen2VL:
@@ -347,108 +161,246 @@ def _init_adapters(model: Qwen2VL, adapter: lora.AdapterConfig, seed: int,
 
 
 # ----------------------------------------------------------------------------- writing
+# Every process produces the tensors in the same order, so the collective ones (merges and
+# gathers) line up; each is produced when its turn to be written comes, so host memory holds one
+# tensor (one stacked parameter without a source), not the model.
+
+# Dtypes a checkpoint may be written in (`export.dtype` and save_hf's `dtype`).
+DISK_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def merged_kernels(model: Qwen2VL) -> dict[tuple, jax.Array]:
-    """Kernels of adapted projections with their LoRA/DoRA update folded in (lora.merge).
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole array as numpy on every process; a collective when the array spans several
+    processes (then every process must call it, in the same order)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
-    Returns:
-        {kernel path in nnx.state(model): merged kernel}; empty without adapters.
+
+def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """`array` in `dtype` if both are floating (integer tensors keep theirs); None keeps it."""
+    if dtype is None or array.dtype not in FLOATS or np.dtype(dtype) == array.dtype:
+        return array
+    return array.astype(dtype)
+
+
+def _out_dtype(stored: np.dtype, dtype: Any) -> np.dtype:
+    return np.dtype(dtype) if dtype is not None and stored in FLOATS else stored
+
+
+@jax.jit
+def _take_layer(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+
+
+def _merge_sharding(shape: tuple[int, int], kernel: jax.Array) -> jax.sharding.Sharding | None:
+    """How one merged layer [in, out] is spread: its out dimension over every mesh axis when
+    they divide it (else replicated), `in` never split. Each column norm is then summed whole
+    on one device, and every device holds a block of the same shape for any layout of the same
+    number of devices (one process x 8 or two x 4), so the bytes do not depend on the layout
+    (XLA's CPU reductions round differently for blocks of different widths). None: no mesh."""
+    sharding = kernel.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    axes = tuple(name for name in mesh.axis_names if mesh.shape[name] > 1)
+    ways = math.prod(mesh.shape[name] for name in axes)
+    spec = jax.sharding.PartitionSpec(None, axes if axes and shape[1] % ways == 0 else None)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_program(config: lora.AdapterConfig, dtype: np.dtype,
+                   sharding: jax.sharding.Sharding | None) -> Callable:
+    """kernel [in, out] (any dtype), adapter of one layer -> merged kernel in `dtype`, the merge
+    itself in float32 (lora.merge)."""
+
+    def merge(kernel, adapter):
+        kernel = kernel.astype(jnp.float32)
+        if sharding is not None:
+            kernel = jax.lax.with_sharding_constraint(kernel, sharding)
+        return lora.merge(kernel, adapter, config).astype(dtype)
+
+    return jax.jit(merge, out_shardings=sharding)
+
+
+def _merged_layer(module: Projection, layer: int | None, dtype: np.dtype,
+                  kernel: Callable[[jax.sharding.Sharding | None], jax.Array]) -> np.ndarray:
+    """One layer of an adapted projection, merged, in HF layout [out, in] (collective).
+
+    `kernel(sharding)` gives the base kernel of that layer [in, out], placed with `sharding`
+    (None: wherever it is).
     """
-    merged = {}
-    for path, module in nnx.iter_graph(model):
-        if not isinstance(module, Projection) or module.adapter_config is None:
-            continue
-        merge = functools.partial(lora.merge, config=module.adapter_config)
-        kernel, adapter_state = module.kernel.value, module.adapter_state()
-        if kernel.ndim == 3:  # stacked layers
-            merge = jax.vmap(merge)
-        merged[tuple(str(k) for k in path) + ("kernel",)] = jax.jit(merge)(kernel, adapter_state)
-    return merged
+    adapter = module.adapter_state()
+    if layer is not None:
+        adapter = {key: _take_layer(value, layer) for key, value in adapter.items()}
+    stacked = module.kernel.value
+    shape = tuple(stacked.shape[-2:])
+    sharding = _merge_sharding(shape, stacked)
+    merged = _merge_program(module.adapter_config, np.dtype(dtype), sharding)(
+        kernel(sharding), adapter)
+    return np.ascontiguousarray(to_host(merged).T)
 
 
-def to_hf_state_dict(model: Qwen2VL, dtype: Any = None) -> dict[str, np.ndarray]:
-    """Our parameters under HF names, shapes and layouts (released naming), as numpy arrays.
+def _adapted_projections(model: Qwen2VL) -> dict[tuple, Projection]:
+    """{kernel path in nnx.state(model): projection} of the projections carrying an adapter."""
+    return {tuple(str(k) for k in path) + ("kernel",): module
+            for path, module in nnx.iter_graph(model)
+            if isinstance(module, Projection) and module.adapter_config is not None}
 
-    Adapters are merged into their base kernels (`merged_kernels`), so the result is a plain
-    Qwen2-VL checkpoint. `dtype` casts every tensor (e.g. ml_dtypes.bfloat16); None keeps
-    each parameter's dtype.
-    """
+
+def _model_tensors(model: Qwen2VL, dtype: Any) -> list[OutTensor]:
+    """Every parameter of the model under its released HF name, adapters merged in float32."""
     params = {path: variable.value for path, variable in
               _by_path(nnx.state(model, nnx.Param)).items()}
-    params.update(merged_kernels(model))
-    out: dict[str, np.ndarray] = {}
+    adapted = _adapted_projections(model)
+    stacks: dict[tuple, np.ndarray] = {}  # the parameter being written, gathered once
+
+    def read(param: HFParam, layer: int | None) -> np.ndarray:
+        value = params[param.path]
+        if param.path in adapted:
+            module = adapted[param.path]
+            kernel = (lambda _: value) if layer is None else (lambda _: _take_layer(value, layer))
+            return _merged_layer(module, layer, _out_dtype(value.dtype, dtype), kernel)
+        if param.path not in stacks:
+            stacks.clear()
+            stacks[param.path] = to_host(value)
+        array = stacks[param.path] if layer is None else stacks[param.path][layer]
+        if param.kind == "linear":
+            array = array.T
+        elif param.kind != "same":
+            array = param.to_hf(array)
+        return np.ascontiguousarray(_cast(array, dtype))
+
+    out = []
     for param in hf_params(model.config):
-        value = np.asarray(jax.device_get(params[param.path]))
-        layers = range(value.shape[0]) if param.stacked else [None]
-        for layer in layers:
-            array = value if layer is None else value[layer]
-            if param.kind == "linear":
-                array = array.T
-            elif param.kind != "same":
-                array = param.to_hf(array)
+        value = params[param.path]
+        stored = _out_dtype(np.dtype(value.dtype), dtype)
+        own_shape = tuple(value.shape[1:] if param.stacked else value.shape)
+        if param.kind == "linear":
+            shape = own_shape[::-1]
+        elif param.kind == "same":
+            shape = own_shape
+        else:
+            shape = param.to_hf(np.zeros(own_shape, np.float32)).shape
+        for layer in range(value.shape[0]) if param.stacked else [None]:
             name = param.hf_name.format(i=layer) if param.stacked else param.hf_name
-            out[name] = np.ascontiguousarray(array if dtype is None else array.astype(dtype))
+            out.append(OutTensor(name, tuple(shape), stored,
+                                  functools.partial(read, param, layer), collective=True))
     return out
 
 
-def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
-    header, offset = {}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for array in tensors.values():
-            f.write(array.tobytes())
+def _source_tensors(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> list[OutTensor]:
+    """Every tensor of the source checkpoint, as stored, under its own name; the kernels the
+    model adapts are merged in float32 from the source's values (not from the model's copy in
+    param_dtype). Only the merges are collective."""
+    checkpoint = Checkpoint(source_dir)
+    merges: dict[str, tuple[Projection, HFParam, int | None]] = {}
+    adapted = _adapted_projections(model)
+    for param in hf_params(model.config):
+        if param.path not in adapted:
+            continue
+        stacked = adapted[param.path].kernel.value
+        for layer in range(stacked.shape[0]) if param.stacked else [None]:
+            name = checkpoint.resolve(param.hf_name.format(i=layer) if param.stacked
+                                      else param.hf_name)
+            check_shape(checkpoint, param, name, tuple(stacked.shape[-2:]))
+            merges[name] = (adapted[param.path], param, layer)
+
+    def copy(name: str) -> np.ndarray:
+        return np.ascontiguousarray(_cast(np.asarray(checkpoint.array(name)), dtype))
+
+    def merge(name: str, stored: np.dtype) -> np.ndarray:
+        module, param, layer = merges[name]
+        shape = tuple(module.kernel.value.shape[-2:])
+        layer_param = dataclasses.replace(param, hf_name=name)
+
+        def kernel(sharding):  # each device reads its own block of the source, in float32
+            sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.make_array_from_callback(shape, sharding, lambda index: read_block(
+                checkpoint, layer_param, [name], shape, index, np.float32))
+
+        return _merged_layer(module, layer, stored, kernel)
+
+    out = []
+    for name in sorted(checkpoint.files):
+        entry = checkpoint.files[name].entries[name]
+        stored = _out_dtype(np.dtype(DTYPES[entry["dtype"]]), dtype)
+        read = (functools.partial(merge, name, stored) if name in merges
+                else functools.partial(copy, name))
+        out.append(OutTensor(name, tuple(entry["shape"]), stored, read,
+                              collective=name in merges))
+    return out
 
 
-def save_hf(model: Qwen2VL, out_dir: str | os.PathLike, *, max_shard_bytes: int = 2 << 30,
-            dtype: Any = None) -> list[pathlib.Path]:
+def _source_config(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> dict[str, Any]:
+    """The source's config.json, with only what the export changes: the dtype fields when
+    `dtype` differs from the source's, and `architectures` when the source has none."""
+    config = json.loads((source_dir / "config.json").read_text())
+    config.setdefault("architectures", model.config.to_hf()["architectures"])
+    if dtype is not None:
+        name = next(key for key, value in DISK_DTYPES.items() if np.dtype(value) == dtype)
+        found = False
+        for block in (config, config.get("text_config"), config.get("vision_config")):
+            for key in ("torch_dtype", "dtype"):
+                if isinstance(block, dict) and key in block:
+                    block[key], found = name, True
+        if not found:
+            config["torch_dtype"] = name
+    return config
+
+
+def save_hf(model: Qwen2VL, out_dir: str | os.PathLike | None, *,
+            max_shard_bytes: int = 2 << 30, dtype: Any = None,
+            source_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
     """Writes config.json, model-0000i-of-0000n.safetensors and model.safetensors.index.json.
 
+    Collective: with several processes, every process calls it with the same arguments, and
+    the processes other than 0 pass out_dir=None (they take part in the merges and gathers and
+    write nothing).
+
     Args:
-        model: the model; adapters are merged into the written kernels.
-        out_dir: created if missing.
+        model: the model; adapters are merged (in float32) into the written kernels.
+        out_dir: created if missing; None: take part without writing.
         max_shard_bytes: a new shard starts when the next tensor would pass this size.
-        dtype: tensor dtype on disk (e.g. ml_dtypes.bfloat16 or np.float32); None keeps ours.
+        dtype: floating tensors' dtype on disk (e.g. ml_dtypes.bfloat16 or np.float32); None
+            keeps each tensor's own (the source's, or the model's parameter dtype).
+        source_dir: the checkpoint the model was loaded from. Given, the tensors are the
+            source's as stored (bit-equal when nothing is adapted and `dtype` is None or the
+            same), adapted kernels are merged from the source's values, and config.json is the
+            source's (see `_source_config`). None: the model's own parameters (e.g. after full
+            fine-tuning) and a config.json from its configuration.
 
     Returns:
-        The safetensors files written.
+        The safetensors files written (none when out_dir is None).
     """
+    dtype = None if dtype is None else np.dtype(dtype)
+    if source_dir is not None:
+        tensors = _source_tensors(model, pathlib.Path(source_dir), dtype)
+    else:
+        tensors = _model_tensors(model, dtype)
+    if out_dir is None:
+        write_shards(None, tensors, max_shard_bytes)
+        return []
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_state_dict(model, dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        array = tensors[name]
-        if shards[-1] and size + array.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = array
-        size += array.nbytes
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(out_dir / file_name, shard)
-        files.append(out_dir / file_name)
-        weight_map.update({name: file_name for name in shard})
-    total = sum(array.nbytes for array in tensors.values())
-    with open(out_dir / INDEX_FILE, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = model.config.to_hf()
-    first = next(iter(tensors.values()))
-    config["torch_dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-        _DTYPE_NAMES[first.dtype], "float32")
+    files = write_shards(out_dir, tensors, max_shard_bytes)
+    if source_dir is not None:
+        config = _source_config(model, pathlib.Path(source_dir), dtype)
+    else:
+        config = model.config.to_hf()
+        config["torch_dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+            DTYPE_NAMES[tensors[0].dtype], "float32")
     with open(out_dir / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     return files
+
+
+def to_hf_state_dict(model: Qwen2VL, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Our parameters under HF names, shapes and layouts (released naming), as numpy arrays,
+    adapters merged: what `save_hf` writes without a source (collective, like it)."""
+    return {tensor.name: tensor.read() for tensor in
+            _model_tensors(model, None if dtype is None else np.dtype(dtype))}
 
 
 def copy_assets(source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

@@ -1,10 +1,14 @@
 """PEFT LoRA/DoRA adapters in and out: the directory format PEFT reads and writes.
 
 `save_peft_adapter` writes a model's adapters as `adapter_config.json` +
-`adapter_model.safetensors`, loadable by PEFT on top of the base model; `read_peft_config` and
+`adapter_model.safetensors`, loadable by PEFT on top of the base model (Qwen2-VL or Qwen2.5-VL:
+the adapter's `auto_mapping` names the base model's class); `read_peft_config` and
 `load_peft_adapter` read such an adapter back (ours, or one trained with the original PyTorch
 release) so it can be evaluated, mined and merged here. PEFT stores `lora_A` [R, in] and
 `lora_B` [out, R] per layer; we hold them stacked over layers as [N, in, R] and [N, R, out].
+
+Saving is collective like `hf_io.save_hf`: the adapters may be sharded across hosts, so every
+process calls it, all take part in the gather, and only process 0 (given a directory) writes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from g2e.models import lora
+from g2e.models import hf_io, lora
+from g2e.models.config import QWEN2_5_VL
 from g2e.models.qwen2_vl import Qwen2VL
 
 PEFT_CONFIG = "adapter_config.json"
@@ -31,32 +36,43 @@ _BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn"
 _PEFT_NAME = re.compile(r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
                         r"(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)"
                         r"(?:\.default)?(?:\.weight)?$")
+_VISION_MLP = {"gate_proj", "up_proj", "down_proj"}
+_VISION_MODULES = r".*\bvisual\..*"  # exclude_modules: PEFT full-matches it to module names
 _OUR_KEY = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "magnitude"}
 
 
 def adapter_arrays(model: Qwen2VL) -> dict[str, dict[str, np.ndarray]]:
-    """{projection name: {'lora_a' [layers, in, r], 'lora_b' [layers, r, out], 'magnitude'}}."""
+    """{projection name: {'lora_a' [layers, in, r], 'lora_b' [layers, r, out], 'magnitude'}},
+    float32, on every process (a collective when the adapters span several processes)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         *_, projection, key = (str(part) for part in path)
-        out.setdefault(projection, {})[key] = np.asarray(jax.device_get(variable.value),
-                                                         np.float32)
+        out.setdefault(projection, {})[key] = hf_io.to_host(variable.value).astype(np.float32)
     return out
 
 
-def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig, out_dir: str | os.PathLike,
-                      *, base_model: str = "") -> None:
+def has_adapters(model: Qwen2VL) -> bool:
+    """Whether the model carries LoRA/DoRA adapters (no data is read)."""
+    return bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+
+
+def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig,
+                      out_dir: str | os.PathLike | None, *, base_model: str = "") -> None:
     """Writes the model's adapters into `out_dir` as a PEFT LoRA/DoRA adapter.
 
     Writes adapter_config.json and adapter_model.safetensors (callers that need the folder to
-    appear whole wrap this in `g2e.atomic.replace_directory`).
+    appear whole wrap this in `g2e.atomic.replace_directory`). Collective: with several
+    processes every process calls it, and the processes other than 0 pass out_dir=None (they
+    take part in the gather and write nothing).
 
     Raises:
       ValueError: the model carries no adapters.
     """
-    arrays = adapter_arrays(model)
-    if not arrays:
+    if not has_adapters(model):
         raise ValueError("export: the model has no adapters to write in PEFT format")
+    arrays = adapter_arrays(model)
+    if out_dir is None:
+        return
     tensors = {}
     prefix = "base_model.model.model.language_model.layers"
     for projection, state in sorted(arrays.items()):
@@ -73,14 +89,26 @@ def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig, out_dir: str 
         "target_modules": sorted(arrays), "use_dora": adapter.kind == "dora",
         "init_lora_weights": adapter.init, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "modules_to_save": None, "inference_mode": True,
-        "auto_mapping": {"base_model_class": "Qwen2VLForConditionalGeneration",
-                         "parent_library": "transformers.models.qwen2_vl.modeling_qwen2_vl"},
+        "auto_mapping": base_model_class(model),
     }
+    # PEFT matches target_modules by name suffix, and Qwen2.5-VL's vision blocks have MLP
+    # projections named like the decoder's; g2e adapts only the decoder, so PEFT must not add
+    # (freshly initialised) adapters there.
+    if model.config.model_type == QWEN2_5_VL and set(arrays) & _VISION_MLP:
+        config["exclude_modules"] = _VISION_MODULES
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
     (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def base_model_class(model: Qwen2VL) -> dict[str, str]:
+    """PEFT's auto_mapping of the base model: its transformers class, by its model type
+    (Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration)."""
+    model_type = model.config.model_type
+    return {"base_model_class": model.config.to_hf()["architectures"][0],
+            "parent_library": f"transformers.models.{model_type}.modeling_{model_type}"}
 
 
 def read_peft_config(adapter_dir: str | os.PathLike) -> lora.AdapterConfig:

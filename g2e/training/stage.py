@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from g2e import atomic, distributed, mining
+from g2e import distributed, mining
 from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
@@ -53,15 +53,17 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     if result.stopped_early:
         raise Preempted(f"train: stopped at step {result.step} after saving a checkpoint; "
                         "rerun the same command to resume")
-    if distributed.is_primary():
-        if adapter is not None:
-            atomic.replace_directory(pipeline.workdir / TRAINED_ADAPTER, lambda tmp: (
-                peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir)))
-        else:
-            def write(tmp):
-                hf_io.save_hf(model, tmp)
+    # The weights may be sharded across hosts: every process takes part in gathering them,
+    # process 0 writes.
+    if adapter is not None:
+        distributed.write_on_primary(pipeline.workdir / TRAINED_ADAPTER, lambda tmp: (
+            peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir)))
+    else:
+        def write(tmp):
+            hf_io.save_hf(model, tmp)
+            if tmp is not None:
                 hf_io.copy_assets(config.model_dir, tmp)
-            atomic.replace_directory(pipeline.workdir / TRAINED_MODEL, write)
+        distributed.write_on_primary(pipeline.workdir / TRAINED_MODEL, write)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
     return {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
             "rows": len(rows), "clusters": len(clusters)}

@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from g2e.models import hf_io, lora
+from g2e.models import hf_files, hf_io, lora
 from tests.models import checkpoints
 
 
@@ -44,7 +44,7 @@ def test_round_trip_names_shapes_values(tiny):
 def test_sharded_checkpoint_with_index(tmp_path, tiny):
     _, _, reference = tiny
     _, path = checkpoints.make_hf_checkpoint(tmp_path, seed=4, max_shard_size="60KB")
-    assert (path / hf_io.INDEX_FILE).is_file() and len(list(path.glob("model-*"))) > 2
+    assert (path / hf_files.INDEX_FILE).is_file() and len(list(path.glob("model-*"))) > 2
     _assert_state_dict_equal(hf_io.to_hf_state_dict(hf_io.load_model(path)), reference)
 
 
@@ -72,7 +72,7 @@ def test_save_hf_loads_in_transformers(tmp_path, tiny):
     hf_model, path, reference = tiny
     files = hf_io.save_hf(hf_io.load_model(path), tmp_path / "out", max_shard_bytes=100_000)
     assert len(files) > 1
-    index = json.loads((tmp_path / "out" / hf_io.INDEX_FILE).read_text())
+    index = json.loads((tmp_path / "out" / hf_files.INDEX_FILE).read_text())
     assert sorted(index["weight_map"]) == sorted(reference)
     reloaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out")
     for name, tensor in reloaded.state_dict().items():
