@@ -142,7 +142,8 @@ def test_evaluate_mmeb_known_answers_and_reports(mmeb_eval, tmp_path):
     assert summary["subsets"]["RefCOCO"] == {
         "precision_at_1": 100.0, "meta_task": "Grounding", "split": "OOD", "num_queries": 1,
         "num_correct": 1, "num_unique_queries": 1, "num_unique_candidates": 2,
-        "num_skipped_rows": 0}
+        "num_skipped_rows": 0, "chance": 50.0, "correct": "1"}
+    assert summary["subsets"]["ImageNet-1K"]["correct"] == "1110"  # row by row
     assert summary["meta_tasks"] == {"Classification": 75.0, "VQA": 25.0, "Grounding": 100.0}
     assert (summary["IND"], summary["OOD"], summary["overall"]) == (62.5, 50.0, 56.25)
     # The leaderboard's order: meta-task, then IND before OOD.
