@@ -152,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
             generator_steps=300,
             generator_lr=3e-3,
             generator_batch_size=16,
+            # Judge-format yes/no lessons per training subset, from freshly drawn rows.
+            matching_lessons=100,
             vocab_size=1024,
             hidden_size=64,
             num_layers=2,

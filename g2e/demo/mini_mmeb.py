@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -234,6 +235,42 @@ def _example(name: str, rng: np.random.Generator) -> Example:
     if name in ("ShapeGround", "ShapeRef-Matching"):
         return _grounding(name, rng)
     raise ValueError(f"mini-MMEB has no subset {name!r}; its subsets: {list(SUBSETS)}.")
+
+
+def draw_examples(name: str, seed: int, count: int) -> list[tuple[str, Any, str, Any]]:
+    """`count` fresh (query text, query image, positive text, positive image) pairs of subset
+    `name`, images in memory: the same kind of rows the files hold, for a separate purpose (the
+    demo generator's matching lessons), from their own seed."""
+    rng = np.random.default_rng([seed, list(SUBSETS).index(name), 2])
+    instruction = SUBSETS[name][2][0]
+    pairs = []
+    for _ in range(count):
+        example = _example(name, rng)
+        pairs.append((_query_text(instruction, example), example.qry_image,
+                      example.pos_text, example.pos_image))
+    return pairs
+
+
+def answers(anchor: Any, owner: Any) -> bool:
+    """Whether `owner`'s positive also answers `anchor`'s query, as the mini-MMEB is drawn.
+
+    Rows (or anything with qry_text, qry_image, pos_text, pos_image): a text positive (a label,
+    an answer, a caption) answers every query whose own positive is that same text; an image
+    positive answers a text-only query (a caption) with the same words as its own query; no
+    other positive answers another row's query (a crop belongs to its own scene, an edit to its
+    own source image). This is the truth the judge's quality is measured against.
+    """
+    if anchor.pos_image is None and owner.pos_image is None:
+        return anchor.pos_text == owner.pos_text
+    if (anchor.pos_image is not None and owner.pos_image is not None
+            and anchor.qry_image is None and owner.qry_image is None):
+        return _caption(anchor.qry_text) == _caption(owner.qry_text)
+    return False
+
+
+def _caption(query_text: str) -> str:
+    """A retrieval query's own words: the text after its instruction's colon."""
+    return query_text.rsplit(": ", 1)[-1].strip()
 
 
 def _query_text(instruction: str, example: Example) -> str:

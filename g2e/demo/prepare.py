@@ -27,7 +27,7 @@ import tqdm
 from flax import nnx
 
 from g2e import atomic, distributed
-from g2e.data import mmeb
+from g2e.data import mmeb, prompts
 from g2e.data.preprocess import Encoded, Processor
 from g2e.demo import mini_mmeb, scenes, tiny
 from g2e.models import hf_io
@@ -82,35 +82,94 @@ def _one_word(text: str) -> str | None:
     return next((w for w in words if w in scenes.SHAPES), None)
 
 
-def generator_examples(train_dir: pathlib.Path, image_root: pathlib.Path
-                       ) -> list[tuple[str, str | None, str]]:
-    """(user text, image path or None, answer) pairs from the mini-MMEB's training rows.
+@dataclasses.dataclass(frozen=True)
+class Lesson:
+    """One example the generator learns from: a chat turn and the answer it must produce.
 
-    Like an instruction-tuned MLLM's data: a row whose positive is text teaches the model to
+    `user` may hold `<|image_1|>` placeholders for `images` (paths or PIL images, in order);
+    `suffix` follows it inside the user turn; `system` is the system turn (None: none)."""
+
+    user: str
+    images: tuple
+    answer: str
+    system: str | None = None
+    suffix: str = ""
+
+
+def generator_lessons(train_dir: pathlib.Path, image_root: pathlib.Path, *,
+                      matching_per_subset: int, seed: int) -> list[Lesson]:
+    """The generator's instruction data: what an instruction-tuned MLLM has learnt to do.
+
+    From the mini-MMEB's training rows: a row whose positive is text teaches the model to
     answer its query with it (labels, answers, captions); a row whose positive is an image
-    teaches it to caption that image with the query's caption; and every caption also gives
-    a one-word summary task, of the image and of the caption text (the first shape named), and
-    a yes/no question about the image (is a given shape in it?).
+    teaches it to caption that image with the query's caption; every caption also gives a
+    one-word summary task, of the image and of the caption text (the first shape named), and a
+    yes/no question about the image (is a given shape in it?). And, from freshly drawn rows
+    of each training subset (`matching_per_subset`, their own seed: never the rows mining will
+    judge), matching questions in the judge's own words: does this candidate answer or match
+    this query? The truth is `mini_mmeb.answers`; half the pairs are a row with its own
+    positive or another row's that answers it too, half another row's that does not.
     """
-    examples = []
+    lessons = []
     for subset in mmeb.list_subsets(str(train_dir)):
         for row in mmeb.read_train_subset(str(train_dir), subset, "original", str(image_root)):
-            if row.pos_image is None:
-                examples.append((row.qry_text, row.qry_image, row.pos_text))
-                caption, image = row.pos_text, row.qry_image
-            elif row.qry_image is None and row.qry_text:
-                caption, image = row.qry_text.rsplit(": ", 1)[-1].strip(), row.pos_image
-                examples.append((GENERATOR_QUESTION, image, caption))
-            else:
-                continue
-            word = _one_word(caption)
-            if word and len(caption.split()) > 1:
-                examples.append((ONE_WORD_IMAGE, image, word))
-                examples.append((f"{caption}\n{ONE_WORD_TEXT}", None, word))
-                asked = scenes.SHAPES[(row.index + len(caption)) % len(scenes.SHAPES)]
-                answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
-                examples.append((YES_NO.format(asked), image, answer))
-    return examples
+            lessons += _row_lessons(row)
+        lessons += _matching_lessons(subset, matching_per_subset, seed)
+    return lessons
+
+
+def _row_lessons(row: mmeb.TrainRow) -> list[Lesson]:
+    images = lambda image: (image,) if image else ()  # noqa: E731
+    lessons = []
+    if row.pos_image is None:
+        lessons.append(Lesson(row.qry_text, images(row.qry_image), row.pos_text))
+        caption, image = row.pos_text, row.qry_image
+    elif row.qry_image is None and row.qry_text:
+        caption, image = row.qry_text.rsplit(": ", 1)[-1].strip(), row.pos_image
+        lessons.append(Lesson(GENERATOR_QUESTION, images(image), caption))
+    else:
+        return lessons
+    word = _one_word(caption)
+    if word and len(caption.split()) > 1:
+        lessons.append(Lesson(ONE_WORD_IMAGE, images(image), word))
+        lessons.append(Lesson(f"{caption}\n{ONE_WORD_TEXT}", (), word))
+        asked = scenes.SHAPES[(row.index + len(caption)) % len(scenes.SHAPES)]
+        answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
+        lessons.append(Lesson(YES_NO.format(asked), images(image), answer))
+    return lessons
+
+
+def _matching_lessons(subset: str, count: int, seed: int) -> list[Lesson]:
+    """Judge-format yes/no pairs of freshly drawn rows of `subset` (see generator_lessons)."""
+    rows = [_Drawn(*pair) for pair in mini_mmeb.draw_examples(subset, seed, count)]
+    rng = np.random.default_rng([seed, len(subset), 7])
+    lessons = []
+    for index, anchor in enumerate(rows):
+        also = [o for o in rows if o is not anchor and mini_mmeb.answers(anchor, o)]
+        others = [o for o in rows if not mini_mmeb.answers(anchor, o) and o is not anchor]
+        yes = also[int(rng.integers(len(also)))] if also and rng.random() < 0.5 else anchor
+        pairs = [(yes, "Yes")]
+        if others:
+            pairs.append((others[int(rng.integers(len(others)))], "No"))
+        for owner, answer in pairs:
+            images = tuple(image for image in (anchor.qry_image, owner.pos_image) if image)
+            query = prompts.place_images(anchor.qry_text, int(anchor.qry_image is not None))
+            candidate = prompts.place_images(owner.pos_text, int(owner.pos_image is not None))
+            lessons.append(Lesson(f"{prompts.JUDGE_QUERY_LABEL}{query}"
+                                  f"{prompts.JUDGE_CANDIDATE_LABEL}{candidate}", images, answer,
+                                  system=prompts.JUDGE_SYSTEM_PROMPT,
+                                  suffix=prompts.JUDGE_QUESTION))
+    return lessons
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Drawn:
+    """A freshly drawn row (images in memory), as `mini_mmeb.answers` reads rows."""
+
+    qry_text: str
+    qry_image: Any
+    pos_text: str
+    pos_image: Any
 
 
 def _lm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
@@ -126,12 +185,13 @@ def _lm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Arr
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def train_generator(model: Qwen2VL, processor: Processor, examples, *, steps: int, lr: float,
-                    batch_size: int, seed: int) -> list[float]:
-    """Next-token training of `model` in place on (user, image, answer) examples; losses."""
+def train_generator(model: Qwen2VL, processor: Processor, lessons: list[Lesson], *, steps: int,
+                    lr: float, batch_size: int, seed: int) -> list[float]:
+    """Next-token training of `model` in place on the lessons' answers; the losses."""
     encoded: list[Encoded] = []
-    for user, image, answer in examples:
-        item = processor.encode_chat(None, user, [image] if image else [], answer=answer)
+    for lesson in lessons:
+        item = processor.encode_chat(lesson.system, lesson.user, list(lesson.images),
+                                     user_suffix=lesson.suffix, answer=lesson.answer)
         if item is not None:
             encoded.append(item)
     if len(encoded) < batch_size:
@@ -195,8 +255,9 @@ def build_generator(config: ml_collections.ConfigDict, paths: DemoPaths,
                     out: pathlib.Path) -> dict[str, Any]:
     """Writes the tiny generator checkpoint, trained on the mini-MMEB, into `out`."""
     demo = config.demo
-    examples = generator_examples(paths.train_dir, paths.image_root)
-    texts = [text for user, _, answer in examples for text in (user, answer)]
+    lessons = generator_lessons(paths.train_dir, paths.image_root,
+                                matching_per_subset=demo.matching_lessons, seed=demo.seed)
+    texts = [text for lesson in lessons for text in (lesson.user, lesson.answer)]
     tiny.write_assets(out, texts=texts, vocab_size=demo.vocab_size,
                       hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
                       layers=demo.num_layers, heads=demo.heads, kv_heads=demo.kv_heads,
@@ -208,10 +269,10 @@ def build_generator(config: ml_collections.ConfigDict, paths: DemoPaths,
                                    image_resolution="processor",
                                    length_buckets=tuple(config.data.length_buckets),
                                    patch_buckets=tuple(config.data.patch_buckets))
-    losses = train_generator(model, processor, examples, steps=demo.generator_steps,
+    losses = train_generator(model, processor, lessons, steps=demo.generator_steps,
                              lr=demo.generator_lr, batch_size=demo.generator_batch_size,
                              seed=demo.seed)
     hf_io.save_hf(model, out, dtype=np.float32)
-    return {"examples": len(examples), "steps": demo.generator_steps,
+    return {"lessons": len(lessons), "steps": demo.generator_steps,
             "first_loss": round(float(np.mean(losses[:10])), 4),
             "last_loss": round(float(np.mean(losses[-10:])), 4)}

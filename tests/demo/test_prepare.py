@@ -1,0 +1,50 @@
+"""The demo generator's lessons: matching questions in the judge's exact words, true answers."""
+
+import numpy as np
+import pytest
+
+from g2e.data import mmeb
+from g2e.data.preprocess import EmbedItem, Processor
+from g2e.demo import mini_mmeb, prepare, tiny
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    mini_mmeb.build(str(root / "data"), seed=0, train_rows=6, eval_queries=2, candidates=2)
+    tiny.write_assets(root / "model")
+    return root
+
+
+def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
+    lessons = prepare.generator_lessons(mini / "data" / "train", mini / "data",
+                                        matching_per_subset=12, seed=0)
+    matching = [lesson for lesson in lessons if lesson.system is not None]
+    assert len(matching) > 6 * 12 and {lesson.answer for lesson in matching} == {"Yes", "No"}
+    processor = Processor.from_dir(mini / "model", max_length=512)
+    for lesson in matching[::9]:
+        # The judge's prompt of the same query and candidate is token for token the lesson's.
+        query_text, candidate_text = lesson.user.removeprefix("Query: ").split("\nCandidate: ")
+        images = list(lesson.images)
+        query_image = images.pop(0) if "<|image_pad|>" in query_text else None
+        candidate_image = images.pop(0) if "<|image_pad|>" in candidate_text else None
+        judge = processor.encode_judge(EmbedItem(query_text, query_image, "query"),
+                                       EmbedItem(candidate_text, candidate_image, "candidate"))
+        asked = processor.encode_chat(lesson.system, lesson.user, list(lesson.images),
+                                      user_suffix=lesson.suffix)
+        np.testing.assert_array_equal(asked.input_ids, judge.input_ids)
+    # About as many Yes as No, so the judge learns to tell them apart.
+    yes = sum(lesson.answer == "Yes" for lesson in matching)
+    assert 0.35 < yes / len(matching) < 0.65
+
+
+def test_answers_follows_the_construction(mini):
+    rows = mmeb.read_train_subset(str(mini / "data" / "train"), "ShapeCls", "original",
+                                  str(mini / "data"))
+    same = [(a, b) for a in rows for b in rows if a is not b and a.pos_text == b.pos_text]
+    different = [(a, b) for a in rows for b in rows if a.pos_text != b.pos_text]
+    assert all(mini_mmeb.answers(a, b) for a, b in same)
+    assert not any(mini_mmeb.answers(a, b) for a, b in different)
+    ground = mmeb.read_train_subset(str(mini / "data" / "train"), "ShapeGround", "original",
+                                    str(mini / "data"))
+    assert not mini_mmeb.answers(ground[0], ground[1])  # a crop of another scene
