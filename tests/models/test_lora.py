@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +182,25 @@ def test_dropout_statistics_with_a_fast_key():
     other = np.asarray(lora.dropout(x, rate, False, jax.random.fold_in(key, 1))) != 0
     assert 0.1 < np.mean(other != kept) < 0.25  # independent masks differ in ~2 p (1 - p)
     assert lora.dropout(x, rate, True, None) is x
+
+
+def test_dropout_bits_are_drawn_per_device_in_a_sharded_step():
+    """Under a mesh and the sharding rules (as the train step is traced), each device draws the
+    bits of its own rows only: XLA would not partition a global RngBitGenerator draw."""
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from g2e.models import sharding
+
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    x = jax.device_put(jnp.ones((64, 16, 32)), NamedSharding(mesh, P(("data", "fsdp"))))
+    key = jax.random.wrap_key_data(jnp.arange(4, dtype=jnp.uint32), impl="rbg")
+    dropout = jax.jit(lambda x, k: lora.dropout(x, 0.1, False, k))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        text = dropout.lower(x, key).compile().as_text()
+        kept = np.asarray(dropout(x, key)) != 0
+    drawn = [np.prod([int(d) for d in dims.split(",")])
+             for dims in re.findall(r"u16\[([\d,]+)\]", text)]
+    assert drawn and max(drawn) == 8 * 16 * 32, drawn  # one device's rows, not all 64
+    assert abs(kept.mean() - 0.9) < 0.01
+    assert 0.1 < np.mean(kept[:8] != kept[8:16]) < 0.25  # devices draw different bits
