@@ -21,10 +21,14 @@ chooses how it backpropagates (`train.backprop`):
   'direct':    always the direct step;
   'gradcache': always GradCache (chunks as under 'auto').
 The compiled executable also gives the step's hardware FLOPs (g2e.training.flops.hlo_flops).
+The step is traced with the mesh and the logical-axis rules set (`compile_step`), so the model's
+activation constraints (`sharding.constrain`) take effect: without them GSPMD may, under fsdp,
+gather a whole chunk's activations onto every device rather than the layer's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -35,7 +39,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from g2e.models import sharding
 
 from g2e.training import flops as flops_lib
 from g2e.training import gradcache
@@ -129,6 +136,24 @@ def train_step(setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[s
     return new_state, metrics
 
 
+def compile_step(setup: StepSetup, state_sharding: PyTree, state: PyTree, frozen: PyTree,
+                 batch: Mapping[str, Any], rules: sharding.Rules | None = None) -> Any:
+    """`train_step` compiled for these arguments (arrays or ShapeDtypeStructs with shardings),
+    the state donated and returned with `state_sharding`.
+
+    With `rules` the step is traced under the mesh and those logical-axis rules, so the model's
+    activation constraints apply.
+    """
+    replicated = NamedSharding(setup.mesh, P())
+    jitted = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
+                     out_shardings=(state_sharding, replicated))
+    with contextlib.ExitStack() as stack:
+        if rules is not None:
+            stack.enter_context(jax.set_mesh(setup.mesh))
+            stack.enter_context(nnx.logical_axis_rules(rules))
+        return jitted.lower(state, frozen, batch).compile()
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """One compiled step: the executable, how it backpropagates, its per-device memory plan
@@ -167,16 +192,18 @@ class CompiledSteps:
       backprop: 'auto', 'direct' or 'gradcache'.
       query_chunk, candidate_chunk: GradCache rows per device per chunk; 0 sizes them.
       memory_limit: per-device bytes a step may use (None: no limit).
+      rules: the logical-axis rules the model's activations are constrained with.
     """
 
     def __init__(self, setup: StepSetup, state_sharding: PyTree, *, backprop: str = "auto",
                  query_chunk: int = 0, candidate_chunk: int = 0,
-                 memory_limit: int | None = None):
+                 memory_limit: int | None = None, rules: sharding.Rules | None = None):
         if backprop not in BACKPROP:
             raise ValueError(f"train.backprop is {backprop!r}; use one of {BACKPROP}")
         self.setup, self.state_sharding = setup, state_sharding
         self.backprop, self.memory_limit = backprop, memory_limit
         self.chunks = (query_chunk, candidate_chunk)
+        self.rules = rules
         self._cache: dict[tuple, Compiled] = {}
 
     @staticmethod
@@ -203,10 +230,7 @@ class CompiledSteps:
     def _compile(self, state, frozen, batch, query_chunk: int, candidate_chunk: int) -> Compiled:
         setup = dataclasses.replace(self.setup, query_chunk=query_chunk,
                                     candidate_chunk=candidate_chunk)
-        replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-        jitted = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
-                         out_shardings=(self.state_sharding, replicated))
-        executable = jitted.lower(state, frozen, batch).compile()
+        executable = compile_step(setup, self.state_sharding, state, frozen, batch, self.rules)
         return Compiled(executable, "gradcache" if query_chunk else "direct", query_chunk,
                         candidate_chunk, memory_bytes(executable),
                         flops_lib.hlo_flops(executable.as_text()))

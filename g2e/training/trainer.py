@@ -185,7 +185,8 @@ class _Loop:
             backprop=train_cfg.get("backprop", "auto"),
             query_chunk=int(train_cfg.get("query_chunk", 0)),
             candidate_chunk=int(train_cfg.get("candidate_chunk", 0)),
-            memory_limit=step_lib.device_memory_limit(train_cfg.get("memory_limit_gb", 0.0)))
+            memory_limit=step_lib.device_memory_limit(train_cfg.get("memory_limit_gb", 0.0)),
+            rules=rules)
         self.rows_here = distributed.local_row_range(setup.mesh, rules, self.batch_size)
         self.writer = MetricsWriter(workdir, train_cfg.steps, self.start,
                                     jax.process_index() == 0)
