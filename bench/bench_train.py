@@ -1,41 +1,48 @@
-"""Times the contrastive training step (pairs/s).
+"""Times the contrastive train step (pairs/s) of g2e against transformers + peft, same work.
 
-  # CPU: g2e vs a plain PyTorch step (transformers + peft DoRA, same loss, same batch).
-  python bench/bench_train.py
-  # Accelerator: Qwen2-VL-2B architecture, random weights, DoRA r=8, 448x448 images,
-  # clusters of 16, GradCache chunks of 4; prints pairs/s, MFU and peak memory.
-  python bench/bench_train.py --accelerator [--clusters_per_device 4] [--chunk 4]
+  # CPU (this machine): tiny Qwen2-VL, text only; both sides on the same --threads cores.
+  python bench/bench_train.py [--threads 2] [--steps 7] [--pairs 16]
+  # Accelerator (one command, < 8 minutes on an H100): Qwen2-VL-2B architecture, random
+  # weights, DoRA r=8 (q/k/v/o/down, dropout 0.1), bf16, an MMEB-like batch of 64 pairs.
+  python bench/bench_train.py --accelerator [--pairs 64] [--remat none] [--attention xla]
+  # The accelerator path end to end on a CPU, at toy sizes:
+  python bench/bench_train.py --accelerator --smoke
 
-Both modes use synthetic batches of the design's batch format. In CPU mode the model is a tiny
-Qwen2-VL (text only) and both steps do one forward/backward of all queries and candidates
-(g2e with one GradCache chunk per side, i.e. an extra no-grad forward) plus an AdamW update.
+Both sides run the same step: embed queries and candidates (last token, L2-normalised), InfoNCE
+at temperature 0.02 over the batch, backward, global-norm clipping, AdamW. g2e runs its real
+train step (g2e.training.step: the vision tower once per side, text-only chunks skipped, DoRA
+norms once per step, direct backprop or GradCache as `train.backprop='auto'` chooses);
+transformers runs Qwen2VLModel with peft's DoRA (adapters in float32, as peft keeps them) and
+the same choice (GradCache written out in torch when g2e chose it).
+
+CPU mode first checks that both compute the same thing: dropout off, the same adapter weights
+(moved off their identity start, written by g2e as a PEFT adapter and loaded by peft), the first
+step's loss and every adapter gradient must agree within 1e-4 (relative to the largest
+gradient). Then both are timed with dropout 0.1: medians after warm-up, with the spread
+(min-max), on the same cores (sched_setaffinity before either library starts, torch also
+set_num_threads; XLA sizes its pool from the affinity mask).
+
+Accelerator mode prints pairs/s of both, MFU and HFU of g2e (g2e.training.flops: model FLOPs
+count the text forward+backward without the embedding lookup, each image's tower forward once,
+attention, and the loss; a frozen base's backward counts as 1x its forward plus the adapters'
+weight gradients; HFU counts the compiled step's own matmuls, recomputation included), g2e's
+pairs/s with the tower run over every row instead of image rows only (`--vision_chunk`), and
+peak memory of both.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
 import time
 import types
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from g2e.models import lora  # noqa: E402
-from g2e.models import positions  # noqa: E402
-from g2e.models.config import Qwen2VLConfig  # noqa: E402
-from g2e.models.qwen2_vl import Qwen2VL  # noqa: E402
-from g2e.training import loss as loss_lib  # noqa: E402
-from g2e.training import optimizer, trainer  # noqa: E402
-from g2e.training import stage as model_training  # noqa: E402
+jax = jnp = torch = None  # imported by main() once the process is pinned to its cores
 
 QWEN2_VL_2B = dict(
     model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
@@ -49,202 +56,517 @@ QWEN2_VL_2B = dict(
                        patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
                        in_channels=3, hidden_act="quick_gelu"),
 )
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+# MMEB-train (50k cap) by what each side holds: (share of rows, query text tokens, query has an
+# image, candidate text tokens, candidate has an image). Classification, VQA, i2t retrieval,
+# t2i retrieval, VisDial, CIRR/NIGHTS (image to image), WebQA, MSCOCO grounding.
+MMEB_MIX = ((0.20, 20, True, 3, False), (0.25, 30, True, 5, False), (0.15, 15, True, 25, False),
+            (0.15, 25, False, 10, True), (0.08, 150, False, 10, True),
+            (0.06, 30, True, 10, True), (0.03, 30, False, 40, True), (0.08, 20, True, 10, True))
+TEMPLATE_TOKENS = 40  # system turn, chat template and suffix around the instruction
 
 
-def synthetic_batch(config: Qwen2VLConfig, batch: int, text_len: int, image_side: int,
-                    seed: int) -> dict[str, np.ndarray]:
-    """Random tokens (+ one image_side x image_side image per example when image_side > 0)."""
+def _pin(threads: int) -> list[int]:
+    """Restricts this process to `threads` cores before jax or torch start their pools."""
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
+def _rows_batch(config, rows, pad_to, image_side, rng):
+    """A host batch (numpy, right padded) of rows [(text tokens, has image)].
+
+    Returns (g2e batch, per-row image grids).
+    """
+    from g2e.models import positions
+
+    side = image_side // 28 * 2 if image_side else 0
+    grid = (1, side, side)
+    image_tokens = side * side // 4
+    patches = side * side if any(has for _, has in rows) else 0
+    lengths = [t + (image_tokens if has else 0) for t, has in rows]
+    length = -(-max(lengths) // pad_to) * pad_to
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros_like(ids)
+    grids = []
+    for r, ((tokens, has), total) in enumerate(zip(rows, lengths)):
+        ids[r, :total] = rng.integers(0, min(1000, config.image_token_id - 16), total)
+        if has:
+            ids[r, 4:4 + image_tokens] = config.image_token_id
+        mask[r, :total] = 1
+        grids.append([grid] if has else [])
+    is_image = ids == config.image_token_id
+    batch = dict(input_ids=ids, attention_mask=mask,
+                 position_ids=positions.rope_index(ids, mask, grids,
+                                                   image_token_id=config.image_token_id),
+                 last_index=np.asarray(lengths, np.int32) - 1,
+                 image_token_index=np.where(is_image, np.cumsum(is_image, 1) - 1, 0).astype(
+                     np.int32),
+                 pixel_values=np.zeros((len(rows), patches, config.vision.patch_dim), np.float32),
+                 vision_segment_ids=np.zeros((len(rows), patches), np.int32),
+                 vision_positions=np.zeros((len(rows), patches, 2), np.int32))
+    for r, row_grids in enumerate(grids):
+        if row_grids:
+            batch["pixel_values"][r] = rng.normal(size=(patches, config.vision.patch_dim))
+            batch["vision_positions"][r], batch["vision_segment_ids"][r] = (
+                positions.vision_layout(row_grids, patches))
+    return batch, grids
+
+
+def mmeb_like_batch(config, pairs, image_side, seed, pad_to=64):
+    """{'query', 'candidate', 'ids'} host batch drawn from MMEB_MIX (template tokens added)."""
     rng = np.random.default_rng(seed)
-    grid = (1, image_side // 14, image_side // 14) if image_side else None
-    image_tokens = grid[1] * grid[2] // 4 if grid else 0
-    length = text_len + image_tokens
-    # Plain text ids below the special tokens (which sit at the top of the vocabulary).
-    input_ids = rng.integers(0, min(1000, config.image_token_id - 16), (batch, length))
-    input_ids = input_ids.astype(np.int32)
-    if grid:
-        input_ids[:, 4:4 + image_tokens] = config.image_token_id
-    attention_mask = np.ones((batch, length), np.int32)
-    grids = [[grid] if grid else [] for _ in range(batch)]
-    out = dict(input_ids=input_ids, attention_mask=attention_mask,
-               position_ids=positions.rope_index(input_ids, attention_mask, grids,
-                                                 image_token_id=config.image_token_id),
-               last_index=np.full((batch,), length - 1, np.int32),
-               image_token_index=np.zeros((batch, length), np.int32))
-    patches = grid[1] * grid[2] if grid else 0
-    out["pixel_values"] = rng.normal(size=(batch, patches, 1176)).astype(np.float32)
-    if grid:
-        out["image_token_index"][:, 4:4 + image_tokens] = np.arange(image_tokens)
-        layout = positions.vision_layout([grid], patches)
-        out["vision_positions"] = np.broadcast_to(layout[0], (batch,) + layout[0].shape).copy()
-        out["vision_segment_ids"] = np.broadcast_to(layout[1], (batch, patches)).copy()
-    else:
-        out["vision_positions"] = np.zeros((batch, 0, 2), np.int32)
-        out["vision_segment_ids"] = np.zeros((batch, 0), np.int32)
-    return out
+    shares = np.array([m[0] for m in MMEB_MIX])
+    kinds = rng.choice(len(MMEB_MIX), size=pairs, p=shares / shares.sum())
+    jitter = lambda n: int(max(1, n * rng.uniform(0.5, 1.5)))  # noqa: E731
+    queries = [(TEMPLATE_TOKENS + jitter(MMEB_MIX[k][1]), MMEB_MIX[k][2]) for k in kinds]
+    candidates = [(TEMPLATE_TOKENS + jitter(MMEB_MIX[k][3]), MMEB_MIX[k][4]) for k in kinds]
+    query, query_grids = _rows_batch(config, queries, pad_to, image_side, rng)
+    candidate, candidate_grids = _rows_batch(config, candidates, pad_to, image_side, rng)
+    return ({"query": query, "candidate": candidate, "ids": np.arange(pairs, dtype=np.int32)},
+            {"query": query_grids, "candidate": candidate_grids})
 
 
-def time_g2e(model, batch, *, cpd, cluster, chunk, steps, temperature=0.02):
-    """Runs the jitted train step; returns (median seconds per step, last loss)."""
-    mesh = jax.make_mesh((jax.device_count(), 1, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(AxisType.Auto,) * 3)
+# ------------------------------------------------------------------------------------ g2e side
+
+def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None):
+    """(run one step -> loss, the chosen compiled step, the placed batch) for `model`."""
+    from g2e import distributed
+    from g2e.models import sharding
+    from g2e.training import loss as loss_lib
+    from g2e.training import optimizer, step, trainer
+    from g2e.training import stage as model_training
+
+    mesh = distributed.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    rules = sharding.DEFAULT_RULES
     graphdef, trainable, frozen = model_training.split_model(model, full=False)
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+    prepare, embed = model_training.model_step_fns(
+        graphdef, groups=model_training.batch_groups(mesh, rules), vision_chunk=vision_chunk)
     train_cfg = types.SimpleNamespace(lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0,
                                       grad_clip=1.0)
     opt, schedule = optimizer.make_optimizer(train_cfg)
-    loss_config = loss_lib.LossConfig(temperature)
-    setup = trainer.StepSetup(embed_fn=model_training.model_embed_fn(graphdef),
-                              loss_config=loss_config, optimizer=opt, schedule=schedule,
-                              mesh=mesh, query_chunk=chunk, candidate_chunk=chunk,
-                              batch_axes=("data",))
-    state = trainer.init_state(trainable, opt, 0, loss_config)
-    shard = lambda key: NamedSharding(mesh, P(None, "data") if key == "position_ids"
-                                      else P("data"))
-    n = batch["query"]["input_ids"].shape[0]
-    device_batch = {side: {k: jax.device_put(v, shard(k)) for k, v in batch[side].items()}
-                    for side in ("query", "candidate")}
-    device_batch["ids"] = jax.device_put(np.arange(n, dtype=np.int32), shard("ids"))
-    step = jax.jit(functools.partial(trainer.train_step, setup), donate_argnums=(0,))
-    for _ in range(2):  # compile; the second call sees the output shardings of the first
-        state, metrics = step(state, frozen, device_batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step(state, frozen, device_batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    # The median: on a shared machine single steps can stall far beyond the typical one.
-    return float(np.median(times)), float(metrics["loss"])
+    config = loss_lib.LossConfig(0.02, mask_identical_positives=False)
+    setup = step.StepSetup(embed_fn=embed, loss_config=config, optimizer=opt, schedule=schedule,
+                           mesh=mesh, query_chunk=0, candidate_chunk=0,
+                           batch_axes=sharding.batch_axes(rules, mesh.axis_names),
+                           prepare_fn=prepare)
+    state = trainer._placed(step.init_state(trainable, opt, 0, config), mesh)
+    batch = distributed.put_batch(host, mesh, rules)
+    steps = step.CompiledSteps(setup, jax.tree.map(lambda x: x.sharding, state),
+                               backprop=backprop, memory_limit=memory_limit, rules=rules)
+    compiled = steps.get(state, frozen, batch)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled.executable(holder["state"], frozen, batch)
+        return float(metrics["loss"])  # fetching the loss waits for the step
+
+    return run, compiled
 
 
-def time_torch(model_dir, batch, steps, threads):
-    """A plain PyTorch step: transformers Qwen2-VL + peft DoRA, InfoNCE, AdamW."""
-    import peft
-    import torch
-    import transformers
-    torch.set_num_threads(threads)
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir).float()
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=64, lora_dropout=0.1, use_dora=True, init_lora_weights="gaussian",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+def g2e_loss_and_grads(model, host):
+    """Loss and adapter gradients of the first step, by plain backprop (no dropout)."""
+    from g2e.training import gradcache
+    from g2e.training import loss as loss_lib
+    from g2e.training import stage as model_training
 
-    def embed(side):
-        b = batch[side]
-        out = model.base_model.model.model(
-            input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
-            attention_mask=torch.tensor(b["attention_mask"]))
-        pooled = out.last_hidden_state[torch.arange(len(b["last_index"])),
-                                       torch.tensor(b["last_index"], dtype=torch.long)]
-        return torch.nn.functional.normalize(pooled, dim=-1)
+    graphdef, trainable, frozen = model_training.split_model(model, full=False)
+    prepare, embed = model_training.model_step_fns(graphdef)
+    config = loss_lib.LossConfig(0.02, mask_identical_positives=False)
+
+    def fn(trainable, frozen, batch):
+        frozen, batch = prepare(trainable, frozen, batch)
+        return gradcache.direct_loss_and_grads(
+            lambda p, f, b, k: embed(p["model"], f, b, k),
+            lambda q, c, p: (loss_lib.infonce(q, c, batch["ids"], config, mesh=None)[0], {}),
+            {"model": trainable}, frozen, batch, jax.random.key(0))
+
+    loss, _, grads = jax.jit(fn)(trainable, frozen, jax.tree.map(jnp.asarray, host))
+    return float(loss), grads["model"]
+
+
+def peft_names(tree) -> dict[str, np.ndarray]:
+    """g2e adapter arrays (stacked layers) by peft's parameter names, in peft's layout."""
+    from g2e.models import peft as peft_io
+    out = {}
+    layers = tree["language_model"]["layers"]
+    for block, projections in layers.items():
+        for projection, state in projections.items():
+            for key, value in state.items():
+                value = np.asarray(value, np.float32)
+                for layer in range(value.shape[0]):
+                    name = (f"base_model.model.model.language_model.layers.{layer}."
+                            f"{peft_io._BLOCK_OF[projection]}.{projection}.")
+                    if key == "magnitude":
+                        out[name + "lora_magnitude_vector.default.weight"] = value[layer]
+                    else:
+                        out[name + f"lora_{key[-1].upper()}.default.weight"] = value[layer].T
+    return out
+
+
+# ---------------------------------------------------------------------------------- torch side
+
+def torch_inputs(host_side, grids, device, image_token_id):
+    """transformers' inputs for one side of a host batch (pixels of real patches only)."""
+    ids = torch.tensor(host_side["input_ids"], dtype=torch.long, device=device)
+    inputs = dict(input_ids=ids, attention_mask=torch.tensor(host_side["attention_mask"],
+                                                             device=device))
+    flat = [g for row in grids for g in row]
+    if flat:
+        patches = [host_side["pixel_values"][r, :int(np.prod(g))]
+                   for r, row in enumerate(grids) for g in row]
+        inputs["pixel_values"] = torch.tensor(np.concatenate(patches), device=device)
+        inputs["image_grid_thw"] = torch.tensor(flat, device=device)
+        inputs["mm_token_type_ids"] = (ids == image_token_id).long()
+    return inputs
+
+
+def torch_embed(model, inputs, last_index, dtype):
+    """L2-normalised last-token embeddings of peft-wrapped Qwen2VLForConditionalGeneration."""
+    if "pixel_values" in inputs:
+        inputs = dict(inputs, pixel_values=inputs["pixel_values"].to(dtype))
+    out = model.base_model.model.model(**inputs)
+    rows = torch.arange(len(last_index), device=last_index.device)
+    return torch.nn.functional.normalize(out.last_hidden_state[rows, last_index].float(), dim=-1)
+
+
+def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0):
+    """A torch train step on the batch: direct backprop, or GradCache over `chunk` rows."""
+    sides = {s: torch_inputs(host[s], grids[s], device, image_token_id)
+             for s in ("query", "candidate")}
+    last = {s: torch.tensor(host[s]["last_index"], dtype=torch.long, device=device)
+            for s in sides}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5)
+    # g2e's schedule: linear warm-up over 100 steps, linear decay to 0 at 1500.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / 100 if s < 100 else max(0.0, (1500 - s) / 1400))
+    labels = torch.arange(len(host["ids"]), device=device)
+
+    def rows(side, start, stop):
+        one = {k: v[start:stop] for k, v in sides[side].items()
+               if k not in ("pixel_values", "image_grid_thw")}
+        grid = grids[side][start:stop]
+        if any(grid):
+            first = sum(int(np.prod(g)) for row in grids[side][:start] for g in row)
+            count = sum(int(np.prod(g)) for row in grid for g in row)
+            one["pixel_values"] = sides[side]["pixel_values"][first:first + count]
+            one["image_grid_thw"] = torch.tensor([g for row in grid for g in row], device=device)
+        else:
+            one.pop("mm_token_type_ids", None)
+        return one, last[side][start:stop]
+
+    def loss_of(q, c):
+        return torch.nn.functional.cross_entropy(q @ c.T / 0.02, labels)
 
     def step():
-        q, c = embed("query"), embed("candidate")
-        logits = q @ c.T / 0.02
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        n = len(labels)
+        if not chunk:
+            q = torch_embed(model, *rows("query", 0, n), dtype)
+            c = torch_embed(model, *rows("candidate", 0, n), dtype)
+            loss = loss_of(q, c)
+            loss.backward()
+        else:  # GradCache: embed without graphs, loss gradient, re-embed chunk by chunk
+            with torch.no_grad():
+                embedded = {s: torch.cat([torch_embed(model, *rows(s, i, i + chunk), dtype)
+                                          for i in range(0, n, chunk)]) for s in sides}
+            reps = {s: e.detach().requires_grad_() for s, e in embedded.items()}
+            loss = loss_of(reps["query"], reps["candidate"])
+            loss.backward()
+            for s in sides:
+                for i in range(0, n, chunk):
+                    out = torch_embed(model, *rows(s, i, i + chunk), dtype)
+                    out.backward(reps[s].grad[i:i + chunk])
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad()
         return float(loss.detach())
 
-    step()
+    return step
+
+
+def time_steps(run, steps, warmup, sync=lambda: None):
+    """Seconds per step: (median, min, max) over `steps` after `warmup` untimed steps."""
+    for _ in range(warmup):
+        run()
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss = step()
+        run()
+        sync()
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), loss
+    return float(np.median(times)), float(min(times)), float(max(times))
 
+
+def _set_dropout(peft_model, rate):
+    for module in peft_model.modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = (torch.nn.Dropout(rate) if rate
+                                              else torch.nn.Identity())
+
+
+# ------------------------------------------------------------------------------------ CPU mode
 
 def cpu_mode(args):
+    import peft
     import transformers
+
+    from g2e.models import hf_io, lora
+    from g2e.models import peft as peft_io
+    from g2e.models.config import Qwen2VLConfig
     from tests.models import checkpoints
-    pairs = args.clusters_per_device * args.cluster_size * jax.device_count()
+
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = checkpoints.make_hf_model(widths="tiny", num_layers=2)
-        hf_model.save_pretrained(tmp)
+        checkpoints.make_hf_model(widths="tiny", num_layers=2).save_pretrained(tmp)
         config = Qwen2VLConfig.from_dir(tmp)
-        batch = {side: synthetic_batch(config, pairs, args.text_len, 0, seed)
-                 for seed, side in enumerate(("query", "candidate"))}
-        from g2e.models import hf_io
-        model = hf_io.load_model(tmp, adapter=lora.AdapterConfig(kind="dora"))
-        g2e_s, g2e_loss = time_g2e(model, batch, cpd=args.clusters_per_device,
-                                   cluster=args.cluster_size, chunk=pairs // jax.device_count(),
-                                   steps=args.steps)
-        torch_s, torch_loss = time_torch(tmp, batch, args.steps, threads=args.torch_threads)
-    del transformers
-    print(f"batch: {pairs} pairs, text length {args.text_len}, tiny Qwen2-VL, DoRA r=8 "
-          f"(devices: {jax.device_count()} {jax.devices()[0].device_kind})")
-    print(f"g2e    step {g2e_s * 1e3:8.1f} ms  {pairs / g2e_s:8.1f} pairs/s  loss {g2e_loss:.3f}")
-    print(f"torch  step {torch_s * 1e3:8.1f} ms  {pairs / torch_s:8.1f} pairs/s  "
-          f"({args.torch_threads} threads)  "
-          f"loss {torch_loss:.3f}")
-    print(f"ratio g2e/torch pairs/s: {torch_s / g2e_s:.2f}")
+        text_rows = lambda rng: [(int(rng.integers(args.text_len // 2, args.text_len + 1)),  # noqa
+                                  False) for _ in range(args.pairs)]
+        rng = np.random.default_rng(0)
+        host = {"query": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
+                "candidate": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
+                "ids": np.arange(args.pairs, dtype=np.int32)}
+        grids = {s: [[] for _ in range(args.pairs)] for s in ("query", "candidate")}
+        adapter = dict(kind="dora", r=8, alpha=64, targets=TARGETS)
+        model = hf_io.load_model(tmp, adapter=lora.AdapterConfig(dropout=0.0, **adapter))
+        _move_adapters(model)
+        peft_io.save_peft_adapter(model, lora.AdapterConfig(dropout=0.0, **adapter),
+                                  f"{tmp}/adapter")
+        base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp).float()
+        torch_model = peft.PeftModel.from_pretrained(base, f"{tmp}/adapter", is_trainable=True)
+
+        # 1. The same computation: first step's loss and gradients, dropout off.
+        g2e_loss, g2e_grads = g2e_loss_and_grads(model, host)
+        torch_model.train()
+        _set_dropout(torch_model, 0.0)
+        sides = {s: torch_inputs(host[s], grids[s], "cpu", config.image_token_id)
+                 for s in ("query", "candidate")}
+        q, c = (torch_embed(torch_model, sides[s],
+                            torch.tensor(host[s]["last_index"], dtype=torch.long), torch.float32)
+                for s in ("query", "candidate"))
+        torch_loss = torch.nn.functional.cross_entropy(q @ c.T / 0.02, torch.arange(args.pairs))
+        torch_loss.backward()
+        named = dict(torch_model.named_parameters())
+        ours = peft_names(g2e_grads)
+        scale = max(float(np.abs(g).max()) for g in ours.values())
+        worst = max(float(np.abs(ours[n] - named[n].grad.numpy()).max()) for n in ours)
+        same = abs(g2e_loss - float(torch_loss)) < 1e-4 and worst < 1e-4 * scale
+        print(f"check (dropout off): loss g2e {g2e_loss:.6f} torch {float(torch_loss):.6f}; "
+              f"{len(ours)} adapter gradients, largest difference {worst:.2e} "
+              f"(largest gradient {scale:.2e}): {'SAME' if same else 'DIFFERENT'}")
+        torch_model.zero_grad()
+
+        # 2. Timing, dropout 0.1 on both sides.
+        model = hf_io.load_model(tmp, adapter=lora.AdapterConfig(dropout=0.1, **adapter))
+        peft_io.load_peft_adapter(model, f"{tmp}/adapter")
+        run, compiled = g2e_step(model, host)
+        g2e_time = time_steps(run, args.steps, args.warmup)
+        _set_dropout(torch_model, 0.1)
+        torch_step = torch_step_fn(torch_model, host, grids, device="cpu", dtype=torch.float32,
+                                   image_token_id=config.image_token_id)
+        torch_time = time_steps(torch_step, args.steps, args.warmup)
+    cores = sorted(os.sched_getaffinity(0))
+    print(f"batch: {args.pairs} pairs, text up to {args.text_len} tokens, tiny Qwen2-VL (2 "
+          f"layers), DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1; g2e {compiled.backprop} "
+          f"backprop; both on cores {cores} (torch {torch.get_num_threads()} threads); "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    for name, (median, low, high) in (("g2e", g2e_time), ("torch", torch_time)):
+        print(f"{name:6s} step {median * 1e3:8.1f} ms (min {low * 1e3:.1f}, max {high * 1e3:.1f})"
+              f"  {args.pairs / median:8.1f} pairs/s")
+    print(f"ratio g2e/torch pairs/s: {torch_time[0] / g2e_time[0]:.2f} (target >= 1.3)")
 
 
-def accelerator_mode(args):
+def _move_adapters(model, seed=3):
+    """Adapters off their identity start (B != 0, magnitudes off the norms), as after training."""
+    from flax import nnx
+    _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
+    keys = iter(jax.random.split(jax.random.key(seed), 256))
+    nnx.update(model, jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+
+
+# ---------------------------------------------------------------------------- accelerator mode
+# Each side runs in its own process (`--side g2e|torch`), so each has the accelerator's memory
+# to itself; the parent prints the table.
+
+def _hf_config(args) -> dict:
+    if args.smoke:
+        from tests.models import checkpoints
+        return dict(checkpoints.hf_config_dict("tiny"), model_type="qwen2_vl")
     hf = dict(QWEN2_VL_2B)
     if args.layers:
         hf["text_config"] = dict(hf["text_config"], num_hidden_layers=args.layers)
         hf["vision_config"] = dict(hf["vision_config"], depth=args.layers)
-    config = Qwen2VLConfig.from_hf(hf)
-    dtype = jnp.bfloat16
-    model = Qwen2VL(config, dtype=dtype, param_dtype=dtype, remat=args.remat,
-                    attention=args.attention, adapter=lora.AdapterConfig(kind="dora", r=8),
-                    rngs=nnx.Rngs(0))
-    pairs = args.clusters_per_device * args.cluster_size * jax.device_count()
-    batch = {"query": synthetic_batch(config, pairs, args.text_len, args.image_side, 0),
-             "candidate": synthetic_batch(config, pairs, args.text_len, 0, 1)}
-    seconds, loss = time_g2e(model, batch, cpd=args.clusters_per_device,
-                             cluster=args.cluster_size, chunk=args.chunk, steps=args.steps)
-    tokens = sum(int(batch[s]["attention_mask"].sum()) for s in ("query", "candidate"))
-    flops = 3 * model_training.flops_per_token(model) * tokens  # 6N per token, text model only
-    peak = trainer._peak_flops()
+    return hf
+
+
+def g2e_side(args) -> dict:
+    from flax import nnx
+
+    from g2e.models import lora
+    from g2e.models.config import Qwen2VLConfig
+    from g2e.models.qwen2_vl import Qwen2VL
+    from g2e.training import flops, step
+
+    config = Qwen2VLConfig.from_hf(_hf_config(args))
+    adapter = lora.AdapterConfig(kind="dora", r=8, alpha=64, dropout=0.1, targets=TARGETS)
+    model = Qwen2VL(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=args.remat,
+                    attention=args.attention, adapter=adapter, rngs=nnx.Rngs(0))
+    host, _ = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
+    start = time.perf_counter()
+    run, compiled = g2e_step(model, host, backprop=args.backprop, vision_chunk=args.vision_chunk,
+                             memory_limit=step.device_memory_limit())
+    compile_s = time.perf_counter() - start
+    median, low, high = time_steps(run, args.steps, args.warmup)
+    devices = jax.device_count()
+    peak = flops.peak_flops()
+    model_flops = flops.train_step_flops(config, host, adapter)
+    hardware_flops = compiled.hardware_flops * devices
     stats = jax.devices()[0].memory_stats() or {}
-    print(f"Qwen2-VL-2B architecture ({config.text.num_layers} text / "
-          f"{config.vision.depth} vision layers), random weights, DoRA r=8, bf16, "
-          f"remat={args.remat}, attention={args.attention}")
-    print(f"batch: {pairs} pairs ({args.clusters_per_device} clusters x {args.cluster_size} "
-          f"x {jax.device_count()} devices), queries {args.image_side}px image + "
-          f"{args.text_len} text tokens, candidates {args.text_len} text tokens, chunk "
-          f"{args.chunk}; device {jax.devices()[0].device_kind}")
-    print(f"step {seconds:.3f} s  {pairs / seconds:.1f} pairs/s  {tokens / seconds:.0f} tokens/s"
-          f"  loss {loss:.3f}")
-    if peak:
-        print(f"MFU (6N x tokens, text model, no attention FLOPs): "
-              f"{flops / seconds / (peak * jax.device_count()):.3f}")
-    if "peak_bytes_in_use" in stats:
-        print(f"peak memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    return dict(side="g2e", device=jax.devices()[0].device_kind, devices=devices,
+                seconds=median, low=low, high=high, compile_s=compile_s,
+                backprop=compiled.backprop, chunk=compiled.query_chunk,
+                model_flops=model_flops, hardware_flops=hardware_flops,
+                mfu=model_flops / median / (peak * devices) if peak else None,
+                hfu=hardware_flops / median / (peak * devices) if peak else None,
+                planned_gib=compiled.memory_bytes / 2**30,
+                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                images={s: int((host[s]["vision_segment_ids"] > 0).any(-1).sum())
+                        for s in ("query", "candidate")},
+                tokens={s: int(host[s]["attention_mask"].sum()) for s in ("query", "candidate")},
+                lengths={s: host[s]["input_ids"].shape[1] for s in ("query", "candidate")})
+
+
+def torch_side(args) -> dict:
+    import peft
+    import transformers
+
+    from g2e.models.config import Qwen2VLConfig
+
+    hf = _hf_config(args)
+    config = Qwen2VLConfig.from_hf(hf)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.Qwen2VLConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    with torch.device(device):
+        base = transformers.Qwen2VLForConditionalGeneration._from_config(
+            hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+    if args.remat != "none":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=8, lora_alpha=64, lora_dropout=0.1, use_dora=True, init_lora_weights="gaussian",
+        target_modules=list(TARGETS)))
+    model.train()
+    host, grids = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
+    run = torch_step_fn(model, host, grids, device=device, dtype=torch.bfloat16,
+                        image_token_id=config.image_token_id, chunk=args.chunk)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        median, low, high = time_steps(run, args.steps, args.warmup, sync)
+    except torch.OutOfMemoryError as error:
+        return dict(side="torch", error=f"out of memory: {str(error)[:200]}")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return dict(side="torch", seconds=median, low=low, high=high, peak_gib=peak,
+                gradient_checkpointing=args.remat != "none")
+
+
+def _child(args, side: str, **overrides) -> dict:
+    import json
+    import subprocess
+
+    argv = [sys.executable, __file__, "--accelerator", "--side", side]
+    for key in ("pairs", "steps", "warmup", "image_side", "layers", "remat", "attention",
+                "backprop", "vision_chunk", "chunk"):
+        argv += [f"--{key}", str(overrides.get(key, getattr(args, key)))]
+    argv += ["--smoke"] if args.smoke else []
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return dict(side=side, error=(done.stderr or done.stdout)[-2000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def accelerator_mode(args):
+    fast = _child(args, "g2e")
+    if "error" in fast:
+        print("g2e failed:\n" + fast["error"])
+        return
+    every_row = None if args.quick else _child(args, "g2e", vision_chunk=0)
+    reference = _child(args, "torch", chunk=fast["chunk"] if fast["backprop"] == "gradcache"
+                       else 0)
+    pairs = args.pairs
+    print(f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if args.smoke else ''}, random "
+          f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={args.remat}, "
+          f"attention={args.attention}; device {fast['device']} x {fast['devices']}")
+    print(f"batch: {pairs} MMEB-like pairs, images {args.image_side}px in "
+          f"{fast['images']['query']} queries / {fast['images']['candidate']} candidates, "
+          f"tokens {fast['tokens']}, padded lengths {fast['lengths']}")
+    print(f"g2e    {fast['seconds'] * 1e3:9.1f} ms/step (min {fast['low'] * 1e3:.1f}, max "
+          f"{fast['high'] * 1e3:.1f})  {pairs / fast['seconds']:8.1f} pairs/s  "
+          f"{fast['backprop']} backprop (chunk {fast['chunk']}), compile {fast['compile_s']:.0f} s")
+    if fast["mfu"] is not None:
+        print(f"       MFU {fast['mfu']:.3f}  HFU {fast['hfu']:.3f}  (model {fast['model_flops']:.3g}"
+              f" FLOP, hardware {fast['hardware_flops']:.3g} FLOP per step)")
+    print(f"       memory: planned {fast['planned_gib']:.2f} GiB, peak {fast['peak_gib']:.2f} GiB")
+    if every_row and "error" not in every_row:
+        print(f"g2e, tower over every row (vision_chunk=0): {every_row['seconds'] * 1e3:.1f} "
+              f"ms/step, {pairs / every_row['seconds']:.1f} pairs/s")
+    if "error" in reference:
+        print("torch failed: " + reference["error"])
+        return
+    print(f"torch  {reference['seconds'] * 1e3:9.1f} ms/step (min {reference['low'] * 1e3:.1f}, "
+          f"max {reference['high'] * 1e3:.1f})  {pairs / reference['seconds']:8.1f} pairs/s  "
+          f"peak {reference['peak_gib']:.2f} GiB, gradient checkpointing "
+          f"{reference['gradient_checkpointing']}")
+    print(f"ratio g2e/torch pairs/s: {reference['seconds'] / fast['seconds']:.2f} "
+          "(target >= 1.5; MFU target >= 0.40)")
 
 
 def main():
+    global jax, jnp, torch
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", action="store_true",
                         help="Qwen2-VL-2B architecture on the accelerator")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--clusters_per_device", type=int, default=None)
-    parser.add_argument("--cluster_size", type=int, default=None)
-    parser.add_argument("--chunk", type=int, default=4)
-    parser.add_argument("--text_len", type=int, default=None)
-    parser.add_argument("--image_side", type=int, default=448)
+    parser.add_argument("--smoke", action="store_true", help="accelerator path at toy sizes")
+    parser.add_argument("--quick", action="store_true", help="skip the vision_chunk=0 run")
+    parser.add_argument("--side", choices=("g2e", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU mode: cores both sides run on")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=None)
+    parser.add_argument("--text_len", type=int, default=64)
+    parser.add_argument("--image_side", type=int, default=None)
     parser.add_argument("--layers", type=int, default=0, help="override depth (0: real 2B)")
-    parser.add_argument("--remat", default="full")
-    # One thread: on a loaded machine torch's OpenMP threads can spin-wait 50x slower.
-    parser.add_argument("--torch_threads", type=int, default=1)
+    parser.add_argument("--remat", default="none", help="none, dots_no_batch or full")
     parser.add_argument("--attention", default="xla")
+    parser.add_argument("--backprop", default="auto", help="auto, direct or gradcache")
+    parser.add_argument("--vision_chunk", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.accelerator:
-        args.clusters_per_device = args.clusters_per_device or 4
-        args.cluster_size = args.cluster_size or 16
-        args.text_len = args.text_len or 64
-        accelerator_mode(args)
-    else:
-        args.clusters_per_device = args.clusters_per_device or 4
-        args.cluster_size = args.cluster_size or 4
-        args.text_len = args.text_len or 64
+    if not args.accelerator:
+        _pin(args.threads)
+    elif args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax as jax_module
+    import jax.numpy as jnp_module
+    import torch as torch_module
+    jax, jnp, torch = jax_module, jnp_module, torch_module
+    if not args.accelerator:
+        torch.set_num_threads(args.threads)
+        args.pairs, args.steps = args.pairs or 16, args.steps or 7
         cpu_mode(args)
+        return
+    args.pairs = args.pairs or (8 if args.smoke else 64)
+    args.steps = args.steps or (2 if args.smoke else 5)
+    args.image_side = args.image_side or (56 if args.smoke else 448)
+    if args.side:
+        import json
+        result = g2e_side(args) if args.side == "g2e" else torch_side(args)
+        print("RESULT " + json.dumps(result))
+        return
+    accelerator_mode(args)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,8 @@ def get_config():
     config.train.steps = 300
     config.train.lr = 1e-3
     config.train.warmup_steps = 5
-    config.train.clusters_per_device = 4
+    config.train.global_batch = 16  # 4 clusters of 4 rows, on however many devices
     config.train.cluster_size = 4
-    config.train.query_chunk = 8
-    config.train.candidate_chunk = 8
     config.train.checkpoint_every = 20
     config.train.log_every = 5
     config.train.adapter.r = 8

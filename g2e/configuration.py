@@ -15,6 +15,7 @@ import ml_collections
 from g2e import embedding_cache, export
 from g2e.data import errors, images, rows
 from g2e.models import attention, lora, sharding, text
+from g2e.training import step
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -77,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
             max_pixels=0,  # 0: the checkpoint's image processor settings
             length_buckets=(128, 256, 512, 1024, 2048),
             patch_buckets=(0, 1024, 4096, 16384),
+            # Rows of each training subset that mining and training use (g2e.data.rows.
+            # train_rows): the release's and VLM2Vec's cap of 50k (about 662k rows of MMEB's
+            # 1.07M); 0 keeps every row. row_sample_seed -1 keeps the first rows in source order
+            # (the release's `split[:50000]`); a seed >= 0 draws a uniform sample instead,
+            # numpy default_rng([seed, crc32(subset name)]), kept in source order.
+            max_rows_per_subset=50000,
+            row_sample_seed=-1,
         )
     )
 
@@ -105,11 +113,25 @@ def base_config() -> ml_collections.ConfigDict:
             warmup_steps=100,
             weight_decay=0.0,
             grad_clip=1.0,
-            clusters_per_device=16,
+            # Pairs per step whatever the device count (the release: 2048); each device takes
+            # global_batch / devices rows, in clusters of cluster_size rows.
+            global_batch=2048,
             cluster_size=16,
-            query_chunk=4,
-            candidate_chunk=4,
+            # 'auto': backpropagate through the whole batch when XLA's memory plan of that step
+            # fits memory_limit_gb (0: the device's own limit), else GradCache; 'direct' or
+            # 'gradcache' force one. GradCache chunks are rows per device; 0 sizes them from
+            # the direct step's memory per row.
+            backprop="auto",
+            query_chunk=0,
+            candidate_chunk=0,
+            memory_limit_gb=0.0,
+            # The frozen vision tower runs once per step, over this many rows per device at a
+            # time, image rows first; chunks of text-only rows skip it (0: all rows at once).
+            vision_chunk=16,
             temperature=0.02,
+            # Mask candidates identical to a query's positive (same text and image) instead of
+            # scoring them as negatives; False reproduces the release's loss exactly.
+            mask_identical_positives=True,
             # Beyond the paper, off by default: logit + alpha * sg(sim) on negatives; mask
             # negatives scoring above the positive + margin (< 0: off); learn the temperature.
             hardness_alpha=0.0,
@@ -272,6 +294,12 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
         if not data.sugarcrepe_image_root:
             _fail("data.sugarcrepe_image_root", "is empty; point it at the COCO val2017 "
                   "images the SugarCrepe files name")
+    if data.max_rows_per_subset < 0:
+        _fail("data.max_rows_per_subset", f"is {data.max_rows_per_subset}; use 0 for every row "
+              "or a positive cap")
+    if data.row_sample_seed < -1:
+        _fail("data.row_sample_seed", f"is {data.row_sample_seed}; use -1 (the first rows) or "
+              "a seed >= 0")
     needs_train_data = any(s in stages for s in ("mine", "train"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
     if data.format == "tfds":
@@ -286,15 +314,21 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
 
 
 def _check_train(train: ml_collections.ConfigDict) -> None:
-    for key in ("steps", "clusters_per_device", "cluster_size", "query_chunk",
-                "candidate_chunk", "checkpoint_every", "keep_checkpoints"):
+    for key in ("steps", "global_batch", "cluster_size", "checkpoint_every",
+                "keep_checkpoints"):
         if train[key] < 1:
             _fail(f"train.{key}", f"is {train[key]}; it must be at least 1")
-    per_device = train.clusters_per_device * train.cluster_size
+    for key in ("query_chunk", "candidate_chunk", "vision_chunk", "memory_limit_gb"):
+        if train[key] < 0:
+            _fail(f"train.{key}", f"is {train[key]}; use 0 (automatic) or a positive value")
+    if train.global_batch % train.cluster_size:
+        _fail("train.global_batch", f"{train.global_batch} is not a multiple of "
+              f"train.cluster_size={train.cluster_size}; batches hold whole clusters")
     for key in ("query_chunk", "candidate_chunk"):
-        if per_device % train[key]:
-            _fail(f"train.{key}", f"{train[key]} does not divide the per-device batch "
-                  f"{train.clusters_per_device} x {train.cluster_size}")
+        if train[key] and train.global_batch % train[key]:
+            _fail(f"train.{key}", f"{train[key]} does not divide train.global_batch="
+                  f"{train.global_batch}; a chunk must divide the rows of each device")
+    _one_of("train.backprop", train.backprop, step.BACKPROP)
     if train.temperature <= 0:
         _fail("train.temperature", f"is {train.temperature}; it must be positive")
     _one_of("train.adapter.kind", train.adapter.kind, (*lora.KINDS, "none"))

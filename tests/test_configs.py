@@ -19,8 +19,8 @@ def _load(name: str, arg: str | None = None):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
-@pytest.mark.parametrize("name,arg", [("mmeb", None), ("mmeb", "7b"), ("embed", None),
-                                      ("demo", None)])
+@pytest.mark.parametrize("name,arg", [("mmeb", None), ("mmeb", "7b"), ("mmeb", "release"),
+                                      ("mmeb", "release-7b"), ("embed", None), ("demo", None)])
 def test_every_config_loads_and_validates(name, arg):
     config = _load(name, arg)
     config.model_dir = config.model_dir or "/some/model"
@@ -33,6 +33,25 @@ def test_every_config_loads_and_validates(name, arg):
 
 def test_mmeb_7b_shards_over_fsdp():
     assert _load("mmeb", "7b").mesh.fsdp == -1
+    assert _load("mmeb", "release-7b").mesh.fsdp == -1
+
+
+def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
+    recipe, release = _load("mmeb").to_dict(), _load("mmeb", "release").to_dict()
+    # The release: no generative judge, identical positives scored as negatives; both keep
+    # the release's 2048 pairs per step and its 50k rows per subset.
+    assert (recipe["mine"]["judge"], release["mine"]["judge"]) == (True, False)
+    assert recipe["train"]["mask_identical_positives"]
+    assert not release["train"]["mask_identical_positives"]
+    for config in (recipe, release):
+        assert config["train"]["global_batch"] == 2048
+        assert (config["data"]["max_rows_per_subset"], config["data"]["row_sample_seed"]) == (
+            50000, -1)
+    differing = {(section, key) for section, values in recipe.items()
+                 if isinstance(values, dict) for key in values
+                 if values[key] != release[section][key]}
+    assert differing == {("mine", "judge"), ("train", "mask_identical_positives")}
+    assert recipe["workdir"] != release["workdir"]
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -40,6 +59,9 @@ def test_mmeb_7b_shards_over_fsdp():
     ("model.remat", "some", "--config.model.remat"),
     ("data.on_bad_input", "ignore", "--config.data.on_bad_input"),
     ("train.query_chunk", 7, "--config.train.query_chunk"),
+    ("train.global_batch", 2040, "--config.train.global_batch"),
+    ("train.backprop", "some", "--config.train.backprop"),
+    ("data.max_rows_per_subset", -1, "--config.data.max_rows_per_subset"),
     ("data.image_resolution", "huge", "--config.data.image_resolution"),
     ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
     ("data.workers", -2, "--config.data.workers"),

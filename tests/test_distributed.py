@@ -279,9 +279,8 @@ DEMO_FLAGS = [
     "--config.demo.hidden_size=64", "--config.demo.num_layers=2", "--config.demo.vision_width=32",
     "--config.data.eval_subsets=ShapeCls,ShapeVQA", "--config.eval.batch_size=8",
     "--config.train.steps=2", "--config.train.checkpoint_every=2",
-    "--config.train.use_clusters=False", "--config.train.clusters_per_device=1",
-    "--config.train.cluster_size=2", "--config.train.query_chunk=2",
-    "--config.train.candidate_chunk=2",
+    "--config.train.use_clusters=False", "--config.train.global_batch=16",
+    "--config.train.cluster_size=2",
 ]
 
 

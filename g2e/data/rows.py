@@ -16,12 +16,17 @@ Subset meta-tasks (g2e.data.subsets.subset_info) are looked up next to the data 
 from (`manifest_dir`): train_dir / eval_dir, or tfds_dir, where `tfds_builders.prepare` copies
 the source's `subsets.json` (a mini-MMEB's or a user's own data set; real MMEB needs none).
 
+Training rows are capped per subset in one place, `train_rows` (`data.max_rows_per_subset`,
+the release's 50k; `data.row_sample_seed` picks the first rows or a seeded sample), so the mine
+and train stages see the same rows and cluster indices refer to them.
+
 Rows from TFDS are read lazily (a Sequence over the array_record files): every pass over the
 rows reads their records again, but those hold no image bytes; an image's bytes are read
 when it is loaded.
 """
 
 import bisect
+import zlib
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -90,18 +95,57 @@ def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.
         (raising BadInput under 'error', counting under 'skip').
 
     Returns:
-      The rows in source order ([] for a skipped subset); images are absolute paths (parquet)
-      or images.ImageRefs (tfds).
+      The rows in source order ([] for a skipped subset), at most `data.max_rows_per_subset`
+      of them (`sample_rows`); images are absolute paths (parquet) or images.ImageRefs (tfds).
 
     Raises:
       tfds_builders.OutdatedCopyError: the TFDS copy of `subset` has an older layout
         (whatever on_bad_input says: it must be prepared again).
     """
     if _format(data) == "tfds":
-        return _tfds_rows("train", data, subset, data.train_split, report)
-    return mmeb.read_train_subset(
-        data.train_dir, subset, data.train_split, data.train_image_root or data.train_dir, report
-    )
+        rows = _tfds_rows("train", data, subset, data.train_split, report)
+    else:
+        rows = mmeb.read_train_subset(
+            data.train_dir, subset, data.train_split, data.train_image_root or data.train_dir,
+            report)
+    return sample_rows(rows, subset, _get(data, "max_rows_per_subset", 0),
+                       _get(data, "row_sample_seed", -1))
+
+
+def _get(data: Any, key: str, default: Any) -> Any:
+    return data.get(key, default) if hasattr(data, "get") else getattr(data, key, default)
+
+
+def sample_rows(rows: Sequence, subset: str, cap: int, seed: int = -1) -> Sequence:
+    """At most `cap` of a subset's rows, in source order (all of them when cap is 0).
+
+    seed -1 keeps the first `cap` rows (the release's `split[:cap]`); a seed >= 0 keeps a
+    uniform sample drawn with numpy's default_rng([seed, crc32(subset)]). Either is a pure
+    function of (rows, subset, cap, seed).
+    """
+    if not cap or len(rows) <= cap:
+        return rows
+    if seed < 0:
+        keep = np.arange(cap)
+    else:
+        rng = np.random.default_rng([seed, zlib.crc32(subset.encode())])
+        keep = np.sort(rng.choice(len(rows), size=cap, replace=False))
+    return SampledRows(rows, keep)
+
+
+class SampledRows(Sequence):
+    """The rows of `rows` at positions `keep` (sorted), read on access."""
+
+    def __init__(self, rows: Sequence, keep: np.ndarray):
+        self.rows, self.keep = rows, np.asarray(keep, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.rows[int(self.keep[i])]
 
 
 def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.EvalRow]:

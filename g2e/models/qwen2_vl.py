@@ -25,6 +25,9 @@ from g2e.models.config import Qwen2VLConfig
 from g2e.models.text import TextDecoder, _normal
 from g2e.models.vision import VisionTower
 
+# The batch fields the vision tower reads (Qwen2.5-VL adds vision_window_ids).
+VISION_FIELDS = ("pixel_values", "vision_segment_ids", "vision_positions", "vision_window_ids")
+
 
 class Qwen2VL(nnx.Module):
     """Qwen2VLForConditionalGeneration (or Qwen2_5_VL...) in JAX: `model(batch)` -> [B, L, D].
@@ -62,16 +65,49 @@ class Qwen2VL(nnx.Module):
                         param_dtype),
                 out_sharding=("embed", "vocab")))
 
-    def input_embeddings(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """Token embeddings [B, L, D], each <|image_pad|> replaced by its merged vision token."""
-        input_ids = batch["input_ids"]
-        embeds = self.language_model.embed(input_ids)
+    def vision_tokens(self, batch: Mapping[str, jax.Array], *, groups: int = 1,
+                      chunk: int = 0) -> jax.Array | None:
+        """The frozen tower's merged vision tokens [B, M, D]; None when the batch has no patches.
+
+        A train step computes them once per side and hands them to every pass of
+        `embed(..., vision_tokens=)`; no gradient flows into the tower.
+
+        Args:
+            batch: the model batch (its pixel_values and vision fields).
+            groups: row groups of the batch, one per device along the batch axes (rows laid
+                out device-major); reordering rows stays inside a group.
+            chunk: 0 runs the tower over all rows at once. Otherwise each group's rows are put
+                image-first and the tower runs over `chunk` rows of every group at a time,
+                skipped (zeros) for chunks without an image, so text-only rows cost nothing.
+
+        Returns:
+            [B, M, D] in the compute dtype, in the batch's row order (zeros for text rows).
+        """
         pixel_values = batch.get("pixel_values")
         if pixel_values is None or pixel_values.shape[1] == 0:
+            return None
+        fields = {k: batch[k] for k in VISION_FIELDS if batch.get(k) is not None}
+
+        def tower(f):
+            return self.visual(f["pixel_values"], f["vision_segment_ids"], f["vision_positions"],
+                               f.get("vision_window_ids"))
+
+        if not chunk:
+            return jax.lax.stop_gradient(tower(fields))
+        return jax.lax.stop_gradient(_images_first(tower, fields, groups, chunk))
+
+    def input_embeddings(self, batch: Mapping[str, jax.Array],
+                         vision_tokens: jax.Array | None = None) -> jax.Array:
+        """Token embeddings [B, L, D], each <|image_pad|> replaced by its merged vision token.
+
+        `vision_tokens` [B, M, D]: `self.vision_tokens(batch)` computed beforehand (else here).
+        """
+        input_ids = batch["input_ids"]
+        embeds = self.language_model.embed(input_ids)
+        if vision_tokens is None:
+            vision_tokens = self.vision_tokens(batch)
+        if vision_tokens is None:
             return embeds
-        vision_tokens = self.visual(pixel_values, batch["vision_segment_ids"],
-                                    batch["vision_positions"],
-                                    batch.get("vision_window_ids"))  # [B, M, D]
         index = batch["image_token_index"][..., None].astype(jnp.int32)  # [B, L, 1]
         gathered = jnp.take_along_axis(vision_tokens.astype(embeds.dtype), index, axis=1)
         is_image = (input_ids == self.config.image_token_id)[..., None]
@@ -88,15 +124,22 @@ class Qwen2VL(nnx.Module):
                                    deterministic=deterministic, rng=rng)
 
     def pooled_hidden(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
-                      rng: jax.Array | None = None) -> jax.Array:
+                      rng: jax.Array | None = None, vision_tokens: jax.Array | None = None,
+                      dora_norms: dict | None = None) -> jax.Array:
         """Final-norm hidden state [B, D] at batch['last_index'] (compute dtype).
 
         Equal to `self(batch)` at those positions, but the last layer runs only there.
+        `vision_tokens`, `dora_norms`: computed beforehand (see `embed`).
         """
-        embeds = self.input_embeddings(batch)
+        embeds = self.input_embeddings(batch, vision_tokens)
         return self.language_model(embeds, batch["position_ids"], batch["attention_mask"],
                                    deterministic=deterministic, rng=rng,
-                                   pool_index=batch["last_index"].astype(jnp.int32))
+                                   pool_index=batch["last_index"].astype(jnp.int32),
+                                   dora_norms=dora_norms)
+
+    def dora_norms(self) -> dict | None:
+        """The text decoder's DoRA weight norms (TextDecoder.dora_norms), for `embed`."""
+        return self.language_model.dora_norms()
 
     def head_kernel(self) -> jax.Array:
         """The LM head as [D, V] (the transposed token embedding when tied)."""
@@ -118,11 +161,61 @@ class Qwen2VL(nnx.Module):
         return logits[:, 0] if squeeze else logits
 
     def embed(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
-              rng: jax.Array | None = None) -> jax.Array:
+              rng: jax.Array | None = None, vision_tokens: jax.Array | None = None,
+              dora_norms: dict | None = None) -> jax.Array:
         """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index'].
 
         `deterministic=False` with an `rng` turns adapter dropout on (training).
+        `vision_tokens` ([B, M, D], `self.vision_tokens(batch)`) and `dora_norms`
+        (`self.dora_norms()`) computed beforehand are used instead of computing them here: a
+        train step computes both once and reuses them in every pass over its chunks.
         """
-        pooled = self.pooled_hidden(batch, deterministic=deterministic, rng=rng).astype(
-            jnp.float32)
+        pooled = self.pooled_hidden(batch, deterministic=deterministic, rng=rng,
+                                    vision_tokens=vision_tokens,
+                                    dora_norms=dora_norms).astype(jnp.float32)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+
+def _images_first(tower, fields: dict[str, jax.Array], groups: int, chunk: int) -> jax.Array:
+    """tower(fields) [B, M, D], run over image rows only, `chunk` rows of every group at a time.
+
+    Each group's rows are stably sorted image-first (a batched gather along the row axis, so
+    with one group per device no row leaves its device); a scan over chunks runs the tower
+    under lax.cond where some row of the chunk has an image, zeros elsewhere; the inverse
+    permutation puts the tokens back in row order.
+    """
+    rows = fields["pixel_values"].shape[0]
+    if rows % groups or (rows // groups) % chunk:
+        raise ValueError(f"vision_tokens: {rows} rows do not split into {groups} groups of "
+                         f"chunks of {chunk} rows; make train.vision_chunk divide the rows per "
+                         "device.")
+    per_group = rows // groups
+    num = per_group // chunk
+    grouped = {k: v.reshape(groups, per_group, *v.shape[1:]) for k, v in fields.items()}
+    has_image = jnp.any(grouped["vision_segment_ids"] > 0, axis=-1)  # [G, n]
+    order = jnp.argsort(~has_image, axis=1, stable=True)
+
+    def take(x, index):  # x [G, n, ...] gathered along n by index [G, n]
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def to_chunks(x):  # [G, n, ...] -> [J, G * T, ...]
+        x = x.reshape(groups, num, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return x.reshape(num, groups * chunk, *x.shape[3:])
+
+    chunks = {k: to_chunks(take(v, order)) for k, v in grouped.items()}
+    chunk_has_image = jnp.any(to_chunks(take(has_image, order)), axis=1)  # [J]
+    first = jax.tree.map(lambda x: x[0], chunks)
+    shape = jax.eval_shape(tower, first)
+
+    def body(_, xs):
+        any_image, chunk_fields = xs
+        tokens = jax.lax.cond(any_image, tower,
+                              lambda f: jnp.zeros(shape.shape, shape.dtype), chunk_fields)
+        return None, tokens
+
+    _, tokens = jax.lax.scan(body, None, (chunk_has_image, chunks))  # [J, G * T, M, D]
+    tokens = tokens.reshape(num, groups, chunk, *tokens.shape[2:]).swapaxes(0, 1)
+    tokens = tokens.reshape(groups, per_group, *tokens.shape[3:])
+    tokens = take(tokens, jnp.argsort(order, axis=1))
+    return tokens.reshape(rows, *tokens.shape[2:])

@@ -3,6 +3,12 @@
 Letters and logical axis names: the legend of `g2e.models`. Parameters: 'vocab' (V), 'embed'
 (D), 'heads' (H*E), 'kv_heads' (K*E), 'mlp' (F), 'layers' (N, added by the stacking vmap).
 Activations: 'batch' (B), 'length' (L), 'act_embed' (D).
+
+Adapters (g2e.models.lora) sit on the projections. Their parameters are float32 whatever
+`param_dtype` is (only they train); the frozen weights keep `param_dtype`. In training, one
+dropout mask per input is shared by the projections that read it (q, k and v; gate and up),
+and DoRA's weight norms can be computed once per step (`TextDecoder.dora_norms`) and passed in
+(`norms=`), so the layer scan does not rebuild them in every call.
 """
 
 from __future__ import annotations
@@ -71,8 +77,9 @@ class Projection(nnx.Module):
                      if use_bias else None)
         self.adapter_config = adapter if adapter is not None and name in adapter.targets else None
         if self.adapter_config is not None:
+            # float32 (lora.ADAPTER_DTYPE) whatever param_dtype: bf16 rounds small updates away.
             state = lora.init_adapter(rngs.params(), in_features, out_features, self.kernel.value,
-                                      self.adapter_config, dtype=param_dtype)
+                                      self.adapter_config)
             self.lora_a = nnx.LoRAParam(state["lora_a"], out_sharding=(axes[0], None))
             self.lora_b = nnx.LoRAParam(state["lora_b"], out_sharding=(None, axes[1]))
             if "magnitude" in state:
@@ -87,15 +94,46 @@ class Projection(nnx.Module):
             state["magnitude"] = self.magnitude.value
         return state
 
+    def dora_norm(self) -> jax.Array | None:
+        """DoRA's ||W + s A B||_c [..., out] (float32, no gradient), or None without DoRA."""
+        if self.adapter_config is None or self.adapter_config.kind != "dora":
+            return None
+        return lora.dora_norm(self.kernel.value, self.adapter_state(), self.adapter_config)
+
     def __call__(self, x: jax.Array, *, deterministic: bool = True,
-                 rng: jax.Array | None = None) -> jax.Array:
+                 rng: jax.Array | None = None, dropped: jax.Array | None = None,
+                 norm: jax.Array | None = None) -> jax.Array:
+        """y = x @ W (+ b) (+ the adapter's update; `dropped`, `norm`: see lora.apply)."""
         x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias.value
         if self.adapter_config is not None:
+            if dropped is not None:
+                dropped = dropped.astype(self.dtype)
             return lora.apply(x, self.kernel.value, bias, self.adapter_state(), self.adapter_config,
-                              deterministic=deterministic, rng=rng)
+                              deterministic=deterministic, rng=rng, dropped=dropped, norm=norm)
         y = x @ self.kernel.value.astype(self.dtype)
         return y if bias is None else y + bias.astype(self.dtype)
+
+
+def shared_dropout(x: jax.Array, projections: tuple[Projection, ...], *, deterministic: bool,
+                   rng: jax.Array | None) -> jax.Array | None:
+    """One dropout mask for every adapted projection of the input x (None: no adapter here).
+
+    PEFT draws a mask per projection; sharing one per input halves the random bits and the
+    masked copies, and every projection still sees dropout at the configured rate.
+    """
+    adapted = [p.adapter_config for p in projections if p.adapter_config is not None]
+    if not adapted:
+        return None
+    return lora.dropout(x.astype(projections[0].dtype), adapted[0].dropout, deterministic, rng)
+
+
+def _split(rng: jax.Array | None, num: int) -> list:
+    return [None] * num if rng is None else list(jax.random.split(rng, num))
+
+
+def _get(norms: dict | None, name: str):
+    return None if norms is None else norms.get(name)
 
 
 def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
@@ -142,30 +180,45 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, e
         self.attention = attention
 
-    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng):
+    def _qkv_input(self, x, deterministic, rng):
+        return shared_dropout(x, (self.q_proj, self.k_proj, self.v_proj),
+                              deterministic=deterministic, rng=rng)
+
+    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
         b, l, _ = x.shape
-        keys = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
-        kw = dict(deterministic=deterministic)
-        q = self.q_proj(x, rng=keys[0], **kw).reshape(b, l, self.num_heads, self.head_dim)
-        k = self.k_proj(x, rng=keys[1], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, rng=keys[2], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        qkv_key, o_key = _split(rng, 2)
+        dropped = self._qkv_input(x, deterministic, qkv_key)
+        kw = dict(deterministic=deterministic, dropped=dropped)
+        q = self.q_proj(x, norm=_get(norms, "q_proj"), **kw)
+        k = self.k_proj(x, norm=_get(norms, "k_proj"), **kw)
+        v = self.v_proj(x, norm=_get(norms, "v_proj"), **kw)
+        q = q.reshape(b, l, self.num_heads, self.head_dim)
+        k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention_lib.attend(q, k, v, segment_ids=segment_ids, causal=True,
                                    implementation=self.attention)
-        return self.o_proj(out.reshape(b, l, -1), rng=keys[3], **kw)
+        return self.o_proj(out.reshape(b, l, -1), deterministic=deterministic, rng=o_key,
+                           norm=_get(norms, "o_proj"))
 
-    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng):
+    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
         """Attention output [B, 1, D] for the one query at `index` [B] of each example."""
         b, l, _ = x.shape
-        keys = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
-        kw = dict(deterministic=deterministic)
+        qkv_key, o_key = _split(rng, 2)
+        dropped = self._qkv_input(x, deterministic, qkv_key)
         pick = lambda a: jnp.take_along_axis(a, index[:, None, None], axis=1)  # noqa: E731
-        q = self.q_proj(pick(x), rng=keys[0], **kw).reshape(b, 1, self.num_heads, self.head_dim)
-        k = self.k_proj(x, rng=keys[1], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, rng=keys[2], **kw).reshape(b, l, self.num_kv_heads, self.head_dim)
+        kw = dict(deterministic=deterministic)
+        q = self.q_proj(pick(x), dropped=None if dropped is None else pick(dropped),
+                        norm=_get(norms, "q_proj"), **kw)
+        k = self.k_proj(x, dropped=dropped, norm=_get(norms, "k_proj"), **kw)
+        v = self.v_proj(x, dropped=dropped, norm=_get(norms, "v_proj"), **kw)
+        q = q.reshape(b, 1, self.num_heads, self.head_dim)
+        k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, pick(cos), pick(sin)), _rotate(k, cos, sin)
         out = attention_lib.attend_at(q, k, v, segment_ids=segment_ids, index=index)
-        return self.o_proj(out.reshape(b, 1, -1), rng=keys[3], **kw)
+        return self.o_proj(out.reshape(b, 1, -1), deterministic=deterministic, rng=o_key,
+                           norm=_get(norms, "o_proj"))
 
 
 class MLP(nnx.Module):
@@ -178,13 +231,16 @@ class MLP(nnx.Module):
         self.up_proj = Projection(d, f, name="up_proj", axes=("embed", "mlp"), **kw)
         self.down_proj = Projection(f, d, name="down_proj", axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x, *, deterministic, rng):
-        keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
-        kw = dict(deterministic=deterministic)
-        gate = self.gate_proj(x, rng=keys[0], **kw)
-        hidden = jax.nn.silu(gate) * self.up_proj(x, rng=keys[1], **kw)
+    def __call__(self, x, *, deterministic, rng, norms=None):
+        in_key, down_key = _split(rng, 2)
+        dropped = shared_dropout(x, (self.gate_proj, self.up_proj), deterministic=deterministic,
+                                 rng=in_key)
+        kw = dict(deterministic=deterministic, dropped=dropped)
+        gate = self.gate_proj(x, norm=_get(norms, "gate_proj"), **kw)
+        hidden = jax.nn.silu(gate) * self.up_proj(x, norm=_get(norms, "up_proj"), **kw)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-        return self.down_proj(hidden, rng=keys[2], **kw)
+        return self.down_proj(hidden, deterministic=deterministic, rng=down_key,
+                              norm=_get(norms, "down_proj"))
 
 
 class DecoderLayer(nnx.Module):
@@ -199,22 +255,25 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng):
-        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
+        keys = _split(rng, 2)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
-                               deterministic=deterministic, rng=keys[0])
-        x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1])
+                               deterministic=deterministic, rng=keys[0],
+                               norms=_get(norms, "self_attn"))
+        x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1],
+                         norms=_get(norms, "mlp"))
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng):
+    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
         """The block's output [B, D] at position `index` [B] only (keys/values from all of x)."""
-        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+        keys = _split(rng, 2)
         rows = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
         rows = rows + self.self_attn.at_positions(self.input_layernorm(x), cos, sin,
                                                   segment_ids, index,
-                                                  deterministic=deterministic, rng=keys[0])
+                                                  deterministic=deterministic, rng=keys[0],
+                                                  norms=_get(norms, "self_attn"))
         rows = rows + self.mlp(self.post_attention_layernorm(rows), deterministic=deterministic,
-                               rng=keys[1])
+                               rng=keys[1], norms=_get(norms, "mlp"))
         return rows[:, 0]
 
 
@@ -245,15 +304,29 @@ class TextDecoder(nnx.Module):
         """Token embeddings [B, L, D] in the compute dtype."""
         return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
 
+    def dora_norms(self) -> dict | None:
+        """Every DoRA weight norm of the stacked layers, {'self_attn': {'q_proj': [N, out], ...},
+        'mlp': {...}} (float32, no gradient), for `norms=`; None without DoRA adapters."""
+        norms: dict = {}
+        for block in ("self_attn", "mlp"):
+            for name, module in vars(getattr(self.layers, block)).items():
+                norm = module.dora_norm() if isinstance(module, Projection) else None
+                if norm is not None:
+                    norms.setdefault(block, {})[name] = norm
+        return norms or None
+
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
                  attention_mask: jax.Array, *, deterministic: bool = True,
                  rng: jax.Array | None = None,
-                 pool_index: jax.Array | None = None) -> jax.Array:
+                 pool_index: jax.Array | None = None,
+                 dora_norms: dict | None = None) -> jax.Array:
         """Runs the decoder.
 
         Args:
             inputs_embeds: [B, L, D]; position_ids: [3, B, L]; attention_mask: [B, L].
             deterministic, rng: adapter dropout off/on and its key.
+            dora_norms: `self.dora_norms()` computed beforehand (once per train step); None
+                computes each layer's norms inside the scan.
             pool_index: int [B] or None. When given, only the final hidden state at that
                 position of each example is computed: the last layer's queries, output
                 projection and MLP run for that one token (its keys/values still see all).
@@ -268,23 +341,24 @@ class TextDecoder(nnx.Module):
         layer_rngs = (jnp.zeros((num_layers,), jnp.uint32) if rng is None
                       else jax.random.split(rng, num_layers))
 
-        def body(x, layer_and_rng):
-            state, layer_rng = layer_and_rng
+        def body(x, scanned):
+            state, layer_rng, norms = scanned
             layer = nnx.merge(graphdef, state)
             x = layer(x, cos, sin, segment_ids, deterministic=deterministic,
-                      rng=None if rng is None else layer_rng)
+                      rng=None if rng is None else layer_rng, norms=norms)
             return x, None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        scanned = (layer_state, layer_rngs, dora_norms)
         if pool_index is None:
-            x, _ = jax.lax.scan(body, x, (layer_state, layer_rngs))
+            x, _ = jax.lax.scan(body, x, scanned)
             return self.norm(x)
-        scanned = jax.tree.map(lambda a: a[:-1], (layer_state, layer_rngs))
-        x, _ = jax.lax.scan(body, x, scanned)
-        last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], layer_state))
+        x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
+        last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
+        last = nnx.merge(graphdef, last_state)
         pooled = last.at_positions(x, cos, sin, segment_ids, pool_index,
                                    deterministic=deterministic,
-                                   rng=None if rng is None else layer_rngs[-1])
+                                   rng=None if rng is None else last_rng, norms=last_norms)
         return self.norm(pooled)

@@ -1,7 +1,7 @@
 """Training batches of whole clusters, as a pure function of (seed, step).
 
 A cluster is an anchor row plus its mined rows (SaHa), or a single row when mining is off. The
-global batch of N = devices x clusters_per_device x cluster_size rows is cut into slots of
+global batch of N = train.global_batch rows is cut into slots of
 cluster_size rows; clusters are packed into slots whole, in a per-epoch shuffled order. A slot
 that the next cluster does not fit into is topped up with rows drawn from outside the batch
 (random in-batch negatives), so shapes stay fixed and no row appears twice in a batch.
@@ -44,7 +44,7 @@ class ClusterSchedule:
             raise ValueError("ClusterSchedule: no clusters (the training data is empty).")
         if num_rows < batch_size:
             raise ValueError(f"ClusterSchedule: {num_rows} training rows cannot fill a batch of "
-                             f"{batch_size}; lower train.clusters_per_device or cluster_size.")
+                             f"{batch_size}; lower train.global_batch or cluster_size.")
         self.num_rows = num_rows
         self.cluster_size = cluster_size
         self.batch_size = batch_size

@@ -16,8 +16,11 @@ Options beyond the paper (off by default):
     masked out as likely false negatives;
   learnable temperature: pass `log_inverse_temperature` (a trainable scalar) instead of a fixed
     temperature.
-Candidates carrying the same row id as the query's positive (a row mined into two clusters of
-one batch) are always masked: they are the positive, not a negative.
+Identical positives (`mask_identical_positives`, on by default): candidates carrying the same id
+as the query's positive (the same text and image, e.g. two rows of one class in a
+classification subset) are masked, since they are the positive, not a negative. The release
+scores them as negatives; with the flag off the loss is exactly its plain cross-entropy over
+q @ c^T / T.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LossConfig:
     hardness_alpha: float = 0.0
     false_negative_margin: float | None = None
     learnable_temperature: bool = False
+    mask_identical_positives: bool = True
 
     @classmethod
     def from_config(cls, train_cfg: Any) -> LossConfig:
@@ -48,7 +52,8 @@ class LossConfig:
         return cls(temperature=float(train_cfg.temperature),
                    hardness_alpha=float(get("hardness_alpha", 0.0)),
                    false_negative_margin=None if margin is None or margin < 0 else float(margin),
-                   learnable_temperature=bool(get("learnable_temperature", False)))
+                   learnable_temperature=bool(get("learnable_temperature", False)),
+                   mask_identical_positives=bool(get("mask_identical_positives", True)))
 
 
 def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, offset: Array,
@@ -58,7 +63,8 @@ def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, 
     Args:
       queries: [n, D] this device's query embeddings.
       candidates: [N, D] all candidate embeddings (gathered).
-      ids: [N] or [N, k] id of every candidate (gathered), for masking exact duplicates.
+      ids: [N] or [N, k] id of every candidate's content (gathered; a digest in k parts), for
+        masking identical positives.
       scale: scalar inverse temperature.
       offset: global index of this device's first row.
     """
@@ -67,11 +73,13 @@ def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, 
     sims = jnp.einsum("nd,md->nm", queries.astype(jnp.float32), candidates.astype(jnp.float32))
     positive_sims = jnp.take_along_axis(sims, targets[:, None], axis=1)
     is_target = jnp.arange(candidates.shape[0])[None, :] == targets[:, None]
-    query_ids = jax.lax.dynamic_slice_in_dim(ids, offset, n)
-    same = ids[None, :] == query_ids[:, None]
-    if same.ndim == 3:  # ids [N, k]: a digest in k parts
-        same = same.all(axis=-1)
-    masked = same & ~is_target
+    masked = jnp.zeros(sims.shape, bool)
+    if config.mask_identical_positives:
+        query_ids = jax.lax.dynamic_slice_in_dim(ids, offset, n)
+        same = ids[None, :] == query_ids[:, None]
+        if same.ndim == 3:  # ids [N, k]: a digest in k parts
+            same = same.all(axis=-1)
+        masked = same & ~is_target
     if config.false_negative_margin is not None:
         likely_false = sims > jax.lax.stop_gradient(positive_sims) + config.false_negative_margin
         masked |= likely_false & ~is_target
@@ -105,8 +113,9 @@ def infonce(queries: Array, candidates: Array, ids: Array, config: LossConfig, *
     Args:
       queries: [N, D] L2-normalised query embeddings, sharded over `batch_axes` (or not).
       candidates: [N, D] L2-normalised positive embeddings; row i is query i's positive.
-      ids: [N] or [N, k] int ids of the positives; candidates sharing the query's positive's
-        id (all k parts) are not negatives.
+      ids: [N] or [N, k] int content ids (a digest in k parts); with
+        config.mask_identical_positives, candidates sharing the positive's id (all k parts) are
+        not scored as negatives.
       config: loss options.
       mesh: the device mesh; None computes on one device without collectives.
       batch_axes: mesh axes the batch is split over.

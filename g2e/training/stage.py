@@ -15,10 +15,12 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -30,8 +32,10 @@ from g2e.data.errors import BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
 from g2e.models import hf_io, lora, peft, sharding
+from g2e.models.qwen2_vl import VISION_FIELDS
 from g2e.pipeline import TRAINED_ADAPTER, TRAINED_MODEL, Pipeline
-from g2e.training import batches, gradcache, trainer
+from g2e.training import batches, flops, gradcache, trainer
+from g2e.training import step as step_lib
 
 
 class Preempted(SystemExit):
@@ -107,10 +111,28 @@ def training_rows(pipeline: Pipeline) -> tuple[Sequence[mmeb.TrainRow], list[lis
 
 
 def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
-    """Rows of one training step: devices along the batch axes x clusters x cluster size."""
-    axes = sharding.batch_axes(rules, mesh.axis_names)
-    groups = int(np.prod([mesh.shape[a] for a in axes]))
-    return groups * train_cfg.clusters_per_device * train_cfg.cluster_size
+    """Rows of one training step: train.global_batch, whatever the device count.
+
+    Raises:
+      ValueError: the devices along the batch axes cannot each take whole clusters of
+        train.cluster_size rows (names the keys and what would divide).
+    """
+    groups = batch_groups(mesh, rules)
+    total, size = int(train_cfg.global_batch), int(train_cfg.cluster_size)
+    if total % (groups * size):
+        unit = groups * size
+        nearest = max(1, round(total / unit)) * unit
+        raise ValueError(
+            f"--config.train.global_batch={total} does not split into {groups} devices (the "
+            f"mesh's batch axes) x whole clusters of --config.train.cluster_size={size}; use a "
+            f"multiple of {groups * size} (e.g. {nearest}), or change the cluster size or the "
+            "mesh.")
+    return total
+
+
+def batch_groups(mesh: Mesh, rules: sharding.Rules) -> int:
+    """Devices the batch is split over (the mesh axes of the 'batch' rule)."""
+    return int(np.prod([mesh.shape[a] for a in sharding.batch_axes(rules, mesh.axis_names)]))
 
 
 def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
@@ -135,17 +157,27 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
     train_cfg = config.train
     full = train_cfg.adapter.kind == "none"
     graphdef, trainable, frozen = split_model(model, full=full)
+    stored = jax.tree.map(lambda x: x.dtype, trainable)
+    # Trained parameters and their Adam moments are float32 whatever model.param_dtype.
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     if clusters is None or not train_cfg.get("use_clusters", True):
         clusters = [[i] for i in range(len(rows))]
     schedule = batches.ClusterSchedule(clusters, len(rows), train_cfg.cluster_size,
                                        global_batch_size(train_cfg, mesh, rules),
                                        seed=int(config.seed))
     codec = RowCodec(processor, rows, image_root=config.data.train_image_root or None)
-    result = trainer.fit(model_embed_fn(graphdef), trainable, frozen, train_cfg=train_cfg,
+    prepare_fn, embed_fn = model_step_fns(graphdef, groups=batch_groups(mesh, rules),
+                                          vision_chunk=int(train_cfg.get("vision_chunk", 0)))
+    adapter = getattr(model, "adapter", None)
+    result = trainer.fit(embed_fn, trainable, frozen, train_cfg=train_cfg,
                          mesh=mesh, rules=rules, schedule=schedule, codec=codec,
                          workdir=workdir, seed=int(config.seed), subsets=_SubsetNames(rows),
-                         flops_per_token=flops_per_token(model), workers=workers)
-    nnx.update(model, nnx.State(result.trainable))
+                         model_flops=lambda host: flops.train_step_flops(model.config, host,
+                                                                         adapter),
+                         prepare_fn=prepare_fn, workers=workers)
+    # Adapters stay float32 (their storage dtype); fully trained weights go back to theirs.
+    nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), result.trainable,
+                                             stored)))
     return result
 
 
@@ -163,15 +195,40 @@ def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, n
     return graphdef, pure, frozen
 
 
-def model_embed_fn(graphdef: nnx.GraphDef) -> gradcache.EmbedFn:
-    """embed_fn for GradCache: the last non-pad token's hidden state, L2-normalised, with
-    adapter dropout on (training)."""
+def model_step_fns(graphdef: nnx.GraphDef, *, groups: int = 1, vision_chunk: int = 0
+                   ) -> tuple[step_lib.PrepareFn, gradcache.EmbedFn]:
+    """(prepare_fn, embed_fn) of a Qwen2VL train step (see g2e.training.step).
 
-    def embed(trainable, frozen, batch, rng):
+    prepare_fn, once per step: the frozen vision tower's tokens of each side
+    (`Qwen2VL.vision_tokens`, `vision_chunk` rows of each of the `groups` devices at a time,
+    text-only chunks skipped; the chunk is cut to divide the rows per device) replace the pixel
+    fields of the batch, and the DoRA norms join the frozen weights.
+    embed_fn: the last non-pad token's hidden state, L2-normalised, with adapter dropout on.
+    """
+
+    def prepare(trainable, frozen, batch):
         model = nnx.merge(graphdef, nnx.State(trainable), frozen)
-        return model.embed(batch, deterministic=False, rng=rng)
+        prepared = dict(batch)
+        for side in ("query", "candidate"):
+            fields = dict(batch[side])
+            per_device = fields["input_ids"].shape[0] // groups
+            chunk = math.gcd(vision_chunk, per_device) if vision_chunk else 0
+            tokens = model.vision_tokens(fields, groups=groups, chunk=chunk)
+            for key in VISION_FIELDS:
+                fields.pop(key, None)
+            if tokens is not None:
+                fields["vision_tokens"] = tokens
+            prepared[side] = fields
+        return {"state": frozen, "dora_norms": model.dora_norms()}, prepared
 
-    return embed
+    def embed(trainable, prepared, batch, rng):
+        model = nnx.merge(graphdef, nnx.State(trainable), prepared["state"])
+        fields = dict(batch)
+        tokens = fields.pop("vision_tokens", None)
+        return model.embed(fields, deterministic=False, rng=rng, vision_tokens=tokens,
+                           dora_norms=prepared["dora_norms"])
+
+    return prepare, embed
 
 
 def positive_id(row: Any) -> np.ndarray:
@@ -221,12 +278,6 @@ class RowCodec:
                                               num_patches=query_patches),
                 "candidate": self.processor.widen(batch["candidate"], length=candidate_length,
                                                   num_patches=candidate_patches)}
-
-
-def flops_per_token(model: nnx.Module) -> float:
-    """2 x the language model's parameter count: forward FLOPs of one text token."""
-    params = nnx.state(model.language_model, nnx.Param)
-    return 2.0 * sum(x.size for x in jax.tree.leaves(params))
 
 
 class _SubsetNames:

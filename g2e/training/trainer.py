@@ -3,112 +3,40 @@
 State is a plain pytree {'params', 'opt_state', 'step', 'rng'} holding only the trainable
 parameters (adapters, or all weights for full fine-tuning) and their optimizer state; the frozen
 base weights are a separate, non-donated argument. `fit` is generic over an
-`embed_fn(trainable, frozen, batch, rng) -> [b, D]`; the train stage
-(`g2e.training.stage.train_model`) binds it to a Qwen2VL.
+`embed_fn(trainable, frozen, batch, rng) -> [b, D]` (and an optional once-per-step
+`prepare_fn`); the train stage (`g2e.training.stage.train_model`) binds them to a Qwen2VL. The
+step itself, and how it is compiled, is `g2e.training.step`.
+
+Each logged step carries pairs/s and tokens/s and, where the device's peak is known, MFU (the
+model FLOPs of `model_flops`, g2e.training.flops) and HFU (the compiled step's own FLOPs,
+recomputation included).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from g2e import distributed
 from g2e.models import sharding
 from g2e.training import batches as batches_lib
 from g2e.training import checkpointing, gradcache
+from g2e.training import flops as flops_lib
 from g2e.training import loss as loss_lib
 from g2e.training import optimizer as optimizer_lib
+from g2e.training import step as step_lib
 
 PyTree = Any
-
-# Peak dense bf16 FLOP/s per chip, for the MFU estimate (device_kind prefixes).
-PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v6", 918e12),
-              ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-              ("TPU v4", 275e12))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSetup:
-    """The static parts of the train step (hashable, closed over by jit)."""
-
-    embed_fn: gradcache.EmbedFn
-    loss_config: loss_lib.LossConfig
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    mesh: Mesh
-    query_chunk: int
-    candidate_chunk: int
-    batch_axes: tuple[str, ...]
-
-
-def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int,
-               loss_config: loss_lib.LossConfig) -> PyTree:
-    """Fresh train state; adds the log inverse temperature when it is learnable."""
-    params = {"model": trainable}
-    if loss_config.learnable_temperature:
-        params["log_inverse_temperature"] = jnp.asarray(math.log(1.0 / loss_config.temperature),
-                                                        jnp.float32)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-            "rng": jax.random.PRNGKey(seed)}
-
-
-def _norm(tree: PyTree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
-def train_step(setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
-               ) -> tuple[PyTree, dict[str, jax.Array]]:
-    """One optimisation step on a global batch {'query', 'candidate', 'ids'}.
-
-    Returns the new state and scalar metrics (loss, accuracy, norms, learning rate).
-    """
-    rng = jax.random.fold_in(state["rng"], state["step"])
-
-    def embed(params, frozen_params, model_batch, key):
-        return setup.embed_fn(params["model"], frozen_params, model_batch, key)
-
-    def contrastive(queries, candidates, params):
-        loss, accuracy = loss_lib.infonce(
-            queries, candidates, batch["ids"], setup.loss_config, mesh=setup.mesh,
-            batch_axes=setup.batch_axes,
-            log_inverse_temperature=params.get("log_inverse_temperature"))
-        return loss, {"accuracy": accuracy}
-
-    params = state["params"]
-    loss, aux, grads = gradcache.loss_and_grads(
-        embed, contrastive, params, frozen, batch, rng, query_chunk=setup.query_chunk,
-        candidate_chunk=setup.candidate_chunk, mesh=setup.mesh, batch_axes=setup.batch_axes)
-    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": _norm(grads),
-               "param_norm": _norm(new_params), "update_norm": _norm(updates),
-               "learning_rate": jnp.asarray(setup.schedule(state["step"]), jnp.float32)}
-    if "log_inverse_temperature" in new_params:
-        metrics["temperature"] = jnp.exp(-new_params["log_inverse_temperature"])
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": state["rng"]}
-    return new_state, metrics
-
-
-def _peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for prefix, flops in PEAK_FLOPS:
-        if kind.startswith(prefix) or prefix in kind:
-            return flops
-    return None
 
 
 class MetricsWriter:
@@ -172,8 +100,9 @@ def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
 def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train_cfg: Any,
         mesh: Mesh, schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
         workdir: str, rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0,
-        subsets: Any = None, flops_per_token: float | None = None,
-        async_checkpoints: bool = True, workers: int = 0) -> FitResult:
+        subsets: Any = None, model_flops: Callable[[Mapping[str, Any]], float] | None = None,
+        prepare_fn: step_lib.PrepareFn | None = None, async_checkpoints: bool = True,
+        workers: int = 0) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
     Args:
@@ -191,7 +120,9 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
       seed: dropout RNG seed.
       subsets: indexable, row id -> subset name (read only for a failing batch, in the NaN
         error).
-      flops_per_token: model FLOPs of one token's forward (2 x parameters) for the MFU estimate.
+      model_flops: host batch (this process's rows) -> model FLOPs of its step, for MFU
+        (g2e.training.flops.train_step_flops); None logs no MFU.
+      prepare_fn: once-per-step work before the chunks (see g2e.training.step).
       async_checkpoints: write checkpoints in the background.
       workers: Grain worker processes encoding rows (0: in this process).
 
@@ -204,11 +135,11 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
     """
     loss_config = loss_lib.LossConfig.from_config(train_cfg)
     optimizer, lr_schedule = optimizer_lib.make_optimizer(train_cfg)
-    setup = StepSetup(embed_fn=embed_fn, loss_config=loss_config, optimizer=optimizer,
-                      schedule=lr_schedule, mesh=mesh, query_chunk=train_cfg.query_chunk,
-                      candidate_chunk=train_cfg.candidate_chunk,
-                      batch_axes=sharding.batch_axes(rules, mesh.axis_names))
-    state = _placed(init_state(trainable, optimizer, seed, loss_config), mesh)
+    setup = step_lib.StepSetup(embed_fn=embed_fn, loss_config=loss_config, optimizer=optimizer,
+                               schedule=lr_schedule, mesh=mesh, query_chunk=0, candidate_chunk=0,
+                               batch_axes=sharding.batch_axes(rules, mesh.axis_names),
+                               prepare_fn=prepare_fn)
+    state = _placed(step_lib.init_state(trainable, optimizer, seed, loss_config), mesh)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=train_cfg.keep_checkpoints,
                                       every=train_cfg.checkpoint_every,
@@ -218,7 +149,7 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
     try:
         loop = _Loop(setup, state, train_cfg, schedule, codec, rules, ckpt, workdir, subsets,
-                     flops_per_token, workers)
+                     model_flops, workers)
     except BaseException:
         ckpt.close()
         raise
@@ -240,20 +171,24 @@ class _Loop:
     """The steps of `fit`: the next host batch prepared while a step runs, the jitted step,
     checks one step late, metrics, checkpoints and the stop signal."""
 
-    def __init__(self, setup: StepSetup, state: PyTree, train_cfg: Any,
+    def __init__(self, setup: step_lib.StepSetup, state: PyTree, train_cfg: Any,
                  schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
                  rules: sharding.Rules, ckpt: checkpointing.Checkpointer, workdir: str,
-                 subsets: Any, flops_per_token: float | None, workers: int):
+                 subsets: Any, model_flops: Callable[[Mapping[str, Any]], float] | None,
+                 workers: int):
         self.setup, self.state, self.train_cfg = setup, state, train_cfg
         self.schedule, self.rules = schedule, rules
         self.ckpt, self.workdir, self.subsets = ckpt, workdir, subsets
-        self.flops_per_token, self.peak = flops_per_token, _peak_flops()
+        self.model_flops, self.peak = model_flops, flops_lib.peak_flops()
         self.batch_size = schedule.batch_size
         self.start = int(jax.device_get(state["step"]))
-        replicated = NamedSharding(setup.mesh, P())
-        self.step_fn = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
-                               out_shardings=(jax.tree.map(lambda x: x.sharding, state),
-                                              replicated))
+        self.steps = step_lib.CompiledSteps(
+            setup, jax.tree.map(lambda x: x.sharding, state),
+            backprop=train_cfg.get("backprop", "auto"),
+            query_chunk=int(train_cfg.get("query_chunk", 0)),
+            candidate_chunk=int(train_cfg.get("candidate_chunk", 0)),
+            memory_limit=step_lib.device_memory_limit(train_cfg.get("memory_limit_gb", 0.0)),
+            rules=rules)
         self.inputs = batches_lib.StepInputs(
             schedule, codec, rows_here=distributed.local_row_range(setup.mesh, rules,
                                                                    self.batch_size),
@@ -264,46 +199,56 @@ class _Loop:
         self.last: dict[str, float] = {}
         self.tick = time.perf_counter()
 
-    def next_batch(self, step: int) -> tuple[np.ndarray, Any, int]:
-        """(global row ids, the step's global device batch, tokens in it)."""
+    def next_batch(self, step: int) -> tuple[np.ndarray, Any, int, float]:
+        """(global row ids, the step's global device batch, tokens in it, its model FLOPs)."""
         rows, local, shape = self.inputs.prepare(step)
         host = self.inputs.agree(local, shape)
         tokens = sum(int(np.sum(host[k]["attention_mask"])) for k in ("query", "candidate")
                      if "attention_mask" in host[k])
+        model_flops = (self.model_flops(host) * jax.process_count() if self.model_flops
+                       else 0.0)
         device_batch = distributed.put_batch(host, self.setup.mesh, self.rules,
                                              global_rows=self.batch_size)
-        return rows, device_batch, tokens * jax.process_count()
+        return rows, device_batch, tokens * jax.process_count(), model_flops
 
-    def finish(self, step: int, rows: np.ndarray, tokens: int, device_metrics) -> None:
-        """Fetches a step's metrics, stops on NaN, logs them."""
+    def finish(self, step: int, rows: np.ndarray, tokens: int, work: tuple[float, float],
+               device_metrics) -> None:
+        """Fetches a step's metrics, stops on NaN, logs them.
+
+        work: (the step's model FLOPs over all devices, its hardware FLOPs per device).
+        """
         values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         _check_finite(step, values, rows, self.subsets)
         now = time.perf_counter()
         elapsed, self.tick = now - self.tick, now
         values["pairs_per_s"] = self.batch_size / elapsed
         values["tokens_per_s"] = tokens / elapsed
-        if self.flops_per_token and self.peak:
-            values["mfu"] = (3 * self.flops_per_token * tokens / elapsed
-                             / (self.peak * jax.device_count()))
+        # FLOPs of the whole step over every device; MFU and HFU where the peak is known.
+        values["model_flops"] = work[0]
+        values["hardware_flops"] = work[1] * jax.device_count()
+        if self.peak:
+            for name, key in (("mfu", "model_flops"), ("hfu", "hardware_flops")):
+                values[name] = values[key] / elapsed / (self.peak * jax.device_count())
         self.last = values
         if step % self.log_every == 0 or step + 1 == self.train_cfg.steps:
             self.writer.write(step + 1, values)
         self.writer.advance()
 
     def run(self, frozen: PyTree) -> FitResult:
-        pending = None  # (step, rows, tokens, metrics on device): checked one step late
+        pending = None  # (step, rows, tokens, work, metrics on device): checked one step late
         stopped_early = False
         upcoming = self.next_batch(self.start) if self.start < self.train_cfg.steps else None
         with checkpointing.StopSignal() as stop:
             for step in range(self.start, self.train_cfg.steps):
-                rows, device_batch, tokens = upcoming
-                self.state, metrics = self.step_fn(self.state, frozen, device_batch)
+                rows, device_batch, tokens, model_flops = upcoming
+                compiled = self.steps.get(self.state, frozen, device_batch)
+                self.state, metrics = compiled.executable(self.state, frozen, device_batch)
                 done = step + 1
                 # The next step's rows are collated and placed while this one runs.
                 upcoming = self.next_batch(done) if done < self.train_cfg.steps else None
                 if pending is not None:
                     self.finish(*pending)
-                pending = (step, rows, tokens, metrics)
+                pending = (step, rows, tokens, (model_flops, compiled.hardware_flops), metrics)
                 stopping = stop.requested or self.ckpt.reached_preemption(done)
                 if stopping or done == self.train_cfg.steps or self.ckpt.manager.should_save(
                         done):

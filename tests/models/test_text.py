@@ -160,3 +160,23 @@ def test_adapter_hook_goes_through_lora_apply(tiny):
     grads = jax.jit(jax.grad(loss))(adapter_state)
     q_grad = grads["language_model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
     assert float(jnp.abs(q_grad.value).max()) > 0
+
+
+def test_one_dropout_mask_per_input(tiny, monkeypatch):
+    """q, k and v share the mask of their input, as do gate and up: four masks per layer."""
+    _, path = tiny
+    config = lora.AdapterConfig(kind="dora", r=2, alpha=4.0, dropout=0.1,
+                                targets=lora.KNOWN_TARGETS)
+    model = hf_io.load_model(path, adapter=config)
+    batch, _ = make_batch(model.config, *CASES["text_only"], np.random.default_rng(8))
+    calls = []
+    original = lora.dropout
+
+    def counting(x, rate, deterministic, rng):
+        calls.append(x.shape)
+        return original(x, rate, deterministic, rng)
+
+    monkeypatch.setattr(lora, "dropout", counting)
+    model(batch, deterministic=False, rng=jax.random.key(0))  # traced once by the layer scan
+    # q/k/v input, o input, gate/up input, down input.
+    assert len(calls) == 4, calls

@@ -175,3 +175,30 @@ def test_peak_memory_follows_the_chunk_not_the_batch():
     # about a megabyte; GradCache only adds the [N, D] embeddings and [n, N] logits.
     assert plain_growth > 112 * 8192, plain_growth
     assert growth < 0.25 * plain_growth, (growth, plain_growth)
+
+
+def test_unmasked_identical_positives_are_the_release_loss():
+    """mask_identical_positives=False: plain cross-entropy over q @ c^T / T, duplicates of a
+    positive scored as negatives (the release); True masks them."""
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(6, 8)); q /= np.linalg.norm(q, axis=1, keepdims=True)
+    c = q + 0.1 * rng.normal(size=(6, 8)); c /= np.linalg.norm(c, axis=1, keepdims=True)
+    c[3] = c[1]  # rows 1, 3 and 5 share a label: identical positives
+    c[5] = c[1]
+    ids = jnp.array([0, 1, 2, 1, 4, 1])
+    q32, c32 = jnp.asarray(q, jnp.float32), jnp.asarray(c, jnp.float32)
+    logits = q @ c.T / 0.02
+    release = optax.softmax_cross_entropy_with_integer_labels(logits, np.arange(6)).mean()
+    off = loss_lib.infonce(q32, c32, ids, loss_lib.LossConfig(
+        0.02, mask_identical_positives=False), mesh=None)[0]
+    np.testing.assert_allclose(float(off), release, rtol=1e-5)
+    masked_logits = logits.copy()
+    for i, j in [(1, 3), (1, 5), (3, 1), (3, 5), (5, 1), (5, 3)]:
+        masked_logits[i, j] = -np.inf
+    masked = optax.softmax_cross_entropy_with_integer_labels(masked_logits, np.arange(6)).mean()
+    on = loss_lib.infonce(q32, c32, ids, loss_lib.LossConfig(0.02), mesh=None)[0]
+    np.testing.assert_allclose(float(on), masked, rtol=1e-5)
+    assert float(off) > float(on) + 0.1
+    cfg = toy.train_config(mask_identical_positives=False)
+    assert not loss_lib.LossConfig.from_config(cfg).mask_identical_positives
+    assert loss_lib.LossConfig.from_config(toy.train_config()).mask_identical_positives

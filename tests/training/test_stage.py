@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +15,17 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
+from g2e import configuration, mining
 from g2e.data import mmeb
-from g2e.demo import mini_mmeb, tiny
+from g2e.data import rows as rows_lib
+from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor
+from g2e.demo import mini_mmeb, tiny
+from g2e.mining import stage as mine_stage
 from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
+from g2e.pipeline import Pipeline
 from g2e.training import loss as loss_lib
 from g2e.training import stage as model_training
 
@@ -82,7 +89,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
                          axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:2])
     config = ml_collections.ConfigDict(dict(seed=0, data=dict(train_image_root=""), train=dict(
         steps=24, lr=5e-3, warmup_steps=1, weight_decay=0.0, grad_clip=1.0,
-        clusters_per_device=2, cluster_size=4, query_chunk=8, candidate_chunk=8,
+        global_batch=16, cluster_size=4,
         temperature=0.02, use_clusters=True, checkpoint_every=100, keep_checkpoints=1,
         log_every=1, adapter=dict(kind="dora"))))
     # Clusters of same-subset rows, as mining would give (anchors first).
@@ -144,3 +151,53 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
     for side in ("query", "candidate"):
         np.testing.assert_allclose(np.asarray(model.embed(wider[side])),
                                    np.asarray(model.embed(batch[side])), atol=1e-5, rtol=0)
+
+
+def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(
+        tmp_path, monkeypatch):
+    mini_mmeb.build(str(tmp_path / "mini"), seed=0, train_rows=12, eval_queries=2, candidates=2)
+    config = configuration.base_config()
+    data = config.data
+    data.train_dir, data.train_image_root = str(tmp_path / "mini" / "train"), str(tmp_path / "mini")
+    data.train_split, data.train_subsets = "original", "ShapeCaption_t2i,ShapeCaption_i2t"
+    data.max_rows_per_subset = 5
+
+    def indices(subset):
+        return [r.index for r in rows_lib.train_rows(data, subset, BadInputReport())]
+
+    assert indices("ShapeCaption_t2i") == [0, 1, 2, 3, 4]  # seed -1: the release's first rows
+    data.row_sample_seed = 3
+    sampled = {s: indices(s) for s in ("ShapeCaption_t2i", "ShapeCaption_i2t")}
+    for subset, picked in sampled.items():
+        assert picked == indices(subset) and picked == sorted(picked) and len(picked) == 5
+    assert sampled["ShapeCaption_t2i"] != sampled["ShapeCaption_i2t"]  # seeded per subset
+    assert sampled["ShapeCaption_t2i"] != [0, 1, 2, 3, 4]
+    data.max_rows_per_subset = 0
+    assert len(indices("ShapeCaption_t2i")) == 12
+    data.max_rows_per_subset = 5
+
+    # The mine stage (its model and embedder stubbed) and the train stage see the same rows.
+    seen = {}
+
+    def fake_mine(pipeline, subset, rows, embedder, cache, judge):
+        seen[subset] = [r.index for r in rows]
+        report = dict(clusters=1, phase1=dict(clusters=1), phase2=dict(clusters=0),
+                      rows_uncovered=len(rows) - 2, judge=dict(dropped=0, pairs=0))
+        return mining.MiningResult([[4, 0]], [1], report, {})
+
+    monkeypatch.setattr(mine_stage, "_mine_subset", fake_mine)
+    monkeypatch.setattr(mine_stage, "Embedder", lambda *args, **kwargs: None)
+    monkeypatch.setattr(mine_stage, "EmbeddingCache", lambda *args, **kwargs: None)
+    config.mine.judge = False
+    pipeline = Pipeline(config, pathlib.Path(tmp_path / "work"))
+    monkeypatch.setattr(pipeline, "model", lambda **kwargs: None)
+    monkeypatch.setattr(pipeline, "processor", lambda **kwargs: types.SimpleNamespace(
+        prompt="prompt"))
+    mine_stage.run(pipeline)
+    assert seen == sampled
+    for subset in seen:
+        written = mining.read_clusters(str(tmp_path / "work" / "mine" / f"{subset}.clusters.json"))
+        assert written.num_rows == 5
+    rows, clusters = model_training.training_rows(pipeline)
+    assert [r.index for r in rows] == seen["ShapeCaption_t2i"] + seen["ShapeCaption_i2t"]
+    assert [4, 0] in clusters and [9, 5] in clusters and len(clusters) == 2 + 2 * 3

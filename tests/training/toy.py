@@ -76,7 +76,7 @@ def encode(queries: np.ndarray, candidates: np.ndarray) -> Codec:
 def train_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         steps=8, lr=3e-2, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
-        clusters_per_device=2, cluster_size=2, query_chunk=2, candidate_chunk=1,
+        global_batch=8, cluster_size=2, backprop="auto", query_chunk=0, candidate_chunk=0,
         temperature=0.05, checkpoint_every=2, keep_checkpoints=3, log_every=1))
     cfg.update(overrides)
     return cfg

@@ -1,0 +1,272 @@
+"""The train step: one pure function of (state, frozen, batch), compiled ahead of time per shape.
+
+`train_step` does, in order:
+1. `prepare_fn`, once per step: the work that depends on the step's parameters and batch but
+   on no chunk of it. For Qwen2VL (`g2e.training.stage.model_step_fns`) that is the frozen
+   vision tower's tokens of both sides and the DoRA weight norms; every pass below reuses them,
+   and no gradient flows into the tower.
+2. The loss and the gradient of the trainable parameters: plain backpropagation through the
+   whole batch (`query_chunk == 0`) or GradCache over chunks of rows (g2e.training.gradcache).
+3. AdamW. Trainable parameters are float32 (lora.ADAPTER_DTYPE), so their moments are too.
+Dropout draws from an 'rbg' key (the backend's fast generator) seeded from the step's threefry
+key, so a run is reproducible on one platform.
+
+`CompiledSteps` compiles the step once per batch shape (`jit(...).lower(...).compile()`) and
+chooses how it backpropagates (`train.backprop`):
+  'auto':      the direct step, if XLA's memory analysis of it fits the device's memory
+               (`train.memory_limit_gb`, 0: what the device reports; CPUs report none, so
+               always); else GradCache, with chunks of `train.query_chunk` /
+               `train.candidate_chunk` rows per device, or, where those are 0, the largest
+               that the direct step's memory per row says fits;
+  'direct':    always the direct step;
+  'gradcache': always GradCache (chunks as under 'auto').
+The compiled executable also gives the step's hardware FLOPs (g2e.training.flops.hlo_flops).
+The step is traced with the mesh and the logical-axis rules set (`compile_step`), so the model's
+activation constraints (`sharding.constrain`) take effect: without them GSPMD may, under fsdp,
+gather a whole chunk's activations onto every device rather than the layer's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from g2e.models import sharding
+
+from g2e.training import flops as flops_lib
+from g2e.training import gradcache
+from g2e.training import loss as loss_lib
+
+PyTree = Any
+# prepare_fn(trainable, frozen, batch) -> (what embed_fn gets as `frozen`, the batch to embed).
+PrepareFn = Callable[[PyTree, PyTree, Mapping[str, Any]], tuple[PyTree, Mapping[str, Any]]]
+BACKPROP = ("auto", "direct", "gradcache")
+# Share of the device's memory a compiled step may plan to use (the rest: fragmentation).
+_MEMORY_HEADROOM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """The static parts of the train step (hashable, closed over by jit).
+
+    query_chunk / candidate_chunk: rows per device per GradCache chunk; 0 backpropagates
+    through the whole batch at once.
+    """
+
+    embed_fn: gradcache.EmbedFn
+    loss_config: loss_lib.LossConfig
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    query_chunk: int
+    candidate_chunk: int
+    batch_axes: tuple[str, ...]
+    prepare_fn: PrepareFn | None = None
+
+
+def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int,
+               loss_config: loss_lib.LossConfig) -> PyTree:
+    """Fresh train state; adds the log inverse temperature when it is learnable."""
+    params = {"model": trainable}
+    if loss_config.learnable_temperature:
+        params["log_inverse_temperature"] = jnp.asarray(math.log(1.0 / loss_config.temperature),
+                                                        jnp.float32)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def dropout_key(rng: jax.Array) -> jax.Array:
+    """An 'rbg' key (XLA's RngBitGenerator: far fewer ops per random bit than threefry)
+    seeded with 128 bits drawn from the threefry key `rng`."""
+    return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+
+
+def _norm(tree: PyTree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def train_step(setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
+    """One optimisation step on a global batch {'query', 'candidate', 'ids'}.
+
+    Returns the new state and scalar metrics (loss, accuracy, norms, learning rate).
+    """
+    rng = dropout_key(jax.random.fold_in(state["rng"], state["step"]))
+    params = state["params"]
+    if setup.prepare_fn is not None:
+        frozen, batch = setup.prepare_fn(params["model"], frozen, batch)
+
+    def embed(params, frozen_params, model_batch, key):
+        return setup.embed_fn(params["model"], frozen_params, model_batch, key)
+
+    def contrastive(queries, candidates, params):
+        loss, accuracy = loss_lib.infonce(
+            queries, candidates, batch["ids"], setup.loss_config, mesh=setup.mesh,
+            batch_axes=setup.batch_axes,
+            log_inverse_temperature=params.get("log_inverse_temperature"))
+        return loss, {"accuracy": accuracy}
+
+    if setup.query_chunk and setup.candidate_chunk:
+        loss, aux, grads = gradcache.loss_and_grads(
+            embed, contrastive, params, frozen, batch, rng, query_chunk=setup.query_chunk,
+            candidate_chunk=setup.candidate_chunk, mesh=setup.mesh, batch_axes=setup.batch_axes)
+    else:
+        loss, aux, grads = gradcache.direct_loss_and_grads(embed, contrastive, params, frozen,
+                                                           batch, rng)
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": _norm(grads),
+               "param_norm": _norm(new_params), "update_norm": _norm(updates),
+               "learning_rate": jnp.asarray(setup.schedule(state["step"]), jnp.float32)}
+    if "log_inverse_temperature" in new_params:
+        metrics["temperature"] = jnp.exp(-new_params["log_inverse_temperature"])
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+
+def compile_step(setup: StepSetup, state_sharding: PyTree, state: PyTree, frozen: PyTree,
+                 batch: Mapping[str, Any], rules: sharding.Rules | None = None) -> Any:
+    """`train_step` compiled for these arguments (arrays or ShapeDtypeStructs with shardings),
+    the state donated and returned with `state_sharding`.
+
+    With `rules` the step is traced under the mesh and those logical-axis rules, so the model's
+    activation constraints apply.
+    """
+    replicated = NamedSharding(setup.mesh, P())
+    jitted = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
+                     out_shardings=(state_sharding, replicated))
+    with contextlib.ExitStack() as stack:
+        if rules is not None:
+            stack.enter_context(jax.set_mesh(setup.mesh))
+            stack.enter_context(nnx.logical_axis_rules(rules))
+        return jitted.lower(state, frozen, batch).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One compiled step: the executable, how it backpropagates, its per-device memory plan
+    (bytes) and hardware FLOPs."""
+
+    executable: Any
+    backprop: str
+    query_chunk: int
+    candidate_chunk: int
+    memory_bytes: int
+    hardware_flops: float
+
+
+def memory_bytes(compiled: Any) -> int:
+    """Per-device bytes a compiled executable plans to hold (arguments, outputs, temporaries)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def device_memory_limit(limit_gb: float = 0.0) -> int | None:
+    """Bytes a step may use on one device: `limit_gb` if set, else the device's reported
+    limit, else None (CPU: unknown, no limit)."""
+    if limit_gb and limit_gb > 0:
+        return int(limit_gb * 2**30)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+class CompiledSteps:
+    """The train step compiled once per batch shape, direct or GradCache (module docstring).
+
+    Args:
+      setup: the step's static parts; its chunk fields are replaced by the choice made here.
+      state_sharding: shardings of the train state (the donated output has them too).
+      backprop: 'auto', 'direct' or 'gradcache'.
+      query_chunk, candidate_chunk: GradCache rows per device per chunk; 0 sizes them.
+      memory_limit: per-device bytes a step may use (None: no limit).
+      rules: the logical-axis rules the model's activations are constrained with.
+    """
+
+    def __init__(self, setup: StepSetup, state_sharding: PyTree, *, backprop: str = "auto",
+                 query_chunk: int = 0, candidate_chunk: int = 0,
+                 memory_limit: int | None = None, rules: sharding.Rules | None = None):
+        if backprop not in BACKPROP:
+            raise ValueError(f"train.backprop is {backprop!r}; use one of {BACKPROP}")
+        self.setup, self.state_sharding = setup, state_sharding
+        self.backprop, self.memory_limit = backprop, memory_limit
+        self.chunks = (query_chunk, candidate_chunk)
+        self.rules = rules
+        self._cache: dict[tuple, Compiled] = {}
+
+    @staticmethod
+    def _signature(*trees: PyTree) -> tuple:
+        return tuple((str(path), x.shape, str(x.dtype))
+                     for path, x in jax.tree_util.tree_leaves_with_path(trees))
+
+    def get(self, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]) -> Compiled:
+        """The compiled step for these arguments' shapes (compiling it the first time)."""
+        key = self._signature(batch)
+        if key not in self._cache:
+            self._cache[key] = self._choose(state, frozen, batch)
+            chosen = self._cache[key]
+            logging.info("train step: %s backprop (chunks %d/%d), %.2f GiB per device planned, "
+                         "%.3g hardware FLOPs per device", chosen.backprop, chosen.query_chunk,
+                         chosen.candidate_chunk, chosen.memory_bytes / 2**30,
+                         chosen.hardware_flops)
+        return self._cache[key]
+
+    def __call__(self, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
+                 ) -> tuple[PyTree, dict[str, jax.Array]]:
+        return self.get(state, frozen, batch).executable(state, frozen, batch)
+
+    def _compile(self, state, frozen, batch, query_chunk: int, candidate_chunk: int) -> Compiled:
+        setup = dataclasses.replace(self.setup, query_chunk=query_chunk,
+                                    candidate_chunk=candidate_chunk)
+        executable = compile_step(setup, self.state_sharding, state, frozen, batch, self.rules)
+        return Compiled(executable, "gradcache" if query_chunk else "direct", query_chunk,
+                        candidate_chunk, memory_bytes(executable),
+                        flops_lib.hlo_flops(executable.as_text()))
+
+    def _fits(self, compiled: Compiled) -> bool:
+        return (self.memory_limit is None
+                or compiled.memory_bytes <= _MEMORY_HEADROOM * self.memory_limit)
+
+    def _choose(self, state, frozen, batch) -> Compiled:
+        groups = max(1, math.prod(self.setup.mesh.shape[a] for a in self.setup.batch_axes))
+        rows = batch["ids"].shape[0] // groups  # per device, each side
+        direct = None
+        if self.backprop != "gradcache" or not all(self.chunks):
+            direct = self._compile(state, frozen, batch, 0, 0)
+            if self.backprop == "direct" or (self.backprop == "auto" and self._fits(direct)):
+                return direct
+        sized = [d for d in range(rows, 0, -1) if rows % d == 0]
+        if direct is not None and self.memory_limit is not None:
+            # Both sides' activations scale with rows; a chunk holds one side's T rows.
+            per_row = max(1, direct.memory_bytes - _argument_bytes(direct)) / (2 * rows)
+            room = _MEMORY_HEADROOM * self.memory_limit - _argument_bytes(direct)
+            sized = [d for d in sized if d * per_row * 2 <= room] or [1]
+        compiled = None
+        for chunk in sized[:3]:
+            query_chunk = self.chunks[0] or chunk
+            candidate_chunk = self.chunks[1] or chunk
+            compiled = self._compile(state, frozen, batch, query_chunk, candidate_chunk)
+            if self._fits(compiled) or all(self.chunks):
+                return compiled
+        logging.warning("train step: GradCache with chunks %d/%d plans %.2f GiB per device, "
+                        "over the limit of %.2f GiB; lower train.query_chunk / candidate_chunk "
+                        "or use remat", compiled.query_chunk, compiled.candidate_chunk,
+                        compiled.memory_bytes / 2**30, self.memory_limit / 2**30)
+        return compiled
+
+
+def _argument_bytes(compiled: Compiled) -> int:
+    m = compiled.executable.memory_analysis()
+    return int(m.argument_size_in_bytes)
