@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
             # numpy default_rng([seed, crc32(subset name)]), kept in source order.
             max_rows_per_subset=50000,
             row_sample_seed=-1,
+            # The last rows of each training subset (after the cap) that mining and training
+            # never see; the train stage reports retrieval accuracy on them every
+            # train.heldout_every steps into train/train_metrics.jsonl. 0: none held out.
+            heldout_rows=0,
         )
     )
 
@@ -138,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
             false_negative_margin=-1.0,
             learnable_temperature=False,
             use_clusters=True,
+            heldout_every=100,  # steps between held-out evaluations (data.heldout_rows > 0)
             checkpoint_every=100,
             keep_checkpoints=3,
             log_every=10,
@@ -170,6 +175,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo = ml_collections.ConfigDict(
         dict(
             seed=0,
+            # Mini-MMEB rows per training subset and queries per evaluation subset, both
+            # multiplied by scale.
+            train_rows=200,
+            eval_queries=60,
             scale=1.0,
             generator_steps=300,
             generator_lr=3e-3,
@@ -300,8 +309,12 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     if data.row_sample_seed < -1:
         _fail("data.row_sample_seed", f"is {data.row_sample_seed}; use -1 (the first rows) or "
               "a seed >= 0")
-    needs_train_data = any(s in stages for s in ("mine", "train"))
-    needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval"))
+    if data.heldout_rows < 0:
+        _fail("data.heldout_rows", f"is {data.heldout_rows}; use 0 (none held out) or a "
+              "positive count per training subset")
+    needs_train_data = any(s in stages for s in ("mine", "train", "train_random"))
+    needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval",
+                                                "eval_random"))
     if data.format == "tfds":
         if (needs_train_data or needs_eval_data) and not data.tfds_dir:
             _fail("data.tfds_dir", "is empty; with data.format=tfds point it at the data_dir "
@@ -314,7 +327,7 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
 
 
 def _check_train(train: ml_collections.ConfigDict) -> None:
-    for key in ("steps", "global_batch", "cluster_size", "checkpoint_every",
+    for key in ("steps", "global_batch", "cluster_size", "checkpoint_every", "heldout_every",
                 "keep_checkpoints"):
         if train[key] < 1:
             _fail(f"train.{key}", f"is {train[key]}; it must be at least 1")

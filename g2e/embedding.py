@@ -100,6 +100,11 @@ class BatchRunner:
         self._step = jax.jit(step, static_argnums=0)
         self.peak_prepared = 0  # the most prepared inputs this runner held at once
 
+    def reload(self, model: Qwen2VL) -> None:
+        """Takes `model`'s current weights (after they changed in place, e.g. in training);
+        the compiled step is kept."""
+        self.graphdef, self.state = nnx.split(model)
+
     def run(self, inputs: Sequence[Any], encode: Callable[[Any], Encoded | None], *,
             desc: str) -> np.ndarray:
         """Encodes and runs every input; returns float32 [len(inputs), ...] in input order.

@@ -10,7 +10,10 @@ Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE
   eval_zero_shot  zero-shot MMEB with the hierarchical prompt
   mine            SaHa clusters per training subset
   train           contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)
+  train_random    the same training on random batches (train.use_clusters=False): the SaHa
+                  ablation, written under <workdir>/train_random/
   eval            MMEB with the fine-tuned model
+  eval_random     MMEB with the model train_random fine-tuned
   eval_sugarcrepe SugarCrepe / SugarCrepe++ of the model `eval` evaluates (data.sugarcrepe_dir)
   export          Hugging Face directory (<workdir>/export/hf) and PEFT adapter (export/peft)
   report          the table of every evaluation (<workdir>/report.md, report.json)
@@ -49,7 +52,9 @@ STAGES = (
     ("eval_zero_shot", evaluation.run_eval_zero_shot),
     ("mine", mining.run),
     ("train", training.run),
+    ("train_random", training.run_random),
     ("eval", evaluation.run_eval),
+    ("eval_random", evaluation.run_eval_random),
     ("eval_sugarcrepe", evaluation.run_eval_sugarcrepe),
     ("export", export.run),
     ("report", evaluation.run_report),

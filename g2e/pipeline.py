@@ -24,9 +24,10 @@ from g2e.data.preprocess import Processor
 from g2e.models import hf_io, lora, peft, sharding
 from g2e.models.qwen2_vl import Qwen2VL
 
-# Where the train stage leaves the fine-tuned weights for `eval` and `export`.
-TRAINED_ADAPTER = "train/adapter"
-TRAINED_MODEL = "train/hf"
+# Where a training stage (`train`, or the ablation `train_random`) leaves the fine-tuned
+# weights, under <workdir>/<stage>/, for the evaluations and `export`.
+TRAINED_ADAPTER = "adapter"
+TRAINED_MODEL = "hf"
 
 
 class Pipeline:
@@ -64,37 +65,43 @@ class Pipeline:
         workers = int(self.config.data.workers)
         return data_workers.usable_cores() if workers == -1 else workers
 
-    def has_trained_model(self) -> bool:
-        """Whether the train stage left a fine-tuned model (adapter or full) in the workdir."""
-        return any((self.workdir / path).is_dir() for path in (TRAINED_ADAPTER, TRAINED_MODEL))
+    def trained_paths(self, run: str = "train") -> tuple[pathlib.Path, pathlib.Path]:
+        """(adapter dir, full fine-tuned dir) the training stage `run` writes one of."""
+        return self.workdir / run / TRAINED_ADAPTER, self.workdir / run / TRAINED_MODEL
 
-    def model_paths(self, *, trained: bool) -> tuple[str, str]:
-        """(model_dir, adapter_dir or '') of the base model or of the fine-tuned one.
+    def has_trained_model(self, run: str = "train") -> bool:
+        """Whether the training stage `run` left a fine-tuned model (adapter or full)."""
+        return any(path.is_dir() for path in self.trained_paths(run))
+
+    def model_paths(self, *, trained: bool, run: str = "train") -> tuple[str, str]:
+        """(model_dir, adapter_dir or '') of the base model or of the one the training stage
+        `run` fine-tuned.
 
         Raises:
-          FileNotFoundError: `trained` but the train stage has not written its model.
+          FileNotFoundError: `trained` but the training stage has not written its model.
         """
         if not trained:
             return self.config.model_dir, self.config.adapter_dir
-        adapter = self.workdir / TRAINED_ADAPTER
+        adapter, full = self.trained_paths(run)
         if adapter.is_dir():
             return self.config.model_dir, str(adapter)
-        full = self.workdir / TRAINED_MODEL
         if full.is_dir():
             return str(full), ""
-        raise FileNotFoundError(f"{adapter} (or {full}) is missing: run the train stage first "
-                                "(--config.stages=train)")
+        raise FileNotFoundError(f"{adapter} (or {full}) is missing: run the {run} stage first "
+                                f"(--config.stages={run})")
 
     def forget_model(self) -> None:
         """Drops the cached model (its weights changed in place, or memory is needed)."""
         self._model = self.model_key = None
 
-    def model(self, *, trained: bool, adapter: lora.AdapterConfig | None = None) -> Qwen2VL:
-        """The base model (+ config.adapter_dir) or the fine-tuned one; cached between stages.
+    def model(self, *, trained: bool, adapter: lora.AdapterConfig | None = None,
+              run: str = "train") -> Qwen2VL:
+        """The base model (+ config.adapter_dir) or the one the training stage `run`
+        fine-tuned; cached between stages.
 
-        `adapter` adds fresh trainable adapters instead (train stage).
+        `adapter` adds fresh trainable adapters instead (training stages).
         """
-        model_dir, adapter_dir = self.model_paths(trained=trained)
+        model_dir, adapter_dir = self.model_paths(trained=trained, run=run)
         if adapter is not None and adapter_dir:
             raise ValueError("--config.adapter_dir cannot be trained further here; merge it "
                              "first with --config.stages=export and train from export/hf")

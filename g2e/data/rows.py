@@ -84,7 +84,8 @@ def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputRe
         return []
 
 
-def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.TrainRow]:
+def train_rows(data: Any, subset: str, report: BadInputReport, *, heldout: bool = False
+               ) -> Sequence[mmeb.TrainRow]:
     """The rows of one MMEB-train subset (split `data.train_split`) in the configured format.
 
     Args:
@@ -93,14 +94,18 @@ def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.
       subset: the subset's name, e.g. 'ImageNet_1K'.
       report: applies `data.on_bad_input` to an unknown, missing or unreadable subset or row
         (raising BadInput under 'error', counting under 'skip').
+      heldout: the subset's held-out slice instead: its last `data.heldout_rows` rows, which
+        mining and training never see (the train stage evaluates on them as it goes).
 
     Returns:
-      The rows in source order ([] for a skipped subset), at most `data.max_rows_per_subset`
-      of them (`sample_rows`); images are absolute paths (parquet) or images.ImageRefs (tfds).
+      The rows in source order ([] for a skipped subset): of at most `data.max_rows_per_subset`
+      rows (`sample_rows`), all but the held-out slice, or that slice; images are absolute
+      paths (parquet) or images.ImageRefs (tfds).
 
     Raises:
       tfds_builders.OutdatedCopyError: the TFDS copy of `subset` has an older layout
         (whatever on_bad_input says: it must be prepared again).
+      ValueError: the held-out slice would leave the subset no training row.
     """
     if _format(data) == "tfds":
         rows = _tfds_rows("train", data, subset, data.train_split, report)
@@ -108,8 +113,16 @@ def train_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.
         rows = mmeb.read_train_subset(
             data.train_dir, subset, data.train_split, data.train_image_root or data.train_dir,
             report)
-    return sample_rows(rows, subset, _get(data, "max_rows_per_subset", 0),
+    rows = sample_rows(rows, subset, _get(data, "max_rows_per_subset", 0),
                        _get(data, "row_sample_seed", -1))
+    held = int(_get(data, "heldout_rows", 0))
+    if not held or not len(rows):
+        return [] if heldout else rows
+    if held >= len(rows):
+        raise ValueError(f"--config.data.heldout_rows={held} leaves no training row of subset "
+                         f"{subset} ({len(rows)} rows); lower it")
+    split = len(rows) - held
+    return SampledRows(rows, np.arange(split, len(rows)) if heldout else np.arange(split))
 
 
 def _get(data: Any, key: str, default: Any) -> Any:

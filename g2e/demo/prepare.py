@@ -235,8 +235,9 @@ def prepare(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, A
     if not (paths.data_dir / "subsets.json").is_file():
         def build_data(tmp: pathlib.Path) -> None:
             summary["mini_mmeb"] = mini_mmeb.build(
-                str(tmp), seed=demo.seed, train_rows=max(16, round(200 * demo.scale)),
-                eval_queries=max(4, round(60 * demo.scale)), candidates=12)
+                str(tmp), seed=demo.seed,
+                train_rows=max(16, round(demo.train_rows * demo.scale)),
+                eval_queries=max(4, round(demo.eval_queries * demo.scale)), candidates=12)
 
         atomic.replace_directory(paths.data_dir, build_data)
         logging.info("demo: mini-MMEB in %s (%s)", paths.data_dir, summary["mini_mmeb"])

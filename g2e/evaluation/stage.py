@@ -1,4 +1,4 @@
-"""The evaluation stages: `eval_plain`, `eval_zero_shot` and `eval` (MMEB),
+"""The evaluation stages: `eval_plain`, `eval_zero_shot`, `eval` and `eval_random` (MMEB),
 `eval_sugarcrepe` (SugarCrepe and SugarCrepe++), and `report`.
 
 Each MMEB stage embeds with the Embedder of the model it names and writes
@@ -20,10 +20,10 @@ from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
 
-def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool,
+def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool, run: str = "train",
               prompt: prompts.PromptOptions | None = None) -> dict[str, Any]:
     config = pipeline.config
-    model = pipeline.model(trained=trained)
+    model = pipeline.model(trained=trained, run=run)
     processor = pipeline.processor(prompt=prompt)
     embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
                         batch_size=config.eval.batch_size, progress=False,
@@ -54,6 +54,11 @@ def run_eval_zero_shot(pipeline: Pipeline) -> dict[str, Any]:
 def run_eval(pipeline: Pipeline) -> dict[str, Any]:
     """MMEB with the fine-tuned model."""
     return _evaluate(pipeline, "eval", trained=True)
+
+
+def run_eval_random(pipeline: Pipeline) -> dict[str, Any]:
+    """MMEB with the model `train_random` fine-tuned (random batches, the SaHa ablation)."""
+    return _evaluate(pipeline, "eval_random", trained=True, run="train_random")
 
 
 def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:

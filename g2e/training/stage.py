@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,9 +31,10 @@ from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
+from g2e.embedding import Embedder
 from g2e.models import hf_io, lora, peft, sharding
 from g2e.models.qwen2_vl import VISION_FIELDS
-from g2e.pipeline import TRAINED_ADAPTER, TRAINED_MODEL, Pipeline
+from g2e.pipeline import Pipeline
 from g2e.training import batches, flops, gradcache, trainer
 from g2e.training import step as step_lib
 
@@ -44,33 +45,54 @@ class Preempted(SystemExit):
 
 def run(pipeline: Pipeline) -> dict[str, Any]:
     """Runs the stage; returns the summary for DONE.json. Raises Preempted when stopped early."""
+    return _train(pipeline, "train", use_clusters=bool(pipeline.config.train.use_clusters))
+
+
+def run_random(pipeline: Pipeline) -> dict[str, Any]:
+    """The `train_random` stage: the same steps with random batches instead of the mined
+    clusters (train.use_clusters=False), the paper's SaHa-vs-in-batch ablation; writes under
+    <workdir>/train_random/ for `eval_random`."""
+    return _train(pipeline, "train_random", use_clusters=False)
+
+
+def _train(pipeline: Pipeline, stage: str, *, use_clusters: bool) -> dict[str, Any]:
     config = pipeline.config
     adapter = adapter_config(config)
     model = pipeline.model(trained=False, adapter=adapter)
-    rows, clusters = training_rows(pipeline)
-    logging.info("train: %d rows in %d clusters (%d of several rows)", len(rows), len(clusters),
-                 sum(len(c) > 1 for c in clusters))
+    rows, clusters = training_rows(pipeline, use_clusters=use_clusters)
+    logging.info("%s: %d rows in %d clusters (%d of several rows)", stage, len(rows),
+                 len(clusters), sum(len(c) > 1 for c in clusters))
     processor = pipeline.processor(train=True)
+    heldout = heldout_rows(pipeline)
+    evaluate = None
+    if heldout:
+        evaluate = HeldOut(model, heldout, pipeline.processor(
+            train=True, image_root=config.data.train_image_root or None), mesh=pipeline.mesh,
+            rules=pipeline.rules, batch_size=config.eval.batch_size, workers=pipeline.workers)
     result = train_model(config, model, rows, clusters, processor, pipeline.mesh,
-                         pipeline.rules, str(pipeline.workdir / "train"),
-                         workers=pipeline.workers)
+                         pipeline.rules, str(pipeline.workdir / stage),
+                         workers=pipeline.workers, evaluate=evaluate)
     if result.stopped_early:
-        raise Preempted(f"train: stopped at step {result.step} after saving a checkpoint; "
+        raise Preempted(f"{stage}: stopped at step {result.step} after saving a checkpoint; "
                         "rerun the same command to resume")
     # The weights may be sharded across hosts: every process takes part in gathering them,
     # process 0 writes.
+    adapter_dir, full_dir = pipeline.trained_paths(stage)
     if adapter is not None:
-        distributed.write_on_primary(pipeline.workdir / TRAINED_ADAPTER, lambda tmp: (
+        distributed.write_on_primary(adapter_dir, lambda tmp: (
             peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir)))
     else:
         def write(tmp):
             hf_io.save_hf(model, tmp)
             if tmp is not None:
                 hf_io.copy_assets(config.model_dir, tmp)
-        distributed.write_on_primary(pipeline.workdir / TRAINED_MODEL, write)
+        distributed.write_on_primary(full_dir, write)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
-    return {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
-            "rows": len(rows), "clusters": len(clusters)}
+    summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
+               "rows": len(rows), "clusters": len(clusters)}
+    if evaluate is not None:
+        summary["heldout_accuracy"] = evaluate.last.get("heldout_accuracy")
+    return summary
 
 
 def adapter_config(config: Any) -> lora.AdapterConfig | None:
@@ -82,9 +104,10 @@ def adapter_config(config: Any) -> lora.AdapterConfig | None:
                               dropout=adapter.dropout, targets=tuple(adapter.targets))
 
 
-def training_rows(pipeline: Pipeline) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
+def training_rows(pipeline: Pipeline, *, use_clusters: bool = True
+                  ) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
-    over them."""
+    over them: the mine stage's when `use_clusters`, every row its own otherwise."""
     config = pipeline.config
     parts: list[Sequence[mmeb.TrainRow]] = []
     offset = 0
@@ -94,12 +117,12 @@ def training_rows(pipeline: Pipeline) -> tuple[Sequence[mmeb.TrainRow], list[lis
         subset_rows = rows_lib.train_rows(config.data, subset, bad)
         path = pipeline.workdir / "mine" / f"{subset}.clusters.json"
         covered = np.zeros(len(subset_rows), bool)
-        if config.train.use_clusters and path.is_file():
+        if use_clusters and path.is_file():
             mined = mining.read_clusters(str(path), subset=subset, num_rows=len(subset_rows))
             for cluster in mined.clusters:
                 clusters.append([offset + i for i in cluster])
                 covered[cluster] = True
-        elif config.train.use_clusters:
+        elif use_clusters:
             logging.warning("train: %s has no clusters (%s); its rows train as single rows",
                             subset, path)
         clusters += [[offset + int(i)] for i in np.flatnonzero(~covered)]
@@ -108,6 +131,48 @@ def training_rows(pipeline: Pipeline) -> tuple[Sequence[mmeb.TrainRow], list[lis
     if bad.total:
         logging.warning("train: %s", bad.summary())
     return rows_lib.ConcatRows(parts), clusters
+
+
+def heldout_rows(pipeline: Pipeline) -> list[mmeb.TrainRow]:
+    """The held-out slice of every training subset (data.heldout_rows each; [] when 0)."""
+    data = pipeline.config.data
+    if not data.heldout_rows:
+        return []
+    bad = BadInputReport(data.on_bad_input)
+    return [row for subset in rows_lib.train_subsets(data)
+            for row in rows_lib.train_rows(data, subset, bad, heldout=True)]
+
+
+class HeldOut:
+    """The train stage's held-out check: each held-out query against every held-out positive
+    of its subset, embedded (no dropout) with the weights being trained. Metrics: top-1
+    accuracy in percent per subset ('heldout/<subset>') and their mean ('heldout_accuracy');
+    a candidate identical to the positive (same positive_id) counts as a hit."""
+
+    def __init__(self, model: nnx.Module, rows: Sequence[Any], processor: Processor, *,
+                 mesh: Mesh, rules: sharding.Rules, batch_size: int, workers: int):
+        self.model = model
+        self.embedder = Embedder(model, processor, mesh=mesh, rules=rules,
+                                 batch_size=batch_size, progress=False, workers=workers)
+        self.queries = [query_item(row) for row in rows]
+        self.positives = [positive_item(row) for row in rows]
+        self.subsets = np.asarray([row.subset for row in rows])
+        self.ids = np.stack([positive_id(row) for row in rows])
+        self.last: dict[str, float] = {}
+
+    def __call__(self, step: int) -> dict[str, float]:
+        self.embedder.reload(self.model)  # the weights as trained so far
+        queries = self.embedder.embed_items(self.queries, desc="held-out queries")
+        positives = self.embedder.embed_items(self.positives, desc="held-out positives")
+        metrics = {}
+        for subset in dict.fromkeys(self.subsets):
+            rows = np.flatnonzero(self.subsets == subset)
+            best = np.argmax(queries[rows] @ positives[rows].T, axis=1)
+            hit = (self.ids[rows][best] == self.ids[rows]).all(axis=-1)
+            metrics[f"heldout/{subset}"] = 100.0 * float(hit.mean())
+        metrics = {"heldout_accuracy": float(np.mean(list(metrics.values()))), **metrics}
+        self.last = metrics
+        return metrics
 
 
 def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
@@ -137,19 +202,22 @@ def batch_groups(mesh: Mesh, rules: sharding.Rules) -> int:
 
 def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
                 clusters: Sequence[Sequence[int]] | None, processor: Processor, mesh: Mesh,
-                rules: sharding.Rules, workdir: str, workers: int = 0) -> trainer.FitResult:
+                rules: sharding.Rules, workdir: str, workers: int = 0,
+                evaluate: Callable[[int], dict[str, float]] | None = None
+                ) -> trainer.FitResult:
     """Contrastive fine-tuning of `model` in place (SPEC §3); resumes from `workdir`.
 
     Args:
       config: the full config (reads train.*, data.train_image_root, seed).
       model: a Qwen2VL, with adapters unless train.adapter.kind == 'none'; already sharded.
       rows: MMEB-train rows (g2e.data.mmeb.TrainRow), indexed by cluster entries.
-      clusters: mined clusters (row indices, anchor first), or None to train on single rows
-        (also when train.use_clusters is False).
+      clusters: mined clusters (row indices, anchor first), or None to train on single rows.
       processor: the training Processor (train max length and image resolution).
       mesh, rules: the device mesh and the logical-axis rules (the batch axes).
       workdir: checkpoints, metrics and TensorBoard logs go here.
       workers: Grain processes encoding the rows (0: in this process).
+      evaluate: step -> metrics of `model` holding the weights trained so far (e.g. a
+        HeldOut), run every train.heldout_every steps and after the last.
 
     Returns:
       trainer.FitResult; the model's parameters are updated to the trained ones.
@@ -160,7 +228,7 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
     stored = jax.tree.map(lambda x: x.dtype, trainable)
     # Trained parameters and their Adam moments are float32 whatever model.param_dtype.
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    if clusters is None or not train_cfg.get("use_clusters", True):
+    if clusters is None:
         clusters = [[i] for i in range(len(rows))]
     schedule = batches.ClusterSchedule(clusters, len(rows), train_cfg.cluster_size,
                                        global_batch_size(train_cfg, mesh, rules),
@@ -169,15 +237,24 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
     prepare_fn, embed_fn = model_step_fns(graphdef, groups=batch_groups(mesh, rules),
                                           vision_chunk=int(train_cfg.get("vision_chunk", 0)))
     adapter = getattr(model, "adapter", None)
+
+    def load(trained):
+        # Adapters stay float32 (their storage dtype); fully trained weights go back to theirs.
+        nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), trained, stored)))
+
+    def evaluate_trained(step, trained):
+        load(trained)
+        return evaluate(step)
+
     result = trainer.fit(embed_fn, trainable, frozen, train_cfg=train_cfg,
                          mesh=mesh, rules=rules, schedule=schedule, codec=codec,
                          workdir=workdir, seed=int(config.seed), subsets=_SubsetNames(rows),
                          model_flops=lambda host: flops.train_step_flops(model.config, host,
                                                                          adapter),
-                         prepare_fn=prepare_fn, workers=workers)
-    # Adapters stay float32 (their storage dtype); fully trained weights go back to theirs.
-    nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), result.trainable,
-                                             stored)))
+                         prepare_fn=prepare_fn, workers=workers,
+                         evaluate=evaluate_trained if evaluate else None,
+                         evaluate_every=int(train_cfg.get("heldout_every", 0)))
+    load(result.trainable)
     return result
 
 

@@ -37,6 +37,8 @@ from g2e.training import optimizer as optimizer_lib
 from g2e.training import step as step_lib
 
 PyTree = Any
+# (step, trainable parameters) -> metrics; see `fit`.
+Evaluate = Callable[[int, PyTree], Mapping[str, float]]
 
 
 class MetricsWriter:
@@ -56,13 +58,19 @@ class MetricsWriter:
                              dynamic_ncols=True)
 
     def write(self, step: int, metrics: Mapping[str, float]):
+        """One JSONL line {"step": step, **metrics}, and the same scalars to TensorBoard."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(f"train/{key}", value, step)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 acc=f"{metrics['accuracy']:.3f}")
+        else:
+            logging.info("step %d: %s", step,
+                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def advance(self):
         if self.bar is not None:
@@ -102,7 +110,8 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         workdir: str, rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0,
         subsets: Any = None, model_flops: Callable[[Mapping[str, Any]], float] | None = None,
         prepare_fn: step_lib.PrepareFn | None = None, async_checkpoints: bool = True,
-        workers: int = 0) -> FitResult:
+        workers: int = 0, evaluate: Evaluate | None = None, evaluate_every: int = 0
+        ) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
     Args:
@@ -125,6 +134,9 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
       prepare_fn: once-per-step work before the chunks (see g2e.training.step).
       async_checkpoints: write checkpoints in the background.
       workers: Grain worker processes encoding rows (0: in this process).
+      evaluate: (step, trainable) -> metrics, run on every process after every
+        `evaluate_every` steps and after the last; process 0 adds them to
+        train_metrics.jsonl ({"step": ..., metric: value, ...} lines of their own).
 
     Returns:
       FitResult; `stopped_early` is True when SIGTERM or a preemption notice ended the run after
@@ -149,7 +161,7 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
         logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
     try:
         loop = _Loop(setup, state, train_cfg, schedule, codec, rules, ckpt, workdir, subsets,
-                     model_flops, workers)
+                     model_flops, workers, evaluate, evaluate_every)
     except BaseException:
         ckpt.close()
         raise
@@ -175,11 +187,12 @@ class _Loop:
                  schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
                  rules: sharding.Rules, ckpt: checkpointing.Checkpointer, workdir: str,
                  subsets: Any, model_flops: Callable[[Mapping[str, Any]], float] | None,
-                 workers: int):
+                 workers: int, evaluate: Evaluate | None, evaluate_every: int):
         self.setup, self.state, self.train_cfg = setup, state, train_cfg
         self.schedule, self.rules = schedule, rules
         self.ckpt, self.workdir, self.subsets = ckpt, workdir, subsets
         self.model_flops, self.peak = model_flops, flops_lib.peak_flops()
+        self.evaluate, self.evaluate_every = evaluate, evaluate_every
         self.batch_size = schedule.batch_size
         self.start = int(jax.device_get(state["step"]))
         self.steps = step_lib.CompiledSteps(
@@ -249,6 +262,12 @@ class _Loop:
                 if pending is not None:
                     self.finish(*pending)
                 pending = (step, rows, tokens, (model_flops, compiled.hardware_flops), metrics)
+                if self.evaluate is not None and (
+                        done == self.train_cfg.steps
+                        or (self.evaluate_every and done % self.evaluate_every == 0)):
+                    self.finish(*pending)
+                    pending = None
+                    self.writer.write(done, self.evaluate(done, self.state["params"]["model"]))
                 stopping = stop.requested or self.ckpt.reached_preemption(done)
                 if stopping or done == self.train_cfg.steps or self.ckpt.manager.should_save(
                         done):
