@@ -15,7 +15,8 @@ from g2e import configuration
 def get_config():
     config = configuration.base_config()
     config.workdir = "g2e_demo"
-    config.stages = "prepare_demo,eval_plain,eval_zero_shot,mine,train,eval,export,report"
+    config.stages = ("prepare_demo,eval_plain,eval_zero_shot,mine,train,train_random,eval,"
+                     "eval_random,export,report")
     config.mesh.data = -1
 
     config.model.dtype = "float32"
@@ -30,6 +31,7 @@ def get_config():
     config.data.length_buckets = (64, 128, 256)
     config.data.patch_buckets = (0, 64, 128)
     config.data.train_split = "original"
+    config.data.heldout_rows = 16  # per training subset, evaluated every train.heldout_every
 
     config.eval.batch_size = 32
 
@@ -39,12 +41,13 @@ def get_config():
     config.mine.judge_batch_size = 4  # The judge sees up to top_k owners of one anchor at a time.
 
     config.train.steps = 300
-    config.train.lr = 1e-3
+    config.train.lr = 2e-4
     config.train.warmup_steps = 5
     config.train.global_batch = 16  # 4 clusters of 4 rows, on however many devices
     config.train.cluster_size = 4
     config.train.checkpoint_every = 20
     config.train.log_every = 5
+    config.train.heldout_every = 50
     config.train.adapter.r = 8
     config.train.adapter.alpha = 16
     config.train.adapter.dropout = 0.0
@@ -56,4 +59,6 @@ def get_config():
     config.demo.num_layers = 4
     config.demo.vision_width = 64
     config.demo.generator_steps = 1000
+    # 200 queries per evaluation subset: every meta-task's 95% interval within about +-5.
+    config.demo.eval_queries = 200
     return config

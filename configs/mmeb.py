@@ -12,7 +12,10 @@ Variants (`--config=configs/mmeb.py:<variant>`):
   release       the public release exactly: `mine.judge=False` (the release has no generative
                 judge), `train.mask_identical_positives=False` (identical positives are scored
                 as negatives, the release's plain cross-entropy), 50k rows per subset;
-  release-7b    the same with the 7B model.
+  release-7b    the same with the 7B model;
+  qwen25-3b     g2e's recipe on Qwen2.5-VL-3B-Instruct (point model_dir at it; the model type
+                comes from its config.json, so every stage and the export follow);
+  qwen25-7b     the same on Qwen2.5-VL-7B-Instruct (weights sharded over fsdp).
 g2e's recipe differs from the release in two keys only, both g2e design decisions: the judge
 drops owners the model itself calls false negatives (`mine.judge=True`), and candidates
 identical to a query's positive are masked rather than scored as negatives
@@ -38,7 +41,7 @@ Qwen2-VL) and merges the adapters in float32; compiled programs are cached in
 
 from g2e import configuration
 
-VARIANTS = ("2b", "7b", "release", "release-7b")
+VARIANTS = ("2b", "7b", "release", "release-7b", "qwen25-3b", "qwen25-7b")
 
 
 def get_config(arg: str = "2b"):

@@ -20,7 +20,8 @@ def _load(name: str, arg: str | None = None):
 
 
 @pytest.mark.parametrize("name,arg", [("mmeb", None), ("mmeb", "7b"), ("mmeb", "release"),
-                                      ("mmeb", "release-7b"), ("embed", None), ("demo", None)])
+                                      ("mmeb", "release-7b"), ("mmeb", "qwen25-3b"),
+                                      ("mmeb", "qwen25-7b"), ("embed", None), ("demo", None)])
 def test_every_config_loads_and_validates(name, arg):
     config = _load(name, arg)
     config.model_dir = config.model_dir or "/some/model"
@@ -32,8 +33,20 @@ def test_every_config_loads_and_validates(name, arg):
 
 
 def test_mmeb_7b_shards_over_fsdp():
-    assert _load("mmeb", "7b").mesh.fsdp == -1
-    assert _load("mmeb", "release-7b").mesh.fsdp == -1
+    for variant in ("7b", "release-7b", "qwen25-7b"):
+        assert _load("mmeb", variant).mesh.fsdp == -1
+
+
+def test_qwen25_variants_are_the_recipe_with_their_own_workdir():
+    recipe = _load("mmeb").to_dict()
+    assert {**_load("mmeb", "qwen25-3b").to_dict(), "workdir": recipe["workdir"]} == recipe
+    assert _load("mmeb", "qwen25-7b").to_dict() == {
+        **_load("mmeb", "7b").to_dict(), "workdir": "workdir/mmeb-qwen25-7b"}
+
+
+def test_unknown_variant_names_the_known_ones():
+    with pytest.raises(ValueError, match="configs/mmeb.py:qwen25-3b"):
+        _load("mmeb", "qwen3")
 
 
 def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
@@ -62,6 +75,8 @@ def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
     ("train.global_batch", 2040, "--config.train.global_batch"),
     ("train.backprop", "some", "--config.train.backprop"),
     ("data.max_rows_per_subset", -1, "--config.data.max_rows_per_subset"),
+    ("data.heldout_rows", -1, "--config.data.heldout_rows"),
+    ("train.heldout_every", 0, "--config.train.heldout_every"),
     ("data.image_resolution", "huge", "--config.data.image_resolution"),
     ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
     ("data.workers", -2, "--config.data.workers"),

@@ -262,18 +262,18 @@ class _Loop:
                 if pending is not None:
                     self.finish(*pending)
                 pending = (step, rows, tokens, (model_flops, compiled.hardware_flops), metrics)
-                if self.evaluate is not None and (
-                        done == self.train_cfg.steps
-                        or (self.evaluate_every and done % self.evaluate_every == 0)):
-                    self.finish(*pending)
-                    pending = None
-                    self.writer.write(done, self.evaluate(done, self.state["params"]["model"]))
+                last = done == self.train_cfg.steps
+                evaluating = self.evaluate is not None and (
+                    last or (self.evaluate_every and done % self.evaluate_every == 0))
                 stopping = stop.requested or self.ckpt.reached_preemption(done)
-                if stopping or done == self.train_cfg.steps or self.ckpt.manager.should_save(
-                        done):
-                    # Check this step's loss before it can reach a checkpoint.
+                saving = stopping or last or self.ckpt.manager.should_save(done)
+                if evaluating or saving:
+                    # Check this step's loss before it is evaluated or reaches a checkpoint.
                     self.finish(*pending)
                     pending = None
+                if evaluating:
+                    self.writer.write(done, self.evaluate(done, self.state["params"]["model"]))
+                if saving:
                     self.ckpt.save(done, self.state, self.position(done), force=True)
                 if stopping:
                     self.ckpt.wait()

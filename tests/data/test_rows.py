@@ -225,3 +225,22 @@ def test_training_rows_over_the_tfds_copy_offset_the_mined_clusters(prepared, tm
     assert (
         got[offset + 3].qry_image.read() == expected["train"]["original", "ShapeCls"][1][3]["qry"]
     )
+
+
+def test_heldout_rows_are_the_last_rows_after_the_cap_and_never_train(tmp_path):
+    mini_mmeb.build(str(tmp_path / "mini"), seed=0, train_rows=12, eval_queries=2, candidates=2)
+    data = configuration.base_config().data
+    data.train_dir, data.train_image_root = str(tmp_path / "mini" / "train"), str(tmp_path / "mini")
+    data.train_split, data.max_rows_per_subset, data.heldout_rows = "original", 10, 3
+    report = BadInputReport()
+
+    def indices(heldout):
+        return [r.index for r in rows.train_rows(data, "ShapeCls", report, heldout=heldout)]
+
+    assert indices(False) == list(range(7)) and indices(True) == [7, 8, 9]
+    data.heldout_rows = 0
+    assert indices(False) == list(range(10)) and indices(True) == []
+    data.heldout_rows = 10
+    with pytest.raises(ValueError, match="data.heldout_rows=10 leaves no training row of "
+                                         "subset ShapeCls"):
+        indices(False)

@@ -72,10 +72,23 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
     queries, candidates = toy.data(64)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, 2, 16, seed=0)
     trainable, frozen = toy.params()
+    evaluated = []
+
+    def evaluate(step, params):  # the held-out hook gets the weights after `step` steps
+        evaluated.append((step, jax.device_get(params)))
+        return {"heldout_accuracy": float(step)}
+
     result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=_mesh(),
                          schedule=schedule, codec=toy.encode(queries, candidates),
-                         workdir=str(tmp_path), model_flops=lambda host: 1e6)
-    lines = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+                         workdir=str(tmp_path), model_flops=lambda host: 1e6,
+                         evaluate=evaluate, evaluate_every=12)
+    everything = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").open()]
+    assert [(x["step"], x["heldout_accuracy"]) for x in everything
+            if "loss" not in x] == [(12, 12.0), (24, 24.0), (30, 30.0)]
+    assert [step for step, _ in evaluated] == [12, 24, 30]
+    for a, b in zip(jax.tree.leaves(evaluated[-1][1]), jax.tree.leaves(result.trainable)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    lines = [x for x in everything if "loss" in x]
     assert [x["step"] for x in lines] == list(range(1, 31))
     # FLOPs of the step: the model's as given, the hardware's from the compiled program.
     assert lines[-1]["model_flops"] == 1e6 and lines[-1]["hardware_flops"] > 0
