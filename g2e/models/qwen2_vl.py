@@ -69,8 +69,8 @@ class Qwen2VL(nnx.Module):
                       chunk: int = 0) -> jax.Array | None:
         """The frozen tower's merged vision tokens [B, M, D]; None when the batch has no patches.
 
-        A train step computes them once per side and hands them to every pass of
-        `embed(..., vision_tokens=)`; no gradient flows into the tower.
+        A train step computes them once per side, outside the gradient (the tower is frozen
+        in training), and hands them to every pass of `embed(..., vision_tokens=)`.
 
         Args:
             batch: the model batch (its pixel_values and vision fields).
@@ -92,9 +92,7 @@ class Qwen2VL(nnx.Module):
             return self.visual(f["pixel_values"], f["vision_segment_ids"], f["vision_positions"],
                                f.get("vision_window_ids"))
 
-        if not chunk:
-            return jax.lax.stop_gradient(tower(fields))
-        return jax.lax.stop_gradient(_images_first(tower, fields, groups, chunk))
+        return tower(fields) if not chunk else _images_first(tower, fields, groups, chunk)
 
     def input_embeddings(self, batch: Mapping[str, jax.Array],
                          vision_tokens: jax.Array | None = None) -> jax.Array:
