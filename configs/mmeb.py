@@ -11,6 +11,11 @@ Release defaults: DoRA r=8, alpha=64 on q/k/v/o and MLP down; InfoNCE at tempera
 clusters of 16 rows, 16 clusters per device (2048 pairs on 8 devices), GradCache chunks of 4;
 AdamW lr 5e-5, 100 warm-up steps, 1500 steps; 448x448 training images, max length 1024;
 mining and evaluation use the `random` image policy and max length 2048.
+Mining adds g2e's generative judge (`--config.mine.judge=false` mines as the release does):
+pairs are judged in steps of mine.judge_batch_size=16 per device (128 on 8 GPUs), a block of
+mine.block_size=256 anchors at a time, and every answer is kept under <workdir>/mine/cache/, so
+a preempted `mine` resumes mid-subset. A pair over the max length is judged with downscaled
+images or kept unjudged (counted in mine/report.json), never stopping the stage.
 """
 
 from g2e import configuration
