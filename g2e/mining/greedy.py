@@ -140,10 +140,8 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
         key_vectors = query_embeddings
     else:
         key_vectors = query_embeddings[first_key_row]
-    mode = "sequential" if judge is not None else "batched" if pair_judge is not None else None
-    out = {"clusters": [], "cluster_phases": [], "query_sims": "host", "judge_mode": mode,
-           "timing": {"search_s": 0.0, "judge_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
-           "phases": {p: new_phase_stats() for p in (1, 2)}}
+    out = _new_out("sequential" if judge is not None else
+                   "batched" if pair_judge is not None else None)
     if n:
         index = CandidateIndex(positive_embeddings[first_cand_row], pool, mesh,
                                candidate_chunk)
@@ -166,6 +164,13 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
                      keep_retrieval_order=keep_retrieval_order,
                      judge_threshold=judge_threshold)
     return MiningResult(out["clusters"], out["cluster_phases"], report, out["timing"])
+
+
+def _new_out(judge_mode: str | None) -> dict:
+    """What the walk collects: clusters, their phases, per-phase counters and timing."""
+    return {"clusters": [], "cluster_phases": [], "query_sims": "host", "judge_mode": judge_mode,
+            "timing": {"search_s": 0.0, "judge_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
+            "phases": {p: new_phase_stats() for p in (1, 2)}}
 
 
 # The judge's counters, per phase and in all: pairs judged by the model in this run (speculative

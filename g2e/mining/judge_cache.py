@@ -32,9 +32,10 @@ from g2e.mining.judge import Judge
 from g2e.mining.walk import PairAnswers
 
 CACHE_FORMAT = 1
-# Device batches per Judge call: large enough to pack the (length, patches) buckets well,
-# small enough to bound the host memory of a call's encoded pairs.
-STEPS_PER_CALL = 8
+# Device batches per Judge call: enough to pack the (length, patches) buckets well, few enough
+# to bound the host memory of a call's encoded pairs (float32 patches: ~7 MB per 640x480 photo
+# under `random`, so 4 x 128 pairs of two photos hold ~7 GB).
+STEPS_PER_CALL = 4
 
 
 def key_hashes(keys: Sequence[Hashable]) -> np.ndarray:
@@ -124,6 +125,7 @@ class RowPairJudge:
     def __init__(self, judge: Judge, rows: Sequence[mmeb.TrainRow], query_keys: Sequence,
                  positive_keys: Sequence, cache: JudgeCache, *, desc: str = "judge"):
         self.judge, self.rows, self.cache, self.desc = judge, rows, cache, desc
+        self.pairs_per_call = judge.pairs_per_call
         self.query_hash = key_hashes(query_keys)
         self.positive_hash = key_hashes(positive_keys)
 

@@ -7,6 +7,13 @@ batched generative judge (when `mine.judge`). Writes `<workdir>/mine/<subset>.cl
 rows as `g2e.data.rows.train_rows` returns them, the same for the parquet files and the TFDS
 copy) and `<subset>.report.json`, plus `report.json` over all subsets.
 
+The report (a contract): per subset, in each phase ("phase1", "phase2"), `judge_calls` (device
+calls of the judge program) and `judge_pairs` (pairs the model judged in this run, speculative
+ones included), with `judge_cached` (answers read back from the judge cache instead),
+`judge_consulted` (pairs the walk's decisions rest on), `judge_dropped`, `judge_downscaled` and
+`judge_unjudged` (over-length pairs, g2e.mining.judge); "judge" sums them over the phases;
+"timing" splits the seconds into search, judge and walk bookkeeping.
+
 Resuming: a killed stage loses at most the work in flight. The embeddings are kept in shards
 as they are embedded (`<workdir>/mine/cache/<subset>/`, g2e.embedding.EmbeddingCache), the
 judge's answers as they are judged (`.../<subset>/judge/`, g2e.mining.judge_cache), and a

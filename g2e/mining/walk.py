@@ -6,23 +6,27 @@ see the package docstring for the construction. Without a judge an anchor keeps 
 still needed until `top_k` pass, asked one of two ways:
 
   * sequential (`JudgeFn`, the reference): one call per round of one anchor, in walk order.
-  * speculative, batched (`PairJudge`): for a block, the walk is run ahead against the pairs
-    already answered (an in-memory memo keyed by (anchor key, owner key)), guessing every pair
-    not answered yet as passing (as dropped once most answers so far were). That names the pairs the rounds will need, across all anchors
-    of the block: the first pass asks every anchor's first round at once. They are judged in
-    one batched request, and the walk runs again from the first anchor whose outcome rested
-    on a guess; a judged "yes" (a dropped owner) changes what later anchors see, so the next
-    request holds the later rounds of every anchor that dropped some, and so on. Anchors are
+  * speculative, batched (`PairJudge`): for a block, the walk is run ahead against the
+    answers it has (an in-memory memo keyed by (anchor key, owner's positive): what is
+    judged), guessing every missing one as passing (as dropped once most answers so far
+    were). That names the pairs the rounds will need, across all anchors of the block: the
+    first pass asks every anchor's first round at once. They are judged in one batched
+    request, and the walk runs again from the first anchor whose outcome rested on a guess;
+    a judged "yes" (a dropped owner) changes what later anchors see, so the next request
+    holds the later rounds of every anchor that dropped some, and so on. Anchors are
     committed only once every pair they consulted is answered, so the clusters are exactly
     those of the sequential judge given the same P(yes); speculative pairs that end up
-    unconsulted are judged but change nothing.
+    unconsulted are judged but change nothing. A request's last device call is filled up
+    (padding rows cost the device as much as real ones) with the next block's first rounds,
+    walked on from the guess, then with the owners that waiting anchors take next if one
+    of theirs is dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -54,9 +58,15 @@ class PairAnswers:
     device_calls: int
 
 
-# pair_judge(anchor_rows, owner_rows) -> PairAnswers: P(yes) that owner_rows[i]'s positive
-# answers anchor_rows[i]'s query, for many pairs at once. Each pair is asked at most once.
-PairJudge = Callable[[np.ndarray, np.ndarray], PairAnswers]
+class PairJudge(Protocol):
+    """The batched judge: pair_judge(anchor_rows, owner_rows) -> PairAnswers, P(yes) that
+    owner_rows[i]'s positive answers anchor_rows[i]'s query, for many pairs at once. Each
+    pair is asked at most once. `pairs_per_call` (pairs in one device call; 1 if absent):
+    the walk fills a request up to a multiple of it with pairs it will likely need next."""
+
+    pairs_per_call: int
+
+    def __call__(self, anchor_rows: np.ndarray, owner_rows: np.ndarray) -> PairAnswers: ...
 
 
 def new_phase_stats() -> dict:
@@ -82,7 +92,8 @@ class Walk:
     """What the passes over one subset share: its owners, the device search and the judge.
 
     `out` collects clusters, phases, stats and timing (see greedy.mine_clusters); `memo` keeps
-    the speculative judge's answers, by anchor key * K + owner key, over both phases.
+    the speculative judge's answers, by anchor key * C + the owner's candidate (its
+    representative row's positive), over both phases.
     """
 
     owners: Owners
@@ -126,7 +137,15 @@ class Walk:
             tock = time.perf_counter()
             timing["search_s"] += tock - tick
             judge_before = timing["judge_s"]
-            walk_block(phase, rows, found.astype(np.int64), block_sims, state, first_n)
+
+            def peek(upcoming=upcoming, pending=pending):
+                """The next block (rows, their candidates, similarities), for a walk ahead."""
+                if not upcoming.size:
+                    return None
+                block_sims = self.table.fetch(pending[1]) if self.table else None
+                return upcoming, self.index.fetch(pending[0])[1].astype(np.int64), block_sims
+
+            walk_block(phase, rows, found.astype(np.int64), block_sims, state, first_n, peek)
             timing["bookkeeping_s"] += (time.perf_counter() - tock
                                         - (timing["judge_s"] - judge_before))
             rows = upcoming
@@ -166,7 +185,7 @@ class Walk:
 
     # ---- the sequential judge (and none) -------------------------------------------------
 
-    def _walk_block(self, phase, rows, found, block_sims, state, first_n) -> None:
+    def _walk_block(self, phase, rows, found, block_sims, state, first_n, peek) -> None:
         stats = self.out["phases"][phase]
         for j, anchor_row in enumerate(rows.tolist()):
             if state.used[self.owners.row_key[anchor_row]]:
@@ -205,7 +224,8 @@ class Walk:
 
     # ---- the speculative, batched judge --------------------------------------------------
 
-    def _walk_block_speculative(self, phase, rows, found, block_sims, state, first_n) -> None:
+    def _walk_block_speculative(self, phase, rows, found, block_sims, state, first_n,
+                                peek) -> None:
         """The block's walk, run ahead until every pair it consults is answered (see the
         module docstring); anchors before the first guess are committed on each pass."""
         stats = self.out["phases"][phase]
@@ -213,6 +233,7 @@ class Walk:
         start: int | None = 0
         while start is not None:
             requests: dict[int, tuple[int, int]] = {}
+            ahead: list[list[tuple[int, tuple[int, int]]]] = []
             walk_state, resume = state, None
             for j in range(start, rows.size):
                 anchor_row = int(rows[j])
@@ -221,11 +242,14 @@ class Walk:
                     continue
                 rank, ordered = self._ordered_owners(j, anchor_row, found[j], block_sims,
                                                      walk_state, first_n)
-                kept, missing, consulted = self._rounds_from_memo(anchor_key, ordered)
+                kept, missing, consulted, end = self._rounds_from_memo(anchor_key, ordered)
                 if missing and resume is None:
                     resume, walk_state = j, state.copy()
                 for owner in missing:
                     requests.setdefault(self._code(anchor_key, owner), (anchor_row, owner))
+                if missing:
+                    ahead.append([(self._code(anchor_key, owner), (anchor_row, owner))
+                                  for owner in ordered[end:].tolist()])
                 if resume is None:
                     self._count_search(stats, rank)
                     self._count_consulted(stats["judge"], consulted)
@@ -234,17 +258,67 @@ class Walk:
                 elif kept.size:
                     walk_state.take(self.owners, anchor_key, kept, phase)
             if requests:
+                room = -len(requests) % int(getattr(self.pair_judge, "pairs_per_call", 1))
+                room = self._fill_from_next_block(phase, requests, room, walk_state, peek,
+                                                  first_n)
+                self._fill(requests, room, ahead)
                 self._ask(requests, stats["judge"])
             start = resume
 
+    def _fill_from_next_block(self, phase, requests, room, walk_state, peek, first_n) -> int:
+        """Fills the request's last device call (whose padding rows cost the device as much
+        as real ones) with the next block's first rounds, walked on from this pass's guess;
+        returns the room left."""
+        view = peek() if room else None
+        if view is None:
+            return room
+        rows, found, block_sims = view
+        for j, anchor_row in enumerate(rows.tolist()):
+            anchor_key = int(self.owners.row_key[anchor_row])
+            if room == 0:
+                break
+            if walk_state.used[anchor_key]:
+                continue
+            _, ordered = self._ordered_owners(j, anchor_row, found[j], block_sims, walk_state,
+                                              first_n)
+            kept, missing, _, _ = self._rounds_from_memo(anchor_key, ordered)
+            for owner in missing[:room]:
+                if requests.setdefault(self._code(anchor_key, owner),
+                                       (anchor_row, owner)) == (anchor_row, owner):
+                    room -= 1
+            if kept.size:
+                walk_state.take(self.owners, anchor_key, kept, phase)
+        return room
+
+    def _fill(self, requests: dict, room: int,
+              ahead: list[list[tuple[int, tuple[int, int]]]]) -> None:
+        """Fills what room is left with the owners that anchors waiting on an answer take
+        next if one of theirs is dropped: one per anchor in walk order, round after round."""
+        for depth in range(max(map(len, ahead), default=0)):
+            for owners_ahead in ahead:
+                if room == 0:
+                    return
+                if depth < len(owners_ahead):
+                    code, pair = owners_ahead[depth]
+                    if code not in self.memo and code not in requests:
+                        requests[code] = pair
+                        room -= 1
+
     def _code(self, anchor_key: int, owner_key: int) -> int:
-        return anchor_key * self.owners.rep_row.size + owner_key
+        """The pair's memo key: (anchor key, the owner's positive) names what is judged, so
+        owners whose representative rows share a positive share the answer."""
+        return anchor_key * self._num_cands + int(self._owner_cand[owner_key])
+
+    def __post_init__(self):
+        self._owner_cand = self.owners.row_cand[self.owners.rep_row]
+        self._num_cands = self.owners.owner_ptr.size - 1
 
     def _rounds_from_memo(self, anchor_key: int, ordered: np.ndarray):
         """The judge rounds of one anchor against the memo: (kept owner keys, owner keys not
-        answered yet, (P(yes), status) of those answered). A missing answer is guessed as the
-        majority of the answers so far: passing, unless most pairs were dropped (then the
-        anchor's later rounds are asked at once)."""
+        answered yet, (P(yes), status) of those answered, the position in `ordered` where
+        the rounds stopped). A missing answer is guessed as the majority of the answers so
+        far: passing, unless most pairs were dropped (then the anchor's later rounds are
+        asked at once)."""
         kept: list[int] = []
         missing: list[int] = []
         consulted: list[tuple[float, int]] = []
@@ -263,7 +337,7 @@ class Walk:
                     consulted.append(answer)
                     if answer[0] <= self.threshold:
                         kept.append(owner)
-        return np.asarray(kept, np.int64), missing, consulted
+        return np.asarray(kept, np.int64), missing, consulted, start
 
     def _count_consulted(self, counts: dict, consulted: list[tuple[float, int]]) -> None:
         for p_yes, status in consulted:

@@ -14,6 +14,7 @@ class RecordingPairJudge:
 
     def __init__(self, p, status=None, batch=8):
         self.p, self.status, self.batch = p, status, batch
+        self.pairs_per_call = batch
         self.requests: list[list[tuple[int, int]]] = []
 
     def __call__(self, anchor_rows, owner_rows):
@@ -33,11 +34,13 @@ def sequential(p):
     return lambda anchor_row, owner_rows: np.asarray([p(anchor_row, o) for o in owner_rows])
 
 
-# Judges of (anchor row, owner row). A pair's P(yes) may depend on the anchor's query KEY only
-# (rows sharing a query key ask the same question), so these read the key's number.
-def by_query(p, case):
+# Judges of (anchor row, owner row). A pair's P(yes) depends on what is judged only: the
+# anchor's query and the owner row's positive (rows sharing them ask the same question), so
+# these read the keys' numbers.
+def by_content(p, case):
     query_ids = [int(key[1:]) for key in case[0]]
-    return lambda anchor_row, owner_row: p(query_ids[anchor_row], owner_row)
+    positive_ids = [int(key[1:]) for key in case[1]]
+    return lambda anchor_row, owner_row: p(query_ids[anchor_row], positive_ids[owner_row])
 
 
 JUDGES = {
@@ -52,7 +55,7 @@ JUDGES = {
 @pytest.mark.parametrize("keep_order, block_size", [(False, 16), (True, 64)])
 def test_batched_judge_gives_the_sequential_clusters(name, keep_order, block_size):
     case = random_case(seed=4)
-    p = by_query(JUDGES[name], case)
+    p = by_content(JUDGES[name], case)
     settings = dict(top_k=3, pool_mult=3, keep_retrieval_order=keep_order,
                     block_size=block_size, candidate_chunk=8)
     reference = mining.mine_clusters(*case, judge=sequential(p), **settings)
@@ -62,13 +65,14 @@ def test_batched_judge_gives_the_sequential_clusters(name, keep_order, block_siz
     pair_judge = RecordingPairJudge(p)
     batched = mining.mine_clusters(*case, pair_judge=pair_judge, **settings)
     assert batched.clusters == reference.clusters and batched.phases == reference.phases
-    pairs = pair_judge.pairs()
-    assert len(pairs) == len(set(pairs))  # no pair asked twice (over both phases)
+    # No question asked twice, over both phases: (anchor query, owner positive) are unique.
+    asked = [(case[0][a], case[1][o]) for a, o in pair_judge.pairs()]
+    assert len(asked) == len(set(asked))
     for phase in ("phase1", "phase2"):
         ours, theirs = batched.report[phase], reference.report[phase]
         for key in ("clusters", "anchors_searched", "judge_dropped", "judge_consulted"):
             assert ours[key] == theirs[key], (phase, key)
-    assert batched.report["judge"]["pairs"] == len(pairs)
+    assert batched.report["judge"]["pairs"] == len(asked)
     assert batched.report["judge"]["mode"] == "batched"
     assert batched.report["judge"]["calls"] == sum(-(-len(r) // 8) for r in pair_judge.requests)
     # Batching: far fewer requests than the sequential judge's calls (one per anchor round).
