@@ -141,3 +141,38 @@ def test_over_length_pairs_are_downscaled_or_kept_unjudged(tiny_mine, tmp_path, 
     if policy == "skip":
         assert result.status[4] == mining.UNJUDGED
     assert result.device_calls == 1  # every pair in one step of 8 (1 per device)
+
+
+def test_each_image_is_loaded_once_not_once_per_pair(tiny_mine, monkeypatch):
+    root, pipeline, _, judge = tiny_mine
+    rows = _rows(pipeline, root / "mini", "ShapeGround")  # image queries, image positives
+    anchor = stage.query_item(rows[0])
+    pairs = [(anchor, stage.positive_item(rows[i])) for i in range(1, 6)]
+    loaded = []
+    load = judge.processor.load_images
+    monkeypatch.setattr(judge.processor, "load_images",
+                        lambda sources, **kw: loaded.extend(sources) or load(sources, **kw))
+    first = judge(pairs)
+    assert sorted(map(str, loaded)) == sorted({str(p[0].image) for p in pairs[:1]}
+                                              | {str(c.image) for _, c in pairs})
+    second = judge(pairs)  # Kept between calls (the later rounds of a block).
+    assert len(loaded) == 6
+    np.testing.assert_array_equal(first, second)
+
+
+def test_pairs_encode_as_the_processors_own_encode_judge(tiny_mine):
+    # Under `random` (mining's policy) the image is resized once and encoded without the
+    # policy again: token ids and patches must equal the processor's own pair encoding.
+    root, pipeline, _, judge = tiny_mine
+    processor = Processor.from_dir(root / "model", max_length=512, image_resolution="random")
+    random_judge = Judge(pipeline.model(trained=False), processor,
+                         mesh=pipeline.mesh, rules=pipeline.rules, batch_size=1)
+    rows = _rows(pipeline, root / "mini", "ShapeGround")
+    for q, c in [(stage.query_item(rows[0]), stage.positive_item(rows[i])) for i in (1, 2)]:
+        expected = Processor.from_dir(root / "model", max_length=512,
+                                      image_resolution="random").encode_judge(q, c)
+        encoded, status = random_judge._encode_pair(q, c, {})
+        assert status == mining.JUDGED
+        np.testing.assert_array_equal(encoded.input_ids, expected.input_ids)
+        np.testing.assert_array_equal(encoded.pixel_values, expected.pixel_values)
+        assert encoded.image_grid_thw == expected.image_grid_thw
