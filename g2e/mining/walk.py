@@ -111,6 +111,11 @@ class Walk:
     memo: dict = dataclasses.field(default_factory=dict)
     answered: list = dataclasses.field(default_factory=lambda: [0, 0])  # [dropped, all]
 
+    def __post_init__(self):
+        # The positive of each owner key's representative row: what a pair with it judges.
+        self._owner_cand = self.owners.row_cand[self.owners.rep_row]
+        self._num_cands = self.owners.owner_ptr.size - 1
+
     def run_phase(self, phase: int, state: State, first_n: int) -> None:
         """One greedy pass over the rows (SPEC §2.3 / §2.4)."""
         timing, row_key = self.out["timing"], self.owners.row_key
@@ -308,10 +313,6 @@ class Walk:
         """The pair's memo key: (anchor key, the owner's positive) names what is judged, so
         owners whose representative rows share a positive share the answer."""
         return anchor_key * self._num_cands + int(self._owner_cand[owner_key])
-
-    def __post_init__(self):
-        self._owner_cand = self.owners.row_cand[self.owners.rep_row]
-        self._num_cands = self.owners.owner_ptr.size - 1
 
     def _rounds_from_memo(self, anchor_key: int, ordered: np.ndarray):
         """The judge rounds of one anchor against the memo: (kept owner keys, owner keys not
