@@ -150,6 +150,8 @@ def test_each_image_is_loaded_once_not_once_per_pair(tiny_mine, monkeypatch):
     pairs = [(anchor, stage.positive_item(rows[i])) for i in range(1, 6)]
     loaded = []
     load = judge.processor.load_images
+    # Earlier tests judged these rows with the same judge: start from an empty image memo.
+    monkeypatch.setattr(judge, "_images", type(judge._images)(1 << 30))
     monkeypatch.setattr(judge.processor, "load_images",
                         lambda sources, **kw: loaded.extend(sources) or load(sources, **kw))
     first = judge(pairs)
