@@ -36,7 +36,7 @@ def get_config():
     config.mine.top_k = 3
     config.mine.pool_mult = 3
     config.mine.batch_size = 32
-    config.mine.judge_batch_size = 4  # The judge sees up to top_k owners of one anchor at a time.
+    config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
     config.train.steps = 300
     config.train.lr = 1e-3
