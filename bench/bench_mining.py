@@ -302,7 +302,8 @@ def _sequential(pipeline, subset: str) -> None:
     from g2e import distributed
     from g2e.data import rows as rows_lib
     from g2e.data.errors import BadInputReport
-    from g2e.embedding import Embedder, EmbeddingCache
+    from g2e.embedding import Embedder
+    from g2e.embedding_cache import EmbeddingCache
     from g2e.mining import stage
     from g2e.mining.judge import Judge
 

@@ -15,7 +15,7 @@ ones included), with `judge_cached` (answers read back from the judge cache inst
 "timing" splits the seconds into search, judge and walk bookkeeping.
 
 Resuming: a killed stage loses at most the work in flight. The embeddings are kept in shards
-as they are embedded (`<workdir>/mine/cache/<subset>/`, g2e.embedding.EmbeddingCache), the
+as they are embedded (`<workdir>/mine/cache/<subset>/`, g2e.embedding_cache.EmbeddingCache), the
 judge's answers as they are judged (`.../<subset>/judge/`, g2e.mining.judge_cache), and a
 subset's cluster and report files are written atomically once it is mined; a subset with
 both is kept. The walk is deterministic, so the rerun writes byte-identical cluster files
@@ -100,11 +100,12 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def judge_fingerprint(pipeline: Pipeline) -> str:
-    """Names what a judge answer depends on: the model, the judge prompt, image settings."""
+    """Names what a judge answer depends on: the model (the base the mine stage judges with),
+    the judge prompt, image settings. Read before any model is loaded (judge_quality)."""
     data = pipeline.config.data
-    return pipeline.fingerprint(pipeline.model_key, "judge", prompts.JUDGE_SYSTEM_PROMPT,
-                                prompts.JUDGE_QUESTION, data.min_pixels, data.max_pixels,
-                                DOWNSCALE_STEPS)
+    return pipeline.fingerprint(pipeline.model_paths(trained=False), "judge",
+                                prompts.JUDGE_SYSTEM_PROMPT, prompts.JUDGE_QUESTION,
+                                data.min_pixels, data.max_pixels, DOWNSCALE_STEPS)
 
 
 def mine_subset(pipeline: Pipeline, subset: str, rows: Sequence[mmeb.TrainRow],

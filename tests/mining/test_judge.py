@@ -13,7 +13,8 @@ from g2e.data import mmeb, synthetic_mmeb
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.demo import mini_mmeb
-from g2e.embedding import Embedder, EmbeddingCache
+from g2e.embedding import Embedder
+from g2e.embedding_cache import EmbeddingCache
 from g2e.mining import stage
 from g2e.mining.judge import Judge
 from g2e.mining.judge_cache import JudgeCache
