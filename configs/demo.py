@@ -5,7 +5,9 @@
 It draws a mini-MMEB, builds a tiny Qwen2-VL-architecture model and trains it as a generator
 (next-token prediction on the mini-MMEB's answers and captions), saves it as a Hugging Face
 checkpoint, then runs the real stages: zero-shot evaluation with the plain and the hierarchical
-prompt, SaHa mining, contrastive DoRA fine-tuning, evaluation and export. The table lands in
+prompt, SaHa mining (and how right its judge is, against the mini-MMEB's truth), contrastive
+DoRA fine-tuning on the SaHa clusters and, as the ablation, on random batches, evaluation and
+export. The table lands in
 <workdir>/report.md and <workdir>/report.json. Nothing is downloaded.
 """
 
@@ -15,8 +17,8 @@ from g2e import configuration
 def get_config():
     config = configuration.base_config()
     config.workdir = "g2e_demo"
-    config.stages = ("prepare_demo,eval_plain,eval_zero_shot,mine,train,train_random,eval,"
-                     "eval_random,export,report")
+    config.stages = ("prepare_demo,eval_plain,eval_zero_shot,mine,judge_quality,train,train_random,"
+                     "eval,eval_random,export,report")
     config.mesh.data = -1
 
     config.model.dtype = "float32"
@@ -38,7 +40,7 @@ def get_config():
     config.mine.top_k = 3
     config.mine.pool_mult = 3
     config.mine.batch_size = 32
-    config.mine.judge_batch_size = 4  # The judge sees up to top_k owners of one anchor at a time.
+    config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
     config.train.steps = 300
     config.train.lr = 2e-4

@@ -37,6 +37,11 @@ device; `train.vision_chunk` rows per device go through the frozen vision tower 
 The export keeps the base checkpoint's dtype (export.dtype=source: bfloat16 for the released
 Qwen2-VL) and merges the adapters in float32; compiled programs are cached in
 <workdir>/compilation_cache (compilation_cache.dir), so a resumed run does not compile again.
+Mining adds g2e's generative judge (`mine.judge=False` mines as the release does): pairs are
+judged in steps of mine.judge_batch_size=16 per device (128 on 8 GPUs), a block of
+mine.block_size=256 anchors at a time, and every answer is kept under <workdir>/mine/cache/, so
+a preempted `mine` resumes mid-subset. A pair over the max length is judged with downscaled
+images or kept unjudged (counted in mine/report.json), never stopping the stage.
 """
 
 from g2e import configuration

@@ -98,15 +98,17 @@ def base_config() -> ml_collections.ConfigDict:
     # killed stage resumes at the first missing shard), stored as float32 or float16.
     c.embedding_cache = ml_collections.ConfigDict(dict(shard_size=4096, dtype="float32"))
 
+    # SaHa mining (SPEC §2; g2e.mining). `judge` is g2e's generative false-negative check (off:
+    # the release's mining); owners it judges P(yes) > judge_threshold are dropped.
     c.mine = ml_collections.ConfigDict(
         dict(
             top_k=15,
             pool_mult=3,
-            block_size=256,
-            batch_size=16,
+            block_size=256,  # anchors searched at once; the judge speculates over one block
+            batch_size=16,  # embedding batch per process
             judge=True,
             judge_threshold=0.5,
-            judge_batch_size=16,
+            judge_batch_size=16,  # pairs per device in one judge step (x every batch device)
         )
     )
 
@@ -312,7 +314,8 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     if data.heldout_rows < 0:
         _fail("data.heldout_rows", f"is {data.heldout_rows}; use 0 (none held out) or a "
               "positive count per training subset")
-    needs_train_data = any(s in stages for s in ("mine", "train", "train_random"))
+    needs_train_data = any(s in stages for s in ("mine", "judge_quality", "train",
+                                                 "train_random"))
     needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval",
                                                 "eval_random"))
     if data.format == "tfds":
@@ -352,8 +355,9 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
 
 
 def _check_mine(mine: ml_collections.ConfigDict) -> None:
-    if mine.top_k < 1 or mine.pool_mult < 1:
-        _fail("mine.top_k" if mine.top_k < 1 else "mine.pool_mult", "must be at least 1")
+    for key in ("top_k", "pool_mult", "block_size", "batch_size", "judge_batch_size"):
+        if mine[key] < 1:
+            _fail(f"mine.{key}", f"is {mine[key]}; it must be at least 1")
     if not 0.0 < mine.judge_threshold < 1.0:
         _fail("mine.judge_threshold", f"is {mine.judge_threshold}; use a probability in (0, 1)")
 

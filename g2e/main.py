@@ -9,6 +9,7 @@ Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE
   eval_plain      zero-shot MMEB with the plain prompt (no system turn, no suffix)
   eval_zero_shot  zero-shot MMEB with the hierarchical prompt
   mine            SaHa clusters per training subset
+  judge_quality   the demo's check of the mining judge against the mini-MMEB's truth
   train           contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)
   train_random    the same training on random batches (train.use_clusters=False): the SaHa
                   ablation, written under <workdir>/train_random/
@@ -39,6 +40,7 @@ from absl import app
 from ml_collections import config_flags
 
 from g2e import atomic, configuration, distributed, embedding, export
+from g2e.demo import judge_quality
 from g2e.demo import prepare as demo
 from g2e.evaluation import stage as evaluation
 from g2e.mining import stage as mining
@@ -51,6 +53,7 @@ STAGES = (
     ("eval_plain", evaluation.run_eval_plain),
     ("eval_zero_shot", evaluation.run_eval_zero_shot),
     ("mine", mining.run),
+    ("judge_quality", judge_quality.run),
     ("train", training.run),
     ("train_random", training.run_random),
     ("eval", evaluation.run_eval),

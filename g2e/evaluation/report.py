@@ -7,7 +7,8 @@ table, <workdir>/report.md and report.json (printed too): rows plain zero-shot (
 hierarchical zero-shot (`eval_zero_shot`), fine-tuned on SaHa clusters (`eval`), fine-tuned on
 random batches (`eval_random`), then any other evaluation; columns the four meta-tasks, IND,
 OOD and overall, each with a 95% bootstrap interval over queries, and SugarCrepe when
-evaluated; a last row gives chance (a random ranking's precision@1).
+evaluated; a last row gives chance (a random ranking's precision@1). On the demo, the mining
+judge's precision and recall against the mini-MMEB's truth follow (the judge_quality stage).
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def _row(stage: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
 def collect(workdir: pathlib.Path) -> dict[str, Any]:
     """The report.json content (a contract): {"rows": [{"name", "overall", "IND", "OOD",
     "meta_tasks": {meta_task: score}, "ci95": {group: [lo, hi]}, "stage", "subsets",
-    "sugarcrepe"?}], "chance": {group: score}, "export", "peft", "mining"}; scores in percent,
-    rows in ROWS order then any other evaluation stage."""
+    "sugarcrepe"?}], "chance": {group: score}, "export", "peft", "mining", "judge_quality"};
+    scores in percent, rows in ROWS order then any other evaluation stage."""
     known = [stage for stage, _ in ROWS]
     extra = sorted(p.parent.name for p in workdir.glob("eval*/results.json")
                    if p.parent.name not in known and p.parent.name != "eval_sugarcrepe")
@@ -102,12 +103,16 @@ def collect(workdir: pathlib.Path) -> dict[str, Any]:
             rows.append(_row(stage, names.get(stage, stage), results))
             chances = chances or chance(results)
     _attach_sugarcrepe(workdir, rows)
-    export, peft, mine = (workdir / "export" / "hf", workdir / "export" / "peft",
-                          workdir / "mine" / "report.json")
+    export, peft = workdir / "export" / "hf", workdir / "export" / "peft"
     return {"rows": rows, "chance": chances,
             "export": str(export) if export.is_dir() else None,
             "peft": str(peft) if peft.is_dir() else None,
-            "mining": json.loads(mine.read_text()) if mine.is_file() else None}
+            "mining": _read(workdir / "mine" / "report.json"),
+            "judge_quality": _read(workdir / "judge_quality" / "results.json")}
+
+
+def _read(path: pathlib.Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _attach_sugarcrepe(workdir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
@@ -151,6 +156,14 @@ def markdown(report: dict[str, Any]) -> str:
         for name in subsets:
             lines.append(f"| {name} | " + " | ".join(_cell(r["subsets"].get(name))
                                                       for r in report["rows"]) + " |")
+    if report.get("judge_quality"):
+        lines += ["", "Mining judge against the mini-MMEB's truth (a pair is true when the "
+                  "owner's positive also answers the anchor's query; %):", "",
+                  "| Subset | pairs judged | truly false negatives | judge said yes | "
+                  "precision | recall |", "|---|---|---|---|---|---|"]
+        for name, q in report["judge_quality"].items():
+            lines.append(f"| {name} | {q['pairs']} | {q['true_pairs']} ({_cell(q['base_rate'])})"
+                         f" | {q['yes']} | {_cell(q['precision'])} | {_cell(q['recall'])} |")
     if report["export"]:
         lines += ["", f"Exported Hugging Face model: `{report['export']}`"]
     if report["peft"]:

@@ -43,11 +43,26 @@ broken cluster):
     placed as their representative rows; the pool is clipped to the number of candidates.
 Rows that end up in no cluster are counted in the report ("rows_uncovered").
 
-Generative judge (g2e's addition, beyond the release): `judge(anchor_row, owner_rows)` returns
-P(yes) that each owner row's positive answers the anchor row's query. Owners are judged in
-their selected order, in rounds of as many as are still needed, until `top_k` have passed;
-owners with P(yes) > threshold are dropped from this cluster as false negatives and stay
-unused. If every owner is dropped, the anchor forms no cluster (as if it had found none).
+Generative judge (g2e's addition, beyond the release): the model is asked whether an owner
+row's positive answers the anchor row's query; P(yes) comes from its Yes/No logits. Owners are
+judged in their selected order, in rounds of as many as are still needed, until `top_k` have
+passed; owners with P(yes) > threshold are dropped from this cluster as false negatives and
+stay unused. If every owner is dropped, the anchor forms no cluster (as if it had found none).
+A pair's answer depends only on (anchor query key, owner key), so it is asked once.
+  * Decision: the judge is asked speculatively, in batches (walk.py): for a block of
+    anchors the walk runs ahead against the answers it has, guessing the missing ones (as
+    passing, or as dropped once most answers were), which names every pair the rounds will
+    need across the block; those are judged in one batched request spread over every device,
+    and the walk runs again from the first anchor that rested on a guess. Anchors are
+    committed only on answers, never guesses, so the clusters are exactly those of judging
+    one anchor round at a time (the `judge=` reference kept for tests), given the same P(yes).
+    Speculative pairs that the walk never consults cost device time but change nothing; the
+    report counts them (judge_pairs vs. judge_consulted).
+  * Decision: a pair over the judge's max length is judged with its images downscaled
+    (1/2, 1/4, 1/8 of their pixels), else kept unjudged (P(yes) 0.0) and counted; never NaN,
+    never a stopped stage (judge.py).
+  * The `mine` stage keeps every answer on disk as it is judged (judge_cache.py), so a killed
+    stage resumes mid-subset without judging a stored pair again.
 
 Device scoring: the query-candidate similarities and the top-`pool` are computed for blocks
 of upcoming anchors at once (the retrieval does not depend on which keys are used; only the
@@ -61,19 +76,22 @@ candidates have few owners) or, for owner-dense subsets such as classification, 
 device (each searched row against all queries, sharded and chunked the same way); a cost
 model picks one (`mine_clusters(query_sims=...)` overrides it).
 
-Modules: greedy.py (the construction, judge hook, report), search.py (device top-pool),
-files.py (the versioned cluster file the training stage reads), judge.py (the model's yes/no
-judgement), stage.py (the `mine` stage: embedding, the judge and the files per subset).
+Modules: greedy.py (the construction's entry points, report), owners.py (keys, owner maps,
+one anchor's owner walk), walk.py (the passes over the rows, the sequential and speculative
+judge), search.py (device top-pool), files.py (the versioned cluster file the training stage
+reads), judge.py (the model's yes/no judgement, over-length policy), judge_cache.py (the
+judge's answers on disk; the stage's batched judge over rows), stage.py (the `mine` stage:
+embedding, the judge and the files per subset, resumable).
 """
 
 from g2e.mining.files import (FORMAT_NAME, FORMAT_VERSION, ClusterFile, read_clusters,
                               write_clusters)
-from g2e.mining.greedy import (JudgeFn, MiningResult, build_clusters, keeps_retrieval_order,
-                               mine_clusters)
+from g2e.mining.greedy import MiningResult, build_clusters, keeps_retrieval_order, mine_clusters
 from g2e.mining.search import top_pool
+from g2e.mining.walk import (DOWNSCALED, JUDGED, UNJUDGED, JudgeFn, PairAnswers, PairJudge)
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "ClusterFile", "JudgeFn", "MiningResult",
-    "build_clusters", "keeps_retrieval_order", "mine_clusters", "read_clusters", "top_pool",
-    "write_clusters",
+    "DOWNSCALED", "FORMAT_NAME", "FORMAT_VERSION", "JUDGED", "UNJUDGED", "ClusterFile",
+    "JudgeFn", "MiningResult", "PairAnswers", "PairJudge", "build_clusters",
+    "keeps_retrieval_order", "mine_clusters", "read_clusters", "top_pool", "write_clusters",
 ]

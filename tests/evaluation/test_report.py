@@ -73,3 +73,14 @@ def test_bootstrap_interval_narrows_with_more_queries():
     large = results({"A": subset("VQA", "IND", [True, False] * 500, 2)})
     width = lambda r: np.subtract(*report.bootstrap_ci95(r)["overall"][::-1])  # noqa: E731
     assert width(large) < width(small) / 4
+
+
+def test_judge_quality_joins_the_report(workdir):
+    assert report.collect(workdir)["judge_quality"] is None
+    quality = {"ColorCls": {"pairs": 5, "true_pairs": 2, "base_rate": 40.0, "yes": 2,
+                            "precision": 50.0, "recall": 50.0}}
+    (workdir / "judge_quality").mkdir()
+    (workdir / "judge_quality" / "results.json").write_text(json.dumps(quality))
+    content = report.collect(workdir)
+    assert content["judge_quality"] == quality
+    assert "| ColorCls | 5 | 2 (40.0) | 2 | 50.0 | 50.0 |" in report.markdown(content)

@@ -9,7 +9,7 @@ import pytest
 
 from g2e import mining
 from g2e.data import rows
-from g2e.mining import greedy
+from g2e.mining import owners
 
 
 def unit(rows) -> np.ndarray:
@@ -293,8 +293,9 @@ def test_judge_drops_owners_and_they_stay_unused():
                                   keep_retrieval_order=False, judge=judge, judge_threshold=0.5)
     assert result.clusters == [[0, 2], [1, 3, 5], [4, 6]]
     assert calls == [(0, [4, 2]), (1, [3, 5]), (4, [6])]
-    assert result.report["judge"] == {"enabled": True, "threshold": 0.5, "pairs": 5,
-                                      "dropped": 1}
+    assert result.report["judge"] == {
+        "enabled": True, "mode": "sequential", "threshold": 0.5, "pairs": 5, "calls": 3,
+        "cached": 0, "consulted": 5, "dropped": 1, "downscaled": 0, "unjudged": 0}
     assert result.report["phase1"]["judge_dropped"] == 1
 
 
@@ -376,7 +377,7 @@ def test_index_keys_and_ranges():
     assert ids.tolist() == [0, 1, 0, 2] and keys == [("a", None), "b", 3]
     assert rows.first_of_each(ids).tolist() == [0, 1, 3]
     ptr = np.asarray([0, 2, 2, 5])
-    assert greedy._ranges(ptr, np.asarray([2, 0, 1])).tolist() == [2, 3, 4, 0, 1]
+    assert owners.ranges(ptr, np.asarray([2, 0, 1])).tolist() == [2, 3, 4, 0, 1]
 
 
 def test_no_rows_and_a_lone_row():
