@@ -261,9 +261,12 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
 def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, nnx.State]:
     """(graphdef, trainable as a plain nested dict, frozen State).
 
-    Trainable are the nnx.LoRAParam adapters, or every nnx.Param when `full` (full fine-tuning).
+    Trainable are the nnx.LoRAParam adapters, or, when `full` (full fine-tuning), every
+    nnx.Param of the language model: the vision tower stays frozen either way, since the train
+    step computes its tokens once, outside the differentiated passes (model_step_fns).
     """
-    graphdef, trainable, frozen = nnx.split(model, nnx.Param if full else nnx.LoRAParam, ...)
+    weights = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
+    graphdef, trainable, frozen = nnx.split(model, weights if full else nnx.LoRAParam, ...)
     pure = trainable.to_pure_dict()
     if not jax.tree.leaves(pure):
         raise ValueError("train_model: the model has no adapter parameters; build it with "
