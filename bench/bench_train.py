@@ -7,6 +7,10 @@
   python bench/bench_train.py --accelerator [--pairs 64] [--remat none] [--attention xla]
   # The accelerator path end to end on a CPU, at toy sizes:
   python bench/bench_train.py --accelerator --smoke
+  # On this workplace's lent GPU machine (its image has jax, flax, optax, orbax, transformers,
+  # peft and torch, not ml_collections): carry an ml_collections wheel in .whl/, then
+  #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+  #   PYTHONPATH=/tmp/site python3 bench/bench_train.py --accelerator
 
 Both sides run the same step: embed queries and candidates (last token, L2-normalised), InfoNCE
 at temperature 0.02 over the batch, backward, global-norm clipping, AdamW. g2e runs its real
@@ -20,7 +24,8 @@ CPU mode first checks that both compute the same thing: dropout off, the same ad
 step's loss and every adapter gradient must agree within 1e-4 (relative to the largest
 gradient). Then both are timed with dropout 0.1: medians after warm-up, with the spread
 (min-max), on the same cores (sched_setaffinity before either library starts, torch also
-set_num_threads; XLA sizes its pool from the affinity mask).
+set_num_threads; XLA sizes its pool from the affinity mask). OMP_WAIT_POLICY defaults to
+PASSIVE: torch's spinning OpenMP workers collapse when other work shares the cores.
 
 Accelerator mode prints pairs/s of both, MFU and HFU of g2e (g2e.training.flops: model FLOPs
 count the text forward+backward without the embedding lookup, each image's tower forward once,
@@ -42,7 +47,8 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-jax = jnp = torch = None  # imported by main() once the process is pinned to its cores
+# Imported by main() once the process is pinned to its cores (torch_reference imports torch).
+jax = jnp = torch = torch_reference = None
 
 QWEN2_VL_2B = dict(
     model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
@@ -129,7 +135,7 @@ def mmeb_like_batch(config, pairs, image_side, seed, pad_to=64):
 
 # ------------------------------------------------------------------------------------ g2e side
 
-def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None):
+def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None, chunk=0):
     """(run one step -> loss, the chosen compiled step, the placed batch) for `model`."""
     from g2e import distributed
     from g2e.models import sharding
@@ -154,7 +160,8 @@ def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None
     state = trainer._placed(step.init_state(trainable, opt, 0, config), mesh)
     batch = distributed.put_batch(host, mesh, rules)
     steps = step.CompiledSteps(setup, jax.tree.map(lambda x: x.sharding, state),
-                               backprop=backprop, memory_limit=memory_limit, rules=rules)
+                               backprop=backprop, memory_limit=memory_limit, rules=rules,
+                               query_chunk=chunk, candidate_chunk=chunk)
     compiled = steps.get(state, frozen, batch)
     holder = {"state": state}
 
@@ -205,88 +212,6 @@ def peft_names(tree) -> dict[str, np.ndarray]:
     return out
 
 
-# ---------------------------------------------------------------------------------- torch side
-
-def torch_inputs(host_side, grids, device, image_token_id):
-    """transformers' inputs for one side of a host batch (pixels of real patches only)."""
-    ids = torch.tensor(host_side["input_ids"], dtype=torch.long, device=device)
-    inputs = dict(input_ids=ids, attention_mask=torch.tensor(host_side["attention_mask"],
-                                                             device=device))
-    flat = [g for row in grids for g in row]
-    if flat:
-        patches = [host_side["pixel_values"][r, :int(np.prod(g))]
-                   for r, row in enumerate(grids) for g in row]
-        inputs["pixel_values"] = torch.tensor(np.concatenate(patches), device=device)
-        inputs["image_grid_thw"] = torch.tensor(flat, device=device)
-        inputs["mm_token_type_ids"] = (ids == image_token_id).long()
-    return inputs
-
-
-def torch_embed(model, inputs, last_index, dtype):
-    """L2-normalised last-token embeddings of peft-wrapped Qwen2VLForConditionalGeneration."""
-    if "pixel_values" in inputs:
-        inputs = dict(inputs, pixel_values=inputs["pixel_values"].to(dtype))
-    out = model.base_model.model.model(**inputs)
-    rows = torch.arange(len(last_index), device=last_index.device)
-    return torch.nn.functional.normalize(out.last_hidden_state[rows, last_index].float(), dim=-1)
-
-
-def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0):
-    """A torch train step on the batch: direct backprop, or GradCache over `chunk` rows."""
-    sides = {s: torch_inputs(host[s], grids[s], device, image_token_id)
-             for s in ("query", "candidate")}
-    last = {s: torch.tensor(host[s]["last_index"], dtype=torch.long, device=device)
-            for s in sides}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-5)
-    # g2e's schedule: linear warm-up over 100 steps, linear decay to 0 at 1500.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / 100 if s < 100 else max(0.0, (1500 - s) / 1400))
-    labels = torch.arange(len(host["ids"]), device=device)
-
-    def rows(side, start, stop):
-        one = {k: v[start:stop] for k, v in sides[side].items()
-               if k not in ("pixel_values", "image_grid_thw")}
-        grid = grids[side][start:stop]
-        if any(grid):
-            first = sum(int(np.prod(g)) for row in grids[side][:start] for g in row)
-            count = sum(int(np.prod(g)) for row in grid for g in row)
-            one["pixel_values"] = sides[side]["pixel_values"][first:first + count]
-            one["image_grid_thw"] = torch.tensor([g for row in grid for g in row], device=device)
-        else:
-            one.pop("mm_token_type_ids", None)
-        return one, last[side][start:stop]
-
-    def loss_of(q, c):
-        return torch.nn.functional.cross_entropy(q @ c.T / 0.02, labels)
-
-    def step():
-        n = len(labels)
-        if not chunk:
-            q = torch_embed(model, *rows("query", 0, n), dtype)
-            c = torch_embed(model, *rows("candidate", 0, n), dtype)
-            loss = loss_of(q, c)
-            loss.backward()
-        else:  # GradCache: embed without graphs, loss gradient, re-embed chunk by chunk
-            with torch.no_grad():
-                embedded = {s: torch.cat([torch_embed(model, *rows(s, i, i + chunk), dtype)
-                                          for i in range(0, n, chunk)]) for s in sides}
-            reps = {s: e.detach().requires_grad_() for s, e in embedded.items()}
-            loss = loss_of(reps["query"], reps["candidate"])
-            loss.backward()
-            for s in sides:
-                for i in range(0, n, chunk):
-                    out = torch_embed(model, *rows(s, i, i + chunk), dtype)
-                    out.backward(reps[s].grad[i:i + chunk])
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return step
-
-
 def time_steps(run, steps, warmup, sync=lambda: None):
     """Seconds per step: (median, min, max) over `steps` after `warmup` untimed steps."""
     for _ in range(warmup):
@@ -299,13 +224,6 @@ def time_steps(run, steps, warmup, sync=lambda: None):
         sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), float(min(times)), float(max(times))
-
-
-def _set_dropout(peft_model, rate):
-    for module in peft_model.modules():
-        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
-            module.lora_dropout["default"] = (torch.nn.Dropout(rate) if rate
-                                              else torch.nn.Identity())
 
 
 # ------------------------------------------------------------------------------------ CPU mode
@@ -340,10 +258,10 @@ def cpu_mode(args):
         # 1. The same computation: first step's loss and gradients, dropout off.
         g2e_loss, g2e_grads = g2e_loss_and_grads(model, host)
         torch_model.train()
-        _set_dropout(torch_model, 0.0)
-        sides = {s: torch_inputs(host[s], grids[s], "cpu", config.image_token_id)
+        torch_reference.set_dropout(torch_model, 0.0)
+        sides = {s: torch_reference.torch_inputs(host[s], grids[s], "cpu", config.image_token_id)
                  for s in ("query", "candidate")}
-        q, c = (torch_embed(torch_model, sides[s],
+        q, c = (torch_reference.torch_embed(torch_model, sides[s],
                             torch.tensor(host[s]["last_index"], dtype=torch.long), torch.float32)
                 for s in ("query", "candidate"))
         torch_loss = torch.nn.functional.cross_entropy(q @ c.T / 0.02, torch.arange(args.pairs))
@@ -363,8 +281,8 @@ def cpu_mode(args):
         peft_io.load_peft_adapter(model, f"{tmp}/adapter")
         run, compiled = g2e_step(model, host)
         g2e_time = time_steps(run, args.steps, args.warmup)
-        _set_dropout(torch_model, 0.1)
-        torch_step = torch_step_fn(torch_model, host, grids, device="cpu", dtype=torch.float32,
+        torch_reference.set_dropout(torch_model, 0.1)
+        torch_step = torch_reference.torch_step_fn(torch_model, host, grids, device="cpu", dtype=torch.float32,
                                    image_token_id=config.image_token_id)
         torch_time = time_steps(torch_step, args.steps, args.warmup)
     cores = sorted(os.sched_getaffinity(0))
@@ -417,7 +335,7 @@ def g2e_side(args) -> dict:
     host, _ = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
     start = time.perf_counter()
     run, compiled = g2e_step(model, host, backprop=args.backprop, vision_chunk=args.vision_chunk,
-                             memory_limit=step.device_memory_limit())
+                             memory_limit=step.device_memory_limit(), chunk=args.chunk)
     compile_s = time.perf_counter() - start
     median, low, high = time_steps(run, args.steps, args.warmup)
     devices = jax.device_count()
@@ -459,7 +377,7 @@ def torch_side(args) -> dict:
         target_modules=list(TARGETS)))
     model.train()
     host, grids = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
-    run = torch_step_fn(model, host, grids, device=device, dtype=torch.bfloat16,
+    run = torch_reference.torch_step_fn(model, host, grids, device=device, dtype=torch.bfloat16,
                         image_token_id=config.image_token_id, chunk=args.chunk)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
@@ -480,7 +398,10 @@ def _child(args, side: str, **overrides) -> dict:
                 "backprop", "vision_chunk", "chunk"):
         argv += [f"--{key}", str(overrides.get(key, getattr(args, key)))]
     argv += ["--smoke"] if args.smoke else []
-    done = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(side=side, error=f"timed out after {args.child_timeout} s")
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
         return dict(side=side, error=(done.stderr or done.stdout)[-2000:])
@@ -493,8 +414,8 @@ def accelerator_mode(args):
         print("g2e failed:\n" + fast["error"])
         return
     every_row = None if args.quick else _child(args, "g2e", vision_chunk=0)
-    reference = _child(args, "torch", chunk=fast["chunk"] if fast["backprop"] == "gradcache"
-                       else 0)
+    reference = _child(args, "torch", chunk=fast["chunk"] * fast["devices"]
+                       if fast["backprop"] == "gradcache" else 0)
     pairs = args.pairs
     print(f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if args.smoke else ''}, random "
           f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={args.remat}, "
@@ -524,7 +445,7 @@ def accelerator_mode(args):
 
 
 def main():
-    global jax, jnp, torch
+    global jax, jnp, torch, torch_reference
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", action="store_true",
                         help="Qwen2-VL-2B architecture on the accelerator")
@@ -539,25 +460,36 @@ def main():
     parser.add_argument("--text_len", type=int, default=64)
     parser.add_argument("--image_side", type=int, default=None)
     parser.add_argument("--layers", type=int, default=0, help="override depth (0: real 2B)")
-    parser.add_argument("--remat", default="none", help="none, dots_no_batch or full")
+    parser.add_argument("--remat", default=None,
+                        help="none, dots_no_batch or full (default: full on the accelerator, as "
+                        "the recipe; torch then checkpoints its layers too)")
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--backprop", default="auto", help="auto, direct or gradcache")
     parser.add_argument("--vision_chunk", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child_timeout", type=int, default=400,
+                        help="accelerator mode: seconds each side may take")
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="GradCache rows per device per chunk (0: sized for the device)")
     args = parser.parse_args()
     if not args.accelerator:
         _pin(args.threads)
+        # torch's OpenMP threads otherwise spin while waiting: on a machine whose cores other
+        # work shares, 2 threads then ran a step 10-30x slower than 1 thread did.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     elif args.smoke:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax as jax_module
     import jax.numpy as jnp_module
     import torch as torch_module
-    jax, jnp, torch = jax_module, jnp_module, torch_module
+
+    import torch_reference as reference_module
+    jax, jnp, torch, torch_reference = jax_module, jnp_module, torch_module, reference_module
     if not args.accelerator:
         torch.set_num_threads(args.threads)
         args.pairs, args.steps = args.pairs or 16, args.steps or 7
         cpu_mode(args)
         return
+    args.remat = args.remat or "full"
     args.pairs = args.pairs or (8 if args.smoke else 64)
     args.steps = args.steps or (2 if args.smoke else 5)
     args.image_side = args.image_side or (56 if args.smoke else 448)
