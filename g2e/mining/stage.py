@@ -54,8 +54,7 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     judge = None
     if config.mine.judge:
         judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                      batch_size=config.mine.judge_batch_size, progress=False,
-                      workers=pipeline.workers)
+                      batch_size=config.mine.judge_batch_size, progress=False)
     fingerprint = pipeline.fingerprint(pipeline.model_key, processor.prompt)
     reports = {}
     for subset in rows_lib.train_subsets(config.data):
