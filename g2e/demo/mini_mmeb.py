@@ -22,8 +22,9 @@ Layout written (train image root = eval image root = DIR):
   DIR/images/<Subset>/{Train,Test}/*.jpg                    paths as the parquet names them
 Texts carry `<|image_1|>` placeholders exactly like MMEB (an item has an image exactly when
 its text starts with one). No subset can be solved by copying text from the query: where a
-candidate's text could be found in its query, every candidate carries that text. Classification labels repeat across rows, so candidates have
-several owner queries, as SaHa mining expects. The output is a function of the seed and the
+candidate's text could be found in its query, every candidate carries that text.
+Classification labels repeat across rows, so candidates have several owner queries, as SaHa
+mining expects. The output is a function of the seed and the
 sizes (byte for byte, with one Pillow version: JPEG encoding may differ between versions).
 """
 
@@ -255,17 +256,28 @@ def answers(anchor: Any, owner: Any) -> bool:
     """Whether `owner`'s positive also answers `anchor`'s query, as the mini-MMEB is drawn.
 
     Rows (or anything with qry_text, qry_image, pos_text, pos_image): a text positive (a label,
-    an answer, a caption) answers every query whose own positive is that same text; an image
-    positive answers a text-only query (a caption) with the same words as its own query; no
-    other positive answers another row's query (a crop belongs to its own scene, an edit to its
-    own source image). This is the truth the judge's quality is measured against.
+    an answer, a caption) answers every query whose own positive says the same (the same
+    words, or a caption naming the same objects in another order: "a red circle and a blue
+    star" is "a blue star and a red circle"); an image positive answers a text-only query (a
+    caption) naming the same objects as its own query; no other positive answers another row's
+    query (a crop belongs to its own scene, an edit to its own source image). This is the truth
+    the judge's quality is measured against.
     """
+    if owner is anchor:
+        return True
     if anchor.pos_image is None and owner.pos_image is None:
-        return anchor.pos_text == owner.pos_text
+        return caption_parts(anchor.pos_text) == caption_parts(owner.pos_text)
     if (anchor.pos_image is not None and owner.pos_image is not None
             and anchor.qry_image is None and owner.qry_image is None):
-        return _caption(anchor.qry_text) == _caption(owner.qry_text)
+        return caption_parts(_caption(anchor.qry_text)) == caption_parts(_caption(owner.qry_text))
     return False
+
+
+def caption_parts(text: str) -> frozenset[str]:
+    """What a caption names, in any order: 'two red circles and a blue star' ->
+    {'two red circles', 'a blue star'} (a label or an answer is one part)."""
+    parts = text.strip().replace(" and ", ", ").split(", ")
+    return frozenset(part.strip() for part in parts)
 
 
 def _caption(query_text: str) -> str:

@@ -133,6 +133,14 @@ def _row_lessons(row: mmeb.TrainRow) -> list[Lesson]:
     if word and len(caption.split()) > 1:
         lessons.append(Lesson(ONE_WORD_IMAGE, images(image), word))
         lessons.append(Lesson(f"{caption}\n{ONE_WORD_TEXT}", (), word))
+        # The same one-word summaries asked as a system turn does (an instruction-tuned MLLM
+        # follows its system prompt): the hierarchical prompt's words, with or without its
+        # query suffix, as queries and candidates see it.
+        suffix = row.index % 2 == 0
+        lessons.append(Lesson("<|image_1|>", images(image), word, system=prompts.SYSTEM_PROMPT,
+                              suffix=prompts.query_suffix(True) if suffix else ""))
+        lessons.append(Lesson(caption, (), word, system=prompts.SYSTEM_PROMPT,
+                              suffix="" if suffix else prompts.query_suffix(False)))
         asked = scenes.SHAPES[(row.index + len(caption)) % len(scenes.SHAPES)]
         answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
         lessons.append(Lesson(YES_NO.format(asked), images(image), answer))
@@ -140,26 +148,63 @@ def _row_lessons(row: mmeb.TrainRow) -> list[Lesson]:
 
 
 def _matching_lessons(subset: str, count: int, seed: int) -> list[Lesson]:
-    """Judge-format yes/no pairs of freshly drawn rows of `subset` (see generator_lessons)."""
+    """Judge-format yes/no pairs of freshly drawn rows of `subset` (see generator_lessons).
+
+    Per anchor one "Yes" (its own positive, another row's that answers it too, or, for a
+    caption, the same objects named in another order) and one "No" (half the time the
+    non-answering row sharing the most words with it: the hard negatives mining meets)."""
     rows = [_Drawn(*pair) for pair in mini_mmeb.draw_examples(subset, seed, count)]
     rng = np.random.default_rng([seed, len(subset), 7])
     lessons = []
-    for index, anchor in enumerate(rows):
-        also = [o for o in rows if o is not anchor and mini_mmeb.answers(anchor, o)]
+    for anchor in rows:
         others = [o for o in rows if not mini_mmeb.answers(anchor, o) and o is not anchor]
-        yes = also[int(rng.integers(len(also)))] if also and rng.random() < 0.5 else anchor
-        pairs = [(yes, "Yes")]
+        pairs = [(*_yes_pair(anchor, rows, rng), "Yes")]
         if others:
-            pairs.append((others[int(rng.integers(len(others)))], "No"))
-        for owner, answer in pairs:
-            images = tuple(image for image in (anchor.qry_image, owner.pos_image) if image)
-            query = prompts.place_images(anchor.qry_text, int(anchor.qry_image is not None))
+            pairs.append((anchor, _no_owner(anchor, others, rng), "No"))
+        for query_row, owner, answer in pairs:
+            images = tuple(image for image in (query_row.qry_image, owner.pos_image) if image)
+            query = prompts.place_images(query_row.qry_text, int(query_row.qry_image is not None))
             candidate = prompts.place_images(owner.pos_text, int(owner.pos_image is not None))
             lessons.append(Lesson(f"{prompts.JUDGE_QUERY_LABEL}{query}"
                                   f"{prompts.JUDGE_CANDIDATE_LABEL}{candidate}", images, answer,
                                   system=prompts.JUDGE_SYSTEM_PROMPT,
                                   suffix=prompts.JUDGE_QUESTION))
     return lessons
+
+
+def _yes_pair(anchor: _Drawn, rows: list[_Drawn], rng: np.random.Generator
+              ) -> tuple[_Drawn, _Drawn]:
+    """(query row, owner) where the owner's positive answers the query."""
+    choices = [(anchor, anchor)]
+    choices += [(anchor, o) for o in rows if o is not anchor and mini_mmeb.answers(anchor, o)]
+    if anchor.pos_image is None and len(_parts(anchor.pos_text)) > 1:  # a caption, reordered
+        choices.append((anchor, dataclasses.replace(anchor, pos_text=_reorder(anchor.pos_text))))
+    head, _, caption = anchor.qry_text.rpartition(": ")
+    if anchor.qry_image is None and head and len(_parts(caption)) > 1:
+        choices.append((dataclasses.replace(anchor, qry_text=f"{head}: {_reorder(caption)}"),
+                        anchor))
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _no_owner(anchor: _Drawn, others: list[_Drawn], rng: np.random.Generator) -> _Drawn:
+    """A row whose positive does not answer the anchor: random, or the most similar one."""
+    if rng.random() < 0.5:
+        return others[int(rng.integers(len(others)))]
+    words = lambda row: set(f"{row.qry_text.rpartition(': ')[2]} {row.pos_text}".split())  # noqa: E731
+    overlap = np.array([len(words(anchor) & words(o)) for o in others])
+    best = np.flatnonzero(overlap == overlap.max())
+    return others[int(rng.choice(best))]
+
+
+def _parts(caption: str) -> list[str]:
+    return caption.strip().replace(" and ", ", ").split(", ")
+
+
+def _reorder(caption: str) -> str:
+    """The same caption's parts in another order (a caption of one part stays as it is)."""
+    parts = _parts(caption)
+    parts = parts[1:] + parts[:1]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

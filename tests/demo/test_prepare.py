@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from g2e.data import mmeb
+from g2e.data import mmeb, prompts
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.demo import mini_mmeb, prepare, tiny
 
@@ -19,7 +19,7 @@ def mini(tmp_path_factory):
 def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
     lessons = prepare.generator_lessons(mini / "data" / "train", mini / "data",
                                         matching_per_subset=12, seed=0)
-    matching = [lesson for lesson in lessons if lesson.system is not None]
+    matching = [lesson for lesson in lessons if lesson.suffix == prompts.JUDGE_QUESTION]
     assert len(matching) > 6 * 12 and {lesson.answer for lesson in matching} == {"Yes", "No"}
     processor = Processor.from_dir(mini / "model", max_length=512)
     for lesson in matching[::9]:
@@ -48,3 +48,24 @@ def test_answers_follows_the_construction(mini):
     ground = mmeb.read_train_subset(str(mini / "data" / "train"), "ShapeGround", "original",
                                     str(mini / "data"))
     assert not mini_mmeb.answers(ground[0], ground[1])  # a crop of another scene
+
+
+def test_a_caption_in_another_order_answers_and_is_taught_as_yes(mini):
+    reordered = [lesson for lesson in prepare._matching_lessons("ShapeCaption_i2t", 40, seed=0)
+                 if lesson.answer == "Yes" and " and " in lesson.user]
+    assert reordered, "no two-object captions drawn"
+    a = prepare._Drawn("<|image_1|>\nFind a caption.", None, "a red circle and two blue stars",
+                       None)
+    b = prepare._Drawn("<|image_1|>\nFind a caption.", None, "two blue stars and a red circle",
+                       None)
+    assert mini_mmeb.answers(a, b) and not mini_mmeb.answers(
+        a, prepare._Drawn("", None, "a red circle and two blue crosses", None))
+    assert prepare._reorder(a.pos_text) == b.pos_text
+
+
+def test_the_system_prompt_asks_for_one_word(mini):
+    lessons = prepare.generator_lessons(mini / "data" / "train", mini / "data",
+                                        matching_per_subset=0, seed=0)
+    summaries = [lesson for lesson in lessons if lesson.system == prompts.SYSTEM_PROMPT]
+    assert summaries and all(len(lesson.answer.split()) == 1 for lesson in summaries)
+    assert {bool(lesson.images) for lesson in summaries} == {True, False}
