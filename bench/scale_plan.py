@@ -105,14 +105,32 @@ def _memory_and_disk(model: dict, stage: str) -> dict:
 
 
 def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
-    lines = ["| Model | Machine | Stage | Device (h) | Host (h) | Wall (h) | Host-bound | "
+    lines = ["# g2e at MMEB scale, worked out", "",
+             "Written by `python bench/scale_plan.py > docs/scale.md` (host rates measured on "
+             "this project's 2-core VM, device time from model FLOPs at an assumed MFU). "
+             "Wall time is the larger of device and host time, since the host pipeline "
+             "(Grain workers) overlaps the device; host-bound says which one sets it.", "",
+             "| Model | Machine | Stage | Device (h) | Host (h) | Wall (h) | Host-bound | "
              "Host memory per host (GB) | Disk (GB) |", "|---" * 9 + "|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['machine']} | {r['stage']} | {r['device_h']:.2f} | "
                      f"{r['host_h']:.2f} | {r['wall_h']:.2f} | "
                      f"{'yes' if r['host_bound'] else 'no'} | {r['host_memory_gb']:.0f} | "
                      f"{r['disk_gb']:.1f} |")
-    lines += ["", f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}."]
+    lines += ["", f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}.",
+              "", "Sizes (SPEC §6 and the recipe):", ""]
+    lines += [f"- {name}: {value:,}" for name, value in (
+        ("training rows (20 subsets, 50k cap)", TRAIN_ROWS),
+        ("items embedded by mining (unique queries and positives)", MINE_ITEMS),
+        ("of them with an image", MINE_IMAGES), ("of them document pages", MINE_PAGES),
+        ("judge pairs (phase-1 clusters x 15 owners, x2 for speculation)", JUDGE_PAIRS),
+        ("items embedded by evaluation (36 x 1000 queries + unique candidates)", EVAL_ITEMS),
+        ("evaluation images", EVAL_IMAGES), ("evaluation pages", EVAL_PAGES),
+        ("training pairs (1500 steps x 2048)", TRAIN_PAIRS),
+        ("training images (448x448)", TRAIN_IMAGES))]
+    lines += [f"- {name}: {m['chips']} chips of {m['peak'] / 1e12:.0f} TFLOP/s bf16, "
+              f"{m['hosts']} host(s), {m['cores']} host cores for workers"
+              for name, m in MACHINES.items()]
     return "\n".join(lines) + "\n"
 
 
