@@ -109,6 +109,9 @@ def check_parity(model, hf_model, batch, hf_inputs, atol):
     rows = np.arange(len(real))
     np.testing.assert_allclose(logits, hf_logits[rows, batch["last_index"]], atol=atol, rtol=0)
     pooled = hf_hidden[rows, batch["last_index"]]
+    print(f"parity max |g2e - transformers|: hidden "
+          f"{np.abs(hidden[real] - hf_hidden[real]).max():.2e}, logits "
+          f"{np.abs(logits - hf_logits[rows, batch['last_index']]).max():.2e}")
     np.testing.assert_allclose(embeddings, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
                                atol=atol, rtol=0)
     assert logits.shape == (len(real), model.config.text.vocab_size)
