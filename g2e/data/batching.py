@@ -25,7 +25,8 @@ class Encoded:
     """One tokenised example, before padding.
 
     input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: uint8 [p, 588] (one frame
-    of the example's images' patches, concatenated; the device normalises them); image_grid_thw: (t, h, w) per image;
+    of the example's images' patches, concatenated; the device normalises them);
+    image_grid_thw: (t, h, w) per image;
     target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
     truncated_tokens: how many text tokens truncation removed.
     """
