@@ -14,7 +14,7 @@ import time
 import tensorflow_datasets as tfds
 
 from g2e.data import mmeb
-from g2e.data import tfds_builders
+from g2e.data import tfds_builders, tfds_rows
 from g2e.demo import mini_mmeb
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     sources = [("train", s, split) for s in train_subsets for split in mmeb.TRAIN_SPLITS]
     sources += [("eval", s, mmeb.EVAL_SPLIT) for s in eval_subsets]
     for kind, subset, split in sources:
-        for row in tfds_builders.RowSource(kind, data_dir, subset, split):
+        for row in tfds_rows.RowSource(kind, data_dir, subset, split):
             rows += 1
             if kind == "train":
                 images += sum(x is not None for x in (row.qry_image, row.pos_image, row.neg_image))

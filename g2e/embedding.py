@@ -33,8 +33,9 @@ from flax import nnx
 
 from g2e import configuration, distributed
 from g2e.data import workers
+from g2e.data.batching import Encoded, pick_bucket
 from g2e.data.errors import Line
-from g2e.data.preprocess import EmbedItem, Encoded, Processor, pick_bucket
+from g2e.data.preprocess import EmbedItem, Processor
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline

@@ -58,7 +58,7 @@ RANDOM_MIN_SHORT_SIDE = 336
 
 
 class ImageStore(Protocol):
-    """Where an ImageRef's bytes live (e.g. tfds_builders.ImageTable)."""
+    """Where an ImageRef's bytes live (e.g. tfds_rows.ImageTable)."""
 
     def read_image(self, image_id: int) -> bytes:
         """The encoded bytes of image `image_id`."""

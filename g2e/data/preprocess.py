@@ -1,14 +1,11 @@
 """Host-side preprocessing: items -> token ids + image patches -> fixed-shape batches.
 
-Letters: B batch, L text length, P vision patches per example, M = P // 4 merged vision tokens.
-
 `Processor.from_dir(checkpoint_dir, ...)` reads the tokenizer (transformers' `AutoTokenizer`)
 and the Qwen2-VL image processor settings (`Qwen2VLImageProcessorPil`, no torch) from a
 checkpoint directory. `encode` builds the prompt (g2e.data.prompts), loads and pre-resizes the
 image (g2e.data.images), tokenises, expands each `<|image_pad|>` to the image's merged-patch
-count and truncates; `collate` pads a list of encodings to the smallest (L, P) bucket that fits
-and computes the M-RoPE ids and vision layout (g2e.models.positions), giving the batch dict of
-the design contract.
+count and truncates; `collate` hands a list of encodings to the processor's `batcher`
+(g2e.data.batching), which pads them into the fixed-shape batch dict of the design contract.
 
 Truncation keeps the chat template, the system turn, the query suffix and the last (pooled)
 token: only the data's own text is cut, from its end, and never an image token.
@@ -30,8 +27,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from g2e.data import images as images_lib
 from g2e.data import prompts
+from g2e.data.batching import Batcher, Encoded, default_length_buckets, default_patch_buckets
 from g2e.data.errors import BadInput, BadInputReport
-from g2e.models import positions
 from g2e.models.config import Qwen2VLConfig
 
 # A text with more tokens than this many times max_length is bad input, not just truncated.
@@ -66,62 +63,6 @@ def query_item(row: Any) -> EmbedItem:
 def positive_item(row: Any) -> EmbedItem:
     """The positive side of a training row, embedded as a candidate."""
     return EmbedItem(row.pos_text, row.pos_image or None, "candidate", row.subset, row.index)
-
-
-@dataclasses.dataclass
-class Encoded:
-    """One tokenised example, before padding.
-
-    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: uint8 [p, 588] (one frame
-    of the example's images' patches, concatenated; the device normalises them); image_grid_thw: (t, h, w) per image;
-    target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
-    truncated_tokens: how many text tokens truncation removed.
-    """
-
-    input_ids: np.ndarray
-    pixel_values: np.ndarray
-    image_grid_thw: list[tuple[int, int, int]]
-    target_mask: np.ndarray | None = None
-    truncated_tokens: int = 0
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_patches(self) -> int:
-        return int(self.pixel_values.shape[0])
-
-
-def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
-    """Smallest bucket >= size; past the largest, a multiple of the largest (bounded programs).
-
-    Raises:
-      ValueError: for the 'length' buckets, whose largest must hold max_length.
-    """
-    for bucket in buckets:
-        if bucket >= size:
-            return bucket
-    largest = buckets[-1]
-    if what == "length" or largest <= 0:
-        raise ValueError(f"{what} {size} exceeds the largest {what} bucket {largest}; add a "
-                         f"larger one to data.{what}_buckets")
-    return -(-size // largest) * largest
-
-
-def default_length_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from 64 below max_length, then max_length."""
-    buckets, size = [], 64
-    while size < max_length:
-        buckets.append(size)
-        size *= 2
-    return (*buckets, max_length)
-
-
-def default_patch_buckets(max_patches_per_image: int) -> tuple[int, ...]:
-    """0 (text only), powers of four from 64 below the per-image maximum, then that maximum."""
-    top = -(-max_patches_per_image // 4) * 4
-    return (0, *[b for b in (64, 256, 1024, 4096, 16384, 65536) if b < top], top)
 
 
 class Processor:
@@ -176,22 +117,21 @@ class Processor:
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set pad_token in "
                              "tokenizer_config.json")
-        self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
-        if self.length_buckets[-1] < max_length:
-            raise ValueError(f"largest length bucket {self.length_buckets[-1]} is below "
+        length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
+        if length_buckets[-1] < max_length:
+            raise ValueError(f"largest length bucket {length_buckets[-1]} is below "
                              f"max_length={max_length}; add a bucket of at least max_length")
         max_patches = int(image_processor.size.longest_edge) // int(image_processor.patch_size) ** 2
-        self.patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
+        patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
         if image_resolution in images_lib.SQUARE_POLICIES:
             # Every image has the same size, so one bucket fits them all (1,024 patches at
             # 448x448): no other program is compiled and no image is padded.
-            self.patch_buckets = (0, self.patches_per_image(image_resolution))
-        unit = self.merge_size ** 2
-        if any(b % unit for b in self.patch_buckets):
-            raise ValueError(f"patch buckets {self.patch_buckets} must be multiples of {unit}")
-        self.stats = dict(batches=0, real_tokens=0, token_slots=0, real_patches=0,
-                          patch_slots=0, truncated_items=0, truncated_tokens=0)
-        self.shapes: set[tuple[int, int, int]] = set()
+            patch_buckets = (0, self.patches_per_image(image_resolution))
+        self.batcher = Batcher(
+            pad_token_id=self.pad_token_id, image_token_id=self.image_token_id,
+            merge_size=self.merge_size, patch_bytes=self.patch_dim // self.temporal_patch,
+            length_buckets=length_buckets, patch_buckets=patch_buckets,
+            padding_side=padding_side, window_merged=window_merged)
 
     @classmethod
     def from_dir(
@@ -430,158 +370,43 @@ class Processor:
             ids.append(pieces[0])
         return ids[0], ids[1]
 
-    # ---- batching -------------------------------------------------------------------------
+    # ---- batching (g2e.data.batching) -----------------------------------------------------
+
+    @property
+    def length_buckets(self) -> tuple[int, ...]:
+        return self.batcher.length_buckets
+
+    @property
+    def patch_buckets(self) -> tuple[int, ...]:
+        return self.batcher.patch_buckets
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The batcher's running counts (batches, real and padded tokens and patches, ...)."""
+        return self.batcher.stats
+
+    @property
+    def shapes(self) -> set[tuple[int, int, int]]:
+        """The distinct (B, L, P) batch shapes made so far."""
+        return self.batcher.shapes
 
     def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None,
                 length: int | None = None, num_patches: int | None = None
                 ) -> dict[str, np.ndarray]:
-        """Pads encodings into the fixed-shape batch of the design contract.
-
-        L and P are the smallest buckets that fit, unless `length` / `num_patches` fix them
-        (e.g. to a shape agreed across hosts; they must hold every encoding). With
-        `pad_to_batch=N`, dummy rows (one attended pad token, no image) fill the batch to N
-        rows, so `encoded` may even be empty; the caller drops the dummy rows' outputs.
-        A `target_mask` [B, L] is added when any encoding carries one.
-        """
-        count = len(encoded)
-        batch = pad_to_batch or count
-        if batch == 0 or count > batch:
-            raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
-        longest = max((e.length for e in encoded), default=1)
-        most_patches = max((e.num_patches for e in encoded), default=0)
-        if length is None:
-            length = pick_bucket(longest, self.length_buckets, "length")
-        if num_patches is None:
-            num_patches = 0 if most_patches == 0 else pick_bucket(
-                most_patches, self.patch_buckets, "patch")
-        if length < longest or num_patches < most_patches:
-            raise ValueError(f"collate: (length={length}, num_patches={num_patches}) cannot hold "
-                             f"an encoding of {longest} tokens / {most_patches} patches")
-        if num_patches % self.merge_size ** 2:
-            raise ValueError(f"collate: num_patches={num_patches} must be a multiple of "
-                             f"{self.merge_size ** 2}")
-
-        input_ids = np.full((batch, length), self.pad_token_id, np.int32)
-        attention_mask = np.zeros((batch, length), np.int32)
-        image_token_index = np.zeros((batch, length), np.int32)
-        last_index = np.zeros((batch,), np.int32)
-        pixel_values = np.zeros((batch, num_patches, self.patch_dim // self.temporal_patch),
-                                np.uint8)
-        vision_segment_ids = np.zeros((batch, num_patches), np.int32)
-        vision_positions = np.zeros((batch, num_patches, 2), np.int32)
-        window_ids = np.zeros((batch, num_patches), np.int32)  # Qwen2.5-VL only
-        with_targets = any(e.target_mask is not None for e in encoded)
-        target_mask = np.zeros((batch, length), np.int32)
-        grids: list[list[tuple[int, int, int]]] = []
-
-        for row in range(batch):
-            item = encoded[row] if row < count else None
-            size = item.length if item is not None else 1
-            start = 0 if self.padding_side == "right" else length - size
-            span = slice(start, start + size)
-            attention_mask[row, span] = 1
-            last_index[row] = start + size - 1
-            if item is None:  # A dummy row: one attended pad token keeps softmaxes finite.
-                grids.append([])
-                continue
-            input_ids[row, span] = item.input_ids
-            is_image = item.input_ids == self.image_token_id
-            image_token_index[row, start + np.flatnonzero(is_image)] = np.arange(
-                int(is_image.sum()), dtype=np.int32)
-            if item.target_mask is not None:
-                target_mask[row, span] = item.target_mask
-            pixel_values[row, :item.num_patches] = item.pixel_values
-            if num_patches:
-                vision_positions[row], vision_segment_ids[row] = positions.vision_layout(
-                    item.image_grid_thw, num_patches, self.merge_size)
-                if self.window_merged:
-                    window_ids[row] = positions.vision_window_ids(
-                        item.image_grid_thw, num_patches, self.window_merged, self.merge_size)
-            grids.append(list(item.image_grid_thw))
-
-        position_ids = positions.rope_index(input_ids, attention_mask, grids,
-                                            image_token_id=self.image_token_id,
-                                            spatial_merge_size=self.merge_size)
-        self._count(encoded, batch, length, num_patches)
-        out = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=pixel_values,
-            vision_segment_ids=vision_segment_ids,
-            vision_positions=vision_positions,
-            image_token_index=image_token_index,
-            last_index=last_index,
-        )
-        if with_targets:
-            out["target_mask"] = target_mask
-        if self.window_merged:
-            out["vision_window_ids"] = window_ids
-        return out
+        """Pads encodings into the fixed-shape batch of the design contract (see
+        `Batcher.collate` for the arguments and errors)."""
+        return self.batcher.collate(encoded, pad_to_batch=pad_to_batch, length=length,
+                                    num_patches=num_patches)
 
     def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
         """(length bucket, patch bucket) `collate` picks for these encodings."""
-        longest = max((e.length for e in encoded), default=1)
-        most_patches = max((e.num_patches for e in encoded), default=0)
-        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets,
-                                                           "patch")
-        return pick_bucket(longest, self.length_buckets, "length"), patches
+        return self.batcher.shape_of(encoded)
 
     def widen(self, batch: dict[str, np.ndarray], *, length: int,
               num_patches: int) -> dict[str, np.ndarray]:
-        """A collated batch padded to a larger (length, num_patches), as `collate` would have
-        padded it (e.g. to a shape agreed across hosts after collating locally)."""
-        extra_length = length - batch["input_ids"].shape[1]
-        extra_patches = num_patches - batch["pixel_values"].shape[1]
-        if extra_length < 0 or extra_patches < 0:
-            raise ValueError(f"widen: ({length}, {num_patches}) is smaller than the batch's "
-                             f"{batch['input_ids'].shape[1]}, {batch['pixel_values'].shape[1]}")
-        if not extra_length and not extra_patches:
-            return batch
-        left = self.padding_side == "left"
-        out = {}
-        for name, value in batch.items():
-            widths = [(0, 0)] * value.ndim
-            if name in ("input_ids", "attention_mask", "image_token_index", "target_mask"):
-                widths[1] = (extra_length, 0) if left else (0, extra_length)
-            elif name == "position_ids":
-                widths[2] = (extra_length, 0) if left else (0, extra_length)
-            elif name.startswith("vision_") or name == "pixel_values":
-                widths[1] = (0, extra_patches)
-            fill = self.pad_token_id if name == "input_ids" else 0
-            out[name] = np.pad(value, widths, constant_values=fill)
-        if left:
-            out["last_index"] = batch["last_index"] + extra_length
-        rows = batch["input_ids"].shape[0]
-        self.stats["token_slots"] += rows * extra_length
-        self.stats["patch_slots"] += rows * extra_patches
-        self.shapes.add((rows, length, num_patches))
-        return out
-
-    def _count(self, encoded: Sequence[Encoded], batch: int, length: int,
-               num_patches: int) -> None:
-        self.stats["batches"] += 1
-        self.stats["real_tokens"] += sum(e.length for e in encoded)
-        self.stats["token_slots"] += batch * length
-        self.stats["real_patches"] += sum(e.num_patches for e in encoded)
-        self.stats["truncated_items"] += sum(e.truncated_tokens > 0 for e in encoded)
-        self.stats["truncated_tokens"] += sum(e.truncated_tokens for e in encoded)
-        self.stats["patch_slots"] += batch * num_patches
-        self.shapes.add((batch, length, num_patches))
+        """A collated batch padded to a larger (length, num_patches) (see `Batcher.widen`)."""
+        return self.batcher.widen(batch, length=length, num_patches=num_patches)
 
     def padding_report(self) -> dict[str, Any]:
         """Padding fractions, distinct (B, L, P) shapes compiled, truncation and skip counts."""
-        stats = self.stats
-
-        def fraction(real: int, slots: int) -> float:
-            return 0.0 if slots == 0 else 1.0 - real / slots
-
-        return dict(
-            batches=stats["batches"],
-            token_padding_fraction=fraction(stats["real_tokens"], stats["token_slots"]),
-            patch_padding_fraction=fraction(stats["real_patches"], stats["patch_slots"]),
-            shapes=sorted(self.shapes),
-            truncated_items=stats["truncated_items"],
-            truncated_tokens=stats["truncated_tokens"],
-            skipped=self.report.total,
-        )
+        return self.batcher.padding_report(skipped=self.report.total)

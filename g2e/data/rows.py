@@ -7,7 +7,7 @@
   'tfds': `data.tfds_dir` is the data_dir `python -m g2e.data.tfds_builders` wrote the
       array_record copy to (local or gs://); rows carry lazy references into the copy's
       image tables (images.ImageRef, key = the relative path the parquet named; see
-      g2e.data.tfds_builders.RowSource), so no image folder is needed.
+      g2e.data.tfds_rows.RowSource), so no image folder is needed.
 Both give the same TrainRow / EvalRow values up to the image (an absolute path vs. a reference
 to that file's bytes), in the same order with the same `index`; images.image_key and
 images.load_image take either. `data.train_split` picks the train split either way.
@@ -61,7 +61,7 @@ def manifest_dir(data: Any, kind: str) -> str:
 
 def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputReport) -> Sequence:
     """The prepared copy of `subset`/`split`, or [] after reporting why it cannot be read."""
-    from g2e.data import tfds_builders  # TensorFlow Datasets only when this format is used.
+    from g2e.data import tfds_rows  # TensorFlow Datasets only when this format is used.
 
     try:
         subsets_lib.subset_info(subset, data.tfds_dir)
@@ -69,7 +69,7 @@ def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputRe
         report.handle(BadInput("unknown subset", subset=subset, detail=str(err)))
         return []
     try:
-        return tfds_builders.RowSource(kind, data.tfds_dir, subset, split)
+        return tfds_rows.RowSource(kind, data.tfds_dir, subset, split)
     except (FileNotFoundError, KeyError) as err:
         report.handle(
             BadInput(
@@ -103,7 +103,7 @@ def train_rows(data: Any, subset: str, report: BadInputReport, *, heldout: bool 
       paths (parquet) or images.ImageRefs (tfds).
 
     Raises:
-      tfds_builders.OutdatedCopyError: the TFDS copy of `subset` has an older layout
+      tfds_rows.OutdatedCopyError: the TFDS copy of `subset` has an older layout
         (whatever on_bad_input says: it must be prepared again).
       ValueError: the held-out slice would leave the subset no training row.
     """
@@ -173,9 +173,9 @@ def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.E
 
 def _prepared_subsets(kind: str, tfds_dir: str) -> list[str]:
     """The subsets with a prepared copy under `tfds_dir` (<builder>/<subset>/<version>/)."""
-    from g2e.data import tfds_builders
+    from g2e.data import tfds_rows
 
-    return tfds_builders.prepared_subsets(kind, tfds_dir)
+    return tfds_rows.prepared_subsets(kind, tfds_dir)
 
 
 def list_train_subsets(data: Any) -> list[str]:

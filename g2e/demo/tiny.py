@@ -163,7 +163,42 @@ def tiny_hf_config(
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     ids = special_token_ids(tokenizer)
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
-    text_config = {
+    text_config = _text_config(ids, model_type=model_type, vocab_size=vocab_size,
+                               hidden_size=hidden_size, intermediate_size=intermediate_size,
+                               layers=layers, heads=heads, kv_heads=kv_heads,
+                               mrope_section=mrope_section,
+                               tie_word_embeddings=tie_word_embeddings)
+    if model_type == "qwen2_5_vl":
+        fullatt = (vision_layers - 1,) if vision_fullatt_blocks is None else vision_fullatt_blocks
+        vision_config = _qwen2_5_vl_vision_config(
+            hidden_size=hidden_size, vision_width=vision_width, vision_heads=vision_heads,
+            vision_layers=vision_layers, vision_mlp_ratio=vision_mlp_ratio,
+            window_size=vision_window_size, fullatt_blocks=fullatt)
+        architecture = "Qwen2_5_VLForConditionalGeneration"
+    else:
+        vision_config = _qwen2_vl_vision_config(
+            hidden_size=hidden_size, vision_width=vision_width, vision_heads=vision_heads,
+            vision_layers=vision_layers, vision_mlp_ratio=vision_mlp_ratio)
+        architecture = "Qwen2VLForConditionalGeneration"
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def _text_config(ids: dict[str, int], *, model_type: str, vocab_size: int, hidden_size: int,
+                 intermediate_size: int, layers: int, heads: int, kv_heads: int,
+                 mrope_section: tuple[int, int, int],
+                 tie_word_embeddings: bool) -> dict[str, Any]:
+    """config.json's `text_config` (the Qwen2 decoder) with the tokenizer's special `ids`."""
+    return {
         "model_type": f"{model_type}_text",
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -181,7 +216,12 @@ def tiny_hf_config(
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
-    vision_config = {
+
+
+def _qwen2_vl_vision_config(*, hidden_size: int, vision_width: int, vision_heads: int,
+                            vision_layers: int, vision_mlp_ratio: int) -> dict[str, Any]:
+    """Qwen2-VL's `vision_config`: a quick-GELU MLP ViT, merged into `hidden_size`."""
+    return {
         "model_type": "qwen2_vl_vision",
         "depth": vision_layers,
         "embed_dim": vision_width,
@@ -194,36 +234,28 @@ def tiny_hf_config(
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    architecture = "Qwen2VLForConditionalGeneration"
-    if model_type == "qwen2_5_vl":
-        fullatt = (vision_layers - 1,) if vision_fullatt_blocks is None else vision_fullatt_blocks
-        vision_config = {
-            "model_type": "qwen2_5_vl_vision",
-            "depth": vision_layers,
-            "hidden_size": vision_width,
-            "out_hidden_size": hidden_size,
-            "intermediate_size": vision_width * vision_mlp_ratio,
-            "num_heads": vision_heads,
-            "hidden_act": "silu",
-            "in_channels": 3,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": vision_window_size,
-            "fullatt_block_indexes": list(fullatt),
-            "tokens_per_second": 2,
-        }
-        architecture = "Qwen2_5_VLForConditionalGeneration"
+
+
+def _qwen2_5_vl_vision_config(*, hidden_size: int, vision_width: int, vision_heads: int,
+                              vision_layers: int, vision_mlp_ratio: int, window_size: int,
+                              fullatt_blocks: tuple[int, ...]) -> dict[str, Any]:
+    """Qwen2.5-VL's `vision_config`: SwiGLU MLP, attention windows of `window_size` pixels,
+    full attention in `fullatt_blocks`."""
     return {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "text_config": text_config,
-        "vision_config": vision_config,
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": tie_word_embeddings,
+        "model_type": "qwen2_5_vl_vision",
+        "depth": vision_layers,
+        "hidden_size": vision_width,
+        "out_hidden_size": hidden_size,
+        "intermediate_size": vision_width * vision_mlp_ratio,
+        "num_heads": vision_heads,
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": window_size,
+        "fullatt_block_indexes": list(fullatt_blocks),
+        "tokens_per_second": 2,
     }
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from g2e.data import subsets
-from g2e.mining.owners import State, build_owners
+from g2e.mining.owners import Owners, State, build_owners
 from g2e.mining.search import CandidateIndex, SimilarityTable
 from g2e.mining.walk import JudgeFn, PairJudge, Walk, new_phase_stats
 
@@ -119,18 +119,10 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
     Raises:
       ValueError: for mismatched lengths/shapes or a bad top_k/pool_mult/judge answer.
     """
-    if top_k < 1 or pool_mult < 1:
-        raise ValueError(f"mining: top_k={top_k} and pool_mult={pool_mult} must be >= 1.")
-    if judge is not None and pair_judge is not None:
-        raise ValueError("mining: pass the sequential `judge` or the batched `pair_judge`, "
-                         "not both.")
-    query_embeddings = np.asarray(query_embeddings, np.float32)
-    positive_embeddings = np.asarray(positive_embeddings, np.float32)
+    query_embeddings, positive_embeddings = _checked_inputs(
+        len(query_keys), query_embeddings, positive_embeddings, top_k=top_k,
+        pool_mult=pool_mult, judge=judge, pair_judge=pair_judge)
     n = len(query_keys)
-    if (query_embeddings.ndim != 2 or query_embeddings.shape[0] != n
-            or positive_embeddings.shape != query_embeddings.shape):
-        raise ValueError(f"mining: {n} rows need query and positive embeddings of shape [{n}, D];"
-                         f" got {query_embeddings.shape} and {positive_embeddings.shape}.")
     owners, first_key_row, first_cand_row = build_owners(query_keys, positive_keys)
     num_cands = first_cand_row.size
     first_n = top_k * pool_mult
@@ -143,18 +135,13 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
     out = _new_out("sequential" if judge is not None else
                    "batched" if pair_judge is not None else None)
     if n:
-        index = CandidateIndex(positive_embeddings[first_cand_row], pool, mesh,
-                               candidate_chunk)
-        platform = (mesh.devices.flat[0].platform if mesh is not None
-                    else jax.default_backend())
-        on_device = _similarities_on_device(
-            query_sims, first_key_row.size, owners.owner_key.size / num_cands, first_n, pool,
-            query_embeddings.shape[1], platform)
-        table = SimilarityTable(key_vectors, mesh, candidate_chunk) if on_device else None
-        out["query_sims"] = "device" if on_device else "host"
-        walk = Walk(owners, key_vectors, query_embeddings, index, table, top_k=top_k,
-                    keep_retrieval_order=keep_retrieval_order, threshold=judge_threshold,
-                    block_size=block_size, out=out, judge=judge, pair_judge=pair_judge)
+        candidate_embeddings = positive_embeddings[first_cand_row]
+        walk = _new_walk(out, owners, key_vectors, query_embeddings, candidate_embeddings,
+                         first_n=first_n, pool=pool, top_k=top_k,
+                         keep_retrieval_order=keep_retrieval_order,
+                         judge_threshold=judge_threshold, block_size=block_size,
+                         candidate_chunk=candidate_chunk, mesh=mesh, query_sims=query_sims,
+                         judge=judge, pair_judge=pair_judge)
         used = np.zeros(first_key_row.size, bool)
         owner_counts = np.diff(owners.owner_ptr)
         walk.run_phase(1, State(used, used, owner_counts.copy()), first_n)
@@ -164,6 +151,49 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
                      keep_retrieval_order=keep_retrieval_order,
                      judge_threshold=judge_threshold)
     return MiningResult(out["clusters"], out["cluster_phases"], report, out["timing"])
+
+
+def _checked_inputs(n: int, query_embeddings: np.ndarray, positive_embeddings: np.ndarray, *,
+                    top_k: int, pool_mult: int, judge: JudgeFn | None,
+                    pair_judge: PairJudge | None) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings as float32 [n, D] after checking them and the mining arguments.
+
+    Raises:
+      ValueError: see `mine_clusters`.
+    """
+    if top_k < 1 or pool_mult < 1:
+        raise ValueError(f"mining: top_k={top_k} and pool_mult={pool_mult} must be >= 1.")
+    if judge is not None and pair_judge is not None:
+        raise ValueError("mining: pass the sequential `judge` or the batched `pair_judge`, "
+                         "not both.")
+    query_embeddings = np.asarray(query_embeddings, np.float32)
+    positive_embeddings = np.asarray(positive_embeddings, np.float32)
+    if (query_embeddings.ndim != 2 or query_embeddings.shape[0] != n
+            or positive_embeddings.shape != query_embeddings.shape):
+        raise ValueError(f"mining: {n} rows need query and positive embeddings of shape [{n}, D];"
+                         f" got {query_embeddings.shape} and {positive_embeddings.shape}.")
+    return query_embeddings, positive_embeddings
+
+
+def _new_walk(out: dict, owners: Owners, key_vectors: np.ndarray, query_embeddings: np.ndarray,
+              candidate_embeddings: np.ndarray, *, first_n: int, pool: int, top_k: int,
+              keep_retrieval_order: bool, judge_threshold: float, block_size: int,
+              candidate_chunk: int, mesh: jax.sharding.Mesh | None, query_sims: str,
+              judge: JudgeFn | None, pair_judge: PairJudge | None) -> Walk:
+    """The walk over the candidate index, its query similarities on the host or the device
+    (recorded in `out`)."""
+    num_cands = candidate_embeddings.shape[0]
+    index = CandidateIndex(candidate_embeddings, pool, mesh, candidate_chunk)
+    platform = (mesh.devices.flat[0].platform if mesh is not None
+                else jax.default_backend())
+    on_device = _similarities_on_device(
+        query_sims, key_vectors.shape[0], owners.owner_key.size / num_cands, first_n, pool,
+        query_embeddings.shape[1], platform)
+    table = SimilarityTable(key_vectors, mesh, candidate_chunk) if on_device else None
+    out["query_sims"] = "device" if on_device else "host"
+    return Walk(owners, key_vectors, query_embeddings, index, table, top_k=top_k,
+                keep_retrieval_order=keep_retrieval_order, threshold=judge_threshold,
+                block_size=block_size, out=out, judge=judge, pair_judge=pair_judge)
 
 
 def _new_out(judge_mode: str | None) -> dict:

@@ -45,8 +45,9 @@ from PIL import Image
 
 from g2e import distributed
 from g2e.data import images as images_lib
+from g2e.data.batching import Encoded
 from g2e.data.errors import BadInput, BadInputReport
-from g2e.data.preprocess import EmbedItem, Encoded, Processor
+from g2e.data.preprocess import EmbedItem, Processor
 from g2e.embedding import BatchRunner
 from g2e.mining.walk import DOWNSCALED, JUDGED, UNJUDGED
 from g2e.models import sharding

@@ -174,69 +174,8 @@ class Qwen2VLConfig:
         vision = hf.get("vision_config")
         if not vision:
             raise ValueError(f"{source}: no 'vision_config'; is this a Qwen2-VL config.json?")
-
-        def need(d: dict[str, Any], key: str, where: str) -> Any:
-            if key not in d or d[key] is None:
-                raise ValueError(f"{source}: missing required key {where}{key!r}")
-            return d[key]
-
-        rope = dict(text.get("rope_scaling") or {})
-        rope.update(text.get("rope_parameters") or {})
-        rope_theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
-        mrope_section = tuple(rope.get("mrope_section", (16, 24, 24)))
-        num_heads = need(text, "num_attention_heads", "text_config.")
-        text_cfg = TextConfig(
-            vocab_size=need(text, "vocab_size", "text_config."),
-            hidden_size=need(text, "hidden_size", "text_config."),
-            intermediate_size=need(text, "intermediate_size", "text_config."),
-            num_layers=need(text, "num_hidden_layers", "text_config."),
-            num_heads=num_heads,
-            num_kv_heads=text.get("num_key_value_heads") or num_heads,
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            mrope_section=mrope_section,
-            hidden_act=text.get("hidden_act", "silu"),
-            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
-        )
-        if 2 * sum(mrope_section) != text_cfg.head_dim:
-            raise ValueError(
-                f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
-                f"head_dim/2 is {text_cfg.head_dim // 2}")
-        vision_rope = vision.get("rope_parameters") or {}
-        common = dict(
-            depth=need(vision, "depth", "vision_config."),
-            num_heads=need(vision, "num_heads", "vision_config."),
-            patch_size=int(vision.get("patch_size", 14)),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-            rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-        )
-        if model_type == QWEN2_5_VL:
-            vision_cfg = VisionConfig(
-                **common, model_type=QWEN2_5_VL,
-                embed_dim=need(vision, "hidden_size", "vision_config."),
-                hidden_size=vision.get("out_hidden_size", text_cfg.hidden_size),
-                intermediate_size=need(vision, "intermediate_size", "vision_config."),
-                hidden_act=vision.get("hidden_act", "silu"),
-                window_size=int(need(vision, "window_size", "vision_config.")),
-                fullatt_block_indexes=tuple(
-                    int(i) for i in vision.get("fullatt_block_indexes") or ()),
-                tokens_per_second=int(vision.get("tokens_per_second", 2)),
-            )
-            if vision_cfg.window_merged < 1:
-                raise ValueError(
-                    f"{source}: vision_config.window_size={vision_cfg.window_size} is smaller "
-                    f"than one merged unit ({vision_cfg.spatial_merge_size * vision_cfg.patch_size}"
-                    " pixels); Qwen2.5-VL windows are whole merged units.")
-        else:
-            vision_cfg = VisionConfig(
-                **common,
-                embed_dim=need(vision, "embed_dim", "vision_config."),
-                hidden_size=vision.get("hidden_size", text_cfg.hidden_size),
-                mlp_ratio=float(vision.get("mlp_ratio", 4)),
-                hidden_act=vision.get("hidden_act", "quick_gelu"),
-            )
+        text_cfg = _text_from_hf(text, source)
+        vision_cfg = _vision_from_hf(vision, model_type, text_cfg.hidden_size, source)
         tie = bool(hf.get("tie_word_embeddings", False) or
                    (hf.get("text_config") or {}).get("tie_word_embeddings", False))
         eos = text.get("eos_token_id")
@@ -324,3 +263,82 @@ class Qwen2VLConfig:
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
             tie_word_embeddings=self.tie_word_embeddings)
+
+
+def _need(d: dict[str, Any], key: str, where: str, source: str) -> Any:
+    """d[key]; raises ValueError naming `source` and the key when it is missing or null."""
+    if key not in d or d[key] is None:
+        raise ValueError(f"{source}: missing required key {where}{key!r}")
+    return d[key]
+
+
+def _text_from_hf(text: dict[str, Any], source: str) -> TextConfig:
+    """The decoder config of config.json's text fields (nested ones merged over top-level)."""
+    def need(key: str) -> Any:
+        return _need(text, key, "text_config.", source)
+
+    rope = dict(text.get("rope_scaling") or {})
+    rope.update(text.get("rope_parameters") or {})
+    rope_theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
+    mrope_section = tuple(rope.get("mrope_section", (16, 24, 24)))
+    num_heads = need("num_attention_heads")
+    text_cfg = TextConfig(
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=text.get("num_key_value_heads") or num_heads,
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        mrope_section=mrope_section,
+        hidden_act=text.get("hidden_act", "silu"),
+        max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+    )
+    if 2 * sum(mrope_section) != text_cfg.head_dim:
+        raise ValueError(
+            f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
+            f"head_dim/2 is {text_cfg.head_dim // 2}")
+    return text_cfg
+
+
+def _vision_from_hf(vision: dict[str, Any], model_type: str, text_hidden_size: int,
+                    source: str) -> VisionConfig:
+    """The vision tower config of config.json's `vision_config` (keys differ per family)."""
+    def need(key: str) -> Any:
+        return _need(vision, key, "vision_config.", source)
+
+    vision_rope = vision.get("rope_parameters") or {}
+    common = dict(
+        depth=need("depth"),
+        num_heads=need("num_heads"),
+        patch_size=int(vision.get("patch_size", 14)),
+        temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+        in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+    )
+    if model_type != QWEN2_5_VL:
+        return VisionConfig(
+            **common,
+            embed_dim=need("embed_dim"),
+            hidden_size=vision.get("hidden_size", text_hidden_size),
+            mlp_ratio=float(vision.get("mlp_ratio", 4)),
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+        )
+    vision_cfg = VisionConfig(
+        **common, model_type=QWEN2_5_VL,
+        embed_dim=need("hidden_size"),
+        hidden_size=vision.get("out_hidden_size", text_hidden_size),
+        intermediate_size=need("intermediate_size"),
+        hidden_act=vision.get("hidden_act", "silu"),
+        window_size=int(need("window_size")),
+        fullatt_block_indexes=tuple(int(i) for i in vision.get("fullatt_block_indexes") or ()),
+        tokens_per_second=int(vision.get("tokens_per_second", 2)),
+    )
+    if vision_cfg.window_merged < 1:
+        raise ValueError(
+            f"{source}: vision_config.window_size={vision_cfg.window_size} is smaller "
+            f"than one merged unit ({vision_cfg.spatial_merge_size * vision_cfg.patch_size}"
+            " pixels); Qwen2.5-VL windows are whole merged units.")
+    return vision_cfg

@@ -11,7 +11,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from g2e.data import images, mmeb, synthetic_mmeb, tfds_builders
+from g2e.data import images, mmeb, synthetic_mmeb, tfds_builders, tfds_rows
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.demo import mini_mmeb
@@ -87,7 +87,7 @@ def test_round_trip_every_row_with_byte_identical_images(prepared):
     data_dir, expected, images, source_dir = prepared
     assert len(expected) == 6 * 2 + 10
     for (kind, subset, split), rows in expected.items():
-        source = tfds_builders.RowSource(kind, data_dir, subset, split)
+        source = tfds_rows.RowSource(kind, data_dir, subset, split)
         assert len(source) == len(rows) > 0
         for got, want in zip(source, rows):
             _same(got, want, images, source_dir)
@@ -95,7 +95,7 @@ def test_round_trip_every_row_with_byte_identical_images(prepared):
 
 def test_records_keep_the_parquet_image_paths(prepared):
     data_dir, expected, _, source = prepared
-    records = tfds_builders.RowSource("eval", data_dir, "ShapeEdit", "test").records
+    records = tfds_rows.RowSource("eval", data_dir, "ShapeEdit", "test").records
     row = expected["eval", "ShapeEdit", "test"][2]
     text = lambda v: v.decode() if isinstance(v, bytes) else v
     assert text(records[2]["qry_image_path"]) == os.path.relpath(row.qry_image, source)
@@ -108,9 +108,9 @@ def test_records_keep_the_parquet_image_paths(prepared):
 def test_unprepared_subset_and_missing_split_say_what_to_do(prepared, tmp_path):
     data_dir = prepared[0]
     with pytest.raises(FileNotFoundError, match="python -m g2e.data.tfds_builders"):
-        tfds_builders.RowSource("train", str(tmp_path), "ShapeCls", "original")
+        tfds_rows.RowSource("train", str(tmp_path), "ShapeCls", "original")
     with pytest.raises(KeyError, match="splits"):
-        tfds_builders.RowSource("eval", data_dir, "ShapeCls", "original")
+        tfds_rows.RowSource("eval", data_dir, "ShapeCls", "original")
 
 
 def test_corrupt_image_is_found_while_building(tmp_path):
@@ -131,7 +131,7 @@ def test_corrupt_image_is_found_while_building(tmp_path):
     )
     # Row 1 is in both splits (same image); the unknown subset is skipped whole.
     assert report.counts == {("ShapeCls", "cannot decode image"): 2, ("Nope", "unknown subset"): 1}
-    got = tfds_builders.RowSource("train", str(tmp_path / "b"), "ShapeCls", "original")
+    got = tfds_rows.RowSource("train", str(tmp_path / "b"), "ShapeCls", "original")
     assert [r.index for r in got] == [0, 2, 3]
 
 
@@ -160,7 +160,7 @@ def test_command_line_prepares_a_readable_copy(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prepared 2 train subsets" in done.stdout
     assert "bad input: none skipped" in done.stdout
-    rows = tfds_builders.RowSource("train", data_dir, "ShapeVQA", "diverse_instruction")
+    rows = tfds_rows.RowSource("train", data_dir, "ShapeVQA", "diverse_instruction")
     assert len(rows) == 3 and rows[0].qry_image.read().startswith(b"\xff\xd8")  # JPEG bytes
     assert sorted(os.listdir(os.path.join(data_dir, "mmeb_train"))) == ["ShapeCls", "ShapeVQA"]
 
@@ -224,7 +224,7 @@ def test_the_eval_copy_stores_each_image_once(synthetic):
         rows = _parquet_rows(source, "eval", subset, mmeb.EVAL_SPLIT)
         unique = list(_unique_images(source, "eval", subset))
         named = [p for row in rows for p in _image_paths(row)]
-        table = tfds_builders.RowSource("eval", data_dir, subset, "test").table
+        table = tfds_rows.RowSource("eval", data_dir, subset, "test").table
         records = tfds_builders.builder("eval", data_dir, subset).as_data_source(split="images")
         # The table: each image once, in order of first use, with the path the parquet named.
         assert [r["image_path"].decode() for r in records] == [
@@ -251,13 +251,13 @@ def test_the_eval_copy_stores_each_image_once(synthetic):
 
 def _count_table_reads(monkeypatch) -> list:
     reads = []
-    read_image = tfds_builders.ImageTable.read_image
+    read_image = tfds_rows.ImageTable.read_image
 
     def counting(self, image_id):
         reads.append(image_id)
         return read_image(self, image_id)
 
-    monkeypatch.setattr(tfds_builders.ImageTable, "read_image", counting)
+    monkeypatch.setattr(tfds_rows.ImageTable, "read_image", counting)
     return reads
 
 
@@ -267,7 +267,7 @@ def test_eval_rows_are_lazy_and_equal_the_parquet_rows(synthetic, monkeypatch):
     for subset in mmeb.list_subsets(os.path.join(source, "eval")):
         reads.clear()
         want = _parquet_rows(source, "eval", subset, mmeb.EVAL_SPLIT)
-        got = list(tfds_builders.RowSource("eval", data_dir, subset, "test"))
+        got = list(tfds_rows.RowSource("eval", data_dir, subset, "test"))
         keys = [images.image_key(i) for row in got for i in (row.qry_image, *row.tgt_images)]
         assert reads == []  # rows and their keys read no image bytes
         assert keys == [
@@ -288,14 +288,14 @@ def test_train_rows_carry_path_keys_and_read_no_image_bytes(synthetic, monkeypat
     reads = _count_table_reads(monkeypatch)
     for subset in mmeb.list_subsets(os.path.join(source, "train")):
         for split in mmeb.TRAIN_SPLITS:
-            got = tfds_builders.RowSource("train", data_dir, subset, split)
+            got = tfds_rows.RowSource("train", data_dir, subset, split)
             queries, positives = rows_lib.train_row_keys(got)
             want = _parquet_rows(source, "train", subset, split)
             relative = lambda p: os.path.relpath(p, source) if p else ""  # noqa: E731
             assert queries == [(r.qry_text, relative(r.qry_image)) for r in want]
             assert positives == [(r.pos_text, relative(r.pos_image)) for r in want]
     assert reads == []
-    row = tfds_builders.RowSource("train", data_dir, "SynthCls_0", "original")[3]
+    row = tfds_rows.RowSource("train", data_dir, "SynthCls_0", "original")[3]
     assert images.load_image(row.qry_image).size == (64, 48) and len(reads) == 1
     # Both splits name the same images: the train table holds them once.
     table = tfds_builders.builder("train", data_dir, "SynthCls_0").info.splits["images"]
@@ -304,7 +304,7 @@ def test_train_rows_carry_path_keys_and_read_no_image_bytes(synthetic, monkeypat
 
 def test_image_references_pickle_small_and_reopen_the_table(synthetic):
     _, data_dir, _ = synthetic
-    row = tfds_builders.RowSource("eval", data_dir, "SynthRet_2", "test")[0]
+    row = tfds_rows.RowSource("eval", data_dir, "SynthRet_2", "test")[0]
     row.tgt_images[0].read()  # the table is open now; the pickle must not carry it
     data = pickle.dumps(row)
     assert len(data) < 4000
@@ -321,12 +321,12 @@ def test_a_copy_of_an_older_layout_must_be_prepared_again(synthetic, tmp_path):
     shutil.copytree(data_dir, old)
     folder = old / "mmeb_eval" / "SynthVQA_1"
     (folder / tfds_builders.VERSION).rename(folder / "1.0.0")
-    with pytest.raises(tfds_builders.OutdatedCopyError, match=r"1\.0\.0.*prepare it again"):
-        tfds_builders.RowSource("eval", str(old), "SynthVQA_1", "test")
+    with pytest.raises(tfds_rows.OutdatedCopyError, match=r"1\.0\.0.*prepare it again"):
+        tfds_rows.RowSource("eval", str(old), "SynthVQA_1", "test")
     data = configuration.base_config().data
     data.format, data.tfds_dir, data.on_bad_input = "tfds", str(old), "skip"
-    with pytest.raises(tfds_builders.OutdatedCopyError, match="SynthVQA_1"):
+    with pytest.raises(tfds_rows.OutdatedCopyError, match="SynthVQA_1"):
         rows.list_eval_subsets(data)
-    with pytest.raises(tfds_builders.OutdatedCopyError):  # not skipped as a missing subset
+    with pytest.raises(tfds_rows.OutdatedCopyError):  # not skipped as a missing subset
         rows.eval_rows(data, "SynthVQA_1", BadInputReport("skip"))
     assert len(rows.eval_rows(data, "SynthCls_0", BadInputReport("skip"))) == 12

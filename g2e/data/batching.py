@@ -1,0 +1,288 @@
+"""Host-side batching: tokenised examples -> fixed-shape batches of the design contract.
+
+Letters: B batch, L text length, P vision patches per example, M = P // 4 merged vision tokens.
+
+`Encoded` is one example as g2e.data.preprocess.Processor.encode leaves it: token ids with each
+`<|image_pad|>` expanded, and its image patches. `Batcher.collate` pads a list of them to the
+smallest (L, P) bucket that fits, computes the M-RoPE ids and the vision layout
+(g2e.models.positions), and counts the padding; `Batcher.widen` pads a batch further, to a
+shape agreed across hosts. Buckets bound the number of shapes, hence of compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from g2e.models import positions
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One tokenised example, before padding.
+
+    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: uint8 [p, 588] (one frame
+    of the example's images' patches, concatenated; the device normalises them);
+    image_grid_thw: (t, h, w) per image;
+    target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
+    truncated_tokens: how many text tokens truncation removed.
+    """
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    image_grid_thw: list[tuple[int, int, int]]
+    target_mask: np.ndarray | None = None
+    truncated_tokens: int = 0
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
+    """Smallest bucket >= size; past the largest, a multiple of the largest (bounded programs).
+
+    Raises:
+      ValueError: for the 'length' buckets, whose largest must hold max_length.
+    """
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    largest = buckets[-1]
+    if what == "length" or largest <= 0:
+        raise ValueError(f"{what} {size} exceeds the largest {what} bucket {largest}; add a "
+                         f"larger one to data.{what}_buckets")
+    return -(-size // largest) * largest
+
+
+def default_length_buckets(max_length: int) -> tuple[int, ...]:
+    """Powers of two from 64 below max_length, then max_length."""
+    buckets, size = [], 64
+    while size < max_length:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_length)
+
+
+def default_patch_buckets(max_patches_per_image: int) -> tuple[int, ...]:
+    """0 (text only), powers of four from 64 below the per-image maximum, then that maximum."""
+    top = -(-max_patches_per_image // 4) * 4
+    return (0, *[b for b in (64, 256, 1024, 4096, 16384, 65536) if b < top], top)
+
+
+def _new_stats() -> dict[str, int]:
+    return dict(batches=0, real_tokens=0, token_slots=0, real_patches=0, patch_slots=0,
+                truncated_items=0, truncated_tokens=0)
+
+
+@dataclasses.dataclass
+class Batcher:
+    """Pads `Encoded`s into fixed-shape batches and counts the padding (module docstring).
+
+    pad_token_id / image_token_id: the tokenizer's; merge_size: vision patches merged per side
+    (2); patch_bytes: bytes of one patch frame (588); length_buckets / patch_buckets: sorted;
+    padding_side: 'right' or 'left'; window_merged: Qwen2.5-VL's attention windows in merged
+    units (0: Qwen2-VL, no windows). `stats` and `shapes` count what `collate` and `widen` made.
+
+    Raises (on construction):
+      ValueError: a patch bucket is not a multiple of merge_size ** 2.
+    """
+
+    pad_token_id: int
+    image_token_id: int
+    merge_size: int
+    patch_bytes: int
+    length_buckets: tuple[int, ...]
+    patch_buckets: tuple[int, ...]
+    padding_side: str = "right"
+    window_merged: int = 0
+    stats: dict[str, int] = dataclasses.field(default_factory=_new_stats)
+    shapes: set[tuple[int, int, int]] = dataclasses.field(default_factory=set)
+
+    def __post_init__(self):
+        unit = self.merge_size ** 2
+        if any(b % unit for b in self.patch_buckets):
+            raise ValueError(f"patch buckets {self.patch_buckets} must be multiples of {unit}")
+
+    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None,
+                length: int | None = None, num_patches: int | None = None
+                ) -> dict[str, np.ndarray]:
+        """Pads encodings into the fixed-shape batch of the design contract.
+
+        L and P are the smallest buckets that fit, unless `length` / `num_patches` fix them
+        (e.g. to a shape agreed across hosts; they must hold every encoding). With
+        `pad_to_batch=N`, dummy rows (one attended pad token, no image) fill the batch to N
+        rows, so `encoded` may even be empty; the caller drops the dummy rows' outputs.
+        A `target_mask` [B, L] is added when any encoding carries one.
+
+        Raises:
+          ValueError: more encodings than pad_to_batch (or none), or a fixed (L, P) that
+            cannot hold them or is not a multiple of the merged unit.
+        """
+        count = len(encoded)
+        batch = pad_to_batch or count
+        if batch == 0 or count > batch:
+            raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
+        length, num_patches = self._fixed_shape(encoded, length, num_patches)
+        arrays = self._empty_arrays(batch, length, num_patches)
+        grids = [self._fill_row(arrays, row, encoded[row] if row < count else None)
+                 for row in range(batch)]
+        position_ids = positions.rope_index(arrays["input_ids"], arrays["attention_mask"], grids,
+                                            image_token_id=self.image_token_id,
+                                            spatial_merge_size=self.merge_size)
+        self._count(encoded, batch, length, num_patches)
+        with_targets = any(e.target_mask is not None for e in encoded)
+        return self._batch_dict(arrays, position_ids, with_targets=with_targets)
+
+    def _fixed_shape(self, encoded: Sequence[Encoded], length: int | None,
+                     num_patches: int | None) -> tuple[int, int]:
+        """(L, P) of the batch: the given ones, checked, else the smallest buckets that fit."""
+        longest = max((e.length for e in encoded), default=1)
+        most_patches = max((e.num_patches for e in encoded), default=0)
+        if length is None:
+            length = pick_bucket(longest, self.length_buckets, "length")
+        if num_patches is None:
+            num_patches = 0 if most_patches == 0 else pick_bucket(
+                most_patches, self.patch_buckets, "patch")
+        if length < longest or num_patches < most_patches:
+            raise ValueError(f"collate: (length={length}, num_patches={num_patches}) cannot hold "
+                             f"an encoding of {longest} tokens / {most_patches} patches")
+        if num_patches % self.merge_size ** 2:
+            raise ValueError(f"collate: num_patches={num_patches} must be a multiple of "
+                             f"{self.merge_size ** 2}")
+        return length, num_patches
+
+    def _empty_arrays(self, batch: int, length: int, num_patches: int) -> dict[str, np.ndarray]:
+        """The batch's arrays, all padding: pad tokens, nothing attended, no patches."""
+        return dict(
+            input_ids=np.full((batch, length), self.pad_token_id, np.int32),
+            attention_mask=np.zeros((batch, length), np.int32),
+            image_token_index=np.zeros((batch, length), np.int32),
+            last_index=np.zeros((batch,), np.int32),
+            pixel_values=np.zeros((batch, num_patches, self.patch_bytes), np.uint8),
+            vision_segment_ids=np.zeros((batch, num_patches), np.int32),
+            vision_positions=np.zeros((batch, num_patches, 2), np.int32),
+            vision_window_ids=np.zeros((batch, num_patches), np.int32),  # Qwen2.5-VL only
+            target_mask=np.zeros((batch, length), np.int32),
+        )
+
+    def _fill_row(self, arrays: dict[str, np.ndarray], row: int,
+                  item: Encoded | None) -> list[tuple[int, int, int]]:
+        """Writes `item` (None: a dummy row) into `row` of `arrays`; returns its image grids."""
+        length = arrays["input_ids"].shape[1]
+        num_patches = arrays["pixel_values"].shape[1]
+        size = item.length if item is not None else 1
+        start = 0 if self.padding_side == "right" else length - size
+        span = slice(start, start + size)
+        arrays["attention_mask"][row, span] = 1
+        arrays["last_index"][row] = start + size - 1
+        if item is None:  # A dummy row: one attended pad token keeps softmaxes finite.
+            return []
+        arrays["input_ids"][row, span] = item.input_ids
+        is_image = item.input_ids == self.image_token_id
+        arrays["image_token_index"][row, start + np.flatnonzero(is_image)] = np.arange(
+            int(is_image.sum()), dtype=np.int32)
+        if item.target_mask is not None:
+            arrays["target_mask"][row, span] = item.target_mask
+        arrays["pixel_values"][row, :item.num_patches] = item.pixel_values
+        if num_patches:
+            arrays["vision_positions"][row], arrays["vision_segment_ids"][row] = (
+                positions.vision_layout(item.image_grid_thw, num_patches, self.merge_size))
+            if self.window_merged:
+                arrays["vision_window_ids"][row] = positions.vision_window_ids(
+                    item.image_grid_thw, num_patches, self.window_merged, self.merge_size)
+        return list(item.image_grid_thw)
+
+    def _batch_dict(self, arrays: dict[str, np.ndarray], position_ids: np.ndarray, *,
+                    with_targets: bool) -> dict[str, np.ndarray]:
+        """The batch dict of the design contract, its optional fields only where they apply."""
+        out = dict(
+            input_ids=arrays["input_ids"],
+            attention_mask=arrays["attention_mask"],
+            position_ids=position_ids,
+            pixel_values=arrays["pixel_values"],
+            vision_segment_ids=arrays["vision_segment_ids"],
+            vision_positions=arrays["vision_positions"],
+            image_token_index=arrays["image_token_index"],
+            last_index=arrays["last_index"],
+        )
+        if with_targets:
+            out["target_mask"] = arrays["target_mask"]
+        if self.window_merged:
+            out["vision_window_ids"] = arrays["vision_window_ids"]
+        return out
+
+    def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
+        """(length bucket, patch bucket) `collate` picks for these encodings."""
+        longest = max((e.length for e in encoded), default=1)
+        most_patches = max((e.num_patches for e in encoded), default=0)
+        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets,
+                                                           "patch")
+        return pick_bucket(longest, self.length_buckets, "length"), patches
+
+    def widen(self, batch: dict[str, np.ndarray], *, length: int,
+              num_patches: int) -> dict[str, np.ndarray]:
+        """A collated batch padded to a larger (length, num_patches), as `collate` would have
+        padded it (e.g. to a shape agreed across hosts after collating locally)."""
+        extra_length = length - batch["input_ids"].shape[1]
+        extra_patches = num_patches - batch["pixel_values"].shape[1]
+        if extra_length < 0 or extra_patches < 0:
+            raise ValueError(f"widen: ({length}, {num_patches}) is smaller than the batch's "
+                             f"{batch['input_ids'].shape[1]}, {batch['pixel_values'].shape[1]}")
+        if not extra_length and not extra_patches:
+            return batch
+        left = self.padding_side == "left"
+        out = {}
+        for name, value in batch.items():
+            widths = [(0, 0)] * value.ndim
+            if name in ("input_ids", "attention_mask", "image_token_index", "target_mask"):
+                widths[1] = (extra_length, 0) if left else (0, extra_length)
+            elif name == "position_ids":
+                widths[2] = (extra_length, 0) if left else (0, extra_length)
+            elif name.startswith("vision_") or name == "pixel_values":
+                widths[1] = (0, extra_patches)
+            fill = self.pad_token_id if name == "input_ids" else 0
+            out[name] = np.pad(value, widths, constant_values=fill)
+        if left:
+            out["last_index"] = batch["last_index"] + extra_length
+        rows = batch["input_ids"].shape[0]
+        self.stats["token_slots"] += rows * extra_length
+        self.stats["patch_slots"] += rows * extra_patches
+        self.shapes.add((rows, length, num_patches))
+        return out
+
+    def _count(self, encoded: Sequence[Encoded], batch: int, length: int,
+               num_patches: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["real_tokens"] += sum(e.length for e in encoded)
+        self.stats["token_slots"] += batch * length
+        self.stats["real_patches"] += sum(e.num_patches for e in encoded)
+        self.stats["truncated_items"] += sum(e.truncated_tokens > 0 for e in encoded)
+        self.stats["truncated_tokens"] += sum(e.truncated_tokens for e in encoded)
+        self.stats["patch_slots"] += batch * num_patches
+        self.shapes.add((batch, length, num_patches))
+
+    def padding_report(self, *, skipped: int) -> dict[str, Any]:
+        """Padding fractions, distinct (B, L, P) shapes made, truncation counts and `skipped`
+        (the items refused as bad input, counted by the caller)."""
+        stats = self.stats
+
+        def fraction(real: int, slots: int) -> float:
+            return 0.0 if slots == 0 else 1.0 - real / slots
+
+        return dict(
+            batches=stats["batches"],
+            token_padding_fraction=fraction(stats["real_tokens"], stats["token_slots"]),
+            patch_padding_fraction=fraction(stats["real_patches"], stats["patch_slots"]),
+            shapes=sorted(self.shapes),
+            truncated_items=stats["truncated_items"],
+            truncated_tokens=stats["truncated_tokens"],
+            skipped=skipped,
+        )
