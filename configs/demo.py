@@ -56,11 +56,11 @@ def get_config():
 
     config.export.dtype = "float32"
 
-    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 1000 next-token steps.
+    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 600 next-token steps.
     config.demo.hidden_size = 128
     config.demo.num_layers = 4
     config.demo.vision_width = 64
-    config.demo.generator_steps = 1000
+    config.demo.generator_steps = 600
     # 200 queries per evaluation subset: every meta-task's 95% interval within about +-5.
     config.demo.eval_queries = 200
     return config

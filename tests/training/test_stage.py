@@ -181,13 +181,13 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(
     # The mine stage (its model and embedder stubbed) and the train stage see the same rows.
     seen = {}
 
-    def fake_mine(pipeline, subset, rows, embedder, cache, judge):
+    def fake_mine(pipeline, subset, rows, embedder, cache, judge, judge_cache):
         seen[subset] = [r.index for r in rows]
         report = dict(clusters=1, phase1=dict(clusters=1), phase2=dict(clusters=0),
                       rows_uncovered=len(rows) - 2, judge=dict(dropped=0, pairs=0))
         return mining.MiningResult([[4, 0]], [1], report, {})
 
-    monkeypatch.setattr(mine_stage, "_mine_subset", fake_mine)
+    monkeypatch.setattr(mine_stage, "mine_subset", fake_mine)
     monkeypatch.setattr(mine_stage, "Embedder", lambda *args, **kwargs: None)
     monkeypatch.setattr(mine_stage, "EmbeddingCache", lambda *args, **kwargs: None)
     config.mine.judge = False
