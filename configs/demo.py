@@ -42,7 +42,7 @@ def get_config():
     config.mine.batch_size = 32
     config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
-    config.train.steps = 300
+    config.train.steps = 200
     config.train.lr = 2e-4
     config.train.warmup_steps = 5
     config.train.global_batch = 16  # 4 clusters of 4 rows, on however many devices
@@ -56,11 +56,11 @@ def get_config():
 
     config.export.dtype = "float32"
 
-    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 600 next-token steps.
+    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 450 next-token steps.
     config.demo.hidden_size = 128
     config.demo.num_layers = 4
     config.demo.vision_width = 64
-    config.demo.generator_steps = 600
+    config.demo.generator_steps = 450
     # 200 queries per evaluation subset: every meta-task's 95% interval within about +-5.
     config.demo.eval_queries = 200
     return config
