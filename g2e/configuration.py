@@ -39,8 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = sharding.DEFAULT_RULES
 
+    # attention: 'auto' picks per platform (cuDNN on a GPU in 16-bit, splash on a TPU where
+    # lengths are multiples of 128, XLA otherwise: g2e.models.attention.resolve).
     c.model = ml_collections.ConfigDict(
-        dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="xla")
+        dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="auto")
     )
 
     c.prompt = ml_collections.ConfigDict(dict(system=True, suffix=True))

@@ -11,13 +11,31 @@ is on; the vision tower passes its per-image segment ids, which confines attenti
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["xla", "cudnn", "pallas"]
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+Implementation = Literal["auto", "xla", "cudnn", "pallas"]
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+
+
+def resolve(implementation: Implementation, *, length: int, dtype: Any,
+            backend: str | None = None) -> str:
+    """The kernel `attend` runs: 'auto' picks per platform, anything else is kept.
+
+    auto: on a GPU, cuDNN's fused attention where it applies (16-bit compute: cuDNN has no
+    float32 kernel); on a TPU, the splash kernel where the length is a multiple of 128 (its
+    block size); XLA everywhere else (CPU, float32 on a GPU, unaligned lengths on a TPU).
+    """
+    if implementation != "auto":
+        return implementation
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
+        return "cudnn"
+    if backend == "tpu" and length % 128 == 0:
+        return "pallas"
+    return "xla"
 
 
 def attend(
@@ -37,8 +55,8 @@ def attend(
         key, value: [B, L, K, E] with H a multiple of K.
         segment_ids: int [B, L] or None (all tokens in one segment).
         causal: apply a lower-triangular mask as well.
-        implementation: 'xla' or 'cudnn' (jax.nn.dot_product_attention), or 'pallas' (the TPU
-            splash kernel; L must be a multiple of 128).
+        implementation: 'xla' or 'cudnn' (jax.nn.dot_product_attention), 'pallas' (the TPU
+            splash kernel; L must be a multiple of 128), or 'auto' (`resolve`: per platform).
         scale: logit scale, default 1/sqrt(E).
 
     Returns:
@@ -46,6 +64,7 @@ def attend(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = resolve(implementation, length=query.shape[1], dtype=query.dtype)
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     if implementation == "pallas":

@@ -180,3 +180,23 @@ def test_one_dropout_mask_per_input(tiny, monkeypatch):
     model(batch, deterministic=False, rng=jax.random.key(0))  # traced once by the layer scan
     # q/k/v input, o input, gate/up input, down input.
     assert len(calls) == 4, calls
+
+
+@pytest.mark.parametrize("backend, dtype, length, expected", [
+    ("cpu", jnp.bfloat16, 128, "xla"),
+    ("gpu", jnp.bfloat16, 100, "cudnn"),
+    ("gpu", jnp.float32, 128, "xla"),  # cuDNN has no float32 fused kernel
+    ("tpu", jnp.bfloat16, 256, "pallas"),
+    ("tpu", jnp.float32, 100, "xla"),  # splash needs lengths in blocks of 128
+])
+def test_auto_attention_is_chosen_per_platform(backend, dtype, length, expected):
+    assert attention.resolve("auto", length=length, dtype=dtype, backend=backend) == expected
+    assert attention.resolve("xla", length=length, dtype=dtype, backend=backend) == "xla"
+
+
+def test_auto_attention_on_this_machine_equals_xla():
+    q, k, v = _qkv(10, np.random.default_rng(4))
+    segment_ids = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7]))
+    auto = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="auto")
+    xla = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
