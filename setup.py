@@ -22,6 +22,8 @@ setuptools.setup(
         # tfds encodes images and writes summaries through TensorFlow.
         "tensorflow-cpu>=2.21,<2.22",
         "array-record>=0.8,<0.9",
+        # Host data pipelines: worker processes with bounded prefetch (g2e.data.workers).
+        "grain>=0.2.18,<0.3",
         "ml-collections>=1.1,<2",
         "einops>=0.8,<0.9",
         "safetensors>=0.8,<0.9",
