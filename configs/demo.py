@@ -42,7 +42,7 @@ def get_config():
     config.mine.batch_size = 32
     config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
-    config.train.steps = 150
+    config.train.steps = 200
     config.train.lr = 2e-4
     config.train.warmup_steps = 5
     config.train.global_batch = 16  # 4 clusters of 4 rows, on however many devices
