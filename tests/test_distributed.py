@@ -280,7 +280,7 @@ DEMO_FLAGS = [
     "--config.data.eval_subsets=ShapeCls,ShapeVQA", "--config.eval.batch_size=8",
     "--config.train.steps=2", "--config.train.checkpoint_every=2",
     "--config.train.use_clusters=False", "--config.train.global_batch=16",
-    "--config.train.cluster_size=2",
+    "--config.train.cluster_size=2", "--config.data.heldout_rows=0",
 ]
 
 

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from g2e.demo import mini_mmeb
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The demo, trimmed: a tenth of the mini-MMEB, a smaller generator trained for a few steps,
@@ -73,7 +75,7 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     assert done["steps"] == 12
 
     # Every output of every stage.
-    for stage in ("eval_plain", "eval_zero_shot", "eval"):
+    for stage in ("eval_plain", "eval_zero_shot", "eval", "eval_random"):
         results = json.loads((workdir / stage / "results.json").read_text())
         assert len(results["subsets"]) == 10 and results["overall"] is not None
         assert (workdir / stage / "results.md").is_file()
@@ -85,7 +87,13 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     assert (workdir / "export" / "hf" / "tokenizer.json").is_file()
     assert (workdir / "export" / "peft" / "adapter_config.json").is_file()
     report = json.loads((workdir / "report.json").read_text())
-    assert [row["stage"] for row in report["rows"]] == ["eval_plain", "eval_zero_shot", "eval"]
+    assert [row["stage"] for row in report["rows"]] == ["eval_plain", "eval_zero_shot", "eval",
+                                                         "eval_random"]
+    assert set(report["judge_quality"]) == {
+        name for name, (_, group, _) in mini_mmeb.SUBSETS.items() if group == "IND"}
+    assert (workdir / "train_random" / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = (workdir / "train" / "train_metrics.jsonl").read_text()
+    assert '"heldout_accuracy"' in metrics
     table = (workdir / "report.md").read_text()
     assert "zero-shot, hierarchical prompt" in table and "fine-tuned" in table
     assert "zero-shot, hierarchical prompt" in second.stdout  # The table is printed too.
