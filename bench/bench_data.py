@@ -13,8 +13,7 @@ import time
 
 import tensorflow_datasets as tfds
 
-from g2e.data import mmeb
-from g2e.data import tfds_builders, tfds_rows
+from g2e.data import mmeb, tfds_builders, tfds_rows
 from g2e.demo import mini_mmeb
 
 

@@ -44,22 +44,26 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from g2e.data import prompts  # noqa: E402
 from g2e.data.preprocess import EmbedItem, Processor  # noqa: E402
-from g2e.embedding import Embedder  # noqa: E402
 from g2e.demo import tiny  # noqa: E402
+from g2e.embedding import Embedder  # noqa: E402
 from g2e.models import hf_io  # noqa: E402
 from tests.models import checkpoints  # noqa: E402
 
 VOCAB_SIZE = 151936
-TEXTS = ("a red circle and a blue square", "a dog sitting in front of the house",
-         "Find me an everyday image that matches the given caption: a man holding a cup",
-         "Represent the given image with the following question: What is in the picture?",
-         "two people walking on the street near the water under a bright sky")
+TEXTS = (
+    "a red circle and a blue square",
+    "a dog sitting in front of the house",
+    "Find me an everyday image that matches the given caption: a man holding a cup",
+    "Represent the given image with the following question: What is in the picture?",
+    "two people walking on the street near the water under a bright sky",
+)
 
 
 def write_checkpoint(out_dir: pathlib.Path, layers: int) -> pathlib.Path:
     """2B-width random checkpoint + tiny tokenizer; config ids follow the tokenizer's."""
-    model, _ = checkpoints.make_hf_checkpoint(out_dir, widths="2b", vocab_size=VOCAB_SIZE,
-                                              num_layers=layers)
+    model, _ = checkpoints.make_hf_checkpoint(
+        out_dir, widths="2b", vocab_size=VOCAB_SIZE, num_layers=layers
+    )
     del model
     gc.collect()
     tokenizer = tiny.build_tokenizer(TEXTS)
@@ -68,12 +72,17 @@ def write_checkpoint(out_dir: pathlib.Path, layers: int) -> pathlib.Path:
     config = json.loads((out_dir / "config.json").read_text())
     # The checkpoint put Qwen's special ids at the top of the vocabulary; the tokenizer has them
     # right after its small learned vocabulary. Weights do not depend on which ids are special.
-    config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"],
-                  vision_end_token_id=ids["<|vision_end|>"])
-    config["text_config"].update(bos_token_id=ids["<|endoftext|>"],
-                                 eos_token_id=ids["<|im_end|>"],
-                                 pad_token_id=ids["<|endoftext|>"])
+    config.update(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config["text_config"].update(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     # Qwen2-VL's released pixel limits (a 224x224 image is 256 patches, 64 merged tokens).
     processor = tiny.preprocessor_config(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
@@ -100,13 +109,15 @@ def make_items(out_dir: pathlib.Path, count: int) -> list[EmbedItem]:
     return items
 
 
-def run_g2e(directory: pathlib.Path, items: list[EmbedItem], batch_size: int,
-            repeats: int, workers: int) -> tuple[np.ndarray, float, list[float]]:
+def run_g2e(
+    directory: pathlib.Path, items: list[EmbedItem], batch_size: int, repeats: int, workers: int
+) -> tuple[np.ndarray, float, list[float]]:
     """(embeddings, warm-up seconds, timed seconds of each pass)."""
     model = hf_io.load_model(directory)
     processor = Processor.from_dir(directory, max_length=2048)
-    embedder = Embedder(model, processor, mesh=None, batch_size=batch_size, progress=False,
-                        workers=workers)
+    embedder = Embedder(
+        model, processor, mesh=None, batch_size=batch_size, progress=False, workers=workers
+    )
     start = time.perf_counter()
     embedder(items)
     warmup = time.perf_counter() - start
@@ -120,18 +131,20 @@ def run_g2e(directory: pathlib.Path, items: list[EmbedItem], batch_size: int,
 
 
 @torch.no_grad()
-def transformers_pass(model, tokenizer, image_processor, items: list[EmbedItem],
-                      batch_size: int, device: str) -> np.ndarray:
+def transformers_pass(
+    model, tokenizer, image_processor, items: list[EmbedItem], batch_size: int, device: str
+) -> np.ndarray:
     """One end-to-end pass: prompts, images, tokens, forward, last-token pooling."""
     image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
-    merge = image_processor.merge_size ** 2
+    merge = image_processor.merge_size**2
     out = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         texts, images = [], []
         for item in chunk:
-            text = prompts.embedding_prompt_text(item.text, has_image=item.image is not None,
-                                                 role=item.role)
+            text = prompts.embedding_prompt_text(
+                item.text, has_image=item.image is not None, role=item.role
+            )
             if item.image is not None:
                 images.append(Image.open(item.image).convert("RGB"))
             texts.append(text)
@@ -140,26 +153,41 @@ def transformers_pass(model, tokenizer, image_processor, items: list[EmbedItem],
             features = image_processor(images=images)
             grids = np.asarray(features["image_grid_thw"])
             counts = iter(int(g.prod()) // merge for g in grids)
-            texts = [t.replace(prompts.IMAGE_PAD, prompts.IMAGE_PAD * next(counts), 1)
-                     if prompts.IMAGE_PAD in t else t for t in texts]
-            inputs = dict(pixel_values=torch.tensor(np.asarray(features["pixel_values"])),
-                          image_grid_thw=torch.tensor(grids))
-        tokens = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                           add_special_tokens=False)
+            texts = [
+                t.replace(prompts.IMAGE_PAD, prompts.IMAGE_PAD * next(counts), 1)
+                if prompts.IMAGE_PAD in t
+                else t
+                for t in texts
+            ]
+            inputs = dict(
+                pixel_values=torch.tensor(np.asarray(features["pixel_values"])),
+                image_grid_thw=torch.tensor(grids),
+            )
+        tokens = tokenizer(
+            texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
+        )
         inputs = {key: value.to(device) for key, value in inputs.items()}
         tokens = {key: value.to(device) for key, value in tokens.items()}
-        hidden = model.model(input_ids=tokens["input_ids"],
-                             attention_mask=tokens["attention_mask"],
-                             mm_token_type_ids=(tokens["input_ids"] == image_token_id).long(),
-                             **inputs).last_hidden_state[:, -1]
+        hidden = model.model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            mm_token_type_ids=(tokens["input_ids"] == image_token_id).long(),
+            **inputs,
+        ).last_hidden_state[:, -1]
         out.append(torch.nn.functional.normalize(hidden.double(), dim=-1).float().cpu().numpy())
     return np.concatenate(out)
 
 
-def run_transformers(directory: pathlib.Path, items: list[EmbedItem], batch_size: int,
-                     repeats: int, device: str) -> tuple[np.ndarray, float, list[float]]:
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, attn_implementation="eager").eval().to(device)
+def run_transformers(
+    directory: pathlib.Path, items: list[EmbedItem], batch_size: int, repeats: int, device: str
+) -> tuple[np.ndarray, float, list[float]]:
+    model = (
+        transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+            directory, dtype=torch.float32, attn_implementation="eager"
+        )
+        .eval()
+        .to(device)
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(directory)
     start = time.perf_counter()
@@ -178,11 +206,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed passes after the warm-up (the median is compared)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="g2e's Grain encoding processes (0: in the main process, as the "
-                             "transformers side)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed passes after the warm-up (the median is compared)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="g2e's Grain encoding processes (0: in the main process, as the transformers side)",
+    )
     parser.add_argument("--out", default="", help="work folder (default: a temporary one)")
     args = parser.parse_args()
     backend = jax.default_backend()
@@ -191,29 +226,41 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    print(f"jax backend: {backend} ({jax.devices()[0].device_kind}), torch device: {device}, "
-          f"torch threads: {torch.get_num_threads()}", flush=True)
+    print(
+        f"jax backend: {backend} ({jax.devices()[0].device_kind}), torch device: {device}, "
+        f"torch threads: {torch.get_num_threads()}",
+        flush=True,
+    )
     out_dir = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench_embed_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     directory = write_checkpoint(out_dir / "checkpoint", args.layers)
     items = make_items(out_dir, args.items)
-    print(f"checkpoint and items: {time.perf_counter() - start:.1f} s "
-          f"({sum(i.image is not None for i in items)} of {len(items)} items with an image)",
-          flush=True)
+    print(
+        f"checkpoint and items: {time.perf_counter() - start:.1f} s "
+        f"({sum(i.image is not None for i in items)} of {len(items)} items with an image)",
+        flush=True,
+    )
 
-    g2e_out, g2e_warmup, g2e_times = run_g2e(directory, items, args.batch_size, args.repeats,
-                                             args.workers)
+    g2e_out, g2e_warmup, g2e_times = run_g2e(
+        directory, items, args.batch_size, args.repeats, args.workers
+    )
     gc.collect()
-    hf_out, hf_warmup, hf_times = run_transformers(directory, items, args.batch_size,
-                                                   args.repeats, device)
+    hf_out, hf_warmup, hf_times = run_transformers(
+        directory, items, args.batch_size, args.repeats, device
+    )
     g2e_seconds, hf_seconds = float(np.median(g2e_times)), float(np.median(hf_times))
     figures = {
-        "jax_backend": backend, "torch_device": device,
-        "items": len(items), "batch_size": args.batch_size, "layers": args.layers,
-        "g2e_warmup_s": round(g2e_warmup, 2), "g2e_s": round(g2e_seconds, 2),
+        "jax_backend": backend,
+        "torch_device": device,
+        "items": len(items),
+        "batch_size": args.batch_size,
+        "layers": args.layers,
+        "g2e_warmup_s": round(g2e_warmup, 2),
+        "g2e_s": round(g2e_seconds, 2),
         "g2e_examples_per_s": round(len(items) / g2e_seconds, 2),
-        "transformers_first_pass_s": round(hf_warmup, 2), "transformers_s": round(hf_seconds, 2),
+        "transformers_first_pass_s": round(hf_warmup, 2),
+        "transformers_s": round(hf_seconds, 2),
         "transformers_examples_per_s": round(len(items) / hf_seconds, 2),
         "ratio": round(hf_seconds / g2e_seconds, 2),
         "g2e_pass_s_min_max": [round(min(g2e_times), 2), round(max(g2e_times), 2)],

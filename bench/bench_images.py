@@ -55,8 +55,11 @@ def measure(data: bytes, policy: str, processor, repeats: int) -> dict:
     patches = np.asarray(features["pixel_values"], np.float32)
     figures = {step: round(statistics.median(ms), 1) for step, ms in steps.items()}
     figures["total"] = round(sum(figures.values()), 1)
-    figures.update(patches=int(patches.shape[0]), patch_mb=round(patches.nbytes / 2**20, 1),
-                   size=list(image.size))
+    figures.update(
+        patches=int(patches.shape[0]),
+        patch_mb=round(patches.nbytes / 2**20, 1),
+        size=list(image.size),
+    )
     return figures
 
 
@@ -69,18 +72,21 @@ def main() -> None:
     os.sched_setaffinity(0, {args.cpu})
     pool = synthetic_mmeb.Pool.draw(args.seed, 1, 1.0, with_pages=True)
     files = {"photo": pool.images["photo"][0], "page": pool.images["page"][0]}
-    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS,
-                                                      max_pixels=MAX_PIXELS)
+    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     results = {}
-    print(f"{'kind':6} {'policy':8} {'decode':>7} {'policy':>7} {'processor':>9} {'total':>7}"
-          f" ms/image {'patches':>8} {'MB':>5}")
+    print(
+        f"{'kind':6} {'policy':8} {'decode':>7} {'policy':>7} {'processor':>9} {'total':>7}"
+        f" ms/image {'patches':>8} {'MB':>5}"
+    )
     for kind, data in files.items():
         for policy in POLICIES:
             r = results[f"{kind}/{policy}"] = measure(data, policy, processor, args.repeats)
             r["file_kb"] = round(len(data) / 1024)
-            print(f"{kind:6} {policy:8} {r['decode']:7.1f} {r['policy']:7.1f} "
-                  f"{r['processor']:9.1f} {r['total']:7.1f}          {r['patches']:8d} "
-                  f"{r['patch_mb']:5.1f}")
+            print(
+                f"{kind:6} {policy:8} {r['decode']:7.1f} {r['policy']:7.1f} "
+                f"{r['processor']:9.1f} {r['total']:7.1f}          {r['patches']:8d} "
+                f"{r['patch_mb']:5.1f}"
+            )
     print(json.dumps(results))
 
 

@@ -78,10 +78,19 @@ def main():
     parser.add_argument("--judge_batch_size", type=int, default=64)
     parser.add_argument("--workdir", default="/tmp/g2e_bench_mining")
     parser.add_argument("--sequential", action="store_true")
-    parser.add_argument("--simulated_judge", type=float, default=None, metavar="DROP_RATE",
-                        help="search case: add a simulated judge dropping this share of pairs")
-    parser.add_argument("--pairs_per_call", type=int, default=128,
-                        help="simulated judge: pairs per device call (8 GPUs x 16)")
+    parser.add_argument(
+        "--simulated_judge",
+        type=float,
+        default=None,
+        metavar="DROP_RATE",
+        help="search case: add a simulated judge dropping this share of pairs",
+    )
+    parser.add_argument(
+        "--pairs_per_call",
+        type=int,
+        default=128,
+        help="simulated judge: pairs per device call (8 GPUs x 16)",
+    )
     args = parser.parse_args()
     if args.judge:
         judge_case(args)
@@ -101,18 +110,29 @@ def search_case(args):
 
     load_before = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = mining.mine_clusters(query_keys, positive_keys, queries, positive_rows,
-                                  top_k=args.top_k, pool_mult=args.pool_mult,
-                                  keep_retrieval_order=False, block_size=args.block_size)
+    result = mining.mine_clusters(
+        query_keys,
+        positive_keys,
+        queries,
+        positive_rows,
+        top_k=args.top_k,
+        pool_mult=args.pool_mult,
+        keep_retrieval_order=False,
+        block_size=args.block_size,
+    )
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     report = result.report
-    print(f"rows={rows} dim={args.dim} positives={args.positives} top_k={args.top_k} "
-          f"pool_mult={args.pool_mult} block_size={args.block_size}")
-    print(f"clusters={report['clusters']} (phase 1: {report['phase1']['clusters']}, "
-          f"phase 2: {report['phase2']['clusters']}), mean size "
-          f"{report['cluster_size']['mean']:.2f}, rows uncovered {report['rows_uncovered']}, "
-          f"anchors searched {report['phase1']['anchors_searched']}"
-          f"+{report['phase2']['anchors_searched']}")
+    print(
+        f"rows={rows} dim={args.dim} positives={args.positives} top_k={args.top_k} "
+        f"pool_mult={args.pool_mult} block_size={args.block_size}"
+    )
+    print(
+        f"clusters={report['clusters']} (phase 1: {report['phase1']['clusters']}, "
+        f"phase 2: {report['phase2']['clusters']}), mean size "
+        f"{report['cluster_size']['mean']:.2f}, rows uncovered {report['rows_uncovered']}, "
+        f"anchors searched {report['phase1']['anchors_searched']}"
+        f"+{report['phase2']['anchors_searched']}"
+    )
     # The search alone, without the bookkeeping running beside it, over as many rows as the
     # mining pass searched (same block shape; compiled already).
     searched = result.timing["blocks"] * args.block_size
@@ -124,8 +144,10 @@ def search_case(args):
     # spent waiting for it (incl. the one compilation), not hidden behind the bookkeeping.
     print(f"search wait (similarity + top-pool): {result.timing['search_s']:.2f} s")
     print(f"bookkeeping (owner walk, ordering, marking): {result.timing['bookkeeping_s']:.2f} s")
-    print(f"total mine_clusters: {total:.2f} s wall, {cpu:.2f} s CPU (all threads); "
-          f"load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(
+        f"total mine_clusters: {total:.2f} s wall, {cpu:.2f} s CPU (all threads); "
+        f"load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}"
+    )
     if args.simulated_judge is not None:
         _simulated_judge(args, query_keys, positive_keys, queries, positive_rows)
 
@@ -136,8 +158,9 @@ def _simulated_judge(args, query_keys, positive_keys, queries, positive_rows):
     drop = args.simulated_judge
 
     def p_yes(anchor_rows, owner_rows):
-        mixed = (np.asarray(anchor_rows, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-                 ^ np.asarray(positive_keys, np.uint64)[owner_rows] * np.uint64(0xBF58476D1CE4E5B9))
+        mixed = np.asarray(anchor_rows, np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(
+            positive_keys, np.uint64
+        )[owner_rows] * np.uint64(0xBF58476D1CE4E5B9)
         return np.where((mixed >> np.uint64(11)) % np.uint64(10_000) < drop * 10_000, 0.9, 0.1)
 
     class Simulated:
@@ -146,28 +169,47 @@ def _simulated_judge(args, query_keys, positive_keys, queries, positive_rows):
 
         def __call__(self, anchor_rows, owner_rows):
             self.requests += 1
-            return mining.PairAnswers(p_yes(anchor_rows, owner_rows),
-                                      np.zeros(anchor_rows.size, np.int8), anchor_rows.size,
-                                      -(-anchor_rows.size // self.pairs_per_call))
+            return mining.PairAnswers(
+                p_yes(anchor_rows, owner_rows),
+                np.zeros(anchor_rows.size, np.int8),
+                anchor_rows.size,
+                -(-anchor_rows.size // self.pairs_per_call),
+            )
 
-    settings = dict(top_k=args.top_k, pool_mult=args.pool_mult, keep_retrieval_order=False,
-                    block_size=args.block_size)
+    settings = dict(
+        top_k=args.top_k,
+        pool_mult=args.pool_mult,
+        keep_retrieval_order=False,
+        block_size=args.block_size,
+    )
     simulated, tick = Simulated(), time.perf_counter()
-    batched = mining.mine_clusters(query_keys, positive_keys, queries, positive_rows,
-                                   pair_judge=simulated, **settings)
+    batched = mining.mine_clusters(
+        query_keys, positive_keys, queries, positive_rows, pair_judge=simulated, **settings
+    )
     batched_s, tick = time.perf_counter() - tick, time.perf_counter()
     sequential = mining.mine_clusters(
-        query_keys, positive_keys, queries, positive_rows,
-        judge=lambda anchor, owners: p_yes(np.full(len(owners), anchor), owners), **settings)
+        query_keys,
+        positive_keys,
+        queries,
+        positive_rows,
+        judge=lambda anchor, owners: p_yes(np.full(len(owners), anchor), owners),
+        **settings,
+    )
     sequential_s = time.perf_counter() - tick
     ours, theirs = batched.report["judge"], sequential.report["judge"]
-    print(f"simulated judge dropping {drop:.0%} of pairs, {args.pairs_per_call} pairs per call; "
-          f"clusters equal to the sequential judge's: {batched.clusters == sequential.clusters}")
-    print(f"  batched: {simulated.requests} requests, {ours['calls']} device calls, "
-          f"{ours['pairs']} pairs judged = {ours['pairs'] / max(ours['calls'], 1):.1f} per call "
-          f"({ours['consulted']} consulted, {ours['dropped']} dropped); walk {batched_s:.1f} s")
-    print(f"  sequential: {theirs['calls']} device calls, {theirs['pairs']} pairs = "
-          f"{theirs['pairs'] / max(theirs['calls'], 1):.1f} per call; walk {sequential_s:.1f} s")
+    print(
+        f"simulated judge dropping {drop:.0%} of pairs, {args.pairs_per_call} pairs per call; "
+        f"clusters equal to the sequential judge's: {batched.clusters == sequential.clusters}"
+    )
+    print(
+        f"  batched: {simulated.requests} requests, {ours['calls']} device calls, "
+        f"{ours['pairs']} pairs judged = {ours['pairs'] / max(ours['calls'], 1):.1f} per call "
+        f"({ours['consulted']} consulted, {ours['dropped']} dropped); walk {batched_s:.1f} s"
+    )
+    print(
+        f"  sequential: {theirs['calls']} device calls, {theirs['pairs']} pairs = "
+        f"{theirs['pairs'] / max(theirs['calls'], 1):.1f} per call; walk {sequential_s:.1f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- the judge case
@@ -189,13 +231,24 @@ def _judge_inputs(args, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path,
     rows, index = args.rows or 5000, JUDGE_TASKS.index(args.task)
     data = root / f"data-{args.task}-{rows}"
     if not (data / "subsets.json").is_file():  # Subsets come in turn: build the first index+1.
-        print(synthetic_mmeb.build(str(data), rows=rows * (index + 1), subsets=index + 1,
-                                   eval_queries=2, seed=args.seed))
+        print(
+            synthetic_mmeb.build(
+                str(data),
+                rows=rows * (index + 1),
+                subsets=index + 1,
+                eval_queries=2,
+                seed=args.seed,
+            )
+        )
     model = root / "model"
     if not (model / "model.safetensors.index.json").is_file():
         tiny.write_assets(model)
-        weights = Qwen2VL(Qwen2VLConfig.from_dir(model), dtype=jnp.float32,
-                          param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+        weights = Qwen2VL(
+            Qwen2VLConfig.from_dir(model),
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(args.seed),
+        )
         hf_io.save_hf(weights, model, dtype=np.float32)
     return data, model, f"Synth{args.task}_{index}"
 
@@ -235,12 +288,19 @@ def _threshold(pipeline, subset: str, drop_fraction: float, seed: int) -> float:
     owned = [(c[0], r) for c in clusters.clusters for r in c[1:]]
     picked = np.random.default_rng(seed).permutation(len(owned))[:256]
     pairs = [(query_item(rows[owned[i][0]]), positive_item(rows[owned[i][1]])) for i in picked]
-    judge = Judge(pipeline.model(trained=False), pipeline.processor(), mesh=pipeline.mesh,
-                  rules=pipeline.rules, batch_size=pipeline.config.mine.judge_batch_size,
-                  progress=False)
+    judge = Judge(
+        pipeline.model(trained=False),
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=pipeline.config.mine.judge_batch_size,
+        progress=False,
+    )
     p_yes = judge(pairs)
-    print(f"P(yes) of {len(pairs)} anchor-owner pairs: min {p_yes.min():.4f}, median "
-          f"{np.median(p_yes):.4f}, max {p_yes.max():.4f}")
+    print(
+        f"P(yes) of {len(pairs)} anchor-owner pairs: min {p_yes.min():.4f}, median "
+        f"{np.median(p_yes):.4f}, max {p_yes.max():.4f}"
+    )
     return float(np.quantile(p_yes, 1 - drop_fraction))
 
 
@@ -254,9 +314,11 @@ def judge_case(args):
     root = pathlib.Path(args.workdir)
     data, model, subset = _judge_inputs(args, root)
     config = _judge_config(args, data, model, subset)
-    print(f"subset {subset}, {args.rows or 5000} rows; top_k={args.top_k}, pool_mult="
-          f"{args.pool_mult}, block_size={args.block_size}, judge_batch_size="
-          f"{args.judge_batch_size} per device")
+    print(
+        f"subset {subset}, {args.rows or 5000} rows; top_k={args.top_k}, pool_mult="
+        f"{args.pool_mult}, block_size={args.block_size}, judge_batch_size="
+        f"{args.judge_batch_size} per device"
+    )
     walls = {}
     for judge in (False, True):
         workdir = root / ("judge-on" if judge else "judge-off")
@@ -267,12 +329,15 @@ def judge_case(args):
         stage.run(pipeline)
         walls[judge] = time.perf_counter() - tick
         report = json.loads((workdir / "mine" / f"{subset}.report.json").read_text())
-        print(f"mine stage, judge {'on ' if judge else 'off'}: {walls[judge]:.1f} s wall "
-              f"(load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}); "
-              f"{report['clusters']} clusters, {report['rows_uncovered']} rows uncovered")
+        print(
+            f"mine stage, judge {'on ' if judge else 'off'}: {walls[judge]:.1f} s wall "
+            f"(load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}); "
+            f"{report['clusters']} clusters, {report['rows_uncovered']} rows uncovered"
+        )
         if not judge:
-            config.mine.judge_threshold = _threshold(pipeline, subset, args.drop_fraction,
-                                                     args.seed)
+            config.mine.judge_threshold = _threshold(
+                pipeline, subset, args.drop_fraction, args.seed
+            )
             print(f"judge_threshold {config.mine.judge_threshold:.5f}")
     _print_judge(report, walls)
     if args.sequential:
@@ -283,18 +348,24 @@ def _print_judge(report: dict, walls: dict) -> None:
     judge, timing = report["judge"], report["timing"]
     calls = max(judge["calls"], 1)
     print(f"judge on / off: {walls[True] / walls[False]:.2f}x")
-    print(f"judge: {judge['pairs']} pairs judged in {judge['calls']} device calls = "
-          f"{judge['pairs'] / calls:.1f} pairs per call; {judge['consulted']} consulted by the "
-          f"walk, {judge['dropped']} dropped, {judge['downscaled']} downscaled, "
-          f"{judge['unjudged']} unjudged")
+    print(
+        f"judge: {judge['pairs']} pairs judged in {judge['calls']} device calls = "
+        f"{judge['pairs'] / calls:.1f} pairs per call; {judge['consulted']} consulted by the "
+        f"walk, {judge['dropped']} dropped, {judge['downscaled']} downscaled, "
+        f"{judge['unjudged']} unjudged"
+    )
     for phase in ("phase1", "phase2"):
         p = report[phase]
-        print(f"  {phase}: {p['judge_pairs']} pairs in {p['judge_calls']} calls, "
-              f"{p['judge_consulted']} consulted, {p['judge_dropped']} dropped")
-    print(f"judge time {timing['judge_s']:.1f} s (host encoding + device): "
-          f"{judge['pairs'] / max(timing['judge_s'], 1e-9):.1f} pairs judged per second; "
-          f"search wait {timing['search_s']:.1f} s, walk bookkeeping "
-          f"{timing['bookkeeping_s']:.1f} s")
+        print(
+            f"  {phase}: {p['judge_pairs']} pairs in {p['judge_calls']} calls, "
+            f"{p['judge_consulted']} consulted, {p['judge_dropped']} dropped"
+        )
+    print(
+        f"judge time {timing['judge_s']:.1f} s (host encoding + device): "
+        f"{judge['pairs'] / max(timing['judge_s'], 1e-9):.1f} pairs judged per second; "
+        f"search wait {timing['search_s']:.1f} s, walk bookkeeping "
+        f"{timing['bookkeeping_s']:.1f} s"
+    )
 
 
 def _sequential(pipeline, subset: str) -> None:
@@ -310,22 +381,38 @@ def _sequential(pipeline, subset: str) -> None:
     config = pipeline.config
     model = pipeline.model(trained=False)
     rows = rows_lib.train_rows(config.data, subset, BadInputReport("error"))
-    embedder = Embedder(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.mine.batch_size)
-    cache = EmbeddingCache(pipeline.workdir / "mine" / "cache" / subset,
-                           pipeline.fingerprint(pipeline.model_key, embedder.processor.prompt),
-                           writable=distributed.is_primary(),
-                           **pipeline.embedding_cache_options())
-    judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                  batch_size=config.mine.judge_batch_size, progress=False)
+    embedder = Embedder(
+        model,
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.mine.batch_size,
+    )
+    cache = EmbeddingCache(
+        pipeline.workdir / "mine" / "cache" / subset,
+        pipeline.fingerprint(pipeline.model_key, embedder.processor.prompt),
+        writable=distributed.is_primary(),
+        **pipeline.embedding_cache_options(),
+    )
+    judge = Judge(
+        model,
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.mine.judge_batch_size,
+        progress=False,
+    )
     tick = time.perf_counter()
-    result = stage.mine_subset(pipeline, subset, rows, embedder, cache, judge, None,
-                               sequential=True)
+    result = stage.mine_subset(
+        pipeline, subset, rows, embedder, cache, judge, None, sequential=True
+    )
     judged = result.report["judge"]
-    print(f"sequential judge: {judged['pairs']} pairs in {judged['calls']} device calls = "
-          f"{judged['pairs'] / max(judged['calls'], 1):.1f} pairs per call, "
-          f"{time.perf_counter() - tick:.1f} s (embeddings cached), "
-          f"{judged['dropped']} dropped")
+    print(
+        f"sequential judge: {judged['pairs']} pairs in {judged['calls']} device calls = "
+        f"{judged['pairs'] / max(judged['calls'], 1):.1f} pairs per call, "
+        f"{time.perf_counter() - tick:.1f} s (embeddings cached), "
+        f"{judged['dropped']} dropped"
+    )
 
 
 if __name__ == "__main__":

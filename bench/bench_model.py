@@ -67,14 +67,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--text-only-every", type=int, default=0,
-                        help="make every N-th example text-only (0: all have an image)")
+    parser.add_argument(
+        "--text-only-every",
+        type=int,
+        default=0,
+        help="make every N-th example text-only (0: all have an image)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, path = checkpoints.make_hf_checkpoint(
-            tmp, widths="2b", vocab_size=REAL_VOCAB, tie_word_embeddings=True,
-            num_layers=args.layers, seed=0)
+            tmp,
+            widths="2b",
+            vocab_size=REAL_VOCAB,
+            tie_word_embeddings=True,
+            num_layers=args.layers,
+            seed=0,
+        )
         model = hf_io.load_model(path)
     hf_model.config._attn_implementation = "sdpa"  # transformers' default, its fastest on CPU
     hf_model.model.config._attn_implementation = "sdpa"
@@ -82,12 +91,15 @@ def main() -> None:
     hf_model.model.language_model.config._attn_implementation = "sdpa"
 
     examples = examples_for(args.batch, args.text_only_every)
-    batch, hf_inputs = make_batch(model.config, examples, "left", np.random.default_rng(0),
-                                  length_pad=0, patch_pad=0)
-    print(f"batch: {args.batch} examples, length {batch['input_ids'].shape[1]}, "
-          f"{batch['pixel_values'].shape[1]} patches per example; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    batch, hf_inputs = make_batch(
+        model.config, examples, "left", np.random.default_rng(0), length_pad=0, patch_pad=0
+    )
+    print(
+        f"batch: {args.batch} examples, length {batch['input_ids'].shape[1]}, "
+        f"{batch['pixel_values'].shape[1]} patches per example; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
 
     graphdef, state = nnx.split(model)
     embed = jax.jit(lambda state, batch: nnx.merge(graphdef, state).embed(batch))

@@ -46,8 +46,17 @@ def _tiny_checkpoint(out: pathlib.Path) -> pathlib.Path:
 
     if (out / "model.safetensors.index.json").is_file():
         return out
-    tiny.write_assets(out, hidden_size=64, layers=2, heads=4, kv_heads=2, vision_width=32,
-                      vision_heads=4, vision_layers=2, max_pixels=1280 * 28 * 28)
+    tiny.write_assets(
+        out,
+        hidden_size=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vision_width=32,
+        vision_heads=4,
+        vision_layers=2,
+        max_pixels=1280 * 28 * 28,
+    )
     model = Qwen2VL(Qwen2VLConfig.from_dir(out), dtype=jnp.float32, rngs=nnx.Rngs(0))
     hf_io.save_hf(model, out, dtype=np.float32)
     return out
@@ -91,35 +100,60 @@ def memory(out: pathlib.Path, rows: list[int]) -> dict:
     for count in rows:
         data = out / f"synthetic_{count}"
         if not (data / "subsets.json").is_file():
-            synthetic_mmeb.build(str(data), rows=count, subsets=1, eval_queries=2,
-                                 candidates=2, image_scale=0.5, pool=64)
+            synthetic_mmeb.build(
+                str(data),
+                rows=count,
+                subsets=1,
+                eval_queries=2,
+                candidates=2,
+                image_scale=0.5,
+                pool=64,
+            )
         workdir = out / f"mine_{count}"
-        command = [sys.executable, "-m", "g2e.main", f"--config={REPO}/configs/mmeb.py",
-                   "--config.stages=mine", f"--config.model_dir={model_dir}",
-                   f"--config.data.train_dir={data / 'train'}",
-                   f"--config.data.train_image_root={data}", f"--config.workdir={workdir}",
-                   "--config.data.train_split=original", "--config.mine.judge=False",
-                   "--config.data.image_resolution=clip", "--config.model.dtype=float32",
-                   "--config.model.param_dtype=float32", "--config.model.remat=none",
-                   "--config.mine.batch_size=32", "--config.force=mine"]
+        command = [
+            sys.executable,
+            "-m",
+            "g2e.main",
+            f"--config={REPO}/configs/mmeb.py",
+            "--config.stages=mine",
+            f"--config.model_dir={model_dir}",
+            f"--config.data.train_dir={data / 'train'}",
+            f"--config.data.train_image_root={data}",
+            f"--config.workdir={workdir}",
+            "--config.data.train_split=original",
+            "--config.mine.judge=False",
+            "--config.data.image_resolution=clip",
+            "--config.model.dtype=float32",
+            "--config.model.param_dtype=float32",
+            "--config.model.remat=none",
+            "--config.mine.batch_size=32",
+            "--config.force=mine",
+        ]
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
         env.pop("XLA_FLAGS", None)
         start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         peak = {"main": 0, "workers": 0, "total": 0}
         while process.poll() is None:
             main, workers = _tree_rss_kib(process.pid)
-            peak = {"main": max(peak["main"], main), "workers": max(peak["workers"], workers),
-                    "total": max(peak["total"], main + workers)}
+            peak = {
+                "main": max(peak["main"], main),
+                "workers": max(peak["workers"], workers),
+                "total": max(peak["total"], main + workers),
+            }
             time.sleep(0.2)
         if process.returncode:
             raise RuntimeError(f"mine on {count} rows failed:\n{process.stderr.read()[-3000:]}")
         figures[count] = {k: round(v / 1024, 1) for k, v in peak.items()}
         figures[count]["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"(a) mine, {count} rows: peak RSS main {figures[count]['main']} MiB, workers "
-              f"{figures[count]['workers']} MiB, together {figures[count]['total']} MiB, "
-              f"{figures[count]['seconds']} s", flush=True)
+        print(
+            f"(a) mine, {count} rows: peak RSS main {figures[count]['main']} MiB, workers "
+            f"{figures[count]['workers']} MiB, together {figures[count]['total']} MiB, "
+            f"{figures[count]['seconds']} s",
+            flush=True,
+        )
     small, large = min(rows), max(rows)
     ratio = figures[large]["total"] / figures[small]["total"]
     print(f"(a) peak RSS ratio {large}/{small} rows: {ratio:.2f} (target <= 1.3)", flush=True)
@@ -148,12 +182,18 @@ def throughput(out: pathlib.Path, per_kind: dict[str, int]) -> dict:
             files[kind].append(str(path))
     figures = {}
     for policy in ("mid_low", "random"):
-        processor = Processor.from_dir(model_dir, max_length=8192, image_resolution=policy,
-                                       max_pixels=12845056, jpeg_draft=True,
-                                       length_buckets=(8192,))
+        processor = Processor.from_dir(
+            model_dir,
+            max_length=8192,
+            image_resolution=policy,
+            max_pixels=12845056,
+            jpeg_draft=True,
+            length_buckets=(8192,),
+        )
         for kind, paths in files.items():
-            items = [EmbedItem("<|image_1|>\nRepresent the given image.", p, "query")
-                     for p in paths]
+            items = [
+                EmbedItem("<|image_1|>\nRepresent the given image.", p, "query") for p in paths
+            ]
             rates = {}
             for count in (1, 2):
                 stream = workers.stream(items, processor.encode, workers=count, min_items=0)
@@ -161,13 +201,18 @@ def throughput(out: pathlib.Path, per_kind: dict[str, int]) -> dict:
                 start = time.perf_counter()
                 done = sum(1 for _ in stream)
                 rates[count] = done / (time.perf_counter() - start)
-            figures[f"{kind}/{policy}"] = {"images_per_s_1": round(rates[1], 2),
-                                           "images_per_s_2": round(rates[2], 2),
-                                           "ms_per_image_1": round(1e3 / rates[1], 1),
-                                           "scaling": round(rates[2] / rates[1], 2)}
-            print(f"(b) {kind:5s} {policy:8s}: 1 worker {rates[1]:6.1f} images/s "
-                  f"({1e3 / rates[1]:5.1f} ms each), 2 workers {rates[2]:6.1f} images/s: "
-                  f"{rates[2] / rates[1]:.2f}x (target >= 1.7)", flush=True)
+            figures[f"{kind}/{policy}"] = {
+                "images_per_s_1": round(rates[1], 2),
+                "images_per_s_2": round(rates[2], 2),
+                "ms_per_image_1": round(1e3 / rates[1], 1),
+                "scaling": round(rates[2] / rates[1], 2),
+            }
+            print(
+                f"(b) {kind:5s} {policy:8s}: 1 worker {rates[1]:6.1f} images/s "
+                f"({1e3 / rates[1]:5.1f} ms each), 2 workers {rates[2]:6.1f} images/s: "
+                f"{rates[2] / rates[1]:.2f}x (target >= 1.7)",
+                flush=True,
+            )
     return figures
 
 
@@ -191,44 +236,73 @@ def waits(out: pathlib.Path, steps: int) -> dict:
     data = out / "mini"
     if not (data / "subsets.json").is_file():
         mini_mmeb.build(str(data), seed=0, train_rows=64, eval_queries=2, candidates=2)
-    rows = [r for s in mmeb.list_subsets(str(data / "train"))
-            for r in mmeb.read_train_subset(str(data / "train"), s, "original", str(data))]
+    rows = [
+        r
+        for s in mmeb.list_subsets(str(data / "train"))
+        for r in mmeb.read_train_subset(str(data / "train"), s, "original", str(data))
+    ]
     clusters = [list(range(i, min(i + 4, len(rows)))) for i in range(0, len(rows), 4)]
     config = ml_collections.ConfigDict(demo.to_dict())
     config.train.steps = steps
-    config.train.checkpoint_every = 10 ** 6
+    config.train.checkpoint_every = 10**6
     config.train.log_every = 1
-    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:1])
-    processor = Processor.from_dir(model_dir, max_length=demo.data.train_max_length,
-                                   image_resolution=demo.data.train_image_resolution,
-                                   length_buckets=tuple(demo.data.length_buckets),
-                                   patch_buckets=tuple(demo.data.patch_buckets))
+    mesh = jax.make_mesh(
+        (1, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:1],
+    )
+    processor = Processor.from_dir(
+        model_dir,
+        max_length=demo.data.train_max_length,
+        image_resolution=demo.data.train_image_resolution,
+        length_buckets=tuple(demo.data.length_buckets),
+        patch_buckets=tuple(demo.data.patch_buckets),
+    )
     adapter = stage.adapter_config(config)
     step_seconds = {}
     for mode in ("prepared", "pipeline"):
-        model = hf_io.load_model(model_dir, adapter=adapter, mesh=mesh,
-                                 rules=sharding.DEFAULT_RULES)
+        model = hf_io.load_model(
+            model_dir, adapter=adapter, mesh=mesh, rules=sharding.DEFAULT_RULES
+        )
         codec = stage.RowCodec(processor, rows, image_root=None)
         if mode == "prepared":
-            codec = _Prepared(codec, stage.global_batch_size(config.train, mesh,
-                                                             sharding.DEFAULT_RULES),
-                              clusters, len(rows), config)
+            codec = _Prepared(
+                codec,
+                stage.global_batch_size(config.train, mesh, sharding.DEFAULT_RULES),
+                clusters,
+                len(rows),
+                config,
+            )
         workdir = out / f"waits_{mode}"
         import shutil
+
         shutil.rmtree(workdir, ignore_errors=True)
-        stage.train_model(config, model, rows, clusters, processor, mesh,
-                          sharding.DEFAULT_RULES, str(workdir),
-                          workers=0 if mode == "prepared" else 2)
+        stage.train_model(
+            config,
+            model,
+            rows,
+            clusters,
+            processor,
+            mesh,
+            sharding.DEFAULT_RULES,
+            str(workdir),
+            workers=0 if mode == "prepared" else 2,
+        )
         lines = [json.loads(x) for x in (workdir / "train_metrics.jsonl").read_text().splitlines()]
         per_step = [1.0 / (x["pairs_per_s"] / 16) for x in lines[5:]]
         step_seconds[mode] = statistics.median(per_step)
     wait = max(0.0, 1 - step_seconds["prepared"] / step_seconds["pipeline"])
-    print(f"(c) demo shapes: {step_seconds['pipeline'] * 1e3:.1f} ms per step with the input "
-          f"pipeline (2 workers), {step_seconds['prepared'] * 1e3:.1f} ms with every batch "
-          f"prepared: the devices wait {100 * wait:.1f}% of a step (target <= 5%)", flush=True)
-    return {"ms_per_step": {k: round(v * 1e3, 2) for k, v in step_seconds.items()},
-            "wait_fraction": round(wait, 4)}
+    print(
+        f"(c) demo shapes: {step_seconds['pipeline'] * 1e3:.1f} ms per step with the input "
+        f"pipeline (2 workers), {step_seconds['prepared'] * 1e3:.1f} ms with every batch "
+        f"prepared: the devices wait {100 * wait:.1f}% of a step (target <= 5%)",
+        flush=True,
+    )
+    return {
+        "ms_per_step": {k: round(v * 1e3, 2) for k, v in step_seconds.items()},
+        "wait_fraction": round(wait, 4),
+    }
 
 
 class _Prepared:
@@ -237,8 +311,9 @@ class _Prepared:
     def __init__(self, codec, batch_size: int, clusters, num_rows: int, config):
         from g2e.training import batches
 
-        schedule = batches.ClusterSchedule(clusters, num_rows, config.train.cluster_size,
-                                           batch_size, seed=int(config.seed))
+        schedule = batches.ClusterSchedule(
+            clusters, num_rows, config.train.cluster_size, batch_size, seed=int(config.seed)
+        )
         self.batches = {}
         for step in range(config.train.steps):
             rows = schedule.rows(step)

@@ -51,24 +51,53 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 jax = jnp = torch = torch_reference = None
 
 QWEN2_VL_2B = dict(
-    model_type="qwen2_vl", image_token_id=151655, video_token_id=151656,
-    vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
-    text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                     rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
-                     hidden_act="silu", tie_word_embeddings=True,
-                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-    vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
-                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
-                       in_channels=3, hidden_act="quick_gelu"),
+    model_type="qwen2_vl",
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+    tie_word_embeddings=True,
+    text_config=dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32,
+        embed_dim=1280,
+        hidden_size=1536,
+        num_heads=16,
+        mlp_ratio=4,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        hidden_act="quick_gelu",
+    ),
 )
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 # MMEB-train (50k cap) by what each side holds: (share of rows, query text tokens, query has an
 # image, candidate text tokens, candidate has an image). Classification, VQA, i2t retrieval,
 # t2i retrieval, VisDial, CIRR/NIGHTS (image to image), WebQA, MSCOCO grounding.
-MMEB_MIX = ((0.20, 20, True, 3, False), (0.25, 30, True, 5, False), (0.15, 15, True, 25, False),
-            (0.15, 25, False, 10, True), (0.08, 150, False, 10, True),
-            (0.06, 30, True, 10, True), (0.03, 30, False, 40, True), (0.08, 20, True, 10, True))
+MMEB_MIX = (
+    (0.20, 20, True, 3, False),
+    (0.25, 30, True, 5, False),
+    (0.15, 15, True, 25, False),
+    (0.15, 25, False, 10, True),
+    (0.08, 150, False, 10, True),
+    (0.06, 30, True, 10, True),
+    (0.03, 30, False, 40, True),
+    (0.08, 20, True, 10, True),
+)
 TEMPLATE_TOKENS = 40  # system turn, chat template and suffix around the instruction
 
 
@@ -95,27 +124,29 @@ def _rows_batch(config, rows, pad_to, image_side, rng):
     ids = np.zeros((len(rows), length), np.int32)
     mask = np.zeros_like(ids)
     grids = []
-    for r, ((tokens, has), total) in enumerate(zip(rows, lengths)):
+    for r, ((_tokens, has), total) in enumerate(zip(rows, lengths)):
         ids[r, :total] = rng.integers(0, min(1000, config.image_token_id - 16), total)
         if has:
-            ids[r, 4:4 + image_tokens] = config.image_token_id
+            ids[r, 4 : 4 + image_tokens] = config.image_token_id
         mask[r, :total] = 1
         grids.append([grid] if has else [])
     is_image = ids == config.image_token_id
-    batch = dict(input_ids=ids, attention_mask=mask,
-                 position_ids=positions.rope_index(ids, mask, grids,
-                                                   image_token_id=config.image_token_id),
-                 last_index=np.asarray(lengths, np.int32) - 1,
-                 image_token_index=np.where(is_image, np.cumsum(is_image, 1) - 1, 0).astype(
-                     np.int32),
-                 pixel_values=np.zeros((len(rows), patches, config.vision.patch_dim), np.float32),
-                 vision_segment_ids=np.zeros((len(rows), patches), np.int32),
-                 vision_positions=np.zeros((len(rows), patches, 2), np.int32))
+    batch = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions.rope_index(ids, mask, grids, image_token_id=config.image_token_id),
+        last_index=np.asarray(lengths, np.int32) - 1,
+        image_token_index=np.where(is_image, np.cumsum(is_image, 1) - 1, 0).astype(np.int32),
+        pixel_values=np.zeros((len(rows), patches, config.vision.patch_dim), np.float32),
+        vision_segment_ids=np.zeros((len(rows), patches), np.int32),
+        vision_positions=np.zeros((len(rows), patches, 2), np.int32),
+    )
     for r, row_grids in enumerate(grids):
         if row_grids:
             batch["pixel_values"][r] = rng.normal(size=(patches, config.vision.patch_dim))
-            batch["vision_positions"][r], batch["vision_segment_ids"][r] = (
-                positions.vision_layout(row_grids, patches))
+            batch["vision_positions"][r], batch["vision_segment_ids"][r] = positions.vision_layout(
+                row_grids, patches
+            )
     return batch, grids
 
 
@@ -129,11 +160,14 @@ def mmeb_like_batch(config, pairs, image_side, seed, pad_to=64):
     candidates = [(TEMPLATE_TOKENS + jitter(MMEB_MIX[k][3]), MMEB_MIX[k][4]) for k in kinds]
     query, query_grids = _rows_batch(config, queries, pad_to, image_side, rng)
     candidate, candidate_grids = _rows_batch(config, candidates, pad_to, image_side, rng)
-    return ({"query": query, "candidate": candidate, "ids": np.arange(pairs, dtype=np.int32)},
-            {"query": query_grids, "candidate": candidate_grids})
+    return (
+        {"query": query, "candidate": candidate, "ids": np.arange(pairs, dtype=np.int32)},
+        {"query": query_grids, "candidate": candidate_grids},
+    )
 
 
 # ------------------------------------------------------------------------------------ g2e side
+
 
 def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None, chunk=0):
     """(run one step -> loss, the chosen compiled step, the placed batch) for `model`."""
@@ -148,20 +182,35 @@ def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None
     graphdef, trainable, frozen = model_training.split_model(model, full=False)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     prepare, embed = model_training.model_step_fns(
-        graphdef, groups=model_training.batch_groups(mesh, rules), vision_chunk=vision_chunk)
-    train_cfg = types.SimpleNamespace(lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0,
-                                      grad_clip=1.0)
+        graphdef, groups=model_training.batch_groups(mesh, rules), vision_chunk=vision_chunk
+    )
+    train_cfg = types.SimpleNamespace(
+        lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0, grad_clip=1.0
+    )
     opt, schedule = optimizer.make_optimizer(train_cfg)
     config = loss_lib.LossConfig(0.02, mask_identical_positives=False)
-    setup = step.StepSetup(embed_fn=embed, loss_config=config, optimizer=opt, schedule=schedule,
-                           mesh=mesh, query_chunk=0, candidate_chunk=0,
-                           batch_axes=sharding.batch_axes(rules, mesh.axis_names),
-                           prepare_fn=prepare)
+    setup = step.StepSetup(
+        embed_fn=embed,
+        loss_config=config,
+        optimizer=opt,
+        schedule=schedule,
+        mesh=mesh,
+        query_chunk=0,
+        candidate_chunk=0,
+        batch_axes=sharding.batch_axes(rules, mesh.axis_names),
+        prepare_fn=prepare,
+    )
     state = trainer._placed(step.init_state(trainable, opt, 0, config), mesh)
     batch = distributed.put_batch(host, mesh, rules)
-    steps = step.CompiledSteps(setup, jax.tree.map(lambda x: x.sharding, state),
-                               backprop=backprop, memory_limit=memory_limit, rules=rules,
-                               query_chunk=chunk, candidate_chunk=chunk)
+    steps = step.CompiledSteps(
+        setup,
+        jax.tree.map(lambda x: x.sharding, state),
+        backprop=backprop,
+        memory_limit=memory_limit,
+        rules=rules,
+        query_chunk=chunk,
+        candidate_chunk=chunk,
+    )
     compiled = steps.get(state, frozen, batch)
     holder = {"state": state}
 
@@ -187,7 +236,11 @@ def g2e_loss_and_grads(model, host):
         return gradcache.direct_loss_and_grads(
             lambda p, f, b, k: embed(p["model"], f, b, k),
             lambda q, c, p: (loss_lib.infonce(q, c, batch["ids"], config, mesh=None)[0], {}),
-            {"model": trainable}, frozen, batch, jax.random.key(0))
+            {"model": trainable},
+            frozen,
+            batch,
+            jax.random.key(0),
+        )
 
     loss, _, grads = jax.jit(fn)(trainable, frozen, jax.tree.map(jnp.asarray, host))
     return float(loss), grads["model"]
@@ -196,15 +249,18 @@ def g2e_loss_and_grads(model, host):
 def peft_names(tree) -> dict[str, np.ndarray]:
     """g2e adapter arrays (stacked layers) by peft's parameter names, in peft's layout."""
     from g2e.models import peft as peft_io
+
     out = {}
     layers = tree["language_model"]["layers"]
-    for block, projections in layers.items():
+    for _block, projections in layers.items():
         for projection, state in projections.items():
             for key, value in state.items():
                 value = np.asarray(value, np.float32)
                 for layer in range(value.shape[0]):
-                    name = (f"base_model.model.model.language_model.layers.{layer}."
-                            f"{peft_io._BLOCK_OF[projection]}.{projection}.")
+                    name = (
+                        f"base_model.model.model.language_model.layers.{layer}."
+                        f"{peft_io._BLOCK_OF[projection]}.{projection}."
+                    )
                     if key == "magnitude":
                         out[name + "lora_magnitude_vector.default.weight"] = value[layer]
                     else:
@@ -228,6 +284,7 @@ def time_steps(run, steps, warmup, sync=lambda: None):
 
 # ------------------------------------------------------------------------------------ CPU mode
 
+
 def cpu_mode(args):
     import peft
     import transformers
@@ -240,18 +297,26 @@ def cpu_mode(args):
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints.make_hf_model(widths="tiny", num_layers=2).save_pretrained(tmp)
         config = Qwen2VLConfig.from_dir(tmp)
-        text_rows = lambda rng: [(int(rng.integers(args.text_len // 2, args.text_len + 1)),  # noqa
-                                  False) for _ in range(args.pairs)]
+        text_rows = lambda rng: [
+            (
+                int(rng.integers(args.text_len // 2, args.text_len + 1)),  # noqa
+                False,
+            )
+            for _ in range(args.pairs)
+        ]
         rng = np.random.default_rng(0)
-        host = {"query": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
-                "candidate": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
-                "ids": np.arange(args.pairs, dtype=np.int32)}
+        host = {
+            "query": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
+            "candidate": _rows_batch(config, text_rows(rng), args.text_len, 0, rng)[0],
+            "ids": np.arange(args.pairs, dtype=np.int32),
+        }
         grids = {s: [[] for _ in range(args.pairs)] for s in ("query", "candidate")}
         adapter = dict(kind="dora", r=8, alpha=64, targets=TARGETS)
         model = hf_io.load_model(tmp, adapter=lora.AdapterConfig(dropout=0.0, **adapter))
         _move_adapters(model)
-        peft_io.save_peft_adapter(model, lora.AdapterConfig(dropout=0.0, **adapter),
-                                  f"{tmp}/adapter")
+        peft_io.save_peft_adapter(
+            model, lora.AdapterConfig(dropout=0.0, **adapter), f"{tmp}/adapter"
+        )
         base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp).float()
         torch_model = peft.PeftModel.from_pretrained(base, f"{tmp}/adapter", is_trainable=True)
 
@@ -259,11 +324,19 @@ def cpu_mode(args):
         g2e_loss, g2e_grads = g2e_loss_and_grads(model, host)
         torch_model.train()
         torch_reference.set_dropout(torch_model, 0.0)
-        sides = {s: torch_reference.torch_inputs(host[s], grids[s], "cpu", config.image_token_id)
-                 for s in ("query", "candidate")}
-        q, c = (torch_reference.torch_embed(torch_model, sides[s],
-                            torch.tensor(host[s]["last_index"], dtype=torch.long), torch.float32)
-                for s in ("query", "candidate"))
+        sides = {
+            s: torch_reference.torch_inputs(host[s], grids[s], "cpu", config.image_token_id)
+            for s in ("query", "candidate")
+        }
+        q, c = (
+            torch_reference.torch_embed(
+                torch_model,
+                sides[s],
+                torch.tensor(host[s]["last_index"], dtype=torch.long),
+                torch.float32,
+            )
+            for s in ("query", "candidate")
+        )
         torch_loss = torch.nn.functional.cross_entropy(q @ c.T / 0.02, torch.arange(args.pairs))
         torch_loss.backward()
         named = dict(torch_model.named_parameters())
@@ -271,9 +344,11 @@ def cpu_mode(args):
         scale = max(float(np.abs(g).max()) for g in ours.values())
         worst = max(float(np.abs(ours[n] - named[n].grad.numpy()).max()) for n in ours)
         same = abs(g2e_loss - float(torch_loss)) < 1e-4 and worst < 1e-4 * scale
-        print(f"check (dropout off): loss g2e {g2e_loss:.6f} torch {float(torch_loss):.6f}; "
-              f"{len(ours)} adapter gradients, largest difference {worst:.2e} "
-              f"(largest gradient {scale:.2e}): {'SAME' if same else 'DIFFERENT'}")
+        print(
+            f"check (dropout off): loss g2e {g2e_loss:.6f} torch {float(torch_loss):.6f}; "
+            f"{len(ours)} adapter gradients, largest difference {worst:.2e} "
+            f"(largest gradient {scale:.2e}): {'SAME' if same else 'DIFFERENT'}"
+        )
         torch_model.zero_grad()
 
         # 2. Timing, dropout 0.1 on both sides.
@@ -282,36 +357,53 @@ def cpu_mode(args):
         run, compiled = g2e_step(model, host)
         g2e_time = time_steps(run, args.steps, args.warmup)
         torch_reference.set_dropout(torch_model, 0.1)
-        torch_step = torch_reference.torch_step_fn(torch_model, host, grids, device="cpu", dtype=torch.float32,
-                                   image_token_id=config.image_token_id)
+        torch_step = torch_reference.torch_step_fn(
+            torch_model,
+            host,
+            grids,
+            device="cpu",
+            dtype=torch.float32,
+            image_token_id=config.image_token_id,
+        )
         torch_time = time_steps(torch_step, args.steps, args.warmup)
     cores = sorted(os.sched_getaffinity(0))
-    print(f"batch: {args.pairs} pairs, text up to {args.text_len} tokens, tiny Qwen2-VL (2 "
-          f"layers), DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1; g2e {compiled.backprop} "
-          f"backprop; both on cores {cores} (torch {torch.get_num_threads()} threads); "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"batch: {args.pairs} pairs, text up to {args.text_len} tokens, tiny Qwen2-VL (2 "
+        f"layers), DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1; g2e {compiled.backprop} "
+        f"backprop; both on cores {cores} (torch {torch.get_num_threads()} threads); "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     for name, (median, low, high) in (("g2e", g2e_time), ("torch", torch_time)):
-        print(f"{name:6s} step {median * 1e3:8.1f} ms (min {low * 1e3:.1f}, max {high * 1e3:.1f})"
-              f"  {args.pairs / median:8.1f} pairs/s")
+        print(
+            f"{name:6s} step {median * 1e3:8.1f} ms (min {low * 1e3:.1f}, max {high * 1e3:.1f})"
+            f"  {args.pairs / median:8.1f} pairs/s"
+        )
     print(f"ratio g2e/torch pairs/s: {torch_time[0] / g2e_time[0]:.2f} (target >= 1.3)")
 
 
 def _move_adapters(model, seed=3):
     """Adapters off their identity start (B != 0, magnitudes off the norms), as after training."""
     from flax import nnx
+
     _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
     keys = iter(jax.random.split(jax.random.key(seed), 256))
-    nnx.update(model, jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+    nnx.update(
+        model,
+        jax.tree.map(
+            lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------- accelerator mode
 # Each side runs in its own process (`--side g2e|torch`), so each has the accelerator's memory
 # to itself; the parent prints the table.
 
+
 def _hf_config(args) -> dict:
     if args.smoke:
         from tests.models import checkpoints
+
         return dict(checkpoints.hf_config_dict("tiny"), model_type="qwen2_vl")
     hf = dict(QWEN2_VL_2B)
     if args.layers:
@@ -330,12 +422,25 @@ def g2e_side(args) -> dict:
 
     config = Qwen2VLConfig.from_hf(_hf_config(args))
     adapter = lora.AdapterConfig(kind="dora", r=8, alpha=64, dropout=0.1, targets=TARGETS)
-    model = Qwen2VL(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=args.remat,
-                    attention=args.attention, adapter=adapter, rngs=nnx.Rngs(0))
+    model = Qwen2VL(
+        config,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        remat=args.remat,
+        attention=args.attention,
+        adapter=adapter,
+        rngs=nnx.Rngs(0),
+    )
     host, _ = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
     start = time.perf_counter()
-    run, compiled = g2e_step(model, host, backprop=args.backprop, vision_chunk=args.vision_chunk,
-                             memory_limit=step.device_memory_limit(), chunk=args.chunk)
+    run, compiled = g2e_step(
+        model,
+        host,
+        backprop=args.backprop,
+        vision_chunk=args.vision_chunk,
+        memory_limit=step.device_memory_limit(),
+        chunk=args.chunk,
+    )
     compile_s = time.perf_counter() - start
     median, low, high = time_steps(run, args.steps, args.warmup)
     devices = jax.device_count()
@@ -343,18 +448,29 @@ def g2e_side(args) -> dict:
     model_flops = flops.train_step_flops(config, host, adapter)
     hardware_flops = compiled.hardware_flops * devices
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(side="g2e", device=jax.devices()[0].device_kind, devices=devices,
-                seconds=median, low=low, high=high, compile_s=compile_s,
-                backprop=compiled.backprop, chunk=compiled.query_chunk,
-                model_flops=model_flops, hardware_flops=hardware_flops,
-                mfu=model_flops / median / (peak * devices) if peak else None,
-                hfu=hardware_flops / median / (peak * devices) if peak else None,
-                planned_gib=compiled.memory_bytes / 2**30,
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-                images={s: int((host[s]["vision_segment_ids"] > 0).any(-1).sum())
-                        for s in ("query", "candidate")},
-                tokens={s: int(host[s]["attention_mask"].sum()) for s in ("query", "candidate")},
-                lengths={s: host[s]["input_ids"].shape[1] for s in ("query", "candidate")})
+    return dict(
+        side="g2e",
+        device=jax.devices()[0].device_kind,
+        devices=devices,
+        seconds=median,
+        low=low,
+        high=high,
+        compile_s=compile_s,
+        backprop=compiled.backprop,
+        chunk=compiled.query_chunk,
+        model_flops=model_flops,
+        hardware_flops=hardware_flops,
+        mfu=model_flops / median / (peak * devices) if peak else None,
+        hfu=hardware_flops / median / (peak * devices) if peak else None,
+        planned_gib=compiled.memory_bytes / 2**30,
+        peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+        images={
+            s: int((host[s]["vision_segment_ids"] > 0).any(-1).sum())
+            for s in ("query", "candidate")
+        },
+        tokens={s: int(host[s]["attention_mask"].sum()) for s in ("query", "candidate")},
+        lengths={s: host[s]["input_ids"].shape[1] for s in ("query", "candidate")},
+    )
 
 
 def torch_side(args) -> dict:
@@ -369,24 +485,46 @@ def torch_side(args) -> dict:
     hf_config = transformers.Qwen2VLConfig(**{k: v for k, v in hf.items() if k != "model_type"})
     with torch.device(device):
         base = transformers.Qwen2VLForConditionalGeneration._from_config(
-            hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+            hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16
+        )
     if args.remat != "none":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=8, lora_alpha=64, lora_dropout=0.1, use_dora=True, init_lora_weights="gaussian",
-        target_modules=list(TARGETS)))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=8,
+            lora_alpha=64,
+            lora_dropout=0.1,
+            use_dora=True,
+            init_lora_weights="gaussian",
+            target_modules=list(TARGETS),
+        ),
+    )
     model.train()
     host, grids = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
-    run = torch_reference.torch_step_fn(model, host, grids, device=device, dtype=torch.bfloat16,
-                        image_token_id=config.image_token_id, chunk=args.chunk)
+    run = torch_reference.torch_step_fn(
+        model,
+        host,
+        grids,
+        device=device,
+        dtype=torch.bfloat16,
+        image_token_id=config.image_token_id,
+        chunk=args.chunk,
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         median, low, high = time_steps(run, args.steps, args.warmup, sync)
     except torch.OutOfMemoryError as error:
         return dict(side="torch", error=f"out of memory: {str(error)[:200]}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return dict(side="torch", seconds=median, low=low, high=high, peak_gib=peak,
-                gradient_checkpointing=args.remat != "none")
+    return dict(
+        side="torch",
+        seconds=median,
+        low=low,
+        high=high,
+        peak_gib=peak,
+        gradient_checkpointing=args.remat != "none",
+    )
 
 
 def _child(args, side: str, **overrides) -> dict:
@@ -394,8 +532,18 @@ def _child(args, side: str, **overrides) -> dict:
     import subprocess
 
     argv = [sys.executable, __file__, "--accelerator", "--side", side]
-    for key in ("pairs", "steps", "warmup", "image_side", "layers", "remat", "attention",
-                "backprop", "vision_chunk", "chunk"):
+    for key in (
+        "pairs",
+        "steps",
+        "warmup",
+        "image_side",
+        "layers",
+        "remat",
+        "attention",
+        "backprop",
+        "vision_chunk",
+        "chunk",
+    ):
         argv += [f"--{key}", str(overrides.get(key, getattr(args, key)))]
     argv += ["--smoke"] if args.smoke else []
     try:
@@ -405,7 +553,7 @@ def _child(args, side: str, **overrides) -> dict:
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
         return dict(side=side, error=(done.stderr or done.stdout)[-2000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def accelerator_mode(args):
@@ -414,62 +562,95 @@ def accelerator_mode(args):
         print("g2e failed:\n" + fast["error"])
         return
     every_row = None if args.quick else _child(args, "g2e", vision_chunk=0)
-    reference = _child(args, "torch", chunk=fast["chunk"] * fast["devices"]
-                       if fast["backprop"] == "gradcache" else 0)
+    reference = _child(
+        args,
+        "torch",
+        chunk=fast["chunk"] * fast["devices"] if fast["backprop"] == "gradcache" else 0,
+    )
     pairs = args.pairs
-    print(f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if args.smoke else ''}, random "
-          f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={args.remat}, "
-          f"attention={args.attention}; device {fast['device']} x {fast['devices']}")
-    print(f"batch: {pairs} MMEB-like pairs, images {args.image_side}px in "
-          f"{fast['images']['query']} queries / {fast['images']['candidate']} candidates, "
-          f"tokens {fast['tokens']}, padded lengths {fast['lengths']}")
-    print(f"g2e    {fast['seconds'] * 1e3:9.1f} ms/step (min {fast['low'] * 1e3:.1f}, max "
-          f"{fast['high'] * 1e3:.1f})  {pairs / fast['seconds']:8.1f} pairs/s  "
-          f"{fast['backprop']} backprop (chunk {fast['chunk']}), compile {fast['compile_s']:.0f} s")
+    print(
+        f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if args.smoke else ''}, random "
+        f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={args.remat}, "
+        f"attention={args.attention}; device {fast['device']} x {fast['devices']}"
+    )
+    print(
+        f"batch: {pairs} MMEB-like pairs, images {args.image_side}px in "
+        f"{fast['images']['query']} queries / {fast['images']['candidate']} candidates, "
+        f"tokens {fast['tokens']}, padded lengths {fast['lengths']}"
+    )
+    print(
+        f"g2e    {fast['seconds'] * 1e3:9.1f} ms/step (min {fast['low'] * 1e3:.1f}, max "
+        f"{fast['high'] * 1e3:.1f})  {pairs / fast['seconds']:8.1f} pairs/s  "
+        f"{fast['backprop']} backprop (chunk {fast['chunk']}), compile {fast['compile_s']:.0f} s"
+    )
     if fast["mfu"] is not None:
-        print(f"       MFU {fast['mfu']:.3f}  HFU {fast['hfu']:.3f}  (model {fast['model_flops']:.3g}"
-              f" FLOP, hardware {fast['hardware_flops']:.3g} FLOP per step)")
+        print(
+            f"       MFU {fast['mfu']:.3f}  HFU {fast['hfu']:.3f}  (model {fast['model_flops']:.3g}"
+            f" FLOP, hardware {fast['hardware_flops']:.3g} FLOP per step)"
+        )
     print(f"       memory: planned {fast['planned_gib']:.2f} GiB, peak {fast['peak_gib']:.2f} GiB")
     if every_row and "error" not in every_row:
-        print(f"g2e, tower over every row (vision_chunk=0): {every_row['seconds'] * 1e3:.1f} "
-              f"ms/step, {pairs / every_row['seconds']:.1f} pairs/s")
+        print(
+            f"g2e, tower over every row (vision_chunk=0): {every_row['seconds'] * 1e3:.1f} "
+            f"ms/step, {pairs / every_row['seconds']:.1f} pairs/s"
+        )
     if "error" in reference:
         print("torch failed: " + reference["error"])
         return
-    print(f"torch  {reference['seconds'] * 1e3:9.1f} ms/step (min {reference['low'] * 1e3:.1f}, "
-          f"max {reference['high'] * 1e3:.1f})  {pairs / reference['seconds']:8.1f} pairs/s  "
-          f"peak {reference['peak_gib']:.2f} GiB, gradient checkpointing "
-          f"{reference['gradient_checkpointing']}")
-    print(f"ratio g2e/torch pairs/s: {reference['seconds'] / fast['seconds']:.2f} "
-          "(target >= 1.5; MFU target >= 0.40)")
+    print(
+        f"torch  {reference['seconds'] * 1e3:9.1f} ms/step (min {reference['low'] * 1e3:.1f}, "
+        f"max {reference['high'] * 1e3:.1f})  {pairs / reference['seconds']:8.1f} pairs/s  "
+        f"peak {reference['peak_gib']:.2f} GiB, gradient checkpointing "
+        f"{reference['gradient_checkpointing']}"
+    )
+    print(
+        f"ratio g2e/torch pairs/s: {reference['seconds'] / fast['seconds']:.2f} "
+        "(target >= 1.5; MFU target >= 0.40)"
+    )
 
 
 def main():
     global jax, jnp, torch, torch_reference
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accelerator", action="store_true",
-                        help="Qwen2-VL-2B architecture on the accelerator")
+    parser.add_argument(
+        "--accelerator", action="store_true", help="Qwen2-VL-2B architecture on the accelerator"
+    )
     parser.add_argument("--smoke", action="store_true", help="accelerator path at toy sizes")
     parser.add_argument("--quick", action="store_true", help="skip the vision_chunk=0 run")
     parser.add_argument("--side", choices=("g2e", "torch"), help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU mode: cores both sides run on")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU mode: cores both sides run on",
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=None)
     parser.add_argument("--text_len", type=int, default=64)
     parser.add_argument("--image_side", type=int, default=None)
     parser.add_argument("--layers", type=int, default=0, help="override depth (0: real 2B)")
-    parser.add_argument("--remat", default=None,
-                        help="none, dots_no_batch or full (default: full on the accelerator, as "
-                        "the recipe; torch then checkpoints its layers too)")
+    parser.add_argument(
+        "--remat",
+        default=None,
+        help="none, dots_no_batch or full (default: full on the accelerator, as "
+        "the recipe; torch then checkpoints its layers too)",
+    )
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--backprop", default="auto", help="auto, direct or gradcache")
     parser.add_argument("--vision_chunk", type=int, default=16)
-    parser.add_argument("--child_timeout", type=int, default=400,
-                        help="accelerator mode: seconds each side may take")
-    parser.add_argument("--chunk", type=int, default=0,
-                        help="GradCache rows per device per chunk (0: sized for the device)")
+    parser.add_argument(
+        "--child_timeout",
+        type=int,
+        default=400,
+        help="accelerator mode: seconds each side may take",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="GradCache rows per device per chunk (0: sized for the device)",
+    )
     args = parser.parse_args()
     if not args.accelerator:
         _pin(args.threads)
@@ -481,8 +662,8 @@ def main():
     import jax as jax_module
     import jax.numpy as jnp_module
     import torch as torch_module
-
     import torch_reference as reference_module
+
     jax, jnp, torch, torch_reference = jax_module, jnp_module, torch_module, reference_module
     if not args.accelerator:
         torch.set_num_threads(args.threads)
@@ -495,6 +676,7 @@ def main():
     args.image_side = args.image_side or (56 if args.smoke else 448)
     if args.side:
         import json
+
         result = g2e_side(args) if args.side == "g2e" else torch_side(args)
         print("RESULT " + json.dumps(result))
         return

@@ -17,8 +17,12 @@ import json
 # ms of one core per image through the host pipeline (decode, policy, resize, uint8 patches,
 # tokenise): bench/bench_scale.py (b), 1 worker, this project's 2-core VM (2026-11-28; the main
 # process shares the cores, so these are upper bounds).
-DEFAULT_RATES = {"photo/mid_low": 46.8, "photo/random": 45.9, "page/mid_low": 241.0,
-                 "page/random": 284.8}
+DEFAULT_RATES = {
+    "photo/mid_low": 46.8,
+    "photo/random": 45.9,
+    "page/mid_low": 241.0,
+    "page/random": 284.8,
+}
 
 MODELS = {  # non-embedding text parameters, vision tower parameters, hidden width
     "2B": dict(text=1.31e9, vision=0.665e9, width=1536),
@@ -29,23 +33,23 @@ MACHINES = {  # accelerators, peak dense bf16 FLOP/s each, host cores for worker
     "TPU v4-32": dict(chips=16, peak=275e12, cores=4 * 110, hosts=4, host_memory_gb=4 * 400),
 }
 # SPEC §6 and the recipe.
-TRAIN_ROWS = 662_000              # 20 subsets, 50k cap
-MINE_ITEMS = 1_100_000            # unique queries (~662k) + unique positives (~440k)
-MINE_IMAGES = 820_000             # of them with an image (pages: DocVQA, InfoVQA, ChartQA)
+TRAIN_ROWS = 662_000  # 20 subsets, 50k cap
+MINE_ITEMS = 1_100_000  # unique queries (~662k) + unique positives (~440k)
+MINE_IMAGES = 820_000  # of them with an image (pages: DocVQA, InfoVQA, ChartQA)
 MINE_PAGES = 92_000
-JUDGE_PAIRS = 1_200_000           # ~41k phase-1 clusters x 15 owners, x2 for speculation
-EVAL_ITEMS = 190_000              # 36 x 1000 queries + ~150k unique candidates
+JUDGE_PAIRS = 1_200_000  # ~41k phase-1 clusters x 15 owners, x2 for speculation
+EVAL_ITEMS = 190_000  # 36 x 1000 queries + ~150k unique candidates
 EVAL_IMAGES = 100_000
 EVAL_PAGES = 3_000
 TRAIN_PAIRS = 1500 * 2048
-TRAIN_IMAGES = 1500 * 2500        # ~2.5k images a step (448x448)
+TRAIN_IMAGES = 1500 * 2500  # ~2.5k images a step (448x448)
 TRAIN_PAGES = TRAIN_IMAGES // 10
-TOKENS_IMAGE_ITEM = 475           # ~100 text + ~375 image tokens ('random': ~1500 patches)
+TOKENS_IMAGE_ITEM = 475  # ~100 text + ~375 image tokens ('random': ~1500 patches)
 TOKENS_TEXT_ITEM = 100
 PATCHES_RANDOM, PATCHES_448 = 1500, 1024
 TOKENS_TRAIN_IMAGE_SIDE, TOKENS_TRAIN_TEXT_SIDE = 360, 100
-WINDOW_ITEMS = 1024               # the runner's window: 8 batches of 128 rows per host
-BYTES_PER_PATCH = 588             # uint8, one frame
+WINDOW_ITEMS = 1024  # the runner's window: 8 batches of 128 rows per host
+BYTES_PER_PATCH = 588  # uint8, one frame
 
 
 def _forward(model: dict, tokens: float, patches: float) -> float:
@@ -60,32 +64,46 @@ def plan(rates: dict[str, float], mfu: float) -> list[dict]:
         text_item = _forward(model, TOKENS_TEXT_ITEM, 0)
         pair = _forward(model, TOKENS_IMAGE_ITEM + TOKENS_TEXT_ITEM, 2 * PATCHES_RANDOM) * 0.6
         # Training: text forward + backward through frozen weights (2x forward), vision once.
-        train_pair = (3 * 2 * model["text"] * (1.22 * TOKENS_TRAIN_IMAGE_SIDE
-                                               + 0.78 * TOKENS_TRAIN_TEXT_SIDE)
-                      + 1.22 * 2 * model["vision"] * PATCHES_448)
+        train_pair = (
+            3 * 2 * model["text"] * (1.22 * TOKENS_TRAIN_IMAGE_SIDE + 0.78 * TOKENS_TRAIN_TEXT_SIDE)
+            + 1.22 * 2 * model["vision"] * PATCHES_448
+        )
         work = {
-            "mine": (MINE_IMAGES * image_item + (MINE_ITEMS - MINE_IMAGES) * text_item
-                     + JUDGE_PAIRS * pair,
-                     (MINE_IMAGES - MINE_PAGES) * rates["photo/random"]
-                     + MINE_PAGES * rates["page/random"]
-                     + JUDGE_PAIRS * 1.4 * rates["photo/random"]),
-            "train": (TRAIN_PAIRS * train_pair,
-                      (TRAIN_IMAGES - TRAIN_PAGES) * rates["photo/mid_low"]
-                      + TRAIN_PAGES * rates["page/mid_low"]),
-            "eval (36 subsets)": (EVAL_IMAGES * image_item
-                                  + (EVAL_ITEMS - EVAL_IMAGES) * text_item,
-                                  (EVAL_IMAGES - EVAL_PAGES) * rates["photo/random"]
-                                  + EVAL_PAGES * rates["page/random"]),
+            "mine": (
+                MINE_IMAGES * image_item
+                + (MINE_ITEMS - MINE_IMAGES) * text_item
+                + JUDGE_PAIRS * pair,
+                (MINE_IMAGES - MINE_PAGES) * rates["photo/random"]
+                + MINE_PAGES * rates["page/random"]
+                + JUDGE_PAIRS * 1.4 * rates["photo/random"],
+            ),
+            "train": (
+                TRAIN_PAIRS * train_pair,
+                (TRAIN_IMAGES - TRAIN_PAGES) * rates["photo/mid_low"]
+                + TRAIN_PAGES * rates["page/mid_low"],
+            ),
+            "eval (36 subsets)": (
+                EVAL_IMAGES * image_item + (EVAL_ITEMS - EVAL_IMAGES) * text_item,
+                (EVAL_IMAGES - EVAL_PAGES) * rates["photo/random"]
+                + EVAL_PAGES * rates["page/random"],
+            ),
         }
         for machine_name, machine in MACHINES.items():
             for stage, (flops, host_ms) in work.items():
                 device_s = flops / (machine["chips"] * machine["peak"] * mfu)
                 host_s = host_ms / 1e3 / machine["cores"]
-                rows.append({"model": model_name, "machine": machine_name, "stage": stage,
-                             "device_h": device_s / 3600, "host_h": host_s / 3600,
-                             "wall_h": max(device_s, host_s) / 3600,
-                             "host_bound": host_s > device_s,
-                             **_memory_and_disk(model, stage)})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "machine": machine_name,
+                        "stage": stage,
+                        "device_h": device_s / 3600,
+                        "host_h": host_s / 3600,
+                        "wall_h": max(device_s, host_s) / 3600,
+                        "host_bound": host_s > device_s,
+                        **_memory_and_disk(model, stage),
+                    }
+                )
     return rows
 
 
@@ -93,9 +111,9 @@ def _memory_and_disk(model: dict, stage: str) -> dict:
     """Host memory per host (GB) and disk (GB) of a stage, from the design's bounds."""
     window = WINDOW_ITEMS * PATCHES_RANDOM * BYTES_PER_PATCH
     if stage == "mine":
-        embeddings = 2 * 123_000 * model["width"] * 4     # the largest subset, both sides
-        memory = window + embeddings + 0.3e9               # + rows of the largest subset
-        disk = MINE_ITEMS * model["width"] * 2             # float16 shards
+        embeddings = 2 * 123_000 * model["width"] * 4  # the largest subset, both sides
+        memory = window + embeddings + 0.3e9  # + rows of the largest subset
+        disk = MINE_ITEMS * model["width"] * 2  # float16 shards
     elif stage == "train":
         memory = 4 * 256 * 2 * PATCHES_448 * BYTES_PER_PATCH + 0.3e9 * 2  # steps ahead, rows
         disk = 3 * 0.11e9 * (model["text"] / 1.31e9) ** 0.5  # keep 3 adapter checkpoints
@@ -106,32 +124,52 @@ def _memory_and_disk(model: dict, stage: str) -> dict:
 
 
 def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
-    lines = ["# g2e at MMEB scale, worked out", "",
-             "Written by `python bench/scale_plan.py > docs/scale.md` (host rates measured on "
-             "this project's 2-core VM, device time from model FLOPs at an assumed MFU). "
-             "Wall time is the larger of device and host time, since the host pipeline "
-             "(Grain workers) overlaps the device; host-bound says which one sets it.", "",
-             "| Model | Machine | Stage | Device (h) | Host (h) | Wall (h) | Host-bound | "
-             "Host memory per host (GB) | Disk (GB) |", "|---" * 9 + "|"]
+    lines = [
+        "# g2e at MMEB scale, worked out",
+        "",
+        "Written by `python bench/scale_plan.py > docs/scale.md` (host rates measured on "
+        "this project's 2-core VM, device time from model FLOPs at an assumed MFU). "
+        "Wall time is the larger of device and host time, since the host pipeline "
+        "(Grain workers) overlaps the device; host-bound says which one sets it.",
+        "",
+        "| Model | Machine | Stage | Device (h) | Host (h) | Wall (h) | Host-bound | "
+        "Host memory per host (GB) | Disk (GB) |",
+        "|---" * 9 + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['machine']} | {r['stage']} | {r['device_h']:.2f} | "
-                     f"{r['host_h']:.2f} | {r['wall_h']:.2f} | "
-                     f"{'yes' if r['host_bound'] else 'no'} | {r['host_memory_gb']:.0f} | "
-                     f"{r['disk_gb']:.1f} |")
-    lines += ["", f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}.",
-              "", "Sizes (SPEC §6 and the recipe):", ""]
-    lines += [f"- {name}: {value:,}" for name, value in (
-        ("training rows (20 subsets, 50k cap)", TRAIN_ROWS),
-        ("items embedded by mining (unique queries and positives)", MINE_ITEMS),
-        ("of them with an image", MINE_IMAGES), ("of them document pages", MINE_PAGES),
-        ("judge pairs (phase-1 clusters x 15 owners, x2 for speculation)", JUDGE_PAIRS),
-        ("items embedded by evaluation (36 x 1000 queries + unique candidates)", EVAL_ITEMS),
-        ("evaluation images", EVAL_IMAGES), ("evaluation pages", EVAL_PAGES),
-        ("training pairs (1500 steps x 2048)", TRAIN_PAIRS),
-        ("training images (448x448)", TRAIN_IMAGES))]
-    lines += [f"- {name}: {m['chips']} chips of {m['peak'] / 1e12:.0f} TFLOP/s bf16, "
-              f"{m['hosts']} host(s), {m['cores']} host cores for workers"
-              for name, m in MACHINES.items()]
+        lines.append(
+            f"| {r['model']} | {r['machine']} | {r['stage']} | {r['device_h']:.2f} | "
+            f"{r['host_h']:.2f} | {r['wall_h']:.2f} | "
+            f"{'yes' if r['host_bound'] else 'no'} | {r['host_memory_gb']:.0f} | "
+            f"{r['disk_gb']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}.",
+        "",
+        "Sizes (SPEC §6 and the recipe):",
+        "",
+    ]
+    lines += [
+        f"- {name}: {value:,}"
+        for name, value in (
+            ("training rows (20 subsets, 50k cap)", TRAIN_ROWS),
+            ("items embedded by mining (unique queries and positives)", MINE_ITEMS),
+            ("of them with an image", MINE_IMAGES),
+            ("of them document pages", MINE_PAGES),
+            ("judge pairs (phase-1 clusters x 15 owners, x2 for speculation)", JUDGE_PAIRS),
+            ("items embedded by evaluation (36 x 1000 queries + unique candidates)", EVAL_ITEMS),
+            ("evaluation images", EVAL_IMAGES),
+            ("evaluation pages", EVAL_PAGES),
+            ("training pairs (1500 steps x 2048)", TRAIN_PAIRS),
+            ("training images (448x448)", TRAIN_IMAGES),
+        )
+    ]
+    lines += [
+        f"- {name}: {m['chips']} chips of {m['peak'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{m['hosts']} host(s), {m['cores']} host cores for workers"
+        for name, m in MACHINES.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

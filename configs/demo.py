@@ -17,8 +17,10 @@ from g2e import configuration
 def get_config():
     config = configuration.base_config()
     config.workdir = "g2e_demo"
-    config.stages = ("prepare_demo,eval_plain,eval_zero_shot,mine,judge_quality,train,train_random,"
-                     "eval,eval_random,export,report")
+    config.stages = (
+        "prepare_demo,eval_plain,eval_zero_shot,mine,judge_quality,train,train_random,"
+        "eval,eval_random,export,report"
+    )
     config.mesh.data = -1
 
     config.model.dtype = "float32"

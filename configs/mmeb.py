@@ -53,8 +53,10 @@ def get_config(arg: str = "2b"):
     config = configuration.base_config()
     variant = arg or "2b"
     if variant not in VARIANTS:
-        raise ValueError(f"configs/mmeb.py:{arg}: unknown variant; use one of "
-                         + ", ".join(f"configs/mmeb.py:{v}" for v in VARIANTS))
+        raise ValueError(
+            f"configs/mmeb.py:{arg}: unknown variant; use one of "
+            + ", ".join(f"configs/mmeb.py:{v}" for v in VARIANTS)
+        )
     config.workdir = f"workdir/mmeb-{variant}"
     if variant.startswith("release"):
         config.mine.judge = False

@@ -288,42 +288,62 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     data = config.data
     _one_of("data.on_bad_input", data.on_bad_input, errors.POLICIES)
     if not isinstance(data.workers, int) or data.workers < -1:
-        _fail("data.workers", f"is {data.workers!r}; use a number of processes, 0 for none or "
-              "-1 for one per usable core")
+        _fail(
+            "data.workers",
+            f"is {data.workers!r}; use a number of processes, 0 for none or "
+            "-1 for one per usable core",
+        )
     for key in ("image_resolution", "train_image_resolution"):
         _one_of(f"data.{key}", data[key], images.POLICIES)
     for key in ("max_length", "train_max_length"):
         if data[key] < 16:
             _fail(f"data.{key}", f"is {data[key]}; it must hold the chat template (>= 16)")
     if max(data.length_buckets) < data.max_length:
-        _fail("data.length_buckets",
-              f"largest bucket {max(data.length_buckets)} is below data.max_length="
-              f"{data.max_length}; add a bucket of at least that size")
+        _fail(
+            "data.length_buckets",
+            f"largest bucket {max(data.length_buckets)} is below data.max_length="
+            f"{data.max_length}; add a bucket of at least that size",
+        )
     _one_of("data.format", data.format, rows.FORMATS)
     if "eval_sugarcrepe" in stages and "prepare_demo" not in stages:
         if not (data.sugarcrepe_dir or data.sugarcrepe_pp_dir):
-            _fail("data.sugarcrepe_dir", "and data.sugarcrepe_pp_dir are empty; point one at "
-                  "the folder of SugarCrepe's (or SugarCrepe++'s) <category>.json files")
+            _fail(
+                "data.sugarcrepe_dir",
+                "and data.sugarcrepe_pp_dir are empty; point one at "
+                "the folder of SugarCrepe's (or SugarCrepe++'s) <category>.json files",
+            )
         if not data.sugarcrepe_image_root:
-            _fail("data.sugarcrepe_image_root", "is empty; point it at the COCO val2017 "
-                  "images the SugarCrepe files name")
+            _fail(
+                "data.sugarcrepe_image_root",
+                "is empty; point it at the COCO val2017 images the SugarCrepe files name",
+            )
     if data.max_rows_per_subset < 0:
-        _fail("data.max_rows_per_subset", f"is {data.max_rows_per_subset}; use 0 for every row "
-              "or a positive cap")
+        _fail(
+            "data.max_rows_per_subset",
+            f"is {data.max_rows_per_subset}; use 0 for every row or a positive cap",
+        )
     if data.row_sample_seed < -1:
-        _fail("data.row_sample_seed", f"is {data.row_sample_seed}; use -1 (the first rows) or "
-              "a seed >= 0")
+        _fail(
+            "data.row_sample_seed",
+            f"is {data.row_sample_seed}; use -1 (the first rows) or a seed >= 0",
+        )
     if data.heldout_rows < 0:
-        _fail("data.heldout_rows", f"is {data.heldout_rows}; use 0 (none held out) or a "
-              "positive count per training subset")
-    needs_train_data = any(s in stages for s in ("mine", "judge_quality", "train",
-                                                 "train_random"))
-    needs_eval_data = any(s in stages for s in ("eval_plain", "eval_zero_shot", "eval",
-                                                "eval_random"))
+        _fail(
+            "data.heldout_rows",
+            f"is {data.heldout_rows}; use 0 (none held out) or a "
+            "positive count per training subset",
+        )
+    needs_train_data = any(s in stages for s in ("mine", "judge_quality", "train", "train_random"))
+    needs_eval_data = any(
+        s in stages for s in ("eval_plain", "eval_zero_shot", "eval", "eval_random")
+    )
     if data.format == "tfds":
         if (needs_train_data or needs_eval_data) and not data.tfds_dir:
-            _fail("data.tfds_dir", "is empty; with data.format=tfds point it at the data_dir "
-                  "`python -m g2e.data.tfds_builders` wrote to")
+            _fail(
+                "data.tfds_dir",
+                "is empty; with data.format=tfds point it at the data_dir "
+                "`python -m g2e.data.tfds_builders` wrote to",
+            )
     elif "prepare_demo" not in stages:
         if needs_train_data and not data.train_dir:
             _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
@@ -332,20 +352,32 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
 
 
 def _check_train(train: ml_collections.ConfigDict) -> None:
-    for key in ("steps", "global_batch", "cluster_size", "checkpoint_every", "heldout_every",
-                "keep_checkpoints"):
+    for key in (
+        "steps",
+        "global_batch",
+        "cluster_size",
+        "checkpoint_every",
+        "heldout_every",
+        "keep_checkpoints",
+    ):
         if train[key] < 1:
             _fail(f"train.{key}", f"is {train[key]}; it must be at least 1")
     for key in ("query_chunk", "candidate_chunk", "vision_chunk", "memory_limit_gb"):
         if train[key] < 0:
             _fail(f"train.{key}", f"is {train[key]}; use 0 (automatic) or a positive value")
     if train.global_batch % train.cluster_size:
-        _fail("train.global_batch", f"{train.global_batch} is not a multiple of "
-              f"train.cluster_size={train.cluster_size}; batches hold whole clusters")
+        _fail(
+            "train.global_batch",
+            f"{train.global_batch} is not a multiple of "
+            f"train.cluster_size={train.cluster_size}; batches hold whole clusters",
+        )
     for key in ("query_chunk", "candidate_chunk"):
         if train[key] and train.global_batch % train[key]:
-            _fail(f"train.{key}", f"{train[key]} does not divide train.global_batch="
-                  f"{train.global_batch}; a chunk must divide the rows of each device")
+            _fail(
+                f"train.{key}",
+                f"{train[key]} does not divide train.global_batch="
+                f"{train.global_batch}; a chunk must divide the rows of each device",
+            )
     _one_of("train.backprop", train.backprop, step.BACKPROP)
     if train.temperature <= 0:
         _fail("train.temperature", f"is {train.temperature}; it must be positive")
@@ -370,8 +402,12 @@ def _check_export_and_cache(config: ml_collections.ConfigDict) -> None:
         _fail("export.max_shard_mb", f"is {config.export.max_shard_mb}; it must be at least 1")
     cache = config.compilation_cache
     if cache.min_compile_time_secs < 0:
-        _fail("compilation_cache.min_compile_time_secs",
-              f"is {cache.min_compile_time_secs}; use 0 or more seconds")
+        _fail(
+            "compilation_cache.min_compile_time_secs",
+            f"is {cache.min_compile_time_secs}; use 0 or more seconds",
+        )
     if cache.min_entry_size_bytes < -1:
-        _fail("compilation_cache.min_entry_size_bytes",
-              f"is {cache.min_entry_size_bytes}; use -1 (no limit), 0 (JAX's default) or bytes")
+        _fail(
+            "compilation_cache.min_entry_size_bytes",
+            f"is {cache.min_entry_size_bytes}; use -1 (no limit), 0 (JAX's default) or bytes",
+        )

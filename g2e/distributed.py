@@ -70,13 +70,15 @@ def _on_cloud_tpu_vm() -> bool:
     try:
         # jax's own PCI scan (the same one it runs to pick the TPU backend); private, so guarded.
         from jax._src import hardware_utils
+
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except (ImportError, AttributeError, OSError):
         return False
 
 
-def distributed_reason(config: Any, env: Mapping[str, str] | None = None,
-                       on_tpu_vm: bool | None = None) -> str | None:
+def distributed_reason(
+    config: Any, env: Mapping[str, str] | None = None, on_tpu_vm: bool | None = None
+) -> str | None:
     """Why this process must join a multi-process job, or None for a single-process run.
 
     Args:
@@ -96,15 +98,21 @@ def distributed_reason(config: Any, env: Mapping[str, str] | None = None,
         return "config"
     # srun sets the step variables; a script that merely runs inside an allocation (no srun)
     # lacks SLURM_STEP_NODELIST and stays single-process.
-    if ("SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env
-            and _positive_int(env, "SLURM_NTASKS") > 1):
+    if (
+        "SLURM_JOB_ID" in env
+        and "SLURM_STEP_NODELIST" in env
+        and "SLURM_PROCID" in env
+        and _positive_int(env, "SLURM_NTASKS") > 1
+    ):
         return "slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and _positive_int(env, "OMPI_COMM_WORLD_SIZE") > 1:
         return "mpi"
-    if (_count_list(env.get("TPU_WORKER_HOSTNAMES", "")) > 1
-            or _count_list(env.get("TPU_PROCESS_ADDRESSES", "")) > 1
-            or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-            or _positive_int(env, "MEGASCALE_NUM_SLICES") > 1):
+    if (
+        _count_list(env.get("TPU_WORKER_HOSTNAMES", "")) > 1
+        or _count_list(env.get("TPU_PROCESS_ADDRESSES", "")) > 1
+        or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+        or _positive_int(env, "MEGASCALE_NUM_SLICES") > 1
+    ):
         return "tpu"
     # A TPU VM run pinned to other platforms (JAX_PLATFORMS=cpu) stays single-process.
     if "TPU_SKIP_MDS_QUERY" not in env and "tpu" in env.get("JAX_PLATFORMS", "tpu"):
@@ -138,32 +146,51 @@ def initialize(config: Any) -> None:
             raise ValueError(
                 f"--config.distributed.num_processes is {num_processes}, but "
                 f"distributed.coordinator_address={settings.coordinator_address!r} is set; give "
-                "the total number of processes (the same on every host).")
+                "the total number of processes (the same on every host)."
+            )
         if not 0 <= process_id < num_processes:
             raise ValueError(
                 f"--config.distributed.process_id is {process_id}; give this process's id in "
                 f"[0, {num_processes}) (distributed.num_processes={num_processes}), unique per "
-                "process, 0 on the coordinator's host.")
-        logging.info("jax.distributed: coordinator %s, process %d of %d",
-                     settings.coordinator_address, process_id, num_processes)
-        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                "process, 0 on the coordinator's host."
+            )
+        logging.info(
+            "jax.distributed: coordinator %s, process %d of %d",
+            settings.coordinator_address,
+            process_id,
+            num_processes,
+        )
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     else:
         logging.info("jax.distributed: auto-detected %s environment", reason)
         tasks_here = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
-        if (reason == "slurm" and "JAX_LOCAL_DEVICE_IDS" not in os.environ
-                and (tasks_here == "1" or tasks_here.startswith("1("))):
+        if (
+            reason == "slurm"
+            and "JAX_LOCAL_DEVICE_IDS" not in os.environ
+            and (tasks_here == "1" or tasks_here.startswith("1("))
+        ):
             # JAX gives each SLURM task only the GPU numbered SLURM_LOCALID.
-            logging.warning("One SLURM task on this node sees only GPU %s; to use all its GPUs "
-                            "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
-                            os.environ.get("SLURM_LOCALID", "0"))
+            logging.warning(
+                "One SLURM task on this node sees only GPU %s; to use all its GPUs "
+                "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
+                os.environ.get("SLURM_LOCALID", "0"),
+            )
         jax.distributed.initialize()
     # The first cross-process collective sets up the CPU (Gloo) context and gives up after 30 s
     # if a process arrives later; done here, while all are in step, later barriers may wait
     # as long as the primary needs (e.g. while it alone prepares the demo).
     barrier("g2e-initialize")
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def is_primary() -> bool:
@@ -180,8 +207,9 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write_on_primary(directory: str | os.PathLike,
-                     write: Callable[[pathlib.Path | None], Any]) -> None:
+def write_on_primary(
+    directory: str | os.PathLike, write: Callable[[pathlib.Path | None], Any]
+) -> None:
     """Process 0 writes `directory` whole (`g2e.atomic.replace_directory(directory, write)`);
     every other process calls `write(None)`.
 
@@ -213,22 +241,27 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
         sizes[axis] = int(size)
     rest = [axis for axis in MESH_AXES if sizes[axis] == -1]
     if len(rest) > 1:
-        raise ValueError(f"mesh.{rest[0]} and mesh.{rest[1]} are both -1; at most one axis "
-                         "takes the rest of the devices")
+        raise ValueError(
+            f"mesh.{rest[0]} and mesh.{rest[1]} are both -1; at most one axis "
+            "takes the rest of the devices"
+        )
     fixed = math.prod(size for size in sizes.values() if size != -1)
     for axis in MESH_AXES:
         if sizes[axis] != -1 and num_devices % sizes[axis]:
             raise ValueError(f"mesh.{axis}={sizes[axis]} does not divide {num_devices} devices")
     if num_devices % fixed:
         raise ValueError(
-            "mesh." + "*mesh.".join(a for a in MESH_AXES if sizes[a] != -1) +
-            f" = {fixed} does not divide {num_devices} devices")
+            "mesh."
+            + "*mesh.".join(a for a in MESH_AXES if sizes[a] != -1)
+            + f" = {fixed} does not divide {num_devices} devices"
+        )
     if rest:
         sizes[rest[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
             f"mesh.data*mesh.fsdp*mesh.tensor = {fixed} but there are {num_devices} devices; "
-            "set one axis to -1 to take the rest")
+            "set one axis to -1 to take the rest"
+        )
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -251,9 +284,11 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
         raise ValueError(
             f"mesh.data={data} is not a multiple of the {num_slices} slices: only the data axis "
             "crosses slices (fsdp and tensor stay inside one slice of "
-            f"{len(devices) // num_slices} devices); make mesh.data a multiple of {num_slices}")
+            f"{len(devices) // num_slices} devices); make mesh.data a multiple of {num_slices}"
+        )
     return mesh_utils.create_hybrid_device_mesh(
-        (data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices)
+        (data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices
+    )
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
@@ -275,8 +310,9 @@ def make_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
 # Data across hosts
 
 
-def host_slice(n_items: int, process_index: int | None = None,
-               process_count: int | None = None) -> slice:
+def host_slice(
+    n_items: int, process_index: int | None = None, process_count: int | None = None
+) -> slice:
     """This process's contiguous share of `n_items` items, in order.
 
     Shares differ by at most one item; earlier processes take the extra ones, so concatenating
@@ -310,7 +346,7 @@ def max_across_processes(values: Sequence[int]) -> tuple[int, ...]:
     local = np.asarray(values, np.int32).reshape(-1)
     if jax.process_count() == 1:
         return tuple(int(v) for v in local)
-    stacked = np.asarray(multihost_utils.process_allgather(local))      # [processes, n]
+    stacked = np.asarray(multihost_utils.process_allgather(local))  # [processes, n]
     return tuple(int(v) for v in stacked.max(axis=0))
 
 
@@ -335,23 +371,29 @@ def gather_in_order(local_array: np.ndarray, n_total: int) -> np.ndarray:
         raise ValueError(
             f"gather_in_order: process {jax.process_index()} holds {local_array.shape[0]} rows, "
             f"but its share of {n_total} items is {share.stop - share.start} "
-            f"(items {share.start}:{share.stop}); give it exactly the rows of host_slice")
+            f"(items {share.start}:{share.stop}); give it exactly the rows of host_slice"
+        )
     if count == 1 or n_total == 0:
         return local_array
     # process_allgather needs equal shapes: pad every share to the largest and trim afterwards.
     largest = -(-n_total // count)
     padded = np.zeros((largest,) + local_array.shape[1:], local_array.dtype)
-    padded[:local_array.shape[0]] = local_array
-    stacked = np.asarray(multihost_utils.process_allgather(padded))     # [count, largest, ...]
+    padded[: local_array.shape[0]] = local_array
+    stacked = np.asarray(multihost_utils.process_allgather(padded))  # [count, largest, ...]
     parts = []
     for index in range(count):
         part = host_slice(n_total, index, count)
-        parts.append(stacked[index, :part.stop - part.start])
+        parts.append(stacked[index, : part.stop - part.start])
     return np.concatenate(parts)
 
 
-def put_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: sharding.Rules, *,
-              global_rows: int | None = None) -> dict[str, Any]:
+def put_batch(
+    local_batch: Mapping[str, Any],
+    mesh: Mesh,
+    rules: sharding.Rules,
+    *,
+    global_rows: int | None = None,
+) -> dict[str, Any]:
     """This process's rows of a batch -> global arrays, the batch dimension over the batch axes.
 
     The one host-to-device placement of g2e: embedding, judging and training batches all go
@@ -381,7 +423,8 @@ def put_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: sharding.Rules,
         raise ValueError(
             f"put_batch: the 'batch' sharding rule maps to no axis of the mesh {mesh.axis_names}, "
             f"so the batch would be replicated across {jax.process_count()} processes; map "
-            "'batch' to the data/fsdp axes in config.sharding_rules")
+            "'batch' to the data/fsdp axes in config.sharding_rules"
+        )
 
     def place(field: str, local: Any) -> Any:
         if isinstance(local, Mapping):
@@ -391,10 +434,12 @@ def put_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: sharding.Rules,
         spec = [None] * local.ndim
         spec[dim] = axes or None
         shape = list(local.shape)
-        shape[dim] = global_rows if global_rows is not None else (
-            local.shape[dim] * jax.process_count())
+        shape[dim] = (
+            global_rows if global_rows is not None else (local.shape[dim] * jax.process_count())
+        )
         return jax.make_array_from_process_local_data(
-            NamedSharding(mesh, PartitionSpec(*spec)), local, tuple(shape))
+            NamedSharding(mesh, PartitionSpec(*spec)), local, tuple(shape)
+        )
 
     return {field: place(field, value) for field, value in local_batch.items()}
 

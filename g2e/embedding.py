@@ -40,12 +40,10 @@ from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 
-__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items",
-           "run_embed"]
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items", "run_embed"]
 
 
-def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]
-               ) -> jax.Array:
+def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
     """L2-normalised float32 embeddings [B, D] of one batch (pure; jit with graphdef static)."""
     model = nnx.merge(graphdef, state)
     return model.embed(batch)
@@ -80,10 +78,19 @@ class BatchRunner:
       window: batches per window (the bucketing horizon and the memory bound).
     """
 
-    def __init__(self, model: Qwen2VL, processor: Processor, step, *,
-                 mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None = None,
-                 batch_size: int = 16, progress: bool = True, workers: int = 0,
-                 window: int = 8):
+    def __init__(
+        self,
+        model: Qwen2VL,
+        processor: Processor,
+        step,
+        *,
+        mesh: jax.sharding.Mesh | None,
+        rules: sharding.Rules | None = None,
+        batch_size: int = 16,
+        progress: bool = True,
+        workers: int = 0,
+        window: int = 8,
+    ):
         self.processor = processor
         self.mesh = mesh
         self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
@@ -106,8 +113,9 @@ class BatchRunner:
         the compiled step is kept."""
         self.graphdef, self.state = nnx.split(model)
 
-    def run(self, inputs: Sequence[Any], encode: Callable[[Any], Encoded | None], *,
-            desc: str) -> np.ndarray:
+    def run(
+        self, inputs: Sequence[Any], encode: Callable[[Any], Encoded | None], *, desc: str
+    ) -> np.ndarray:
         """Encodes and runs every input; returns float32 [len(inputs), ...] in input order.
 
         `encode(input)` returns an Encoded, None (skipped), or raises BadInput (the processor's
@@ -128,8 +136,11 @@ class BatchRunner:
 
     def _shape(self, encoded: Encoded) -> tuple[int, int]:
         """(length bucket, patch bucket) of one encoding."""
-        patches = 0 if encoded.num_patches == 0 else pick_bucket(
-            encoded.num_patches, self.processor.patch_buckets, "patch")
+        patches = (
+            0
+            if encoded.num_patches == 0
+            else pick_bucket(encoded.num_patches, self.processor.patch_buckets, "patch")
+        )
         return pick_bucket(encoded.length, self.processor.length_buckets, "length"), patches
 
     def _plan(self, window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Encoded]]]:
@@ -137,7 +148,7 @@ class BatchRunner:
         order = sorted(window, key=lambda x: (self._shape(x[1])[::-1], x[1].length))
         steps = []
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             steps.append(([i for i, _ in chunk], [e for _, e in chunk]))
         return steps
 
@@ -155,8 +166,7 @@ class BatchRunner:
         """The next window's usable encodings as (local index, Encoded); bad ones go to the
         processor's report (which raises under on_bad_input='error')."""
         window = []
-        for offset, value in enumerate(itertools.islice(results,
-                                                        self.batch_size * self.window)):
+        for offset, value in enumerate(itertools.islice(results, self.batch_size * self.window)):
             if isinstance(value, workers.Failed):
                 self.processor.report.handle(value.error)
             elif value is not None:
@@ -164,20 +174,26 @@ class BatchRunner:
         self.peak_prepared = max(self.peak_prepared, len(window))
         return window
 
-    def _run_local(self, inputs: Sequence[Any], encode, *, windows: int,
-                   desc: str) -> np.ndarray:
+    def _run_local(self, inputs: Sequence[Any], encode, *, windows: int, desc: str) -> np.ndarray:
         out = np.full((len(inputs), self.output_width), np.nan, np.float32)
         pending = None  # (indices, result on device): fetched while the next batch runs
         results = workers.stream(inputs, encode, workers=self.workers)
-        with tqdm.tqdm(total=len(inputs), desc=desc, unit="ex", dynamic_ncols=True,
-                       disable=not (self.progress and distributed.is_primary())) as bar:
+        with tqdm.tqdm(
+            total=len(inputs),
+            desc=desc,
+            unit="ex",
+            dynamic_ncols=True,
+            disable=not (self.progress and distributed.is_primary()),
+        ) as bar:
             for number in range(windows):
-                steps = self._plan(self._take_window(results, number * self.batch_size
-                                                     * self.window))
+                steps = self._plan(
+                    self._take_window(results, number * self.batch_size * self.window)
+                )
                 for step, (length, patches) in enumerate(self._agree(steps)):
                     indices, encodings = steps[step] if step < len(steps) else ([], [])
-                    batch = self.processor.collate(encodings, pad_to_batch=self.batch_size,
-                                                   length=length, num_patches=patches)
+                    batch = self.processor.collate(
+                        encodings, pad_to_batch=self.batch_size, length=length, num_patches=patches
+                    )
                     result = self._dispatch(batch)
                     if pending is not None:
                         out = self._store(out, *pending)
@@ -201,7 +217,7 @@ class BatchRunner:
         """Waits for a batch's result and writes its real rows into `out` (widened to the
         result's trailing shape on first use)."""
         rows = distributed.local_rows(result) if self.mesh is not None else np.asarray(result)
-        rows = np.asarray(rows, np.float32)[:len(indices)]
+        rows = np.asarray(rows, np.float32)[: len(indices)]
         if out.shape[1:] != rows.shape[1:]:
             out = np.full((len(out),) + rows.shape[1:], np.nan, np.float32)
         out[indices] = rows
@@ -228,13 +244,25 @@ class Embedder(BatchRunner):
         """The embed command's embedder: the base model, its config's processor and batch."""
         config = pipeline.config
         processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
-        return cls(pipeline.model(trained=False), processor, mesh=pipeline.mesh,
-                   rules=pipeline.rules, batch_size=config.eval.batch_size,
-                   workers=pipeline.workers, progress=False)
+        return cls(
+            pipeline.model(trained=False),
+            processor,
+            mesh=pipeline.mesh,
+            rules=pipeline.rules,
+            batch_size=config.eval.batch_size,
+            workers=pipeline.workers,
+            progress=False,
+        )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | pathlib.Path, adapter_dir: str | None = None, *,
-                        mesh: jax.sharding.Mesh | None = None, **settings: Any) -> Embedder:
+    def from_pretrained(
+        cls,
+        model_dir: str | pathlib.Path,
+        adapter_dir: str | None = None,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        **settings: Any,
+    ) -> Embedder:
         """An embedder for a Hugging Face Qwen2-VL / Qwen2.5-VL directory.
 
         Args:
@@ -255,15 +283,22 @@ class Embedder(BatchRunner):
             for parent in parents:
                 node = node[parent]
             if leaf not in node:
-                raise configuration.ConfigError(f"Embedder.from_pretrained: no config key "
-                                                f"{key!r}; see g2e/configuration.py")
+                raise configuration.ConfigError(
+                    f"Embedder.from_pretrained: no config key {key!r}; see g2e/configuration.py"
+                )
             node[leaf] = value
         configuration.validate_settings(config, ["embed"])
         pipeline = Pipeline(config, pathlib.Path.cwd(), mesh=mesh)
         return cls.from_pipeline(pipeline)
 
-    def embed(self, texts: Sequence[str], images: Sequence[Any] | None = None, *,
-              role: str = "query", subset: str = "") -> np.ndarray:
+    def embed(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        *,
+        role: str = "query",
+        subset: str = "",
+    ) -> np.ndarray:
         """float32 [len(texts), D] L2-normalised embeddings, in order.
 
         Args:
@@ -279,14 +314,15 @@ class Embedder(BatchRunner):
         images = [None] * len(texts) if images is None else list(images)
         if len(images) != len(texts):
             raise ValueError(f"Embedder.embed: {len(texts)} texts but {len(images)} images")
-        items = [EmbedItem(text, image, role, subset, row=index)
-                 for index, (text, image) in enumerate(zip(texts, images))]
+        items = [
+            EmbedItem(text, image, role, subset, row=index)
+            for index, (text, image) in enumerate(zip(texts, images))
+        ]
         return self.embed_items(items)
 
     def embed_items(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
         """float32 [len(items), D] in input order (NaN rows for skipped bad items)."""
-        return self.run(items, functools.partial(self.processor.encode, strict=True),
-                        desc=desc)
+        return self.run(items, functools.partial(self.processor.encode, strict=True), desc=desc)
 
     __call__ = embed_items
 
@@ -318,8 +354,10 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                 if role not in ("query", "candidate"):
                     raise ValueError(f"'role' is {role!r}; use 'query' or 'candidate'")
             except ValueError as error:  # json.JSONDecodeError is a ValueError too.
-                message = (f"{path}, line {number}: {error}. Each line must be "
-                           '{"text": str, "image": path or null, "role": "query" | "candidate"}')
+                message = (
+                    f"{path}, line {number}: {error}. Each line must be "
+                    '{"text": str, "image": path or null, "role": "query" | "candidate"}'
+                )
                 if on_bad_input == "error":
                     raise ValueError(message) from None
                 logging.warning("skipped: %s", message)
@@ -327,12 +365,14 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                 items.append(None)
                 lines.append(number)
                 continue
-            items.append(EmbedItem(text=text, image=image, role=role, subset="",
-                                   row=Line(path, number)))
+            items.append(
+                EmbedItem(text=text, image=image, role=role, subset="", row=Line(path, number))
+            )
             lines.append(number)
     if skipped:
-        logging.warning("%s: %d malformed line(s) skipped (their output rows are NaN)", path,
-                        skipped)
+        logging.warning(
+            "%s: %d malformed line(s) skipped (their output rows are NaN)", path, skipped
+        )
     return items, lines
 
 
@@ -355,7 +395,12 @@ def run_embed(pipeline: Pipeline) -> dict[str, int]:
     if distributed.is_primary():
         pathlib.Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         np.save(config.output, out)
-        logging.info("embed: wrote %s %s%s", config.output, out.shape,
-                     f"; {skipped} bad line(s) skipped as NaN rows: "
-                     f"{processor.report.summary()}" if skipped else "")
+        logging.info(
+            "embed: wrote %s %s%s",
+            config.output,
+            out.shape,
+            f"; {skipped} bad line(s) skipped as NaN rows: {processor.report.summary()}"
+            if skipped
+            else "",
+        )
     return {"rows": len(items), "skipped": skipped}

@@ -48,8 +48,15 @@ class EmbeddingCache:
     run the same embedding steps; only processes with `writable` write.
     """
 
-    def __init__(self, directory: str | pathlib.Path, fingerprint: str, *,
-                 writable: bool = True, shard_size: int = 4096, dtype: str = "float32"):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        fingerprint: str,
+        *,
+        writable: bool = True,
+        shard_size: int = 4096,
+        dtype: str = "float32",
+    ):
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"embedding cache dtype {dtype!r}: use one of {CACHE_DTYPES}")
         self.directory = pathlib.Path(directory)
@@ -59,13 +66,20 @@ class EmbeddingCache:
         self.dtype = dtype
 
     def _index(self, keys: Sequence[Any]) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "count": len(keys),
-                "keys_sha1": _keys_digest(keys), "shard_size": self.shard_size,
-                "dtype": self.dtype}
+        return {
+            "format": CACHE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "count": len(keys),
+            "keys_sha1": _keys_digest(keys),
+            "shard_size": self.shard_size,
+            "dtype": self.dtype,
+        }
 
     def _shards(self, name: str, count: int) -> list[pathlib.Path]:
-        return [self.directory / name / f"{start // self.shard_size:05d}.npy"
-                for start in range(0, count, self.shard_size)]
+        return [
+            self.directory / name / f"{start // self.shard_size:05d}.npy"
+            for start in range(0, count, self.shard_size)
+        ]
 
     def missing(self, name: str, keys: Sequence[Any]) -> list[int]:
         """The shards of `keys` not stored yet (all of them for another model or data)."""
@@ -75,13 +89,17 @@ class EmbeddingCache:
         except (OSError, ValueError):
             return list(range(len(shards)))
         if index != self._index(keys):
-            logging.info("cache %s/%s is for another model, prompt or data; re-embedding",
-                         self.directory, name)
+            logging.info(
+                "cache %s/%s is for another model, prompt or data; re-embedding",
+                self.directory,
+                name,
+            )
             return list(range(len(shards)))
         return [i for i, path in enumerate(shards) if not path.is_file()]
 
-    def get(self, name: str, keys: Sequence[Any],
-            compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def get(
+        self, name: str, keys: Sequence[Any], compute: Callable[[np.ndarray], np.ndarray]
+    ) -> np.ndarray:
         """float32 [len(keys), D]: the stored embeddings of `keys`, the missing shards computed.
 
         `compute(indices)` embeds the items at `indices` (int64, ascending) and returns
@@ -95,20 +113,28 @@ class EmbeddingCache:
             self._reset(name, keys)
         parts = []
         for number, path in enumerate(shards):
-            indices = np.arange(number * self.shard_size,
-                                min((number + 1) * self.shard_size, len(keys)))
+            indices = np.arange(
+                number * self.shard_size, min((number + 1) * self.shard_size, len(keys))
+            )
             stored = None if number in missing else self._read(path, len(indices))
             if stored is None:
                 stored = np.asarray(compute(indices), np.float32)
                 if stored.ndim != 2 or stored.shape[0] != len(indices):
-                    raise ValueError(f"cache {self.directory}/{name}: compute gave "
-                                     f"{stored.shape} for {len(indices)} items")
+                    raise ValueError(
+                        f"cache {self.directory}/{name}: compute gave "
+                        f"{stored.shape} for {len(indices)} items"
+                    )
                 if self.writable:
                     self._write(path, stored)
             parts.append(stored)
         if missing and len(missing) < len(shards):
-            logging.info("cache %s/%s: %d of %d shards reused", self.directory, name,
-                         len(shards) - len(missing), len(shards))
+            logging.info(
+                "cache %s/%s: %d of %d shards reused",
+                self.directory,
+                name,
+                len(shards) - len(missing),
+                len(shards),
+            )
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
     def _reset(self, name: str, keys: Sequence[Any]) -> None:
@@ -124,8 +150,9 @@ class EmbeddingCache:
             logging.warning("cache shard %s is unreadable (%s); re-embedding it", path, error)
             return None
         if array.ndim != 2 or array.shape[0] != rows:
-            logging.warning("cache shard %s holds %s, not %d rows; re-embedding it", path,
-                            array.shape, rows)
+            logging.warning(
+                "cache shard %s holds %s, not %d rows; re-embedding it", path, array.shape, rows
+            )
             return None
         return array.astype(np.float32)
 

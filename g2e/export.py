@@ -46,49 +46,78 @@ def run(pipeline: Pipeline) -> dict[str, str]:
     results_file = pipeline.workdir / ("eval" if trained else "eval_zero_shot") / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
     written = export_model(
-        model, base_dir=model_dir, out_dir=pipeline.workdir / "export", adapter=adapter,
-        dtype=config.export.dtype, max_shard_bytes=config.export.max_shard_mb << 20,
-        results=results)
-    logging.info("export: Hugging Face model in %s%s", written["hf"],
-                 f", PEFT adapter in {written['peft']}" if written["peft"] else "")
+        model,
+        base_dir=model_dir,
+        out_dir=pipeline.workdir / "export",
+        adapter=adapter,
+        dtype=config.export.dtype,
+        max_shard_bytes=config.export.max_shard_mb << 20,
+        results=results,
+    )
+    logging.info(
+        "export: Hugging Face model in %s%s",
+        written["hf"],
+        f", PEFT adapter in {written['peft']}" if written["peft"] else "",
+    )
     return written
 
 
-def model_card(results: dict[str, Any] | None, *, base_model: str,
-               model_type: str = "qwen2_vl") -> str:
+def model_card(
+    results: dict[str, Any] | None, *, base_model: str, model_type: str = "qwen2_vl"
+) -> str:
     """A short README.md for the export: what it is, how to embed with it, its MMEB scores."""
     family = "Qwen2.5-VL" if model_type == QWEN2_5_VL else "Qwen2-VL"
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: feature-extraction", "---", "",
-        f"# g2e embedder ({family})", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: feature-extraction",
+        "---",
+        "",
+        f"# g2e embedder ({family})",
+        "",
         f"{family} fine-tuned as a universal multimodal embedding model with g2e (base: "
         f"`{base_model}`). Embedding = the last-layer hidden state of the last prompt token "
-        "(the newline after `assistant`), L2-normalised, with the hierarchical prompt:", "",
-        "```", "<|im_start|>system", "Given an image, summarize the provided image in one word. "
-        "Given only text, describe the text in one word.<|im_end|>", "<|im_start|>user",
+        "(the newline after `assistant`), L2-normalised, with the hierarchical prompt:",
+        "",
+        "```",
+        "<|im_start|>system",
+        "Given an image, summarize the provided image in one word. "
+        "Given only text, describe the text in one word.<|im_end|>",
+        "<|im_start|>user",
         "{instruction}[\\nRepresent the given text/image in one word.]<|im_end|>",
-        "<|im_start|>assistant", "```", "",
+        "<|im_start|>assistant",
+        "```",
+        "",
     ]
     if results:
-        lines += ["## MMEB", "", "| Classification | VQA | Retrieval | Grounding | IND | OOD | "
-                  "Overall |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## MMEB",
+            "",
+            "| Classification | VQA | Retrieval | Grounding | IND | OOD | Overall |",
+            "|---|---|---|---|---|---|---|",
+        ]
         meta = results.get("meta_tasks", {})
 
         def cell(value):
             value = value.get("precision_at_1") if isinstance(value, dict) else value
             return "-" if value is None else f"{value:.1f}"
 
-        row = [cell(meta.get(name)) for name in ("Classification", "VQA", "Retrieval",
-                                                 "Grounding")]
+        row = [cell(meta.get(name)) for name in ("Classification", "VQA", "Retrieval", "Grounding")]
         row += [cell(results.get(key)) for key in ("IND", "OOD", "overall")]
         lines += ["| " + " | ".join(row) + " |", ""]
     return "\n".join(lines) + "\n"
 
 
-def export_model(model: Qwen2VL, *, base_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                 adapter: lora.AdapterConfig | None, dtype: str = "source",
-                 max_shard_bytes: int = 2 << 30, results: dict[str, Any] | None = None
-                 ) -> dict[str, str]:
+def export_model(
+    model: Qwen2VL,
+    *,
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    adapter: lora.AdapterConfig | None,
+    dtype: str = "source",
+    max_shard_bytes: int = 2 << 30,
+    results: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """Writes <out_dir>/peft (if the model has adapters) then <out_dir>/hf (adapters merged).
 
     Every process calls it (see the module docstring); process 0 writes. The model is left as
@@ -112,23 +141,29 @@ def export_model(model: Qwen2VL, *, base_dir: str | os.PathLike, out_dir: str | 
         raise ValueError(f"export: dtype {dtype!r} is not one of {DTYPES}")
     written = {"hf": str(out_dir / "hf"), "peft": ""}
     if adapter is not None and peft.has_adapters(model):
-        distributed.write_on_primary(out_dir / "peft", lambda tmp: peft.save_peft_adapter(
-            model, adapter, tmp, base_model=str(base_dir)))
+        distributed.write_on_primary(
+            out_dir / "peft",
+            lambda tmp: peft.save_peft_adapter(model, adapter, tmp, base_model=str(base_dir)),
+        )
         written["peft"] = str(out_dir / "peft")
     disk_dtype = None if dtype == "source" else hf_io.DISK_DTYPES[dtype]
 
     def write(tmp: pathlib.Path | None):
-        hf_io.save_hf(model, tmp, source_dir=base_dir, dtype=disk_dtype,
-                      max_shard_bytes=max_shard_bytes)
+        hf_io.save_hf(
+            model, tmp, source_dir=base_dir, dtype=disk_dtype, max_shard_bytes=max_shard_bytes
+        )
         if tmp is None:
             return
         hf_io.copy_assets(base_dir, tmp)
         if not (tmp / "generation_config.json").is_file():
-            generation = {"bos_token_id": model.config.bos_token_id,
-                          "eos_token_id": model.config.eos_token_id}
+            generation = {
+                "bos_token_id": model.config.bos_token_id,
+                "eos_token_id": model.config.eos_token_id,
+            }
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(results, base_model=str(base_dir),
-                                                  model_type=model.config.model_type))
+        (tmp / "README.md").write_text(
+            model_card(results, base_model=str(base_dir), model_type=model.config.model_type)
+        )
 
     distributed.write_on_primary(out_dir / "hf", write)
     return written

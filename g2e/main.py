@@ -66,8 +66,9 @@ STAGES = (
 STAGE_NAMES = tuple(name for name, _ in STAGES)
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Recipe file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Recipe file.", lock_config=True
+)
 
 
 def _local_workdir(workdir: str) -> pathlib.Path:
@@ -81,7 +82,8 @@ def _local_workdir(workdir: str) -> pathlib.Path:
             f"--config.workdir: is the URL {workdir!r}, but g2e writes its outputs with local file "
             "I/O; mount the bucket (e.g. gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and give "
             "the mounted path, e.g. --config.workdir=/gcs/BUCKET/path. launch/tpu_vm.sh "
-            "--workdir=gs://BUCKET/path mounts the bucket on every worker and does this for you.")
+            "--workdir=gs://BUCKET/path mounts the bucket on every worker and does this for you."
+        )
     return pathlib.Path(workdir).resolve()
 
 
@@ -96,10 +98,10 @@ def _setup_compilation_cache(config: ml_collections.ConfigDict, workdir: pathlib
     if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", directory):  # gs://... goes through as is
         directory = str(pathlib.Path(directory).resolve())
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(cache.min_compile_time_secs))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                      int(cache.min_entry_size_bytes))
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(cache.min_compile_time_secs)
+    )
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(cache.min_entry_size_bytes))
 
 
 def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
@@ -107,8 +109,13 @@ def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(workdir / "log.txt"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

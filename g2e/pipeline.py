@@ -33,8 +33,12 @@ TRAINED_MODEL = "hf"
 class Pipeline:
     """What the stages share: the config, the workdir, the mesh and the loaded models."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: pathlib.Path,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
         self.config = config
         self.workdir = workdir
         self._mesh = mesh  # default: made from config.mesh on first use
@@ -51,8 +55,10 @@ class Pipeline:
     @property
     def rules(self) -> tuple:
         """The logical-axis rule table (config.sharding_rules) as tuples."""
-        return tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes))
-                     for name, axes in self.config.sharding_rules)
+        return tuple(
+            (name, axes if axes is None or isinstance(axes, str) else tuple(axes))
+            for name, axes in self.config.sharding_rules
+        )
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -87,15 +93,17 @@ class Pipeline:
             return self.config.model_dir, str(adapter)
         if full.is_dir():
             return str(full), ""
-        raise FileNotFoundError(f"{adapter} (or {full}) is missing: run the {run} stage first "
-                                f"(--config.stages={run})")
+        raise FileNotFoundError(
+            f"{adapter} (or {full}) is missing: run the {run} stage first (--config.stages={run})"
+        )
 
     def forget_model(self) -> None:
         """Drops the cached model (its weights changed in place, or memory is needed)."""
         self._model = self.model_key = None
 
-    def model(self, *, trained: bool, adapter: lora.AdapterConfig | None = None,
-              run: str = "train") -> Qwen2VL:
+    def model(
+        self, *, trained: bool, adapter: lora.AdapterConfig | None = None, run: str = "train"
+    ) -> Qwen2VL:
         """The base model (+ config.adapter_dir) or the one the training stage `run`
         fine-tuned; cached between stages.
 
@@ -103,8 +111,10 @@ class Pipeline:
         """
         model_dir, adapter_dir = self.model_paths(trained=trained, run=run)
         if adapter is not None and adapter_dir:
-            raise ValueError("--config.adapter_dir cannot be trained further here; merge it "
-                             "first with --config.stages=export and train from export/hf")
+            raise ValueError(
+                "--config.adapter_dir cannot be trained further here; merge it "
+                "first with --config.stages=export and train from export/hf"
+            )
         key = (model_dir, adapter_dir, adapter)
         if key == self.model_key:
             return self._model
@@ -112,38 +122,61 @@ class Pipeline:
         model_config = self.config.model
         adapter_config = peft.read_peft_config(adapter_dir) if adapter_dir else adapter
         model = hf_io.load_model(
-            model_dir, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
-            remat=model_config.remat, attention=model_config.attention, adapter=adapter_config,
-            mesh=self.mesh, rules=self.rules, seed=self.config.seed)
+            model_dir,
+            dtype=model_config.dtype,
+            param_dtype=model_config.param_dtype,
+            remat=model_config.remat,
+            attention=model_config.attention,
+            adapter=adapter_config,
+            mesh=self.mesh,
+            rules=self.rules,
+            seed=self.config.seed,
+        )
         if adapter_dir:
             peft.load_peft_adapter(model, adapter_dir)
         self._model, self.model_key = model, key
         return model
 
-    def processor(self, *, prompt: prompts.PromptOptions | None = None, train: bool = False,
-                  image_root: str | None = None, resolution: str | None = None) -> Processor:
+    def processor(
+        self,
+        *,
+        prompt: prompts.PromptOptions | None = None,
+        train: bool = False,
+        image_root: str | None = None,
+        resolution: str | None = None,
+    ) -> Processor:
         """A Processor with the data config's settings (the training ones when `train`)."""
         data = self.config.data
         if prompt is None:
-            prompt = prompts.PromptOptions(system=self.config.prompt.system,
-                                           suffix=self.config.prompt.suffix)
+            prompt = prompts.PromptOptions(
+                system=self.config.prompt.system, suffix=self.config.prompt.suffix
+            )
         return Processor.from_dir(
             self.config.model_dir,
             max_length=data.train_max_length if train else data.max_length,
-            image_resolution=resolution or (data.train_image_resolution if train
-                                            else data.image_resolution),
-            min_pixels=data.min_pixels or None, max_pixels=data.max_pixels or None,
-            prompt=prompt, length_buckets=tuple(data.length_buckets),
-            patch_buckets=tuple(data.patch_buckets), on_bad_input=data.on_bad_input,
-            image_root=image_root, jpeg_draft=data.jpeg_draft)
+            image_resolution=resolution
+            or (data.train_image_resolution if train else data.image_resolution),
+            min_pixels=data.min_pixels or None,
+            max_pixels=data.max_pixels or None,
+            prompt=prompt,
+            length_buckets=tuple(data.length_buckets),
+            patch_buckets=tuple(data.patch_buckets),
+            on_bad_input=data.on_bad_input,
+            image_root=image_root,
+            jpeg_draft=data.jpeg_draft,
+        )
 
     def embedding_cache_options(self) -> dict[str, Any]:
         """The EmbeddingCache options of the config (embedding_cache.shard_size, .dtype)."""
-        return dict(shard_size=int(self.config.embedding_cache.shard_size),
-                    dtype=self.config.embedding_cache.dtype)
+        return dict(
+            shard_size=int(self.config.embedding_cache.shard_size),
+            dtype=self.config.embedding_cache.dtype,
+        )
 
     def fingerprint(self, *parts: Any) -> str:
         """Names a model + prompt + preprocessing, so caches from another setting are not used."""
-        text = json.dumps([str(p) for p in parts] + [self.config.data.image_resolution,
-                                                     self.config.data.max_length])
+        text = json.dumps(
+            [str(p) for p in parts]
+            + [self.config.data.image_resolution, self.config.data.max_length]
+        )
         return hashlib.sha1(text.encode()).hexdigest()[:16]

@@ -20,12 +20,16 @@ from g2e.data.preprocess import EmbedItem
 from g2e.demo import tiny
 from tests.models.checkpoints import randomize
 
-TEXTS = ("Represent the given image with the following question: What shape is in the image?",
-         "a red circle and a blue square", "Find me an everyday image that matches the caption")
+TEXTS = (
+    "Represent the given image with the following question: What shape is in the image?",
+    "a red circle and a blue square",
+    "Find me an everyday image that matches the caption",
+)
 
 
-def tiny_checkpoint(out_dir: str | pathlib.Path, *, seed: int = 0, model_type: str = "qwen2_vl"
-                    ) -> tuple[transformers.PreTrainedModel, pathlib.Path]:
+def tiny_checkpoint(
+    out_dir: str | pathlib.Path, *, seed: int = 0, model_type: str = "qwen2_vl"
+) -> tuple[transformers.PreTrainedModel, pathlib.Path]:
     """Writes a tiny, complete Qwen2-VL (or, with model_type='qwen2_5_vl', Qwen2.5-VL)
     checkpoint; returns (float32 eval torch model, dir)."""
     out_dir = pathlib.Path(out_dir)
@@ -51,27 +55,36 @@ def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 @torch.no_grad()
-def reference_embedding(model, checkpoint: str | pathlib.Path, item: EmbedItem,
-                        prompt: prompts.PromptOptions = prompts.PromptOptions()) -> np.ndarray:
+def reference_embedding(
+    model,
+    checkpoint: str | pathlib.Path,
+    item: EmbedItem,
+    prompt: prompts.PromptOptions = prompts.PromptOptions(),
+) -> np.ndarray:
     """transformers' embedding of one item: SPEC §1 prompt, HF image processing, last token."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
     has_image = item.image is not None
-    text = prompts.embedding_prompt_text(item.text, has_image=has_image, role=item.role,
-                                         subset=item.subset, options=prompt)
+    text = prompts.embedding_prompt_text(
+        item.text, has_image=has_image, role=item.role, subset=item.subset, options=prompt
+    )
     inputs = {}
     if has_image:
         image = images_lib.load_image(item.image)
         features = image_processor(images=[image])
         grid = np.asarray(features["image_grid_thw"])
-        count = int(grid[0].prod()) // image_processor.merge_size ** 2
+        count = int(grid[0].prod()) // image_processor.merge_size**2
         text = text.replace(prompts.IMAGE_PAD, prompts.IMAGE_PAD * count, 1)
         inputs["pixel_values"] = torch.tensor(np.asarray(features["pixel_values"]))
         inputs["image_grid_thw"] = torch.tensor(grid)
     input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
-    outputs = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                    mm_token_type_ids=(input_ids == image_token_id).long(),
-                    output_hidden_states=True, **inputs)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        mm_token_type_ids=(input_ids == image_token_id).long(),
+        output_hidden_states=True,
+        **inputs,
+    )
     last = outputs.hidden_states[-1][0, -1].double().numpy()
     return (last / np.linalg.norm(last)).astype(np.float32)

@@ -12,4 +12,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # whichever copy the virtual environment's editable install points at.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    [_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)

@@ -28,11 +28,17 @@ from g2e import distributed
 from g2e.models import sharding
 
 _OUT = flags.DEFINE_string("out", None, "directory for results.npz and meta.json", required=True)
-_CONFIG = config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(dict(
-    distributed=dict(coordinator_address="", num_processes=0, process_id=-1),
-    mesh=dict(data=-1, fsdp=2, tensor=2))))
+_CONFIG = config_flags.DEFINE_config_dict(
+    "config",
+    ml_collections.ConfigDict(
+        dict(
+            distributed=dict(coordinator_address="", num_processes=0, process_id=-1),
+            mesh=dict(data=-1, fsdp=2, tensor=2),
+        )
+    ),
+)
 
-NUM_ITEMS = 22          # not a multiple of the process count: shares differ by one
+NUM_ITEMS = 22  # not a multiple of the process count: shares differ by one
 GLOBAL_BATCH = 8
 WIDTH, EMBED = 16, 8
 TEMPERATURE = 0.1
@@ -48,7 +54,8 @@ def contrastive_loss(weights, queries, candidates):
     """InfoNCE of every query against all candidates of the global batch."""
     logits = embed(weights, queries) @ embed(weights, candidates).T / TEMPERATURE
     return optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.arange(logits.shape[0])).mean()
+        logits, jnp.arange(logits.shape[0])
+    ).mean()
 
 
 def evaluate(weights, items, lengths, mesh):
@@ -64,15 +71,16 @@ def evaluate(weights, items, lengths, mesh):
     steps = distributed.num_host_batches(len(items), local_batch)
     chunks = [slice(step * local_batch, (step + 1) * local_batch) for step in range(steps)]
     widths = distributed.max_across_processes(
-        [local_lengths[rows].max(initial=1) for rows in chunks])
+        [local_lengths[rows].max(initial=1) for rows in chunks]
+    )
     outputs = []
     for rows, width in zip(chunks, widths):
         chunk = local_items[rows]
         padded = np.zeros((local_batch, width), np.float32)
-        padded[:len(chunk)] = chunk[:, :width]
-        padded[len(chunk):] = 1.0     # any finite row; its embedding is dropped below
+        padded[: len(chunk)] = chunk[:, :width]
+        padded[len(chunk) :] = 1.0  # any finite row; its embedding is dropped below
         batch = distributed.put_batch({"x": padded}, mesh, sharding.DEFAULT_RULES)
-        outputs.append(distributed.local_rows(embed_fn(weights[:width], batch["x"]))[:len(chunk)])
+        outputs.append(distributed.local_rows(embed_fn(weights[:width], batch["x"]))[: len(chunk)])
     return distributed.gather_in_order(np.concatenate(outputs), len(items))
 
 
@@ -89,8 +97,10 @@ def train(weights, queries, candidates, mesh, steps=3):
         rows = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
         mine = distributed.host_slice(GLOBAL_BATCH)
         batch = distributed.put_batch(
-            {"queries": queries[rows][mine], "candidates": candidates[rows][mine]}, mesh,
-            sharding.DEFAULT_RULES)
+            {"queries": queries[rows][mine], "candidates": candidates[rows][mine]},
+            mesh,
+            sharding.DEFAULT_RULES,
+        )
         weights, loss = step_fn(weights, batch["queries"], batch["candidates"])
         losses.append(float(loss))
     return weights, np.array(losses)
@@ -99,11 +109,13 @@ def train(weights, queries, candidates, mesh, steps=3):
 def checkpoint_round_trip(weights, directory):
     """Saves the sharded weights with Orbax (all processes together) and restores them."""
     import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, "weights"), {"weights": weights})
         checkpointer.wait_until_finished()
-        abstract = {"weights": jax.ShapeDtypeStruct(weights.shape, weights.dtype,
-                                                   sharding=weights.sharding)}
+        abstract = {
+            "weights": jax.ShapeDtypeStruct(weights.shape, weights.dtype, sharding=weights.sharding)
+        }
         return checkpointer.restore(os.path.join(directory, "weights"), abstract)["weights"]
 
 
@@ -111,7 +123,7 @@ def main(_):
     config = _CONFIG.value
     distributed.initialize(config)
     mesh = distributed.make_mesh(config.mesh)
-    rng = np.random.default_rng(0)       # the same data on every host; each reads its share
+    rng = np.random.default_rng(0)  # the same data on every host; each reads its share
     items = rng.normal(size=(NUM_ITEMS, WIDTH)).astype(np.float32)
     lengths = np.sort(rng.integers(2, WIDTH + 1, size=NUM_ITEMS))  # hosts need different widths
     items[np.arange(WIDTH) >= lengths[:, None]] = 0.0
@@ -120,8 +132,9 @@ def main(_):
     initial = rng.normal(size=(WIDTH, EMBED)).astype(np.float32)
     # Weights sharded over every mesh axis, data included, so the embedding step, gradients and
     # updates all exchange data between hosts (and a shape mismatch between hosts would fail).
-    weights = jax.device_put(initial,
-                             NamedSharding(mesh, PartitionSpec("fsdp", ("data", "tensor"))))
+    weights = jax.device_put(
+        initial, NamedSharding(mesh, PartitionSpec("fsdp", ("data", "tensor")))
+    )
 
     embeddings = evaluate(weights, items, lengths, mesh)
     reference = items @ initial
@@ -132,12 +145,24 @@ def main(_):
     final_restored = multihost_utils.process_allgather(restored, tiled=True)
 
     if distributed.is_primary():
-        np.savez(os.path.join(_OUT.value, "results.npz"), embeddings=embeddings,
-                 reference=reference, losses=losses, weights=final, restored=final_restored,
-                 initial=initial)
+        np.savez(
+            os.path.join(_OUT.value, "results.npz"),
+            embeddings=embeddings,
+            reference=reference,
+            losses=losses,
+            weights=final,
+            restored=final_restored,
+            initial=initial,
+        )
         with open(os.path.join(_OUT.value, "meta.json"), "w") as f:
-            json.dump(dict(process_count=jax.process_count(), device_count=jax.device_count(),
-                           mesh=dict(mesh.shape)), f)
+            json.dump(
+                dict(
+                    process_count=jax.process_count(),
+                    device_count=jax.device_count(),
+                    mesh=dict(mesh.shape),
+                ),
+                f,
+            )
     distributed.barrier("multihost_toy_done")
 
 

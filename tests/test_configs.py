@@ -19,9 +19,19 @@ def _load(name: str, arg: str | None = None):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
-@pytest.mark.parametrize("name,arg", [("mmeb", None), ("mmeb", "7b"), ("mmeb", "release"),
-                                      ("mmeb", "release-7b"), ("mmeb", "qwen25-3b"),
-                                      ("mmeb", "qwen25-7b"), ("embed", None), ("demo", None)])
+@pytest.mark.parametrize(
+    "name,arg",
+    [
+        ("mmeb", None),
+        ("mmeb", "7b"),
+        ("mmeb", "release"),
+        ("mmeb", "release-7b"),
+        ("mmeb", "qwen25-3b"),
+        ("mmeb", "qwen25-7b"),
+        ("embed", None),
+        ("demo", None),
+    ],
+)
 def test_every_config_loads_and_validates(name, arg):
     config = _load(name, arg)
     config.model_dir = config.model_dir or "/some/model"
@@ -41,7 +51,9 @@ def test_qwen25_variants_are_the_recipe_with_their_own_workdir():
     recipe = _load("mmeb").to_dict()
     assert {**_load("mmeb", "qwen25-3b").to_dict(), "workdir": recipe["workdir"]} == recipe
     assert _load("mmeb", "qwen25-7b").to_dict() == {
-        **_load("mmeb", "7b").to_dict(), "workdir": "workdir/mmeb-qwen25-7b"}
+        **_load("mmeb", "7b").to_dict(),
+        "workdir": "workdir/mmeb-qwen25-7b",
+    }
 
 
 def test_unknown_variant_names_the_known_ones():
@@ -59,29 +71,38 @@ def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
     for config in (recipe, release):
         assert config["train"]["global_batch"] == 2048
         assert (config["data"]["max_rows_per_subset"], config["data"]["row_sample_seed"]) == (
-            50000, -1)
-    differing = {(section, key) for section, values in recipe.items()
-                 if isinstance(values, dict) for key in values
-                 if values[key] != release[section][key]}
+            50000,
+            -1,
+        )
+    differing = {
+        (section, key)
+        for section, values in recipe.items()
+        if isinstance(values, dict)
+        for key in values
+        if values[key] != release[section][key]
+    }
     assert differing == {("mine", "judge"), ("train", "mask_identical_positives")}
     assert recipe["workdir"] != release["workdir"]
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("stages", "eval,train,bogus", "--config.stages: unknown stage 'bogus'"),
-    ("model.remat", "some", "--config.model.remat"),
-    ("data.on_bad_input", "ignore", "--config.data.on_bad_input"),
-    ("train.query_chunk", 7, "--config.train.query_chunk"),
-    ("train.global_batch", 2040, "--config.train.global_batch"),
-    ("train.backprop", "some", "--config.train.backprop"),
-    ("data.max_rows_per_subset", -1, "--config.data.max_rows_per_subset"),
-    ("data.heldout_rows", -1, "--config.data.heldout_rows"),
-    ("train.heldout_every", 0, "--config.train.heldout_every"),
-    ("data.image_resolution", "huge", "--config.data.image_resolution"),
-    ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
-    ("data.workers", -2, "--config.data.workers"),
-    ("embedding_cache.dtype", "int8", "--config.embedding_cache.dtype"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("stages", "eval,train,bogus", "--config.stages: unknown stage 'bogus'"),
+        ("model.remat", "some", "--config.model.remat"),
+        ("data.on_bad_input", "ignore", "--config.data.on_bad_input"),
+        ("train.query_chunk", 7, "--config.train.query_chunk"),
+        ("train.global_batch", 2040, "--config.train.global_batch"),
+        ("train.backprop", "some", "--config.train.backprop"),
+        ("data.max_rows_per_subset", -1, "--config.data.max_rows_per_subset"),
+        ("data.heldout_rows", -1, "--config.data.heldout_rows"),
+        ("train.heldout_every", 0, "--config.train.heldout_every"),
+        ("data.image_resolution", "huge", "--config.data.image_resolution"),
+        ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
+        ("data.workers", -2, "--config.data.workers"),
+        ("embedding_cache.dtype", "int8", "--config.embedding_cache.dtype"),
+    ],
+)
 def test_bad_keys_are_named(key, value, message):
     config = _load("mmeb")
     config.model_dir, config.data.train_dir, config.data.eval_dir = "/m", "/t", "/e"

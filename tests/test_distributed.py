@@ -26,24 +26,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Mesh
 
 
-@pytest.mark.parametrize("sizes, expected", [
-    (dict(data=-1, fsdp=1, tensor=1), (8, 1, 1)),
-    (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
-    (dict(data=1, fsdp=2, tensor=-1), (1, 2, 4)),
-    (dict(data=4, fsdp=2, tensor=1), (4, 2, 1)),
-])
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        (dict(data=-1, fsdp=1, tensor=1), (8, 1, 1)),
+        (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+        (dict(data=1, fsdp=2, tensor=-1), (1, 2, 4)),
+        (dict(data=4, fsdp=2, tensor=1), (4, 2, 1)),
+    ],
+)
 def test_mesh_shape_fills_the_rest(sizes, expected):
     assert distributed.mesh_shape(sizes, 8) == expected
 
 
-@pytest.mark.parametrize("sizes, message", [
-    (dict(data=-1, fsdp=3, tensor=1), "mesh.fsdp=3 does not divide 8 devices"),
-    (dict(data=-1, fsdp=-1, tensor=1), "mesh.data and mesh.fsdp are both -1"),
-    (dict(data=2, fsdp=2, tensor=1), "set one axis to -1"),
-    (dict(data=-1, fsdp=4, tensor=4), "mesh.fsdp*mesh.tensor = 16 does not divide 8 devices"),
-    (dict(data=0, fsdp=1, tensor=1), "mesh.data=0"),
-    (dict(data=-1, fsdp=1, tensor="2"), "mesh.tensor='2'"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(data=-1, fsdp=3, tensor=1), "mesh.fsdp=3 does not divide 8 devices"),
+        (dict(data=-1, fsdp=-1, tensor=1), "mesh.data and mesh.fsdp are both -1"),
+        (dict(data=2, fsdp=2, tensor=1), "set one axis to -1"),
+        (dict(data=-1, fsdp=4, tensor=4), "mesh.fsdp*mesh.tensor = 16 does not divide 8 devices"),
+        (dict(data=0, fsdp=1, tensor=1), "mesh.data=0"),
+        (dict(data=-1, fsdp=1, tensor="2"), "mesh.tensor='2'"),
+    ],
+)
 def test_mesh_shape_errors_name_the_key(sizes, message):
     with pytest.raises(ValueError) as error:
         distributed.mesh_shape(sizes, 8)
@@ -60,9 +66,13 @@ def test_make_mesh_auto_axes_over_all_devices():
 
 
 def _fake_devices(num_slices: int, per_slice: int):
-    return [SimpleNamespace(id=s * per_slice + i, slice_index=s, process_index=s,
-                            platform="cpu", device_kind="fake")
-            for s in range(num_slices) for i in range(per_slice)]
+    return [
+        SimpleNamespace(
+            id=s * per_slice + i, slice_index=s, process_index=s, platform="cpu", device_kind="fake"
+        )
+        for s in range(num_slices)
+        for i in range(per_slice)
+    ]
 
 
 def test_multi_slice_places_only_data_across_slices():
@@ -103,21 +113,24 @@ def test_single_process_helpers():
     np.testing.assert_array_equal(distributed.gather_in_order(values, 5), values)
     with pytest.raises(ValueError, match="holds 4 rows, but its share of 5 items is 5"):
         distributed.gather_in_order(values[:4], 5)
-    distributed.barrier("single")   # no-op with one process
+    distributed.barrier("single")  # no-op with one process
 
 
 def test_put_batch_shards_the_batch_dimension_by_the_batch_rule():
     mesh = distributed.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    local = {"input_ids": np.arange(32, dtype=np.int32).reshape(8, 4),
-             "position_ids": np.arange(96, dtype=np.int32).reshape(3, 8, 4),
-             "candidate": {"pixel_values": np.ones((8, 4, 2), np.float32)}}
+    local = {
+        "input_ids": np.arange(32, dtype=np.int32).reshape(8, 4),
+        "position_ids": np.arange(96, dtype=np.int32).reshape(3, 8, 4),
+        "candidate": {"pixel_values": np.ones((8, 4, 2), np.float32)},
+    }
     batch = distributed.put_batch(local, mesh, sharding.DEFAULT_RULES)
     assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     assert batch["position_ids"].sharding.spec[1] == ("data", "fsdp")
     assert batch["candidate"]["pixel_values"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(distributed.local_rows(batch["input_ids"]), local["input_ids"])
     np.testing.assert_array_equal(
-        distributed.local_rows(batch["position_ids"], batch_dim=1), local["position_ids"])
+        distributed.local_rows(batch["position_ids"], batch_dim=1), local["position_ids"]
+    )
     # Another 'batch' rule moves every placement with it.
     data_only = [("batch", "data")]
     assert distributed.put_batch(local, mesh, data_only)["input_ids"].sharding.spec[0] == "data"
@@ -140,27 +153,43 @@ def _config(**settings):
     return ml_collections.ConfigDict(dict(distributed=dict(base, **settings)))
 
 
-SLURM_TWO_TASKS = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2",
-                       SLURM_PROCID="1", SLURM_LOCALID="0")
+SLURM_TWO_TASKS = dict(
+    SLURM_JOB_ID="7",
+    SLURM_STEP_NODELIST="n[1-2]",
+    SLURM_NTASKS="2",
+    SLURM_PROCID="1",
+    SLURM_LOCALID="0",
+)
 
 
-@pytest.mark.parametrize("config, env, on_tpu_vm, reason", [
-    (_config(), {}, False, None),
-    (_config(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0), {}, False,
-     "config"),
-    (_config(), SLURM_TWO_TASKS, False, "slurm"),
-    (_config(), dict(SLURM_TWO_TASKS, SLURM_NTASKS="1"), False, None),
-    # Inside an allocation but not under srun: no step variables, one process.
-    (_config(), {k: v for k, v in SLURM_TWO_TASKS.items() if k != "SLURM_STEP_NODELIST"}, False,
-     None),
-    (_config(), dict(OMPI_MCA_orte_hnp_uri="x", OMPI_COMM_WORLD_SIZE="4"), False, "mpi"),
-    (_config(), dict(TPU_WORKER_HOSTNAMES="w0,w1"), False, "tpu"),
-    (_config(), dict(TPU_WORKER_HOSTNAMES="w0"), False, None),
-    (_config(), dict(MEGASCALE_COORDINATOR_ADDRESS="w0:8080"), False, "tpu"),
-    (_config(), {}, True, "tpu_vm"),
-    (_config(), dict(JAX_PLATFORMS="cpu"), True, None),
-    (ml_collections.ConfigDict(), {}, False, None),     # a config without a distributed block
-])
+@pytest.mark.parametrize(
+    "config, env, on_tpu_vm, reason",
+    [
+        (_config(), {}, False, None),
+        (
+            _config(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0),
+            {},
+            False,
+            "config",
+        ),
+        (_config(), SLURM_TWO_TASKS, False, "slurm"),
+        (_config(), dict(SLURM_TWO_TASKS, SLURM_NTASKS="1"), False, None),
+        # Inside an allocation but not under srun: no step variables, one process.
+        (
+            _config(),
+            {k: v for k, v in SLURM_TWO_TASKS.items() if k != "SLURM_STEP_NODELIST"},
+            False,
+            None,
+        ),
+        (_config(), dict(OMPI_MCA_orte_hnp_uri="x", OMPI_COMM_WORLD_SIZE="4"), False, "mpi"),
+        (_config(), dict(TPU_WORKER_HOSTNAMES="w0,w1"), False, "tpu"),
+        (_config(), dict(TPU_WORKER_HOSTNAMES="w0"), False, None),
+        (_config(), dict(MEGASCALE_COORDINATOR_ADDRESS="w0:8080"), False, "tpu"),
+        (_config(), {}, True, "tpu_vm"),
+        (_config(), dict(JAX_PLATFORMS="cpu"), True, None),
+        (ml_collections.ConfigDict(), {}, False, None),  # a config without a distributed block
+    ],
+)
 def test_distributed_reason(config, env, on_tpu_vm, reason):
     assert distributed.distributed_reason(config, env, on_tpu_vm) == reason
 
@@ -175,10 +204,13 @@ def test_initialize_is_a_no_op_on_one_host(monkeypatch):
     assert jax.process_count() == 1
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(num_processes=0, process_id=0), "distributed.num_processes is 0"),
-    (dict(num_processes=2, process_id=2), "distributed.process_id is 2"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(num_processes=0, process_id=0), "distributed.num_processes is 0"),
+        (dict(num_processes=2, process_id=2), "distributed.process_id is 2"),
+    ],
+)
 def test_initialize_explicit_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
         distributed.initialize(_config(coordinator_address="127.0.0.1:1", **settings))
@@ -201,20 +233,34 @@ def _slurm_environment(num_processes: int) -> dict[str, str]:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", 61440 + int(job_id))) != 0:
                 break
-    return dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="localhost",
-                SLURM_NTASKS=str(num_processes), SLURM_STEP_NUM_NODES="1")
+    return dict(
+        SLURM_JOB_ID=str(job_id),
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS=str(num_processes),
+        SLURM_STEP_NUM_NODES="1",
+    )
 
 
-def run_job(argv: list[str], num_processes: int, devices_per_process: int,
-            log_dir: pathlib.Path, timeout: float = 120, slurm: bool = False) -> None:
+def run_job(
+    argv: list[str],
+    num_processes: int,
+    devices_per_process: int,
+    log_dir: pathlib.Path,
+    timeout: float = 120,
+    slurm: bool = False,
+) -> None:
     """Runs `argv` as a JAX job of `num_processes` CPU processes on this machine.
 
     With more than one process, each gets `--config.distributed.*` flags for a coordinator on
     127.0.0.1 (or, with `slurm`, the SLURM variables of an `srun` step), so
     `g2e.distributed.initialize` connects them. Fails with the logs' tails.
     """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    )
     port = _free_port()
     slurm_env = _slurm_environment(num_processes) if slurm else {}
     processes, logs = [], []
@@ -223,14 +269,19 @@ def run_job(argv: list[str], num_processes: int, devices_per_process: int,
         if slurm:
             task_env.update(slurm_env, SLURM_PROCID=str(index), SLURM_LOCALID=str(index))
         elif num_processes > 1:
-            flags = [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                     f"--config.distributed.num_processes={num_processes}",
-                     f"--config.distributed.process_id={index}"]
+            flags = [
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={num_processes}",
+                f"--config.distributed.process_id={index}",
+            ]
         log = log_dir / f"process_{num_processes}_{index}.log"
         logs.append(log)
         with open(log, "w") as f:
-            processes.append(subprocess.Popen(argv + flags, cwd=REPO, env=task_env, stdout=f,
-                                              stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    argv + flags, cwd=REPO, env=task_env, stdout=f, stderr=subprocess.STDOUT
+                )
+            )
     deadline = time.monotonic() + timeout
     try:
         codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in processes]
@@ -242,8 +293,9 @@ def run_job(argv: list[str], num_processes: int, devices_per_process: int,
                 p.kill()
                 p.wait()
     if codes is None or any(codes):
-        tails = "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-25:])
-                          for log in logs)
+        tails = "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-25:]) for log in logs
+        )
         pytest.fail(f"{argv} with {num_processes} processes: exit codes {codes}\n{tails}")
 
 
@@ -264,7 +316,7 @@ def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
     assert one["embeddings"].shape == (22, 8)
     # In input order and unaffected by padding: the host-side product of items and weights.
     np.testing.assert_allclose(one["embeddings"], one["reference"], rtol=1e-4, atol=1e-5)
-    assert not np.allclose(one["weights"], one["initial"])     # training moved the weights
+    assert not np.allclose(one["weights"], one["initial"])  # training moved the weights
     np.testing.assert_array_equal(two["restored"], two["weights"])  # checkpoint round trip
 
 
@@ -273,14 +325,23 @@ def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
 # no mine stage) and the export. The weights are sharded over fsdp = 8 devices, which with two
 # processes spans both: saving the adapter and exporting must gather across hosts.
 DEMO_FLAGS = [
-    "--config=configs/demo.py", "--config.stages=prepare_demo,eval_zero_shot,train,export",
-    "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-    "--config.demo.scale=0.05", "--config.demo.generator_steps=2",
-    "--config.demo.hidden_size=64", "--config.demo.num_layers=2", "--config.demo.vision_width=32",
-    "--config.data.eval_subsets=ShapeCls,ShapeVQA", "--config.eval.batch_size=8",
-    "--config.train.steps=2", "--config.train.checkpoint_every=2",
-    "--config.train.use_clusters=False", "--config.train.global_batch=16",
-    "--config.train.cluster_size=2", "--config.data.heldout_rows=0",
+    "--config=configs/demo.py",
+    "--config.stages=prepare_demo,eval_zero_shot,train,export",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=-1",
+    "--config.demo.scale=0.05",
+    "--config.demo.generator_steps=2",
+    "--config.demo.hidden_size=64",
+    "--config.demo.num_layers=2",
+    "--config.demo.vision_width=32",
+    "--config.data.eval_subsets=ShapeCls,ShapeVQA",
+    "--config.eval.batch_size=8",
+    "--config.train.steps=2",
+    "--config.train.checkpoint_every=2",
+    "--config.train.use_clusters=False",
+    "--config.train.global_batch=16",
+    "--config.train.cluster_size=2",
+    "--config.data.heldout_rows=0",
 ]
 
 
@@ -298,31 +359,43 @@ def _compare_demo(single: pathlib.Path, multi: pathlib.Path) -> None:
     generators = [load_file(d / model) for d in (one, two)]
     assert sorted(generators[0]) == sorted(generators[1])
     for name, value in generators[0].items():
-        np.testing.assert_allclose(generators[1][name], value, rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(generators[1][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
     results = [json.loads((d / "eval_zero_shot" / "results.json").read_text()) for d in (one, two)]
     assert sorted(results[0]["subsets"]) == ["ShapeCls", "ShapeVQA"]
     for name, subset in results[0]["subsets"].items():
         other = results[1]["subsets"][name]
         assert (other["precision_at_1"], other["num_queries"]) == (
-            subset["precision_at_1"], subset["num_queries"]), name
+            subset["precision_at_1"],
+            subset["num_queries"],
+        ), name
     assert results[1]["overall"] == results[0]["overall"]
     # The evaluation's embedding cache: every query and candidate, in input order, both runs.
     for name in results[0]["subsets"]:
         for side in ("queries", "candidates"):
             folder = pathlib.Path("eval_zero_shot", "cache", name, side)
-            stored = [np.concatenate([np.load(f) for f in sorted((d / folder).glob("*.npy"))])
-                      for d in (one, two)]
-            np.testing.assert_allclose(stored[1], stored[0], rtol=1e-5, atol=1e-5,
-                                       err_msg=str(folder))
-    metrics = [[json.loads(line) for line in (d / "train" / "train_metrics.jsonl").open()]
-               for d in (one, two)]
+            stored = [
+                np.concatenate([np.load(f) for f in sorted((d / folder).glob("*.npy"))])
+                for d in (one, two)
+            ]
+            np.testing.assert_allclose(
+                stored[1], stored[0], rtol=1e-5, atol=1e-5, err_msg=str(folder)
+            )
+    metrics = [
+        [json.loads(line) for line in (d / "train" / "train_metrics.jsonl").open()]
+        for d in (one, two)
+    ]
     assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1, 2]
     for key in ("loss", "accuracy", "grad_norm", "update_norm"):
-        np.testing.assert_allclose([m[key] for m in metrics[1]], [m[key] for m in metrics[0]],
-                                   rtol=1e-5, atol=1e-5, err_msg=key)
-    adapters = [load_file(d / "train" / "adapter" / "adapter_model.safetensors")
-                for d in (one, two)]
+        np.testing.assert_allclose(
+            [m[key] for m in metrics[1]],
+            [m[key] for m in metrics[0]],
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=key,
+        )
+    adapters = [
+        load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (one, two)
+    ]
     assert adapters[0] and sorted(adapters[0]) == sorted(adapters[1])
     for name, value in adapters[0].items():
         np.testing.assert_allclose(adapters[1][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -346,29 +419,42 @@ def _compare_export(workdir: pathlib.Path) -> None:
     model_dir, adapter_dir = workdir / "prepare_demo" / "model", workdir / "train" / "adapter"
     mesh = distributed.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
     adapter = peft.read_peft_config(adapter_dir)
-    model = hf_io.load_model(model_dir, dtype=config.model.dtype,
-                             param_dtype=config.model.param_dtype, adapter=adapter, mesh=mesh,
-                             rules=sharding.DEFAULT_RULES)
+    model = hf_io.load_model(
+        model_dir,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        adapter=adapter,
+        mesh=mesh,
+        rules=sharding.DEFAULT_RULES,
+    )
     peft.load_peft_adapter(model, adapter_dir)
     reference = workdir.parent / "export_1x8"
-    export.export_model(model, base_dir=model_dir, out_dir=reference, adapter=adapter,
-                        dtype=config.export.dtype,
-                        max_shard_bytes=config.export.max_shard_mb << 20)
+    export.export_model(
+        model,
+        base_dir=model_dir,
+        out_dir=reference,
+        adapter=adapter,
+        dtype=config.export.dtype,
+        max_shard_bytes=config.export.max_shard_mb << 20,
+    )
     for folder in ("hf", "peft"):
         names = sorted(p.name for p in (reference / folder).iterdir())
         assert names == sorted(p.name for p in (workdir / "export" / folder).iterdir())
         for name in names:
-            assert ((workdir / "export" / folder / name).read_bytes() ==
-                    (reference / folder / name).read_bytes()), f"export/{folder}/{name}"
+            assert (workdir / "export" / folder / name).read_bytes() == (
+                reference / folder / name
+            ).read_bytes(), f"export/{folder}/{name}"
     # The adapter the train stage saved is the one exported.
-    assert ((workdir / "export" / "peft" / "adapter_model.safetensors").read_bytes() ==
-            (adapter_dir / "adapter_model.safetensors").read_bytes())
+    assert (workdir / "export" / "peft" / "adapter_model.safetensors").read_bytes() == (
+        adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 # A case: (command for an output directory, comparison of the one- and two-process outputs).
 # The one-process run goes first, in tmp_path/single; the two-process run in tmp_path/multi.
-JOBS: dict[str, tuple[Callable[[pathlib.Path], list[str]],
-                      Callable[[pathlib.Path, pathlib.Path], None]]] = {
+JOBS: dict[
+    str, tuple[Callable[[pathlib.Path], list[str]], Callable[[pathlib.Path, pathlib.Path], None]]
+] = {
     "toy": (_toy_command, _compare_toy),
     "demo": (_demo_command, _compare_demo),
 }
@@ -384,18 +470,21 @@ def test_two_processes_match_one(job, tmp_path):
     # The demo job runs four stages of the real recipe; on a shared 2-core machine its two
     # processes take minutes.
     timeout = 600 if job == "demo" else 240
-    run_job(command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path,
-            timeout=timeout)
-    run_job(command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path,
-            timeout=timeout)
+    run_job(
+        command(single), num_processes=1, devices_per_process=8, log_dir=tmp_path, timeout=timeout
+    )
+    run_job(
+        command(multi), num_processes=2, devices_per_process=4, log_dir=tmp_path, timeout=timeout
+    )
     compare(single, multi)
 
 
 @pytest.mark.slow
 def test_slurm_srun_environment_is_detected(tmp_path):
     """The SLURM path: no coordinator flags, only srun's variables (as launch/slurm.sbatch)."""
-    run_job(_toy_command(tmp_path), num_processes=2, devices_per_process=4, log_dir=tmp_path,
-            slurm=True)
+    run_job(
+        _toy_command(tmp_path), num_processes=2, devices_per_process=4, log_dir=tmp_path, slurm=True
+    )
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert (meta["process_count"], meta["device_count"]) == (2, 8)
     results = np.load(tmp_path / "results.npz")

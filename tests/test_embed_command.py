@@ -29,8 +29,11 @@ CONFIG = REPO / "configs" / "embed.py"
 GOOD_LINES = [
     ("a red circle and a blue square", None, "query"),
     # Image and text without a placeholder: the image goes first.
-    ("Represent the given image with the following question: What shape is in the image?",
-     "images/wide.png", "query"),
+    (
+        "Represent the given image with the following question: What shape is in the image?",
+        "images/wide.png",
+        "query",
+    ),
     ("a red circle", None, "candidate"),
     ("<|image_1|>\nFind me an everyday image that matches the caption", "tall.jpg", "query"),
     ("a photo of a dog", "images/wide.png", "candidate"),
@@ -66,15 +69,28 @@ def write_jsonl(path: pathlib.Path, lines: list) -> pathlib.Path:
     return path
 
 
-def run_embed(run_dir: pathlib.Path, model_dir: pathlib.Path, name: str, *extra: str,
-              devices: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "g2e.main", f"--config={CONFIG}",
-               f"--config.model_dir={model_dir}", f"--config.input={name}.jsonl",
-               f"--config.output=out/{name}.npy", f"--config.workdir=work_{name}", *extra]
-    return subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True,
-                          timeout=300)
+def run_embed(
+    run_dir: pathlib.Path, model_dir: pathlib.Path, name: str, *extra: str, devices: int = 1
+) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "g2e.main",
+        f"--config={CONFIG}",
+        f"--config.model_dir={model_dir}",
+        f"--config.input={name}.jsonl",
+        f"--config.output=out/{name}.npy",
+        f"--config.workdir=work_{name}",
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def reference(checkpoint, run_dir, line) -> np.ndarray:
@@ -92,18 +108,33 @@ def test_embed_command_matches_transformers(checkpoint, run_dir):
     out = np.load(run_dir / "out" / "good.npy")
     assert out.dtype == np.float32 and out.shape == (len(GOOD_LINES), 64)
     for index, line in enumerate(GOOD_LINES):
-        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
-                                   rtol=0, err_msg=f"line {index + 1}: {line}")
+        np.testing.assert_allclose(
+            out[index],
+            reference(checkpoint, run_dir, line),
+            atol=1e-4,
+            rtol=0,
+            err_msg=f"line {index + 1}: {line}",
+        )
 
 
 BAD_LINES = {
-    "malformed": ('{"text": "a red circle", "image": null, "role": "query"',
-                  ["malformed.jsonl, line 2"]),
-    "role": (json.dumps({"text": "a red circle", "image": None, "role": "answer"}),
-             ["role.jsonl, line 2", "'answer'", "query", "candidate"]),
-    "missing": (json.dumps({"text": "a cat", "image": "images/missing.png", "role": "query"}),
-                ["missing image", "images/missing.png", "line 2 of missing.jsonl",
-                 "relative path is taken from the working directory"]),
+    "malformed": (
+        '{"text": "a red circle", "image": null, "role": "query"',
+        ["malformed.jsonl, line 2"],
+    ),
+    "role": (
+        json.dumps({"text": "a red circle", "image": None, "role": "answer"}),
+        ["role.jsonl, line 2", "'answer'", "query", "candidate"],
+    ),
+    "missing": (
+        json.dumps({"text": "a cat", "image": "images/missing.png", "role": "query"}),
+        [
+            "missing image",
+            "images/missing.png",
+            "line 2 of missing.jsonl",
+            "relative path is taken from the working directory",
+        ],
+    ),
 }
 
 
@@ -120,8 +151,14 @@ def test_bad_line_stops_with_named_error(checkpoint, run_dir, kind):
 
 
 def test_skip_bad_lines_gives_nan_rows_and_count(checkpoint, run_dir):
-    lines = [GOOD_LINES[1], BAD_LINES["malformed"][0], GOOD_LINES[0], BAD_LINES["role"][0],
-             BAD_LINES["missing"][0], GOOD_LINES[3]]
+    lines = [
+        GOOD_LINES[1],
+        BAD_LINES["malformed"][0],
+        GOOD_LINES[0],
+        BAD_LINES["role"][0],
+        BAD_LINES["missing"][0],
+        GOOD_LINES[3],
+    ]
     write_jsonl(run_dir / "skip.jsonl", lines)
     result = run_embed(run_dir, checkpoint[1], "skip", "--config.data.on_bad_input=skip")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,16 +168,23 @@ def test_skip_bad_lines_gives_nan_rows_and_count(checkpoint, run_dir):
     bad_rows = [1, 3, 4]
     assert np.isnan(out[bad_rows]).all()
     for row in sorted(set(range(len(lines))) - set(bad_rows)):
-        np.testing.assert_allclose(out[row], reference(checkpoint, run_dir, lines[row]),
-                                   atol=1e-4, rtol=0, err_msg=f"line {row + 1}")
+        np.testing.assert_allclose(
+            out[row],
+            reference(checkpoint, run_dir, lines[row]),
+            atol=1e-4,
+            rtol=0,
+            err_msg=f"line {row + 1}",
+        )
 
 
 def test_a_long_text_and_a_small_image_share_a_batch(checkpoint, run_dir):
     """One batch holds a text-only item of a long length bucket and an image item of a short
     one: its shape is the largest of each dimension (it used to fail with "collate: (length=128,
     num_patches=1024) cannot hold an encoding of 273 tokens")."""
-    words = ("a red circle next to a blue square under a green star near the yellow cross "
-             "and beside the orange pentagon").split()
+    words = (
+        "a red circle next to a blue square under a green star near the yellow cross "
+        "and beside the orange pentagon"
+    ).split()
     long_text = " ".join(words[i % len(words)] for i in range(100))
     lines = [(long_text, None, "query"), GOOD_LINES[1]]
     write_jsonl(run_dir / "mixed.jsonl", lines)
@@ -148,8 +192,13 @@ def test_a_long_text_and_a_small_image_share_a_batch(checkpoint, run_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     out = np.load(run_dir / "out" / "mixed.npy")
     for index, line in enumerate(lines):
-        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
-                                   rtol=0, err_msg=f"line {index + 1}")
+        np.testing.assert_allclose(
+            out[index],
+            reference(checkpoint, run_dir, line),
+            atol=1e-4,
+            rtol=0,
+            err_msg=f"line {index + 1}",
+        )
 
 
 def test_python_api_equals_the_command_line_by_line(checkpoint, run_dir, monkeypatch):
@@ -173,14 +222,16 @@ def test_python_api_equals_the_command_line_by_line(checkpoint, run_dir, monkeyp
         assert vectors.dtype == np.float32 and vectors.shape == (len(lines), 64)
         np.testing.assert_allclose(vectors, command[lines], atol=1e-6, rtol=0)
         pil = [None if path is None else Image.open(run_dir / path) for path in images]
-        np.testing.assert_allclose(embedder.embed(texts, pil, role=role), vectors, atol=1e-6,
-                                   rtol=0)
+        np.testing.assert_allclose(
+            embedder.embed(texts, pil, role=role), vectors, atol=1e-6, rtol=0
+        )
 
 
 @pytest.fixture(scope="module")
 def qwen25_checkpoint(tmp_path_factory):
-    return assets.tiny_checkpoint(tmp_path_factory.mktemp("qwen25_ckpt"), seed=5,
-                                  model_type="qwen2_5_vl")
+    return assets.tiny_checkpoint(
+        tmp_path_factory.mktemp("qwen25_ckpt"), seed=5, model_type="qwen2_5_vl"
+    )
 
 
 @pytest.mark.slow
@@ -194,8 +245,13 @@ def test_embed_command_on_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, run_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     out = np.load(run_dir / "out" / "qwen25.npy")
     for index, line in enumerate(lines):
-        np.testing.assert_allclose(out[index], reference(checkpoint, run_dir, line), atol=1e-4,
-                                   rtol=0, err_msg=f"line {index + 1}: {line}")
+        np.testing.assert_allclose(
+            out[index],
+            reference(checkpoint, run_dir, line),
+            atol=1e-4,
+            rtol=0,
+            err_msg=f"line {index + 1}: {line}",
+        )
 
 
 @pytest.mark.slow
@@ -208,9 +264,14 @@ def test_mmeb_evaluation_of_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, tmp_path)
     data = tmp_path / "mini"
     mini_mmeb.build(str(data), seed=1, train_rows=1, eval_queries=4, candidates=3)
     embedder = Embedder.from_pretrained(qwen25_checkpoint[1])
-    results = evaluation.evaluate_mmeb(embedder, eval_dir=str(data / "eval"),
-                                       image_root=str(data), out_dir=str(tmp_path / "out"),
-                                       subsets="ShapeCls,ShapeCaption_t2i", progress=False)
+    results = evaluation.evaluate_mmeb(
+        embedder,
+        eval_dir=str(data / "eval"),
+        image_root=str(data),
+        out_dir=str(tmp_path / "out"),
+        subsets="ShapeCls,ShapeCaption_t2i",
+        progress=False,
+    )
     assert sorted(results["subsets"]) == ["ShapeCaption_t2i", "ShapeCls"]
     assert all(r["num_queries"] == 4 for r in results["subsets"].values())
     assert 0.0 <= results["overall"] <= 100.0

@@ -22,17 +22,23 @@ from tests import assets
 RULES = sharding.DEFAULT_RULES
 LENGTH_BUCKETS = (256,)
 PATCH_BUCKETS = (0, 128, 256)
-LONG_TEXT = ("a red circle and a blue square next to a small green triangle on the left of a "
-             "tall tree near the water, with a man holding a cup and a dog sitting in front of "
-             "the house under a bright sky; many people are walking on the street.")
+LONG_TEXT = (
+    "a red circle and a blue square next to a small green triangle on the left of a "
+    "tall tree near the water, with a man holding a cup and a dog sitting in front of "
+    "the house under a bright sky; many people are walking on the street."
+)
 
 
 def make_items() -> list[EmbedItem]:
     """Text-only and image items of different sizes, queries and candidates, short and long."""
     return [
         EmbedItem("a red circle", None, "query"),
-        EmbedItem("<|image_1|>\nRepresent the given image with the following question: "
-                  "What shape is in the image?", assets.noise_image(56, 56, seed=1), "query"),
+        EmbedItem(
+            "<|image_1|>\nRepresent the given image with the following question: "
+            "What shape is in the image?",
+            assets.noise_image(56, 56, seed=1),
+            "query",
+        ),
         EmbedItem(LONG_TEXT, None, "candidate"),
         # Image without a placeholder: the image goes first.
         EmbedItem("a blue square", assets.noise_image(84, 112, seed=2), "candidate"),
@@ -53,15 +59,19 @@ def model(checkpoint):
 
 
 def processor(directory, padding_side: str = "right") -> Processor:
-    return Processor.from_dir(directory, max_length=256, padding_side=padding_side,
-                              length_buckets=LENGTH_BUCKETS, patch_buckets=PATCH_BUCKETS)
+    return Processor.from_dir(
+        directory,
+        max_length=256,
+        padding_side=padding_side,
+        length_buckets=LENGTH_BUCKETS,
+        patch_buckets=PATCH_BUCKETS,
+    )
 
 
 @pytest.fixture(scope="module")
 def alone(checkpoint, model):
     """Each item embedded by itself (batch of one real row plus dummy rows), right padding."""
-    embedder = Embedder(model, processor(checkpoint[1]), mesh=None, batch_size=2,
-                        progress=False)
+    embedder = Embedder(model, processor(checkpoint[1]), mesh=None, batch_size=2, progress=False)
     return np.concatenate([embedder([item]) for item in make_items()])
 
 
@@ -70,13 +80,15 @@ def test_alone_matches_transformers(checkpoint, alone):
     torch_model, directory = checkpoint
     for index, item in enumerate(make_items()):
         reference = assets.reference_embedding(torch_model, directory, item)
-        np.testing.assert_allclose(alone[index], reference, atol=1e-4, rtol=0,
-                                   err_msg=f"item {index}")
+        np.testing.assert_allclose(
+            alone[index], reference, atol=1e-4, rtol=0, err_msg=f"item {index}"
+        )
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_mixed_batch_and_padding_side_do_not_change_embeddings(checkpoint, model, alone,
-                                                               padding_side):
+def test_mixed_batch_and_padding_side_do_not_change_embeddings(
+    checkpoint, model, alone, padding_side
+):
     proc = processor(checkpoint[1], padding_side)
     embedder = Embedder(model, proc, mesh=None, batch_size=8, progress=False)
     mixed = embedder(make_items())
@@ -113,8 +125,14 @@ def test_mesh_equals_single_device(checkpoint, alone, mesh_shape):
     sharded = hf_io.load_model(checkpoint[1], mesh=mesh, rules=RULES)
     embedding = sharded.language_model.embed_tokens.value
     assert len(embedding.sharding.device_set) == 8
-    embedder = Embedder(sharded, processor(checkpoint[1], "left"), mesh=mesh, rules=RULES,
-                        batch_size=8, progress=False)
+    embedder = Embedder(
+        sharded,
+        processor(checkpoint[1], "left"),
+        mesh=mesh,
+        rules=RULES,
+        batch_size=8,
+        progress=False,
+    )
     out = embedder(make_items())
     np.testing.assert_allclose(out, alone, atol=1e-5, rtol=0)
 
@@ -125,8 +143,9 @@ def test_worker_processes_do_not_change_embeddings(checkpoint, model, alone, mon
     monkeypatch.setattr(workers, "MIN_ITEMS_PER_WORKER", 0)  # start processes for 7 items
     runs = []
     for count in (0, 1, 2):
-        embedder = Embedder(model, processor(checkpoint[1]), mesh=None, batch_size=2,
-                            progress=False, workers=count)
+        embedder = Embedder(
+            model, processor(checkpoint[1]), mesh=None, batch_size=2, progress=False, workers=count
+        )
         runs.append(embedder(make_items()))
     np.testing.assert_array_equal(runs[1], runs[0])
     np.testing.assert_array_equal(runs[2], runs[0])
@@ -138,8 +157,9 @@ def test_a_long_input_streams_through_a_bounded_window(checkpoint, model, alone)
     once, and every result lands in its input's row."""
     items = make_items()
     order = np.random.default_rng(0).integers(0, len(items), size=300)
-    embedder = Embedder(model, processor(checkpoint[1]), mesh=None, batch_size=4,
-                        progress=False, window=2)
+    embedder = Embedder(
+        model, processor(checkpoint[1]), mesh=None, batch_size=4, progress=False, window=2
+    )
     out = embedder([items[i] for i in order])
     assert 0 < embedder.peak_prepared <= 8
     np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)

@@ -10,13 +10,12 @@ the column norms), so an export that dropped or mis-merged the adapter would sho
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
-
-import json
 
 import jax
 import ml_collections
@@ -31,22 +30,27 @@ from safetensors.numpy import load_file
 
 from g2e import configuration, distributed, export, main
 from g2e.data.preprocess import EmbedItem, Processor
+from g2e.demo import tiny
 from g2e.embedding import Embedder
 from g2e.models import hf_io, lora
 from g2e.models import peft as peft_io
 from g2e.models.config import QWEN2_5_VL
-from g2e.demo import tiny
 from tests import assets
 from tests.models.checkpoints import randomize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Targets sorted as read_peft_config returns them: same config, so reloads reuse compilations.
-ADAPTER = lora.AdapterConfig(kind="dora", r=4, alpha=8, dropout=0.0,
-                             targets=tuple(sorted(lora.DEFAULT_TARGETS)))
+ADAPTER = lora.AdapterConfig(
+    kind="dora", r=4, alpha=8, dropout=0.0, targets=tuple(sorted(lora.DEFAULT_TARGETS))
+)
 ITEMS = [
     EmbedItem("a red circle and a blue square", None, "query"),
-    EmbedItem("<|image_1|>\nRepresent the given image with the following question: What shape "
-              "is in the image?", assets.noise_image(84, 112, seed=1), "query"),
+    EmbedItem(
+        "<|image_1|>\nRepresent the given image with the following question: What shape "
+        "is in the image?",
+        assets.noise_image(84, 112, seed=1),
+        "query",
+    ),
     EmbedItem("Find me an everyday image", assets.noise_image(112, 56, seed=2), "candidate"),
 ]
 
@@ -63,8 +67,9 @@ def randomize_adapter(model, seed: int) -> None:
 
 
 def embed(model, directory) -> np.ndarray:
-    processor = Processor.from_dir(directory, max_length=256, length_buckets=(256,),
-                                   patch_buckets=(0, 64))
+    processor = Processor.from_dir(
+        directory, max_length=256, length_buckets=(256,), patch_buckets=(0, 64)
+    )
     return Embedder(model, processor, mesh=None, batch_size=4, progress=False)(ITEMS)
 
 
@@ -82,7 +87,8 @@ def torch_embeddings(model, directory) -> np.ndarray:
 
 def load_torch(directory) -> transformers.Qwen2VLForConditionalGeneration:
     return transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        directory, dtype=torch.float32, attn_implementation="eager").eval()
+        directory, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,9 @@ def exported(tmp_path_factory):
     randomize_adapter(model, seed=0)
     adapted = embed(model, directory)
     out_dir = tmp_path_factory.mktemp("export_out")
-    written = export.export_model(model, base_dir=directory, out_dir=out_dir, adapter=ADAPTER,
-                                  max_shard_bytes=100_000)
+    written = export.export_model(
+        model, base_dir=directory, out_dir=out_dir, adapter=ADAPTER, max_shard_bytes=100_000
+    )
     assert written == {"hf": str(out_dir / "hf"), "peft": str(out_dir / "peft")}
     assert peft_io.has_adapters(model)  # the export left the model as it was
     merged = embed(hf_io.load_model(out_dir / "hf"), directory)
@@ -108,8 +115,9 @@ def test_adapter_matters_and_merge_keeps_embeddings(exported):
     np.testing.assert_allclose(merged, adapted, atol=1e-5, rtol=0)
 
 
-def hand_merge(kernel_hf: np.ndarray, adapter: dict[str, np.ndarray], layer: int,
-               config: lora.AdapterConfig) -> np.ndarray:
+def hand_merge(
+    kernel_hf: np.ndarray, adapter: dict[str, np.ndarray], layer: int, config: lora.AdapterConfig
+) -> np.ndarray:
     """DoRA merged in float32 with numpy, in HF layout [out, in]: (W + s A B) m / ||W + s A B||."""
     weight = kernel_hf.astype(np.float32).T
     merged = weight + config.scaling * (adapter["lora_a"][layer] @ adapter["lora_b"][layer])
@@ -133,8 +141,9 @@ def test_export_without_adapter_is_the_source_bit_for_bit(exported, tmp_path):
     assert not (tmp_path / "same" / "peft").exists()
 
     # Another dtype changes the tensors' dtype and the config's dtype field, nothing else.
-    export.export_model(model, base_dir=directory, out_dir=tmp_path / "bf16", adapter=None,
-                        dtype="bfloat16")
+    export.export_model(
+        model, base_dir=directory, out_dir=tmp_path / "bf16", adapter=None, dtype="bfloat16"
+    )
     written = tensors(tmp_path / "bf16" / "hf")
     for name, array in source.items():
         assert written[name].tobytes() == array.astype(ml_dtypes.bfloat16).tobytes(), name
@@ -146,8 +155,7 @@ def test_export_without_adapter_is_the_source_bit_for_bit(exported, tmp_path):
 def test_merge_is_float32_from_the_source(exported, tmp_path):
     """Adapters on a bf16-held model merge from the float32 source, as a numpy merge does."""
     directory = exported[0]
-    model = hf_io.load_model(directory, dtype="bfloat16", param_dtype="bfloat16",
-                             adapter=ADAPTER)
+    model = hf_io.load_model(directory, dtype="bfloat16", param_dtype="bfloat16", adapter=ADAPTER)
     randomize_adapter(model, seed=3)
     adapter = peft_io.adapter_arrays(model)
     export.export_model(model, base_dir=directory, out_dir=tmp_path, adapter=ADAPTER)
@@ -160,13 +168,14 @@ def test_merge_is_float32_from_the_source(exported, tmp_path):
             name = f"model.layers.{layer}.{block}.{projection}.weight"
             merged_names.add(name)
             expected = hand_merge(source[name], adapter[projection], layer, ADAPTER)
-            np.testing.assert_allclose(written[name], expected, rtol=2e-6, atol=2e-7,
-                                       err_msg=name)
+            np.testing.assert_allclose(written[name], expected, rtol=2e-6, atol=2e-7, err_msg=name)
             # The same merge from the model's bf16 copy of the kernel is visibly different.
-            from_copy = hand_merge(source[name].astype(ml_dtypes.bfloat16), adapter[projection],
-                                   layer, ADAPTER)
-            assert np.abs(from_copy - expected).max() > 100 * np.abs(written[name] -
-                                                                     expected).max(), name
+            from_copy = hand_merge(
+                source[name].astype(ml_dtypes.bfloat16), adapter[projection], layer, ADAPTER
+            )
+            assert (
+                np.abs(from_copy - expected).max() > 100 * np.abs(written[name] - expected).max()
+            ), name
     for name in set(source) - merged_names:
         assert written[name].tobytes() == source[name].tobytes(), name
 
@@ -174,8 +183,14 @@ def test_merge_is_float32_from_the_source(exported, tmp_path):
 def test_transformers_loads_export_with_same_embeddings(exported):
     _, out_dir, _, adapted, _ = exported
     hf_dir = out_dir / "hf"
-    for name in ("config.json", "model.safetensors.index.json", "tokenizer.json",
-                 "preprocessor_config.json", "generation_config.json", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+        "README.md",
+    ):
         assert (hf_dir / name).is_file(), name
     model = load_torch(hf_dir)
     np.testing.assert_allclose(torch_embeddings(model, hf_dir), adapted, atol=1e-4, rtol=0)
@@ -231,13 +246,20 @@ def test_export_does_not_depend_on_how_the_model_is_sharded(exported, tmp_path):
         mesh = distributed.make_mesh(ml_collections.ConfigDict(layout))
         model = hf_io.load_model(directory, adapter=ADAPTER, mesh=mesh)
         peft_io.load_peft_adapter(model, out_dir / "peft")
-        assert len(model.language_model.layers.self_attn.q_proj.lora_b.value.sharding
-                   .device_set) == 8
+        assert (
+            len(model.language_model.layers.self_attn.q_proj.lora_b.value.sharding.device_set) == 8
+        )
         target = tmp_path / "_".join(map(str, mesh.devices.shape))
-        export.export_model(model, base_dir=directory, out_dir=target, adapter=ADAPTER,
-                            max_shard_bytes=100_000)
-        written.append({f"{folder}/{p.name}": p.read_bytes() for folder in ("hf", "peft")
-                        for p in (target / folder).iterdir()})
+        export.export_model(
+            model, base_dir=directory, out_dir=target, adapter=ADAPTER, max_shard_bytes=100_000
+        )
+        written.append(
+            {
+                f"{folder}/{p.name}": p.read_bytes()
+                for folder in ("hf", "peft")
+                for p in (target / folder).iterdir()
+            }
+        )
     assert sorted(written[0]) == sorted(written[1])
     for name, data in written[0].items():
         assert written[1][name] == data, name
@@ -245,8 +267,10 @@ def test_export_does_not_depend_on_how_the_model_is_sharded(exported, tmp_path):
     assert sorted(sharded) == sorted(one_device)
     for name, array in one_device.items():
         np.testing.assert_allclose(sharded[name], array, rtol=1e-6, atol=1e-7, err_msg=name)
-    assert written[0]["peft/adapter_model.safetensors"] == (
-        out_dir / "peft" / "adapter_model.safetensors").read_bytes()
+    assert (
+        written[0]["peft/adapter_model.safetensors"]
+        == (out_dir / "peft" / "adapter_model.safetensors").read_bytes()
+    )
 
 
 def test_export_stage_through_main_reuses_the_compilation_cache(exported, tmp_path):
@@ -254,18 +278,27 @@ def test_export_stage_through_main_reuses_the_compilation_cache(exported, tmp_pa
     export and compiles nothing new: every program comes from the persistent cache that the
     first run filled under the workdir."""
     directory, out_dir, _, adapted, _ = exported
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "g2e.main", f"--config={REPO / 'configs' / 'embed.py'}",
-               "--config.stages=export", f"--config.model_dir={directory}",
-               f"--config.adapter_dir={out_dir / 'peft'}", "--config.workdir=work",
-               "--config.compilation_cache.min_compile_time_secs=0"]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "g2e.main",
+        f"--config={REPO / 'configs' / 'embed.py'}",
+        "--config.stages=export",
+        f"--config.model_dir={directory}",
+        f"--config.adapter_dir={out_dir / 'peft'}",
+        "--config.workdir=work",
+        "--config.compilation_cache.min_compile_time_secs=0",
+    ]
     cache = tmp_path / "work" / "compilation_cache"
     hf_dir = tmp_path / "work" / "export" / "hf"
     runs = []
     for extra in ([], ["--config.force=export"]):
-        result = subprocess.run(command + extra, cwd=tmp_path, env=env, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            command + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         entries = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
         runs.append((entries, {p.name: p.read_bytes() for p in hf_dir.iterdir()}))
@@ -275,8 +308,9 @@ def test_export_stage_through_main_reuses_the_compilation_cache(exported, tmp_pa
     assert second_export == first_export
     assert (tmp_path / "work" / "export" / "DONE.json").is_file()
     assert (tmp_path / "work" / "export" / "peft" / "adapter_model.safetensors").is_file()
-    np.testing.assert_allclose(torch_embeddings(load_torch(hf_dir), hf_dir), adapted,
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        torch_embeddings(load_torch(hf_dir), hf_dir), adapted, atol=1e-4, rtol=0
+    )
 
 
 def test_export_and_cache_keys_are_validated():
@@ -286,11 +320,18 @@ def test_export_and_cache_keys_are_validated():
     assert config.export.dtype == "source" and config.compilation_cache.enabled
     configuration.validate(config, main.STAGE_NAMES)
     for key, value, message in [
-            ("export.dtype", "int8", "--config.export.dtype: is 'int8'; use one of source, "),
-            ("compilation_cache.min_compile_time_secs", -1.0,
-             "--config.compilation_cache.min_compile_time_secs: is -1.0"),
-            ("compilation_cache.min_entry_size_bytes", -2,
-             "--config.compilation_cache.min_entry_size_bytes: is -2")]:
+        ("export.dtype", "int8", "--config.export.dtype: is 'int8'; use one of source, "),
+        (
+            "compilation_cache.min_compile_time_secs",
+            -1.0,
+            "--config.compilation_cache.min_compile_time_secs: is -1.0",
+        ),
+        (
+            "compilation_cache.min_entry_size_bytes",
+            -2,
+            "--config.compilation_cache.min_entry_size_bytes: is -2",
+        ),
+    ]:
         bad = configuration.base_config()
         bad.model_dir, bad.stages = "/some/model", "export"
         section, name = key.split(".")
@@ -306,8 +347,9 @@ def test_export_and_cache_keys_are_validated():
 def qwen25_checkpoint(tmp_path_factory):
     """A tiny Qwen2.5-VL checkpoint with its tokenizer: (torch model, directory)."""
     directory = tmp_path_factory.mktemp("qwen25_ckpt")
-    config = transformers.Qwen2_5_VLConfig(**tiny.write_assets(
-        directory, texts=assets.TEXTS, vocab_size=600, model_type=QWEN2_5_VL))
+    config = transformers.Qwen2_5_VLConfig(
+        **tiny.write_assets(directory, texts=assets.TEXTS, vocab_size=600, model_type=QWEN2_5_VL)
+    )
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
     torch.manual_seed(5)
@@ -320,8 +362,12 @@ def qwen25_checkpoint(tmp_path_factory):
 @torch.no_grad()
 def last_hidden(model, input_ids: np.ndarray) -> np.ndarray:
     ids = torch.tensor(input_ids)
-    outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                    mm_token_type_ids=torch.zeros_like(ids), output_hidden_states=True)
+    outputs = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=torch.zeros_like(ids),
+        output_hidden_states=True,
+    )
     return outputs.hidden_states[-1].double().numpy()
 
 
@@ -336,12 +382,13 @@ def test_qwen25_export_loads_as_qwen25_in_transformers_and_peft(qwen25_checkpoin
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["auto_mapping"] == {
         "base_model_class": "Qwen2_5_VLForConditionalGeneration",
-        "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"}
+        "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    }
     assert "# g2e embedder (Qwen2.5-VL)" in (tmp_path / "hf" / "README.md").read_text()
 
     merged, info = transformers.AutoModelForImageTextToText.from_pretrained(
-        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager",
-        output_loading_info=True)
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     assert type(merged) is transformers.Qwen2_5_VLForConditionalGeneration
     assert not info["missing_keys"] and not info["unexpected_keys"]
     input_ids = np.array([[5, 17, 33, 2, 9, 41, 77]])
@@ -352,5 +399,4 @@ def test_qwen25_export_loads_as_qwen25_in_transformers_and_peft(qwen25_checkpoin
     assert not [name for name in adapted_modules if "visual" in name]
     expected = last_hidden(adapted, input_ids)
     assert np.abs(expected - plain).max() > 1e-2  # the adapter matters
-    np.testing.assert_allclose(last_hidden(merged.eval(), input_ids), expected, atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(last_hidden(merged.eval(), input_ids), expected, atol=1e-4, rtol=0)

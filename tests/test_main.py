@@ -18,17 +18,29 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The demo, trimmed: a tenth of the mini-MMEB, a smaller generator trained for a few steps,
 # 12 steps of DoRA fine-tuning with a checkpoint every 3.
 TRIMMED = [
-    "--config.demo.scale=0.1", "--config.demo.generator_steps=6",
-    "--config.demo.hidden_size=64", "--config.demo.num_layers=2", "--config.demo.vision_width=32",
-    "--config.train.steps=12", "--config.train.checkpoint_every=3",
-    "--config.train.warmup_steps=2", "--config.eval.batch_size=16",
-    "--config.mine.batch_size=16", "--config.mine.judge_batch_size=8",
+    "--config.demo.scale=0.1",
+    "--config.demo.generator_steps=6",
+    "--config.demo.hidden_size=64",
+    "--config.demo.num_layers=2",
+    "--config.demo.vision_width=32",
+    "--config.train.steps=12",
+    "--config.train.checkpoint_every=3",
+    "--config.train.warmup_steps=2",
+    "--config.eval.batch_size=16",
+    "--config.mine.batch_size=16",
+    "--config.mine.judge_batch_size=8",
 ]
 
 
 def _command(workdir: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "g2e.main", f"--config={REPO}/configs/demo.py",
-            f"--config.workdir={workdir}", *TRIMMED]
+    return [
+        sys.executable,
+        "-m",
+        "g2e.main",
+        f"--config={REPO}/configs/demo.py",
+        f"--config.workdir={workdir}",
+        *TRIMMED,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -49,8 +61,9 @@ def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
 def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     workdir = tmp_path / "demo"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(_command(workdir), cwd=tmp_path, env=_env(), stdout=log,
-                             stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        _command(workdir), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 900
     while not _finished_checkpoints(workdir) and first.poll() is None:
         assert time.time() < deadline, "no training checkpoint within 15 minutes"
@@ -64,8 +77,9 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     for stage in ("prepare_demo", "eval_plain", "eval_zero_shot", "mine"):
         assert (workdir / stage / "DONE.json").is_file(), stage
 
-    second = subprocess.run(_command(workdir), cwd=tmp_path, env=_env(), capture_output=True,
-                            text=True, timeout=900)
+    second = subprocess.run(
+        _command(workdir), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900
+    )
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
     for stage in ("prepare_demo", "eval_plain", "eval_zero_shot", "mine"):
@@ -87,10 +101,15 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     assert (workdir / "export" / "hf" / "tokenizer.json").is_file()
     assert (workdir / "export" / "peft" / "adapter_config.json").is_file()
     report = json.loads((workdir / "report.json").read_text())
-    assert [row["stage"] for row in report["rows"]] == ["eval_plain", "eval_zero_shot", "eval",
-                                                         "eval_random"]
+    assert [row["stage"] for row in report["rows"]] == [
+        "eval_plain",
+        "eval_zero_shot",
+        "eval",
+        "eval_random",
+    ]
     assert set(report["judge_quality"]) == {
-        name for name, (_, group, _) in mini_mmeb.SUBSETS.items() if group == "IND"}
+        name for name, (_, group, _) in mini_mmeb.SUBSETS.items() if group == "IND"
+    }
     assert (workdir / "train_random" / "adapter" / "adapter_model.safetensors").is_file()
     metrics = (workdir / "train" / "train_metrics.jsonl").read_text()
     assert '"heldout_accuracy"' in metrics

@@ -57,8 +57,10 @@ def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
             return bucket
     largest = buckets[-1]
     if what == "length" or largest <= 0:
-        raise ValueError(f"{what} {size} exceeds the largest {what} bucket {largest}; add a "
-                         f"larger one to data.{what}_buckets")
+        raise ValueError(
+            f"{what} {size} exceeds the largest {what} bucket {largest}; add a "
+            f"larger one to data.{what}_buckets"
+        )
     return -(-size // largest) * largest
 
 
@@ -78,8 +80,15 @@ def default_patch_buckets(max_patches_per_image: int) -> tuple[int, ...]:
 
 
 def _new_stats() -> dict[str, int]:
-    return dict(batches=0, real_tokens=0, token_slots=0, real_patches=0, patch_slots=0,
-                truncated_items=0, truncated_tokens=0)
+    return dict(
+        batches=0,
+        real_tokens=0,
+        token_slots=0,
+        real_patches=0,
+        patch_slots=0,
+        truncated_items=0,
+        truncated_tokens=0,
+    )
 
 
 @dataclasses.dataclass
@@ -107,13 +116,18 @@ class Batcher:
     shapes: set[tuple[int, int, int]] = dataclasses.field(default_factory=set)
 
     def __post_init__(self):
-        unit = self.merge_size ** 2
+        unit = self.merge_size**2
         if any(b % unit for b in self.patch_buckets):
             raise ValueError(f"patch buckets {self.patch_buckets} must be multiples of {unit}")
 
-    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None,
-                length: int | None = None, num_patches: int | None = None
-                ) -> dict[str, np.ndarray]:
+    def collate(
+        self,
+        encoded: Sequence[Encoded],
+        *,
+        pad_to_batch: int | None = None,
+        length: int | None = None,
+        num_patches: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Pads encodings into the fixed-shape batch of the design contract.
 
         L and P are the smallest buckets that fit, unless `length` / `num_patches` fix them
@@ -132,31 +146,42 @@ class Batcher:
             raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
         length, num_patches = self._fixed_shape(encoded, length, num_patches)
         arrays = self._empty_arrays(batch, length, num_patches)
-        grids = [self._fill_row(arrays, row, encoded[row] if row < count else None)
-                 for row in range(batch)]
-        position_ids = positions.rope_index(arrays["input_ids"], arrays["attention_mask"], grids,
-                                            image_token_id=self.image_token_id,
-                                            spatial_merge_size=self.merge_size)
+        grids = [
+            self._fill_row(arrays, row, encoded[row] if row < count else None)
+            for row in range(batch)
+        ]
+        position_ids = positions.rope_index(
+            arrays["input_ids"],
+            arrays["attention_mask"],
+            grids,
+            image_token_id=self.image_token_id,
+            spatial_merge_size=self.merge_size,
+        )
         self._count(encoded, batch, length, num_patches)
         with_targets = any(e.target_mask is not None for e in encoded)
         return self._batch_dict(arrays, position_ids, with_targets=with_targets)
 
-    def _fixed_shape(self, encoded: Sequence[Encoded], length: int | None,
-                     num_patches: int | None) -> tuple[int, int]:
+    def _fixed_shape(
+        self, encoded: Sequence[Encoded], length: int | None, num_patches: int | None
+    ) -> tuple[int, int]:
         """(L, P) of the batch: the given ones, checked, else the smallest buckets that fit."""
         longest = max((e.length for e in encoded), default=1)
         most_patches = max((e.num_patches for e in encoded), default=0)
         if length is None:
             length = pick_bucket(longest, self.length_buckets, "length")
         if num_patches is None:
-            num_patches = 0 if most_patches == 0 else pick_bucket(
-                most_patches, self.patch_buckets, "patch")
+            num_patches = (
+                0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets, "patch")
+            )
         if length < longest or num_patches < most_patches:
-            raise ValueError(f"collate: (length={length}, num_patches={num_patches}) cannot hold "
-                             f"an encoding of {longest} tokens / {most_patches} patches")
-        if num_patches % self.merge_size ** 2:
-            raise ValueError(f"collate: num_patches={num_patches} must be a multiple of "
-                             f"{self.merge_size ** 2}")
+            raise ValueError(
+                f"collate: (length={length}, num_patches={num_patches}) cannot hold "
+                f"an encoding of {longest} tokens / {most_patches} patches"
+            )
+        if num_patches % self.merge_size**2:
+            raise ValueError(
+                f"collate: num_patches={num_patches} must be a multiple of {self.merge_size**2}"
+            )
         return length, num_patches
 
     def _empty_arrays(self, batch: int, length: int, num_patches: int) -> dict[str, np.ndarray]:
@@ -173,8 +198,9 @@ class Batcher:
             target_mask=np.zeros((batch, length), np.int32),
         )
 
-    def _fill_row(self, arrays: dict[str, np.ndarray], row: int,
-                  item: Encoded | None) -> list[tuple[int, int, int]]:
+    def _fill_row(
+        self, arrays: dict[str, np.ndarray], row: int, item: Encoded | None
+    ) -> list[tuple[int, int, int]]:
         """Writes `item` (None: a dummy row) into `row` of `arrays`; returns its image grids."""
         length = arrays["input_ids"].shape[1]
         num_patches = arrays["pixel_values"].shape[1]
@@ -188,20 +214,24 @@ class Batcher:
         arrays["input_ids"][row, span] = item.input_ids
         is_image = item.input_ids == self.image_token_id
         arrays["image_token_index"][row, start + np.flatnonzero(is_image)] = np.arange(
-            int(is_image.sum()), dtype=np.int32)
+            int(is_image.sum()), dtype=np.int32
+        )
         if item.target_mask is not None:
             arrays["target_mask"][row, span] = item.target_mask
-        arrays["pixel_values"][row, :item.num_patches] = item.pixel_values
+        arrays["pixel_values"][row, : item.num_patches] = item.pixel_values
         if num_patches:
             arrays["vision_positions"][row], arrays["vision_segment_ids"][row] = (
-                positions.vision_layout(item.image_grid_thw, num_patches, self.merge_size))
+                positions.vision_layout(item.image_grid_thw, num_patches, self.merge_size)
+            )
             if self.window_merged:
                 arrays["vision_window_ids"][row] = positions.vision_window_ids(
-                    item.image_grid_thw, num_patches, self.window_merged, self.merge_size)
+                    item.image_grid_thw, num_patches, self.window_merged, self.merge_size
+                )
         return list(item.image_grid_thw)
 
-    def _batch_dict(self, arrays: dict[str, np.ndarray], position_ids: np.ndarray, *,
-                    with_targets: bool) -> dict[str, np.ndarray]:
+    def _batch_dict(
+        self, arrays: dict[str, np.ndarray], position_ids: np.ndarray, *, with_targets: bool
+    ) -> dict[str, np.ndarray]:
         """The batch dict of the design contract, its optional fields only where they apply."""
         out = dict(
             input_ids=arrays["input_ids"],
@@ -223,19 +253,21 @@ class Batcher:
         """(length bucket, patch bucket) `collate` picks for these encodings."""
         longest = max((e.length for e in encoded), default=1)
         most_patches = max((e.num_patches for e in encoded), default=0)
-        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets,
-                                                           "patch")
+        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets, "patch")
         return pick_bucket(longest, self.length_buckets, "length"), patches
 
-    def widen(self, batch: dict[str, np.ndarray], *, length: int,
-              num_patches: int) -> dict[str, np.ndarray]:
+    def widen(
+        self, batch: dict[str, np.ndarray], *, length: int, num_patches: int
+    ) -> dict[str, np.ndarray]:
         """A collated batch padded to a larger (length, num_patches), as `collate` would have
         padded it (e.g. to a shape agreed across hosts after collating locally)."""
         extra_length = length - batch["input_ids"].shape[1]
         extra_patches = num_patches - batch["pixel_values"].shape[1]
         if extra_length < 0 or extra_patches < 0:
-            raise ValueError(f"widen: ({length}, {num_patches}) is smaller than the batch's "
-                             f"{batch['input_ids'].shape[1]}, {batch['pixel_values'].shape[1]}")
+            raise ValueError(
+                f"widen: ({length}, {num_patches}) is smaller than the batch's "
+                f"{batch['input_ids'].shape[1]}, {batch['pixel_values'].shape[1]}"
+            )
         if not extra_length and not extra_patches:
             return batch
         left = self.padding_side == "left"
@@ -258,8 +290,7 @@ class Batcher:
         self.shapes.add((rows, length, num_patches))
         return out
 
-    def _count(self, encoded: Sequence[Encoded], batch: int, length: int,
-               num_patches: int) -> None:
+    def _count(self, encoded: Sequence[Encoded], batch: int, length: int, num_patches: int) -> None:
         self.stats["batches"] += 1
         self.stats["real_tokens"] += sum(e.length for e in encoded)
         self.stats["token_slots"] += batch * length

@@ -49,8 +49,16 @@ class BadInput(ValueError):
       hint: what the user can do about it.
     """
 
-    def __init__(self, reason: str, *, detail: str = "", subset: str = "", row: Any = None,
-                 file: str = "", hint: str = ""):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        detail: str = "",
+        subset: str = "",
+        row: Any = None,
+        file: str = "",
+        hint: str = "",
+    ):
         self.reason = reason
         self.detail = detail
         self.subset = subset
@@ -76,8 +84,9 @@ class BadInput(ValueError):
             text += f". {self.hint}"
         return text
 
-    def with_context(self, *, subset: str | None = None, row: Any = None,
-                     file: str | None = None) -> "BadInput":
+    def with_context(
+        self, *, subset: str | None = None, row: Any = None, file: str | None = None
+    ) -> BadInput:
         """Returns a copy with the missing location fields filled in (known ones are kept)."""
         return BadInput(
             self.reason,
@@ -89,8 +98,10 @@ class BadInput(ValueError):
         )
 
     def __reduce__(self):  # Keeps the keyword fields through pickling (multiprocessing loaders).
-        return (_rebuild_bad_input, (self.reason, self.detail, self.subset, self.row, self.file,
-                                     self.hint))
+        return (
+            _rebuild_bad_input,
+            (self.reason, self.detail, self.subset, self.row, self.file, self.hint),
+        )
 
 
 def _rebuild_bad_input(reason, detail, subset, row, file, hint) -> BadInput:
@@ -114,7 +125,8 @@ class BadInputReport:
         if self.policy not in POLICIES:
             raise ValueError(
                 f"data.on_bad_input must be one of {POLICIES}, got {self.policy!r}; "
-                "set --config.data.on_bad_input=error or =skip")
+                "set --config.data.on_bad_input=error or =skip"
+            )
 
     def handle(self, error: BadInput) -> None:
         """Raises `error` under the 'error' policy; otherwise counts it as skipped."""
@@ -129,11 +141,11 @@ class BadInputReport:
         """Number of inputs skipped so far."""
         return sum(self.counts.values())
 
-    def merge(self, other: "BadInputReport") -> None:
+    def merge(self, other: BadInputReport) -> None:
         """Adds the counts and examples of another report (e.g. from another worker)."""
         self.counts.update(other.counts)
         room = self.max_examples - len(self.examples)
-        self.examples.extend(other.examples[:max(room, 0)])
+        self.examples.extend(other.examples[: max(room, 0)])
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form: {'skipped': N, 'by_subset_reason': [...], 'examples': [...]}."""

@@ -101,34 +101,53 @@ def resolve_path(path: str | os.PathLike, image_root: str | os.PathLike | None) 
     root = os.path.normpath(os.path.abspath(image_root))
     joined = os.path.normpath(os.path.join(root, os.fspath(path)))
     if os.path.commonpath([root, joined]) != root:
-        raise BadInput("image path escapes the image root", file=os.fspath(path),
-                       detail=f"root {root}",
-                       hint="image paths must be relative to the image root, without '..'")
+        raise BadInput(
+            "image path escapes the image root",
+            file=os.fspath(path),
+            detail=f"root {root}",
+            hint="image paths must be relative to the image root, without '..'",
+        )
     return pathlib.Path(joined)
 
 
-def _open(data: bytes, name: str, max_declared_pixels: int,
-          draft: DraftFn | None = None) -> Image.Image:
+def _open(
+    data: bytes, name: str, max_declared_pixels: int, draft: DraftFn | None = None
+) -> Image.Image:
     """Decodes image bytes fully, with the size checked before decoding (see load_image)."""
     if not data:
-        raise BadInput("empty image file", detail="0 bytes", file=name,
-                       hint="re-download the image or drop the row")
+        raise BadInput(
+            "empty image file",
+            detail="0 bytes",
+            file=name,
+            hint="re-download the image or drop the row",
+        )
     try:
         with warnings.catch_warnings():
             # PIL warns (and past 2x raises) on huge images; our own limit below decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise BadInput("image declares too many pixels (decompression bomb)", file=name,
-                       detail=str(error), hint="drop the row or shrink the image") from error
+        raise BadInput(
+            "image declares too many pixels (decompression bomb)",
+            file=name,
+            detail=str(error),
+            hint="drop the row or shrink the image",
+        ) from error
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise BadInput("cannot decode image", file=name, detail=f"{type(error).__name__}: {error}",
-                       hint="re-download the image or drop the row") from error
+        raise BadInput(
+            "cannot decode image",
+            file=name,
+            detail=f"{type(error).__name__}: {error}",
+            hint="re-download the image or drop the row",
+        ) from error
     width, height = image.size
     if width * height > max_declared_pixels:
-        raise BadInput("image declares too many pixels (decompression bomb)", file=name,
-                       detail=f"{width}x{height} > {max_declared_pixels} pixels",
-                       hint="drop the row or shrink the image")
+        raise BadInput(
+            "image declares too many pixels (decompression bomb)",
+            file=name,
+            detail=f"{width}x{height} > {max_declared_pixels} pixels",
+            hint="drop the row or shrink the image",
+        )
     if width < 1 or height < 1:
         raise BadInput("image has no pixels", file=name, detail=f"{width}x{height}")
     target = draft(width, height) if draft is not None and image.format == "JPEG" else None
@@ -138,9 +157,12 @@ def _open(data: bytes, name: str, max_declared_pixels: int,
     try:
         image.load()
     except Exception as error:
-        raise BadInput("truncated or corrupt image", file=name,
-                       detail=f"{type(error).__name__}: {error}",
-                       hint="re-download the image or drop the row") from error
+        raise BadInput(
+            "truncated or corrupt image",
+            file=name,
+            detail=f"{type(error).__name__}: {error}",
+            hint="re-download the image or drop the row",
+        ) from error
     return image
 
 
@@ -157,7 +179,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255)
         return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info)
+        mode == "P" and "transparency" in image.info
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -165,9 +188,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = None,
-               max_declared_pixels: int = MAX_DECLARED_PIXELS,
-               draft: DraftFn | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    *,
+    image_root: str | os.PathLike | None = None,
+    max_declared_pixels: int = MAX_DECLARED_PIXELS,
+    draft: DraftFn | None = None,
+) -> Image.Image:
     """Loads an image from a path, bytes, an ImageRef or a PIL image and returns it as RGB.
 
     Args:
@@ -186,8 +213,9 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
     if isinstance(source, Image.Image):
         width, height = source.size
         if width * height > max_declared_pixels or width < 1 or height < 1:
-            raise BadInput("image size out of range", file="<PIL image>",
-                           detail=f"{width}x{height}")
+            raise BadInput(
+                "image size out of range", file="<PIL image>", detail=f"{width}x{height}"
+            )
         return to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return to_rgb(_open(bytes(source), "<bytes>", max_declared_pixels, draft))
@@ -201,9 +229,11 @@ def load_image(source: ImageSource, *, image_root: str | os.PathLike | None = No
         raise BadInput("empty image path", hint="give the row an image path or no image")
     path = resolve_path(source, image_root)
     if not path.is_file():
-        hint = ("check data.*_image_root points at the folder holding images/"
-                if image_root is not None else
-                f"a relative path is taken from the working directory ({os.getcwd()})")
+        hint = (
+            "check data.*_image_root points at the folder holding images/"
+            if image_root is not None
+            else f"a relative path is taken from the working directory ({os.getcwd()})"
+        )
         raise BadInput("missing image", file=str(path), hint=hint)
     return to_rgb(_open(path.read_bytes(), str(path), max_declared_pixels, draft))
 
@@ -238,8 +268,9 @@ def policy_size(policy: str, width: int, height: int) -> tuple[int, int] | None:
     raise ValueError(f"image_resolution must be one of {POLICIES}, got {policy!r}")
 
 
-def apply_policy(image: Image.Image, policy: str,
-                 size: tuple[int, int] | None = None) -> Image.Image:
+def apply_policy(
+    image: Image.Image, policy: str, size: tuple[int, int] | None = None
+) -> Image.Image:
     """Pre-resizes an RGB image by policy (SPEC §3); 'processor' returns it unchanged.
 
     The square policies stretch to N x N with BICUBIC (PIL's default, as the release uses);
@@ -258,8 +289,12 @@ def check_aspect_ratio(image: Image.Image, name: str = "") -> None:
     width, height = image.size
     ratio = max(width, height) / min(width, height)
     if ratio > 200:
-        raise BadInput("image aspect ratio over 200", file=name,
-                       detail=f"{width}x{height}", hint="drop the row or crop the image")
+        raise BadInput(
+            "image aspect ratio over 200",
+            file=name,
+            detail=f"{width}x{height}",
+            hint="drop the row or crop the image",
+        )
 
 
 def image_key(image: Any) -> str:

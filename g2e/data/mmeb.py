@@ -266,10 +266,7 @@ def read_train_subset(
     rows = []
     for path, row, index, r in _rows(files, TRAIN_COLUMNS):
         try:
-            paths = [
-                resolve(r[c])
-                for c in ("qry_image_path", "pos_image_path", "neg_image_path")
-            ]
+            paths = [resolve(r[c]) for c in ("qry_image_path", "pos_image_path", "neg_image_path")]
         except BadInput as err:
             report.handle(err.with_context(subset=subset, row=f"{row} of {path}"))
             continue

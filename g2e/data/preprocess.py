@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import transformers
 from PIL import Image
-
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from g2e.data import images as images_lib
@@ -86,8 +85,10 @@ class Processor:
         window_merged: int = 0,
     ):
         if image_resolution not in images_lib.POLICIES:
-            raise ValueError(f"data.image_resolution must be one of {images_lib.POLICIES}, got "
-                             f"{image_resolution!r}")
+            raise ValueError(
+                f"data.image_resolution must be one of {images_lib.POLICIES}, got "
+                f"{image_resolution!r}"
+            )
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if max_length < 16:
@@ -100,8 +101,11 @@ class Processor:
         self.padding_side = padding_side
         self.image_root = image_root
         # A report passed in is shared (e.g. with the MMEB readers), so one summary covers both.
-        self.report = (on_bad_input if isinstance(on_bad_input, BadInputReport)
-                       else BadInputReport(on_bad_input))
+        self.report = (
+            on_bad_input
+            if isinstance(on_bad_input, BadInputReport)
+            else BadInputReport(on_bad_input)
+        )
         self.merge_size = int(image_processor.merge_size)
         self.jpeg_draft = jpeg_draft
         # Qwen2.5-VL's attention windows, in merged units (0: Qwen2-VL, no windows).
@@ -110,17 +114,22 @@ class Processor:
         self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
         self.image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
         if image_token_id is not None and image_token_id != self.image_token_id:
-            raise ValueError(f"config.json image_token_id={image_token_id} but the tokenizer maps "
-                             f"{prompts.IMAGE_PAD} to {self.image_token_id}; tokenizer and "
-                             "model do not belong together")
+            raise ValueError(
+                f"config.json image_token_id={image_token_id} but the tokenizer maps "
+                f"{prompts.IMAGE_PAD} to {self.image_token_id}; tokenizer and "
+                "model do not belong together"
+            )
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set pad_token in "
-                             "tokenizer_config.json")
+            raise ValueError(
+                "the tokenizer has no pad token; set pad_token in tokenizer_config.json"
+            )
         length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
         if length_buckets[-1] < max_length:
-            raise ValueError(f"largest length bucket {length_buckets[-1]} is below "
-                             f"max_length={max_length}; add a bucket of at least max_length")
+            raise ValueError(
+                f"largest length bucket {length_buckets[-1]} is below "
+                f"max_length={max_length}; add a bucket of at least max_length"
+            )
         max_patches = int(image_processor.size.longest_edge) // int(image_processor.patch_size) ** 2
         patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
         if image_resolution in images_lib.SQUARE_POLICIES:
@@ -128,10 +137,15 @@ class Processor:
             # 448x448): no other program is compiled and no image is padded.
             patch_buckets = (0, self.patches_per_image(image_resolution))
         self.batcher = Batcher(
-            pad_token_id=self.pad_token_id, image_token_id=self.image_token_id,
-            merge_size=self.merge_size, patch_bytes=self.patch_dim // self.temporal_patch,
-            length_buckets=length_buckets, patch_buckets=patch_buckets,
-            padding_side=padding_side, window_merged=window_merged)
+            pad_token_id=self.pad_token_id,
+            image_token_id=self.image_token_id,
+            merge_size=self.merge_size,
+            patch_bytes=self.patch_dim // self.temporal_patch,
+            length_buckets=length_buckets,
+            patch_buckets=patch_buckets,
+            padding_side=padding_side,
+            window_merged=window_merged,
+        )
 
     @classmethod
     def from_dir(
@@ -149,7 +163,7 @@ class Processor:
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
         jpeg_draft: bool = False,
-    ) -> "Processor":
+    ) -> Processor:
         """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
 
         `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
@@ -160,25 +174,40 @@ class Processor:
         """
         checkpoint_dir = pathlib.Path(checkpoint_dir)
         if not (checkpoint_dir / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"{checkpoint_dir}/preprocessor_config.json is missing; "
-                                    "model_dir must be a Qwen2-VL checkpoint directory")
+            raise FileNotFoundError(
+                f"{checkpoint_dir}/preprocessor_config.json is missing; "
+                "model_dir must be a Qwen2-VL checkpoint directory"
+            )
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
-        overrides = {key: value for key, value in
-                     (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        overrides = {
+            key: value
+            for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+            if value
+        }
         image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(
-            checkpoint_dir, **overrides)
+            checkpoint_dir, **overrides
+        )
         image_token_id, window_merged = None, 0
         if (checkpoint_dir / "config.json").is_file():
             config = Qwen2VLConfig.from_dir(checkpoint_dir)
             image_token_id = config.image_token_id
             if config.vision.is_qwen2_5:
                 window_merged = config.vision.window_merged
-        return cls(tokenizer, image_processor, max_length=max_length,
-                   image_resolution=image_resolution, prompt=prompt,
-                   length_buckets=length_buckets, patch_buckets=patch_buckets,
-                   on_bad_input=on_bad_input, padding_side=padding_side,
-                   image_root=image_root, image_token_id=image_token_id, jpeg_draft=jpeg_draft,
-                   window_merged=window_merged)
+        return cls(
+            tokenizer,
+            image_processor,
+            max_length=max_length,
+            image_resolution=image_resolution,
+            prompt=prompt,
+            length_buckets=length_buckets,
+            patch_buckets=patch_buckets,
+            on_bad_input=on_bad_input,
+            padding_side=padding_side,
+            image_root=image_root,
+            image_token_id=image_token_id,
+            jpeg_draft=jpeg_draft,
+            window_merged=window_merged,
+        )
 
     # ---- images ---------------------------------------------------------------------------
 
@@ -186,13 +215,21 @@ class Processor:
         """The patches of one image under a square resolution policy (e.g. 1,024 at 448^2)."""
         side = images_lib.SQUARE_POLICIES[policy]
         patch = int(self.image_processor.patch_size)
-        height, width = smart_resize(side, side, factor=patch * self.merge_size,
-                                     min_pixels=self.image_processor.size.shortest_edge,
-                                     max_pixels=self.image_processor.size.longest_edge)
+        height, width = smart_resize(
+            side,
+            side,
+            factor=patch * self.merge_size,
+            min_pixels=self.image_processor.size.shortest_edge,
+            max_pixels=self.image_processor.size.longest_edge,
+        )
         return (height // patch) * (width // patch)
 
-    def load_images(self, sources: Sequence[images_lib.ImageSource], *,
-                    image_root: str | os.PathLike | None = None) -> list[Image.Image]:
+    def load_images(
+        self,
+        sources: Sequence[images_lib.ImageSource],
+        *,
+        image_root: str | os.PathLike | None = None,
+    ) -> list[Image.Image]:
         """Loads each image safely and applies the resolution policy. Raises BadInput."""
         root = self.image_root if image_root is None else image_root
         loaded = []
@@ -203,17 +240,22 @@ class Processor:
                 target[0] = images_lib.policy_size(self.image_resolution, width, height)
                 return target[0]
 
-            image = images_lib.load_image(source, image_root=root,
-                                          draft=draft if self.jpeg_draft else None)
+            image = images_lib.load_image(
+                source, image_root=root, draft=draft if self.jpeg_draft else None
+            )
             image = images_lib.apply_policy(image, self.image_resolution, size=target[0])
-            name = source.key if isinstance(source, images_lib.ImageRef) else (
-                source if isinstance(source, str) else "")
+            name = (
+                source.key
+                if isinstance(source, images_lib.ImageRef)
+                else (source if isinstance(source, str) else "")
+            )
             images_lib.check_aspect_ratio(image, name)
             loaded.append(image)
         return loaded
 
-    def image_features(self, loaded: Sequence[Image.Image]
-                       ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    def image_features(
+        self, loaded: Sequence[Image.Image]
+    ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """uint8 patches [p, C / 2] and grids (t, h, w) of RGB images.
 
         The image processor's resize (a multiple of 28 pixels within its min/max pixels) on
@@ -227,15 +269,20 @@ class Processor:
         patch, merge = int(processor.patch_size), self.merge_size
         pieces, grids = [], []
         for image in loaded:
-            height, width = smart_resize(image.height, image.width, factor=patch * merge,
-                                         min_pixels=processor.size.shortest_edge,
-                                         max_pixels=processor.size.longest_edge)
+            height, width = smart_resize(
+                image.height,
+                image.width,
+                factor=patch * merge,
+                min_pixels=processor.size.shortest_edge,
+                max_pixels=processor.size.longest_edge,
+            )
             if (width, height) != image.size:
                 image = image.resize((width, height), resample=processor.resample)
-            pixels = np.asarray(image, np.uint8).transpose(2, 0, 1)        # [3, H, W]
+            pixels = np.asarray(image, np.uint8).transpose(2, 0, 1)  # [3, H, W]
             grid_h, grid_w = height // patch, width // patch
-            blocks = pixels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge,
-                                    patch).transpose(1, 4, 2, 5, 0, 3, 6)
+            blocks = pixels.reshape(
+                3, grid_h // merge, merge, patch, grid_w // merge, merge, patch
+            ).transpose(1, 4, 2, 5, 0, 3, 6)
             pieces.append(blocks.reshape(grid_h * grid_w, -1))
             grids.append((1, grid_h, grid_w))
         return np.concatenate(pieces), grids
@@ -258,20 +305,23 @@ class Processor:
         offsets = np.asarray(tokens["offset_mapping"], np.int64).reshape(-1, 2)
         is_image = ids == self.image_token_id
         if int(is_image.sum()) != len(loaded):
-            raise BadInput("image placeholders do not match images",
-                           detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(loaded)} "
-                                  "image(s)")
+            raise BadInput(
+                "image placeholders do not match images",
+                detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(loaded)} image(s)",
+            )
         cuttable = (offsets[:, 0] >= body_start) & (offsets[:, 1] <= body_end) & ~is_image
         num_text = int(cuttable.sum())
         if num_text > FAR_OVER_FACTOR * self.max_length:
-            raise BadInput("text far over max_length",
-                           detail=f"{num_text} text tokens, max_length={self.max_length}",
-                           hint=f"texts over {FAR_OVER_FACTOR}x max_length are refused; raise "
-                                "data.max_length or shorten the text")
+            raise BadInput(
+                "text far over max_length",
+                detail=f"{num_text} text tokens, max_length={self.max_length}",
+                hint=f"texts over {FAR_OVER_FACTOR}x max_length are refused; raise "
+                "data.max_length or shorten the text",
+            )
         pixel_values, grids = self.image_features(loaded)
         # Expand each image token to its merged-patch count.
         repeats = np.ones(len(ids), np.int64)
-        repeats[is_image] = [t * h * w // self.merge_size ** 2 for t, h, w in grids]
+        repeats[is_image] = [t * h * w // self.merge_size**2 for t, h, w in grids]
         total = int(repeats.sum())
         excess = total - self.max_length
         keep = np.ones(len(ids), bool)
@@ -281,17 +331,23 @@ class Processor:
                 raise BadInput(
                     "prompt does not fit max_length even with its text removed",
                     detail=f"{total} tokens ({total - int(repeats[~is_image].sum())} image "
-                           f"tokens), max_length={self.max_length}",
+                    f"tokens), max_length={self.max_length}",
                     hint="raise data.max_length, lower data.max_pixels or pick a smaller "
-                         "data.image_resolution")
-            keep[cut_positions[len(cut_positions) - excess:]] = False
+                    "data.image_resolution",
+                )
+            keep[cut_positions[len(cut_positions) - excess :]] = False
         input_ids = np.repeat(ids[keep], repeats[keep]).astype(np.int32)
         target_mask = None
         if prompt.answer:
             is_answer = (offsets[:, 0] >= answer_start).astype(np.int32)
             target_mask = np.repeat(is_answer[keep], repeats[keep]).astype(np.int32)
-        return Encoded(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grids,
-                       target_mask=target_mask, truncated_tokens=max(excess, 0))
+        return Encoded(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
+            target_mask=target_mask,
+            truncated_tokens=max(excess, 0),
+        )
 
     def _guarded(self, build, *, subset: str, row: Any, strict: bool) -> Encoded | None:
         """Runs `build()`; applies the on_bad_input policy to a BadInput (None when skipped),
@@ -305,37 +361,53 @@ class Processor:
             self.report.handle(error)
             return None
 
-    def encode(self, item: EmbedItem, *, image_root: str | os.PathLike | None = None,
-               strict: bool = False) -> Encoded | None:
+    def encode(
+        self, item: EmbedItem, *, image_root: str | os.PathLike | None = None, strict: bool = False
+    ) -> Encoded | None:
         """Encodes one item with the hierarchical embedding prompt.
 
         Returns None when the item is bad input and on_bad_input='skip' (it is counted in
         `self.report`). Raises BadInput (naming subset, row and file) under 'error', and
         always when `strict` (a worker process leaves the policy to the main process).
         """
-        image = None if item.image is None or (isinstance(item.image, str) and not item.image) \
+        image = (
+            None
+            if item.image is None or (isinstance(item.image, str) and not item.image)
             else item.image
+        )
 
         def build() -> Encoded:
-            loaded = self.load_images([image] if image is not None else [],
-                                      image_root=image_root)
-            prompt = prompts.embedding_prompt(item.text, has_image=image is not None,
-                                              role=item.role, subset=item.subset,
-                                              options=self.prompt)
+            loaded = self.load_images([image] if image is not None else [], image_root=image_root)
+            prompt = prompts.embedding_prompt(
+                item.text,
+                has_image=image is not None,
+                role=item.role,
+                subset=item.subset,
+                options=self.prompt,
+            )
             return self.encode_prompt(prompt, loaded)
 
         return self._guarded(build, subset=item.subset, row=item.row, strict=strict)
 
-    def encode_chat(self, system: str | None, user: str,
-                    images: Sequence[images_lib.ImageSource] = (), *, user_suffix: str = "",
-                    answer: str | None = None, subset: str = "", row: Any = None,
-                    image_root: str | os.PathLike | None = None,
-                    strict: bool = False) -> Encoded | None:
+    def encode_chat(
+        self,
+        system: str | None,
+        user: str,
+        images: Sequence[images_lib.ImageSource] = (),
+        *,
+        user_suffix: str = "",
+        answer: str | None = None,
+        subset: str = "",
+        row: Any = None,
+        image_root: str | os.PathLike | None = None,
+        strict: bool = False,
+    ) -> Encoded | None:
         """Encodes a free chat turn: `user` (may hold image placeholders; else images go first)
         then `user_suffix`; with `answer`, the assistant's reply and a `target_mask` over it.
 
         Bad input follows the on_bad_input policy as in `encode`.
         """
+
         def build() -> Encoded:
             loaded = self.load_images(images, image_root=image_root)
             body = prompts.place_images(user, len(loaded))
@@ -344,10 +416,16 @@ class Processor:
 
         return self._guarded(build, subset=subset, row=row, strict=strict)
 
-    def encode_judge(self, query: EmbedItem, candidate: EmbedItem, *,
-                     image_root: str | os.PathLike | None = None,
-                     strict: bool = False) -> Encoded | None:
+    def encode_judge(
+        self,
+        query: EmbedItem,
+        candidate: EmbedItem,
+        *,
+        image_root: str | os.PathLike | None = None,
+        strict: bool = False,
+    ) -> Encoded | None:
         """Encodes the mining stage's Yes/No judge prompt for a (query, candidate) pair."""
+
         def has(item):
             return item.image is not None and not (isinstance(item.image, str) and not item.image)
 
@@ -365,8 +443,10 @@ class Processor:
         for word in (prompts.JUDGE_YES, prompts.JUDGE_NO):
             pieces = self.tokenizer.encode(word, add_special_tokens=False)
             if len(pieces) != 1:
-                raise ValueError(f"the tokenizer splits the judge answer {word!r} into {pieces}; "
-                                 "the generative check needs it as one token")
+                raise ValueError(
+                    f"the tokenizer splits the judge answer {word!r} into {pieces}; "
+                    "the generative check needs it as one token"
+                )
             ids.append(pieces[0])
         return ids[0], ids[1]
 
@@ -390,20 +470,27 @@ class Processor:
         """The distinct (B, L, P) batch shapes made so far."""
         return self.batcher.shapes
 
-    def collate(self, encoded: Sequence[Encoded], *, pad_to_batch: int | None = None,
-                length: int | None = None, num_patches: int | None = None
-                ) -> dict[str, np.ndarray]:
+    def collate(
+        self,
+        encoded: Sequence[Encoded],
+        *,
+        pad_to_batch: int | None = None,
+        length: int | None = None,
+        num_patches: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Pads encodings into the fixed-shape batch of the design contract (see
         `Batcher.collate` for the arguments and errors)."""
-        return self.batcher.collate(encoded, pad_to_batch=pad_to_batch, length=length,
-                                    num_patches=num_patches)
+        return self.batcher.collate(
+            encoded, pad_to_batch=pad_to_batch, length=length, num_patches=num_patches
+        )
 
     def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
         """(length bucket, patch bucket) `collate` picks for these encodings."""
         return self.batcher.shape_of(encoded)
 
-    def widen(self, batch: dict[str, np.ndarray], *, length: int,
-              num_patches: int) -> dict[str, np.ndarray]:
+    def widen(
+        self, batch: dict[str, np.ndarray], *, length: int, num_patches: int
+    ) -> dict[str, np.ndarray]:
         """A collated batch padded to a larger (length, num_patches) (see `Batcher.widen`)."""
         return self.batcher.widen(batch, length=length, num_patches=num_patches)
 

@@ -46,9 +46,7 @@ JUDGE_SYSTEM_PROMPT = (
     "You are a careful judge. Decide whether a candidate is a correct match for a query: "
     "the right answer to its question, or the item it asks for or describes."
 )
-JUDGE_QUESTION = (
-    "\nDoes the candidate correctly answer or match the query? Answer Yes or No."
-)
+JUDGE_QUESTION = "\nDoes the candidate correctly answer or match the query? Answer Yes or No."
 JUDGE_QUERY_LABEL = "Query: "
 JUDGE_CANDIDATE_LABEL = "\nCandidate: "
 JUDGE_YES = "Yes"
@@ -99,7 +97,8 @@ def place_images(text: str, num_images: int) -> str:
         raise BadInput(
             "image placeholders do not match images",
             detail=f"text has {found} placeholder(s), the input has {num_images} image(s)",
-            hint="give the row its image, or remove the <|image_1|> placeholder from its text")
+            hint="give the row its image, or remove the <|image_1|> placeholder from its text",
+        )
     return _PLACEHOLDER.sub(IMAGE_PAD, text)
 
 
@@ -115,8 +114,9 @@ def uses_suffix(role: str, subset: str) -> bool:
     return role == "query" or "Matching" in subset
 
 
-def chat_prompt(system: str | None, user: str, *, user_suffix: str = "",
-                answer: str | None = None) -> ChatPrompt:
+def chat_prompt(
+    system: str | None, user: str, *, user_suffix: str = "", answer: str | None = None
+) -> ChatPrompt:
     """Wraps a user text in Qwen's chat template.
 
     `user` is the truncatable body, `user_suffix` follows it inside the user turn and is kept.
@@ -128,12 +128,19 @@ def chat_prompt(system: str | None, user: str, *, user_suffix: str = "",
         head += f"{IM_START}system\n{system}{IM_END}\n"
     head += f"{IM_START}user\n"
     tail = f"{user_suffix}{IM_END}\n{ASSISTANT_HEADER}"
-    return ChatPrompt(head=head, body=user, tail=tail,
-                      answer="" if answer is None else answer + IM_END)
+    return ChatPrompt(
+        head=head, body=user, tail=tail, answer="" if answer is None else answer + IM_END
+    )
 
 
-def embedding_prompt(text: str, *, has_image: bool, role: str, subset: str = "",
-                     options: PromptOptions = PromptOptions()) -> ChatPrompt:
+def embedding_prompt(
+    text: str,
+    *,
+    has_image: bool,
+    role: str,
+    subset: str = "",
+    options: PromptOptions = PromptOptions(),
+) -> ChatPrompt:
     """The hierarchical embedding prompt of SPEC §1 for one query or candidate.
 
     Args:
@@ -147,8 +154,9 @@ def embedding_prompt(text: str, *, has_image: bool, role: str, subset: str = "",
       BadInput: empty text without an image, or placeholders that do not match the image.
     """
     if not text.strip() and not has_image:
-        raise BadInput("empty text and no image", subset=subset,
-                       hint="drop the row or fill in its text")
+        raise BadInput(
+            "empty text and no image", subset=subset, hint="drop the row or fill in its text"
+        )
     body = place_images(text, 1 if has_image else 0)
     suffix = ""
     if options.suffix and uses_suffix(role, subset):
@@ -157,11 +165,18 @@ def embedding_prompt(text: str, *, has_image: bool, role: str, subset: str = "",
     return chat_prompt(system, body, user_suffix=suffix)
 
 
-def embedding_prompt_text(text: str, *, has_image: bool, role: str, subset: str = "",
-                          options: PromptOptions = PromptOptions()) -> str:
+def embedding_prompt_text(
+    text: str,
+    *,
+    has_image: bool,
+    role: str,
+    subset: str = "",
+    options: PromptOptions = PromptOptions(),
+) -> str:
     """The full string of `embedding_prompt` (before `<|image_pad|>` expansion)."""
-    return embedding_prompt(text, has_image=has_image, role=role, subset=subset,
-                            options=options).text
+    return embedding_prompt(
+        text, has_image=has_image, role=role, subset=subset, options=options
+    ).text
 
 
 def sugarcrepe_caption(caption: str) -> str:
@@ -169,8 +184,9 @@ def sugarcrepe_caption(caption: str) -> str:
     return SUGARCREPE_CAPTION_PREFIX + caption
 
 
-def judge_prompt(query_text: str, query_has_image: bool, candidate_text: str,
-                 candidate_has_image: bool) -> ChatPrompt:
+def judge_prompt(
+    query_text: str, query_has_image: bool, candidate_text: str, candidate_has_image: bool
+) -> ChatPrompt:
     """The Yes/No prompt of the mining stage's generative check.
 
     The images, if any, are given in the order (query image, candidate image). The prompt ends

@@ -84,8 +84,9 @@ def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputRe
         return []
 
 
-def train_rows(data: Any, subset: str, report: BadInputReport, *, heldout: bool = False
-               ) -> Sequence[mmeb.TrainRow]:
+def train_rows(
+    data: Any, subset: str, report: BadInputReport, *, heldout: bool = False
+) -> Sequence[mmeb.TrainRow]:
     """The rows of one MMEB-train subset (split `data.train_split`) in the configured format.
 
     Args:
@@ -111,16 +112,23 @@ def train_rows(data: Any, subset: str, report: BadInputReport, *, heldout: bool 
         rows = _tfds_rows("train", data, subset, data.train_split, report)
     else:
         rows = mmeb.read_train_subset(
-            data.train_dir, subset, data.train_split, data.train_image_root or data.train_dir,
-            report)
-    rows = sample_rows(rows, subset, _get(data, "max_rows_per_subset", 0),
-                       _get(data, "row_sample_seed", -1))
+            data.train_dir,
+            subset,
+            data.train_split,
+            data.train_image_root or data.train_dir,
+            report,
+        )
+    rows = sample_rows(
+        rows, subset, _get(data, "max_rows_per_subset", 0), _get(data, "row_sample_seed", -1)
+    )
     held = int(_get(data, "heldout_rows", 0))
     if not held or not len(rows):
         return [] if heldout else rows
     if held >= len(rows):
-        raise ValueError(f"--config.data.heldout_rows={held} leaves no training row of subset "
-                         f"{subset} ({len(rows)} rows); lower it")
+        raise ValueError(
+            f"--config.data.heldout_rows={held} leaves no training row of subset "
+            f"{subset} ({len(rows)} rows); lower it"
+        )
     split = len(rows) - held
     return SampledRows(rows, np.arange(split, len(rows)) if heldout else np.arange(split))
 

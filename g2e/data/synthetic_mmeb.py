@@ -74,32 +74,49 @@ WORDS = (
 
 # (name prefix, meta-task, instructions: the first is the `original` split's wording).
 TASKS = (
-    ("SynthCls", "classification", (
-        "Represent the given image for classification",
-        "Identify the category of the object in the given image",
-        "Classify the given image",
-    )),
-    ("SynthVQA", "vqa", (
-        "Represent the given image with the following question: ",
-        "Given the image, answer the following question: ",
-        "Look at the image and represent this question about it: ",
-    )),
-    ("SynthRet", "retrieval", (
-        "Find me an everyday image that matches the given caption: ",
-        "Retrieve the image described by the following caption: ",
-        "Find a picture that fits this description: ",
-    )),
-    ("SynthGround", "grounding", (
-        "Select the portion of the image that isolates the object labeled as ",
-        "Find the region of the image that shows the object labeled as ",
-        "Crop the part of the image that contains the object labeled as ",
-    )),
+    (
+        "SynthCls",
+        "classification",
+        (
+            "Represent the given image for classification",
+            "Identify the category of the object in the given image",
+            "Classify the given image",
+        ),
+    ),
+    (
+        "SynthVQA",
+        "vqa",
+        (
+            "Represent the given image with the following question: ",
+            "Given the image, answer the following question: ",
+            "Look at the image and represent this question about it: ",
+        ),
+    ),
+    (
+        "SynthRet",
+        "retrieval",
+        (
+            "Find me an everyday image that matches the given caption: ",
+            "Retrieve the image described by the following caption: ",
+            "Find a picture that fits this description: ",
+        ),
+    ),
+    (
+        "SynthGround",
+        "grounding",
+        (
+            "Select the portion of the image that isolates the object labeled as ",
+            "Find the region of the image that shows the object labeled as ",
+            "Crop the part of the image that contains the object labeled as ",
+        ),
+    ),
 )
 REPRESENT_IMAGE = IMAGE + "Represent the given image."
 REPRESENT_CROP = IMAGE + "Represent the given cropped image of the object"
 
 
 # ---- drawing --------------------------------------------------------------------------------
+
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
@@ -213,6 +230,7 @@ def _crop(rng: np.random.Generator, image: PIL.Image.Image) -> PIL.Image.Image:
 
 # ---- texts ----------------------------------------------------------------------------------
 
+
 def _phrase(rng: np.random.Generator, n: int) -> str:
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n))
 
@@ -225,6 +243,7 @@ def label(i: int) -> str:
 
 
 # ---- writing --------------------------------------------------------------------------------
+
 
 class _Files:
     """Writes the image files of one subset part (DIR/images/<Subset>/<Train|Test>/)."""
@@ -265,8 +284,9 @@ class Example:
     label: int = -1
 
 
-def _examples(meta_task: str, rng, files: _Files, n: int, queries: int, page_fraction: float,
-              labels: int) -> list[Example]:
+def _examples(
+    meta_task: str, rng, files: _Files, n: int, queries: int, page_fraction: float, labels: int
+) -> list[Example]:
     """n examples of `meta_task`, the first `queries` complete; the others are positives only
     (the extra candidates of eval pools larger than the queries), without query files."""
     examples = []
@@ -299,17 +319,25 @@ def _write_parquet(path: str, records: list[dict], schema: pa.Schema) -> None:
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
 
 
-def _write_train(out_dir: str, name: str, instructions: tuple, examples: list[Example],
-                 rng) -> None:
+def _write_train(
+    out_dir: str, name: str, instructions: tuple, examples: list[Example], rng
+) -> None:
     for split in mmeb.TRAIN_SPLITS:
         records = []
         for example in examples:
             wording = instructions[0]
             if split != "original":
                 wording = instructions[int(rng.integers(1, len(instructions)))]
-            records.append(dict(qry=_query(wording, example), qry_image_path=example.qry_image,
-                                pos_text=example.pos_text, pos_image_path=example.pos_image,
-                                neg_text="", neg_image_path=""))
+            records.append(
+                dict(
+                    qry=_query(wording, example),
+                    qry_image_path=example.qry_image,
+                    pos_text=example.pos_text,
+                    pos_image_path=example.pos_image,
+                    neg_text="",
+                    neg_image_path="",
+                )
+            )
         path = os.path.join(out_dir, "train", name, f"{split}-00000-of-00001.parquet")
         _write_parquet(path, records, mmeb.TRAIN_SCHEMA)
 
@@ -325,17 +353,30 @@ def _candidates(meta_task: str, rng, examples: list[Example], q: int, count: int
     return [(e.pos_text, e.pos_image) for e in [example, *others]]
 
 
-def _write_eval(out_dir: str, name: str, task: tuple, rng, files: _Files, queries: int,
-                candidates: int, page_fraction: float) -> None:
+def _write_eval(
+    out_dir: str,
+    name: str,
+    task: tuple,
+    rng,
+    files: _Files,
+    queries: int,
+    candidates: int,
+    page_fraction: float,
+) -> None:
     meta_task, instruction = task[1], task[2][0]
     pool = queries if meta_task == "classification" else max(queries, candidates)
     examples = _examples(meta_task, rng, files, pool, queries, page_fraction, candidates)
     records = []
     for q in range(queries):
         targets = _candidates(meta_task, rng, examples, q, candidates)
-        records.append(dict(qry_text=_query(instruction, examples[q]),
-                            qry_img_path=examples[q].qry_image,
-                            tgt_text=[t for t, _ in targets], tgt_img_path=[p for _, p in targets]))
+        records.append(
+            dict(
+                qry_text=_query(instruction, examples[q]),
+                qry_img_path=examples[q].qry_image,
+                tgt_text=[t for t, _ in targets],
+                tgt_img_path=[p for _, p in targets],
+            )
+        )
     path = os.path.join(out_dir, "eval", name, f"{mmeb.EVAL_SPLIT}-00000-of-00001.parquet")
     _write_parquet(path, records, mmeb.EVAL_SCHEMA)
 
@@ -345,9 +386,17 @@ def subset_names(count: int) -> list[tuple[str, tuple]]:
     return [(f"{TASKS[k % len(TASKS)][0]}_{k}", TASKS[k % len(TASKS)]) for k in range(count)]
 
 
-def build(out_dir: str, rows: int, subsets: int = 4, eval_queries: int = 1000,
-          candidates: int = 1000, page_fraction: float = 0.15, seed: int = 0,
-          image_scale: float = 1.0, pool: int = 256) -> dict:
+def build(
+    out_dir: str,
+    rows: int,
+    subsets: int = 4,
+    eval_queries: int = 1000,
+    candidates: int = 1000,
+    page_fraction: float = 0.15,
+    seed: int = 0,
+    image_scale: float = 1.0,
+    pool: int = 256,
+) -> dict:
     """Writes a synthetic MMEB to `out_dir` (see the module docstring); returns a summary.
 
     Args:
@@ -365,15 +414,20 @@ def build(out_dir: str, rows: int, subsets: int = 4, eval_queries: int = 1000,
       ValueError: a size out of range. FileExistsError: `out_dir` holds a data set.
     """
     if rows < subsets or subsets < 1 or eval_queries < 2 or candidates < 2 or pool < 1:
-        raise ValueError(f"synthetic MMEB sizes rows={rows} subsets={subsets} eval_queries="
-                         f"{eval_queries} candidates={candidates} pool={pool}: need rows >= "
-                         "subsets >= 1, eval_queries >= 2, candidates >= 2, pool >= 1")
+        raise ValueError(
+            f"synthetic MMEB sizes rows={rows} subsets={subsets} eval_queries="
+            f"{eval_queries} candidates={candidates} pool={pool}: need rows >= "
+            "subsets >= 1, eval_queries >= 2, candidates >= 2, pool >= 1"
+        )
     if not 0 <= page_fraction <= 1 or image_scale <= 0:
-        raise ValueError(f"page_fraction={page_fraction} must be in [0, 1] and image_scale="
-                         f"{image_scale} positive")
+        raise ValueError(
+            f"page_fraction={page_fraction} must be in [0, 1] and image_scale="
+            f"{image_scale} positive"
+        )
     if os.path.exists(os.path.join(out_dir, subsets_lib.MANIFEST_NAME)):
-        raise FileExistsError(f"{out_dir} already holds a data set; remove it or pick another "
-                              "--out.")
+        raise FileExistsError(
+            f"{out_dir} already holds a data set; remove it or pick another --out."
+        )
     start = time.perf_counter()
     images = Pool.draw(seed, pool, image_scale, with_pages=page_fraction > 0)
     pool_s = time.perf_counter() - start
@@ -386,14 +440,30 @@ def build(out_dir: str, rows: int, subsets: int = 4, eval_queries: int = 1000,
         examples = _examples(task[1], rng, train_files, count, count, page_fraction, candidates)
         _write_train(out_dir, name, task[2], examples, rng)
         eval_files = _Files(out_dir, name, "Test", images)
-        _write_eval(out_dir, name, task, np.random.default_rng([seed, k, 1]), eval_files,
-                    eval_queries, candidates, page_fraction)
+        _write_eval(
+            out_dir,
+            name,
+            task,
+            np.random.default_rng([seed, k, 1]),
+            eval_files,
+            eval_queries,
+            candidates,
+            page_fraction,
+        )
         files += train_files.count + eval_files.count
         size += train_files.bytes + eval_files.bytes
     subsets_lib.write_manifest(out_dir, infos)
-    return dict(out=out_dir, subsets=subsets, train_rows=rows, eval_queries=eval_queries,
-                candidates=candidates, image_files=files, image_mb=round(size / 2**20, 1),
-                pool_s=round(pool_s, 2), seconds=round(time.perf_counter() - start, 2))
+    return dict(
+        out=out_dir,
+        subsets=subsets,
+        train_rows=rows,
+        eval_queries=eval_queries,
+        candidates=candidates,
+        image_files=files,
+        image_mb=round(size / 2**20, 1),
+        pool_s=round(pool_s, 2),
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -406,14 +476,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--page_fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image_scale", type=float, default=1.0,
-                        help="multiplies the photo (640x480) and page (1700x2200) sizes")
+    parser.add_argument(
+        "--image_scale",
+        type=float,
+        default=1.0,
+        help="multiplies the photo (640x480) and page (1700x2200) sizes",
+    )
     parser.add_argument("--pool", type=int, default=256, help="distinct photos (pages: 1/8)")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.out, args.rows, subsets=args.subsets,
-                           eval_queries=args.eval_queries, candidates=args.candidates,
-                           page_fraction=args.page_fraction, seed=args.seed,
-                           image_scale=args.image_scale, pool=args.pool)))
+    print(
+        json.dumps(
+            build(
+                args.out,
+                args.rows,
+                subsets=args.subsets,
+                eval_queries=args.eval_queries,
+                candidates=args.candidates,
+                page_fraction=args.page_fraction,
+                seed=args.seed,
+                image_scale=args.image_scale,
+                pool=args.pool,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from g2e.data import images
-from g2e.data import mmeb
+from g2e.data import images, mmeb
 from g2e.data import subsets as subsets_lib
 from g2e.data.errors import BadInput, BadInputReport
 
@@ -115,8 +114,15 @@ class _TableWriter:
     names it.
     """
 
-    def __init__(self, subset: str, uses: dict[str, int], image_root: str, verify: bool,
-                 policy: str, empty: dict):
+    def __init__(
+        self,
+        subset: str,
+        uses: dict[str, int],
+        image_root: str,
+        verify: bool,
+        policy: str,
+        empty: dict,
+    ):
         self.subset, self.uses, self.verify, self.policy = subset, uses, verify, policy
         self.empty = empty
         self.relative = {path: _relative(path, image_root) for path in uses}
@@ -136,13 +142,16 @@ class _TableWriter:
                 bad[path] = err
                 continue
             image_id = ids[path] = len(ids)
-            yield image_id, {
-                **self.empty,
-                "subset": self.subset,
-                "index": image_id,
-                "image_path": self.relative[path],
-                "image": data,
-            }
+            yield (
+                image_id,
+                {
+                    **self.empty,
+                    "subset": self.subset,
+                    "index": image_id,
+                    "image_path": self.relative[path],
+                    "image": data,
+                },
+            )
         if not ids:
             raise EmptySplitError(f"subset {self.subset}: every image is bad input")
         self.ids, self.bad = ids, bad
@@ -227,8 +236,14 @@ class _MmebBuilder(tfds.core.GeneratorBasedBuilder, **_REGISTER):
                 for path in images_of(row):
                     if path is not None:
                         uses.setdefault(path, row.index)
-        table = _TableWriter(cfg.name, uses, cfg.image_root, cfg.verify_images,
-                             self.report.policy, {**self.EMPTY_ROW, "index": 0})
+        table = _TableWriter(
+            cfg.name,
+            uses,
+            cfg.image_root,
+            cfg.verify_images,
+            self.report.policy,
+            {**self.EMPTY_ROW, "index": 0},
+        )
         generators = {IMAGES_SPLIT: table.examples()} if uses else {}
         for split, rows in rows_by_split.items():
             generators[split] = self._generate_examples(

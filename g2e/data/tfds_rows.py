@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from g2e.data import images
-from g2e.data import mmeb
+from g2e.data import images, mmeb
 from g2e.data.tfds_builders import BUILDERS, IMAGES_SPLIT, VERSION, builder
 
 

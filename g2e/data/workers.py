@@ -87,19 +87,26 @@ class Stream:
     workers (also done when the iteration ends).
     """
 
-    def __init__(self, inputs: Sequence[Any], function: Callable[[Any], Any], *, workers: int,
-                 buffer: int = 4, min_items: int | None = None):
+    def __init__(
+        self,
+        inputs: Sequence[Any],
+        function: Callable[[Any], Any],
+        *,
+        workers: int,
+        buffer: int = 4,
+        min_items: int | None = None,
+    ):
         if min_items is None:
             min_items = MIN_ITEMS_PER_WORKER * workers
         dataset = grain.MapDataset.source(inputs).map(_Catching(function))
-        iterable = dataset.to_iter_dataset(
-            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if workers > 0 and len(inputs) >= max(min_items, 1):
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             iterable = iterable.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
-                worker_init_fn=_die_with_parent)
+                worker_init_fn=_die_with_parent,
+            )
         self._iterator = iter(iterable)
 
     def __iter__(self) -> Iterator[Any]:
@@ -117,8 +124,14 @@ class Stream:
             close()
 
 
-def stream(inputs: Sequence[Any], function: Callable[[Any], Any], *, workers: int,
-           buffer: int = 4, min_items: int | None = None) -> Iterator[Any]:
+def stream(
+    inputs: Sequence[Any],
+    function: Callable[[Any], Any],
+    *,
+    workers: int,
+    buffer: int = 4,
+    min_items: int | None = None,
+) -> Iterator[Any]:
     """Yields function(x) for x in `inputs`, in order, computed by `workers` processes.
 
     Args:

@@ -44,32 +44,40 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     config = pipeline.config
     data = config.data
     if not config.mine.judge:
-        raise ValueError("judge_quality: --config.mine.judge is False, so nothing was judged; "
-                         "turn the judge on or drop the stage")
+        raise ValueError(
+            "judge_quality: --config.mine.judge is False, so nothing was judged; "
+            "turn the judge on or drop the stage"
+        )
     report = BadInputReport(data.on_bad_input)
     results = {}
     for subset in rows_lib.train_subsets(data):
         if subset not in mini_mmeb.SUBSETS:
-            raise ValueError(f"judge_quality: training subset {subset} is not a mini-MMEB "
-                             "subset; the judge's quality is measured only where the truth is "
-                             "known by construction (configs/demo.py)")
+            raise ValueError(
+                f"judge_quality: training subset {subset} is not a mini-MMEB "
+                "subset; the judge's quality is measured only where the truth is "
+                "known by construction (configs/demo.py)"
+            )
         directory = pipeline.workdir / "mine" / "cache" / subset / "judge"
         if not (directory / "index.json").is_file():
-            raise FileNotFoundError(f"judge_quality: {directory} holds no judge answers; run "
-                                    "the mine stage first (--config.stages=mine)")
+            raise FileNotFoundError(
+                f"judge_quality: {directory} holds no judge answers; run "
+                "the mine stage first (--config.stages=mine)"
+            )
         cache = JudgeCache(directory, judge_fingerprint(pipeline), writable=False)
         rows = rows_lib.train_rows(data, subset, report)
         results[subset] = subset_quality(rows, cache.answers, config.mine.judge_threshold)
         logging.info("judge_quality %s: %s", subset, results[subset])
     if distributed.is_primary():
-        atomic.write_json(pipeline.workdir / "judge_quality" / "results.json", results,
-                          indent=2)
-    return {subset: {k: r[k] for k in ("base_rate", "precision", "recall")}
-            for subset, r in results.items()}
+        atomic.write_json(pipeline.workdir / "judge_quality" / "results.json", results, indent=2)
+    return {
+        subset: {k: r[k] for k in ("base_rate", "precision", "recall")}
+        for subset, r in results.items()
+    }
 
 
-def subset_quality(rows: Sequence[mmeb.TrainRow], answers: dict[tuple[int, int], tuple],
-                   threshold: float) -> dict[str, Any]:
+def subset_quality(
+    rows: Sequence[mmeb.TrainRow], answers: dict[tuple[int, int], tuple], threshold: float
+) -> dict[str, Any]:
     """The judge's answers on one subset's rows against mini_mmeb.answers.
 
     Args:
@@ -87,10 +95,14 @@ def subset_quality(rows: Sequence[mmeb.TrainRow], answers: dict[tuple[int, int],
         truth.append(mini_mmeb.answers(rows[anchor_of[query]], rows[owner_of[positive]]))
         yes.append(p_yes > threshold)
     truth, yes = np.asarray(truth, bool), np.asarray(yes, bool)
-    return {"pairs": int(truth.size), "true_pairs": int(truth.sum()),
-            "base_rate": _percent(truth.sum(), truth.size), "yes": int(yes.sum()),
-            "precision": _percent((truth & yes).sum(), yes.sum()),
-            "recall": _percent((truth & yes).sum(), truth.sum())}
+    return {
+        "pairs": int(truth.size),
+        "true_pairs": int(truth.sum()),
+        "base_rate": _percent(truth.sum(), truth.size),
+        "yes": int(yes.sum()),
+        "precision": _percent((truth & yes).sum(), yes.sum()),
+        "recall": _percent((truth & yes).sum(), truth.sum()),
+    }
 
 
 def _first_row_of(hashes: np.ndarray) -> dict[int, int]:

@@ -178,8 +178,12 @@ def _position_vqa(rng: np.random.Generator) -> Example:
     objects = scenes.objects(rng, n, shapes=scenes.pick(rng, scenes.SHAPES, n))
     image, _ = scenes.draw(rng, objects)
     target = objects[int(rng.integers(0, n))]
-    return Example(f"Where is the {target.color} {target.shape} in the image?", image,
-                   scenes.POSITIONS[target.cell], None)
+    return Example(
+        f"Where is the {target.color} {target.shape} in the image?",
+        image,
+        scenes.POSITIONS[target.cell],
+        None,
+    )
 
 
 def _shape_edit(rng: np.random.Generator) -> Example:
@@ -213,8 +217,13 @@ def _grounding(name: str, rng: np.random.Generator) -> Example:
     crops = [(cand_text(o), scenes.crop(image, b)) for o, b in zip(objects, boxes)]
     t = int(rng.integers(0, n))
     # The scene's other objects are the hard negatives.
-    return Example(label(objects[t]), image, crops[t][0], crops[t][1],
-                   [c for j, c in enumerate(crops) if j != t])
+    return Example(
+        label(objects[t]),
+        image,
+        crops[t][0],
+        crops[t][1],
+        [c for j, c in enumerate(crops) if j != t],
+    )
 
 
 def _example(name: str, rng: np.random.Generator) -> Example:
@@ -247,8 +256,14 @@ def draw_examples(name: str, seed: int, count: int) -> list[tuple[str, Any, str,
     pairs = []
     for _ in range(count):
         example = _example(name, rng)
-        pairs.append((_query_text(instruction, example), example.qry_image,
-                      example.pos_text, example.pos_image))
+        pairs.append(
+            (
+                _query_text(instruction, example),
+                example.qry_image,
+                example.pos_text,
+                example.pos_image,
+            )
+        )
     return pairs
 
 
@@ -267,8 +282,12 @@ def answers(anchor: Any, owner: Any) -> bool:
         return True
     if anchor.pos_image is None and owner.pos_image is None:
         return caption_parts(anchor.pos_text) == caption_parts(owner.pos_text)
-    if (anchor.pos_image is not None and owner.pos_image is not None
-            and anchor.qry_image is None and owner.qry_image is None):
+    if (
+        anchor.pos_image is not None
+        and owner.pos_image is not None
+        and anchor.qry_image is None
+        and owner.qry_image is None
+    ):
         return caption_parts(_caption(anchor.qry_text)) == caption_parts(_caption(owner.qry_text))
     return False
 
@@ -302,8 +321,9 @@ def _distractors(
         vocab = next(v for v in vocabularies if ex.pos_text in v)
         return [
             (t, None)
-            for t in scenes.pick(rng, [v for v in vocab if v != ex.pos_text],
-                                 min(k, len(vocab) - 1))
+            for t in scenes.pick(
+                rng, [v for v in vocab if v != ex.pos_text], min(k, len(vocab) - 1)
+            )
         ]
     # What makes a candidate right: its caption for text positives, else the query's words.
     key = lambda e: e.pos_text if e.pos_image is None else e.question
@@ -365,8 +385,9 @@ def _write_train(out_dir: str, name: str, examples: list[Example], rng) -> None:
     for split in ("original", "diverse_instruction"):
         records = []
         for ex in examples:
-            instruction = (instructions[0] if split == "original"
-                           else scenes.pick(rng, instructions[1:]))
+            instruction = (
+                instructions[0] if split == "original" else scenes.pick(rng, instructions[1:])
+            )
             records.append(
                 dict(
                     qry=_query_text(instruction, ex),

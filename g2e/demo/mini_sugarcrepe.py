@@ -31,28 +31,40 @@ def _other(rng: np.random.Generator, options, value: str) -> str:
     return scenes.pick(rng, [o for o in options if o != value])
 
 
-def _edits(rng: np.random.Generator, objects: list[scenes.Obj]
-           ) -> dict[str, tuple[str, str, str]]:
+def _edits(rng: np.random.Generator, objects: list[scenes.Obj]) -> dict[str, tuple[str, str, str]]:
     """category -> (caption, second positive, negative) of one scene."""
     first = objects[0]
     colour, shape = first.color, first.shape
     caption = f"a {colour} {shape}"
     edits = {
-        "replace_obj": (caption, f"a {shape} that is {colour}",
-                        f"a {colour} {_other(rng, scenes.SHAPES, shape)}"),
-        "replace_att": (caption, f"a {shape} that is {colour}",
-                        f"a {_other(rng, scenes.COLORS, colour)} {shape}"),
-        "add_obj": (caption, f"a {shape} that is {colour}",
-                    f"a {colour} {shape} and a {_other(rng, scenes.SHAPES, shape)}"),
-        "add_att": (caption, f"a {shape} that is {colour}",
-                    f"a {colour} {shape} with {_other(rng, scenes.COLORS, colour)} stripes"),
+        "replace_obj": (
+            caption,
+            f"a {shape} that is {colour}",
+            f"a {colour} {_other(rng, scenes.SHAPES, shape)}",
+        ),
+        "replace_att": (
+            caption,
+            f"a {shape} that is {colour}",
+            f"a {_other(rng, scenes.COLORS, colour)} {shape}",
+        ),
+        "add_obj": (
+            caption,
+            f"a {shape} that is {colour}",
+            f"a {colour} {shape} and a {_other(rng, scenes.SHAPES, shape)}",
+        ),
+        "add_att": (
+            caption,
+            f"a {shape} that is {colour}",
+            f"a {colour} {shape} with {_other(rng, scenes.COLORS, colour)} stripes",
+        ),
     }
     if len(objects) > 1:
         second = objects[1]
         edits["swap_att"] = (
             f"a {colour} {shape} and a {second.color} {second.shape}",
             f"a {second.color} {second.shape} and a {colour} {shape}",
-            f"a {second.color} {shape} and a {colour} {second.shape}")
+            f"a {second.color} {shape} and a {colour} {second.shape}",
+        )
     return edits
 
 
@@ -60,29 +72,43 @@ def build(out_dir: str, seed: int = 0, examples: int = 8) -> dict:
     """Writes the mini benchmarks to `out_dir`; returns {"sugarcrepe": dir, "sugarcrepe_pp":
     dir, "image_root": dir, "examples": per category}."""
     rng = np.random.default_rng(seed)
-    folders = {name: os.path.join(out_dir, name) for name in ("sugarcrepe", "sugarcrepe_pp",
-                                                               "images")}
+    folders = {
+        name: os.path.join(out_dir, name) for name in ("sugarcrepe", "sugarcrepe_pp", "images")
+    }
     for folder in folders.values():
         os.makedirs(folder, exist_ok=True)
     plain: dict[str, dict] = {c: {} for c in SUGARCREPE}
     plus: dict[str, list] = {c: [] for c in SUGARCREPE_PP}
     for number in range(examples):
         colours = scenes.pick(rng, scenes.COLORS, 2)
-        objects = scenes.objects(rng, 2, shapes=scenes.pick(rng, scenes.SHAPES, 2),
-                                 colors=colours)
+        objects = scenes.objects(rng, 2, shapes=scenes.pick(rng, scenes.SHAPES, 2), colors=colours)
         image, _ = scenes.draw(rng, objects)
         filename = f"{number:05d}.jpg"
         image.save(os.path.join(folders["images"], filename), quality=90)
         for category, (caption, caption2, negative) in _edits(rng, objects).items():
-            plain[category][str(number)] = {"filename": filename, "caption": caption,
-                                            "negative_caption": negative}
+            plain[category][str(number)] = {
+                "filename": filename,
+                "caption": caption,
+                "negative_caption": negative,
+            }
             if category in plus:
-                plus[category].append({"id": number, "filename": filename, "caption": caption,
-                                       "caption2": caption2, "negative_caption": negative})
+                plus[category].append(
+                    {
+                        "id": number,
+                        "filename": filename,
+                        "caption": caption,
+                        "caption2": caption2,
+                        "negative_caption": negative,
+                    }
+                )
     _write(folders["sugarcrepe"], plain)
     _write(folders["sugarcrepe_pp"], plus)
-    return {"sugarcrepe": folders["sugarcrepe"], "sugarcrepe_pp": folders["sugarcrepe_pp"],
-            "image_root": folders["images"], "examples": examples}
+    return {
+        "sugarcrepe": folders["sugarcrepe"],
+        "sugarcrepe_pp": folders["sugarcrepe_pp"],
+        "image_root": folders["images"],
+        "examples": examples,
+    }
 
 
 def _write(folder: str, by_category: dict) -> None:

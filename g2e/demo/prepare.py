@@ -96,8 +96,9 @@ class Lesson:
     suffix: str = ""
 
 
-def generator_lessons(train_dir: pathlib.Path, image_root: pathlib.Path, *,
-                      matching_per_subset: int, seed: int) -> list[Lesson]:
+def generator_lessons(
+    train_dir: pathlib.Path, image_root: pathlib.Path, *, matching_per_subset: int, seed: int
+) -> list[Lesson]:
     """The generator's instruction data: what an instruction-tuned MLLM has learnt to do.
 
     From the mini-MMEB's training rows: a row whose positive is text teaches the model to
@@ -137,10 +138,24 @@ def _row_lessons(row: mmeb.TrainRow) -> list[Lesson]:
         # follows its system prompt): the hierarchical prompt's words, with or without its
         # query suffix, as queries and candidates see it.
         suffix = row.index % 2 == 0
-        lessons.append(Lesson("<|image_1|>", images(image), word, system=prompts.SYSTEM_PROMPT,
-                              suffix=prompts.query_suffix(True) if suffix else ""))
-        lessons.append(Lesson(caption, (), word, system=prompts.SYSTEM_PROMPT,
-                              suffix="" if suffix else prompts.query_suffix(False)))
+        lessons.append(
+            Lesson(
+                "<|image_1|>",
+                images(image),
+                word,
+                system=prompts.SYSTEM_PROMPT,
+                suffix=prompts.query_suffix(True) if suffix else "",
+            )
+        )
+        lessons.append(
+            Lesson(
+                caption,
+                (),
+                word,
+                system=prompts.SYSTEM_PROMPT,
+                suffix="" if suffix else prompts.query_suffix(False),
+            )
+        )
         asked = scenes.SHAPES[(row.index + len(caption)) % len(scenes.SHAPES)]
         answer = "Yes" if asked in caption.split() or asked + "s" in caption else "No"
         lessons.append(Lesson(YES_NO.format(asked), images(image), answer))
@@ -165,15 +180,21 @@ def _matching_lessons(subset: str, count: int, seed: int) -> list[Lesson]:
             images = tuple(image for image in (query_row.qry_image, owner.pos_image) if image)
             query = prompts.place_images(query_row.qry_text, int(query_row.qry_image is not None))
             candidate = prompts.place_images(owner.pos_text, int(owner.pos_image is not None))
-            lessons.append(Lesson(f"{prompts.JUDGE_QUERY_LABEL}{query}"
-                                  f"{prompts.JUDGE_CANDIDATE_LABEL}{candidate}", images, answer,
-                                  system=prompts.JUDGE_SYSTEM_PROMPT,
-                                  suffix=prompts.JUDGE_QUESTION))
+            lessons.append(
+                Lesson(
+                    f"{prompts.JUDGE_QUERY_LABEL}{query}{prompts.JUDGE_CANDIDATE_LABEL}{candidate}",
+                    images,
+                    answer,
+                    system=prompts.JUDGE_SYSTEM_PROMPT,
+                    suffix=prompts.JUDGE_QUESTION,
+                )
+            )
     return lessons
 
 
-def _yes_pair(anchor: _Drawn, rows: list[_Drawn], rng: np.random.Generator
-              ) -> tuple[_Drawn, _Drawn]:
+def _yes_pair(
+    anchor: _Drawn, rows: list[_Drawn], rng: np.random.Generator
+) -> tuple[_Drawn, _Drawn]:
     """(query row, owner) where the owner's positive answers the query."""
     choices = [(anchor, anchor)]
     choices += [(anchor, o) for o in rows if o is not anchor and mini_mmeb.answers(anchor, o)]
@@ -181,8 +202,9 @@ def _yes_pair(anchor: _Drawn, rows: list[_Drawn], rng: np.random.Generator
         choices.append((anchor, dataclasses.replace(anchor, pos_text=_reorder(anchor.pos_text))))
     head, _, caption = anchor.qry_text.rpartition(": ")
     if anchor.qry_image is None and head and len(_parts(caption)) > 1:
-        choices.append((dataclasses.replace(anchor, qry_text=f"{head}: {_reorder(caption)}"),
-                        anchor))
+        choices.append(
+            (dataclasses.replace(anchor, qry_text=f"{head}: {_reorder(caption)}"), anchor)
+        )
     return choices[int(rng.integers(len(choices)))]
 
 
@@ -223,29 +245,45 @@ def _lm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Arr
     hidden = model(batch)
     length = batch["input_ids"].shape[1]
     positions = jnp.broadcast_to(jnp.arange(length - 1), (hidden.shape[0], length - 1))
-    logits = model.logits_at(hidden, positions).astype(jnp.float32)        # [B, L-1, V]
+    logits = model.logits_at(hidden, positions).astype(jnp.float32)  # [B, L-1, V]
     targets = batch["input_ids"][:, 1:]
     mask = batch["target_mask"][:, 1:].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def train_generator(model: Qwen2VL, processor: Processor, lessons: list[Lesson], *, steps: int,
-                    lr: float, batch_size: int, seed: int) -> list[float]:
+def train_generator(
+    model: Qwen2VL,
+    processor: Processor,
+    lessons: list[Lesson],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> list[float]:
     """Next-token training of `model` in place on the lessons' answers; the losses."""
     encoded: list[Encoded] = []
     for lesson in lessons:
-        item = processor.encode_chat(lesson.system, lesson.user, list(lesson.images),
-                                     user_suffix=lesson.suffix, answer=lesson.answer)
+        item = processor.encode_chat(
+            lesson.system,
+            lesson.user,
+            list(lesson.images),
+            user_suffix=lesson.suffix,
+            answer=lesson.answer,
+        )
         if item is not None:
             encoded.append(item)
     if len(encoded) < batch_size:
-        raise ValueError(f"demo: only {len(encoded)} generator examples for a batch of "
-                         f"{batch_size}; raise demo.scale")
+        raise ValueError(
+            f"demo: only {len(encoded)} generator examples for a batch of "
+            f"{batch_size}; raise demo.scale"
+        )
     graphdef, params = nnx.split(model, nnx.Param)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 20)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 0.9, 0.98,
-                                                                        weight_decay=0.01))
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, 0.9, 0.98, weight_decay=0.01)
+    )
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -279,47 +317,79 @@ def prepare(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, A
     paths = demo_paths(out)
     summary: dict[str, Any] = {}
     if not (paths.data_dir / "subsets.json").is_file():
+
         def build_data(tmp: pathlib.Path) -> None:
             summary["mini_mmeb"] = mini_mmeb.build(
-                str(tmp), seed=demo.seed,
+                str(tmp),
+                seed=demo.seed,
                 train_rows=max(16, round(demo.train_rows * demo.scale)),
-                eval_queries=max(4, round(demo.eval_queries * demo.scale)), candidates=12)
+                eval_queries=max(4, round(demo.eval_queries * demo.scale)),
+                candidates=12,
+            )
 
         atomic.replace_directory(paths.data_dir, build_data)
         logging.info("demo: mini-MMEB in %s (%s)", paths.data_dir, summary["mini_mmeb"])
     if not (paths.model_dir / "config.json").is_file():
         start = time.time()
         summary["generator"] = {}
-        atomic.replace_directory(paths.model_dir, lambda tmp: summary["generator"].update(
-            build_generator(config, paths, tmp)))
+        atomic.replace_directory(
+            paths.model_dir,
+            lambda tmp: summary["generator"].update(build_generator(config, paths, tmp)),
+        )
         summary["generator"]["seconds"] = round(time.time() - start, 1)
-        logging.info("demo: generator checkpoint in %s (%s)", paths.model_dir,
-                     summary["generator"])
+        logging.info("demo: generator checkpoint in %s (%s)", paths.model_dir, summary["generator"])
     return summary
 
 
-def build_generator(config: ml_collections.ConfigDict, paths: DemoPaths,
-                    out: pathlib.Path) -> dict[str, Any]:
+def build_generator(
+    config: ml_collections.ConfigDict, paths: DemoPaths, out: pathlib.Path
+) -> dict[str, Any]:
     """Writes the tiny generator checkpoint, trained on the mini-MMEB, into `out`."""
     demo = config.demo
-    lessons = generator_lessons(paths.train_dir, paths.image_root,
-                                matching_per_subset=demo.matching_lessons, seed=demo.seed)
+    lessons = generator_lessons(
+        paths.train_dir, paths.image_root, matching_per_subset=demo.matching_lessons, seed=demo.seed
+    )
     texts = [text for lesson in lessons for text in (lesson.user, lesson.answer)]
-    tiny.write_assets(out, texts=texts, vocab_size=demo.vocab_size,
-                      hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
-                      layers=demo.num_layers, heads=demo.heads, kv_heads=demo.kv_heads,
-                      vision_width=demo.vision_width, vision_heads=demo.heads,
-                      vision_layers=demo.num_layers, tie_word_embeddings=True)
-    model = Qwen2VL(Qwen2VLConfig.from_dir(out), dtype=jnp.float32, param_dtype=jnp.float32,
-                    rngs=nnx.Rngs(demo.seed))
-    processor = Processor.from_dir(out, max_length=config.data.train_max_length,
-                                   image_resolution="processor",
-                                   length_buckets=tuple(config.data.length_buckets),
-                                   patch_buckets=tuple(config.data.patch_buckets))
-    losses = train_generator(model, processor, lessons, steps=demo.generator_steps,
-                             lr=demo.generator_lr, batch_size=demo.generator_batch_size,
-                             seed=demo.seed)
+    tiny.write_assets(
+        out,
+        texts=texts,
+        vocab_size=demo.vocab_size,
+        hidden_size=demo.hidden_size,
+        intermediate_size=2 * demo.hidden_size,
+        layers=demo.num_layers,
+        heads=demo.heads,
+        kv_heads=demo.kv_heads,
+        vision_width=demo.vision_width,
+        vision_heads=demo.heads,
+        vision_layers=demo.num_layers,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2VL(
+        Qwen2VLConfig.from_dir(out),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(demo.seed),
+    )
+    processor = Processor.from_dir(
+        out,
+        max_length=config.data.train_max_length,
+        image_resolution="processor",
+        length_buckets=tuple(config.data.length_buckets),
+        patch_buckets=tuple(config.data.patch_buckets),
+    )
+    losses = train_generator(
+        model,
+        processor,
+        lessons,
+        steps=demo.generator_steps,
+        lr=demo.generator_lr,
+        batch_size=demo.generator_batch_size,
+        seed=demo.seed,
+    )
     hf_io.save_hf(model, out, dtype=np.float32)
-    return {"lessons": len(lessons), "steps": demo.generator_steps,
-            "first_loss": round(float(np.mean(losses[:10])), 4),
-            "last_loss": round(float(np.mean(losses[-10:])), 4)}
+    return {
+        "lessons": len(lessons),
+        "steps": demo.generator_steps,
+        "first_loss": round(float(np.mean(losses[:10])), 4),
+        "last_loss": round(float(np.mean(losses[-10:])), 4),
+    }

@@ -74,8 +74,11 @@ No
 """
 
 
-def build_tokenizer(texts: Iterable[str] = (), *, vocab_size: int = 1024,
-                    ) -> transformers.Qwen2TokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str] = (),
+    *,
+    vocab_size: int = 1024,
+) -> transformers.Qwen2TokenizerFast:
     """Trains a byte-level BPE tokenizer on the built-in corpus plus `texts`.
 
     Args:
@@ -87,10 +90,12 @@ def build_tokenizer(texts: Iterable[str] = (), *, vocab_size: int = 1024,
     """
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -107,8 +112,13 @@ def build_tokenizer(texts: Iterable[str] = (), *, vocab_size: int = 1024,
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = transformers.Qwen2TokenizerFast(
-        vocab=vocab, merges=merges, unk_token=None, bos_token=None,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     for token in SPECIAL_TOKENS:
         if tokenizer.convert_tokens_to_ids(token) != vocab[token]:
@@ -163,22 +173,38 @@ def tiny_hf_config(
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     ids = special_token_ids(tokenizer)
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
-    text_config = _text_config(ids, model_type=model_type, vocab_size=vocab_size,
-                               hidden_size=hidden_size, intermediate_size=intermediate_size,
-                               layers=layers, heads=heads, kv_heads=kv_heads,
-                               mrope_section=mrope_section,
-                               tie_word_embeddings=tie_word_embeddings)
+    text_config = _text_config(
+        ids,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        mrope_section=mrope_section,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     if model_type == "qwen2_5_vl":
         fullatt = (vision_layers - 1,) if vision_fullatt_blocks is None else vision_fullatt_blocks
         vision_config = _qwen2_5_vl_vision_config(
-            hidden_size=hidden_size, vision_width=vision_width, vision_heads=vision_heads,
-            vision_layers=vision_layers, vision_mlp_ratio=vision_mlp_ratio,
-            window_size=vision_window_size, fullatt_blocks=fullatt)
+            hidden_size=hidden_size,
+            vision_width=vision_width,
+            vision_heads=vision_heads,
+            vision_layers=vision_layers,
+            vision_mlp_ratio=vision_mlp_ratio,
+            window_size=vision_window_size,
+            fullatt_blocks=fullatt,
+        )
         architecture = "Qwen2_5_VLForConditionalGeneration"
     else:
         vision_config = _qwen2_vl_vision_config(
-            hidden_size=hidden_size, vision_width=vision_width, vision_heads=vision_heads,
-            vision_layers=vision_layers, vision_mlp_ratio=vision_mlp_ratio)
+            hidden_size=hidden_size,
+            vision_width=vision_width,
+            vision_heads=vision_heads,
+            vision_layers=vision_layers,
+            vision_mlp_ratio=vision_mlp_ratio,
+        )
         architecture = "Qwen2VLForConditionalGeneration"
     return {
         "architectures": [architecture],
@@ -193,10 +219,19 @@ def tiny_hf_config(
     }
 
 
-def _text_config(ids: dict[str, int], *, model_type: str, vocab_size: int, hidden_size: int,
-                 intermediate_size: int, layers: int, heads: int, kv_heads: int,
-                 mrope_section: tuple[int, int, int],
-                 tie_word_embeddings: bool) -> dict[str, Any]:
+def _text_config(
+    ids: dict[str, int],
+    *,
+    model_type: str,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    mrope_section: tuple[int, int, int],
+    tie_word_embeddings: bool,
+) -> dict[str, Any]:
     """config.json's `text_config` (the Qwen2 decoder) with the tokenizer's special `ids`."""
     return {
         "model_type": f"{model_type}_text",
@@ -209,8 +244,11 @@ def _text_config(ids: dict[str, int], *, model_type: str, vocab_size: int, hidde
         "hidden_act": "silu",
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                            "mrope_section": list(mrope_section)},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": list(mrope_section),
+        },
         "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -218,8 +256,14 @@ def _text_config(ids: dict[str, int], *, model_type: str, vocab_size: int, hidde
     }
 
 
-def _qwen2_vl_vision_config(*, hidden_size: int, vision_width: int, vision_heads: int,
-                            vision_layers: int, vision_mlp_ratio: int) -> dict[str, Any]:
+def _qwen2_vl_vision_config(
+    *,
+    hidden_size: int,
+    vision_width: int,
+    vision_heads: int,
+    vision_layers: int,
+    vision_mlp_ratio: int,
+) -> dict[str, Any]:
     """Qwen2-VL's `vision_config`: a quick-GELU MLP ViT, merged into `hidden_size`."""
     return {
         "model_type": "qwen2_vl_vision",
@@ -236,9 +280,16 @@ def _qwen2_vl_vision_config(*, hidden_size: int, vision_width: int, vision_heads
     }
 
 
-def _qwen2_5_vl_vision_config(*, hidden_size: int, vision_width: int, vision_heads: int,
-                              vision_layers: int, vision_mlp_ratio: int, window_size: int,
-                              fullatt_blocks: tuple[int, ...]) -> dict[str, Any]:
+def _qwen2_5_vl_vision_config(
+    *,
+    hidden_size: int,
+    vision_width: int,
+    vision_heads: int,
+    vision_layers: int,
+    vision_mlp_ratio: int,
+    window_size: int,
+    fullatt_blocks: tuple[int, ...],
+) -> dict[str, Any]:
     """Qwen2.5-VL's `vision_config`: SwiGLU MLP, attention windows of `window_size` pixels,
     full attention in `fullatt_blocks`."""
     return {
@@ -259,16 +310,18 @@ def _qwen2_5_vl_vision_config(*, hidden_size: int, vision_width: int, vision_hea
     }
 
 
-def preprocessor_config(*, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
-                        model_type: str = "qwen2_vl") -> dict[str, Any]:
+def preprocessor_config(
+    *, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, model_type: str = "qwen2_vl"
+) -> dict[str, Any]:
     """Qwen2-VL image processor settings (patch 14, merge 2, temporal 2) for tiny images.
 
     Qwen2.5-VL uses the same image processor; only the processor class differs.
     """
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": ("Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl"
-                            else "Qwen2VLProcessor"),
+        "processor_class": (
+            "Qwen2_5_VLProcessor" if model_type == "qwen2_5_vl" else "Qwen2VLProcessor"
+        ),
         "do_resize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -285,9 +338,15 @@ def preprocessor_config(*, min_pixels: int = 56 * 56, max_pixels: int = 224 * 22
     }
 
 
-def write_assets(out_dir: str | pathlib.Path, *, texts: Iterable[str] = (),
-                 vocab_size: int = 1024, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
-                 **config_kwargs: Any) -> dict[str, Any]:
+def write_assets(
+    out_dir: str | pathlib.Path,
+    *,
+    texts: Iterable[str] = (),
+    vocab_size: int = 1024,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+    **config_kwargs: Any,
+) -> dict[str, Any]:
     """Writes tokenizer files, preprocessor_config.json and config.json into `out_dir`.
 
     `config_kwargs` go to `tiny_hf_config`. Returns the config dict written.
@@ -298,7 +357,8 @@ def write_assets(out_dir: str | pathlib.Path, *, texts: Iterable[str] = (),
     tokenizer.save_pretrained(out_dir)
     config = tiny_hf_config(tokenizer, **config_kwargs)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    processor = preprocessor_config(min_pixels=min_pixels, max_pixels=max_pixels,
-                                    model_type=config["model_type"])
+    processor = preprocessor_config(
+        min_pixels=min_pixels, max_pixels=max_pixels, model_type=config["model_type"]
+    )
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return config

@@ -47,8 +47,15 @@ EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
 Key = tuple[str, str]  # (text, image key)
 
 
-def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: int, desc: str,
-                progress: bool = True, allow_skipped: bool = False) -> np.ndarray:
+def embed_items(
+    embed_fn: EmbedFn,
+    items: Sequence[EmbedItem],
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool = True,
+    allow_skipped: bool = False,
+) -> np.ndarray:
     """Embeds `items` in chunks of `batch_size` behind a progress bar (examples/s).
 
     Items are sent text-only first, then with images, each group by text length, so that a
@@ -63,23 +70,29 @@ def embed_items(embed_fn: EmbedFn, items: Sequence[EmbedItem], *, batch_size: in
         ValueError: embed_fn returned the wrong shape or non-finite values (the message names
         `desc` and the items).
     """
-    order = sorted(range(len(items)),
-                   key=lambda i: (items[i].image is not None, len(items[i].text), i))
+    order = sorted(
+        range(len(items)), key=lambda i: (items[i].image is not None, len(items[i].text), i)
+    )
     chunks = []
-    with tqdm.tqdm(total=len(items), desc=desc, unit="ex", disable=not progress,
-                   dynamic_ncols=True) as bar:
+    with tqdm.tqdm(
+        total=len(items), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for start in range(0, len(items), batch_size):
-            chunk = [items[i] for i in order[start:start + batch_size]]
+            chunk = [items[i] for i in order[start : start + batch_size]]
             embeddings = np.asarray(embed_fn(chunk), dtype=np.float32)
-            where = f"{desc}, items {order[start:start + batch_size]}"
+            where = f"{desc}, items {order[start : start + batch_size]}"
             if embeddings.ndim != 2 or embeddings.shape[0] != len(chunk):
-                raise ValueError(f"{where}: embed_fn returned shape {embeddings.shape} for "
-                                 f"{len(chunk)} items; it must return [N, D]")
+                raise ValueError(
+                    f"{where}: embed_fn returned shape {embeddings.shape} for "
+                    f"{len(chunk)} items; it must return [N, D]"
+                )
             finite = np.isfinite(embeddings)
             skipped = np.all(np.isnan(embeddings), axis=1) if allow_skipped else False
             if not np.all(finite.all(axis=1) | skipped):
-                raise ValueError(f"{where}: embed_fn returned non-finite values; check the "
-                                 f"model's dtype and these inputs")
+                raise ValueError(
+                    f"{where}: embed_fn returned non-finite values; check the "
+                    f"model's dtype and these inputs"
+                )
             chunks.append(embeddings)
             bar.update(len(chunk))
     if not chunks:
@@ -95,9 +108,12 @@ def _normalize(embeddings: np.ndarray) -> np.ndarray:
     return embeddings / np.maximum(norms, 1e-12)
 
 
-def precision_at_1(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray,
-                   row_query: Sequence[int],
-                   row_candidates: Sequence[Sequence[int]]) -> np.ndarray:
+def precision_at_1(
+    query_embeddings: np.ndarray,
+    candidate_embeddings: np.ndarray,
+    row_query: Sequence[int],
+    row_candidates: Sequence[Sequence[int]],
+) -> np.ndarray:
     """Which rows rank their positive (first candidate) first, by cosine.
 
     Args:
@@ -116,17 +132,20 @@ def precision_at_1(query_embeddings: np.ndarray, candidate_embeddings: np.ndarra
     candidates = _normalize(np.asarray(candidate_embeddings, np.float32))
     correct = np.zeros(len(row_query), dtype=bool)
     for block in range(0, len(row_query), _ROW_BLOCK):
-        block_rows = [np.asarray(c, dtype=np.int64)
-                      for c in row_candidates[block:block + _ROW_BLOCK]]
+        block_rows = [
+            np.asarray(c, dtype=np.int64) for c in row_candidates[block : block + _ROW_BLOCK]
+        ]
         for offset, ids in enumerate(block_rows):
             if ids.size == 0:
-                raise ValueError(f"row {block + offset} has no candidates; MMEB rows list the "
-                                 f"positive first")
+                raise ValueError(
+                    f"row {block + offset} has no candidates; MMEB rows list the positive first"
+                )
         # One matmul per block of rows against the candidates the block uses: a per-row
         # gather-and-dot is ~10x slower, a full [rows, C] score matrix can be gigabytes.
         used = np.unique(np.concatenate(block_rows))
-        block_scores = (queries[np.asarray(row_query[block:block + _ROW_BLOCK])]
-                        @ candidates[used].T)
+        block_scores = (
+            queries[np.asarray(row_query[block : block + _ROW_BLOCK])] @ candidates[used].T
+        )
         for offset, ids in enumerate(block_rows):
             scores = block_scores[offset, np.searchsorted(used, ids)]
             # Copies of the positive in the row must tie with it exactly, whatever BLAS does.
@@ -151,6 +170,7 @@ def aggregate(subset_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         as on the leaderboard). A meta-task with no subset present is left out; IND, OOD or
         overall with none present is None (null in JSON).
     """
+
     def mean_of(keep: Callable[[dict[str, Any]], bool]) -> float | None:
         return _mean([r["precision_at_1"] for r in subset_results.values() if keep(r)])
 
@@ -184,8 +204,10 @@ class _SubsetItems:
         row_keys, flat_keys, lengths = [], [], []
         for row_number, r in enumerate(rows):
             if not r.tgt_texts or len(r.tgt_texts) != len(r.tgt_images):
-                raise ValueError(f"subset {subset}, row {row_number}: needs a non-empty "
-                                 "candidate list with one image entry per text")
+                raise ValueError(
+                    f"subset {subset}, row {row_number}: needs a non-empty "
+                    "candidate list with one image entry per text"
+                )
             lengths.append(len(r.tgt_texts))
             row_keys.append(self._key(r.qry_text, r.qry_image, r.index))
             flat_keys += [self._key(t, i, r.index) for t, i in zip(r.tgt_texts, r.tgt_images)]
@@ -200,14 +222,28 @@ class _SubsetItems:
 
     def items(self, role: str) -> list[EmbedItem]:
         keys = self.query_keys if role == "query" else self.candidate_keys
-        return [EmbedItem(text=text, image=self.sources[(text, image)][0], role=role,
-                          subset=self.subset, row=self.sources[(text, image)][1])
-                for text, image in keys]
+        return [
+            EmbedItem(
+                text=text,
+                image=self.sources[(text, image)][0],
+                role=role,
+                subset=self.subset,
+                row=self.sources[(text, image)][1],
+            )
+            for text, image in keys
+        ]
 
 
-def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str, *,
-                    batch_size: int, cache: EmbeddingCache | None = None,
-                    progress: bool = True, on_bad_input: str = "error") -> dict[str, Any]:
+def evaluate_subset(
+    embed_fn: EmbedFn,
+    rows: Sequence[mmeb.EvalRow],
+    subset: str,
+    *,
+    batch_size: int,
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+    on_bad_input: str = "error",
+) -> dict[str, Any]:
     """Embeds one subset's unique queries and candidates (or reads them from the cache), scores.
 
     Args:
@@ -229,20 +265,29 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         ValueError: no rows (or none left), a row without candidates, a bad embed_fn output.
     """
     if not rows:
-        raise ValueError(f"subset {subset}: no eval rows; drop it from data.eval_subsets or "
-                         f"fix its files")
+        raise ValueError(
+            f"subset {subset}: no eval rows; drop it from data.eval_subsets or fix its files"
+        )
     items = _SubsetItems(rows, subset)
     query_items, candidate_items = items.items("query"), items.items("candidate")
 
     def embed(role_items: list[EmbedItem], desc: str):
         def compute(indices: np.ndarray) -> np.ndarray:
-            return embed_items(embed_fn, [role_items[i] for i in indices], batch_size=batch_size,
-                               desc=f"{subset} {desc}", progress=progress,
-                               allow_skipped=on_bad_input == "skip")
+            return embed_items(
+                embed_fn,
+                [role_items[i] for i in indices],
+                batch_size=batch_size,
+                desc=f"{subset} {desc}",
+                progress=progress,
+                allow_skipped=on_bad_input == "skip",
+            )
+
         return compute
 
-    embed_queries, embed_candidates = embed(query_items, "queries"), embed(candidate_items,
-                                                                            "candidates")
+    embed_queries, embed_candidates = (
+        embed(query_items, "queries"),
+        embed(candidate_items, "candidates"),
+    )
     if cache is None:
         queries = embed_queries(np.arange(len(query_items)))
         candidates = embed_candidates(np.arange(len(candidate_items)))
@@ -250,27 +295,38 @@ def evaluate_subset(embed_fn: EmbedFn, rows: Sequence[mmeb.EvalRow], subset: str
         queries = cache.get("queries", items.query_keys, embed_queries)
         candidates = cache.get("candidates", items.candidate_keys, embed_candidates)
     if queries.shape[1] != candidates.shape[1]:
-        raise ValueError(f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
-                         f"but candidates width {candidates.shape[1]}")
+        raise ValueError(
+            f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
+            f"but candidates width {candidates.shape[1]}"
+        )
     return _score(subset, queries, candidates, items)
 
 
-def _score(subset: str, queries: np.ndarray, candidates: np.ndarray,
-           items: _SubsetItems) -> dict[str, Any]:
+def _score(
+    subset: str, queries: np.ndarray, candidates: np.ndarray, items: _SubsetItems
+) -> dict[str, Any]:
     """Precision@1 over the rows whose query and candidates all embedded (see evaluate_subset)."""
     # NaN rows only get here under 'skip' (cached ones included: they were embedded so).
     good_query = ~np.isnan(queries).any(axis=1)
     good_candidate = ~np.isnan(candidates).any(axis=1)
-    keep = [good_query[q] and bool(good_candidate[c].all())
-            for q, c in zip(items.row_query, items.row_candidates)]
+    keep = [
+        good_query[q] and bool(good_candidate[c].all())
+        for q, c in zip(items.row_query, items.row_candidates)
+    ]
     if not any(keep):
         raise ValueError(f"subset {subset}: every row uses an input embed_fn skipped as bad")
-    correct = precision_at_1(queries, candidates,
-                             [q for q, k in zip(items.row_query, keep) if k],
-                             [c for c, k in zip(items.row_candidates, keep) if k])
+    correct = precision_at_1(
+        queries,
+        candidates,
+        [q for q, k in zip(items.row_query, keep) if k],
+        [c for c, k in zip(items.row_candidates, keep) if k],
+    )
     if not all(keep):
-        logging.warning("subset %s: %d rows left out: they use inputs skipped as bad", subset,
-                        len(keep) - sum(keep))
+        logging.warning(
+            "subset %s: %d rows left out: they use inputs skipped as bad",
+            subset,
+            len(keep) - sum(keep),
+        )
     kept_candidates = [len(c) for c, k in zip(items.row_candidates, keep) if k]
     return {
         "precision_at_1": 100.0 * float(correct.mean()),
@@ -289,6 +345,7 @@ def _score(subset: str, queries: np.ndarray, candidates: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # The whole benchmark and its reports.
 
+
 def _subset_list(subsets: str | Sequence[str] | None, data: Any) -> list[str]:
     if isinstance(subsets, str):
         subsets = [s.strip() for s in subsets.split(",") if s.strip()]
@@ -298,7 +355,8 @@ def _subset_list(subsets: str | Sequence[str] | None, data: Any) -> list[str]:
             raise FileNotFoundError(
                 f"{rows_lib.manifest_dir(data, 'eval')}: no MMEB-eval subsets found; point "
                 "data.eval_dir at MMEB-eval in the hub's layout (or data.tfds_dir at its "
-                "prepared copy, with data.format=tfds)")
+                "prepared copy, with data.format=tfds)"
+            )
     return list(subsets)
 
 
@@ -310,19 +368,32 @@ def _leaderboard_order(names: Sequence[str], manifest_dir: str) -> list[str]:
         info = subset_registry.subset_info(name, manifest_dir)
         canonical = subset_registry.canonical_name(name)
         position = table.index(canonical) if canonical in table else len(table)
-        return (subset_registry.META_TASKS.index(info.meta_task),
-                report_lib.SPLITS.index(info.group),
-                position, name)
+        return (
+            subset_registry.META_TASKS.index(info.meta_task),
+            report_lib.SPLITS.index(info.group),
+            position,
+            name,
+        )
 
     return sorted(names, key=rank)
 
 
-def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_root: str = "",
-                  data: Any = None,
-                  subsets: str | Sequence[str] | None = None, on_bad_input: str = "error",
-                  batch_size: int = 16, fingerprint: str = "", model_name: str = "g2e",
-                  progress: bool = True, write_outputs: bool = True,
-                  cache_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_mmeb(
+    embed_fn: EmbedFn,
+    *,
+    out_dir: str,
+    eval_dir: str = "",
+    image_root: str = "",
+    data: Any = None,
+    subsets: str | Sequence[str] | None = None,
+    on_bad_input: str = "error",
+    batch_size: int = 16,
+    fingerprint: str = "",
+    model_name: str = "g2e",
+    progress: bool = True,
+    write_outputs: bool = True,
+    cache_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
 
     Args:
@@ -359,13 +430,15 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
     """
     if data is None:
         if not eval_dir:
-            raise ValueError("evaluate_mmeb needs eval_dir (the hub's layout) or data (the "
-                             "config's data section)")
-        data = types.SimpleNamespace(format="parquet", eval_dir=eval_dir,
-                                     eval_image_root=image_root, tfds_dir="")
+            raise ValueError(
+                "evaluate_mmeb needs eval_dir (the hub's layout) or data (the "
+                "config's data section)"
+            )
+        data = types.SimpleNamespace(
+            format="parquet", eval_dir=eval_dir, eval_image_root=image_root, tfds_dir=""
+        )
     manifest_dir = rows_lib.manifest_dir(data, "eval")
-    names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir,
-                                            on_bad_input)
+    names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir, on_bad_input)
     out = pathlib.Path(out_dir)
     results = {}
     for number, name in enumerate(names, 1):
@@ -379,17 +452,32 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
             skipped_subsets[name] = report.examples[0] if report.examples else "no usable rows"
             logging.warning("subset %s: no usable rows; left out of the results", name)
             continue
-        cache = EmbeddingCache(out / "cache" / name, fingerprint, writable=write_outputs,
-                               **(cache_options or {}))
-        scores = evaluate_subset(embed_fn, rows, name, batch_size=batch_size, cache=cache,
-                                 progress=progress, on_bad_input=on_bad_input)
+        cache = EmbeddingCache(
+            out / "cache" / name, fingerprint, writable=write_outputs, **(cache_options or {})
+        )
+        scores = evaluate_subset(
+            embed_fn,
+            rows,
+            name,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
+            on_bad_input=on_bad_input,
+        )
         scores["num_skipped_rows"] += report.total
         info = subset_registry.subset_info(name, manifest_dir)
-        results[name] = {"precision_at_1": scores.pop("precision_at_1"),
-                         "meta_task": report_lib.META_TASK_NAMES[info.meta_task],
-                         "split": info.group, **scores}
-        logging.info("%s: precision@1 %.2f over %d queries", name,
-                     results[name]["precision_at_1"], results[name]["num_queries"])
+        results[name] = {
+            "precision_at_1": scores.pop("precision_at_1"),
+            "meta_task": report_lib.META_TASK_NAMES[info.meta_task],
+            "split": info.group,
+            **scores,
+        }
+        logging.info(
+            "%s: precision@1 %.2f over %d queries",
+            name,
+            results[name]["precision_at_1"],
+            results[name]["num_queries"],
+        )
     summary = aggregate(results)
     if skipped_subsets:
         summary["skipped_subsets"] = skipped_subsets
@@ -398,8 +486,9 @@ def evaluate_mmeb(embed_fn: EmbedFn, *, out_dir: str, eval_dir: str = "", image_
     return summary
 
 
-def _known_subsets(names: Sequence[str], manifest_dir: str,
-                   on_bad_input: str) -> tuple[list[str], dict[str, str]]:
+def _known_subsets(
+    names: Sequence[str], manifest_dir: str, on_bad_input: str
+) -> tuple[list[str], dict[str, str]]:
     """(the subsets the table or manifest knows, in leaderboard order; {unknown: why}).
 
     Raises UnknownSubsetError for an unknown subset unless on_bad_input is 'skip'.

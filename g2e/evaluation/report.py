@@ -31,10 +31,12 @@ META_TASK_NAMES = dict(zip(subset_registry.META_TASKS, META_TASKS))
 
 # (stage whose results.json makes the row, row name), in the report's order; any other
 # `eval*` stage with MMEB results follows as an extra row.
-ROWS = (("eval_plain", "zero-shot, plain prompt"),
-        ("eval_zero_shot", "zero-shot, hierarchical prompt"),
-        ("eval", "fine-tuned (SaHa)"),
-        ("eval_random", "fine-tuned, random batches"))
+ROWS = (
+    ("eval_plain", "zero-shot, plain prompt"),
+    ("eval_zero_shot", "zero-shot, hierarchical prompt"),
+    ("eval", "fine-tuned (SaHa)"),
+    ("eval_random", "fine-tuned, random batches"),
+)
 GROUPS = (*META_TASKS, *SPLITS, "overall")  # what a row reports, with an interval each
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -75,15 +77,24 @@ def bootstrap_ci95(results: dict[str, Any]) -> dict[str, list[float]]:
 
 def chance(results: dict[str, Any]) -> dict[str, float]:
     """The precision@1 of a random ranking per group (1 / candidates, averaged like scores)."""
-    return {group: round(float(np.mean([results["subsets"][m]["chance"] for m in members])), 2)
-            for group in GROUPS if (members := _members(results, group))}
+    return {
+        group: round(float(np.mean([results["subsets"][m]["chance"] for m in members])), 2)
+        for group in GROUPS
+        if (members := _members(results, group))
+    }
 
 
 def _row(stage: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "stage": stage, "overall": results["overall"],
-            "IND": results["IND"], "OOD": results["OOD"],
-            "meta_tasks": dict(results["meta_tasks"]), "ci95": bootstrap_ci95(results),
-            "subsets": {n: r["precision_at_1"] for n, r in results["subsets"].items()}}
+    return {
+        "name": name,
+        "stage": stage,
+        "overall": results["overall"],
+        "IND": results["IND"],
+        "OOD": results["OOD"],
+        "meta_tasks": dict(results["meta_tasks"]),
+        "ci95": bootstrap_ci95(results),
+        "subsets": {n: r["precision_at_1"] for n, r in results["subsets"].items()},
+    }
 
 
 def collect(workdir: pathlib.Path) -> dict[str, Any]:
@@ -92,8 +103,11 @@ def collect(workdir: pathlib.Path) -> dict[str, Any]:
     "sugarcrepe"?}], "chance": {group: score}, "export", "peft", "mining", "judge_quality"};
     scores in percent, rows in ROWS order then any other evaluation stage."""
     known = [stage for stage, _ in ROWS]
-    extra = sorted(p.parent.name for p in workdir.glob("eval*/results.json")
-                   if p.parent.name not in known and p.parent.name != "eval_sugarcrepe")
+    extra = sorted(
+        p.parent.name
+        for p in workdir.glob("eval*/results.json")
+        if p.parent.name not in known and p.parent.name != "eval_sugarcrepe"
+    )
     names = dict(ROWS)
     rows, chances = [], {}
     for stage in known + extra:
@@ -104,11 +118,14 @@ def collect(workdir: pathlib.Path) -> dict[str, Any]:
             chances = chances or chance(results)
     _attach_sugarcrepe(workdir, rows)
     export, peft = workdir / "export" / "hf", workdir / "export" / "peft"
-    return {"rows": rows, "chance": chances,
-            "export": str(export) if export.is_dir() else None,
-            "peft": str(peft) if peft.is_dir() else None,
-            "mining": _read(workdir / "mine" / "report.json"),
-            "judge_quality": _read(workdir / "judge_quality" / "results.json")}
+    return {
+        "rows": rows,
+        "chance": chances,
+        "export": str(export) if export.is_dir() else None,
+        "peft": str(peft) if peft.is_dir() else None,
+        "mining": _read(workdir / "mine" / "report.json"),
+        "judge_quality": _read(workdir / "judge_quality" / "results.json"),
+    }
 
 
 def _read(path: pathlib.Path) -> Any:
@@ -141,29 +158,49 @@ def markdown(report: dict[str, Any]) -> str:
     header = ["Model", *META_TASKS, *SPLITS, "Overall", *extra]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in report["rows"]:
-        values = [row["meta_tasks"].get(t) for t in META_TASKS] + [row["IND"], row["OOD"],
-                                                                   row["overall"]]
+        values = [row["meta_tasks"].get(t) for t in META_TASKS] + [
+            row["IND"],
+            row["OOD"],
+            row["overall"],
+        ]
         cells = [_with_interval(row, g, v) for g, v in zip(GROUPS, values)]
         cells += [_cell(row.get("sugarcrepe", {}).get(k)) for k in extra]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     if report["chance"]:
-        lines.append("| chance | " + " | ".join(_cell(report["chance"].get(g)) for g in GROUPS)
-                     + " |" + " - |" * len(extra))
+        lines.append(
+            "| chance | "
+            + " | ".join(_cell(report["chance"].get(g)) for g in GROUPS)
+            + " |"
+            + " - |" * len(extra)
+        )
     subsets = sorted({name for row in report["rows"] for name in row["subsets"]})
     if subsets:
-        lines += ["", "| Subset | " + " | ".join(r["stage"] for r in report["rows"]) + " |",
-                  "|---" * (len(report["rows"]) + 1) + "|"]
+        lines += [
+            "",
+            "| Subset | " + " | ".join(r["stage"] for r in report["rows"]) + " |",
+            "|---" * (len(report["rows"]) + 1) + "|",
+        ]
         for name in subsets:
-            lines.append(f"| {name} | " + " | ".join(_cell(r["subsets"].get(name))
-                                                      for r in report["rows"]) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_cell(r["subsets"].get(name)) for r in report["rows"])
+                + " |"
+            )
     if report.get("judge_quality"):
-        lines += ["", "Mining judge against the mini-MMEB's truth (a pair is true when the "
-                  "owner's positive also answers the anchor's query; %):", "",
-                  "| Subset | pairs judged | truly false negatives | judge said yes | "
-                  "precision | recall |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Mining judge against the mini-MMEB's truth (a pair is true when the "
+            "owner's positive also answers the anchor's query; %):",
+            "",
+            "| Subset | pairs judged | truly false negatives | judge said yes | "
+            "precision | recall |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, q in report["judge_quality"].items():
-            lines.append(f"| {name} | {q['pairs']} | {q['true_pairs']} ({_cell(q['base_rate'])})"
-                         f" | {q['yes']} | {_cell(q['precision'])} | {_cell(q['recall'])} |")
+            lines.append(
+                f"| {name} | {q['pairs']} | {q['true_pairs']} ({_cell(q['base_rate'])})"
+                f" | {q['yes']} | {_cell(q['precision'])} | {_cell(q['recall'])} |"
+            )
     if report["export"]:
         lines += ["", f"Exported Hugging Face model: `{report['export']}`"]
     if report["peft"]:
@@ -175,9 +212,10 @@ def write_report(workdir: pathlib.Path) -> dict[str, Any]:
     """Writes report.md and report.json into workdir, prints the table, returns a summary."""
     report = collect(workdir)
     text = markdown(report)
-    atomic.write_text(workdir / "report.md",
-                      "# g2e report (MMEB precision@1, %, with 95% bootstrap intervals)\n\n"
-                      + text)
+    atomic.write_text(
+        workdir / "report.md",
+        "# g2e report (MMEB precision@1, %, with 95% bootstrap intervals)\n\n" + text,
+    )
     atomic.write_json(workdir / "report.json", report, indent=2)
     print("\n" + text, flush=True)
     return {"rows": [row["stage"] for row in report["rows"]], "export": report["export"]}
@@ -204,15 +242,20 @@ def write_sugarcrepe(out_dir: pathlib.Path, results: dict[str, Any]) -> None:
     """eval_sugarcrepe's results.json and results.md (one table per benchmark)."""
     atomic.write_text(out_dir / "results.json", json.dumps(results, indent=2))
     lines = [f"# SugarCrepe and SugarCrepe++ accuracy (%): {results['model']} model", ""]
-    for key, metrics in (("sugarcrepe", ("accuracy",)),
-                         ("sugarcrepe_pp", ("image_to_text", "text_only"))):
+    for key, metrics in (
+        ("sugarcrepe", ("accuracy",)),
+        ("sugarcrepe_pp", ("image_to_text", "text_only")),
+    ):
         if key not in results:
             continue
         summary = results[key]
         categories = list(summary["categories"])
-        lines += [f"## {summary['benchmark']}", "",
-                  "| Metric | " + " | ".join(categories) + " | Average |",
-                  "|" + "---|" * (len(categories) + 2)]
+        lines += [
+            f"## {summary['benchmark']}",
+            "",
+            "| Metric | " + " | ".join(categories) + " | Average |",
+            "|" + "---|" * (len(categories) + 2),
+        ]
         for metric in metrics:
             average = summary["average"]
             mean = average[metric] if isinstance(average, dict) else average
@@ -243,17 +286,34 @@ def results_markdown(summary: dict[str, Any], model_name: str = "g2e") -> str:
     counts = {t: sum(r["meta_task"] == t for r in summary["subsets"].values()) for t in tasks}
     counts.update({s: sum(r["split"] == s for r in summary["subsets"].values()) for s in SPLITS})
     header = ["Model", *tasks, *SPLITS, "Overall"]
-    row = [model_name, *(_cell(summary["meta_tasks"].get(t)) for t in tasks),
-           *(_cell(summary[s]) for s in SPLITS), _cell(summary["overall"])]
-    number = ["# subsets", *(str(counts[t]) for t in tasks), *(str(counts[s]) for s in SPLITS),
-              str(len(summary["subsets"]))]
-    lines = [f"# MMEB precision@1 (%): {model_name}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| " + " | ".join(number) + " |", "| " + " | ".join(row) + " |", "",
-             "| Subset | Meta-task | Split | Queries | Precision@1 |", "|---|---|---|---|---|"]
+    row = [
+        model_name,
+        *(_cell(summary["meta_tasks"].get(t)) for t in tasks),
+        *(_cell(summary[s]) for s in SPLITS),
+        _cell(summary["overall"]),
+    ]
+    number = [
+        "# subsets",
+        *(str(counts[t]) for t in tasks),
+        *(str(counts[s]) for s in SPLITS),
+        str(len(summary["subsets"])),
+    ]
+    lines = [
+        f"# MMEB precision@1 (%): {model_name}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        "| " + " | ".join(number) + " |",
+        "| " + " | ".join(row) + " |",
+        "",
+        "| Subset | Meta-task | Split | Queries | Precision@1 |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in summary["subsets"].items():
-        lines.append(f"| {name} | {r['meta_task']} | {r['split']} | {r['num_queries']} | "
-                     f"{_cell(r['precision_at_1'])} |")
+        lines.append(
+            f"| {name} | {r['meta_task']} | {r['split']} | {r['num_queries']} | "
+            f"{_cell(r['precision_at_1'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -270,8 +330,12 @@ def results_chart(summary: dict[str, Any], model_name: str = "g2e") -> bytes:
     figure = Figure(figsize=(max(7.0, 0.4 * len(names) + 3.5), 4.8))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    bars = axes.bar(range(len(names)), [r["precision_at_1"] for r in results],
-                    color=[colours[r["meta_task"]] for r in results], edgecolor="white")
+    bars = axes.bar(
+        range(len(names)),
+        [r["precision_at_1"] for r in results],
+        color=[colours[r["meta_task"]] for r in results],
+        edgecolor="white",
+    )
     for bar, result in zip(bars, results):
         if result["split"] == "OOD":
             bar.set_hatch("//")
@@ -282,8 +346,15 @@ def results_chart(summary: dict[str, Any], model_name: str = "g2e") -> bytes:
     handles = [Patch(color=colours[t], label=t) for t in META_TASKS if t in summary["meta_tasks"]]
     handles.append(Patch(facecolor="lightgrey", edgecolor="white", hatch="//", label="OOD"))
     if summary["overall"] is not None:
-        handles.append(axes.axhline(summary["overall"], color="black", linestyle="--",
-                                    linewidth=1, label=f"overall {summary['overall']:.1f}"))
+        handles.append(
+            axes.axhline(
+                summary["overall"],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"overall {summary['overall']:.1f}",
+            )
+        )
     axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes.set_title(f"MMEB precision@1: {model_name}")
     figure.tight_layout()

@@ -20,30 +20,57 @@ from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
 
-def _evaluate(pipeline: Pipeline, stage: str, *, trained: bool, run: str = "train",
-              prompt: prompts.PromptOptions | None = None) -> dict[str, Any]:
+def _evaluate(
+    pipeline: Pipeline,
+    stage: str,
+    *,
+    trained: bool,
+    run: str = "train",
+    prompt: prompts.PromptOptions | None = None,
+) -> dict[str, Any]:
     config = pipeline.config
     model = pipeline.model(trained=trained, run=run)
     processor = pipeline.processor(prompt=prompt)
-    embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.eval.batch_size, progress=False,
-                        workers=pipeline.workers)
+    embedder = Embedder(
+        model,
+        processor,
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.eval.batch_size,
+        progress=False,
+        workers=pipeline.workers,
+    )
     results = mmeb.evaluate_mmeb(
-        embedder, data=config.data,
-        out_dir=str(pipeline.workdir / stage), subsets=config.data.eval_subsets,
-        on_bad_input=config.data.on_bad_input, batch_size=8 * embedder.batch_size,
+        embedder,
+        data=config.data,
+        out_dir=str(pipeline.workdir / stage),
+        subsets=config.data.eval_subsets,
+        on_bad_input=config.data.on_bad_input,
+        batch_size=8 * embedder.batch_size,
         fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
-        model_name=stage, write_outputs=distributed.is_primary(),
-        cache_options=pipeline.embedding_cache_options())
-    logging.info("%s: overall %s (IND %s, OOD %s); padding %s", stage, results["overall"],
-                 results["IND"], results["OOD"], processor.padding_report())
+        model_name=stage,
+        write_outputs=distributed.is_primary(),
+        cache_options=pipeline.embedding_cache_options(),
+    )
+    logging.info(
+        "%s: overall %s (IND %s, OOD %s); padding %s",
+        stage,
+        results["overall"],
+        results["IND"],
+        results["OOD"],
+        processor.padding_report(),
+    )
     return {"overall": results["overall"]}
 
 
 def run_eval_plain(pipeline: Pipeline) -> dict[str, Any]:
     """Zero-shot MMEB with the plain prompt: no system turn, no suffix (the paper's baseline)."""
-    return _evaluate(pipeline, "eval_plain", trained=False,
-                     prompt=prompts.PromptOptions(system=False, suffix=False))
+    return _evaluate(
+        pipeline,
+        "eval_plain",
+        trained=False,
+        prompt=prompts.PromptOptions(system=False, suffix=False),
+    )
 
 
 def run_eval_zero_shot(pipeline: Pipeline) -> dict[str, Any]:
@@ -66,19 +93,30 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
     of the fine-tuned model when the train stage wrote one, else of the zero-shot model."""
     config, data = pipeline.config, pipeline.config.data
     trained = pipeline.has_trained_model()
-    embedder = Embedder(pipeline.model(trained=trained), pipeline.processor(),
-                        mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.eval.batch_size, progress=False,
-                        workers=pipeline.workers)
-    common = dict(image_root=data.sugarcrepe_image_root, on_bad_input=data.on_bad_input,
-                  batch_size=8 * embedder.batch_size, progress=False)
+    embedder = Embedder(
+        pipeline.model(trained=trained),
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.eval.batch_size,
+        progress=False,
+        workers=pipeline.workers,
+    )
+    common = dict(
+        image_root=data.sugarcrepe_image_root,
+        on_bad_input=data.on_bad_input,
+        batch_size=8 * embedder.batch_size,
+        progress=False,
+    )
     results: dict[str, Any] = {"model": "fine-tuned" if trained else "zero-shot"}
     if data.sugarcrepe_dir:
         results["sugarcrepe"] = sugarcrepe.evaluate_sugarcrepe(
-            embedder, data_dir=data.sugarcrepe_dir, **common)
+            embedder, data_dir=data.sugarcrepe_dir, **common
+        )
     if data.sugarcrepe_pp_dir:
         results["sugarcrepe_pp"] = sugarcrepe.evaluate_sugarcrepe_pp(
-            embedder, data_dir=data.sugarcrepe_pp_dir, **common)
+            embedder, data_dir=data.sugarcrepe_pp_dir, **common
+        )
     if distributed.is_primary():
         report.write_sugarcrepe(pipeline.workdir / "eval_sugarcrepe", results)
     logging.info("eval_sugarcrepe (%s): %s", results["model"], report.sugarcrepe_scores(results))

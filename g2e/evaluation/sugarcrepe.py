@@ -40,10 +40,16 @@ from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem
 from g2e.evaluation import mmeb
 
-SUGARCREPE_CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att",
-                         "add_obj", "add_att")
-SUGARCREPE_PP_CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_obj",
-                            "swap_att")
+SUGARCREPE_CATEGORIES = (
+    "replace_obj",
+    "replace_att",
+    "replace_rel",
+    "swap_obj",
+    "swap_att",
+    "add_obj",
+    "add_att",
+)
+SUGARCREPE_PP_CATEGORIES = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att")
 # The SugarCrepe paper reports its categories in three groups.
 SUGARCREPE_GROUPS = ("replace", "swap", "add")
 
@@ -67,8 +73,9 @@ def present_categories(data_dir: str, known: Sequence[str]) -> list[str]:
     return [c for c in known if os.path.isfile(os.path.join(data_dir, f"{c}.json"))]
 
 
-def read_category(data_dir: str, category: str, image_root: str, *, plus_plus: bool,
-                  report: BadInputReport) -> list[Example]:
+def read_category(
+    data_dir: str, category: str, image_root: str, *, plus_plus: bool, report: BadInputReport
+) -> list[Example]:
     """Reads `data_dir/<category>.json` into examples with absolute, existing image paths.
 
     Args:
@@ -87,42 +94,69 @@ def read_category(data_dir: str, category: str, image_root: str, *, plus_plus: b
         found = "no such directory"
         if os.path.isdir(data_dir):
             found = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
-        raise FileNotFoundError(f"{path} does not exist; data_dir must hold the benchmark's "
-                                f"<category>.json files (found there: {found})")
+        raise FileNotFoundError(
+            f"{path} does not exist; data_dir must hold the benchmark's "
+            f"<category>.json files (found there: {found})"
+        )
     with open(path, encoding="utf-8") as f:
         content = json.load(f)
     if isinstance(content, dict):
         records = list(content.items())
     elif isinstance(content, list):
-        records = [(str(r.get("id", i)) if isinstance(r, dict) else str(i), r)
-                   for i, r in enumerate(content)]
+        records = [
+            (str(r.get("id", i)) if isinstance(r, dict) else str(i), r)
+            for i, r in enumerate(content)
+        ]
     else:
-        raise ValueError(f"{path}: expected a JSON object by id or a list of examples, got "
-                         f"{type(content).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON object by id or a list of examples, got "
+            f"{type(content).__name__}"
+        )
     fields = ("filename", "caption", "negative_caption") + (("caption2",) if plus_plus else ())
     examples = []
     for example_id, record in records:
         try:
             if not isinstance(record, dict) or any(
-                    not isinstance(record.get(k), str) for k in fields):
-                raise BadInput("missing fields", detail=f"needs string fields {list(fields)}",
-                               hint="use the benchmark's original JSON files")
+                not isinstance(record.get(k), str) for k in fields
+            ):
+                raise BadInput(
+                    "missing fields",
+                    detail=f"needs string fields {list(fields)}",
+                    hint="use the benchmark's original JSON files",
+                )
             image = os.path.join(image_root, record["filename"])
             if not os.path.isfile(image):
-                raise BadInput("missing image", detail=image,
-                               hint="image_root must be the folder holding COCO val2017 images")
+                raise BadInput(
+                    "missing image",
+                    detail=image,
+                    hint="image_root must be the folder holding COCO val2017 images",
+                )
         except BadInput as error:
             report.handle(error.with_context(subset=category, row=example_id, file=path))
             continue
-        examples.append(Example(category, str(example_id), os.path.abspath(image),
-                                record["caption"], record["negative_caption"],
-                                record.get("caption2", "") if plus_plus else ""))
+        examples.append(
+            Example(
+                category,
+                str(example_id),
+                os.path.abspath(image),
+                record["caption"],
+                record["negative_caption"],
+                record.get("caption2", "") if plus_plus else "",
+            )
+        )
     return examples
 
 
-def _embed_examples(embed_fn: EmbedFn, examples: Sequence[Example], captions: Sequence[str], *,
-                    benchmark: str, batch_size: int, progress: bool, allow_skipped: bool
-                    ) -> tuple[np.ndarray, dict[str, int], np.ndarray, dict[str, int]]:
+def _embed_examples(
+    embed_fn: EmbedFn,
+    examples: Sequence[Example],
+    captions: Sequence[str],
+    *,
+    benchmark: str,
+    batch_size: int,
+    progress: bool,
+    allow_skipped: bool,
+) -> tuple[np.ndarray, dict[str, int], np.ndarray, dict[str, int]]:
     """Embeds each unique image once (candidate) and each unique caption text once (query).
 
     Returns (image embeddings, image path -> row, caption embeddings, caption -> row); with
@@ -134,26 +168,51 @@ def _embed_examples(embed_fn: EmbedFn, examples: Sequence[Example], captions: Se
     caption_rows = {}
     for text in captions:
         caption_rows.setdefault(text, len(caption_rows))
-    image_items = [EmbedItem(text=prompts.SUGARCREPE_IMAGE_TEXT, image=path, role="candidate",
-                             subset=benchmark) for path in image_rows]
-    caption_items = [EmbedItem(text=prompts.sugarcrepe_caption(text), image=None, role="query",
-                               subset=benchmark) for text in caption_rows]
-    images = mmeb.embed_items(embed_fn, image_items, batch_size=batch_size,
-                                    desc=f"{benchmark} images", progress=progress,
-                                    allow_skipped=allow_skipped)
-    texts = mmeb.embed_items(embed_fn, caption_items, batch_size=batch_size,
-                                   desc=f"{benchmark} captions", progress=progress,
-                                   allow_skipped=allow_skipped)
+    image_items = [
+        EmbedItem(
+            text=prompts.SUGARCREPE_IMAGE_TEXT, image=path, role="candidate", subset=benchmark
+        )
+        for path in image_rows
+    ]
+    caption_items = [
+        EmbedItem(text=prompts.sugarcrepe_caption(text), image=None, role="query", subset=benchmark)
+        for text in caption_rows
+    ]
+    images = mmeb.embed_items(
+        embed_fn,
+        image_items,
+        batch_size=batch_size,
+        desc=f"{benchmark} images",
+        progress=progress,
+        allow_skipped=allow_skipped,
+    )
+    texts = mmeb.embed_items(
+        embed_fn,
+        caption_items,
+        batch_size=batch_size,
+        desc=f"{benchmark} captions",
+        progress=progress,
+        allow_skipped=allow_skipped,
+    )
     return images, image_rows, texts, caption_rows
 
 
-def _gather(group: Sequence[Example], fields: Sequence[str], images: np.ndarray,
-            image_rows: dict[str, int], texts: np.ndarray, caption_rows: dict[str, int]
-            ) -> tuple[list[np.ndarray], int]:
+def _gather(
+    group: Sequence[Example],
+    fields: Sequence[str],
+    images: np.ndarray,
+    image_rows: dict[str, int],
+    texts: np.ndarray,
+    caption_rows: dict[str, int],
+) -> tuple[list[np.ndarray], int]:
     """Per field ('image' or a caption field) the [N, D] embeddings of the usable examples,
     and how many examples were dropped because embed_fn skipped one of their inputs."""
-    arrays = [images[[image_rows[e.image] for e in group]] if f == "image"
-              else texts[[caption_rows[getattr(e, f)] for e in group]] for f in fields]
+    arrays = [
+        images[[image_rows[e.image] for e in group]]
+        if f == "image"
+        else texts[[caption_rows[getattr(e, f)] for e in group]]
+        for f in fields
+    ]
     usable = np.all([~np.isnan(a).any(axis=1) for a in arrays], axis=0)
     return [a[usable] for a in arrays], int((~usable).sum())
 
@@ -167,8 +226,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", _unit(a), _unit(b))
 
 
-def sugarcrepe_correct(images: np.ndarray, captions: np.ndarray,
-                       negatives: np.ndarray) -> np.ndarray:
+def sugarcrepe_correct(
+    images: np.ndarray, captions: np.ndarray, negatives: np.ndarray
+) -> np.ndarray:
     """bool [N]: cos(image, caption) > cos(image, negative), strictly (ties are wrong).
 
     All inputs are [N, D] embeddings, row n of each belonging to example n.
@@ -176,37 +236,50 @@ def sugarcrepe_correct(images: np.ndarray, captions: np.ndarray,
     return _cos(images, captions) > _cos(images, negatives)
 
 
-def sugarcrepe_pp_correct(images: np.ndarray, captions: np.ndarray, captions2: np.ndarray,
-                          negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sugarcrepe_pp_correct(
+    images: np.ndarray, captions: np.ndarray, captions2: np.ndarray, negatives: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """SugarCrepe++ (image-to-text, text-only) correctness, bool [N] each; ties are wrong.
 
     image-to-text: both positives beat the negative against the image.
     text-only: cos(caption, caption2) beats cos(caption, negative) and cos(caption2, negative).
     """
     negative_score = _cos(images, negatives)
-    image_to_text = ((_cos(images, captions) > negative_score)
-                     & (_cos(images, captions2) > negative_score))
+    image_to_text = (_cos(images, captions) > negative_score) & (
+        _cos(images, captions2) > negative_score
+    )
     positives = _cos(captions, captions2)
     text_only = (positives > _cos(captions, negatives)) & (positives > _cos(captions2, negatives))
     return image_to_text, text_only
 
 
-def _read_all(data_dir: str, image_root: str, categories: str | Sequence[str] | None,
-              known: Sequence[str], plus_plus: bool, report: BadInputReport,
-              benchmark: str) -> dict[str, list[Example]]:
+def _read_all(
+    data_dir: str,
+    image_root: str,
+    categories: str | Sequence[str] | None,
+    known: Sequence[str],
+    plus_plus: bool,
+    report: BadInputReport,
+    benchmark: str,
+) -> dict[str, list[Example]]:
     if isinstance(categories, str):
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     categories = list(categories or present_categories(data_dir, known))
     if not categories:
-        raise FileNotFoundError(f"{data_dir}: none of {benchmark}'s files "
-                                f"({', '.join(c + '.json' for c in known)}) is there")
+        raise FileNotFoundError(
+            f"{data_dir}: none of {benchmark}'s files "
+            f"({', '.join(c + '.json' for c in known)}) is there"
+        )
     by_category = {}
     for category in categories:
-        by_category[category] = read_category(data_dir, category, image_root,
-                                              plus_plus=plus_plus, report=report)
+        by_category[category] = read_category(
+            data_dir, category, image_root, plus_plus=plus_plus, report=report
+        )
         if not by_category[category]:
-            raise ValueError(f"{benchmark} {category}: no usable examples in "
-                             f"{os.path.join(data_dir, category + '.json')}")
+            raise ValueError(
+                f"{benchmark} {category}: no usable examples in "
+                f"{os.path.join(data_dir, category + '.json')}"
+            )
     return by_category
 
 
@@ -214,11 +287,18 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
-                        categories: str | Sequence[str] | None = None,
-                        out_dir: str | None = None, on_bad_input: str = "error",
-                        batch_size: int = 16, model_name: str = "g2e",
-                        progress: bool = True) -> dict[str, Any]:
+def evaluate_sugarcrepe(
+    embed_fn: EmbedFn,
+    *,
+    data_dir: str,
+    image_root: str,
+    categories: str | Sequence[str] | None = None,
+    out_dir: str | None = None,
+    on_bad_input: str = "error",
+    batch_size: int = 16,
+    model_name: str = "g2e",
+    progress: bool = True,
+) -> dict[str, Any]:
     """SugarCrepe accuracy per category, per group (replace/swap/add) and on average.
 
     Args:
@@ -237,31 +317,45 @@ def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
         "groups": {group: mean}, "average": mean, "skipped": count}; accuracies in percent.
     """
     report = BadInputReport(on_bad_input)
-    by_category = _read_all(data_dir, image_root, categories, SUGARCREPE_CATEGORIES, False,
-                            report, "SugarCrepe")
+    by_category = _read_all(
+        data_dir, image_root, categories, SUGARCREPE_CATEGORIES, False, report, "SugarCrepe"
+    )
     examples = [e for group in by_category.values() for e in group]
     captions = [t for e in examples for t in (e.caption, e.negative_caption)]
     images, image_rows, texts, caption_rows = _embed_examples(
-        embed_fn, examples, captions, benchmark="SugarCrepe", batch_size=batch_size,
-        progress=progress, allow_skipped=report.policy == "skip")
+        embed_fn,
+        examples,
+        captions,
+        benchmark="SugarCrepe",
+        batch_size=batch_size,
+        progress=progress,
+        allow_skipped=report.policy == "skip",
+    )
     results, dropped = {}, 0
     for category, group in by_category.items():
-        arrays, category_dropped = _gather(group, ("image", "caption", "negative_caption"),
-                                           images, image_rows, texts, caption_rows)
+        arrays, category_dropped = _gather(
+            group, ("image", "caption", "negative_caption"), images, image_rows, texts, caption_rows
+        )
         dropped += category_dropped
         if not len(arrays[0]):
             raise ValueError(f"SugarCrepe {category}: every example uses a skipped input")
         correct = sugarcrepe_correct(*arrays)
-        results[category] = {"accuracy": 100.0 * float(correct.mean()),
-                             "num_examples": len(correct)}
+        results[category] = {
+            "accuracy": 100.0 * float(correct.mean()),
+            "num_examples": len(correct),
+        }
     groups = {}
     for prefix in SUGARCREPE_GROUPS:
         value = _mean([r["accuracy"] for c, r in results.items() if c.startswith(prefix + "_")])
         if value is not None:
             groups[prefix] = value
-    summary = {"benchmark": "SugarCrepe", "categories": results, "groups": groups,
-               "average": _mean([r["accuracy"] for r in results.values()]),
-               "skipped": report.total + dropped}
+    summary = {
+        "benchmark": "SugarCrepe",
+        "categories": results,
+        "groups": groups,
+        "average": _mean([r["accuracy"] for r in results.values()]),
+        "skipped": report.total + dropped,
+    }
     if report.total:
         logging.warning("%s", report.summary())
     if out_dir:
@@ -269,11 +363,18 @@ def evaluate_sugarcrepe(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
     return summary
 
 
-def evaluate_sugarcrepe_pp(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
-                           categories: str | Sequence[str] | None = None,
-                           out_dir: str | None = None, on_bad_input: str = "error",
-                           batch_size: int = 16, model_name: str = "g2e",
-                           progress: bool = True) -> dict[str, Any]:
+def evaluate_sugarcrepe_pp(
+    embed_fn: EmbedFn,
+    *,
+    data_dir: str,
+    image_root: str,
+    categories: str | Sequence[str] | None = None,
+    out_dir: str | None = None,
+    on_bad_input: str = "error",
+    batch_size: int = 16,
+    model_name: str = "g2e",
+    progress: bool = True,
+) -> dict[str, Any]:
     """SugarCrepe++ image-to-text and text-only accuracy per category and on average.
 
     Arguments as `evaluate_sugarcrepe` (data_dir holds SugarCrepe++'s <category>.json files).
@@ -282,29 +383,47 @@ def evaluate_sugarcrepe_pp(embed_fn: EmbedFn, *, data_dir: str, image_root: str,
         "num_examples"}}, "average": {"image_to_text", "text_only"}, "skipped": count}.
     """
     report = BadInputReport(on_bad_input)
-    by_category = _read_all(data_dir, image_root, categories, SUGARCREPE_PP_CATEGORIES, True,
-                            report, "SugarCrepe++")
+    by_category = _read_all(
+        data_dir, image_root, categories, SUGARCREPE_PP_CATEGORIES, True, report, "SugarCrepe++"
+    )
     examples = [e for group in by_category.values() for e in group]
     captions = [t for e in examples for t in (e.caption, e.caption2, e.negative_caption)]
     images, image_rows, texts, caption_rows = _embed_examples(
-        embed_fn, examples, captions, benchmark="SugarCrepe++", batch_size=batch_size,
-        progress=progress, allow_skipped=report.policy == "skip")
+        embed_fn,
+        examples,
+        captions,
+        benchmark="SugarCrepe++",
+        batch_size=batch_size,
+        progress=progress,
+        allow_skipped=report.policy == "skip",
+    )
     results, dropped = {}, 0
     for category, group in by_category.items():
         arrays, category_dropped = _gather(
-            group, ("image", "caption", "caption2", "negative_caption"), images, image_rows,
-            texts, caption_rows)
+            group,
+            ("image", "caption", "caption2", "negative_caption"),
+            images,
+            image_rows,
+            texts,
+            caption_rows,
+        )
         dropped += category_dropped
         if not len(arrays[0]):
             raise ValueError(f"SugarCrepe++ {category}: every example uses a skipped input")
         image_to_text, text_only = sugarcrepe_pp_correct(*arrays)
-        results[category] = {"image_to_text": 100.0 * float(image_to_text.mean()),
-                             "text_only": 100.0 * float(text_only.mean()),
-                             "num_examples": len(image_to_text)}
-    summary = {"benchmark": "SugarCrepe++", "categories": results,
-               "average": {k: _mean([r[k] for r in results.values()])
-                           for k in ("image_to_text", "text_only")},
-               "skipped": report.total + dropped}
+        results[category] = {
+            "image_to_text": 100.0 * float(image_to_text.mean()),
+            "text_only": 100.0 * float(text_only.mean()),
+            "num_examples": len(image_to_text),
+        }
+    summary = {
+        "benchmark": "SugarCrepe++",
+        "categories": results,
+        "average": {
+            k: _mean([r[k] for r in results.values()]) for k in ("image_to_text", "text_only")
+        },
+        "skipped": report.total + dropped,
+    }
     if report.total:
         logging.warning("%s", report.summary())
     if out_dir:
@@ -316,9 +435,12 @@ def _markdown(summary: dict[str, Any], model_name: str, metrics: Sequence[str]) 
     """One row per metric, one column per category, then the average."""
     categories = list(summary["categories"])
     average = summary["average"]
-    lines = [f"# {summary['benchmark']} accuracy (%): {model_name}", "",
-             "| Metric | " + " | ".join(categories) + " | Average |",
-             "|" + "---|" * (len(categories) + 2)]
+    lines = [
+        f"# {summary['benchmark']} accuracy (%): {model_name}",
+        "",
+        "| Metric | " + " | ".join(categories) + " | Average |",
+        "|" + "---|" * (len(categories) + 2),
+    ]
     for metric in metrics:
         mean = average if not isinstance(average, dict) else average[metric]
         cells = [f"{summary['categories'][c][metric]:.1f}" for c in categories]

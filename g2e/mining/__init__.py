@@ -84,14 +84,26 @@ judge's answers on disk; the stage's batched judge over rows), stage.py (the `mi
 embedding, the judge and the files per subset, resumable).
 """
 
-from g2e.mining.files import (FORMAT_NAME, FORMAT_VERSION, ClusterFile, read_clusters,
-                              write_clusters)
+from g2e.mining.files import FORMAT_NAME, FORMAT_VERSION, ClusterFile, read_clusters, write_clusters
 from g2e.mining.greedy import MiningResult, build_clusters, keeps_retrieval_order, mine_clusters
 from g2e.mining.search import top_pool
-from g2e.mining.walk import (DOWNSCALED, JUDGED, UNJUDGED, JudgeFn, PairAnswers, PairJudge)
+from g2e.mining.walk import DOWNSCALED, JUDGED, UNJUDGED, JudgeFn, PairAnswers, PairJudge
 
 __all__ = [
-    "DOWNSCALED", "FORMAT_NAME", "FORMAT_VERSION", "JUDGED", "UNJUDGED", "ClusterFile",
-    "JudgeFn", "MiningResult", "PairAnswers", "PairJudge", "build_clusters",
-    "keeps_retrieval_order", "mine_clusters", "read_clusters", "top_pool", "write_clusters",
+    "DOWNSCALED",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "JUDGED",
+    "UNJUDGED",
+    "ClusterFile",
+    "JudgeFn",
+    "MiningResult",
+    "PairAnswers",
+    "PairJudge",
+    "build_clusters",
+    "keeps_retrieval_order",
+    "mine_clusters",
+    "read_clusters",
+    "top_pool",
+    "write_clusters",
 ]

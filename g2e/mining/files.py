@@ -3,7 +3,7 @@
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "g2e.clusters"
@@ -20,8 +20,15 @@ class ClusterFile:
     params: dict
 
 
-def write_clusters(path: str, clusters: Sequence[Sequence[int]], phases: Sequence[int], *,
-                   subset: str, num_rows: int, params: dict | None = None) -> None:
+def write_clusters(
+    path: str,
+    clusters: Sequence[Sequence[int]],
+    phases: Sequence[int],
+    *,
+    subset: str,
+    num_rows: int,
+    params: dict | None = None,
+) -> None:
     """Writes one subset's clusters as JSON (atomically: a temporary file, then a rename).
 
     Format (format_version 1), one JSON object:
@@ -52,8 +59,9 @@ def write_clusters(path: str, clusters: Sequence[Sequence[int]], phases: Sequenc
     os.replace(temporary, path)
 
 
-def read_clusters(path: str, *, subset: str | None = None,
-                  num_rows: int | None = None) -> ClusterFile:
+def read_clusters(
+    path: str, *, subset: str | None = None, num_rows: int | None = None
+) -> ClusterFile:
     """Reads a cluster file; checks its format, version and indices.
 
     Args:
@@ -67,33 +75,44 @@ def read_clusters(path: str, *, subset: str | None = None,
         try:
             content = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a JSON cluster file ({err}); re-run the mine "
-                             "stage (with --config.force).") from err
+            raise ValueError(
+                f"{path}: not a JSON cluster file ({err}); re-run the mine "
+                "stage (with --config.force)."
+            ) from err
     if not isinstance(content, dict) or content.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a g2e cluster file (no \"format\": \"{FORMAT_NAME}\").")
+        raise ValueError(f'{path}: not a g2e cluster file (no "format": "{FORMAT_NAME}").')
     version = content.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: cluster format_version {version!r}; this g2e reads "
-                         f"{FORMAT_VERSION}. Re-run the mine stage to rewrite it.")
+        raise ValueError(
+            f"{path}: cluster format_version {version!r}; this g2e reads "
+            f"{FORMAT_VERSION}. Re-run the mine stage to rewrite it."
+        )
     if subset is not None and content["subset"] != subset:
-        raise ValueError(f"{path}: clusters of subset {content['subset']!r}, expected "
-                         f"{subset!r}.")
+        raise ValueError(f"{path}: clusters of subset {content['subset']!r}, expected {subset!r}.")
     if num_rows is not None and content["num_rows"] != num_rows:
-        raise ValueError(f"{path}: clusters mined for {content['num_rows']} rows but the data "
-                         f"has {num_rows}; the training data changed, re-run the mine stage.")
+        raise ValueError(
+            f"{path}: clusters mined for {content['num_rows']} rows but the data "
+            f"has {num_rows}; the training data changed, re-run the mine stage."
+        )
     _check_clusters(path, content["clusters"], content["phases"], content["num_rows"])
-    return ClusterFile(content["subset"], content["num_rows"], content["clusters"],
-                       content["phases"], content["params"])
+    return ClusterFile(
+        content["subset"],
+        content["num_rows"],
+        content["clusters"],
+        content["phases"],
+        content["params"],
+    )
 
 
-def _check_clusters(path: str, clusters: list[list[int]], phases: list[int],
-                    num_rows: int) -> None:
+def _check_clusters(path: str, clusters: list[list[int]], phases: list[int], num_rows: int) -> None:
     if len(phases) != len(clusters):
         raise ValueError(f"{path}: {len(clusters)} clusters but {len(phases)} phases.")
     for i, cluster in enumerate(clusters):
         if not cluster or min(cluster) < 0 or max(cluster) >= num_rows:
-            raise ValueError(f"{path}: cluster {i} {cluster[:4]}... is empty or has a row "
-                             f"outside [0, {num_rows}); re-run the mine stage.")
+            raise ValueError(
+                f"{path}: cluster {i} {cluster[:4]}... is empty or has a row "
+                f"outside [0, {num_rows}); re-run the mine stage."
+            )
         if len(set(cluster)) != len(cluster):
             raise ValueError(f"{path}: cluster {i} repeats a row: {cluster}.")
     if any(p not in (1, 2) for p in phases):

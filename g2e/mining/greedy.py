@@ -1,7 +1,7 @@
 """SaHa's greedy cluster construction (SPEC §2), see the package docstring for the rules."""
 
 import dataclasses
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import jax
 import numpy as np
@@ -41,9 +41,16 @@ class MiningResult:
     timing: dict
 
 
-def build_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashable],
-                   query_embeddings: np.ndarray, positive_embeddings: np.ndarray, *,
-                   top_k: int, pool_mult: int, keep_retrieval_order: bool) -> list[list[int]]:
+def build_clusters(
+    query_keys: Sequence[Hashable],
+    positive_keys: Sequence[Hashable],
+    query_embeddings: np.ndarray,
+    positive_embeddings: np.ndarray,
+    *,
+    top_k: int,
+    pool_mult: int,
+    keep_retrieval_order: bool,
+) -> list[list[int]]:
     """SaHa clusters of SPEC §2 (phase 1 then phase 2), without the generative judge.
 
     Args:
@@ -57,13 +64,26 @@ def build_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hasha
       Clusters of row indices, anchor first; phase-1 clusters in row order, then phase 2.
       The module docstring states how SPEC §2's open points are resolved.
     """
-    return mine_clusters(query_keys, positive_keys, query_embeddings, positive_embeddings,
-                         top_k=top_k, pool_mult=pool_mult,
-                         keep_retrieval_order=keep_retrieval_order).clusters
+    return mine_clusters(
+        query_keys,
+        positive_keys,
+        query_embeddings,
+        positive_embeddings,
+        top_k=top_k,
+        pool_mult=pool_mult,
+        keep_retrieval_order=keep_retrieval_order,
+    ).clusters
 
 
-def _similarities_on_device(mode: str, num_keys: int, owners_per_candidate: float,
-                            first_n: int, pool: int, dim: int, platform: str) -> bool:
+def _similarities_on_device(
+    mode: str,
+    num_keys: int,
+    owners_per_candidate: float,
+    first_n: int,
+    pool: int,
+    dim: int,
+    platform: str,
+) -> bool:
     """Whether the anchor-owner query similarities come from the device (each searched row
     against all K queries, one matmul per block) or from the host (each anchor gathers the
     vectors of the ~E owners it looks at, E = first_n x owners per candidate).
@@ -81,13 +101,24 @@ def _similarities_on_device(mode: str, num_keys: int, owners_per_candidate: floa
     return num_keys <= (25 if platform == "cpu" else dim) * expected
 
 
-def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashable],
-                  query_embeddings: np.ndarray, positive_embeddings: np.ndarray, *,
-                  top_k: int, pool_mult: int, keep_retrieval_order: bool,
-                  judge: JudgeFn | None = None, pair_judge: PairJudge | None = None,
-                  judge_threshold: float = 0.5, block_size: int = 256,
-                  candidate_chunk: int = 2048, mesh: jax.sharding.Mesh | None = None,
-                  query_sims: str = "auto", subset: str = "") -> MiningResult:
+def mine_clusters(
+    query_keys: Sequence[Hashable],
+    positive_keys: Sequence[Hashable],
+    query_embeddings: np.ndarray,
+    positive_embeddings: np.ndarray,
+    *,
+    top_k: int,
+    pool_mult: int,
+    keep_retrieval_order: bool,
+    judge: JudgeFn | None = None,
+    pair_judge: PairJudge | None = None,
+    judge_threshold: float = 0.5,
+    block_size: int = 256,
+    candidate_chunk: int = 2048,
+    mesh: jax.sharding.Mesh | None = None,
+    query_sims: str = "auto",
+    subset: str = "",
+) -> MiningResult:
     """SaHa clusters (as `build_clusters`), optionally with the generative judge, plus a report.
 
     Args:
@@ -120,8 +151,14 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
       ValueError: for mismatched lengths/shapes or a bad top_k/pool_mult/judge answer.
     """
     query_embeddings, positive_embeddings = _checked_inputs(
-        len(query_keys), query_embeddings, positive_embeddings, top_k=top_k,
-        pool_mult=pool_mult, judge=judge, pair_judge=pair_judge)
+        len(query_keys),
+        query_embeddings,
+        positive_embeddings,
+        top_k=top_k,
+        pool_mult=pool_mult,
+        judge=judge,
+        pair_judge=pair_judge,
+    )
     n = len(query_keys)
     owners, first_key_row, first_cand_row = build_owners(query_keys, positive_keys)
     num_cands = first_cand_row.size
@@ -132,30 +169,58 @@ def mine_clusters(query_keys: Sequence[Hashable], positive_keys: Sequence[Hashab
         key_vectors = query_embeddings
     else:
         key_vectors = query_embeddings[first_key_row]
-    out = _new_out("sequential" if judge is not None else
-                   "batched" if pair_judge is not None else None)
+    out = _new_out(
+        "sequential" if judge is not None else "batched" if pair_judge is not None else None
+    )
     if n:
         candidate_embeddings = positive_embeddings[first_cand_row]
-        walk = _new_walk(out, owners, key_vectors, query_embeddings, candidate_embeddings,
-                         first_n=first_n, pool=pool, top_k=top_k,
-                         keep_retrieval_order=keep_retrieval_order,
-                         judge_threshold=judge_threshold, block_size=block_size,
-                         candidate_chunk=candidate_chunk, mesh=mesh, query_sims=query_sims,
-                         judge=judge, pair_judge=pair_judge)
+        walk = _new_walk(
+            out,
+            owners,
+            key_vectors,
+            query_embeddings,
+            candidate_embeddings,
+            first_n=first_n,
+            pool=pool,
+            top_k=top_k,
+            keep_retrieval_order=keep_retrieval_order,
+            judge_threshold=judge_threshold,
+            block_size=block_size,
+            candidate_chunk=candidate_chunk,
+            mesh=mesh,
+            query_sims=query_sims,
+            judge=judge,
+            pair_judge=pair_judge,
+        )
         used = np.zeros(first_key_row.size, bool)
         owner_counts = np.diff(owners.owner_ptr)
         walk.run_phase(1, State(used, used, owner_counts.copy()), first_n)
         walk.run_phase(2, State(used, np.zeros_like(used), owner_counts.copy()), 2 * first_n)
-    report = _report(out, subset=subset, num_rows=n, num_keys=first_key_row.size,
-                     num_cands=num_cands, top_k=top_k, pool_mult=pool_mult, pool=pool,
-                     keep_retrieval_order=keep_retrieval_order,
-                     judge_threshold=judge_threshold)
+    report = _report(
+        out,
+        subset=subset,
+        num_rows=n,
+        num_keys=first_key_row.size,
+        num_cands=num_cands,
+        top_k=top_k,
+        pool_mult=pool_mult,
+        pool=pool,
+        keep_retrieval_order=keep_retrieval_order,
+        judge_threshold=judge_threshold,
+    )
     return MiningResult(out["clusters"], out["cluster_phases"], report, out["timing"])
 
 
-def _checked_inputs(n: int, query_embeddings: np.ndarray, positive_embeddings: np.ndarray, *,
-                    top_k: int, pool_mult: int, judge: JudgeFn | None,
-                    pair_judge: PairJudge | None) -> tuple[np.ndarray, np.ndarray]:
+def _checked_inputs(
+    n: int,
+    query_embeddings: np.ndarray,
+    positive_embeddings: np.ndarray,
+    *,
+    top_k: int,
+    pool_mult: int,
+    judge: JudgeFn | None,
+    pair_judge: PairJudge | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The embeddings as float32 [n, D] after checking them and the mining arguments.
 
     Raises:
@@ -164,55 +229,113 @@ def _checked_inputs(n: int, query_embeddings: np.ndarray, positive_embeddings: n
     if top_k < 1 or pool_mult < 1:
         raise ValueError(f"mining: top_k={top_k} and pool_mult={pool_mult} must be >= 1.")
     if judge is not None and pair_judge is not None:
-        raise ValueError("mining: pass the sequential `judge` or the batched `pair_judge`, "
-                         "not both.")
+        raise ValueError(
+            "mining: pass the sequential `judge` or the batched `pair_judge`, not both."
+        )
     query_embeddings = np.asarray(query_embeddings, np.float32)
     positive_embeddings = np.asarray(positive_embeddings, np.float32)
-    if (query_embeddings.ndim != 2 or query_embeddings.shape[0] != n
-            or positive_embeddings.shape != query_embeddings.shape):
-        raise ValueError(f"mining: {n} rows need query and positive embeddings of shape [{n}, D];"
-                         f" got {query_embeddings.shape} and {positive_embeddings.shape}.")
+    if (
+        query_embeddings.ndim != 2
+        or query_embeddings.shape[0] != n
+        or positive_embeddings.shape != query_embeddings.shape
+    ):
+        raise ValueError(
+            f"mining: {n} rows need query and positive embeddings of shape [{n}, D];"
+            f" got {query_embeddings.shape} and {positive_embeddings.shape}."
+        )
     return query_embeddings, positive_embeddings
 
 
-def _new_walk(out: dict, owners: Owners, key_vectors: np.ndarray, query_embeddings: np.ndarray,
-              candidate_embeddings: np.ndarray, *, first_n: int, pool: int, top_k: int,
-              keep_retrieval_order: bool, judge_threshold: float, block_size: int,
-              candidate_chunk: int, mesh: jax.sharding.Mesh | None, query_sims: str,
-              judge: JudgeFn | None, pair_judge: PairJudge | None) -> Walk:
+def _new_walk(
+    out: dict,
+    owners: Owners,
+    key_vectors: np.ndarray,
+    query_embeddings: np.ndarray,
+    candidate_embeddings: np.ndarray,
+    *,
+    first_n: int,
+    pool: int,
+    top_k: int,
+    keep_retrieval_order: bool,
+    judge_threshold: float,
+    block_size: int,
+    candidate_chunk: int,
+    mesh: jax.sharding.Mesh | None,
+    query_sims: str,
+    judge: JudgeFn | None,
+    pair_judge: PairJudge | None,
+) -> Walk:
     """The walk over the candidate index, its query similarities on the host or the device
     (recorded in `out`)."""
     num_cands = candidate_embeddings.shape[0]
     index = CandidateIndex(candidate_embeddings, pool, mesh, candidate_chunk)
-    platform = (mesh.devices.flat[0].platform if mesh is not None
-                else jax.default_backend())
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     on_device = _similarities_on_device(
-        query_sims, key_vectors.shape[0], owners.owner_key.size / num_cands, first_n, pool,
-        query_embeddings.shape[1], platform)
+        query_sims,
+        key_vectors.shape[0],
+        owners.owner_key.size / num_cands,
+        first_n,
+        pool,
+        query_embeddings.shape[1],
+        platform,
+    )
     table = SimilarityTable(key_vectors, mesh, candidate_chunk) if on_device else None
     out["query_sims"] = "device" if on_device else "host"
-    return Walk(owners, key_vectors, query_embeddings, index, table, top_k=top_k,
-                keep_retrieval_order=keep_retrieval_order, threshold=judge_threshold,
-                block_size=block_size, out=out, judge=judge, pair_judge=pair_judge)
+    return Walk(
+        owners,
+        key_vectors,
+        query_embeddings,
+        index,
+        table,
+        top_k=top_k,
+        keep_retrieval_order=keep_retrieval_order,
+        threshold=judge_threshold,
+        block_size=block_size,
+        out=out,
+        judge=judge,
+        pair_judge=pair_judge,
+    )
 
 
 def _new_out(judge_mode: str | None) -> dict:
     """What the walk collects: clusters, their phases, per-phase counters and timing."""
-    return {"clusters": [], "cluster_phases": [], "query_sims": "host", "judge_mode": judge_mode,
-            "timing": {"search_s": 0.0, "judge_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
-            "phases": {p: new_phase_stats() for p in (1, 2)}}
+    return {
+        "clusters": [],
+        "cluster_phases": [],
+        "query_sims": "host",
+        "judge_mode": judge_mode,
+        "timing": {"search_s": 0.0, "judge_s": 0.0, "bookkeeping_s": 0.0, "blocks": 0},
+        "phases": {p: new_phase_stats() for p in (1, 2)},
+    }
 
 
 # The judge's counters, per phase and in all: pairs judged by the model in this run (speculative
 # ones included), device calls of the judge program, answers read back from a store instead,
 # and of the pairs the walk consulted: how many, dropped, judged downscaled, unjudged (kept).
-_JUDGE_COUNTS = (("judge_pairs", "judged"), ("judge_calls", "calls"), ("judge_cached", "cached"),
-                 ("judge_consulted", "consulted"), ("judge_dropped", "dropped"),
-                 ("judge_downscaled", "downscaled"), ("judge_unjudged", "unjudged"))
+_JUDGE_COUNTS = (
+    ("judge_pairs", "judged"),
+    ("judge_calls", "calls"),
+    ("judge_cached", "cached"),
+    ("judge_consulted", "consulted"),
+    ("judge_dropped", "dropped"),
+    ("judge_downscaled", "downscaled"),
+    ("judge_unjudged", "unjudged"),
+)
 
 
-def _report(out: dict, *, subset, num_rows, num_keys, num_cands, top_k, pool_mult, pool,
-            keep_retrieval_order, judge_threshold) -> dict:
+def _report(
+    out: dict,
+    *,
+    subset,
+    num_rows,
+    num_keys,
+    num_cands,
+    top_k,
+    pool_mult,
+    pool,
+    keep_retrieval_order,
+    judge_threshold,
+) -> dict:
     """The JSON-ready mining report of one subset."""
     clusters, phases = out["clusters"], np.asarray(out["cluster_phases"], np.int64)
     sizes = np.asarray([len(c) for c in clusters], np.int64)
@@ -252,8 +375,10 @@ def _report(out: dict, *, subset, num_rows, num_keys, num_cands, top_k, pool_mul
             "enabled": out["judge_mode"] is not None,
             "mode": out["judge_mode"],
             "threshold": float(judge_threshold) if out["judge_mode"] else None,
-            **{name.removeprefix("judge_"): sum(s["judge"][key] for s in out["phases"].values())
-               for name, key in _JUDGE_COUNTS},
+            **{
+                name.removeprefix("judge_"): sum(s["judge"][key] for s in out["phases"].values())
+                for name, key in _JUDGE_COUNTS
+            },
         },
         "retrieval": {
             "anchors": phase1["searched"],

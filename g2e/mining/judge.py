@@ -61,11 +61,12 @@ DOWNSCALE_STEPS = 3
 LOGGED_UNJUDGED = 5
 
 
-def yes_no_logits(model: Qwen2VL, batch: dict[str, jax.Array], yes_id: int, no_id: int
-                  ) -> jax.Array:
+def yes_no_logits(
+    model: Qwen2VL, batch: dict[str, jax.Array], yes_id: int, no_id: int
+) -> jax.Array:
     """Logits [B, 2] of the 'Yes' and 'No' tokens at each row's last (pooled) position."""
-    last = model.pooled_hidden(batch)                                # [B, D]
-    head = model.head_kernel()[:, jnp.array([yes_id, no_id])]         # [D, 2]
+    last = model.pooled_hidden(batch)  # [B, D]
+    head = model.head_kernel()[:, jnp.array([yes_id, no_id])]  # [D, 2]
     return (last @ head.astype(last.dtype)).astype(jnp.float32)
 
 
@@ -83,8 +84,9 @@ def local_batch_devices(mesh: jax.sharding.Mesh | None, rules: sharding.Rules | 
     """Devices of this process on the mesh's batch axes (1 without a mesh)."""
     if mesh is None:
         return 1
-    axes = sharding.batch_axes(tuple(sharding.DEFAULT_RULES if rules is None else rules),
-                               mesh.axis_names)
+    axes = sharding.batch_axes(
+        tuple(sharding.DEFAULT_RULES if rules is None else rules), mesh.axis_names
+    )
     return max(int(np.prod([mesh.shape[a] for a in axes])) // jax.process_count(), 1)
 
 
@@ -122,18 +124,32 @@ class Judge(BatchRunner):
       image_memo_bytes: the budget of loaded images kept between calls.
     """
 
-    def __init__(self, model: Qwen2VL, processor: Processor, *,
-                 mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
-                 batch_size: int = 16, progress: bool = True, image_memo_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        model: Qwen2VL,
+        processor: Processor,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules | None = None,
+        batch_size: int = 16,
+        progress: bool = True,
+        image_memo_bytes: int = 1 << 30,
+    ):
         yes_id, no_id = processor.judge_token_ids()
 
         def step(graphdef, state, batch):
             logits = yes_no_logits(nnx.merge(graphdef, state), batch, yes_id, no_id)
             return jax.nn.softmax(logits, axis=-1)[:, 0]
 
-        super().__init__(model, processor, step, mesh=mesh, rules=rules,
-                         batch_size=batch_size * local_batch_devices(mesh, rules),
-                         progress=progress)
+        super().__init__(
+            model,
+            processor,
+            step,
+            mesh=mesh,
+            rules=rules,
+            batch_size=batch_size * local_batch_devices(mesh, rules),
+            progress=progress,
+        )
         self.output_width = 1
         # Encodes images already resized by the policy (once per image, not per pair) and
         # raises every BadInput, so the over-length policy can act on it.
@@ -148,12 +164,14 @@ class Judge(BatchRunner):
         """Pairs in one device call, over all processes."""
         return self.batch_size * jax.process_count()
 
-    def __call__(self, pairs: Sequence[tuple[EmbedItem, EmbedItem]], *,
-                 desc: str = "judge") -> np.ndarray:
+    def __call__(
+        self, pairs: Sequence[tuple[EmbedItem, EmbedItem]], *, desc: str = "judge"
+    ) -> np.ndarray:
         return self.judge(pairs, desc=desc).p_yes
 
-    def judge(self, pairs: Sequence[tuple[EmbedItem, EmbedItem]], *,
-              desc: str = "judge") -> JudgeResult:
+    def judge(
+        self, pairs: Sequence[tuple[EmbedItem, EmbedItem]], *, desc: str = "judge"
+    ) -> JudgeResult:
         """P(yes), status and device calls of `pairs` (see the module docstring).
 
         Raises:
@@ -166,8 +184,7 @@ class Judge(BatchRunner):
 
         def encode(indexed: tuple[int, tuple[EmbedItem, EmbedItem]]) -> Encoded | None:
             index, (query, candidate) = indexed
-            encoded, status[index - share.start] = self._encode_pair(query, candidate,
-                                                                     call_images)
+            encoded, status[index - share.start] = self._encode_pair(query, candidate, call_images)
             return encoded
 
         steps_before = self.processor.stats["batches"]
@@ -179,25 +196,30 @@ class Judge(BatchRunner):
 
     # ---- one pair ------------------------------------------------------------------------
 
-    def _encode_pair(self, query: EmbedItem, candidate: EmbedItem,
-                     call_images: dict) -> tuple[Encoded | None, int]:
+    def _encode_pair(
+        self, query: EmbedItem, candidate: EmbedItem, call_images: dict
+    ) -> tuple[Encoded | None, int]:
         try:
             loaded = [self._image(item, call_images) for item in (query, candidate)]
         except BadInput as error:
             return self._bad(error, query), UNJUDGED
         for step in range(DOWNSCALE_STEPS + 1):
-            scaled = loaded if step == 0 else [_downscale(image, 0.5 ** step) for image in loaded]
+            scaled = loaded if step == 0 else [_downscale(image, 0.5**step) for image in loaded]
             try:
                 encoded = self._encoder.encode_judge(
                     dataclasses.replace(query, image=scaled[0]),
-                    dataclasses.replace(candidate, image=scaled[1]))
+                    dataclasses.replace(candidate, image=scaled[1]),
+                )
                 return encoded, JUDGED if step == 0 else DOWNSCALED
             except BadInput as error:
                 over = error.reason in (TOO_MANY_IMAGE_TOKENS, TEXT_FAR_OVER)
                 if not over:
                     return self._bad(error, query), UNJUDGED
-                if error.reason == TEXT_FAR_OVER or step == DOWNSCALE_STEPS or not any(
-                        image is not None for image in loaded):
+                if (
+                    error.reason == TEXT_FAR_OVER
+                    or step == DOWNSCALE_STEPS
+                    or not any(image is not None for image in loaded)
+                ):
                     self._log_unjudged(error, query)
                     return None, UNJUDGED
         raise AssertionError("unreachable")
@@ -212,8 +234,9 @@ class Judge(BatchRunner):
             if id(source) not in call_images:
                 call_images[id(source)] = (source, self.processor.load_images([source])[0])
             return call_images[id(source)][1]
-        return self._images.get(images_lib.image_key(source),
-                                lambda: self.processor.load_images([source])[0])
+        return self._images.get(
+            images_lib.image_key(source), lambda: self.processor.load_images([source])[0]
+        )
 
     def _bad(self, error: BadInput, query: EmbedItem) -> None:
         """Applies on_bad_input: raises under 'error'; counts it under 'skip'."""
@@ -222,14 +245,16 @@ class Judge(BatchRunner):
     def _log_unjudged(self, error: BadInput, query: EmbedItem) -> None:
         if self._unjudged_logged < LOGGED_UNJUDGED:
             self._unjudged_logged += 1
-            logging.warning("judge: pair not judged, its owner is kept (%s)",
-                            error.with_context(subset=query.subset, row=query.row))
+            logging.warning(
+                "judge: pair not judged, its owner is kept (%s)",
+                error.with_context(subset=query.subset, row=query.row),
+            )
 
 
 def _downscale(image: Image.Image | None, pixel_fraction: float) -> Image.Image | None:
     """The image at about `pixel_fraction` of its pixels (same aspect ratio), or None."""
     if image is None:
         return None
-    side = pixel_fraction ** 0.5
+    side = pixel_fraction**0.5
     size = (max(1, round(image.width * side)), max(1, round(image.height * side)))
     return image.resize(size, Image.Resampling.LANCZOS)

@@ -42,8 +42,13 @@ def key_hashes(keys: Sequence[Hashable]) -> np.ndarray:
     """uint64 [N]: a 64-bit content hash of each (JSON-able) key, computed once per distinct key."""
     distinct, ids = rows_lib.index_keys(keys)
     hashes = np.fromiter(
-        (int.from_bytes(hashlib.sha1(json.dumps(key).encode()).digest()[:8], "little")
-         for key in distinct), np.uint64, len(distinct))
+        (
+            int.from_bytes(hashlib.sha1(json.dumps(key).encode()).digest()[:8], "little")
+            for key in distinct
+        ),
+        np.uint64,
+        len(distinct),
+    )
     return hashes[ids]
 
 
@@ -51,8 +56,7 @@ class JudgeCache:
     """P(yes) and status of judged pairs on disk, by (query hash, positive hash); see the module
     docstring. Every process reads it (a barrier follows); only `writable` ones write."""
 
-    def __init__(self, directory: str | pathlib.Path, fingerprint: str, *,
-                 writable: bool = True):
+    def __init__(self, directory: str | pathlib.Path, fingerprint: str, *, writable: bool = True):
         self.directory = pathlib.Path(directory)
         self.writable = writable
         self.answers: dict[tuple[int, int], tuple[float, int]] = {}
@@ -69,8 +73,9 @@ class JudgeCache:
         distributed.barrier(f"judge-cache-{self.directory}")
         if not valid and writable:
             if shards:
-                logging.info("judge cache %s is for another model or setting; emptied",
-                             self.directory)
+                logging.info(
+                    "judge cache %s is for another model or setting; emptied", self.directory
+                )
             for path in shards:
                 path.unlink()
             atomic.write_json(self.directory / "index.json", index)
@@ -83,16 +88,19 @@ class JudgeCache:
     def _read(self, path: pathlib.Path) -> None:
         try:
             with np.load(path, allow_pickle=False) as shard:
-                columns = [shard[name].tolist() for name in ("query", "positive", "p_yes",
-                                                             "status")]
+                columns = [
+                    shard[name].tolist() for name in ("query", "positive", "p_yes", "status")
+                ]
         except (OSError, ValueError, KeyError) as error:
-            logging.warning("judge cache shard %s is unreadable (%s); its pairs are judged "
-                            "again", path, error)
+            logging.warning(
+                "judge cache shard %s is unreadable (%s); its pairs are judged again", path, error
+            )
             return
         self.answers.update(zip(zip(columns[0], columns[1]), zip(columns[2], columns[3])))
 
-    def lookup(self, query: np.ndarray, positive: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lookup(
+        self, query: np.ndarray, positive: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found bool [n], p_yes float32 [n], status int8 [n]) of the pairs (query[i],
         positive[i]); p_yes and status are 0 where not found."""
         found = np.zeros(query.size, bool)
@@ -104,13 +112,22 @@ class JudgeCache:
                 found[i], (p_yes[i], status[i]) = True, answer
         return found, p_yes, status
 
-    def add(self, query: np.ndarray, positive: np.ndarray, p_yes: np.ndarray,
-            status: np.ndarray) -> None:
+    def add(
+        self, query: np.ndarray, positive: np.ndarray, p_yes: np.ndarray, status: np.ndarray
+    ) -> None:
         """Keeps the answers of newly judged pairs, in memory and in a new shard."""
-        columns = dict(query=np.asarray(query, np.uint64), positive=np.asarray(positive, np.uint64),
-                       p_yes=np.asarray(p_yes, np.float32), status=np.asarray(status, np.int8))
-        self.answers.update(zip(zip(columns["query"].tolist(), columns["positive"].tolist()),
-                                zip(columns["p_yes"].tolist(), columns["status"].tolist())))
+        columns = dict(
+            query=np.asarray(query, np.uint64),
+            positive=np.asarray(positive, np.uint64),
+            p_yes=np.asarray(p_yes, np.float32),
+            status=np.asarray(status, np.int8),
+        )
+        self.answers.update(
+            zip(
+                zip(columns["query"].tolist(), columns["positive"].tolist()),
+                zip(columns["p_yes"].tolist(), columns["status"].tolist()),
+            )
+        )
         if self.writable:
             buffer = io.BytesIO()
             np.savez(buffer, **columns)
@@ -122,8 +139,16 @@ class RowPairJudge:
     """The stage's PairJudge: (anchor rows, owner rows) -> PairAnswers for the pair (anchor's
     query, owner's positive), from `cache` or judged by `judge` (see the module docstring)."""
 
-    def __init__(self, judge: Judge, rows: Sequence[mmeb.TrainRow], query_keys: Sequence,
-                 positive_keys: Sequence, cache: JudgeCache, *, desc: str = "judge"):
+    def __init__(
+        self,
+        judge: Judge,
+        rows: Sequence[mmeb.TrainRow],
+        query_keys: Sequence,
+        positive_keys: Sequence,
+        cache: JudgeCache,
+        *,
+        desc: str = "judge",
+    ):
         self.judge, self.rows, self.cache, self.desc = judge, rows, cache, desc
         self.pairs_per_call = judge.pairs_per_call
         self.query_hash = key_hashes(query_keys)
@@ -136,9 +161,11 @@ class RowPairJudge:
         todo = np.flatnonzero(~found)
         calls, per_call = 0, STEPS_PER_CALL * self.judge.pairs_per_call
         for start in range(0, todo.size, per_call):
-            part = todo[start:start + per_call]
-            pairs = [(query_item(self.rows[int(a)]), positive_item(self.rows[int(o)]))
-                     for a, o in zip(anchor_rows[part], owner_rows[part])]
+            part = todo[start : start + per_call]
+            pairs = [
+                (query_item(self.rows[int(a)]), positive_item(self.rows[int(o)]))
+                for a, o in zip(anchor_rows[part], owner_rows[part])
+            ]
             result = self.judge.judge(pairs, desc=self.desc)
             p_yes[part], status[part] = result.p_yes, result.status
             calls += result.device_calls

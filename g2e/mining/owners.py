@@ -4,7 +4,7 @@ anchor's owner walk (SPEC §2.3a-b), as flat arrays. See the package docstring f
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,28 +34,30 @@ def ranges(ptr: np.ndarray, groups: np.ndarray) -> np.ndarray:
 class Owners:
     """The row/key/candidate bookkeeping of one subset, as flat arrays."""
 
-    row_key: np.ndarray        # [N] query-key id of each row
-    row_cand: np.ndarray       # [N] candidate id (unique positive) of each row
-    rep_row: np.ndarray        # [K] representative (last) row of each query key
-    owner_ptr: np.ndarray      # [C+1] CSR: candidate -> owner keys, by representative row
+    row_key: np.ndarray  # [N] query-key id of each row
+    row_cand: np.ndarray  # [N] candidate id (unique positive) of each row
+    rep_row: np.ndarray  # [K] representative (last) row of each query key
+    owner_ptr: np.ndarray  # [C+1] CSR: candidate -> owner keys, by representative row
     owner_key: np.ndarray
-    cand_ptr: np.ndarray       # [K+1] CSR: query key -> the candidates it owns
+    cand_ptr: np.ndarray  # [K+1] CSR: query key -> the candidates it owns
     cand_of_key: np.ndarray
-    multi_owner: bool          # some key owns several candidates (owner picks may collide)
+    multi_owner: bool  # some key owns several candidates (owner picks may collide)
 
 
 def build_owners(query_keys, positive_keys) -> tuple[Owners, np.ndarray, np.ndarray]:
     """Builds Owners; also returns each key's and each candidate's first row."""
     n = len(query_keys)
     if len(positive_keys) != n:
-        raise ValueError(f"mining: {n} query keys but {len(positive_keys)} positive keys; "
-                         "pass one of each per row.")
+        raise ValueError(
+            f"mining: {n} query keys but {len(positive_keys)} positive keys; "
+            "pass one of each per row."
+        )
     distinct_keys, row_key = rows_lib.index_keys(query_keys)
     distinct_cands, row_cand = rows_lib.index_keys(positive_keys)
     num_keys, num_cands = len(distinct_keys), len(distinct_cands)
     rows = np.arange(n, dtype=np.int64)
     rep_row = np.full(num_keys, -1, np.int64)
-    np.maximum.at(rep_row, row_key, rows)             # a key stands for its last row
+    np.maximum.at(rep_row, row_key, rows)  # a key stands for its last row
     first_key_row = np.full(num_keys, n, np.int64)
     np.minimum.at(first_key_row, row_key, rows)
     first_cand_row = np.full(num_cands, n, np.int64)
@@ -67,8 +69,16 @@ def build_owners(query_keys, positive_keys) -> tuple[Owners, np.ndarray, np.ndar
     owner_ptr, owner_key = csr(pair_cand[order], pair_key[order], num_cands)
     cand_ptr, cand_of_key = csr(pair_key, pair_cand, num_keys)
     multi = bool(np.any(np.diff(cand_ptr) > 1))
-    owners = Owners(row_key, row_cand, rep_row, owner_ptr, owner_key.astype(np.int64),
-                    cand_ptr, cand_of_key.astype(np.int64), multi)
+    owners = Owners(
+        row_key,
+        row_cand,
+        rep_row,
+        owner_ptr,
+        owner_key.astype(np.int64),
+        cand_ptr,
+        cand_of_key.astype(np.int64),
+        multi,
+    )
     return owners, first_key_row, first_cand_row
 
 
@@ -76,11 +86,11 @@ def build_owners(query_keys, positive_keys) -> tuple[Owners, np.ndarray, np.ndar
 class State:
     """Which keys are used (skipped as anchors) and which may no longer be owners."""
 
-    used: np.ndarray           # [K] bool: key is in a cluster (or was an anchor)
-    excluded: np.ndarray       # [K] bool: key may not be an owner (phase 1: `used` itself)
-    available: np.ndarray      # [C] int: owners of each candidate that are not excluded
+    used: np.ndarray  # [K] bool: key is in a cluster (or was an anchor)
+    excluded: np.ndarray  # [K] bool: key may not be an owner (phase 1: `used` itself)
+    available: np.ndarray  # [C] int: owners of each candidate that are not excluded
 
-    def copy(self) -> "State":
+    def copy(self) -> State:
         """A copy to walk ahead on (phase 1's `excluded` stays the same array as `used`)."""
         used = self.used.copy()
         excluded = used if self.excluded is self.used else self.excluded.copy()
@@ -92,8 +102,9 @@ class State:
         self.used[anchor_key] = True
         self.used[kept] = True
         self.excluded[newly_excluded] = True
-        np.subtract.at(self.available, owners.cand_of_key[ranges(owners.cand_ptr, newly_excluded)],
-                       1)
+        np.subtract.at(
+            self.available, owners.cand_of_key[ranges(owners.cand_ptr, newly_excluded)], 1
+        )
 
 
 def host_similarity(key_vectors: np.ndarray, anchor_key: int) -> Callable:
@@ -104,8 +115,14 @@ def host_similarity(key_vectors: np.ndarray, anchor_key: int) -> Callable:
     return lambda keys: np.vecdot(key_vectors[keys], anchor_vector)
 
 
-def select_owners(cands: np.ndarray, anchor_key: int, similarity: Callable,
-                  owners: Owners, state: State, first_n: int) -> tuple[np.ndarray, np.ndarray]:
+def select_owners(
+    cands: np.ndarray,
+    anchor_key: int,
+    similarity: Callable,
+    owners: Owners,
+    state: State,
+    first_n: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Owner walk of one anchor: (owner keys in retrieval order, their similarity to the
     anchor query), at most first_n. Vectorised; falls back to a sequential walk only when a
     key owning several candidates was picked twice."""
@@ -146,7 +163,7 @@ def _select_owners_sequential(cands, anchor_key, similarity, owners, state, firs
     """The owner walk one candidate at a time, with keys picked earlier taken out."""
     picked, picked_sims, taken = [], [], {anchor_key}
     for cand in cands.tolist():
-        keys = owners.owner_key[owners.owner_ptr[cand]:owners.owner_ptr[cand + 1]]
+        keys = owners.owner_key[owners.owner_ptr[cand] : owners.owner_ptr[cand + 1]]
         keys = keys[~state.excluded[keys]]
         keys = np.asarray([k for k in keys.tolist() if k not in taken], np.int64)
         if keys.size == 0:

@@ -36,9 +36,13 @@ def _search_fn(mesh: jax.sharding.Mesh, num_real: int, pool: int, chunk: int):
         def step(carry, xs):
             best_values, best_ids = carry
             block, block_ids = xs
-            sims = jnp.einsum("bd,cd->bc", queries, block,
-                              precision=jax.lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
+            sims = jnp.einsum(
+                "bd,cd->bc",
+                queries,
+                block,
+                precision=jax.lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32,
+            )
             sims = jnp.where(block_ids[None, :] < num_real, sims, -jnp.inf)
             values, where = jax.lax.top_k(sims, k)
             # Earlier chunks hold lower ids and come first, so ties keep the lower id.
@@ -47,8 +51,10 @@ def _search_fn(mesh: jax.sharding.Mesh, num_real: int, pool: int, chunk: int):
             values, where = jax.lax.top_k(values, pool)
             return (values, jnp.take_along_axis(found, where, axis=1)), None
 
-        init = (jnp.full((queries.shape[0], pool), -jnp.inf, jnp.float32),
-                jnp.full((queries.shape[0], pool), np.iinfo(np.int32).max, jnp.int32))
+        init = (
+            jnp.full((queries.shape[0], pool), -jnp.inf, jnp.float32),
+            jnp.full((queries.shape[0], pool), np.iinfo(np.int32).max, jnp.int32),
+        )
         init = jax.lax.pcast(init, axes, to="varying")  # the carry differs per shard
         (values, found), _ = jax.lax.scan(step, init, (chunks, chunk_ids))
         # Shards are gathered in index order, so ties again keep the lower id.
@@ -57,8 +63,9 @@ def _search_fn(mesh: jax.sharding.Mesh, num_real: int, pool: int, chunk: int):
         values, where = jax.lax.top_k(values, pool)
         return values, jnp.take_along_axis(found, where, axis=1)
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(axes), spec(axes)),
-                            out_specs=(spec(), spec()))
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec(), spec(axes), spec(axes)), out_specs=(spec(), spec())
+    )
     return jax.jit(sharded)
 
 
@@ -71,14 +78,19 @@ def _similarity_fn(mesh: jax.sharding.Mesh, chunk: int):
     def local(queries, rows):
         blocks = rows.reshape(rows.shape[0] // chunk, chunk, rows.shape[1])
         sims = jax.lax.map(
-            lambda block: jnp.einsum("bd,cd->bc", queries, block,
-                                     precision=jax.lax.Precision.HIGHEST,
-                                     preferred_element_type=jnp.float32), blocks)
+            lambda block: jnp.einsum(
+                "bd,cd->bc",
+                queries,
+                block,
+                precision=jax.lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32,
+            ),
+            blocks,
+        )
         sims = sims.transpose(1, 0, 2).reshape(queries.shape[0], -1)
         return jax.lax.all_gather(sims, axes, axis=1, tiled=True, to="invarying")
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(axes)),
-                            out_specs=spec())
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(axes)), out_specs=spec())
     return jax.jit(sharded)
 
 
@@ -95,7 +107,8 @@ class _ShardedRows:
         self.chunk = min(chunk, _round_up(num, 128))
         padded = _round_up(num, self.chunk * mesh.size)
         sharding = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+            mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+        )
         table = np.zeros((padded, dim), np.float32)
         table[:num] = rows
         ids = np.arange(padded, dtype=np.int32)
@@ -112,8 +125,9 @@ def _host(array: jax.Array) -> np.ndarray:
 class CandidateIndex(_ShardedRows):
     """Candidate embeddings sharded over a mesh; `search` gives each query's top `pool`."""
 
-    def __init__(self, candidates: np.ndarray, pool: int, mesh: jax.sharding.Mesh | None,
-                 chunk: int):
+    def __init__(
+        self, candidates: np.ndarray, pool: int, mesh: jax.sharding.Mesh | None, chunk: int
+    ):
         super().__init__(candidates, mesh, chunk)
         self.fn = _search_fn(self.mesh, self.num, pool, self.chunk)
 
@@ -147,9 +161,15 @@ class SimilarityTable(_ShardedRows):
         return _host(dispatched)
 
 
-def top_pool(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray, pool: int, *,
-             mesh: jax.sharding.Mesh | None = None, block_size: int = 256,
-             candidate_chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def top_pool(
+    query_embeddings: np.ndarray,
+    candidate_embeddings: np.ndarray,
+    pool: int,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    block_size: int = 256,
+    candidate_chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query's `pool` most similar candidates by inner product, ties to the lower index.
 
     Candidates are sharded over all axes of `mesh` (default: all devices); queries go in
@@ -157,11 +177,12 @@ def top_pool(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray, poo
     [Q, pool]), best first. `pool` is clipped to the number of candidates.
     """
     pool = min(pool, len(candidate_embeddings))
-    index = CandidateIndex(np.asarray(candidate_embeddings, np.float32), pool, mesh,
-                            candidate_chunk)
+    index = CandidateIndex(
+        np.asarray(candidate_embeddings, np.float32), pool, mesh, candidate_chunk
+    )
     values, found = [], []
     for start in range(0, len(query_embeddings), block_size):
-        block = padded_block(query_embeddings[start:start + block_size], block_size)
+        block = padded_block(query_embeddings[start : start + block_size], block_size)
         v, f = index.search(block)
         count = min(block_size, len(query_embeddings) - start)
         values.append(v[:count])
@@ -174,5 +195,5 @@ def top_pool(query_embeddings: np.ndarray, candidate_embeddings: np.ndarray, poo
 def padded_block(queries: np.ndarray, block_size: int) -> np.ndarray:
     """A fixed-shape [block_size, D] float32 block (zeros after the real rows): one compile."""
     block = np.zeros((block_size, queries.shape[1]), np.float32)
-    block[:len(queries)] = queries
+    block[: len(queries)] = queries
     return block

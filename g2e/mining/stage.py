@@ -49,12 +49,24 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     out = pipeline.workdir / "mine"
     model = pipeline.model(trained=False)
     processor = pipeline.processor()
-    embedder = Embedder(model, processor, mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.mine.batch_size, workers=pipeline.workers)
+    embedder = Embedder(
+        model,
+        processor,
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.mine.batch_size,
+        workers=pipeline.workers,
+    )
     judge = None
     if config.mine.judge:
-        judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                      batch_size=config.mine.judge_batch_size, progress=False)
+        judge = Judge(
+            model,
+            pipeline.processor(),
+            mesh=pipeline.mesh,
+            rules=pipeline.rules,
+            batch_size=config.mine.judge_batch_size,
+            progress=False,
+        )
     fingerprint = pipeline.fingerprint(pipeline.model_key, processor.prompt)
     reports = {}
     for subset in rows_lib.train_subsets(config.data):
@@ -69,48 +81,85 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
         if not rows:
             logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
             continue
-        cache = EmbeddingCache(out / "cache" / subset, fingerprint,
-                               writable=distributed.is_primary(),
-                               **pipeline.embedding_cache_options())
+        cache = EmbeddingCache(
+            out / "cache" / subset,
+            fingerprint,
+            writable=distributed.is_primary(),
+            **pipeline.embedding_cache_options(),
+        )
         judge_cache = None
         if judge is not None:
-            judge_cache = JudgeCache(out / "cache" / subset / "judge",
-                                     judge_fingerprint(pipeline),
-                                     writable=distributed.is_primary())
+            judge_cache = JudgeCache(
+                out / "cache" / subset / "judge",
+                judge_fingerprint(pipeline),
+                writable=distributed.is_primary(),
+            )
         result = mine_subset(pipeline, subset, rows, embedder, cache, judge, judge_cache)
         report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
         if distributed.is_primary():
-            params = dict(top_k=config.mine.top_k, pool_mult=config.mine.pool_mult,
-                          judge=bool(config.mine.judge),
-                          judge_threshold=config.mine.judge_threshold,
-                          split=config.data.train_split, model=fingerprint)
-            mining.write_clusters(str(clusters_file), result.clusters, result.phases,
-                                  subset=subset, num_rows=len(rows), params=params)
+            params = dict(
+                top_k=config.mine.top_k,
+                pool_mult=config.mine.pool_mult,
+                judge=bool(config.mine.judge),
+                judge_threshold=config.mine.judge_threshold,
+                split=config.data.train_split,
+                model=fingerprint,
+            )
+            mining.write_clusters(
+                str(clusters_file),
+                result.clusters,
+                result.phases,
+                subset=subset,
+                num_rows=len(rows),
+                params=params,
+            )
             atomic.write_json(report_file, report, indent=2, sort_keys=True)
         reports[subset] = report
-        logging.info("mine %s: %d rows -> %d clusters; %s", subset, len(rows),
-                     len(result.clusters), _headline(report))
+        logging.info(
+            "mine %s: %d rows -> %d clusters; %s",
+            subset,
+            len(rows),
+            len(result.clusters),
+            _headline(report),
+        )
     if distributed.is_primary():
         atomic.write_json(out / "report.json", reports, indent=2, sort_keys=True)
-    return {"subsets": len(reports),
-            "clusters": sum(r["clusters"] for r in reports.values()),
-            **{f"judge_{key}": sum(r["judge"].get(key, 0) for r in reports.values())
-               for key in ("pairs", "calls", "dropped", "unjudged")}}
+    return {
+        "subsets": len(reports),
+        "clusters": sum(r["clusters"] for r in reports.values()),
+        **{
+            f"judge_{key}": sum(r["judge"].get(key, 0) for r in reports.values())
+            for key in ("pairs", "calls", "dropped", "unjudged")
+        },
+    }
 
 
 def judge_fingerprint(pipeline: Pipeline) -> str:
     """Names what a judge answer depends on: the model (the base the mine stage judges with),
     the judge prompt, image settings. Read before any model is loaded (judge_quality)."""
     data = pipeline.config.data
-    return pipeline.fingerprint(pipeline.model_paths(trained=False), "judge",
-                                prompts.JUDGE_SYSTEM_PROMPT, prompts.JUDGE_QUESTION,
-                                data.min_pixels, data.max_pixels, DOWNSCALE_STEPS)
+    return pipeline.fingerprint(
+        pipeline.model_paths(trained=False),
+        "judge",
+        prompts.JUDGE_SYSTEM_PROMPT,
+        prompts.JUDGE_QUESTION,
+        data.min_pixels,
+        data.max_pixels,
+        DOWNSCALE_STEPS,
+    )
 
 
-def mine_subset(pipeline: Pipeline, subset: str, rows: Sequence[mmeb.TrainRow],
-                embedder: Embedder, cache: EmbeddingCache, judge: Judge | None,
-                judge_cache: JudgeCache | None, *, sequential: bool = False
-                ) -> mining.MiningResult:
+def mine_subset(
+    pipeline: Pipeline,
+    subset: str,
+    rows: Sequence[mmeb.TrainRow],
+    embedder: Embedder,
+    cache: EmbeddingCache,
+    judge: Judge | None,
+    judge_cache: JudgeCache | None,
+    *,
+    sequential: bool = False,
+) -> mining.MiningResult:
     """Embeds a subset's unique queries and positives (or reads them back), then mines it.
 
     With a judge: the speculative, batched judge answering from (and storing into)
@@ -131,39 +180,54 @@ def mine_subset(pipeline: Pipeline, subset: str, rows: Sequence[mmeb.TrainRow],
     positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
     if embedder.processor.report.total:
         # Skipped items embed as NaN; mining needs every row, so name the problem.
-        raise ValueError(f"mine {subset}: {embedder.processor.report.summary()}; rows with "
-                         "unusable inputs must be dropped before mining (fix or remove them)")
+        raise ValueError(
+            f"mine {subset}: {embedder.processor.report.summary()}; rows with "
+            "unusable inputs must be dropped before mining (fix or remove them)"
+        )
     judges: dict[str, Any] = {}
     if judge is not None and sequential:
         judges["judge"] = sequential_judge(judge, rows)
     elif judge is not None:
-        judges["pair_judge"] = RowPairJudge(judge, rows, query_keys, positive_keys,
-                                            judge_cache, desc=f"{subset} judge")
+        judges["pair_judge"] = RowPairJudge(
+            judge, rows, query_keys, positive_keys, judge_cache, desc=f"{subset} judge"
+        )
     return mining.mine_clusters(
-        query_keys, positive_keys, query_embeddings[query_of_row],
-        positive_embeddings[positive_of_row], top_k=config.mine.top_k,
+        query_keys,
+        positive_keys,
+        query_embeddings[query_of_row],
+        positive_embeddings[positive_of_row],
+        top_k=config.mine.top_k,
         pool_mult=config.mine.pool_mult,
         keep_retrieval_order=mining.keeps_retrieval_order(
-            subset, rows_lib.manifest_dir(config.data, "train")),
-        judge_threshold=config.mine.judge_threshold, block_size=config.mine.block_size,
-        mesh=pipeline.mesh, subset=subset, **judges)
+            subset, rows_lib.manifest_dir(config.data, "train")
+        ),
+        judge_threshold=config.mine.judge_threshold,
+        block_size=config.mine.block_size,
+        mesh=pipeline.mesh,
+        subset=subset,
+        **judges,
+    )
 
 
 def sequential_judge(judge: Judge, rows: Sequence[mmeb.TrainRow]) -> mining.JudgeFn:
     """The sequential judge: one call per round of one anchor (the tests' reference)."""
+
     def judge_fn(anchor_row: int, owner_rows: np.ndarray) -> np.ndarray:
         anchor = query_item(rows[anchor_row])
         return judge([(anchor, positive_item(rows[int(r)])) for r in owner_rows])
+
     return judge_fn
 
 
 def _headline(report: dict) -> str:
     retrieval, judged = report.get("retrieval", {}), report["judge"]
     calls = max(judged.get("calls", 0), 1)
-    return (f"phase 1/2 clusters {report['phase1']['clusters']}/{report['phase2']['clusters']}, "
-            f"rows uncovered {report['rows_uncovered']}, judge dropped "
-            f"{judged['dropped']} of {judged.get('consulted', 0)} consulted ({judged['pairs']} "
-            f"judged in {judged.get('calls', 0)} device calls, "
-            f"{judged['pairs'] / calls:.1f} per call; {judged.get('cached', 0)} cached, "
-            f"{judged.get('unjudged', 0)} unjudged), zero-shot hit@1/5/10 "
-            f"{retrieval.get('hit@1')}/{retrieval.get('hit@5')}/{retrieval.get('hit@10')}")
+    return (
+        f"phase 1/2 clusters {report['phase1']['clusters']}/{report['phase2']['clusters']}, "
+        f"rows uncovered {report['rows_uncovered']}, judge dropped "
+        f"{judged['dropped']} of {judged.get('consulted', 0)} consulted ({judged['pairs']} "
+        f"judged in {judged.get('calls', 0)} device calls, "
+        f"{judged['pairs'] / calls:.1f} per call; {judged.get('cached', 0)} cached, "
+        f"{judged.get('unjudged', 0)} unjudged), zero-shot hit@1/5/10 "
+        f"{retrieval.get('hit@1')}/{retrieval.get('hit@5')}/{retrieval.get('hit@10')}"
+    )

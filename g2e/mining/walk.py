@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -71,17 +72,29 @@ class PairJudge(Protocol):
 
 def new_phase_stats() -> dict:
     """The counters of one phase (see greedy's report)."""
-    return {"searched": 0, "hits@1": 0, "hits@5": 0, "hits@10": 0,
-            "judge": {"consulted": 0, "dropped": 0, "downscaled": 0, "unjudged": 0,
-                      "judged": 0, "cached": 0, "calls": 0}}
+    return {
+        "searched": 0,
+        "hits@1": 0,
+        "hits@5": 0,
+        "hits@10": 0,
+        "judge": {
+            "consulted": 0,
+            "dropped": 0,
+            "downscaled": 0,
+            "unjudged": 0,
+            "judged": 0,
+            "cached": 0,
+            "calls": 0,
+        },
+    }
 
 
 def next_rows(row_key: np.ndarray, used: np.ndarray, start: int, count: int) -> np.ndarray:
     """The next `count` rows from `start` on whose query key is not used."""
     found, total, window = [], 0, 4 * count
     while start < row_key.size and total < count:
-        rows = start + np.flatnonzero(~used[row_key[start:start + window]])
-        found.append(rows[:count - total])
+        rows = start + np.flatnonzero(~used[row_key[start : start + window]])
+        found.append(rows[: count - total])
         total += found[-1].size
         start += window
     return np.concatenate(found) if found else np.zeros(0, np.int64)
@@ -123,8 +136,7 @@ class Walk:
         def dispatch(rows):
             timing["blocks"] += 1
             block = padded_block(self.query_embeddings[rows], self.block_size)
-            return (self.index.dispatch(block),
-                    self.table.dispatch(block) if self.table else None)
+            return (self.index.dispatch(block), self.table.dispatch(block) if self.table else None)
 
         walk_block = self._walk_block_speculative if self.pair_judge else self._walk_block
         # Retrieval does not depend on the used state, so blocks of upcoming rows are searched
@@ -151,14 +163,16 @@ class Walk:
                 return upcoming, self.index.fetch(pending[0])[1].astype(np.int64), block_sims
 
             walk_block(phase, rows, found.astype(np.int64), block_sims, state, first_n, peek)
-            timing["bookkeeping_s"] += (time.perf_counter() - tock
-                                        - (timing["judge_s"] - judge_before))
+            timing["bookkeeping_s"] += (
+                time.perf_counter() - tock - (timing["judge_s"] - judge_before)
+            )
             rows = upcoming
 
     # ---- one anchor ----------------------------------------------------------------------
 
-    def _ordered_owners(self, j: int, anchor_row: int, cands: np.ndarray, block_sims,
-                        state: State, first_n: int) -> tuple[int, np.ndarray]:
+    def _ordered_owners(
+        self, j: int, anchor_row: int, cands: np.ndarray, block_sims, state: State, first_n: int
+    ) -> tuple[int, np.ndarray]:
         """(rank of the anchor's own positive among its candidates, its owner keys in the
         order they are taken: retrieval order, or least anchor-like first)."""
         owners = self.owners
@@ -169,8 +183,7 @@ class Walk:
             similarity = host_similarity(self.key_vectors, anchor_key)
         else:
             similarity = block_sims[j].__getitem__
-        picked, sims = select_owners(cands[~is_own], anchor_key, similarity, owners, state,
-                                     first_n)
+        picked, sims = select_owners(cands[~is_own], anchor_key, similarity, owners, state, first_n)
         if picked.size and not self.keep_retrieval_order:
             # Least anchor-like first; ties to the lower representative row.
             picked = picked[np.lexsort((owners.rep_row[picked], sims))]
@@ -182,8 +195,7 @@ class Walk:
         for k in (1, 5, 10):
             stats[f"hits@{k}"] += rank < k
 
-    def _add_cluster(self, phase: int, anchor_row: int, kept: np.ndarray,
-                     state: State) -> None:
+    def _add_cluster(self, phase: int, anchor_row: int, kept: np.ndarray, state: State) -> None:
         self.out["clusters"].append([anchor_row] + self.owners.rep_row[kept].tolist())
         self.out["cluster_phases"].append(phase)
         state.take(self.owners, int(self.owners.row_key[anchor_row]), kept, phase)
@@ -195,13 +207,14 @@ class Walk:
         for j, anchor_row in enumerate(rows.tolist()):
             if state.used[self.owners.row_key[anchor_row]]:
                 continue
-            rank, ordered = self._ordered_owners(j, anchor_row, found[j], block_sims, state,
-                                                 first_n)
+            rank, ordered = self._ordered_owners(
+                j, anchor_row, found[j], block_sims, state, first_n
+            )
             self._count_search(stats, rank)
             if ordered.size == 0:
                 continue
             if self.judge is None:
-                kept = ordered[:self.top_k]
+                kept = ordered[: self.top_k]
             else:
                 kept = self._judge_rounds(anchor_row, ordered, stats["judge"])
             if kept.size:
@@ -212,11 +225,10 @@ class Walk:
         kept: list[int] = []
         start = 0
         while len(kept) < self.top_k and start < ordered.size:
-            batch = ordered[start:start + self.top_k - len(kept)]
+            batch = ordered[start : start + self.top_k - len(kept)]
             start += batch.size
             tick = time.perf_counter()
-            p_yes = np.asarray(self.judge(int(anchor_row), self.owners.rep_row[batch]),
-                               np.float64)
+            p_yes = np.asarray(self.judge(int(anchor_row), self.owners.rep_row[batch]), np.float64)
             self.out["timing"]["judge_s"] += time.perf_counter() - tick
             _check_answers(p_yes, batch.size, int(anchor_row))
             passed = p_yes <= self.threshold
@@ -229,8 +241,7 @@ class Walk:
 
     # ---- the speculative, batched judge --------------------------------------------------
 
-    def _walk_block_speculative(self, phase, rows, found, block_sims, state, first_n,
-                                peek) -> None:
+    def _walk_block_speculative(self, phase, rows, found, block_sims, state, first_n, peek) -> None:
         """The block's walk, run ahead until every pair it consults is answered (see the
         module docstring); anchors before the first guess are committed on each pass."""
         stats = self.out["phases"][phase]
@@ -245,16 +256,21 @@ class Walk:
                 anchor_key = int(row_key[anchor_row])
                 if walk_state.used[anchor_key]:
                     continue
-                rank, ordered = self._ordered_owners(j, anchor_row, found[j], block_sims,
-                                                     walk_state, first_n)
+                rank, ordered = self._ordered_owners(
+                    j, anchor_row, found[j], block_sims, walk_state, first_n
+                )
                 kept, missing, consulted, end = self._rounds_from_memo(anchor_key, ordered)
                 if missing and resume is None:
                     resume, walk_state = j, state.copy()
                 for owner in missing:
                     requests.setdefault(self._code(anchor_key, owner), (anchor_row, owner))
                 if missing:
-                    ahead.append([(self._code(anchor_key, owner), (anchor_row, owner))
-                                  for owner in ordered[end:].tolist()])
+                    ahead.append(
+                        [
+                            (self._code(anchor_key, owner), (anchor_row, owner))
+                            for owner in ordered[end:].tolist()
+                        ]
+                    )
                 if resume is None:
                     self._count_search(stats, rank)
                     self._count_consulted(stats["judge"], consulted)
@@ -264,8 +280,7 @@ class Walk:
                     walk_state.take(self.owners, anchor_key, kept, phase)
             if requests:
                 room = -len(requests) % int(getattr(self.pair_judge, "pairs_per_call", 1))
-                room = self._fill_from_next_block(phase, requests, room, walk_state, peek,
-                                                  first_n)
+                room = self._fill_from_next_block(phase, requests, room, walk_state, peek, first_n)
                 self._fill(requests, room, ahead)
                 self._ask(requests, stats["judge"])
             start = resume
@@ -284,19 +299,23 @@ class Walk:
                 break
             if walk_state.used[anchor_key]:
                 continue
-            _, ordered = self._ordered_owners(j, anchor_row, found[j], block_sims, walk_state,
-                                              first_n)
+            _, ordered = self._ordered_owners(
+                j, anchor_row, found[j], block_sims, walk_state, first_n
+            )
             kept, missing, _, _ = self._rounds_from_memo(anchor_key, ordered)
             for owner in missing[:room]:
-                if requests.setdefault(self._code(anchor_key, owner),
-                                       (anchor_row, owner)) == (anchor_row, owner):
+                if requests.setdefault(self._code(anchor_key, owner), (anchor_row, owner)) == (
+                    anchor_row,
+                    owner,
+                ):
                     room -= 1
             if kept.size:
                 walk_state.take(self.owners, anchor_key, kept, phase)
         return room
 
-    def _fill(self, requests: dict, room: int,
-              ahead: list[list[tuple[int, tuple[int, int]]]]) -> None:
+    def _fill(
+        self, requests: dict, room: int, ahead: list[list[tuple[int, tuple[int, int]]]]
+    ) -> None:
         """Fills what room is left with the owners that anchors waiting on an answer take
         next if one of theirs is dropped: one per anchor in walk order, round after round."""
         for depth in range(max(map(len, ahead), default=0)):
@@ -326,7 +345,7 @@ class Walk:
         guess_passes = 2 * self.answered[0] <= self.answered[1]
         start = 0
         while len(kept) < self.top_k and start < ordered.size:
-            batch = ordered[start:start + self.top_k - len(kept)].tolist()
+            batch = ordered[start : start + self.top_k - len(kept)].tolist()
             start += len(batch)
             for owner in batch:
                 answer = self.memo.get(self._code(anchor_key, owner))
@@ -372,4 +391,5 @@ def _check_answers(p_yes: np.ndarray, count: int, anchor_row: int) -> None:
         raise ValueError(
             f"mining judge: for anchor row {anchor_row} and {count} owner rows it returned "
             f"shape {p_yes.shape} (finite: {bool(np.all(np.isfinite(p_yes)))}); it must "
-            "return one finite P(yes) per owner row.")
+            "return one finite P(yes) per owner row."
+        )

@@ -20,8 +20,9 @@ Implementation = Literal["auto", "xla", "cudnn", "pallas"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 
 
-def resolve(implementation: Implementation, *, length: int, dtype: Any,
-            backend: str | None = None) -> str:
+def resolve(
+    implementation: Implementation, *, length: int, dtype: Any, backend: str | None = None
+) -> str:
     """The kernel `attend` runs: 'auto' picks per platform, anything else is kept.
 
     auto: on a GPU, cuDNN's fused attention where it applies (16-bit compute: cuDNN has no
@@ -39,14 +40,14 @@ def resolve(implementation: Implementation, *, length: int, dtype: Any,
 
 
 def attend(
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        *,
-        segment_ids: jax.Array | None,
-        causal: bool,
-        implementation: Implementation = "xla",
-        scale: float | None = None,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    segment_ids: jax.Array | None,
+    causal: bool,
+    implementation: Implementation = "xla",
+    scale: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -77,11 +78,13 @@ def attend(
         tril = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         mask = tril if mask is None else mask & tril
     return jax.nn.dot_product_attention(
-        query, key, value, mask=mask, scale=scale, implementation=implementation)
+        query, key, value, mask=mask, scale=scale, implementation=implementation
+    )
 
 
-def attend_at(query: jax.Array, key: jax.Array, value: jax.Array, *, segment_ids: jax.Array,
-              index: jax.Array) -> jax.Array:
+def attend_at(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, segment_ids: jax.Array, index: jax.Array
+) -> jax.Array:
     """Causal attention of one query per example: the token at `index`.
 
     Args:
@@ -95,8 +98,9 @@ def attend_at(query: jax.Array, key: jax.Array, value: jax.Array, *, segment_ids
     length = key.shape[1]
     query_segment = jnp.take_along_axis(segment_ids, index[:, None], axis=1)  # [B, 1]
     allowed = (segment_ids == query_segment) & (jnp.arange(length)[None] <= index[:, None])
-    return jax.nn.dot_product_attention(query, key, value, mask=allowed[:, None, None, :],
-                                        implementation="xla")
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=allowed[:, None, None, :], implementation="xla"
+    )
 
 
 def _splash(query, key, value, segment_ids, causal, scale):
@@ -110,12 +114,13 @@ def _splash(query, key, value, segment_ids, causal, scale):
     if length % 128:
         raise ValueError(
             f"attention='pallas' needs a length that is a multiple of 128, got {length}; "
-            "choose length buckets that are multiples of 128 or use attention='xla'.")
+            "choose length buckets that are multiples of 128 or use attention='xla'."
+        )
     groups = num_heads // num_kv_heads
     one_head = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
     kernel = sk.make_splash_mqa_single_device(
-        sm.MultiHeadMask([one_head] * groups),
-        interpret=jax.default_backend() != "tpu")
+        sm.MultiHeadMask([one_head] * groups), interpret=jax.default_backend() != "tpu"
+    )
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
 

@@ -155,7 +155,7 @@ class Qwen2VLConfig:
         return self.vision.model_type
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> "Qwen2VLConfig":
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> Qwen2VLConfig:
         """Builds the config from a parsed HF config.json dict (either layout).
 
         Raises:
@@ -167,7 +167,8 @@ class Qwen2VLConfig:
             raise ValueError(
                 f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r} or "
                 f"{QWEN2_5_VL!r}; g2e only reads Qwen2-VL and Qwen2.5-VL checkpoints "
-                "(Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration).")
+                "(Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)."
+            )
         # Newer files nest text fields; older ones keep them at the top level.
         text = dict(hf)
         text.update(hf.get("text_config") or {})
@@ -176,8 +177,10 @@ class Qwen2VLConfig:
             raise ValueError(f"{source}: no 'vision_config'; is this a Qwen2-VL config.json?")
         text_cfg = _text_from_hf(text, source)
         vision_cfg = _vision_from_hf(vision, model_type, text_cfg.hidden_size, source)
-        tie = bool(hf.get("tie_word_embeddings", False) or
-                   (hf.get("text_config") or {}).get("tie_word_embeddings", False))
+        tie = bool(
+            hf.get("tie_word_embeddings", False)
+            or (hf.get("text_config") or {}).get("tie_word_embeddings", False)
+        )
         eos = text.get("eos_token_id")
         return cls(
             text=text_cfg,
@@ -192,7 +195,7 @@ class Qwen2VLConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | pathlib.Path) -> "Qwen2VLConfig":
+    def from_dir(cls, path: str | pathlib.Path) -> Qwen2VLConfig:
         """Reads `path`/config.json, and the pixel normalisation of preprocessor_config.json.
 
         Raises:
@@ -203,7 +206,8 @@ class Qwen2VLConfig:
         if not config_path.is_file():
             raise FileNotFoundError(
                 f"{config_path}: no config.json; point model_dir at a Hugging Face Qwen2-VL or "
-                "Qwen2.5-VL checkpoint directory (config.json + model*.safetensors).")
+                "Qwen2.5-VL checkpoint directory (config.json + model*.safetensors)."
+            )
         with open(config_path) as f:
             config = cls.from_hf(json.load(f), source=str(config_path))
         preprocessor = pathlib.Path(path) / "preprocessor_config.json"
@@ -215,7 +219,8 @@ class Qwen2VLConfig:
             config.vision,
             rescale_factor=float(pixels.get("rescale_factor", config.vision.rescale_factor)),
             image_mean=tuple(float(v) for v in pixels.get("image_mean", config.vision.image_mean)),
-            image_std=tuple(float(v) for v in pixels.get("image_std", config.vision.image_std)))
+            image_std=tuple(float(v) for v in pixels.get("image_std", config.vision.image_std)),
+        )
         return dataclasses.replace(config, vision=vision)
 
     def to_hf(self) -> dict[str, Any]:
@@ -224,45 +229,76 @@ class Qwen2VLConfig:
         Qwen2.5-VL configs are written for Qwen2_5_VLForConditionalGeneration.
         """
         t, v = self.text, self.vision
-        rope = {"rope_type": "default", "type": "mrope", "mrope_section": list(t.mrope_section),
-                "rope_theta": t.rope_theta}
+        rope = {
+            "rope_type": "default",
+            "type": "mrope",
+            "mrope_section": list(t.mrope_section),
+            "rope_theta": t.rope_theta,
+        }
         text = dict(
-            model_type=f"{self.model_type}_text", vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            model_type=f"{self.model_type}_text",
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-            rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
-            max_position_embeddings=t.max_position_embeddings, rope_parameters=rope,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id, use_sliding_window=False, attention_dropout=0.0)
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps,
+            hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            use_sliding_window=False,
+            attention_dropout=0.0,
+        )
         if v.is_qwen2_5:
             vision = dict(
-                model_type="qwen2_5_vl_vision", depth=v.depth, hidden_size=v.embed_dim,
-                out_hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                num_heads=v.num_heads, patch_size=v.patch_size,
+                model_type="qwen2_5_vl_vision",
+                depth=v.depth,
+                hidden_size=v.embed_dim,
+                out_hidden_size=v.hidden_size,
+                intermediate_size=v.intermediate_size,
+                num_heads=v.num_heads,
+                patch_size=v.patch_size,
                 temporal_patch_size=v.temporal_patch_size,
-                spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
-                hidden_act=v.hidden_act, window_size=v.window_size,
+                spatial_merge_size=v.spatial_merge_size,
+                in_channels=v.in_channels,
+                hidden_act=v.hidden_act,
+                window_size=v.window_size,
                 fullatt_block_indexes=list(v.fullatt_block_indexes),
                 tokens_per_second=v.tokens_per_second,
-                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+            )
             architecture = "Qwen2_5_VLForConditionalGeneration"
         else:
             vision = dict(
-                model_type="qwen2_vl_vision", depth=v.depth, embed_dim=v.embed_dim,
-                hidden_size=v.hidden_size, num_heads=v.num_heads,
+                model_type="qwen2_vl_vision",
+                depth=v.depth,
+                embed_dim=v.embed_dim,
+                hidden_size=v.hidden_size,
+                num_heads=v.num_heads,
                 mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels,
+                patch_size=v.patch_size,
+                temporal_patch_size=v.temporal_patch_size,
+                spatial_merge_size=v.spatial_merge_size,
+                in_channels=v.in_channels,
                 hidden_act=v.hidden_act,
-                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+            )
             architecture = "Qwen2VLForConditionalGeneration"
         return dict(
-            architectures=[architecture], model_type=self.model_type,
-            text_config=text, vision_config=vision, image_token_id=self.image_token_id,
-            video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
+            architectures=[architecture],
+            model_type=self.model_type,
+            text_config=text,
+            vision_config=vision,
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
-            tie_word_embeddings=self.tie_word_embeddings)
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
 
 
 def _need(d: dict[str, Any], key: str, where: str, source: str) -> Any:
@@ -274,6 +310,7 @@ def _need(d: dict[str, Any], key: str, where: str, source: str) -> Any:
 
 def _text_from_hf(text: dict[str, Any], source: str) -> TextConfig:
     """The decoder config of config.json's text fields (nested ones merged over top-level)."""
+
     def need(key: str) -> Any:
         return _need(text, key, "text_config.", source)
 
@@ -298,13 +335,16 @@ def _text_from_hf(text: dict[str, Any], source: str) -> TextConfig:
     if 2 * sum(mrope_section) != text_cfg.head_dim:
         raise ValueError(
             f"{source}: mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, but "
-            f"head_dim/2 is {text_cfg.head_dim // 2}")
+            f"head_dim/2 is {text_cfg.head_dim // 2}"
+        )
     return text_cfg
 
 
-def _vision_from_hf(vision: dict[str, Any], model_type: str, text_hidden_size: int,
-                    source: str) -> VisionConfig:
+def _vision_from_hf(
+    vision: dict[str, Any], model_type: str, text_hidden_size: int, source: str
+) -> VisionConfig:
     """The vision tower config of config.json's `vision_config` (keys differ per family)."""
+
     def need(key: str) -> Any:
         return _need(vision, key, "vision_config.", source)
 
@@ -327,7 +367,8 @@ def _vision_from_hf(vision: dict[str, Any], model_type: str, text_hidden_size: i
             hidden_act=vision.get("hidden_act", "quick_gelu"),
         )
     vision_cfg = VisionConfig(
-        **common, model_type=QWEN2_5_VL,
+        **common,
+        model_type=QWEN2_5_VL,
         embed_dim=need("hidden_size"),
         hidden_size=vision.get("out_hidden_size", text_hidden_size),
         intermediate_size=need("intermediate_size"),
@@ -340,5 +381,6 @@ def _vision_from_hf(vision: dict[str, Any], model_type: str, text_hidden_size: i
         raise ValueError(
             f"{source}: vision_config.window_size={vision_cfg.window_size} is smaller "
             f"than one merged unit ({vision_cfg.spatial_merge_size * vision_cfg.patch_size}"
-            " pixels); Qwen2.5-VL windows are whole merged units.")
+            " pixels); Qwen2.5-VL windows are whole merged units."
+        )
     return vision_cfg

@@ -23,7 +23,7 @@ import functools
 import json
 import math
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -34,13 +34,26 @@ from g2e.models.config import Qwen2VLConfig
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 # Floating dtypes: the ones a written checkpoint may cast (integer tensors keep theirs).
-FLOATS = {np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
-          np.dtype(ml_dtypes.bfloat16)}
+FLOATS = {
+    np.dtype(np.float64),
+    np.dtype(np.float32),
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +83,30 @@ class HFParam:
 def text_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
     """The text decoder's and LM head's parameter mapping (released HF names)."""
     layer = ("language_model", "layers")
-    out = [HFParam(("language_model", "embed_tokens"), "model.embed_tokens.weight"),
-           HFParam(("language_model", "norm", "scale"), "model.norm.weight")]
+    out = [
+        HFParam(("language_model", "embed_tokens"), "model.embed_tokens.weight"),
+        HFParam(("language_model", "norm", "scale"), "model.norm.weight"),
+    ]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out.append(HFParam(layer + ("self_attn", proj, "kernel"),
-                           f"model.layers.{{i}}.self_attn.{proj}.weight", "linear"))
+        out.append(
+            HFParam(
+                layer + ("self_attn", proj, "kernel"),
+                f"model.layers.{{i}}.self_attn.{proj}.weight",
+                "linear",
+            )
+        )
         if proj != "o_proj":
-            out.append(HFParam(layer + ("self_attn", proj, "bias"),
-                               f"model.layers.{{i}}.self_attn.{proj}.bias"))
+            out.append(
+                HFParam(
+                    layer + ("self_attn", proj, "bias"), f"model.layers.{{i}}.self_attn.{proj}.bias"
+                )
+            )
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        out.append(HFParam(layer + ("mlp", proj, "kernel"),
-                           f"model.layers.{{i}}.mlp.{proj}.weight", "linear"))
+        out.append(
+            HFParam(
+                layer + ("mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight", "linear"
+            )
+        )
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out.append(HFParam(layer + (norm, "scale"), f"model.layers.{{i}}.{norm}.weight"))
     if not config.tie_word_embeddings:
@@ -95,10 +121,17 @@ def vision_hf_params(config: Qwen2VLConfig) -> list[HFParam]:
         if kind in ("same", "linear"):
             out.append(HFParam(("visual",) + path, "visual." + hf_name, kind))
         else:
-            out.append(HFParam(
-                ("visual",) + path, "visual." + hf_name, kind,
-                from_hf=functools.partial(vision_lib._from_hf_layout, kind, config=config.vision),
-                to_hf=functools.partial(vision_lib._to_hf_layout, kind, config=config.vision)))
+            out.append(
+                HFParam(
+                    ("visual",) + path,
+                    "visual." + hf_name,
+                    kind,
+                    from_hf=functools.partial(
+                        vision_lib._from_hf_layout, kind, config=config.vision
+                    ),
+                    to_hf=functools.partial(vision_lib._to_hf_layout, kind, config=config.vision),
+                )
+            )
     return out
 
 
@@ -110,7 +143,7 @@ def hf_params(config: Qwen2VLConfig) -> list[HFParam]:
 def alternative_names(name: str) -> list[str]:
     """The released name first, then transformers' in-memory spelling of the same tensor."""
     if name.startswith("model."):
-        return [name, "model.language_model." + name[len("model."):]]
+        return [name, "model.language_model." + name[len("model.") :]]
     if name.startswith("visual."):
         return [name, "model." + name]
     return [name]
@@ -158,7 +191,8 @@ class Checkpoint:
             if missing:
                 raise FileNotFoundError(
                     f"{index_path} lists shard files that are missing from {directory}: {missing}; "
-                    "copy the complete checkpoint.")
+                    "copy the complete checkpoint."
+                )
             opened = {name: SafetensorsFile(directory / name) for name in files}
             self.files = {tensor: opened[name] for tensor, name in weight_map.items()}
         elif single_path.is_file():
@@ -167,7 +201,8 @@ class Checkpoint:
         else:
             raise FileNotFoundError(
                 f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found; a Qwen2-VL checkpoint "
-                "directory holds config.json and its safetensors weights.")
+                "directory holds config.json and its safetensors weights."
+            )
         self.directory = directory
 
     def resolve(self, name: str) -> str:
@@ -176,14 +211,16 @@ class Checkpoint:
                 return candidate
         raise KeyError(
             f"{self.directory}: tensor {name!r} is missing from the checkpoint (also looked for "
-            f"{alternative_names(name)[1:]}); the checkpoint does not match its config.json.")
+            f"{alternative_names(name)[1:]}); the checkpoint does not match its config.json."
+        )
 
     def array(self, name: str) -> np.ndarray:
         return self.files[name].array(name)
 
 
-def read_block(checkpoint: Checkpoint, param: HFParam, names: list[str], shape, index,
-                dtype) -> np.ndarray:
+def read_block(
+    checkpoint: Checkpoint, param: HFParam, names: list[str], shape, index, dtype
+) -> np.ndarray:
     """Our array's block `index` (a tuple of slices over `shape`), read from the files."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     layer_ids = range(shape[0])[index[0]] if param.stacked else [None]
@@ -201,8 +238,9 @@ def read_block(checkpoint: Checkpoint, param: HFParam, names: list[str], shape, 
     return np.stack(blocks) if param.stacked else blocks[0]
 
 
-def check_shape(checkpoint: Checkpoint, param: HFParam, name: str,
-                 own_shape: tuple[int, ...]) -> None:
+def check_shape(
+    checkpoint: Checkpoint, param: HFParam, name: str, own_shape: tuple[int, ...]
+) -> None:
     """Raises ValueError naming the tensor when its HF shape cannot be our `own_shape`."""
     file = checkpoint.files[name]
     found = tuple(file.entries[name]["shape"])
@@ -211,13 +249,16 @@ def check_shape(checkpoint: Checkpoint, param: HFParam, name: str,
     elif param.kind == "same":
         ok, expected = found == own_shape, list(own_shape)
     else:
-        ok = (math.prod(found) == math.prod(own_shape) and
-              param.from_hf(np.zeros(found, np.float32)).shape == own_shape)
+        ok = (
+            math.prod(found) == math.prod(own_shape)
+            and param.from_hf(np.zeros(found, np.float32)).shape == own_shape
+        )
         expected = f"a {param.kind!r} layout of {list(own_shape)}"
     if not ok:
         raise ValueError(
             f"{file.path}: tensor {name!r} has shape {list(found)}, expected {expected} from "
-            "config.json; the weights and the config do not match.")
+            "config.json; the weights and the config do not match."
+        )
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -246,8 +287,11 @@ def write_safetensors(path: pathlib.Path, tensors: list[OutTensor]) -> None:
     """Writes the header (known from shapes and dtypes), then each tensor as it is read."""
     header, offset = {}, 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                               "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -258,13 +302,16 @@ def write_safetensors(path: pathlib.Path, tensors: list[OutTensor]) -> None:
         for tensor in tensors:
             array = tensor.read()
             if array.shape != tensor.shape or array.dtype != tensor.dtype:
-                raise RuntimeError(f"hf_io: {tensor.name} came out {array.dtype}{list(array.shape)}"
-                                   f", expected {tensor.dtype}{list(tensor.shape)}")
+                raise RuntimeError(
+                    f"hf_io: {tensor.name} came out {array.dtype}{list(array.shape)}"
+                    f", expected {tensor.dtype}{list(tensor.shape)}"
+                )
             f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def write_shards(out_dir: pathlib.Path | None, tensors: list[OutTensor],
-                 max_shard_bytes: int) -> list[pathlib.Path]:
+def write_shards(
+    out_dir: pathlib.Path | None, tensors: list[OutTensor], max_shard_bytes: int
+) -> list[pathlib.Path]:
     """Writes `tensors`, in order, as model-0000i-of-0000n.safetensors plus INDEX_FILE.
 
     A new shard starts when the next tensor would pass `max_shard_bytes`. With out_dir None,

@@ -25,7 +25,8 @@ import os
 import pathlib
 import shutil
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,42 +37,73 @@ from jax.experimental import multihost_utils
 
 from g2e.models import lora
 from g2e.models.config import Qwen2VLConfig
-from g2e.models.hf_files import (DTYPE_NAMES, DTYPES, FLOATS, Checkpoint, HFParam, OutTensor,
-                                 check_shape, hf_params, read_block, write_shards)
+from g2e.models.hf_files import (
+    DTYPE_NAMES,
+    DTYPES,
+    FLOATS,
+    Checkpoint,
+    HFParam,
+    OutTensor,
+    check_shape,
+    hf_params,
+    read_block,
+    write_shards,
+)
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.models.sharding import Rules, DEFAULT_RULES, state_shardings
+from g2e.models.sharding import DEFAULT_RULES, Rules, state_shardings
 from g2e.models.text import Projection
 
 # The files of a checkpoint directory besides config.json and the weights; they travel
 # unchanged with a checkpoint g2e writes from it.
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.json",
-               "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
 
-def _load_param(checkpoint: Checkpoint, param: HFParam, abstract: jax.ShapeDtypeStruct,
-                sharding: jax.sharding.Sharding) -> jax.Array:
+
+def _load_param(
+    checkpoint: Checkpoint,
+    param: HFParam,
+    abstract: jax.ShapeDtypeStruct,
+    sharding: jax.sharding.Sharding,
+) -> jax.Array:
     shape = tuple(abstract.shape)
     own_shape = shape[1:] if param.stacked else shape
     names = []
-    for layer in (range(shape[0]) if param.stacked else [None]):
-        name = checkpoint.resolve(param.hf_name.format(i=layer) if param.stacked
-                                  else param.hf_name)
+    for layer in range(shape[0]) if param.stacked else [None]:
+        name = checkpoint.resolve(param.hf_name.format(i=layer) if param.stacked else param.hf_name)
         check_shape(checkpoint, param, name, own_shape)
         names.append(name)
     dtype = np.dtype(abstract.dtype)
     return jax.make_array_from_callback(
-        shape, sharding,
-        lambda index: read_block(checkpoint, param, names, shape, index, dtype))
+        shape, sharding, lambda index: read_block(checkpoint, param, names, shape, index, dtype)
+    )
 
 
 def _by_path(state: nnx.State) -> dict[tuple, Any]:
     return {tuple(str(k) for k in path): value for path, value in nnx.to_flat_state(state)}
 
 
-def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "xla",
-               adapter: lora.AdapterConfig | None = None, mesh: jax.sharding.Mesh | None = None,
-               rules: Rules | None = None, seed: int = 0) -> Qwen2VL:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+    attention: str = "xla",
+    adapter: lora.AdapterConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+    seed: int = 0,
+) -> Qwen2VL:
     """Reads a HF Qwen2-VL or Qwen2.5-VL directory into a Qwen2VL, parameters already sharded.
 
     Args:
@@ -98,12 +130,20 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     rules = DEFAULT_RULES if rules is None else rules
 
     def make() -> Qwen2VL:
-        return Qwen2VL(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                       attention=attention, adapter=adapter, rngs=nnx.Rngs(seed))
+        return Qwen2VL(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            attention=attention,
+            adapter=adapter,
+            rngs=nnx.Rngs(seed),
+        )
 
     # LoRAParam subclasses Param, so adapters are split off first.
     graphdef, abstract_adapter, abstract_params = nnx.split(
-        nnx.eval_shape(make), nnx.LoRAParam, nnx.Param)
+        nnx.eval_shape(make), nnx.LoRAParam, nnx.Param
+    )
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         is_variable = lambda x: isinstance(x, nnx.Variable)
@@ -119,11 +159,16 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     unmapped = sorted(set(abstract_by_path) - set(mapping))
     if unmapped:
         raise RuntimeError(f"hf_io: no HF name for parameters {unmapped}; update hf_params().")
-    loaded = {path: _load_param(checkpoint, mapping[path], abstract_by_path[path],
-                                sharding_by_path[path]) for path in abstract_by_path}
+    loaded = {
+        path: _load_param(checkpoint, mapping[path], abstract_by_path[path], sharding_by_path[path])
+        for path in abstract_by_path
+    }
     params = nnx.State.from_flat_path(
-        {path: variable.replace(loaded[tuple(str(k) for k in path)])
-             for path, variable in nnx.to_flat_state(abstract_params)})
+        {
+            path: variable.replace(loaded[tuple(str(k) for k in path)])
+            for path, variable in nnx.to_flat_state(abstract_params)
+        }
+    )
 
     model = nnx.merge(graphdef, params, abstract_adapter)
     if adapter is not None:
@@ -131,8 +176,12 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     return model
 
 
-def _init_adapters(model: Qwen2VL, adapter: lora.AdapterConfig, seed: int,
-                   shardings: dict[tuple, jax.sharding.Sharding]) -> None:
+def _init_adapters(
+    model: Qwen2VL,
+    adapter: lora.AdapterConfig,
+    seed: int,
+    shardings: dict[tuple, jax.sharding.Sharding],
+) -> None:
     """Initialises each adapted projection from its loaded kernel (DoRA magnitudes need it).
 
     One small jitted init per projection, placed directly with the adapter's shardings.
@@ -209,9 +258,10 @@ def _merge_sharding(shape: tuple[int, int], kernel: jax.Array) -> jax.sharding.S
     return jax.sharding.NamedSharding(mesh, spec)
 
 
-@functools.lru_cache(maxsize=None)
-def _merge_program(config: lora.AdapterConfig, dtype: np.dtype,
-                   sharding: jax.sharding.Sharding | None) -> Callable:
+@functools.cache
+def _merge_program(
+    config: lora.AdapterConfig, dtype: np.dtype, sharding: jax.sharding.Sharding | None
+) -> Callable:
     """kernel [in, out] (any dtype), adapter of one layer -> merged kernel in `dtype`, the merge
     itself in float32 (lora.merge)."""
 
@@ -224,8 +274,12 @@ def _merge_program(config: lora.AdapterConfig, dtype: np.dtype,
     return jax.jit(merge, out_shardings=sharding)
 
 
-def _merged_layer(module: Projection, layer: int | None, dtype: np.dtype,
-                  kernel: Callable[[jax.sharding.Sharding | None], jax.Array]) -> np.ndarray:
+def _merged_layer(
+    module: Projection,
+    layer: int | None,
+    dtype: np.dtype,
+    kernel: Callable[[jax.sharding.Sharding | None], jax.Array],
+) -> np.ndarray:
     """One layer of an adapted projection, merged, in HF layout [out, in] (collective).
 
     `kernel(sharding)` gives the base kernel of that layer [in, out], placed with `sharding`
@@ -238,21 +292,25 @@ def _merged_layer(module: Projection, layer: int | None, dtype: np.dtype,
     shape = tuple(stacked.shape[-2:])
     sharding = _merge_sharding(shape, stacked)
     merged = _merge_program(module.adapter_config, np.dtype(dtype), sharding)(
-        kernel(sharding), adapter)
+        kernel(sharding), adapter
+    )
     return np.ascontiguousarray(to_host(merged).T)
 
 
 def _adapted_projections(model: Qwen2VL) -> dict[tuple, Projection]:
     """{kernel path in nnx.state(model): projection} of the projections carrying an adapter."""
-    return {tuple(str(k) for k in path) + ("kernel",): module
-            for path, module in nnx.iter_graph(model)
-            if isinstance(module, Projection) and module.adapter_config is not None}
+    return {
+        tuple(str(k) for k in path) + ("kernel",): module
+        for path, module in nnx.iter_graph(model)
+        if isinstance(module, Projection) and module.adapter_config is not None
+    }
 
 
 def _model_tensors(model: Qwen2VL, dtype: Any) -> list[OutTensor]:
     """Every parameter of the model under its released HF name, adapters merged in float32."""
-    params = {path: variable.value for path, variable in
-              _by_path(nnx.state(model, nnx.Param)).items()}
+    params = {
+        path: variable.value for path, variable in _by_path(nnx.state(model, nnx.Param)).items()
+    }
     adapted = _adapted_projections(model)
     stacks: dict[tuple, np.ndarray] = {}  # the parameter being written, gathered once
 
@@ -285,8 +343,15 @@ def _model_tensors(model: Qwen2VL, dtype: Any) -> list[OutTensor]:
             shape = param.to_hf(np.zeros(own_shape, np.float32)).shape
         for layer in range(value.shape[0]) if param.stacked else [None]:
             name = param.hf_name.format(i=layer) if param.stacked else param.hf_name
-            out.append(OutTensor(name, tuple(shape), stored,
-                                  functools.partial(read, param, layer), collective=True))
+            out.append(
+                OutTensor(
+                    name,
+                    tuple(shape),
+                    stored,
+                    functools.partial(read, param, layer),
+                    collective=True,
+                )
+            )
     return out
 
 
@@ -302,8 +367,9 @@ def _source_tensors(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> lis
             continue
         stacked = adapted[param.path].kernel.value
         for layer in range(stacked.shape[0]) if param.stacked else [None]:
-            name = checkpoint.resolve(param.hf_name.format(i=layer) if param.stacked
-                                      else param.hf_name)
+            name = checkpoint.resolve(
+                param.hf_name.format(i=layer) if param.stacked else param.hf_name
+            )
             check_shape(checkpoint, param, name, tuple(stacked.shape[-2:]))
             merges[name] = (adapted[param.path], param, layer)
 
@@ -317,8 +383,11 @@ def _source_tensors(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> lis
 
         def kernel(sharding):  # each device reads its own block of the source, in float32
             sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            return jax.make_array_from_callback(shape, sharding, lambda index: read_block(
-                checkpoint, layer_param, [name], shape, index, np.float32))
+            return jax.make_array_from_callback(
+                shape,
+                sharding,
+                lambda index: read_block(checkpoint, layer_param, [name], shape, index, np.float32),
+            )
 
         return _merged_layer(module, layer, stored, kernel)
 
@@ -326,10 +395,12 @@ def _source_tensors(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> lis
     for name in sorted(checkpoint.files):
         entry = checkpoint.files[name].entries[name]
         stored = _out_dtype(np.dtype(DTYPES[entry["dtype"]]), dtype)
-        read = (functools.partial(merge, name, stored) if name in merges
-                else functools.partial(copy, name))
-        out.append(OutTensor(name, tuple(entry["shape"]), stored, read,
-                              collective=name in merges))
+        read = (
+            functools.partial(merge, name, stored)
+            if name in merges
+            else functools.partial(copy, name)
+        )
+        out.append(OutTensor(name, tuple(entry["shape"]), stored, read, collective=name in merges))
     return out
 
 
@@ -350,9 +421,14 @@ def _source_config(model: Qwen2VL, source_dir: pathlib.Path, dtype: Any) -> dict
     return config
 
 
-def save_hf(model: Qwen2VL, out_dir: str | os.PathLike | None, *,
-            max_shard_bytes: int = 2 << 30, dtype: Any = None,
-            source_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
+def save_hf(
+    model: Qwen2VL,
+    out_dir: str | os.PathLike | None,
+    *,
+    max_shard_bytes: int = 2 << 30,
+    dtype: Any = None,
+    source_dir: str | os.PathLike | None = None,
+) -> list[pathlib.Path]:
     """Writes config.json, model-0000i-of-0000n.safetensors and model.safetensors.index.json.
 
     Collective: with several processes, every process calls it with the same arguments, and
@@ -390,7 +466,8 @@ def save_hf(model: Qwen2VL, out_dir: str | os.PathLike | None, *,
     else:
         config = model.config.to_hf()
         config["torch_dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-            DTYPE_NAMES[tensors[0].dtype], "float32")
+            DTYPE_NAMES[tensors[0].dtype], "float32"
+        )
     with open(out_dir / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     return files
@@ -399,8 +476,10 @@ def save_hf(model: Qwen2VL, out_dir: str | os.PathLike | None, *,
 def to_hf_state_dict(model: Qwen2VL, dtype: Any = None) -> dict[str, np.ndarray]:
     """Our parameters under HF names, shapes and layouts (released naming), as numpy arrays,
     adapters merged: what `save_hf` writes without a source (collective, like it)."""
-    return {tensor.name: tensor.read() for tensor in
-            _model_tensors(model, None if dtype is None else np.dtype(dtype))}
+    return {
+        tensor.name: tensor.read()
+        for tensor in _model_tensors(model, None if dtype is None else np.dtype(dtype))
+    }
 
 
 def copy_assets(source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

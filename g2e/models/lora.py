@@ -78,8 +78,10 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"AdapterConfig.kind={self.kind!r}: use 'lora' or 'dora' "
-                             "(train.adapter.kind='none' means full fine-tuning, no adapter).")
+            raise ValueError(
+                f"AdapterConfig.kind={self.kind!r}: use 'lora' or 'dora' "
+                "(train.adapter.kind='none' means full fine-tuning, no adapter)."
+            )
         if self.r < 1:
             raise ValueError(f"AdapterConfig.r={self.r}: the rank must be >= 1.")
         if not 0.0 <= self.dropout < 1.0:
@@ -88,8 +90,10 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.init={self.init!r}: use 'gaussian' or 'kaiming'.")
         unknown = [t for t in self.targets if t not in KNOWN_TARGETS]
         if unknown:
-            raise ValueError(f"AdapterConfig.targets has unknown projections {unknown}; "
-                                              f"choose from {KNOWN_TARGETS}.")
+            raise ValueError(
+                f"AdapterConfig.targets has unknown projections {unknown}; "
+                f"choose from {KNOWN_TARGETS}."
+            )
         object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
@@ -103,13 +107,24 @@ class AdapterConfig:
         kind = cfg["kind"]
         if kind == "none":
             return None
-        return cls(kind=kind, r=int(cfg["r"]), alpha=float(cfg["alpha"]),
-                              dropout=float(cfg["dropout"]), targets=tuple(cfg["targets"]),
-                              init=cfg.get("init", "gaussian"))
+        return cls(
+            kind=kind,
+            r=int(cfg["r"]),
+            alpha=float(cfg["alpha"]),
+            dropout=float(cfg["dropout"]),
+            targets=tuple(cfg["targets"]),
+            init=cfg.get("init", "gaussian"),
+        )
 
 
-def init_adapter(rng: Array, in_features: int, out_features: int, kernel: Array | None,
-                 config: AdapterConfig, dtype: Any = ADAPTER_DTYPE) -> dict[str, Array]:
+def init_adapter(
+    rng: Array,
+    in_features: int,
+    out_features: int,
+    kernel: Array | None,
+    config: AdapterConfig,
+    dtype: Any = ADAPTER_DTYPE,
+) -> dict[str, Array]:
     """Initial adapter state for one projection, as PEFT initialises it.
 
     Args:
@@ -130,14 +145,14 @@ def init_adapter(rng: Array, in_features: int, out_features: int, kernel: Array 
         # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
         bound = 1.0 / math.sqrt(in_features)
         lora_a = jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
-    state = {"lora_a": lora_a.astype(dtype),
-                      "lora_b": jnp.zeros((config.r, out_features), dtype)}
+    state = {"lora_a": lora_a.astype(dtype), "lora_b": jnp.zeros((config.r, out_features), dtype)}
     if config.kind == "dora":
         if kernel is None:
             raise ValueError("init_adapter: DoRA needs the base kernel to set the magnitude.")
         if kernel.shape != (in_features, out_features):
-            raise ValueError(f"init_adapter: kernel shape {kernel.shape} != "
-                                              f"({in_features}, {out_features}).")
+            raise ValueError(
+                f"init_adapter: kernel shape {kernel.shape} != ({in_features}, {out_features})."
+            )
         # B = 0, so ||W + s A B||_c = ||W||_c.
         state["magnitude"] = _column_norm(kernel.astype(jnp.float32)).astype(dtype)
     return state
@@ -156,8 +171,10 @@ def dora_norm(kernel: Array, adapter: Mapping[str, Array], config: AdapterConfig
     layer at a time (lax.map) to bound the float32 temporaries.
     """
     if kernel.ndim > 2:
-        return jax.lax.map(lambda args: dora_norm(args[0], args[1], config),
-                           (kernel, {k: adapter[k] for k in ("lora_a", "lora_b")}))
+        return jax.lax.map(
+            lambda args: dora_norm(args[0], args[1], config),
+            (kernel, {k: adapter[k] for k in ("lora_a", "lora_b")}),
+        )
     highest = jax.lax.Precision.HIGHEST
     w = kernel.astype(jnp.float32)
     lora_a = adapter["lora_a"].astype(jnp.float32)
@@ -212,15 +229,26 @@ def dropout(x: Array, rate: float, deterministic: bool, rng: Array | None) -> Ar
     if deterministic or rate == 0.0:
         return x
     if rng is None:
-        raise ValueError("lora.apply: dropout is active (deterministic=False) but rng is None; "
-                         "pass a PRNG key or deterministic=True.")
+        raise ValueError(
+            "lora.apply: dropout is active (deterministic=False) but rng is None; "
+            "pass a PRNG key or deterministic=True."
+        )
     keep = keep_mask(rng, rate, x.shape)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
 
 
-def apply(x: Array, kernel: Array, bias: Array | None, adapter: Mapping[str, Array],
-          config: AdapterConfig, *, deterministic: bool, rng: Array | None = None,
-          dropped: Array | None = None, norm: Array | None = None) -> Array:
+def apply(
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    adapter: Mapping[str, Array],
+    config: AdapterConfig,
+    *,
+    deterministic: bool,
+    rng: Array | None = None,
+    dropped: Array | None = None,
+    norm: Array | None = None,
+) -> Array:
     """The adapted projection, y = x @ W (+ b) with the adapter's update.
 
     Args:
@@ -256,8 +284,9 @@ def apply(x: Array, kernel: Array, bias: Array | None, adapter: Mapping[str, Arr
         # PEFT: result + (m/n - 1) * base(drop(x)) + (m/n) * s * lora(drop(x)); without dropout
         # drop(x) = x and this is (m/n) * (x W + s x A B). Formed in float32, rounded once.
         base_dropped = base if dropped is x else dropped @ kernel
-        correction = ((ratio - 1.0) * base_dropped.astype(jnp.float32)
-                      + ratio * (s * update.astype(jnp.float32)))
+        correction = (ratio - 1.0) * base_dropped.astype(jnp.float32) + ratio * (
+            s * update.astype(jnp.float32)
+        )
         y = (base.astype(jnp.float32) + correction).astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype)

@@ -29,13 +29,22 @@ from g2e.models.qwen2_vl import Qwen2VL
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-_BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-             "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_BLOCK_OF = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 # transformers 5 writes Qwen2-VL's decoder as model.language_model.layers; releases trained on
 # transformers 4 (the paper's) wrote model.layers. Both read; we write the former.
-_PEFT_NAME = re.compile(r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
-                        r"(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)"
-                        r"(?:\.default)?(?:\.weight)?$")
+_PEFT_NAME = re.compile(
+    r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(\d+)\."
+    r"(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)"
+    r"(?:\.default)?(?:\.weight)?$"
+)
 _VISION_MLP = {"gate_proj", "up_proj", "down_proj"}
 _VISION_MODULES = r".*\bvisual\..*"  # exclude_modules: PEFT full-matches it to module names
 _OUR_KEY = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "magnitude"}
@@ -56,8 +65,13 @@ def has_adapters(model: Qwen2VL) -> bool:
     return bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
-def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig,
-                      out_dir: str | os.PathLike | None, *, base_model: str = "") -> None:
+def save_peft_adapter(
+    model: Qwen2VL,
+    adapter: lora.AdapterConfig,
+    out_dir: str | os.PathLike | None,
+    *,
+    base_model: str = "",
+) -> None:
     """Writes the model's adapters into `out_dir` as a PEFT LoRA/DoRA adapter.
 
     Writes adapter_config.json and adapter_model.safetensors (callers that need the folder to
@@ -84,11 +98,20 @@ def save_peft_adapter(model: Qwen2VL, adapter: lora.AdapterConfig,
             if "magnitude" in state:
                 tensors[f"{name}.lora_magnitude_vector"] = state["magnitude"][layer]
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model or None,
-        "r": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
-        "target_modules": sorted(arrays), "use_dora": adapter.kind == "dora",
-        "init_lora_weights": adapter.init, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "modules_to_save": None, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model or None,
+        "r": adapter.r,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": sorted(arrays),
+        "use_dora": adapter.kind == "dora",
+        "init_lora_weights": adapter.init,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
         "auto_mapping": base_model_class(model),
     }
     # PEFT matches target_modules by name suffix, and Qwen2.5-VL's vision blocks have MLP
@@ -107,8 +130,10 @@ def base_model_class(model: Qwen2VL) -> dict[str, str]:
     """PEFT's auto_mapping of the base model: its transformers class, by its model type
     (Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration)."""
     model_type = model.config.model_type
-    return {"base_model_class": model.config.to_hf()["architectures"][0],
-            "parent_library": f"transformers.models.{model_type}.modeling_{model_type}"}
+    return {
+        "base_model_class": model.config.to_hf()["architectures"][0],
+        "parent_library": f"transformers.models.{model_type}.modeling_{model_type}",
+    }
 
 
 def read_peft_config(adapter_dir: str | os.PathLike) -> lora.AdapterConfig:
@@ -121,14 +146,18 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> lora.AdapterConfig:
     directory = pathlib.Path(adapter_dir)
     for name in (PEFT_CONFIG, PEFT_WEIGHTS):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing; --config.adapter_dir must be "
-                                    "a PEFT adapter directory (adapter_config.json + "
-                                    "adapter_model.safetensors)")
+            raise FileNotFoundError(
+                f"{directory / name} is missing; --config.adapter_dir must be "
+                "a PEFT adapter directory (adapter_config.json + "
+                "adapter_model.safetensors)"
+            )
     config = json.loads((directory / PEFT_CONFIG).read_text())
     where = directory / PEFT_CONFIG
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA "
-                         "(with or without DoRA) adapters are supported")
+        raise ValueError(
+            f"{where}: peft_type is {config.get('peft_type')!r}; only LORA "
+            "(with or without DoRA) adapters are supported"
+        )
     if config.get("use_rslora"):
         raise ValueError(f"{where}: use_rslora=true is not supported (scaling alpha/sqrt(r))")
     targets = config.get("target_modules")
@@ -136,15 +165,20 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> lora.AdapterConfig:
         targets = [targets]
     unknown = [t for t in targets or () if t not in lora.KNOWN_TARGETS]
     if not targets or unknown:
-        raise ValueError(f"{where}: target_modules {targets} must be projections of the language "
-                         f"model, from {lora.KNOWN_TARGETS}")
+        raise ValueError(
+            f"{where}: target_modules {targets} must be projections of the language "
+            f"model, from {lora.KNOWN_TARGETS}"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise ValueError(f"{where}: {key} is not supported; use one rank and alpha")
     return lora.AdapterConfig(
-        kind="dora" if config.get("use_dora") else "lora", r=int(config["r"]),
-        alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        targets=tuple(sorted(targets)))
+        kind="dora" if config.get("use_dora") else "lora",
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=tuple(sorted(targets)),
+    )
 
 
 def load_peft_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike) -> None:
@@ -162,8 +196,10 @@ def load_peft_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike) -> None:
     for name, array in tensors.items():
         match = _PEFT_NAME.match(name)
         if match is None:
-            raise ValueError(f"{path}: tensor {name!r} is not a LoRA/DoRA weight of a language-"
-                             "model projection; g2e cannot apply it")
+            raise ValueError(
+                f"{path}: tensor {name!r} is not a LoRA/DoRA weight of a language-"
+                "model projection; g2e cannot apply it"
+            )
         layer, _, projection, kind = match.groups()
         value = array.T if kind in ("lora_A", "lora_B") else array.reshape(-1)
         found.setdefault((projection, _OUR_KEY[kind]), {})[int(layer)] = value
@@ -172,13 +208,18 @@ def load_peft_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike) -> None:
         layers = found.pop((projection, key), None)
         expected = variable.value.shape
         if layers is None or sorted(layers) != list(range(expected[0])):
-            raise KeyError(f"{path}: missing {projection}.{key} for some of the {expected[0]} "
-                           "layers; the adapter does not match this model")
+            raise KeyError(
+                f"{path}: missing {projection}.{key} for some of the {expected[0]} "
+                "layers; the adapter does not match this model"
+            )
         stacked = np.stack([layers[i] for i in range(expected[0])])
         if stacked.shape != expected:
-            raise ValueError(f"{path}: {projection}.{key} has shape {stacked.shape[1:]} per layer,"
-                             f" the model needs {expected[1:]}")
-        variable.value = jax.device_put(stacked.astype(variable.value.dtype),
-                                        variable.value.sharding)
+            raise ValueError(
+                f"{path}: {projection}.{key} has shape {stacked.shape[1:]} per layer,"
+                f" the model needs {expected[1:]}"
+            )
+        variable.value = jax.device_put(
+            stacked.astype(variable.value.dtype), variable.value.sharding
+        )
     if found:
         raise ValueError(f"{path}: tensors for {sorted(found)} have no place in the model")

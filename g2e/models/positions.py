@@ -43,8 +43,12 @@ def _runs(flags: np.ndarray) -> list[tuple[bool, int, int]]:
 def _image_position_ids(start: int, grid_thw: GridTHW, spatial_merge_size: int) -> np.ndarray:
     """[3, t*h*w/m^2] (temporal, row, col) ids of one image's merged tokens, offset by start."""
     t, h, w = grid_thw
-    ids = np.meshgrid(np.arange(t), np.arange(h // spatial_merge_size),
-                      np.arange(w // spatial_merge_size), indexing="ij")
+    ids = np.meshgrid(
+        np.arange(t),
+        np.arange(h // spatial_merge_size),
+        np.arange(w // spatial_merge_size),
+        indexing="ij",
+    )
     return np.stack([axis.reshape(-1) for axis in ids]) + start
 
 
@@ -76,11 +80,15 @@ def rope_index(
     input_ids = np.asarray(input_ids)
     attention_mask = np.asarray(attention_mask)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(f"rope_index: input_ids {input_ids.shape} and attention_mask "
-                         f"{attention_mask.shape} must both be [B, L].")
+        raise ValueError(
+            f"rope_index: input_ids {input_ids.shape} and attention_mask "
+            f"{attention_mask.shape} must both be [B, L]."
+        )
     if len(image_grid_thw) != input_ids.shape[0]:
-        raise ValueError(f"rope_index: image_grid_thw has {len(image_grid_thw)} examples, "
-                         f"input_ids has {input_ids.shape[0]}; pass one list of grids per example.")
+        raise ValueError(
+            f"rope_index: image_grid_thw has {len(image_grid_thw)} examples, "
+            f"input_ids has {input_ids.shape[0]}; pass one list of grids per example."
+        )
     batch, length = input_ids.shape
     position_ids = np.zeros((3, batch, length), np.int32)
     for b in range(batch):
@@ -92,7 +100,8 @@ def rope_index(
             raise ValueError(
                 f"rope_index: example {b} has {len(image_runs)} runs of image tokens but "
                 f"{len(grids)} image grids; images must be separated by text and each image "
-                "given one (t, h, w) grid.")
+                "given one (t, h, w) grid."
+            )
         pieces, current, next_grid = [], 0, 0
         for flag, start, end in _runs(is_image):
             if not flag:
@@ -107,7 +116,8 @@ def rope_index(
                 raise ValueError(
                     f"rope_index: example {b}, image {next_grid - 1} with grid {grid} needs "
                     f"{expected} image tokens but the sequence has {end - start}; expand each "
-                    "<|image_pad|> to t*h*w/4 tokens.")
+                    "<|image_pad|> to t*h*w/4 tokens."
+                )
             pieces.append(_image_position_ids(current, grid, spatial_merge_size))
             current += max(h, w) // spatial_merge_size
         if pieces:
@@ -142,17 +152,22 @@ def vision_positions(grid_thw: GridTHW, spatial_merge_size: int = 2) -> np.ndarr
     return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int32)
 
 
-def _check_grids(caller: str, grid_thws: Sequence[GridTHW], num_patches: int,
-                 spatial_merge_size: int) -> None:
+def _check_grids(
+    caller: str, grid_thws: Sequence[GridTHW], num_patches: int, spatial_merge_size: int
+) -> None:
     """Raises ValueError if a grid does not divide into merge windows or the patches exceed P."""
     for grid in grid_thws:
         if int(grid[1]) % spatial_merge_size or int(grid[2]) % spatial_merge_size:
-            raise ValueError(f"{caller}: grid {grid} is not divisible by the merge size "
-                             f"{spatial_merge_size}; resize images to multiples of 28 pixels.")
+            raise ValueError(
+                f"{caller}: grid {grid} is not divisible by the merge size "
+                f"{spatial_merge_size}; resize images to multiples of 28 pixels."
+            )
     total = sum(int(g[0]) * int(g[1]) * int(g[2]) for g in grid_thws)
     if total > num_patches:
-        raise ValueError(f"{caller}: images {list(grid_thws)} have {total} patches, more "
-                         f"than num_patches={num_patches}; use a larger patch bucket.")
+        raise ValueError(
+            f"{caller}: images {list(grid_thws)} have {total} patches, more "
+            f"than num_patches={num_patches}; use a larger patch bucket."
+        )
 
 
 def vision_layout(
@@ -181,9 +196,9 @@ def vision_layout(
     for grid in grid_thws:
         t, h, w = (int(x) for x in grid)
         count = t * h * w
-        positions[offset:offset + count] = vision_positions((t, h, w), spatial_merge_size)
+        positions[offset : offset + count] = vision_positions((t, h, w), spatial_merge_size)
         frame_segments = segment + 1 + np.repeat(np.arange(t), h * w)
-        segment_ids[offset:offset + count] = frame_segments
+        segment_ids[offset : offset + count] = frame_segments
         offset += count
         segment += t
     return positions, segment_ids
@@ -234,7 +249,7 @@ def vision_window_ids(
         windows_per_frame = -(-h // side) * windows_across
         frame = np.repeat(np.arange(t), h * w)
         local = (rows // side) * windows_across + cols // side
-        window_ids[offset:offset + t * h * w] = first_id + frame * windows_per_frame + local
+        window_ids[offset : offset + t * h * w] = first_id + frame * windows_per_frame + local
         offset += t * h * w
         first_id += t * windows_per_frame
     return window_ids

@@ -14,7 +14,8 @@ image_token_index included, is laid out exactly as for Qwen2-VL.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,17 @@ class Qwen2VL(nnx.Module):
     The output is the final-norm hidden state; `config.model_type` picks the vision tower.
     """
 
-    def __init__(self, config: Qwen2VLConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: str = "none", attention: str = "xla",
-                 adapter: lora.AdapterConfig | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Qwen2VLConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention: str = "xla",
+        adapter: lora.AdapterConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         """Builds the model with random weights (load real ones with hf_io.load_model).
 
         Args:
@@ -54,19 +63,40 @@ class Qwen2VL(nnx.Module):
         self.adapter = adapter
         # Parameters carry logical (not mesh) axis names; sharding.create_sharded places them.
         with nnx.use_eager_sharding(False):
-            self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype,
-                                      remat=remat, attention=attention, rngs=rngs)
-            self.language_model = TextDecoder(config.text, dtype=dtype, param_dtype=param_dtype,
-                                              remat=remat, attention=attention, adapter=adapter,
-                                              rngs=rngs)
+            self.visual = VisionTower(
+                config.vision,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                remat=remat,
+                attention=attention,
+                rngs=rngs,
+            )
+            self.language_model = TextDecoder(
+                config.text,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                remat=remat,
+                attention=attention,
+                adapter=adapter,
+                rngs=rngs,
+            )
             # Tied checkpoints reuse the token embedding as the head (see head_kernel).
-            self.lm_head = nnx.data(None if config.tie_word_embeddings else nnx.Param(
-                _normal(rngs.params(), (config.text.hidden_size, config.text.vocab_size),
-                        param_dtype),
-                out_sharding=("embed", "vocab")))
+            self.lm_head = nnx.data(
+                None
+                if config.tie_word_embeddings
+                else nnx.Param(
+                    _normal(
+                        rngs.params(),
+                        (config.text.hidden_size, config.text.vocab_size),
+                        param_dtype,
+                    ),
+                    out_sharding=("embed", "vocab"),
+                )
+            )
 
-    def vision_tokens(self, batch: Mapping[str, jax.Array], *, groups: int = 1,
-                      chunk: int = 0) -> jax.Array | None:
+    def vision_tokens(
+        self, batch: Mapping[str, jax.Array], *, groups: int = 1, chunk: int = 0
+    ) -> jax.Array | None:
         """The frozen tower's merged vision tokens [B, M, D]; None when the batch has no patches.
 
         A train step computes them once per side, outside the gradient (the tower is frozen
@@ -89,13 +119,18 @@ class Qwen2VL(nnx.Module):
         fields = {k: batch[k] for k in VISION_FIELDS if batch.get(k) is not None}
 
         def tower(f):
-            return self.visual(f["pixel_values"], f["vision_segment_ids"], f["vision_positions"],
-                               f.get("vision_window_ids"))
+            return self.visual(
+                f["pixel_values"],
+                f["vision_segment_ids"],
+                f["vision_positions"],
+                f.get("vision_window_ids"),
+            )
 
         return tower(fields) if not chunk else _images_first(tower, fields, groups, chunk)
 
-    def input_embeddings(self, batch: Mapping[str, jax.Array],
-                         vision_tokens: jax.Array | None = None) -> jax.Array:
+    def input_embeddings(
+        self, batch: Mapping[str, jax.Array], vision_tokens: jax.Array | None = None
+    ) -> jax.Array:
         """Token embeddings [B, L, D], each <|image_pad|> replaced by its merged vision token.
 
         `vision_tokens` [B, M, D]: `self.vision_tokens(batch)` computed beforehand (else here).
@@ -111,29 +146,50 @@ class Qwen2VL(nnx.Module):
         is_image = (input_ids == self.config.image_token_id)[..., None]
         return jnp.where(is_image, gathered, embeds)
 
-    def __call__(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
-                 rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        batch: Mapping[str, jax.Array],
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype.
 
         `deterministic=False` with an `rng` turns adapter dropout on (training).
         """
         embeds = self.input_embeddings(batch)
-        return self.language_model(embeds, batch["position_ids"], batch["attention_mask"],
-                                   deterministic=deterministic, rng=rng)
+        return self.language_model(
+            embeds,
+            batch["position_ids"],
+            batch["attention_mask"],
+            deterministic=deterministic,
+            rng=rng,
+        )
 
-    def pooled_hidden(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
-                      rng: jax.Array | None = None, vision_tokens: jax.Array | None = None,
-                      dora_norms: dict | None = None) -> jax.Array:
+    def pooled_hidden(
+        self,
+        batch: Mapping[str, jax.Array],
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        vision_tokens: jax.Array | None = None,
+        dora_norms: dict | None = None,
+    ) -> jax.Array:
         """Final-norm hidden state [B, D] at batch['last_index'] (compute dtype).
 
         Equal to `self(batch)` at those positions, but the last layer runs only there.
         `vision_tokens`, `dora_norms`: computed beforehand (see `embed`).
         """
         embeds = self.input_embeddings(batch, vision_tokens)
-        return self.language_model(embeds, batch["position_ids"], batch["attention_mask"],
-                                   deterministic=deterministic, rng=rng,
-                                   pool_index=batch["last_index"].astype(jnp.int32),
-                                   dora_norms=dora_norms)
+        return self.language_model(
+            embeds,
+            batch["position_ids"],
+            batch["attention_mask"],
+            deterministic=deterministic,
+            rng=rng,
+            pool_index=batch["last_index"].astype(jnp.int32),
+            dora_norms=dora_norms,
+        )
 
     def dora_norms(self) -> dict | None:
         """The text decoder's DoRA weight norms (TextDecoder.dora_norms), for `embed`."""
@@ -158,9 +214,15 @@ class Qwen2VL(nnx.Module):
         logits = rows @ self.head_kernel().astype(hidden.dtype)
         return logits[:, 0] if squeeze else logits
 
-    def embed(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
-              rng: jax.Array | None = None, vision_tokens: jax.Array | None = None,
-              dora_norms: dict | None = None) -> jax.Array:
+    def embed(
+        self,
+        batch: Mapping[str, jax.Array],
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        vision_tokens: jax.Array | None = None,
+        dora_norms: dict | None = None,
+    ) -> jax.Array:
         """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index'].
 
         `deterministic=False` with an `rng` turns adapter dropout on (training).
@@ -168,11 +230,14 @@ class Qwen2VL(nnx.Module):
         (`self.dora_norms()`) computed beforehand are used instead of computing them here: a
         train step computes both once and reuses them in every pass over its chunks.
         """
-        pooled = self.pooled_hidden(batch, deterministic=deterministic, rng=rng,
-                                    vision_tokens=vision_tokens,
-                                    dora_norms=dora_norms).astype(jnp.float32)
+        pooled = self.pooled_hidden(
+            batch,
+            deterministic=deterministic,
+            rng=rng,
+            vision_tokens=vision_tokens,
+            dora_norms=dora_norms,
+        ).astype(jnp.float32)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-
 
 
 def _images_first(tower, fields: dict[str, jax.Array], groups: int, chunk: int) -> jax.Array:
@@ -185,9 +250,11 @@ def _images_first(tower, fields: dict[str, jax.Array], groups: int, chunk: int) 
     """
     rows = fields["pixel_values"].shape[0]
     if rows % groups or (rows // groups) % chunk:
-        raise ValueError(f"vision_tokens: {rows} rows do not split into {groups} groups of "
-                         f"chunks of {chunk} rows; make train.vision_chunk divide the rows per "
-                         "device.")
+        raise ValueError(
+            f"vision_tokens: {rows} rows do not split into {groups} groups of "
+            f"chunks of {chunk} rows; make train.vision_chunk divide the rows per "
+            "device."
+        )
     per_group = rows // groups
     num = per_group // chunk
     grouped = {k: v.reshape(groups, per_group, *v.shape[1:]) for k, v in fields.items()}
@@ -208,8 +275,9 @@ def _images_first(tower, fields: dict[str, jax.Array], groups: int, chunk: int) 
 
     def body(_, xs):
         any_image, chunk_fields = xs
-        tokens = jax.lax.cond(any_image, tower,
-                              lambda f: jnp.zeros(shape.shape, shape.dtype), chunk_fields)
+        tokens = jax.lax.cond(
+            any_image, tower, lambda f: jnp.zeros(shape.shape, shape.dtype), chunk_fields
+        )
         return None, tokens
 
     _, tokens = jax.lax.scan(body, None, (chunk_has_image, chunks))  # [J, G * T, M, D]

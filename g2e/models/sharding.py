@@ -12,7 +12,8 @@ Activations are constrained only inside `with jax.set_mesh(mesh), nnx.logical_ax
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.core.spmd
 import jax
@@ -58,8 +59,9 @@ BATCH_FIELD_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules,
-                    mesh_axis_names: Sequence[str] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], rules: Rules, mesh_axis_names: Sequence[str] | None = None
+) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec with the rule table.
 
     Mesh axes absent from `mesh_axis_names` (when given) and mesh axes already used by an earlier
@@ -74,8 +76,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
             spec.append(None)
             continue
         wanted = (target,) if isinstance(target, str) else tuple(target)
-        kept = tuple(a for a in wanted if a not in used and
-                     (mesh_axis_names is None or a in mesh_axis_names))
+        kept = tuple(
+            a for a in wanted if a not in used and (mesh_axis_names is None or a in mesh_axis_names)
+        )
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return PartitionSpec(*spec)
@@ -132,8 +135,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _fits(x.shape, spec, mesh))
 
 
-def create_sharded(make_module: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
-                   rules: Rules) -> nnx.Module:
+def create_sharded(
+    make_module: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules: Rules
+) -> nnx.Module:
     """Builds a module with every parameter created already sharded (never whole on one device).
 
     Shapes come from `nnx.eval_shape`; the initialiser then runs under `jax.jit` with

@@ -47,8 +47,9 @@ def remat_policy(name: str):
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, scaled after the cast back (as HF Qwen2RMSNorm)."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
-                 axis_name: str = "embed"):
+    def __init__(
+        self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, axis_name: str = "embed"
+    ):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
         self.eps = eps
         self.dtype = dtype
@@ -66,20 +67,35 @@ class Projection(nnx.Module):
     `name` is the HF/PEFT projection name matched against `adapter.targets`.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, name: str,
-                 axes: tuple[str, str], use_bias: bool, dtype: Any, param_dtype: Any,
-                 adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        name: str,
+        axes: tuple[str, str],
+        use_bias: bool,
+        dtype: Any,
+        param_dtype: Any,
+        adapter: lora.AdapterConfig | None,
+        rngs: nnx.Rngs,
+    ):
         self.name = name
         self.dtype = dtype
-        self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype),
-                                out_sharding=axes)
-        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
-                     if use_bias else None)
+        self.kernel = nnx.Param(
+            _normal(rngs.params(), (in_features, out_features), param_dtype), out_sharding=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
+            if use_bias
+            else None
+        )
         self.adapter_config = adapter if adapter is not None and name in adapter.targets else None
         if self.adapter_config is not None:
             # float32 (lora.ADAPTER_DTYPE) whatever param_dtype: bf16 rounds small updates away.
-            state = lora.init_adapter(rngs.params(), in_features, out_features, self.kernel.value,
-                                      self.adapter_config)
+            state = lora.init_adapter(
+                rngs.params(), in_features, out_features, self.kernel.value, self.adapter_config
+            )
             self.lora_a = nnx.LoRAParam(state["lora_a"], out_sharding=(axes[0], None))
             self.lora_b = nnx.LoRAParam(state["lora_b"], out_sharding=(None, axes[1]))
             if "magnitude" in state:
@@ -100,23 +116,39 @@ class Projection(nnx.Module):
             return None
         return lora.dora_norm(self.kernel.value, self.adapter_state(), self.adapter_config)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True,
-                 rng: jax.Array | None = None, dropped: jax.Array | None = None,
-                 norm: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        dropped: jax.Array | None = None,
+        norm: jax.Array | None = None,
+    ) -> jax.Array:
         """y = x @ W (+ b) (+ the adapter's update; `dropped`, `norm`: see lora.apply)."""
         x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias.value
         if self.adapter_config is not None:
             if dropped is not None:
                 dropped = dropped.astype(self.dtype)
-            return lora.apply(x, self.kernel.value, bias, self.adapter_state(), self.adapter_config,
-                              deterministic=deterministic, rng=rng, dropped=dropped, norm=norm)
+            return lora.apply(
+                x,
+                self.kernel.value,
+                bias,
+                self.adapter_state(),
+                self.adapter_config,
+                deterministic=deterministic,
+                rng=rng,
+                dropped=dropped,
+                norm=norm,
+            )
         y = x @ self.kernel.value.astype(self.dtype)
         return y if bias is None else y + bias.astype(self.dtype)
 
 
-def shared_dropout(x: jax.Array, projections: tuple[Projection, ...], *, deterministic: bool,
-                   rng: jax.Array | None) -> jax.Array | None:
+def shared_dropout(
+    x: jax.Array, projections: tuple[Projection, ...], *, deterministic: bool, rng: jax.Array | None
+) -> jax.Array | None:
     """One dropout mask for every adapted projection of the input x (None: no adapter here).
 
     PEFT draws a mask per projection; sharing one per input halves the random bits and the
@@ -136,8 +168,9 @@ def _get(norms: dict | None, name: str):
     return None if norms is None else norms.get(name)
 
 
-def mrope_cos_sin(position_ids: jax.Array, config: TextConfig,
-                  dtype: Any) -> tuple[jax.Array, jax.Array]:
+def mrope_cos_sin(
+    position_ids: jax.Array, config: TextConfig, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin [B, L, E] of M-RoPE from position ids [3, B, L] (HF Qwen2VLRotaryEmbedding).
 
     Frequency j (of E/2) rotates with the temporal, height or width id according to
@@ -165,24 +198,40 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
     """Grouped-query self-attention with q/k/v bias and M-RoPE."""
 
-    def __init__(self, config: TextConfig, *, dtype, param_dtype, attention: str,
-                 adapter, rngs: nnx.Rngs):
+    def __init__(
+        self, config: TextConfig, *, dtype, param_dtype, attention: str, adapter, rngs: nnx.Rngs
+    ):
         d, e = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
-        self.q_proj = Projection(d, config.num_heads * e, name="q_proj", axes=("embed", "heads"),
-                                 use_bias=True, **kw)
-        self.k_proj = Projection(d, config.num_kv_heads * e, name="k_proj",
-                                 axes=("embed", "kv_heads"), use_bias=True, **kw)
-        self.v_proj = Projection(d, config.num_kv_heads * e, name="v_proj",
-                                 axes=("embed", "kv_heads"), use_bias=True, **kw)
-        self.o_proj = Projection(config.num_heads * e, d, name="o_proj", axes=("heads", "embed"),
-                                 use_bias=False, **kw)
+        self.q_proj = Projection(
+            d, config.num_heads * e, name="q_proj", axes=("embed", "heads"), use_bias=True, **kw
+        )
+        self.k_proj = Projection(
+            d,
+            config.num_kv_heads * e,
+            name="k_proj",
+            axes=("embed", "kv_heads"),
+            use_bias=True,
+            **kw,
+        )
+        self.v_proj = Projection(
+            d,
+            config.num_kv_heads * e,
+            name="v_proj",
+            axes=("embed", "kv_heads"),
+            use_bias=True,
+            **kw,
+        )
+        self.o_proj = Projection(
+            config.num_heads * e, d, name="o_proj", axes=("heads", "embed"), use_bias=False, **kw
+        )
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, e
         self.attention = attention
 
     def _qkv_input(self, x, deterministic, rng):
-        return shared_dropout(x, (self.q_proj, self.k_proj, self.v_proj),
-                              deterministic=deterministic, rng=rng)
+        return shared_dropout(
+            x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic, rng=rng
+        )
 
     def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
         b, l, _ = x.shape
@@ -196,10 +245,15 @@ class Attention(nnx.Module):
         k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = attention_lib.attend(q, k, v, segment_ids=segment_ids, causal=True,
-                                   implementation=self.attention)
-        return self.o_proj(out.reshape(b, l, -1), deterministic=deterministic, rng=o_key,
-                           norm=_get(norms, "o_proj"))
+        out = attention_lib.attend(
+            q, k, v, segment_ids=segment_ids, causal=True, implementation=self.attention
+        )
+        return self.o_proj(
+            out.reshape(b, l, -1),
+            deterministic=deterministic,
+            rng=o_key,
+            norm=_get(norms, "o_proj"),
+        )
 
     def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
         """Attention output [B, 1, D] for the one query at `index` [B] of each example."""
@@ -208,8 +262,12 @@ class Attention(nnx.Module):
         dropped = self._qkv_input(x, deterministic, qkv_key)
         pick = lambda a: jnp.take_along_axis(a, index[:, None, None], axis=1)  # noqa: E731
         kw = dict(deterministic=deterministic)
-        q = self.q_proj(pick(x), dropped=None if dropped is None else pick(dropped),
-                        norm=_get(norms, "q_proj"), **kw)
+        q = self.q_proj(
+            pick(x),
+            dropped=None if dropped is None else pick(dropped),
+            norm=_get(norms, "q_proj"),
+            **kw,
+        )
         k = self.k_proj(x, dropped=dropped, norm=_get(norms, "k_proj"), **kw)
         v = self.v_proj(x, dropped=dropped, norm=_get(norms, "v_proj"), **kw)
         q = q.reshape(b, 1, self.num_heads, self.head_dim)
@@ -217,8 +275,12 @@ class Attention(nnx.Module):
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, pick(cos), pick(sin)), _rotate(k, cos, sin)
         out = attention_lib.attend_at(q, k, v, segment_ids=segment_ids, index=index)
-        return self.o_proj(out.reshape(b, 1, -1), deterministic=deterministic, rng=o_key,
-                           norm=_get(norms, "o_proj"))
+        return self.o_proj(
+            out.reshape(b, 1, -1),
+            deterministic=deterministic,
+            rng=o_key,
+            norm=_get(norms, "o_proj"),
+        )
 
 
 class MLP(nnx.Module):
@@ -233,72 +295,118 @@ class MLP(nnx.Module):
 
     def __call__(self, x, *, deterministic, rng, norms=None):
         in_key, down_key = _split(rng, 2)
-        dropped = shared_dropout(x, (self.gate_proj, self.up_proj), deterministic=deterministic,
-                                 rng=in_key)
+        dropped = shared_dropout(
+            x, (self.gate_proj, self.up_proj), deterministic=deterministic, rng=in_key
+        )
         kw = dict(deterministic=deterministic, dropped=dropped)
         gate = self.gate_proj(x, norm=_get(norms, "gate_proj"), **kw)
         hidden = jax.nn.silu(gate) * self.up_proj(x, norm=_get(norms, "up_proj"), **kw)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-        return self.down_proj(hidden, deterministic=deterministic, rng=down_key,
-                              norm=_get(norms, "down_proj"))
+        return self.down_proj(
+            hidden, deterministic=deterministic, rng=down_key, norm=_get(norms, "down_proj")
+        )
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: TextConfig, *, dtype, param_dtype, attention, adapter,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: TextConfig, *, dtype, param_dtype, attention, adapter, rngs: nnx.Rngs
+    ):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype,
-                                   attention=attention, adapter=adapter, rngs=rngs)
+        self.self_attn = Attention(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention=attention,
+            adapter=adapter,
+            rngs=rngs,
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
         keys = _split(rng, 2)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
-                               deterministic=deterministic, rng=keys[0],
-                               norms=_get(norms, "self_attn"))
-        x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rng=keys[1],
-                         norms=_get(norms, "mlp"))
+        x = x + self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            segment_ids,
+            deterministic=deterministic,
+            rng=keys[0],
+            norms=_get(norms, "self_attn"),
+        )
+        x = x + self.mlp(
+            self.post_attention_layernorm(x),
+            deterministic=deterministic,
+            rng=keys[1],
+            norms=_get(norms, "mlp"),
+        )
         return constrain(x, ("batch", "length", "act_embed"))
 
     def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
         """The block's output [B, D] at position `index` [B] only (keys/values from all of x)."""
         keys = _split(rng, 2)
         rows = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
-        rows = rows + self.self_attn.at_positions(self.input_layernorm(x), cos, sin,
-                                                  segment_ids, index,
-                                                  deterministic=deterministic, rng=keys[0],
-                                                  norms=_get(norms, "self_attn"))
-        rows = rows + self.mlp(self.post_attention_layernorm(rows), deterministic=deterministic,
-                               rng=keys[1], norms=_get(norms, "mlp"))
+        rows = rows + self.self_attn.at_positions(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            segment_ids,
+            index,
+            deterministic=deterministic,
+            rng=keys[0],
+            norms=_get(norms, "self_attn"),
+        )
+        rows = rows + self.mlp(
+            self.post_attention_layernorm(rows),
+            deterministic=deterministic,
+            rng=keys[1],
+            norms=_get(norms, "mlp"),
+        )
         return rows[:, 0]
 
 
 class TextDecoder(nnx.Module):
     """Token embedding, N stacked decoder layers (one lax.scan), final RMSNorm."""
 
-    def __init__(self, config: TextConfig, *, dtype: Any, param_dtype: Any, remat: str,
-                 attention: str, adapter: lora.AdapterConfig | None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: TextConfig,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        remat: str,
+        attention: str,
+        adapter: lora.AdapterConfig | None,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
         self.remat = remat
         remat_policy(remat)
         self.embed_tokens = nnx.Param(
             _normal(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype),
-            out_sharding=("vocab", "embed"))
+            out_sharding=("vocab", "embed"),
+        )
 
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
-                                adapter=adapter, rngs=layer_rngs)
+            return DecoderLayer(
+                config,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention=attention,
+                adapter=adapter,
+                rngs=layer_rngs,
+            )
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                            param_dtype=param_dtype)
+        self.norm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, L, D] in the compute dtype."""
@@ -315,11 +423,17 @@ class TextDecoder(nnx.Module):
                     norms.setdefault(block, {})[name] = norm
         return norms or None
 
-    def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array,
-                 attention_mask: jax.Array, *, deterministic: bool = True,
-                 rng: jax.Array | None = None,
-                 pool_index: jax.Array | None = None,
-                 dora_norms: dict | None = None) -> jax.Array:
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        pool_index: jax.Array | None = None,
+        dora_norms: dict | None = None,
+    ) -> jax.Array:
         """Runs the decoder.
 
         Args:
@@ -338,14 +452,24 @@ class TextDecoder(nnx.Module):
         segment_ids = attention_mask.astype(jnp.int32)
         graphdef, layer_state = nnx.split(self.layers)
         num_layers = self.config.num_layers
-        layer_rngs = (jnp.zeros((num_layers,), jnp.uint32) if rng is None
-                      else jax.random.split(rng, num_layers))
+        layer_rngs = (
+            jnp.zeros((num_layers,), jnp.uint32)
+            if rng is None
+            else jax.random.split(rng, num_layers)
+        )
 
         def body(x, scanned):
             state, layer_rng, norms = scanned
             layer = nnx.merge(graphdef, state)
-            x = layer(x, cos, sin, segment_ids, deterministic=deterministic,
-                      rng=None if rng is None else layer_rng, norms=norms)
+            x = layer(
+                x,
+                cos,
+                sin,
+                segment_ids,
+                deterministic=deterministic,
+                rng=None if rng is None else layer_rng,
+                norms=norms,
+            )
             return x, None
 
         if self.remat != "none":
@@ -358,7 +482,14 @@ class TextDecoder(nnx.Module):
         x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
         last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
         last = nnx.merge(graphdef, last_state)
-        pooled = last.at_positions(x, cos, sin, segment_ids, pool_index,
-                                   deterministic=deterministic,
-                                   rng=None if rng is None else last_rng, norms=last_norms)
+        pooled = last.at_positions(
+            x,
+            cos,
+            sin,
+            segment_ids,
+            pool_index,
+            deterministic=deterministic,
+            rng=None if rng is None else last_rng,
+            norms=last_norms,
+        )
         return self.norm(pooled)

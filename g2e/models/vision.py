@@ -54,24 +54,46 @@ def _axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
 
 def _layer_norm(width: int, axis: str, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Two-pass variance: the fast E[x^2] - E[x]^2 form loses the 1e-4 parity at width 1280.
-    return nnx.LayerNorm(width, epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                         use_fast_variance=False, scale_metadata=_axes(axis),
-                         bias_metadata=_axes(axis), rngs=rngs)
+    return nnx.LayerNorm(
+        width,
+        epsilon=_LN_EPS,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_metadata=_axes(axis),
+        bias_metadata=_axes(axis),
+        rngs=rngs,
+    )
 
 
-def _norm(config: VisionConfig, width: int, dtype, param_dtype,
-          rngs: nnx.Rngs) -> nnx.LayerNorm | RMSNorm:
+def _norm(
+    config: VisionConfig, width: int, dtype, param_dtype, rngs: nnx.Rngs
+) -> nnx.LayerNorm | RMSNorm:
     """Qwen2-VL's LayerNorm, or Qwen2.5-VL's RMSNorm (no bias; same eps)."""
     if config.is_qwen2_5:
-        return RMSNorm(width, eps=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                       axis_name="vision_embed")
+        return RMSNorm(
+            width, eps=_LN_EPS, dtype=dtype, param_dtype=param_dtype, axis_name="vision_embed"
+        )
     return _layer_norm(width, "vision_embed", dtype, param_dtype, rngs)
 
 
-def _linear(fan_in: int, fan_out: int, axes: tuple[str | None, str | None], dtype, param_dtype,
-            rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(fan_in, fan_out, dtype=dtype, param_dtype=param_dtype,
-                      kernel_metadata=_axes(*axes), bias_metadata=_axes(axes[1]), rngs=rngs)
+def _linear(
+    fan_in: int,
+    fan_out: int,
+    axes: tuple[str | None, str | None],
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    return nnx.Linear(
+        fan_in,
+        fan_out,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=_axes(*axes),
+        bias_metadata=_axes(axes[1]),
+        rngs=rngs,
+    )
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -83,7 +105,7 @@ def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[ja
     spatial = head_dim // 2
     inv_freq = 1.0 / theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, P, 2, E/4]
-    angles = angles.reshape(*positions.shape[:-1], spatial)       # [row freqs, col freqs]
+    angles = angles.reshape(*positions.shape[:-1], spatial)  # [row freqs, col freqs]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -103,27 +125,38 @@ class VisionBlock(nnx.Module):
     down_proj(act(gate_proj(x)) * up_proj(x)) with SiLU.
     """
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str, rngs: nnx.Rngs):
         width, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
         mlp = config.mlp_width
         if config.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act={config.hidden_act!r} is not supported; "
-                             f"use one of {sorted(_ACTIVATIONS)}.")
+            raise ValueError(
+                f"vision_config.hidden_act={config.hidden_act!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}."
+            )
         self.activation = config.hidden_act
         self.attention = attention
         self.swiglu = config.is_qwen2_5
         self.norm1 = _norm(config, width, dtype, param_dtype, rngs)
         self.qkv = nnx.Einsum(
-            "bpw,wshe->bpshe", (width, 3, heads, head_dim), (3, heads, head_dim),
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            "bpw,wshe->bpshe",
+            (width, 3, heads, head_dim),
+            (3, heads, head_dim),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
             kernel_metadata=_axes("vision_embed", None, "vision_heads", None),
-            bias_metadata=_axes(None, "vision_heads", None))
+            bias_metadata=_axes(None, "vision_heads", None),
+        )
         self.proj = nnx.Einsum(
-            "bphe,hew->bpw", (heads, head_dim, width), (width,),
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            "bphe,hew->bpw",
+            (heads, head_dim, width),
+            (width,),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
             kernel_metadata=_axes("vision_heads", None, "vision_embed"),
-            bias_metadata=_axes("vision_embed"))
+            bias_metadata=_axes("vision_embed"),
+        )
         self.norm2 = _norm(config, width, dtype, param_dtype, rngs)
         up, down = ("vision_embed", "vision_mlp"), ("vision_mlp", "vision_embed")
         if self.swiglu:
@@ -143,15 +176,17 @@ class VisionBlock(nnx.Module):
             return self.down_proj(constrain(hidden, axes))
         return self.fc2(constrain(activation(self.fc1(x)), axes))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array,
-                 sin: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> jax.Array:
         """x [B, P, W] -> [B, P, W]."""
         qkv = self.qkv(self.norm1(x))  # [B, P, S, H, E]
         query, key, value = (qkv[:, :, i] for i in range(3))
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         query = constrain(query, ("batch", "patches", "vision_heads", None))
-        out = attention_lib.attend(query, key, value, segment_ids=segment_ids, causal=False,
-                                   implementation=self.attention)
+        out = attention_lib.attend(
+            query, key, value, segment_ids=segment_ids, causal=False, implementation=self.attention
+        )
         x = x + self.proj(out)
         x = x + self.mlp(self.norm2(x))
         return constrain(x, ("batch", "patches", "act_vision_embed"))
@@ -165,8 +200,9 @@ class PatchMerger(nnx.Module):
         merged = config.embed_dim * self.window
         self.ln_q = _norm(config, config.embed_dim, dtype, param_dtype, rngs)
         self.fc1 = _linear(merged, merged, ("vision_embed", "vision_mlp"), dtype, param_dtype, rngs)
-        self.fc2 = _linear(merged, config.hidden_size, ("vision_mlp", "embed"), dtype, param_dtype,
-                           rngs)
+        self.fc2 = _linear(
+            merged, config.hidden_size, ("vision_mlp", "embed"), dtype, param_dtype, rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, P, W] -> [B, M, D]."""
@@ -178,9 +214,17 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     """Qwen2(.5)-VL vision encoder: flattened patches [B, P, C] -> merged tokens [B, M, D]."""
 
-    def __init__(self, config: VisionConfig, out_width: int | None = None, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: VisionConfig,
+        out_width: int | None = None,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        attention: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         """Builds the tower with random weights (real ones: `vision_params_from_hf`).
 
         Args:
@@ -195,8 +239,9 @@ class VisionTower(nnx.Module):
         if out_width is not None and out_width != config.hidden_size:
             config = dataclasses.replace(config, hidden_size=out_width)
         if attention not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(f"model.attention={attention!r}; use one of "
-                             f"{attention_lib.IMPLEMENTATIONS}.")
+            raise ValueError(
+                f"model.attention={attention!r}; use one of {attention_lib.IMPLEMENTATIONS}."
+            )
         self.config = config
         self.dtype = dtype
         self.remat = remat
@@ -204,15 +249,18 @@ class VisionTower(nnx.Module):
         with nnx.use_eager_sharding(False):
             # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
             self.patch_embed = nnx.Param(
-                nnx.initializers.lecun_normal()(rngs.params(),
-                                                (config.patch_dim, config.embed_dim), param_dtype),
-                out_sharding=(None, "vision_embed"))
+                nnx.initializers.lecun_normal()(
+                    rngs.params(), (config.patch_dim, config.embed_dim), param_dtype
+                ),
+                out_sharding=(None, "vision_embed"),
+            )
 
             @nnx.split_rngs(splits=config.depth)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> VisionBlock:
-                return VisionBlock(config, dtype=dtype, param_dtype=param_dtype,
-                                   attention=attention, rngs=rngs)
+                return VisionBlock(
+                    config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs
+                )
 
             self.blocks = make_blocks(rngs)
             self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -226,24 +274,34 @@ class VisionTower(nnx.Module):
         """
         kernel = self.patch_embed[...]
         if pixel_values.dtype != jnp.uint8:
-            return jnp.einsum("bpc,cw->bpw", pixel_values.astype(self.dtype),
-                              kernel.astype(self.dtype))
+            return jnp.einsum(
+                "bpc,cw->bpw", pixel_values.astype(self.dtype), kernel.astype(self.dtype)
+            )
         config = self.config
         channels, frames = config.in_channels, config.temporal_patch_size
         batch, patches, width = pixel_values.shape
         if width * frames != config.patch_dim:
-            raise ValueError(f"uint8 pixel_values have {width} values per patch; one frame of "
-                             f"{config.patch_dim // frames} is expected")
-        table = jnp.asarray(config.pixel_table())                            # [3, 256]
+            raise ValueError(
+                f"uint8 pixel_values have {width} values per patch; one frame of "
+                f"{config.patch_dim // frames} is expected"
+            )
+        table = jnp.asarray(config.pixel_table())  # [3, 256]
         values = pixel_values.reshape(batch, patches, channels, -1).astype(jnp.int32)
-        normalised = table[jnp.arange(channels)[:, None], values]          # [B, P, 3, 196]
+        normalised = table[jnp.arange(channels)[:, None], values]  # [B, P, 3, 196]
         frame_kernel = kernel.reshape(channels, frames, -1, kernel.shape[-1]).sum(axis=1)
-        return jnp.einsum("bpc,cw->bpw", normalised.reshape(batch, patches, width)
-                          .astype(self.dtype),
-                          frame_kernel.reshape(width, -1).astype(self.dtype))
+        return jnp.einsum(
+            "bpc,cw->bpw",
+            normalised.reshape(batch, patches, width).astype(self.dtype),
+            frame_kernel.reshape(width, -1).astype(self.dtype),
+        )
 
-    def __call__(self, pixel_values: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 window_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        window_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Encodes packed images.
 
         Args:
@@ -264,12 +322,16 @@ class VisionTower(nnx.Module):
         """
         window = self.config.spatial_merge_size**2
         if pixel_values.shape[1] % window:
-            raise ValueError(f"pixel_values has {pixel_values.shape[1]} patches per example; the "
-                             f"patch bucket must be a multiple of {window}.")
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} patches per example; the "
+                f"patch bucket must be a multiple of {window}."
+            )
         full_attention = self.config.full_attention_blocks
         if not all(full_attention) and window_ids is None:
-            raise ValueError("this Qwen2.5-VL vision tower attends within windows, so the batch "
-                             "needs 'vision_window_ids' (g2e.models.positions.vision_window_ids).")
+            raise ValueError(
+                "this Qwen2.5-VL vision tower attends within windows, so the batch "
+                "needs 'vision_window_ids' (g2e.models.positions.vision_window_ids)."
+            )
         x = self.embed_patches(pixel_values)
         x = constrain(x, ("batch", "patches", "act_vision_embed"))
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
@@ -346,15 +408,15 @@ def _from_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.nd
     heads, head_dim = config.num_heads, config.head_dim
     if kind == "same":
         return array
-    if kind == "linear":                      # torch [out, in] -> [in, out]
+    if kind == "linear":  # torch [out, in] -> [in, out]
         return array.T
-    if kind == "conv":                        # [W, 3, 2, 14, 14] -> [C, W]
+    if kind == "conv":  # [W, 3, 2, 14, 14] -> [C, W]
         return array.reshape(array.shape[0], -1).T
-    if kind == "qkv":                         # [S*H*E, W] -> [W, S, H, E]
+    if kind == "qkv":  # [S*H*E, W] -> [W, S, H, E]
         return array.T.reshape(array.shape[1], 3, heads, head_dim)
-    if kind == "qkv_bias":                    # [S*H*E] -> [S, H, E]
+    if kind == "qkv_bias":  # [S*H*E] -> [S, H, E]
         return array.reshape(3, heads, head_dim)
-    if kind == "proj":                        # [W, H*E] -> [H, E, W]
+    if kind == "proj":  # [W, H*E] -> [H, E, W]
         return array.T.reshape(heads, head_dim, array.shape[0])
     raise ValueError(f"unknown layout kind {kind!r}")
 
@@ -365,8 +427,13 @@ def _to_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.ndar
     if kind == "linear":
         return array.T
     if kind == "conv":
-        return array.T.reshape(config.embed_dim, config.in_channels, config.temporal_patch_size,
-                               config.patch_size, config.patch_size)
+        return array.T.reshape(
+            config.embed_dim,
+            config.in_channels,
+            config.temporal_patch_size,
+            config.patch_size,
+            config.patch_size,
+        )
     if kind == "qkv":
         return array.reshape(array.shape[0], -1).T
     if kind == "qkv_bias":
@@ -376,8 +443,9 @@ def _to_hf_layout(kind: str, array: np.ndarray, config: VisionConfig) -> np.ndar
     raise ValueError(f"unknown layout kind {kind!r}")
 
 
-def vision_params_from_hf(get_tensor: Callable[[str], np.ndarray], config: VisionConfig,
-                          prefix: str = "visual.") -> dict:
+def vision_params_from_hf(
+    get_tensor: Callable[[str], np.ndarray], config: VisionConfig, prefix: str = "visual."
+) -> dict:
     """Reads HF vision weights into a pure dict shaped like `nnx.state(VisionTower(...))`.
 
     Args:
@@ -393,8 +461,12 @@ def vision_params_from_hf(get_tensor: Callable[[str], np.ndarray], config: Visio
     out: dict = {}
     for path, hf_name, kind in hf_names(config):
         if "{i}" in hf_name:
-            array = np.stack([_from_hf_layout(kind, get_tensor(prefix + hf_name.format(i=i)),
-                                              config) for i in range(config.depth)])
+            array = np.stack(
+                [
+                    _from_hf_layout(kind, get_tensor(prefix + hf_name.format(i=i)), config)
+                    for i in range(config.depth)
+                ]
+            )
         else:
             array = _from_hf_layout(kind, get_tensor(prefix + hf_name), config)
         node = out
@@ -404,8 +476,9 @@ def vision_params_from_hf(get_tensor: Callable[[str], np.ndarray], config: Visio
     return out
 
 
-def vision_params_to_hf(params: dict, config: VisionConfig,
-                        prefix: str = "visual.") -> dict[str, np.ndarray]:
+def vision_params_to_hf(
+    params: dict, config: VisionConfig, prefix: str = "visual."
+) -> dict[str, np.ndarray]:
     """The inverse of `vision_params_from_hf`: pure dict of the tower -> {HF name: array}."""
     out = {}
     for path, hf_name, kind in hf_names(config):

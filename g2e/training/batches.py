@@ -34,17 +34,27 @@ class ClusterSchedule:
       seed: shuffling seed.
     """
 
-    def __init__(self, clusters: Sequence[Sequence[int]], num_rows: int, cluster_size: int,
-                 batch_size: int, seed: int):
+    def __init__(
+        self,
+        clusters: Sequence[Sequence[int]],
+        num_rows: int,
+        cluster_size: int,
+        batch_size: int,
+        seed: int,
+    ):
         if batch_size % cluster_size:
-            raise ValueError(f"ClusterSchedule: batch size {batch_size} is not a multiple of "
-                             f"train.cluster_size={cluster_size}.")
+            raise ValueError(
+                f"ClusterSchedule: batch size {batch_size} is not a multiple of "
+                f"train.cluster_size={cluster_size}."
+            )
         self.clusters = [np.asarray(c[:cluster_size], np.int64) for c in clusters if len(c)]
         if not self.clusters:
             raise ValueError("ClusterSchedule: no clusters (the training data is empty).")
         if num_rows < batch_size:
-            raise ValueError(f"ClusterSchedule: {num_rows} training rows cannot fill a batch of "
-                             f"{batch_size}; lower train.global_batch or cluster_size.")
+            raise ValueError(
+                f"ClusterSchedule: {num_rows} training rows cannot fill a batch of "
+                f"{batch_size}; lower train.global_batch or cluster_size."
+            )
         self.num_rows = num_rows
         self.cluster_size = cluster_size
         self.batch_size = batch_size
@@ -83,7 +93,7 @@ class ClusterSchedule:
         for slot in slots:
             need = self.cluster_size - len(slot)
             out.extend(slot)
-            out.extend(spare[taken:taken + need])
+            out.extend(spare[taken : taken + need])
             taken += need
         return np.asarray(out, np.int64)
 
@@ -91,9 +101,11 @@ class ClusterSchedule:
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
             batches = self._pack_epoch(epoch)
             if not batches:
-                raise ValueError(f"ClusterSchedule: {len(self.clusters)} clusters do not fill "
-                                 f"one batch of {self.batch_size} rows in slots of "
-                                 f"{self.cluster_size}; use more data or a smaller batch.")
+                raise ValueError(
+                    f"ClusterSchedule: {len(self.clusters)} clusters do not fill "
+                    f"one batch of {self.batch_size} rows in slots of "
+                    f"{self.cluster_size}; use more data or a smaller batch."
+                )
             self._cached_epoch = (epoch, batches)
         return self._cached_epoch[1]
 
@@ -166,13 +178,20 @@ class StepInputs:
     step), then `agree(prepared)` widens them to the shape all processes agreed on.
     """
 
-    def __init__(self, schedule: ClusterSchedule, codec: RowCodec, *, rows_here: slice,
-                 first_step: int, last_step: int, workers: int):
+    def __init__(
+        self,
+        schedule: ClusterSchedule,
+        codec: RowCodec,
+        *,
+        rows_here: slice,
+        first_step: int,
+        last_step: int,
+        workers: int,
+    ):
         self.schedule, self.codec = schedule, codec
         self.rows = _StepRows(schedule, rows_here, first_step, last_step)
         self.next_step = first_step
-        self._stream = workers_lib.Stream(self.rows, codec.encode, workers=workers,
-                                          min_items=0)
+        self._stream = workers_lib.Stream(self.rows, codec.encode, workers=workers, min_items=0)
         self._results = iter(self._stream)
 
     def prepare(self, step: int) -> tuple[np.ndarray, Mapping[str, Any], np.ndarray]:
@@ -185,7 +204,8 @@ class StepInputs:
             if isinstance(value, workers_lib.Failed):
                 raise ValueError(
                     f"training step {step}, row {row}: {value.error}; bad rows must be dropped "
-                    "before training (fix or remove them, then re-run the mine stage)") from None
+                    "before training (fix or remove them, then re-run the mine stage)"
+                ) from None
         self.next_step += 1
         shape = np.asarray(self.codec.shape(encoded), np.int32)
         return rows, self.codec.collate(encoded), shape

@@ -31,24 +31,31 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int, every: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, create=True,
-            enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                             item_names=("state", "data"))
+            max_to_keep=keep,
+            save_interval_steps=every,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory), options=options, item_names=("state", "data")
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: PyTree, position: dict[str, Any], *,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: PyTree, position: dict[str, Any], *, force: bool = False
+    ) -> bool:
         """Starts saving `state` at `step` if due (or forced); returns whether it saves."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(position))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)
+        )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, abstract_state: PyTree, step: int | None = None
-                ) -> tuple[PyTree, dict[str, Any]]:
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None
+    ) -> tuple[PyTree, dict[str, Any]]:
         """Restores the state (as shaped and sharded like `abstract_state`) and the position.
 
         Raises:
@@ -57,8 +64,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], restored["data"]
 
     def reached_preemption(self, step: int) -> bool:
@@ -82,7 +93,8 @@ def abstract_like(state: PyTree) -> PyTree:
     """ShapeDtypeStructs (with shardings) of a concrete or abstract state, for restoring."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state)
+        state,
+    )
 
 
 class StopSignal:

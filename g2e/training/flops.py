@@ -37,9 +37,16 @@ from g2e.models import lora
 from g2e.models.config import Qwen2VLConfig, TextConfig, VisionConfig
 
 # Peak dense bf16 FLOP/s per chip (device_kind prefixes), for MFU and HFU.
-PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("TPU v6", 918e12),
-              ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-              ("TPU v4", 275e12))
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
 
 
 def peak_flops(device: Any = None) -> float | None:
@@ -53,14 +60,20 @@ def peak_flops(device: Any = None) -> float | None:
 
 def _projections(text: TextConfig) -> dict[str, tuple[int, int]]:
     d, e = text.hidden_size, text.head_dim
-    return {"q_proj": (d, text.num_heads * e), "k_proj": (d, text.num_kv_heads * e),
-            "v_proj": (d, text.num_kv_heads * e), "o_proj": (text.num_heads * e, d),
-            "gate_proj": (d, text.intermediate_size), "up_proj": (d, text.intermediate_size),
-            "down_proj": (text.intermediate_size, d)}
+    return {
+        "q_proj": (d, text.num_heads * e),
+        "k_proj": (d, text.num_kv_heads * e),
+        "v_proj": (d, text.num_kv_heads * e),
+        "o_proj": (text.num_heads * e, d),
+        "gate_proj": (d, text.intermediate_size),
+        "up_proj": (d, text.intermediate_size),
+        "down_proj": (text.intermediate_size, d),
+    }
 
 
-def text_step_flops(text: TextConfig, lengths: np.ndarray, adapter: lora.AdapterConfig | None,
-                    *, train: bool = True) -> float:
+def text_step_flops(
+    text: TextConfig, lengths: np.ndarray, adapter: lora.AdapterConfig | None, *, train: bool = True
+) -> float:
     """Model FLOPs of the text decoder on rows of `lengths` real tokens, pooled at the last.
 
     train=False: the forward alone; True: forward and backward (see the module docstring).
@@ -70,8 +83,10 @@ def text_step_flops(text: TextConfig, lengths: np.ndarray, adapter: lora.Adapter
     layers = text.num_layers
     # Tokens each projection sees: every token in N - 1 layers, and in the last layer every
     # token for k and v but only the pooled one for q, o and the MLP.
-    seen = {name: (layers - 1) * tokens + (tokens if name in ("k_proj", "v_proj") else rows)
-            for name in _projections(text)}
+    seen = {
+        name: (layers - 1) * tokens + (tokens if name in ("k_proj", "v_proj") else rows)
+        for name in _projections(text)
+    }
     dense = adapter_macs = 0.0
     for name, (fan_in, fan_out) in _projections(text).items():
         dense += seen[name] * fan_in * fan_out
@@ -89,8 +104,9 @@ def text_step_flops(text: TextConfig, lengths: np.ndarray, adapter: lora.Adapter
     return 2.0 * (2 * dense + 2 * adapter_macs + 3 * attention + weight_grads)
 
 
-def vision_forward_flops(vision: VisionConfig, image_patches: np.ndarray,
-                         window_patches: np.ndarray | None = None) -> float:
+def vision_forward_flops(
+    vision: VisionConfig, image_patches: np.ndarray, window_patches: np.ndarray | None = None
+) -> float:
     """Forward FLOPs of the tower over images of `image_patches` patches each.
 
     window_patches: patches of each attention window (Qwen2.5-VL's windowed blocks).
@@ -105,9 +121,12 @@ def vision_forward_flops(vision: VisionConfig, image_patches: np.ndarray,
     if vision.depth - full:
         windows = p if window_patches is None else np.asarray(window_patches, np.float64)
         pairs += (vision.depth - full) * float(np.sum(windows * windows))
-    macs = (patches * vision.patch_dim * width + vision.depth * patches * per_patch
-            + 2 * width * pairs
-            + patches / vision.spatial_merge_size**2 * merged * (merged + vision.hidden_size))
+    macs = (
+        patches * vision.patch_dim * width
+        + vision.depth * patches * per_patch
+        + 2 * width * pairs
+        + patches / vision.spatial_merge_size**2 * merged * (merged + vision.hidden_size)
+    )
     return 2.0 * macs
 
 
@@ -120,8 +139,13 @@ def _segment_sizes(ids: np.ndarray) -> np.ndarray:
     return np.asarray(sizes, np.int64)
 
 
-def side_flops(config: Qwen2VLConfig, batch: Mapping[str, np.ndarray],
-               adapter: lora.AdapterConfig | None, *, train: bool = True) -> float:
+def side_flops(
+    config: Qwen2VLConfig,
+    batch: Mapping[str, np.ndarray],
+    adapter: lora.AdapterConfig | None,
+    *,
+    train: bool = True,
+) -> float:
     """Model FLOPs of one side of a batch (host arrays): text, and each image's tower forward."""
     lengths = np.asarray(batch["attention_mask"]).sum(axis=-1)
     total = text_step_flops(config.text, lengths, adapter, train=train)
@@ -129,19 +153,25 @@ def side_flops(config: Qwen2VLConfig, batch: Mapping[str, np.ndarray],
     if segments is not None and np.asarray(segments).size:
         windows = batch.get("vision_window_ids")
         total += vision_forward_flops(
-            config.vision, _segment_sizes(segments),
-            None if windows is None else _segment_sizes(windows))
+            config.vision,
+            _segment_sizes(segments),
+            None if windows is None else _segment_sizes(windows),
+        )
     return total
 
 
-def train_step_flops(config: Qwen2VLConfig, batch: Mapping[str, Any],
-                     adapter: lora.AdapterConfig | None) -> float:
+def train_step_flops(
+    config: Qwen2VLConfig, batch: Mapping[str, Any], adapter: lora.AdapterConfig | None
+) -> float:
     """Model FLOPs of one train step on a host batch {'query', 'candidate', ...} (the rows this
     process holds; multiply by the process count for the global figure)."""
     rows = len(np.asarray(batch["query"]["attention_mask"]))
     loss = 2.0 * 3 * rows * rows * config.text.hidden_size  # sims, then dQ and dC
-    return (side_flops(config, batch["query"], adapter)
-            + side_flops(config, batch["candidate"], adapter) + loss)
+    return (
+        side_flops(config, batch["query"], adapter)
+        + side_flops(config, batch["candidate"], adapter)
+        + loss
+    )
 
 
 # ----------------------------------------------------------------------- hardware FLOPs (HLO)
@@ -152,7 +182,8 @@ _DIMS = re.compile(r"^[a-z][a-z0-9]*\[([\d,]*)\]")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
 _BRANCHES = re.compile(
     r"(?:branch_computations=\{([^}]*)\}|true_computation=%([\w.\-]+), "
-    r"false_computation=%([\w.\-]+))")
+    r"false_computation=%([\w.\-]+))"
+)
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
@@ -163,30 +194,35 @@ def _split_instruction(line: str) -> tuple[str, list[int] | None, str, list[str]
     match = _DEFINITION.match(line)
     if not match:
         return None
-    rest = line[match.end():]
+    rest = line[match.end() :]
     if rest.startswith("("):  # tuple result: skip to its closing parenthesis
         depth = 0
-        for i, char in enumerate(rest):
+        for i, char in enumerate(rest):  # noqa: B007 (i is read after the loop)
             depth += {"(": 1, ")": -1}.get(char, 0)
             if depth == 0:
                 break
-        result, rest = rest[1:i], rest[i + 1:].lstrip()
+        result, rest = rest[1:i], rest[i + 1 :].lstrip()
     else:
         result, _, rest = rest.partition(" ")
     dims = _DIMS.match(result.strip())
     opcode, _, rest = rest.partition("(")
     depth, end = 1, 0
-    for end, char in enumerate(rest):
+    for end, char in enumerate(rest):  # noqa: B007 (end is read after the loop)
         depth += {"(": 1, ")": -1}.get(char, 0)
         if depth == 0:
             break
     operands = re.findall(r"%([\w.\-]+)", rest[:end])
     shape = None if dims is None else [int(d) for d in dims.group(1).split(",") if d]
-    return match.group(1), shape, opcode.strip(), operands, rest[end + 1:]
+    return match.group(1), shape, opcode.strip(), operands, rest[end + 1 :]
 
 
-def _instruction_flops(opcode: str, shape: list[int] | None, operands: list[str],
-                       attributes: str, shapes: dict[str, list[int] | None]) -> float:
+def _instruction_flops(
+    opcode: str,
+    shape: list[int] | None,
+    operands: list[str],
+    attributes: str,
+    shapes: dict[str, list[int] | None],
+) -> float:
     """FLOPs of a dot or a cuBLAS/cuDNN custom call (0 for anything else)."""
     if shape is None or not operands:
         return 0.0
@@ -250,8 +286,11 @@ def hlo_flops(hlo_text: str) -> float:
             total += called
             branches = _BRANCHES.search(attributes)
             if branches:
-                names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches.group(1)
-                         else [branches.group(2), branches.group(3)])
+                names = (
+                    re.findall(r"%([\w.\-]+)", branches.group(1))
+                    if branches.group(1)
+                    else [branches.group(2), branches.group(3)]
+                )
                 total += max(cost(b) for b in names)
         cache[name] = total
         return total

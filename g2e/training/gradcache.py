@@ -25,7 +25,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2e.models.sharding import batch_dim
 
@@ -35,6 +36,7 @@ PyTree = Any
 EmbedFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], Array]
 # loss_fn(queries [N, D], candidates [N, D], trainable) -> (loss, aux metrics).
 LossFn = Callable[[Array, Array, PyTree], tuple[Array, Mapping[str, Array]]]
+
 
 def _groups(mesh: Mesh | None, batch_axes: tuple[str, ...]) -> int:
     if mesh is None:
@@ -58,9 +60,11 @@ def to_chunks(batch: Mapping[str, Array], chunk: int, groups: int) -> dict[str, 
         x = jnp.moveaxis(x, batch_dim(key), 0)
         total = x.shape[0]
         if total % (groups * chunk):
-            raise ValueError(f"GradCache: batch of {total} ('{key}') does not split into "
-                             f"{groups} devices x chunks of {chunk}; make train.query_chunk / "
-                             "train.candidate_chunk divide the per-device batch.")
+            raise ValueError(
+                f"GradCache: batch of {total} ('{key}') does not split into "
+                f"{groups} devices x chunks of {chunk}; make train.query_chunk / "
+                "train.candidate_chunk divide the per-device batch."
+            )
         num = total // (groups * chunk)
         x = x.reshape(groups, num, chunk, *x.shape[1:]).swapaxes(0, 1)
         out[key] = x.reshape(num, groups * chunk, *x.shape[3:])
@@ -79,9 +83,17 @@ def from_chunks(embeddings: Array, groups: int) -> Array:
     return x.reshape(num * gc, dim)
 
 
-def embed_in_chunks(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
-                    batch: Mapping[str, Array], rng: Array, chunk: int, *,
-                    mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()) -> Array:
+def embed_in_chunks(
+    embed_fn: EmbedFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: Mapping[str, Array],
+    rng: Array,
+    chunk: int,
+    *,
+    mesh: Mesh | None = None,
+    batch_axes: tuple[str, ...] = (),
+) -> Array:
     """Embeddings [N, D] of a batch, computed T rows per device at a time, not differentiated."""
     groups = _groups(mesh, batch_axes)
     axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
@@ -99,9 +111,18 @@ def embed_in_chunks(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
     return _constrain(from_chunks(embeddings, groups), mesh, P(axes))
 
 
-def _accumulate_grads(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
-                      batch: Mapping[str, Array], cotangents: Array, rng: Array, chunk: int,
-                      acc: PyTree, mesh: Mesh | None, batch_axes: tuple[str, ...]) -> PyTree:
+def _accumulate_grads(
+    embed_fn: EmbedFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: Mapping[str, Array],
+    cotangents: Array,
+    rng: Array,
+    chunk: int,
+    acc: PyTree,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...],
+) -> PyTree:
     """acc + d(sum(embeddings * cotangents))/d(trainable), one chunk's backward at a time."""
     groups = _groups(mesh, batch_axes)
     axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
@@ -114,7 +135,8 @@ def _accumulate_grads(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
         chunk_batch = {k: _constrain(v, mesh, P(axes)) for k, v in chunk_batch.items()}
         key = jax.random.fold_in(rng, index)
         emb, pullback = jax.vjp(
-            lambda p: embed_fn(p, frozen, from_chunk(chunk_batch), key), trainable)
+            lambda p: embed_fn(p, frozen, from_chunk(chunk_batch), key), trainable
+        )
         (grads,) = pullback(_constrain(cot, mesh, P(axes)).astype(emb.dtype))
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return acc, None
@@ -123,11 +145,19 @@ def _accumulate_grads(embed_fn: EmbedFn, trainable: PyTree, frozen: PyTree,
     return acc
 
 
-def loss_and_grads(embed_fn: EmbedFn, loss_fn: LossFn, trainable: PyTree, frozen: PyTree,
-                   batch: Mapping[str, Mapping[str, Array]], rng: Array, *, query_chunk: int,
-                   candidate_chunk: int, mesh: Mesh | None = None,
-                   batch_axes: tuple[str, ...] = (),
-                   ) -> tuple[Array, Mapping[str, Array], PyTree]:
+def loss_and_grads(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: Mapping[str, Mapping[str, Array]],
+    rng: Array,
+    *,
+    query_chunk: int,
+    candidate_chunk: int,
+    mesh: Mesh | None = None,
+    batch_axes: tuple[str, ...] = (),
+) -> tuple[Array, Mapping[str, Array], PyTree]:
     """GradCache loss and gradient of the trainable parameters.
 
     Args:
@@ -147,23 +177,51 @@ def loss_and_grads(embed_fn: EmbedFn, loss_fn: LossFn, trainable: PyTree, frozen
     """
     query_rng, candidate_rng = jax.random.split(rng)
     common = dict(mesh=mesh, batch_axes=batch_axes)
-    queries = embed_in_chunks(embed_fn, trainable, frozen, batch["query"], query_rng,
-                              query_chunk, **common)
-    candidates = embed_in_chunks(embed_fn, trainable, frozen, batch["candidate"],
-                                 candidate_rng, candidate_chunk, **common)
+    queries = embed_in_chunks(
+        embed_fn, trainable, frozen, batch["query"], query_rng, query_chunk, **common
+    )
+    candidates = embed_in_chunks(
+        embed_fn, trainable, frozen, batch["candidate"], candidate_rng, candidate_chunk, **common
+    )
     (loss, aux), (query_cot, candidate_cot, direct) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1, 2), has_aux=True)(queries, candidates, trainable)
+        loss_fn, argnums=(0, 1, 2), has_aux=True
+    )(queries, candidates, trainable)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), direct)
-    grads = _accumulate_grads(embed_fn, trainable, frozen, batch["query"], query_cot, query_rng,
-                              query_chunk, grads, mesh, batch_axes)
-    grads = _accumulate_grads(embed_fn, trainable, frozen, batch["candidate"], candidate_cot,
-                              candidate_rng, candidate_chunk, grads, mesh, batch_axes)
+    grads = _accumulate_grads(
+        embed_fn,
+        trainable,
+        frozen,
+        batch["query"],
+        query_cot,
+        query_rng,
+        query_chunk,
+        grads,
+        mesh,
+        batch_axes,
+    )
+    grads = _accumulate_grads(
+        embed_fn,
+        trainable,
+        frozen,
+        batch["candidate"],
+        candidate_cot,
+        candidate_rng,
+        candidate_chunk,
+        grads,
+        mesh,
+        batch_axes,
+    )
     return loss, aux, grads
 
 
-def direct_loss_and_grads(embed_fn: EmbedFn, loss_fn: LossFn, trainable: PyTree,
-                          frozen: PyTree, batch: Mapping[str, Mapping[str, Array]],
-                          rng: Array) -> tuple[Array, Mapping[str, Array], PyTree]:
+def direct_loss_and_grads(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: Mapping[str, Mapping[str, Array]],
+    rng: Array,
+) -> tuple[Array, Mapping[str, Array], PyTree]:
     """The same loss and gradients by plain backpropagation through the whole batch.
 
     Memory grows with the batch; this is the reference GradCache is tested against.

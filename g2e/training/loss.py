@@ -30,7 +30,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
@@ -49,15 +50,18 @@ class LossConfig:
     def from_config(cls, train_cfg: Any) -> LossConfig:
         get = train_cfg.get
         margin = get("false_negative_margin", None)
-        return cls(temperature=float(train_cfg.temperature),
-                   hardness_alpha=float(get("hardness_alpha", 0.0)),
-                   false_negative_margin=None if margin is None or margin < 0 else float(margin),
-                   learnable_temperature=bool(get("learnable_temperature", False)),
-                   mask_identical_positives=bool(get("mask_identical_positives", True)))
+        return cls(
+            temperature=float(train_cfg.temperature),
+            hardness_alpha=float(get("hardness_alpha", 0.0)),
+            false_negative_margin=None if margin is None or margin < 0 else float(margin),
+            learnable_temperature=bool(get("learnable_temperature", False)),
+            mask_identical_positives=bool(get("mask_identical_positives", True)),
+        )
 
 
-def _local_infonce(queries: Array, candidates: Array, ids: Array, scale: Array, offset: Array,
-                   config: LossConfig) -> tuple[Array, Array]:
+def _local_infonce(
+    queries: Array, candidates: Array, ids: Array, scale: Array, offset: Array, config: LossConfig
+) -> tuple[Array, Array]:
     """Sums of cross-entropy and of correct top-1 over n local queries vs N candidates.
 
     Args:
@@ -99,15 +103,24 @@ def inverse_temperature(config: LossConfig, log_inverse_temperature: Array | Non
     """The logit scale 1/T: fixed from the config or exp of the learnable parameter."""
     if config.learnable_temperature:
         if log_inverse_temperature is None:
-            raise ValueError("LossConfig.learnable_temperature is on but no "
-                             "log_inverse_temperature parameter was passed.")
+            raise ValueError(
+                "LossConfig.learnable_temperature is on but no "
+                "log_inverse_temperature parameter was passed."
+            )
         return jnp.exp(log_inverse_temperature.astype(jnp.float32))
     return jnp.asarray(1.0 / config.temperature, jnp.float32)
 
 
-def infonce(queries: Array, candidates: Array, ids: Array, config: LossConfig, *,
-            mesh: Mesh | None, batch_axes: tuple[str, ...] = (),
-            log_inverse_temperature: Array | None = None) -> tuple[Array, Array]:
+def infonce(
+    queries: Array,
+    candidates: Array,
+    ids: Array,
+    config: LossConfig,
+    *,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...] = (),
+    log_inverse_temperature: Array | None = None,
+) -> tuple[Array, Array]:
     """Global-batch InfoNCE loss and in-batch top-1 accuracy.
 
     Args:
@@ -139,7 +152,9 @@ def infonce(queries: Array, candidates: Array, ids: Array, config: LossConfig, *
         return jax.lax.psum(loss_sum, axes), jax.lax.psum(correct, axes)
 
     loss_sum, correct = jax.shard_map(
-        per_device, mesh=mesh,
+        per_device,
+        mesh=mesh,
         in_specs=(P(axes, None), P(axes, None), P(axes), P()),
-        out_specs=(P(), P()))(queries, candidates, ids, scale)
+        out_specs=(P(), P()),
+    )(queries, candidates, ids, scale)
     return loss_sum / total, correct / total

@@ -28,12 +28,16 @@ def make_optimizer(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.
     Returns:
       (the optax transformation, the learning-rate schedule for logging).
     """
-    schedule = learning_rate_schedule(float(train_cfg.lr), int(train_cfg.warmup_steps),
-                                      int(train_cfg.steps))
+    schedule = learning_rate_schedule(
+        float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
+    )
     parts = []
     if train_cfg.grad_clip and train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
     # b1, b2, eps and the decoupled weight decay of torch.optim.AdamW / the HF Trainer.
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=float(train_cfg.weight_decay)))
+    parts.append(
+        optax.adamw(
+            schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=float(train_cfg.weight_decay)
+        )
+    )
     return optax.chain(*parts), schedule

@@ -60,36 +60,66 @@ def _train(pipeline: Pipeline, stage: str, *, use_clusters: bool) -> dict[str, A
     adapter = adapter_config(config)
     model = pipeline.model(trained=False, adapter=adapter)
     rows, clusters = training_rows(pipeline, use_clusters=use_clusters)
-    logging.info("%s: %d rows in %d clusters (%d of several rows)", stage, len(rows),
-                 len(clusters), sum(len(c) > 1 for c in clusters))
+    logging.info(
+        "%s: %d rows in %d clusters (%d of several rows)",
+        stage,
+        len(rows),
+        len(clusters),
+        sum(len(c) > 1 for c in clusters),
+    )
     processor = pipeline.processor(train=True)
     heldout = heldout_rows(pipeline)
     evaluate = None
     if heldout:
-        evaluate = HeldOut(model, heldout, pipeline.processor(
-            train=True, image_root=config.data.train_image_root or None), mesh=pipeline.mesh,
-            rules=pipeline.rules, batch_size=config.eval.batch_size, workers=pipeline.workers)
-    result = train_model(config, model, rows, clusters, processor, pipeline.mesh,
-                         pipeline.rules, str(pipeline.workdir / stage),
-                         workers=pipeline.workers, evaluate=evaluate)
+        evaluate = HeldOut(
+            model,
+            heldout,
+            pipeline.processor(train=True, image_root=config.data.train_image_root or None),
+            mesh=pipeline.mesh,
+            rules=pipeline.rules,
+            batch_size=config.eval.batch_size,
+            workers=pipeline.workers,
+        )
+    result = train_model(
+        config,
+        model,
+        rows,
+        clusters,
+        processor,
+        pipeline.mesh,
+        pipeline.rules,
+        str(pipeline.workdir / stage),
+        workers=pipeline.workers,
+        evaluate=evaluate,
+    )
     if result.stopped_early:
-        raise Preempted(f"{stage}: stopped at step {result.step} after saving a checkpoint; "
-                        "rerun the same command to resume")
+        raise Preempted(
+            f"{stage}: stopped at step {result.step} after saving a checkpoint; "
+            "rerun the same command to resume"
+        )
     # The weights may be sharded across hosts: every process takes part in gathering them,
     # process 0 writes.
     adapter_dir, full_dir = pipeline.trained_paths(stage)
     if adapter is not None:
-        distributed.write_on_primary(adapter_dir, lambda tmp: (
-            peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir)))
+        distributed.write_on_primary(
+            adapter_dir,
+            lambda tmp: peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir),
+        )
     else:
+
         def write(tmp):
             hf_io.save_hf(model, tmp)
             if tmp is not None:
                 hf_io.copy_assets(config.model_dir, tmp)
+
         distributed.write_on_primary(full_dir, write)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
-    summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss"),
-               "rows": len(rows), "clusters": len(clusters)}
+    summary = {
+        "steps": result.step,
+        "final_loss": result.last_metrics.get("loss"),
+        "rows": len(rows),
+        "clusters": len(clusters),
+    }
     if evaluate is not None:
         summary["heldout_accuracy"] = evaluate.last.get("heldout_accuracy")
     return summary
@@ -100,12 +130,18 @@ def adapter_config(config: Any) -> lora.AdapterConfig | None:
     adapter = config.train.adapter
     if adapter.kind == "none":
         return None
-    return lora.AdapterConfig(kind=adapter.kind, r=adapter.r, alpha=adapter.alpha,
-                              dropout=adapter.dropout, targets=tuple(adapter.targets))
+    return lora.AdapterConfig(
+        kind=adapter.kind,
+        r=adapter.r,
+        alpha=adapter.alpha,
+        dropout=adapter.dropout,
+        targets=tuple(adapter.targets),
+    )
 
 
-def training_rows(pipeline: Pipeline, *, use_clusters: bool = True
-                  ) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
+def training_rows(
+    pipeline: Pipeline, *, use_clusters: bool = True
+) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
     over them: the mine stage's when `use_clusters`, every row its own otherwise."""
     config = pipeline.config
@@ -123,8 +159,9 @@ def training_rows(pipeline: Pipeline, *, use_clusters: bool = True
                 clusters.append([offset + i for i in cluster])
                 covered[cluster] = True
         elif use_clusters:
-            logging.warning("train: %s has no clusters (%s); its rows train as single rows",
-                            subset, path)
+            logging.warning(
+                "train: %s has no clusters (%s); its rows train as single rows", subset, path
+            )
         clusters += [[offset + int(i)] for i in np.flatnonzero(~covered)]
         parts.append(subset_rows)
         offset += len(subset_rows)
@@ -139,8 +176,11 @@ def heldout_rows(pipeline: Pipeline) -> list[mmeb.TrainRow]:
     if not data.heldout_rows:
         return []
     bad = BadInputReport(data.on_bad_input)
-    return [row for subset in rows_lib.train_subsets(data)
-            for row in rows_lib.train_rows(data, subset, bad, heldout=True)]
+    return [
+        row
+        for subset in rows_lib.train_subsets(data)
+        for row in rows_lib.train_rows(data, subset, bad, heldout=True)
+    ]
 
 
 class HeldOut:
@@ -149,11 +189,27 @@ class HeldOut:
     accuracy in percent per subset ('heldout/<subset>') and their mean ('heldout_accuracy');
     a candidate identical to the positive (same positive_id) counts as a hit."""
 
-    def __init__(self, model: nnx.Module, rows: Sequence[Any], processor: Processor, *,
-                 mesh: Mesh, rules: sharding.Rules, batch_size: int, workers: int):
+    def __init__(
+        self,
+        model: nnx.Module,
+        rows: Sequence[Any],
+        processor: Processor,
+        *,
+        mesh: Mesh,
+        rules: sharding.Rules,
+        batch_size: int,
+        workers: int,
+    ):
         self.model = model
-        self.embedder = Embedder(model, processor, mesh=mesh, rules=rules,
-                                 batch_size=batch_size, progress=False, workers=workers)
+        self.embedder = Embedder(
+            model,
+            processor,
+            mesh=mesh,
+            rules=rules,
+            batch_size=batch_size,
+            progress=False,
+            workers=workers,
+        )
         self.queries = [query_item(row) for row in rows]
         self.positives = [positive_item(row) for row in rows]
         self.subsets = np.asarray([row.subset for row in rows])
@@ -191,7 +247,8 @@ def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
             f"--config.train.global_batch={total} does not split into {groups} devices (the "
             f"mesh's batch axes) x whole clusters of --config.train.cluster_size={size}; use a "
             f"multiple of {groups * size} (e.g. {nearest}), or change the cluster size or the "
-            "mesh.")
+            "mesh."
+        )
     return total
 
 
@@ -200,11 +257,18 @@ def batch_groups(mesh: Mesh, rules: sharding.Rules) -> int:
     return int(np.prod([mesh.shape[a] for a in sharding.batch_axes(rules, mesh.axis_names)]))
 
 
-def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
-                clusters: Sequence[Sequence[int]] | None, processor: Processor, mesh: Mesh,
-                rules: sharding.Rules, workdir: str, workers: int = 0,
-                evaluate: Callable[[int], dict[str, float]] | None = None
-                ) -> trainer.FitResult:
+def train_model(
+    config: Any,
+    model: nnx.Module,
+    rows: Sequence[Any],
+    clusters: Sequence[Sequence[int]] | None,
+    processor: Processor,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    workdir: str,
+    workers: int = 0,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+) -> trainer.FitResult:
     """Contrastive fine-tuning of `model` in place (SPEC §3); resumes from `workdir`.
 
     Args:
@@ -230,12 +294,19 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     if clusters is None:
         clusters = [[i] for i in range(len(rows))]
-    schedule = batches.ClusterSchedule(clusters, len(rows), train_cfg.cluster_size,
-                                       global_batch_size(train_cfg, mesh, rules),
-                                       seed=int(config.seed))
+    schedule = batches.ClusterSchedule(
+        clusters,
+        len(rows),
+        train_cfg.cluster_size,
+        global_batch_size(train_cfg, mesh, rules),
+        seed=int(config.seed),
+    )
     codec = RowCodec(processor, rows, image_root=config.data.train_image_root or None)
-    prepare_fn, embed_fn = model_step_fns(graphdef, groups=batch_groups(mesh, rules),
-                                          vision_chunk=int(train_cfg.get("vision_chunk", 0)))
+    prepare_fn, embed_fn = model_step_fns(
+        graphdef,
+        groups=batch_groups(mesh, rules),
+        vision_chunk=int(train_cfg.get("vision_chunk", 0)),
+    )
     adapter = getattr(model, "adapter", None)
 
     def load(trained):
@@ -246,14 +317,24 @@ def train_model(config: Any, model: nnx.Module, rows: Sequence[Any],
         load(trained)
         return evaluate(step)
 
-    result = trainer.fit(embed_fn, trainable, frozen, train_cfg=train_cfg,
-                         mesh=mesh, rules=rules, schedule=schedule, codec=codec,
-                         workdir=workdir, seed=int(config.seed), subsets=_SubsetNames(rows),
-                         model_flops=lambda host: flops.train_step_flops(model.config, host,
-                                                                         adapter),
-                         prepare_fn=prepare_fn, workers=workers,
-                         evaluate=evaluate_trained if evaluate else None,
-                         evaluate_every=int(train_cfg.get("heldout_every", 0)))
+    result = trainer.fit(
+        embed_fn,
+        trainable,
+        frozen,
+        train_cfg=train_cfg,
+        mesh=mesh,
+        rules=rules,
+        schedule=schedule,
+        codec=codec,
+        workdir=workdir,
+        seed=int(config.seed),
+        subsets=_SubsetNames(rows),
+        model_flops=lambda host: flops.train_step_flops(model.config, host, adapter),
+        prepare_fn=prepare_fn,
+        workers=workers,
+        evaluate=evaluate_trained if evaluate else None,
+        evaluate_every=int(train_cfg.get("heldout_every", 0)),
+    )
     load(result.trainable)
     return result
 
@@ -269,14 +350,17 @@ def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, n
     graphdef, trainable, frozen = nnx.split(model, weights if full else nnx.LoRAParam, ...)
     pure = trainable.to_pure_dict()
     if not jax.tree.leaves(pure):
-        raise ValueError("train_model: the model has no adapter parameters; build it with "
-                         "adapter=AdapterConfig(...) or set --config.train.adapter.kind=none "
-                         "for full fine-tuning.")
+        raise ValueError(
+            "train_model: the model has no adapter parameters; build it with "
+            "adapter=AdapterConfig(...) or set --config.train.adapter.kind=none "
+            "for full fine-tuning."
+        )
     return graphdef, pure, frozen
 
 
-def model_step_fns(graphdef: nnx.GraphDef, *, groups: int = 1, vision_chunk: int = 0
-                   ) -> tuple[step_lib.PrepareFn, gradcache.EmbedFn]:
+def model_step_fns(
+    graphdef: nnx.GraphDef, *, groups: int = 1, vision_chunk: int = 0
+) -> tuple[step_lib.PrepareFn, gradcache.EmbedFn]:
     """(prepare_fn, embed_fn) of a Qwen2VL train step (see g2e.training.step).
 
     prepare_fn, once per step: the frozen vision tower's tokens of each side
@@ -305,8 +389,13 @@ def model_step_fns(graphdef: nnx.GraphDef, *, groups: int = 1, vision_chunk: int
         model = nnx.merge(graphdef, nnx.State(trainable), prepared["state"])
         fields = dict(batch)
         tokens = fields.pop("vision_tokens", None)
-        return model.embed(fields, deterministic=False, rng=rng, vision_tokens=tokens,
-                           dora_norms=prepared["dora_norms"])
+        return model.embed(
+            fields,
+            deterministic=False,
+            rng=rng,
+            vision_tokens=tokens,
+            dora_norms=prepared["dora_norms"],
+        )
 
     return prepare, embed
 
@@ -317,8 +406,9 @@ def positive_id(row: Any) -> np.ndarray:
     duplicates instead of scoring them as negatives (two rows of a classification subset with
     the same label). A digest, not a number from a pass over all rows: each worker computes
     its rows' ids, and equal positives on different hosts get equal ids."""
-    key = json.dumps([row.pos_text, image_key(row.pos_image),
-                      prompts.uses_suffix("candidate", row.subset)])
+    key = json.dumps(
+        [row.pos_text, image_key(row.pos_image), prompts.uses_suffix("candidate", row.subset)]
+    )
     digest = np.frombuffer(hashlib.sha1(key.encode()).digest()[:8], np.uint32)
     return (digest & 0x7FFFFFFF).astype(np.int32)
 
@@ -337,8 +427,7 @@ class RowCodec:
 
     def encode(self, row_id: int) -> tuple:
         row = self.rows[int(row_id)]
-        encode = functools.partial(self.processor.encode, image_root=self.image_root,
-                                   strict=True)
+        encode = functools.partial(self.processor.encode, image_root=self.image_root, strict=True)
         return encode(query_item(row)), encode(positive_item(row)), positive_id(row)
 
     def shape(self, encoded: Sequence[tuple]) -> list[int]:
@@ -347,17 +436,23 @@ class RowCodec:
         return [*query, *candidate]
 
     def collate(self, encoded: Sequence[tuple]) -> dict:
-        return {"query": self.processor.collate([e[0] for e in encoded]),
-                "candidate": self.processor.collate([e[1] for e in encoded]),
-                "ids": np.stack([e[2] for e in encoded])}
+        return {
+            "query": self.processor.collate([e[0] for e in encoded]),
+            "candidate": self.processor.collate([e[1] for e in encoded]),
+            "ids": np.stack([e[2] for e in encoded]),
+        }
 
     def widen(self, batch: dict, shape: Sequence[int]) -> dict:
         query_length, query_patches, candidate_length, candidate_patches = shape
-        return {**batch,
-                "query": self.processor.widen(batch["query"], length=query_length,
-                                              num_patches=query_patches),
-                "candidate": self.processor.widen(batch["candidate"], length=candidate_length,
-                                                  num_patches=candidate_patches)}
+        return {
+            **batch,
+            "query": self.processor.widen(
+                batch["query"], length=query_length, num_patches=query_patches
+            ),
+            "candidate": self.processor.widen(
+                batch["candidate"], length=candidate_length, num_patches=candidate_patches
+            ),
+        }
 
 
 class _SubsetNames:

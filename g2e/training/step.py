@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2e.models import sharding
-
 from g2e.training import flops as flops_lib
 from g2e.training import gradcache
 from g2e.training import loss as loss_lib
@@ -75,15 +75,24 @@ class StepSetup:
     prepare_fn: PrepareFn | None = None
 
 
-def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int,
-               loss_config: loss_lib.LossConfig) -> PyTree:
+def init_state(
+    trainable: PyTree,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    loss_config: loss_lib.LossConfig,
+) -> PyTree:
     """Fresh train state; adds the log inverse temperature when it is learnable."""
     params = {"model": trainable}
     if loss_config.learnable_temperature:
-        params["log_inverse_temperature"] = jnp.asarray(math.log(1.0 / loss_config.temperature),
-                                                        jnp.float32)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-            "rng": jax.random.PRNGKey(seed)}
+        params["log_inverse_temperature"] = jnp.asarray(
+            math.log(1.0 / loss_config.temperature), jnp.float32
+        )
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.int32(0),
+        "rng": jax.random.PRNGKey(seed),
+    }
 
 
 def dropout_key(rng: jax.Array) -> jax.Array:
@@ -96,8 +105,9 @@ def _norm(tree: PyTree) -> jax.Array:
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
-               ) -> tuple[PyTree, dict[str, jax.Array]]:
+def train_step(
+    setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
+) -> tuple[PyTree, dict[str, jax.Array]]:
     """One optimisation step on a global batch {'query', 'candidate', 'ids'}.
 
     Returns the new state and scalar metrics (loss, accuracy, norms, learning rate).
@@ -112,32 +122,62 @@ def train_step(setup: StepSetup, state: PyTree, frozen: PyTree, batch: Mapping[s
 
     def contrastive(queries, candidates, params):
         loss, accuracy = loss_lib.infonce(
-            queries, candidates, batch["ids"], setup.loss_config, mesh=setup.mesh,
+            queries,
+            candidates,
+            batch["ids"],
+            setup.loss_config,
+            mesh=setup.mesh,
             batch_axes=setup.batch_axes,
-            log_inverse_temperature=params.get("log_inverse_temperature"))
+            log_inverse_temperature=params.get("log_inverse_temperature"),
+        )
         return loss, {"accuracy": accuracy}
 
     if setup.query_chunk and setup.candidate_chunk:
         loss, aux, grads = gradcache.loss_and_grads(
-            embed, contrastive, params, frozen, batch, rng, query_chunk=setup.query_chunk,
-            candidate_chunk=setup.candidate_chunk, mesh=setup.mesh, batch_axes=setup.batch_axes)
+            embed,
+            contrastive,
+            params,
+            frozen,
+            batch,
+            rng,
+            query_chunk=setup.query_chunk,
+            candidate_chunk=setup.candidate_chunk,
+            mesh=setup.mesh,
+            batch_axes=setup.batch_axes,
+        )
     else:
-        loss, aux, grads = gradcache.direct_loss_and_grads(embed, contrastive, params, frozen,
-                                                           batch, rng)
+        loss, aux, grads = gradcache.direct_loss_and_grads(
+            embed, contrastive, params, frozen, batch, rng
+        )
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": _norm(grads),
-               "param_norm": _norm(new_params), "update_norm": _norm(updates),
-               "learning_rate": jnp.asarray(setup.schedule(state["step"]), jnp.float32)}
+    metrics = {
+        "loss": loss,
+        "accuracy": aux["accuracy"],
+        "grad_norm": _norm(grads),
+        "param_norm": _norm(new_params),
+        "update_norm": _norm(updates),
+        "learning_rate": jnp.asarray(setup.schedule(state["step"]), jnp.float32),
+    }
     if "log_inverse_temperature" in new_params:
         metrics["temperature"] = jnp.exp(-new_params["log_inverse_temperature"])
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": state["rng"]}
+    new_state = {
+        "params": new_params,
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+    }
     return new_state, metrics
 
 
-def compile_step(setup: StepSetup, state_sharding: PyTree, state: PyTree, frozen: PyTree,
-                 batch: Mapping[str, Any], rules: sharding.Rules | None = None) -> Any:
+def compile_step(
+    setup: StepSetup,
+    state_sharding: PyTree,
+    state: PyTree,
+    frozen: PyTree,
+    batch: Mapping[str, Any],
+    rules: sharding.Rules | None = None,
+) -> Any:
     """`train_step` compiled for these arguments (arrays or ShapeDtypeStructs with shardings),
     the state donated and returned with `state_sharding`.
 
@@ -145,8 +185,11 @@ def compile_step(setup: StepSetup, state_sharding: PyTree, state: PyTree, frozen
     activation constraints apply.
     """
     replicated = NamedSharding(setup.mesh, P())
-    jitted = jax.jit(functools.partial(train_step, setup), donate_argnums=(0,),
-                     out_shardings=(state_sharding, replicated))
+    jitted = jax.jit(
+        functools.partial(train_step, setup),
+        donate_argnums=(0,),
+        out_shardings=(state_sharding, replicated),
+    )
     with contextlib.ExitStack() as stack:
         if rules is not None:
             stack.enter_context(jax.set_mesh(setup.mesh))
@@ -170,8 +213,12 @@ class Compiled:
 def memory_bytes(compiled: Any) -> int:
     """Per-device bytes a compiled executable plans to hold (arguments, outputs, temporaries)."""
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
 
 
 def device_memory_limit(limit_gb: float = 0.0) -> int | None:
@@ -195,9 +242,17 @@ class CompiledSteps:
       rules: the logical-axis rules the model's activations are constrained with.
     """
 
-    def __init__(self, setup: StepSetup, state_sharding: PyTree, *, backprop: str = "auto",
-                 query_chunk: int = 0, candidate_chunk: int = 0,
-                 memory_limit: int | None = None, rules: sharding.Rules | None = None):
+    def __init__(
+        self,
+        setup: StepSetup,
+        state_sharding: PyTree,
+        *,
+        backprop: str = "auto",
+        query_chunk: int = 0,
+        candidate_chunk: int = 0,
+        memory_limit: int | None = None,
+        rules: sharding.Rules | None = None,
+    ):
         if backprop not in BACKPROP:
             raise ValueError(f"train.backprop is {backprop!r}; use one of {BACKPROP}")
         self.setup, self.state_sharding = setup, state_sharding
@@ -208,8 +263,10 @@ class CompiledSteps:
 
     @staticmethod
     def _signature(*trees: PyTree) -> tuple:
-        return tuple((str(path), x.shape, str(x.dtype))
-                     for path, x in jax.tree_util.tree_leaves_with_path(trees))
+        return tuple(
+            (str(path), x.shape, str(x.dtype))
+            for path, x in jax.tree_util.tree_leaves_with_path(trees)
+        )
 
     def get(self, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]) -> Compiled:
         """The compiled step for these arguments' shapes (compiling it the first time)."""
@@ -217,27 +274,41 @@ class CompiledSteps:
         if key not in self._cache:
             self._cache[key] = self._choose(state, frozen, batch)
             chosen = self._cache[key]
-            logging.info("train step: %s backprop (chunks %d/%d), %.2f GiB per device planned, "
-                         "%.3g hardware FLOPs per device", chosen.backprop, chosen.query_chunk,
-                         chosen.candidate_chunk, chosen.memory_bytes / 2**30,
-                         chosen.hardware_flops)
+            logging.info(
+                "train step: %s backprop (chunks %d/%d), %.2f GiB per device planned, "
+                "%.3g hardware FLOPs per device",
+                chosen.backprop,
+                chosen.query_chunk,
+                chosen.candidate_chunk,
+                chosen.memory_bytes / 2**30,
+                chosen.hardware_flops,
+            )
         return self._cache[key]
 
-    def __call__(self, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
-                 ) -> tuple[PyTree, dict[str, jax.Array]]:
+    def __call__(
+        self, state: PyTree, frozen: PyTree, batch: Mapping[str, Any]
+    ) -> tuple[PyTree, dict[str, jax.Array]]:
         return self.get(state, frozen, batch).executable(state, frozen, batch)
 
     def _compile(self, state, frozen, batch, query_chunk: int, candidate_chunk: int) -> Compiled:
-        setup = dataclasses.replace(self.setup, query_chunk=query_chunk,
-                                    candidate_chunk=candidate_chunk)
+        setup = dataclasses.replace(
+            self.setup, query_chunk=query_chunk, candidate_chunk=candidate_chunk
+        )
         executable = compile_step(setup, self.state_sharding, state, frozen, batch, self.rules)
-        return Compiled(executable, "gradcache" if query_chunk else "direct", query_chunk,
-                        candidate_chunk, memory_bytes(executable),
-                        flops_lib.hlo_flops(executable.as_text()))
+        return Compiled(
+            executable,
+            "gradcache" if query_chunk else "direct",
+            query_chunk,
+            candidate_chunk,
+            memory_bytes(executable),
+            flops_lib.hlo_flops(executable.as_text()),
+        )
 
     def _fits(self, compiled: Compiled) -> bool:
-        return (self.memory_limit is None
-                or compiled.memory_bytes <= _MEMORY_HEADROOM * self.memory_limit)
+        return (
+            self.memory_limit is None
+            or compiled.memory_bytes <= _MEMORY_HEADROOM * self.memory_limit
+        )
 
     def _choose(self, state, frozen, batch) -> Compiled:
         groups = max(1, math.prod(self.setup.mesh.shape[a] for a in self.setup.batch_axes))
@@ -260,10 +331,15 @@ class CompiledSteps:
             compiled = self._compile(state, frozen, batch, query_chunk, candidate_chunk)
             if self._fits(compiled) or all(self.chunks):
                 return compiled
-        logging.warning("train step: GradCache with chunks %d/%d plans %.2f GiB per device, "
-                        "over the limit of %.2f GiB; lower train.query_chunk / candidate_chunk "
-                        "or use remat", compiled.query_chunk, compiled.candidate_chunk,
-                        compiled.memory_bytes / 2**30, self.memory_limit / 2**30)
+        logging.warning(
+            "train step: GradCache with chunks %d/%d plans %.2f GiB per device, "
+            "over the limit of %.2f GiB; lower train.query_chunk / candidate_chunk "
+            "or use remat",
+            compiled.query_chunk,
+            compiled.candidate_chunk,
+            compiled.memory_bytes / 2**30,
+            self.memory_limit / 2**30,
+        )
         return compiled
 
 

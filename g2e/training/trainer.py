@@ -25,7 +25,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2e import distributed
 from g2e.models import sharding
@@ -51,11 +52,13 @@ class MetricsWriter:
             return
         import tensorboardX
         import tqdm
+
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "train_metrics.jsonl"), "a")
         self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train",
-                             dynamic_ncols=True)
+        self.bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True
+        )
 
     def write(self, step: int, metrics: Mapping[str, float]):
         """One JSONL line {"step": step, **metrics}, and the same scalars to TensorBoard."""
@@ -66,11 +69,9 @@ class MetricsWriter:
         for key, value in metrics.items():
             self.tb.add_scalar(f"train/{key}", value, step)
         if "loss" in metrics:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                 acc=f"{metrics['accuracy']:.3f}")
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
         else:
-            logging.info("step %d: %s", step,
-                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def advance(self):
         if self.bar is not None:
@@ -94,24 +95,37 @@ class FitResult:
     last_metrics: dict[str, float]
 
 
-def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray,
-                  subsets: Any):
+def _check_finite(step: int, metrics: Mapping[str, float], rows: np.ndarray, subsets: Any):
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
     if bad:
         names = sorted({subsets[r] for r in rows}) if subsets is not None else ["(unknown)"]
         raise FloatingPointError(
             f"training step {step}: {', '.join(f'{k}={metrics[k]}' for k in bad)}; subsets in "
             f"the batch: {', '.join(names)}. Lower train.lr or check these subsets' rows; the "
-            "last checkpoint is untouched.")
+            "last checkpoint is untouched."
+        )
 
 
-def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train_cfg: Any,
-        mesh: Mesh, schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
-        workdir: str, rules: sharding.Rules = sharding.DEFAULT_RULES, seed: int = 0,
-        subsets: Any = None, model_flops: Callable[[Mapping[str, Any]], float] | None = None,
-        prepare_fn: step_lib.PrepareFn | None = None, async_checkpoints: bool = True,
-        workers: int = 0, evaluate: Evaluate | None = None, evaluate_every: int = 0
-        ) -> FitResult:
+def fit(
+    embed_fn: gradcache.EmbedFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    *,
+    train_cfg: Any,
+    mesh: Mesh,
+    schedule: batches_lib.ClusterSchedule,
+    codec: batches_lib.RowCodec,
+    workdir: str,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+    seed: int = 0,
+    subsets: Any = None,
+    model_flops: Callable[[Mapping[str, Any]], float] | None = None,
+    prepare_fn: step_lib.PrepareFn | None = None,
+    async_checkpoints: bool = True,
+    workers: int = 0,
+    evaluate: Evaluate | None = None,
+    evaluate_every: int = 0,
+) -> FitResult:
     """Trains `trainable` for train_cfg.steps steps, resuming from <workdir>/checkpoints.
 
     Args:
@@ -147,21 +161,43 @@ def fit(embed_fn: gradcache.EmbedFn, trainable: PyTree, frozen: PyTree, *, train
     """
     loss_config = loss_lib.LossConfig.from_config(train_cfg)
     optimizer, lr_schedule = optimizer_lib.make_optimizer(train_cfg)
-    setup = step_lib.StepSetup(embed_fn=embed_fn, loss_config=loss_config, optimizer=optimizer,
-                               schedule=lr_schedule, mesh=mesh, query_chunk=0, candidate_chunk=0,
-                               batch_axes=sharding.batch_axes(rules, mesh.axis_names),
-                               prepare_fn=prepare_fn)
+    setup = step_lib.StepSetup(
+        embed_fn=embed_fn,
+        loss_config=loss_config,
+        optimizer=optimizer,
+        schedule=lr_schedule,
+        mesh=mesh,
+        query_chunk=0,
+        candidate_chunk=0,
+        batch_axes=sharding.batch_axes(rules, mesh.axis_names),
+        prepare_fn=prepare_fn,
+    )
     state = _placed(step_lib.init_state(trainable, optimizer, seed, loss_config), mesh)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      keep=train_cfg.keep_checkpoints,
-                                      every=train_cfg.checkpoint_every,
-                                      async_save=async_checkpoints)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=train_cfg.keep_checkpoints,
+        every=train_cfg.checkpoint_every,
+        async_save=async_checkpoints,
+    )
     if ckpt.latest_step() is not None:
         state, position = ckpt.restore(checkpointing.abstract_like(state))
         logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
     try:
-        loop = _Loop(setup, state, train_cfg, schedule, codec, rules, ckpt, workdir, subsets,
-                     model_flops, workers, evaluate, evaluate_every)
+        loop = _Loop(
+            setup,
+            state,
+            train_cfg,
+            schedule,
+            codec,
+            rules,
+            ckpt,
+            workdir,
+            subsets,
+            model_flops,
+            workers,
+            evaluate,
+            evaluate_every,
+        )
     except BaseException:
         ckpt.close()
         raise
@@ -175,19 +211,35 @@ def _placed(state: PyTree, mesh: Mesh) -> PyTree:
     """The train state with every array not already spread over the mesh replicated on it."""
     replicated = NamedSharding(mesh, P())
     return jax.tree.map(
-        lambda x: x if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
-        else jax.device_put(x, replicated), state)
+        lambda x: (
+            x
+            if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+            else jax.device_put(x, replicated)
+        ),
+        state,
+    )
 
 
 class _Loop:
     """The steps of `fit`: the next host batch prepared while a step runs, the jitted step,
     checks one step late, metrics, checkpoints and the stop signal."""
 
-    def __init__(self, setup: step_lib.StepSetup, state: PyTree, train_cfg: Any,
-                 schedule: batches_lib.ClusterSchedule, codec: batches_lib.RowCodec,
-                 rules: sharding.Rules, ckpt: checkpointing.Checkpointer, workdir: str,
-                 subsets: Any, model_flops: Callable[[Mapping[str, Any]], float] | None,
-                 workers: int, evaluate: Evaluate | None, evaluate_every: int):
+    def __init__(
+        self,
+        setup: step_lib.StepSetup,
+        state: PyTree,
+        train_cfg: Any,
+        schedule: batches_lib.ClusterSchedule,
+        codec: batches_lib.RowCodec,
+        rules: sharding.Rules,
+        ckpt: checkpointing.Checkpointer,
+        workdir: str,
+        subsets: Any,
+        model_flops: Callable[[Mapping[str, Any]], float] | None,
+        workers: int,
+        evaluate: Evaluate | None,
+        evaluate_every: int,
+    ):
         self.setup, self.state, self.train_cfg = setup, state, train_cfg
         self.schedule, self.rules = schedule, rules
         self.ckpt, self.workdir, self.subsets = ckpt, workdir, subsets
@@ -196,18 +248,23 @@ class _Loop:
         self.batch_size = schedule.batch_size
         self.start = int(jax.device_get(state["step"]))
         self.steps = step_lib.CompiledSteps(
-            setup, jax.tree.map(lambda x: x.sharding, state),
+            setup,
+            jax.tree.map(lambda x: x.sharding, state),
             backprop=train_cfg.get("backprop", "auto"),
             query_chunk=int(train_cfg.get("query_chunk", 0)),
             candidate_chunk=int(train_cfg.get("candidate_chunk", 0)),
             memory_limit=step_lib.device_memory_limit(train_cfg.get("memory_limit_gb", 0.0)),
-            rules=rules)
+            rules=rules,
+        )
         self.inputs = batches_lib.StepInputs(
-            schedule, codec, rows_here=distributed.local_row_range(setup.mesh, rules,
-                                                                   self.batch_size),
-            first_step=self.start, last_step=train_cfg.steps, workers=workers)
-        self.writer = MetricsWriter(workdir, train_cfg.steps, self.start,
-                                    jax.process_index() == 0)
+            schedule,
+            codec,
+            rows_here=distributed.local_row_range(setup.mesh, rules, self.batch_size),
+            first_step=self.start,
+            last_step=train_cfg.steps,
+            workers=workers,
+        )
+        self.writer = MetricsWriter(workdir, train_cfg.steps, self.start, jax.process_index() == 0)
         self.log_every = int(train_cfg.get("log_every", 10))
         self.last: dict[str, float] = {}
         self.tick = time.perf_counter()
@@ -216,16 +273,20 @@ class _Loop:
         """(global row ids, the step's global device batch, tokens in it, its model FLOPs)."""
         rows, local, shape = self.inputs.prepare(step)
         host = self.inputs.agree(local, shape)
-        tokens = sum(int(np.sum(host[k]["attention_mask"])) for k in ("query", "candidate")
-                     if "attention_mask" in host[k])
-        model_flops = (self.model_flops(host) * jax.process_count() if self.model_flops
-                       else 0.0)
-        device_batch = distributed.put_batch(host, self.setup.mesh, self.rules,
-                                             global_rows=self.batch_size)
+        tokens = sum(
+            int(np.sum(host[k]["attention_mask"]))
+            for k in ("query", "candidate")
+            if "attention_mask" in host[k]
+        )
+        model_flops = self.model_flops(host) * jax.process_count() if self.model_flops else 0.0
+        device_batch = distributed.put_batch(
+            host, self.setup.mesh, self.rules, global_rows=self.batch_size
+        )
         return rows, device_batch, tokens * jax.process_count(), model_flops
 
-    def finish(self, step: int, rows: np.ndarray, tokens: int, work: tuple[float, float],
-               device_metrics) -> None:
+    def finish(
+        self, step: int, rows: np.ndarray, tokens: int, work: tuple[float, float], device_metrics
+    ) -> None:
         """Fetches a step's metrics, stops on NaN, logs them.
 
         work: (the step's model FLOPs over all devices, its hardware FLOPs per device).
@@ -264,7 +325,8 @@ class _Loop:
                 pending = (step, rows, tokens, (model_flops, compiled.hardware_flops), metrics)
                 last = done == self.train_cfg.steps
                 evaluating = self.evaluate is not None and (
-                    last or (self.evaluate_every and done % self.evaluate_every == 0))
+                    last or (self.evaluate_every and done % self.evaluate_every == 0)
+                )
                 stopping = stop.requested or self.ckpt.reached_preemption(done)
                 saving = stopping or last or self.ckpt.manager.should_save(done)
                 if evaluating or saving:
@@ -277,15 +339,20 @@ class _Loop:
                     self.ckpt.save(done, self.state, self.position(done), force=True)
                 if stopping:
                     self.ckpt.wait()
-                    logging.warning("stop requested: saved step %d in %s; exiting.", done,
-                                    self.workdir)
+                    logging.warning(
+                        "stop requested: saved step %d in %s; exiting.", done, self.workdir
+                    )
                     stopped_early = True
                     break
             if pending is not None:
                 self.finish(*pending)
-        return FitResult(trainable=self.state["params"]["model"], params=self.state["params"],
-                         step=int(jax.device_get(self.state["step"])),
-                         stopped_early=stopped_early, last_metrics=self.last)
+        return FitResult(
+            trainable=self.state["params"]["model"],
+            params=self.state["params"],
+            step=int(jax.device_get(self.state["step"])),
+            stopped_early=stopped_early,
+            last_metrics=self.last,
+        )
 
     def position(self, step: int) -> dict[str, Any]:
         """The input position saved with the checkpoint of `step` (the schedule's place, and

@@ -40,15 +40,18 @@ def test_loads_relative_path_as_rgb(root):
     np.testing.assert_array_equal(np.asarray(image), np.asarray(noise()))
 
 
-@pytest.mark.parametrize("path, reason", [
-    ("images/Sub/missing.png", "missing image"),
-    ("images/Sub/empty.jpg", "empty image file"),
-    ("images/Sub/cut.jpg", "truncated or corrupt image"),
-    ("images/Sub/text.jpg", "cannot decode image"),
-    ("../secret.png", "escapes the image root"),
-    ("images/../../secret.png", "escapes the image root"),
-    ("/etc/passwd", "escapes the image root"),
-])
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("images/Sub/missing.png", "missing image"),
+        ("images/Sub/empty.jpg", "empty image file"),
+        ("images/Sub/cut.jpg", "truncated or corrupt image"),
+        ("images/Sub/text.jpg", "cannot decode image"),
+        ("../secret.png", "escapes the image root"),
+        ("images/../../secret.png", "escapes the image root"),
+        ("/etc/passwd", "escapes the image root"),
+    ],
+)
 def test_bad_image_files(root, path, reason):
     with pytest.raises(BadInput, match=reason) as info:
         images.load_image(path, image_root=root / "images" / "..")
@@ -115,27 +118,37 @@ def test_square_policies():
     for name, side in images.SQUARE_POLICIES.items():
         resized = images.apply_policy(image, name)
         assert resized.size == (side, side)
-    assert images.SQUARE_POLICIES == {"high": 1344, "mid_high": 768, "mid": 672,
-                                      "mid_low": 448, "clip": 336, "low": 128}
+    assert images.SQUARE_POLICIES == {
+        "high": 1344,
+        "mid_high": 768,
+        "mid": 672,
+        "mid_low": 448,
+        "clip": 336,
+        "low": 128,
+    }
     np.testing.assert_array_equal(
         np.asarray(images.apply_policy(image, "clip")),
-        np.asarray(image.resize((336, 336), Image.Resampling.BICUBIC)))
+        np.asarray(image.resize((336, 336), Image.Resampling.BICUBIC)),
+    )
     assert images.apply_policy(image, "processor") is image
     with pytest.raises(ValueError, match="image_resolution"):
         images.apply_policy(image, "ultra")
 
 
-@pytest.mark.parametrize("size, expected", [
-    ((400, 400), (400, 400)),      # within bounds: unchanged
-    ((2000, 1500), (992, 744)),    # long side capped at 992
-    ((200, 150), (448, 336)),      # short side raised to 336
-    ((100, 1000), (496, 992)),     # aspect > 2: short side to half the long, then capped
-    ((3000, 400), (992, 496)),
-    ((1000, 100), (992, 496)),
-    ((1200, 300), (992, 496)),
-    ((5000, 200), (992, 496)),
-    ((900, 700), (900, 700)),
-])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((400, 400), (400, 400)),  # within bounds: unchanged
+        ((2000, 1500), (992, 744)),  # long side capped at 992
+        ((200, 150), (448, 336)),  # short side raised to 336
+        ((100, 1000), (496, 992)),  # aspect > 2: short side to half the long, then capped
+        ((3000, 400), (992, 496)),
+        ((1000, 100), (992, 496)),
+        ((1200, 300), (992, 496)),
+        ((5000, 200), (992, 496)),
+        ((900, 700), (900, 700)),
+    ],
+)
 def test_random_policy_size(size, expected):
     assert images.random_policy_size(*size) == expected
 
@@ -144,7 +157,8 @@ def test_random_policy_resizes_with_lanczos():
     image = noise(150, 200)
     out = images.apply_policy(image, "random")
     np.testing.assert_array_equal(
-        np.asarray(out), np.asarray(image.resize((448, 336), Image.Resampling.LANCZOS)))
+        np.asarray(out), np.asarray(image.resize((448, 336), Image.Resampling.LANCZOS))
+    )
 
 
 def test_extreme_aspect_ratio_is_bad_input():
@@ -155,8 +169,9 @@ def test_extreme_aspect_ratio_is_bad_input():
 def test_bad_input_message_and_report():
     error = BadInput("missing image", file="images/A/x.jpg", hint="check the image root")
     located = error.with_context(subset="OK-VQA", row=7)
-    assert str(located) == ("subset 'OK-VQA', row 7, file 'images/A/x.jpg': missing image. "
-                            "check the image root")
+    assert str(located) == (
+        "subset 'OK-VQA', row 7, file 'images/A/x.jpg': missing image. check the image root"
+    )
     assert str(pickle.loads(pickle.dumps(located))) == str(located)
     with pytest.raises(BadInput, match="row 7"):
         BadInputReport("error").handle(located)

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from g2e.demo import mini_mmeb
 from g2e.data import mmeb
 from g2e.data.errors import BadInput, BadInputReport
+from g2e.demo import mini_mmeb
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +169,9 @@ def test_bad_policy_is_refused(source):
 def repeated(tmp_path):
     """An eval subset whose 6 rows name the same 8 candidate images (two folders) again and
     again, as MMEB-eval's candidate pools do."""
-    from g2e.data import subsets
-
     import PIL.Image
+
+    from g2e.data import subsets
 
     root = tmp_path / "data"
     paths = []

@@ -76,8 +76,12 @@ def hf_reference(processor: Processor, text: str, pil_images):
     pieces = text.split(prompts.IMAGE_PAD)
     expanded = pieces[0]
     for index, piece in enumerate(pieces[1:]):
-        expanded += transformers.Qwen2VLProcessor.replace_image_token(
-            owner, {"image_grid_thw": grids}, index) + piece
+        expanded += (
+            transformers.Qwen2VLProcessor.replace_image_token(
+                owner, {"image_grid_thw": grids}, index
+            )
+            + piece
+        )
     ids = processor.tokenizer(expanded)["input_ids"]
     return np.asarray(ids), pixel_values, [tuple(int(x) for x in g) for g in grids]
 
@@ -97,8 +101,13 @@ def hf_rope(hf_model, processor, batch, grids):
 ITEMS = [
     EmbedItem(VQA, "images/OK-VQA/table.png", "query", "OK-VQA", row=0),
     EmbedItem("a vase of flowers", None, "candidate", "OK-VQA", row=0),
-    EmbedItem("<|image_1|>\nSelect the portion of the image.", png(noise(150, 60, 2)),
-              "candidate", "RefCOCO-Matching", row=3),
+    EmbedItem(
+        "<|image_1|>\nSelect the portion of the image.",
+        png(noise(150, 60, 2)),
+        "candidate",
+        "RefCOCO-Matching",
+        row=3,
+    ),
     EmbedItem("What is this?", noise(300, 420, 3), "query", "ImageNet-1K", row=5),
     EmbedItem(prompts.sugarcrepe_caption("A man rides a horse."), None, "query"),
 ]
@@ -113,8 +122,9 @@ def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, 
     grids = []
     for row, item in enumerate(ITEMS):
         has_image = item.image is not None
-        text = prompts.embedding_prompt_text(item.text, has_image=has_image, role=item.role,
-                                             subset=item.subset)
+        text = prompts.embedding_prompt_text(
+            item.text, has_image=has_image, role=item.role, subset=item.subset
+        )
         pil = processor.load_images([item.image] if has_image else [])
         ids, pixel_values, item_grids = hf_reference(processor, text, pil)
         grids.append(item_grids)
@@ -124,17 +134,18 @@ def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, 
         count = pixel_values.shape[0]
         # Bit for bit what transformers' processor gives, once the device normalises.
         np.testing.assert_array_equal(
-            as_model_input(batch["pixel_values"][row, :count], checkpoint), pixel_values)
+            as_model_input(batch["pixel_values"][row, :count], checkpoint), pixel_values
+        )
         assert batch["pixel_values"].dtype == np.uint8
         assert not batch["pixel_values"][row, count:].any()
         # The pooled token is the "\n" after "assistant", on either padding side.
         last = batch["last_index"][row]
-        assert real[last] and (padding_side == "left" or not real[last + 1:].any())
+        assert real[last] and (padding_side == "left" or not real[last + 1 :].any())
         header = processor.tokenizer("<|im_start|>assistant\n")["input_ids"]
         np.testing.assert_array_equal(
-            batch["input_ids"][row][last + 1 - len(header):last + 1], header)
-    np.testing.assert_array_equal(batch["position_ids"],
-                                  hf_rope(hf_model, processor, batch, grids))
+            batch["input_ids"][row][last + 1 - len(header) : last + 1], header
+        )
+    np.testing.assert_array_equal(batch["position_ids"], hf_rope(hf_model, processor, batch, grids))
     assert batch["position_ids"].dtype == np.int32
 
 
@@ -145,15 +156,23 @@ def test_batch_layout(checkpoint):
     B, L, P = 4, 128, 64
     assert 64 < max(e.length for e in encoded) <= 128
     assert 32 < max(e.num_patches for e in encoded) <= 64
-    expected = dict(input_ids=(B, L), attention_mask=(B, L), position_ids=(3, B, L),
-                    pixel_values=(B, P, 588), vision_segment_ids=(B, P),
-                    vision_positions=(B, P, 2), image_token_index=(B, L), last_index=(B,))
+    expected = dict(
+        input_ids=(B, L),
+        attention_mask=(B, L),
+        position_ids=(3, B, L),
+        pixel_values=(B, P, 588),
+        vision_segment_ids=(B, P),
+        vision_positions=(B, P, 2),
+        image_token_index=(B, L),
+        last_index=(B,),
+    )
     assert {key: value.shape for key, value in batch.items()} == expected
     for row, item in enumerate(encoded):
         is_image = batch["input_ids"][row] == processor.image_token_id
         assert is_image.sum() == item.num_patches // 4
-        np.testing.assert_array_equal(batch["image_token_index"][row][is_image],
-                                      np.arange(is_image.sum()))
+        np.testing.assert_array_equal(
+            batch["image_token_index"][row][is_image], np.arange(is_image.sum())
+        )
         assert not batch["image_token_index"][row][~is_image].any()
         layout = positions.vision_layout(item.image_grid_thw, P)
         np.testing.assert_array_equal(batch["vision_positions"][row], layout[0])
@@ -167,7 +186,8 @@ def test_batch_layout(checkpoint):
     real = sum(e.length for e in encoded)
     assert report["token_padding_fraction"] == pytest.approx(1 - real / (B * L))
     assert report["patch_padding_fraction"] == pytest.approx(
-        1 - sum(e.num_patches for e in encoded) / (B * P))
+        1 - sum(e.num_patches for e in encoded) / (B * P)
+    )
     assert report["shapes"] == [(B, L, P)]
 
 
@@ -183,8 +203,9 @@ def test_buckets(checkpoint):
     with pytest.raises(ValueError, match="pad_to_batch"):
         processor.collate([big, big], pad_to_batch=1)
     # Shapes fixed by the caller (e.g. agreed across hosts), even with no encodings at all.
-    fixed = processor.collate([processor.encode(ITEMS[1])], pad_to_batch=2, length=256,
-                              num_patches=64)
+    fixed = processor.collate(
+        [processor.encode(ITEMS[1])], pad_to_batch=2, length=256, num_patches=64
+    )
     assert fixed["input_ids"].shape == (2, 256) and fixed["pixel_values"].shape == (2, 64, 588)
     empty = processor.collate([], pad_to_batch=2, length=64, num_patches=0)
     assert empty["attention_mask"].sum() == 2 and empty["input_ids"].shape == (2, 64)
@@ -216,9 +237,12 @@ def test_truncation_cuts_the_text_and_keeps_the_template(checkpoint):
     assert encoded.length == 120 and full.length > 120
     assert encoded.truncated_tokens == full.length - 120
     tail = processor.tokenizer(TAIL)["input_ids"]
-    np.testing.assert_array_equal(encoded.input_ids[-len(tail):], tail)
-    head_length = len(processor.tokenizer(
-        prompts.embedding_prompt(item.text, has_image=True, role="query").head)["input_ids"])
+    np.testing.assert_array_equal(encoded.input_ids[-len(tail) :], tail)
+    head_length = len(
+        processor.tokenizer(prompts.embedding_prompt(item.text, has_image=True, role="query").head)[
+            "input_ids"
+        ]
+    )
     np.testing.assert_array_equal(encoded.input_ids[:head_length], full.input_ids[:head_length])
     # Every image token survives; the text is cut from its end.
     assert (encoded.input_ids == processor.image_token_id).sum() == encoded.num_patches // 4
@@ -238,18 +262,23 @@ def test_bad_input_error_names_subset_row_and_file(checkpoint):
     assert "subset 'OK-VQA'" in message and "row 17" in message and "missing.png" in message
 
 
-@pytest.mark.parametrize("item, reason", [
-    (EmbedItem(VQA, "images/OK-VQA/missing.png", "query", "OK-VQA", 1), "missing image"),
-    (EmbedItem(VQA, b"", "query", "OK-VQA", 2), "empty image file"),
-    (EmbedItem(VQA, png(noise(40, 40))[:100], "query", "OK-VQA", 3), "truncated or corrupt"),
-    (EmbedItem(VQA, "../../etc/passwd", "query", "OK-VQA", 4), "escapes the image root"),
-    (EmbedItem(VQA, png(Image.new("1", (10000, 9000))), "query", "OK-VQA", 5),
-     "decompression bomb"),
-    (EmbedItem("", None, "candidate", "N24News", 6), "empty text and no image"),
-    (EmbedItem(VQA, None, "query", "OK-VQA", 7), "placeholders do not match"),
-    (EmbedItem("word " * 1200, None, "query", "WebQA", 8), "text far over max_length"),
-    (EmbedItem("x", noise(600, 600), "query", "OK-VQA", 9), "does not fit max_length"),
-])
+@pytest.mark.parametrize(
+    "item, reason",
+    [
+        (EmbedItem(VQA, "images/OK-VQA/missing.png", "query", "OK-VQA", 1), "missing image"),
+        (EmbedItem(VQA, b"", "query", "OK-VQA", 2), "empty image file"),
+        (EmbedItem(VQA, png(noise(40, 40))[:100], "query", "OK-VQA", 3), "truncated or corrupt"),
+        (EmbedItem(VQA, "../../etc/passwd", "query", "OK-VQA", 4), "escapes the image root"),
+        (
+            EmbedItem(VQA, png(Image.new("1", (10000, 9000))), "query", "OK-VQA", 5),
+            "decompression bomb",
+        ),
+        (EmbedItem("", None, "candidate", "N24News", 6), "empty text and no image"),
+        (EmbedItem(VQA, None, "query", "OK-VQA", 7), "placeholders do not match"),
+        (EmbedItem("word " * 1200, None, "query", "WebQA", 8), "text far over max_length"),
+        (EmbedItem("x", noise(600, 600), "query", "OK-VQA", 9), "does not fit max_length"),
+    ],
+)
 def test_bad_input_cases_error_or_skip(checkpoint, item, reason):
     with pytest.raises(BadInput, match=reason):
         make(checkpoint, max_length=128, max_pixels=448 * 448).encode(item)
@@ -273,12 +302,11 @@ def test_image_modes_are_converted(checkpoint):
 
 def test_encode_chat_with_answer_marks_targets(checkpoint):
     processor = make(checkpoint)
-    encoded = processor.encode_chat(None, "What colour is the vase?", [noise(56, 56)],
-                                    answer="Red")
+    encoded = processor.encode_chat(None, "What colour is the vase?", [noise(56, 56)], answer="Red")
     answer_ids = processor.tokenizer("Red<|im_end|>")["input_ids"]
     targets = encoded.input_ids[encoded.target_mask.astype(bool)]
     np.testing.assert_array_equal(targets, answer_ids)
-    np.testing.assert_array_equal(encoded.input_ids[-len(answer_ids):], answer_ids)
+    np.testing.assert_array_equal(encoded.input_ids[-len(answer_ids) :], answer_ids)
     batch = processor.collate([encoded, processor.encode(ITEMS[1])])
     assert batch["target_mask"].shape == batch["input_ids"].shape
     assert batch["target_mask"][0].sum() == len(answer_ids) and not batch["target_mask"][1].any()
@@ -291,12 +319,14 @@ def test_judge_prompt_with_two_images_matches_transformers(checkpoint, hf_model)
     encoded = processor.encode_judge(query, candidate)
     text = prompts.judge_prompt(VQA, True, "", True).text
     ids, pixel_values, grids = hf_reference(
-        processor, text, processor.load_images([query.image, candidate.image]))
+        processor, text, processor.load_images([query.image, candidate.image])
+    )
     np.testing.assert_array_equal(encoded.input_ids, ids)
     np.testing.assert_array_equal(as_model_input(encoded.pixel_values, checkpoint), pixel_values)
     batch = processor.collate([encoded], pad_to_batch=2)
-    np.testing.assert_array_equal(batch["position_ids"],
-                                  hf_rope(hf_model, processor, batch, [grids, []]))
+    np.testing.assert_array_equal(
+        batch["position_ids"], hf_rope(hf_model, processor, batch, [grids, []])
+    )
     assert set(batch["vision_segment_ids"][0]) == {0, 1, 2}
     assert processor.tokenizer.decode(encoded.input_ids).endswith("<|im_start|>assistant\n")
     yes, no = processor.judge_token_ids()
@@ -312,7 +342,8 @@ def test_prompt_ablation_reaches_the_tokens(checkpoint):
     plain = make(checkpoint, prompt=prompts.PromptOptions(system=False, suffix=False))
     encoded = plain.encode(ITEMS[1])
     assert plain.tokenizer.decode(encoded.input_ids) == (
-        "<|im_start|>user\na vase of flowers<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\na vase of flowers<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_a_square_policy_gives_one_patch_bucket(checkpoint):
@@ -324,6 +355,7 @@ def test_a_square_policy_gives_one_patch_bucket(checkpoint):
     encoded = processor.encode(EmbedItem("", noise(300, 500), "candidate"))
     assert encoded.num_patches == patches
     assert processor.collate([encoded])["pixel_values"].shape[1] == patches
-    full_size = Processor.from_dir(checkpoint, max_length=256, image_resolution="mid_low",
-                                   max_pixels=12845056)
+    full_size = Processor.from_dir(
+        checkpoint, max_length=256, image_resolution="mid_low", max_pixels=12845056
+    )
     assert full_size.patch_buckets == (0, 1024)

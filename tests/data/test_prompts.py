@@ -5,20 +5,28 @@ import pytest
 from g2e.data import prompts
 from g2e.data.errors import BadInput
 
-SYSTEM = ("Given an image, summarize the provided image in one word. "
-          "Given only text, describe the text in one word.")
+SYSTEM = (
+    "Given an image, summarize the provided image in one word. "
+    "Given only text, describe the text in one word."
+)
 HEAD = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
 TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_SUFFIX = "\nRepresent the given text/image in one word."
 TEXT_SUFFIX = "\nRepresent the given text in one word."
 VQA = "<|image_1|>\nRepresent the given image with the following question: What is on the table?"
-VQA_QWEN = ("<|image_pad|>\nRepresent the given image with the following question: "
-            "What is on the table?")
+VQA_QWEN = (
+    "<|image_pad|>\nRepresent the given image with the following question: What is on the table?"
+)
 
 
 def build(text, has_image, role, subset="", **options):
-    return prompts.embedding_prompt_text(text, has_image=has_image, role=role, subset=subset,
-                                         options=prompts.PromptOptions(**options))
+    return prompts.embedding_prompt_text(
+        text,
+        has_image=has_image,
+        role=role,
+        subset=subset,
+        options=prompts.PromptOptions(**options),
+    )
 
 
 def test_constants_match_spec():
@@ -42,16 +50,20 @@ def test_candidates_have_no_suffix():
     assert build("A dog runs.", False, "candidate", "MSCOCO_i2t") == HEAD + "A dog runs." + TAIL
     image_text = "<|image_1|>\nRepresent the given image."
     assert build(image_text, True, "candidate", "MSCOCO_t2i") == (
-        HEAD + "<|image_pad|>\nRepresent the given image." + TAIL)
+        HEAD + "<|image_pad|>\nRepresent the given image." + TAIL
+    )
 
 
 def test_matching_candidates_are_formatted_as_queries():
     image_text = "<|image_1|>\nSelect the portion of the image that follows the expression."
-    expected = (HEAD + "<|image_pad|>\nSelect the portion of the image that follows the "
-                "expression." + IMAGE_SUFFIX + TAIL)
+    expected = (
+        HEAD + "<|image_pad|>\nSelect the portion of the image that follows the "
+        "expression." + IMAGE_SUFFIX + TAIL
+    )
     assert build(image_text, True, "candidate", "RefCOCO-Matching") == expected
     assert build("a red car", False, "candidate", "RefCOCO-Matching") == (
-        HEAD + "a red car" + TEXT_SUFFIX + TAIL)
+        HEAD + "a red car" + TEXT_SUFFIX + TAIL
+    )
     # The plain RefCOCO subset keeps suffix-less candidates.
     assert build("a red car", False, "candidate", "RefCOCO") == HEAD + "a red car" + TAIL
 
@@ -62,12 +74,14 @@ def test_ablations():
     assert build(VQA, True, "query", suffix=False) == HEAD + VQA_QWEN + TAIL
     assert build(VQA, True, "query", system=False, suffix=False) == plain_head + VQA_QWEN + TAIL
     assert build("a cat", False, "candidate", system=False, suffix=False) == (
-        plain_head + "a cat" + TAIL)
+        plain_head + "a cat" + TAIL
+    )
 
 
 def test_image_goes_first_without_placeholder():
     assert build("What is this?", True, "query") == (
-        HEAD + "<|image_pad|>\nWhat is this?" + IMAGE_SUFFIX + TAIL)
+        HEAD + "<|image_pad|>\nWhat is this?" + IMAGE_SUFFIX + TAIL
+    )
     assert build("", True, "candidate") == HEAD + "<|image_pad|>" + TAIL
     assert prompts.place_images("compare", 2) == "<|image_pad|>\n<|image_pad|>\ncompare"
 
@@ -75,10 +89,14 @@ def test_image_goes_first_without_placeholder():
 def test_sugarcrepe_prompts():
     caption = prompts.sugarcrepe_caption("A man rides a horse.")
     assert build(caption, False, "query") == (
-        HEAD + "Find me an image that matches the given caption: A man rides a horse."
-        + TEXT_SUFFIX + TAIL)
+        HEAD
+        + "Find me an image that matches the given caption: A man rides a horse."
+        + TEXT_SUFFIX
+        + TAIL
+    )
     assert build(prompts.SUGARCREPE_IMAGE_TEXT, True, "candidate") == (
-        HEAD + "<|image_pad|>" + TAIL)
+        HEAD + "<|image_pad|>" + TAIL
+    )
 
 
 def test_judge_prompt():
@@ -86,9 +104,11 @@ def test_judge_prompt():
     assert prompt.text == (
         "<|im_start|>system\nYou are a careful judge. Decide whether a candidate is a correct "
         "match for a query: the right answer to its question, or the item it asks for or "
-        "describes.<|im_end|>\n<|im_start|>user\nQuery: " + VQA_QWEN
+        "describes.<|im_end|>\n<|im_start|>user\nQuery: "
+        + VQA_QWEN
         + "\nCandidate: a vase of flowers\nDoes the candidate correctly answer or match the "
-        "query? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
+        "query? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prompt.text.endswith("<|im_start|>assistant\n")
     both = prompts.judge_prompt("A red car.", False, "", True)
     assert both.body == "Query: A red car.\nCandidate: <|image_pad|>"
@@ -96,8 +116,9 @@ def test_judge_prompt():
 
 def test_chat_prompt_with_answer():
     prompt = prompts.chat_prompt(None, "What colour?", answer="Red")
-    assert prompt.text == ("<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\n"
-                           "Red<|im_end|>")
+    assert prompt.text == (
+        "<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\nRed<|im_end|>"
+    )
     assert prompt.answer == "Red<|im_end|>"
 
 

@@ -241,6 +241,7 @@ def test_heldout_rows_are_the_last_rows_after_the_cap_and_never_train(tmp_path):
     data.heldout_rows = 0
     assert indices(False) == list(range(10)) and indices(True) == []
     data.heldout_rows = 10
-    with pytest.raises(ValueError, match="data.heldout_rows=10 leaves no training row of "
-                                         "subset ShapeCls"):
+    with pytest.raises(
+        ValueError, match="data.heldout_rows=10 leaves no training row of subset ShapeCls"
+    ):
         indices(False)

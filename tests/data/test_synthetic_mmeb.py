@@ -13,8 +13,16 @@ NAMES = ["SynthCls_0", "SynthGround_3", "SynthRet_2", "SynthVQA_1"]
 
 
 def _build(root, **overrides):
-    options = dict(rows=24, subsets=4, eval_queries=5, candidates=7, image_scale=0.05, pool=8,
-                   page_fraction=0.25, seed=3)
+    options = dict(
+        rows=24,
+        subsets=4,
+        eval_queries=5,
+        candidates=7,
+        image_scale=0.05,
+        pool=8,
+        page_fraction=0.25,
+        seed=3,
+    )
     options.update(overrides)
     synthetic_mmeb.build(str(root), **options)
     return str(root)
@@ -43,17 +51,23 @@ def _main_image(row: mmeb.TrainRow) -> str:
 def test_the_mmeb_readers_read_both_splits_and_eval(small):
     train_dir, eval_dir = os.path.join(small, "train"), os.path.join(small, "eval")
     assert mmeb.list_subsets(train_dir) == mmeb.list_subsets(eval_dir) == NAMES
-    tasks = {"SynthCls_0": "classification", "SynthVQA_1": "vqa", "SynthRet_2": "retrieval",
-             "SynthGround_3": "grounding"}
+    tasks = {
+        "SynthCls_0": "classification",
+        "SynthVQA_1": "vqa",
+        "SynthRet_2": "retrieval",
+        "SynthGround_3": "grounding",
+    }
     for name in NAMES:
         info = subsets.subset_info(name, train_dir)
         assert (info.meta_task, info.group, info.train) == (tasks[name], "IND", True)
-        original, diverse = (mmeb.read_train_subset(train_dir, name, s, small)
-                             for s in mmeb.TRAIN_SPLITS)
+        original, diverse = (
+            mmeb.read_train_subset(train_dir, name, s, small) for s in mmeb.TRAIN_SPLITS
+        )
         assert len(original) == len(diverse) == 6
         # The same rows with other wordings: same images and positives, other instructions.
         assert [(r.qry_image, r.pos_text, r.pos_image) for r in original] == [
-            (r.qry_image, r.pos_text, r.pos_image) for r in diverse]
+            (r.qry_image, r.pos_text, r.pos_image) for r in diverse
+        ]
         assert any(a.qry_text != b.qry_text for a, b in zip(original, diverse))
         for row in original:  # `<|image_1|>` exactly where there is an image
             assert row.qry_text.startswith("<|image_1|>") == (row.qry_image is not None)
@@ -85,8 +99,15 @@ def test_pages_are_the_fraction_asked_and_every_file_is_distinct(small):
 
 
 def test_full_size_photos_and_pages(tmp_path):
-    root = _build(tmp_path / "full", rows=4, eval_queries=2, candidates=2, image_scale=1.0,
-                  pool=1, page_fraction=0.5)
+    root = _build(
+        tmp_path / "full",
+        rows=4,
+        eval_queries=2,
+        candidates=2,
+        image_scale=1.0,
+        pool=1,
+        page_fraction=0.5,
+    )
     sizes = {}
     for folder, _, names in os.walk(os.path.join(root, "images")):
         for name in names:
@@ -107,8 +128,24 @@ def test_output_is_a_function_of_the_seed(small, tmp_path):
 
 def test_command_line_and_refusals(tmp_path, capsys):
     out = str(tmp_path / "cli")
-    synthetic_mmeb.main(["--out", out, "--rows", "8", "--subsets", "2", "--eval_queries", "3",
-                         "--candidates", "4", "--image_scale", "0.05", "--pool", "2"])
+    synthetic_mmeb.main(
+        [
+            "--out",
+            out,
+            "--rows",
+            "8",
+            "--subsets",
+            "2",
+            "--eval_queries",
+            "3",
+            "--candidates",
+            "4",
+            "--image_scale",
+            "0.05",
+            "--pool",
+            "2",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["train_rows"] == 8 and summary["subsets"] == 2
     assert mmeb.list_subsets(os.path.join(out, "eval")) == ["SynthCls_0", "SynthVQA_1"]

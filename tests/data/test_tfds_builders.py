@@ -171,8 +171,16 @@ def synthetic(tmp_path_factory):
     candidates from a pool of 12), its TFDS copy, and the load_image calls preparing it made."""
     root = tmp_path_factory.mktemp("synthetic")
     source, data_dir = str(root / "source"), str(root / "tfds")
-    synthetic_mmeb.build(source, rows=16, eval_queries=12, candidates=12, image_scale=0.1,
-                         pool=6, page_fraction=0.25, seed=7)
+    synthetic_mmeb.build(
+        source,
+        rows=16,
+        eval_queries=12,
+        candidates=12,
+        image_scale=0.1,
+        pool=6,
+        page_fraction=0.25,
+        seed=7,
+    )
     decoded = []
     load_image = images.load_image
 

@@ -7,8 +7,8 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 
-from g2e.demo import mini_mmeb, scenes
 from g2e.data import subsets
+from g2e.demo import mini_mmeb, scenes
 
 SIZES = dict(train_rows=12, eval_queries=6, candidates=5)
 

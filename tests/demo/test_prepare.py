@@ -17,8 +17,9 @@ def mini(tmp_path_factory):
 
 
 def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
-    lessons = prepare.generator_lessons(mini / "data" / "train", mini / "data",
-                                        matching_per_subset=12, seed=0)
+    lessons = prepare.generator_lessons(
+        mini / "data" / "train", mini / "data", matching_per_subset=12, seed=0
+    )
     matching = [lesson for lesson in lessons if lesson.suffix == prompts.JUDGE_QUESTION]
     assert len(matching) > 6 * 12 and {lesson.answer for lesson in matching} == {"Yes", "No"}
     processor = Processor.from_dir(mini / "model", max_length=512)
@@ -28,10 +29,13 @@ def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
         images = list(lesson.images)
         query_image = images.pop(0) if "<|image_pad|>" in query_text else None
         candidate_image = images.pop(0) if "<|image_pad|>" in candidate_text else None
-        judge = processor.encode_judge(EmbedItem(query_text, query_image, "query"),
-                                       EmbedItem(candidate_text, candidate_image, "candidate"))
-        asked = processor.encode_chat(lesson.system, lesson.user, list(lesson.images),
-                                      user_suffix=lesson.suffix)
+        judge = processor.encode_judge(
+            EmbedItem(query_text, query_image, "query"),
+            EmbedItem(candidate_text, candidate_image, "candidate"),
+        )
+        asked = processor.encode_chat(
+            lesson.system, lesson.user, list(lesson.images), user_suffix=lesson.suffix
+        )
         np.testing.assert_array_equal(asked.input_ids, judge.input_ids)
     # About as many Yes as No, so the judge learns to tell them apart.
     yes = sum(lesson.answer == "Yes" for lesson in matching)
@@ -39,33 +43,42 @@ def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
 
 
 def test_answers_follows_the_construction(mini):
-    rows = mmeb.read_train_subset(str(mini / "data" / "train"), "ShapeCls", "original",
-                                  str(mini / "data"))
+    rows = mmeb.read_train_subset(
+        str(mini / "data" / "train"), "ShapeCls", "original", str(mini / "data")
+    )
     same = [(a, b) for a in rows for b in rows if a is not b and a.pos_text == b.pos_text]
     different = [(a, b) for a in rows for b in rows if a.pos_text != b.pos_text]
     assert all(mini_mmeb.answers(a, b) for a, b in same)
     assert not any(mini_mmeb.answers(a, b) for a, b in different)
-    ground = mmeb.read_train_subset(str(mini / "data" / "train"), "ShapeGround", "original",
-                                    str(mini / "data"))
+    ground = mmeb.read_train_subset(
+        str(mini / "data" / "train"), "ShapeGround", "original", str(mini / "data")
+    )
     assert not mini_mmeb.answers(ground[0], ground[1])  # a crop of another scene
 
 
 def test_a_caption_in_another_order_answers_and_is_taught_as_yes(mini):
-    reordered = [lesson for lesson in prepare._matching_lessons("ShapeCaption_i2t", 40, seed=0)
-                 if lesson.answer == "Yes" and " and " in lesson.user]
+    reordered = [
+        lesson
+        for lesson in prepare._matching_lessons("ShapeCaption_i2t", 40, seed=0)
+        if lesson.answer == "Yes" and " and " in lesson.user
+    ]
     assert reordered, "no two-object captions drawn"
-    a = prepare._Drawn("<|image_1|>\nFind a caption.", None, "a red circle and two blue stars",
-                       None)
-    b = prepare._Drawn("<|image_1|>\nFind a caption.", None, "two blue stars and a red circle",
-                       None)
+    a = prepare._Drawn(
+        "<|image_1|>\nFind a caption.", None, "a red circle and two blue stars", None
+    )
+    b = prepare._Drawn(
+        "<|image_1|>\nFind a caption.", None, "two blue stars and a red circle", None
+    )
     assert mini_mmeb.answers(a, b) and not mini_mmeb.answers(
-        a, prepare._Drawn("", None, "a red circle and two blue crosses", None))
+        a, prepare._Drawn("", None, "a red circle and two blue crosses", None)
+    )
     assert prepare._reorder(a.pos_text) == b.pos_text
 
 
 def test_the_system_prompt_asks_for_one_word(mini):
-    lessons = prepare.generator_lessons(mini / "data" / "train", mini / "data",
-                                        matching_per_subset=0, seed=0)
+    lessons = prepare.generator_lessons(
+        mini / "data" / "train", mini / "data", matching_per_subset=0, seed=0
+    )
     summaries = [lesson for lesson in lessons if lesson.system == prompts.SYSTEM_PROMPT]
     assert summaries and all(len(lesson.answer.split()) == 1 for lesson in summaries)
     assert {bool(lesson.images) for lesson in summaries} == {True, False}

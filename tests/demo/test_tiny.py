@@ -9,9 +9,11 @@ import transformers
 
 from g2e.demo import tiny
 
-SAMPLE = ("<|im_start|>system\nGiven an image, summarize it.<|im_end|>\n<|im_start|>user\n"
-          "<|image_pad|><|image_pad|>\nA zebra-striped café, naïve 42!<|im_end|>\n"
-          "<|im_start|>assistant\nYes<|im_end|><|endoftext|>")
+SAMPLE = (
+    "<|im_start|>system\nGiven an image, summarize it.<|im_end|>\n<|im_start|>user\n"
+    "<|image_pad|><|image_pad|>\nA zebra-striped café, naïve 42!<|im_end|>\n"
+    "<|im_start|>assistant\nYes<|im_end|><|endoftext|>"
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from g2e.data import mmeb, subsets
+from g2e.data.errors import BadInput
 from g2e.demo import mini_mmeb
 from g2e.evaluation import mmeb as evaluation
-from g2e.data.errors import BadInput
 
 # A tiny MMEB-eval in the hub's layout, with real subset names so the MMEB table applies.
 # Every text names a label; the fake embedder maps a text to its label's one-hot vector, so a
@@ -32,8 +32,11 @@ SUBSETS = {
         ("<|image_1|> colour? red", "images/b.png", [("blue", ""), ("red", "")]),
     ],
     "RefCOCO": [
-        ("<|image_1|> find the car", "images/a.png",
-         [("car", "images/b.png"), ("dog", "images/c.png")]),
+        (
+            "<|image_1|> find the car",
+            "images/a.png",
+            [("car", "images/b.png"), ("dog", "images/c.png")],
+        ),
     ],
     "ScienceQA": [
         ("is it? no", "", [("yes", ""), ("no", "")]),
@@ -76,33 +79,38 @@ def mmeb_eval(tmp_path):
         (image_root / "images" / f"{name}.png").write_bytes(b"not decoded by the fake embedder")
     for subset, rows in SUBSETS.items():
         os.makedirs(eval_dir / subset)
-        table = pa.table({
-            "qry_text": [r[0] for r in rows],
-            "qry_img_path": [r[1] for r in rows],
-            "tgt_text": [[c[0] for c in r[2]] for r in rows],
-            "tgt_img_path": [[c[1] for c in r[2]] for r in rows],
-        })
+        table = pa.table(
+            {
+                "qry_text": [r[0] for r in rows],
+                "qry_img_path": [r[1] for r in rows],
+                "tgt_text": [[c[0] for c in r[2]] for r in rows],
+                "tgt_img_path": [[c[1] for c in r[2]] for r in rows],
+            }
+        )
         pq.write_table(table, eval_dir / subset / "test-00000-of-00001.parquet")
     return str(eval_dir), str(image_root)
 
 
 def test_precision_at_1_with_ties():
     queries = np.array([[1.0, 0.0]], np.float32)
-    candidates = np.array([
-        [2.0, 0.0],    # 0: cosine 1 (scale must not matter)
-        [0.0, 1.0],    # 1: cosine 0
-        [1.0, 1.0],    # 2: cosine 1/sqrt2
-        [1.0, -1.0],   # 3: cosine 1/sqrt2, a tie with 2
-        [-1.0, 0.0],   # 4: cosine -1
-    ], np.float32)
+    candidates = np.array(
+        [
+            [2.0, 0.0],  # 0: cosine 1 (scale must not matter)
+            [0.0, 1.0],  # 1: cosine 0
+            [1.0, 1.0],  # 2: cosine 1/sqrt2
+            [1.0, -1.0],  # 3: cosine 1/sqrt2, a tie with 2
+            [-1.0, 0.0],  # 4: cosine -1
+        ],
+        np.float32,
+    )
     rows = [
-        [0, 1],        # positive best -> right
-        [1, 0],        # another candidate better -> wrong
-        [2, 3, 4],     # tie with another candidate: the positive (first maximum) wins -> right
-        [3, 2],        # the same tie the other way round -> right
-        [4, 1, 2],     # positive worst -> wrong
-        [2, 2],        # the positive repeated -> right
-        [1],           # a single candidate -> right
+        [0, 1],  # positive best -> right
+        [1, 0],  # another candidate better -> wrong
+        [2, 3, 4],  # tie with another candidate: the positive (first maximum) wins -> right
+        [3, 2],  # the same tie the other way round -> right
+        [4, 1, 2],  # positive worst -> wrong
+        [2, 2],  # the positive repeated -> right
+        [1],  # a single candidate -> right
     ]
     correct = evaluation.precision_at_1(queries, candidates, [0] * len(rows), rows)
     np.testing.assert_array_equal(correct, [True, False, True, True, False, True, True])
@@ -117,12 +125,14 @@ def test_aggregate_means_over_present_subsets():
     def result(score, task, split):
         return {"precision_at_1": score, "meta_task": task, "split": split, "num_queries": 1}
 
-    summary = evaluation.aggregate({
-        "A": result(10.0, "Classification", "IND"),
-        "B": result(20.0, "Classification", "OOD"),
-        "C": result(40.0, "VQA", "IND"),
-        "D": result(90.0, "Grounding", "OOD"),
-    })
+    summary = evaluation.aggregate(
+        {
+            "A": result(10.0, "Classification", "IND"),
+            "B": result(20.0, "Classification", "OOD"),
+            "C": result(40.0, "VQA", "IND"),
+            "D": result(90.0, "Grounding", "OOD"),
+        }
+    )
     assert summary["meta_tasks"] == {"Classification": 15.0, "VQA": 40.0, "Grounding": 90.0}
     assert summary["IND"] == 25.0
     assert summary["OOD"] == 55.0
@@ -135,14 +145,28 @@ def test_aggregate_means_over_present_subsets():
 def test_evaluate_mmeb_known_answers_and_reports(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
     out_dir = tmp_path / "eval_zero_shot"
-    summary = evaluation.evaluate_mmeb(FakeEmbedder(), eval_dir=eval_dir, image_root=image_root,
-                                       out_dir=str(out_dir), batch_size=2, progress=False,
-                                       model_name="fake")
+    summary = evaluation.evaluate_mmeb(
+        FakeEmbedder(),
+        eval_dir=eval_dir,
+        image_root=image_root,
+        out_dir=str(out_dir),
+        batch_size=2,
+        progress=False,
+        model_name="fake",
+    )
     assert {n: r["precision_at_1"] for n, r in summary["subsets"].items()} == EXPECTED
     assert summary["subsets"]["RefCOCO"] == {
-        "precision_at_1": 100.0, "meta_task": "Grounding", "split": "OOD", "num_queries": 1,
-        "num_correct": 1, "num_unique_queries": 1, "num_unique_candidates": 2,
-        "num_skipped_rows": 0, "chance": 50.0, "correct": "1"}
+        "precision_at_1": 100.0,
+        "meta_task": "Grounding",
+        "split": "OOD",
+        "num_queries": 1,
+        "num_correct": 1,
+        "num_unique_queries": 1,
+        "num_unique_candidates": 2,
+        "num_skipped_rows": 0,
+        "chance": 50.0,
+        "correct": "1",
+    }
     assert summary["subsets"]["ImageNet-1K"]["correct"] == "1110"  # row by row
     assert summary["meta_tasks"] == {"Classification": 75.0, "VQA": 25.0, "Grounding": 100.0}
     assert (summary["IND"], summary["OOD"], summary["overall"]) == (62.5, 50.0, 56.25)
@@ -151,24 +175,33 @@ def test_evaluate_mmeb_known_answers_and_reports(mmeb_eval, tmp_path):
 
     assert json.loads((out_dir / "results.json").read_text()) == summary
     markdown = (out_dir / "results.md").read_text().splitlines()
-    assert markdown[2] == ("| Model | Classification | VQA | Retrieval | Grounding | IND | OOD "
-                           "| Overall |")
+    assert markdown[2] == (
+        "| Model | Classification | VQA | Retrieval | Grounding | IND | OOD | Overall |"
+    )
     assert "| fake | 75.0 | 25.0 | - | 100.0 | 62.5 | 50.0 | 56.2 |" in markdown
     assert "| RefCOCO | Grounding | OOD | 1 | 100.0 |" in markdown
     assert (out_dir / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     for subset in SUBSETS:
         index = json.loads((out_dir / "cache" / subset / "candidates.json").read_text())
         assert np.load(out_dir / "cache" / subset / "candidates" / "00000.npy").shape == (
-            index["count"], len(LABELS))
+            index["count"],
+            len(LABELS),
+        )
         assert index["count"] == summary["subsets"][subset]["num_unique_candidates"]
 
 
 def test_candidates_repeated_across_rows_are_embedded_once(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
     embedder = FakeEmbedder()
-    evaluation.evaluate_mmeb(embedder, eval_dir=eval_dir, image_root=image_root,
-                             out_dir=str(tmp_path / "out"), subsets="ImageNet-1K",
-                             batch_size=4, progress=False)
+    evaluation.evaluate_mmeb(
+        embedder,
+        eval_dir=eval_dir,
+        image_root=image_root,
+        out_dir=str(tmp_path / "out"),
+        subsets="ImageNet-1K",
+        batch_size=4,
+        progress=False,
+    )
     candidates = [i.text for i in embedder.items if i.role == "candidate"]
     queries = [(i.text, i.image) for i in embedder.items if i.role == "query"]
     # 4 rows x 3 candidates name only cat, dog and bird.
@@ -181,50 +214,69 @@ def test_candidates_repeated_across_rows_are_embedded_once(mmeb_eval, tmp_path):
 
 def test_subsets_option_limits_the_run(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
-    summary = evaluation.evaluate_mmeb(FakeEmbedder(), eval_dir=eval_dir, image_root=image_root,
-                                       out_dir=str(tmp_path / "out"),
-                                       subsets="OK-VQA, RefCOCO", progress=False)
+    summary = evaluation.evaluate_mmeb(
+        FakeEmbedder(),
+        eval_dir=eval_dir,
+        image_root=image_root,
+        out_dir=str(tmp_path / "out"),
+        subsets="OK-VQA, RefCOCO",
+        progress=False,
+    )
     assert list(summary["subsets"]) == ["OK-VQA", "RefCOCO"]
     assert summary["overall"] == 75.0
 
 
 def test_interrupted_evaluation_resumes_from_the_cache(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
-    run = dict(eval_dir=eval_dir, image_root=image_root, batch_size=2, progress=False,
-               fingerprint="model-a")
+    run = dict(
+        eval_dir=eval_dir,
+        image_root=image_root,
+        batch_size=2,
+        progress=False,
+        fingerprint="model-a",
+    )
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     evaluation.evaluate_mmeb(FakeEmbedder(), out_dir=str(reference_dir), **run)
 
     # ImageNet-1K takes 2 query + 2 candidate calls at batch size 2, OK-VQA 1 + 1; the kill
     # comes inside the third subset.
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate_mmeb(FakeEmbedder(fail_after_calls=7), out_dir=str(resumed_dir),
-                                 **run)
+        evaluation.evaluate_mmeb(FakeEmbedder(fail_after_calls=7), out_dir=str(resumed_dir), **run)
     assert not (resumed_dir / "results.json").exists()
-    finished = sorted(p.name for p in (resumed_dir / "cache").iterdir()
-                      if (p / "candidates" / "00000.npy").exists())
+    finished = sorted(
+        p.name
+        for p in (resumed_dir / "cache").iterdir()
+        if (p / "candidates" / "00000.npy").exists()
+    )
     assert finished == ["ImageNet-1K", "OK-VQA"]
 
     rerun = FakeEmbedder()
     evaluation.evaluate_mmeb(rerun, out_dir=str(resumed_dir), **run)
     assert {i.subset for i in rerun.items} == {"ScienceQA", "RefCOCO"}
-    assert ((resumed_dir / "results.json").read_bytes()
-            == (reference_dir / "results.json").read_bytes())
+    assert (resumed_dir / "results.json").read_bytes() == (
+        reference_dir / "results.json"
+    ).read_bytes()
 
     # A third run embeds nothing; another fingerprint (model or prompt) re-embeds everything.
     third = FakeEmbedder()
     evaluation.evaluate_mmeb(third, out_dir=str(resumed_dir), **run)
     assert third.calls == 0
     other_model = FakeEmbedder()
-    evaluation.evaluate_mmeb(other_model, out_dir=str(resumed_dir),
-                             **{**run, "fingerprint": "model-b"})
+    evaluation.evaluate_mmeb(
+        other_model, out_dir=str(resumed_dir), **{**run, "fingerprint": "model-b"}
+    )
     assert {i.subset for i in other_model.items} == set(SUBSETS)
 
 
 def test_a_truncated_cache_is_recomputed(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
-    run = dict(eval_dir=eval_dir, image_root=image_root, subsets="OK-VQA", progress=False,
-               out_dir=str(tmp_path / "out"))
+    run = dict(
+        eval_dir=eval_dir,
+        image_root=image_root,
+        subsets="OK-VQA",
+        progress=False,
+        out_dir=str(tmp_path / "out"),
+    )
     evaluation.evaluate_mmeb(FakeEmbedder(), **run)
     candidates = tmp_path / "out" / "cache" / "OK-VQA" / "candidates" / "00000.npy"
     candidates.write_bytes(candidates.read_bytes()[:40])
@@ -235,9 +287,15 @@ def test_a_truncated_cache_is_recomputed(mmeb_eval, tmp_path):
 
 def test_a_killed_subset_resumes_at_its_first_missing_shard(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
-    run = dict(eval_dir=eval_dir, image_root=image_root, subsets="ImageNet-1K", batch_size=1,
-               progress=False, out_dir=str(tmp_path / "out"),
-               cache_options=dict(shard_size=1, dtype="float16"))
+    run = dict(
+        eval_dir=eval_dir,
+        image_root=image_root,
+        subsets="ImageNet-1K",
+        batch_size=1,
+        progress=False,
+        out_dir=str(tmp_path / "out"),
+        cache_options=dict(shard_size=1, dtype="float16"),
+    )
     reference = evaluation.evaluate_mmeb(FakeEmbedder(), **{**run, "out_dir": str(tmp_path / "r")})
     killed = FakeEmbedder(fail_after_calls=5)  # 3 queries, then 2 of the candidates
     with pytest.raises(KeyboardInterrupt):
@@ -246,9 +304,10 @@ def test_a_killed_subset_resumes_at_its_first_missing_shard(mmeb_eval, tmp_path)
     assert evaluation.evaluate_mmeb(rerun, **run) == reference
     # Only what the killed run had not stored is embedded again: no query, the last candidates.
     assert {i.role for i in rerun.items} == {"candidate"}
-    assert len(killed.items) + len(rerun.items) == sum(reference["subsets"]["ImageNet-1K"][k]
-                                                       for k in ("num_unique_queries",
-                                                                 "num_unique_candidates"))
+    assert len(killed.items) + len(rerun.items) == sum(
+        reference["subsets"]["ImageNet-1K"][k]
+        for k in ("num_unique_queries", "num_unique_candidates")
+    )
     shard = np.load(tmp_path / "out" / "cache" / "ImageNet-1K" / "queries" / "00000.npy")
     assert shard.dtype == np.float16
 
@@ -260,23 +319,31 @@ def test_bad_embeddings_are_reported_with_the_subset(mmeb_eval, tmp_path):
         return np.full((len(items), 4), np.nan, np.float32)
 
     with pytest.raises(ValueError, match="OK-VQA queries.*non-finite"):
-        evaluation.evaluate_mmeb(nan_embedder, eval_dir=eval_dir, image_root=image_root,
-                                 out_dir=str(tmp_path / "out"), subsets="OK-VQA",
-                                 progress=False)
+        evaluation.evaluate_mmeb(
+            nan_embedder,
+            eval_dir=eval_dir,
+            image_root=image_root,
+            out_dir=str(tmp_path / "out"),
+            subsets="OK-VQA",
+            progress=False,
+        )
 
 
 def test_bad_rows_and_unknown_subsets_error_or_are_skipped(mmeb_eval, tmp_path):
     eval_dir, image_root = mmeb_eval
     os.remove(os.path.join(image_root, "images", "d.png"))  # ImageNet-1K's (wrong) row 4
-    run = dict(eval_dir=eval_dir, image_root=image_root, progress=False,
-               subsets="ImageNet-1K,NotASubset")
+    run = dict(
+        eval_dir=eval_dir, image_root=image_root, progress=False, subsets="ImageNet-1K,NotASubset"
+    )
     with pytest.raises(subsets.UnknownSubsetError, match="NotASubset"):
         evaluation.evaluate_mmeb(FakeEmbedder(), out_dir=str(tmp_path / "a"), **run)
     with pytest.raises(BadInput, match="ImageNet-1K.*d.png"):
-        evaluation.evaluate_mmeb(FakeEmbedder(), out_dir=str(tmp_path / "b"),
-                                 **{**run, "subsets": "ImageNet-1K"})
-    summary = evaluation.evaluate_mmeb(FakeEmbedder(), out_dir=str(tmp_path / "c"),
-                                       on_bad_input="skip", **run)
+        evaluation.evaluate_mmeb(
+            FakeEmbedder(), out_dir=str(tmp_path / "b"), **{**run, "subsets": "ImageNet-1K"}
+        )
+    summary = evaluation.evaluate_mmeb(
+        FakeEmbedder(), out_dir=str(tmp_path / "c"), on_bad_input="skip", **run
+    )
     assert list(summary["subsets"]) == ["ImageNet-1K"]
     assert summary["subsets"]["ImageNet-1K"]["precision_at_1"] == 100.0
     assert summary["subsets"]["ImageNet-1K"]["num_skipped_rows"] == 1
@@ -291,8 +358,9 @@ def test_precision_at_1_matches_a_per_row_reference_across_blocks():
     row_query = rng.integers(0, 30, size=150)
     correct = evaluation.precision_at_1(queries, candidates, row_query, rows)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    expected = [np.argmax(unit(candidates[ids]) @ unit(queries[q])) == 0
-                for q, ids in zip(row_query, rows)]
+    expected = [
+        np.argmax(unit(candidates[ids]) @ unit(queries[q])) == 0 for q, ids in zip(row_query, rows)
+    ]
     np.testing.assert_array_equal(correct, expected)
     assert 0 < correct.sum() < 150
 
@@ -312,8 +380,12 @@ def test_mini_mmeb_matches_a_row_by_row_reference(tmp_path):
     manifest = subsets.known_subsets(str(data / "eval"))
     summary = evaluation.evaluate_mmeb(
         lambda items: np.stack([hashed_vector(i.text, i.image, i.role) for i in items]),
-        eval_dir=str(data / "eval"), image_root=str(data), out_dir=str(tmp_path / "out"),
-        batch_size=5, progress=False)
+        eval_dir=str(data / "eval"),
+        image_root=str(data),
+        out_dir=str(tmp_path / "out"),
+        batch_size=5,
+        progress=False,
+    )
     assert set(summary["subsets"]) == set(manifest)
     for name, result in summary["subsets"].items():
         assert result["split"] == manifest[name].group
@@ -322,12 +394,15 @@ def test_mini_mmeb_matches_a_row_by_row_reference(tmp_path):
         right = 0
         for row in rows:
             query = hashed_vector(row.qry_text, row.qry_image, "query")
-            scores = [cos(query, hashed_vector(t, i, "candidate"))
-                      for t, i in zip(row.tgt_texts, row.tgt_images)]
+            scores = [
+                cos(query, hashed_vector(t, i, "candidate"))
+                for t, i in zip(row.tgt_texts, row.tgt_images)
+            ]
             right += int(np.argmax(scores)) == 0
         assert result["precision_at_1"] == pytest.approx(100.0 * right / len(rows))
     assert summary["overall"] == pytest.approx(
-        np.mean([r["precision_at_1"] for r in summary["subsets"].values()]))
+        np.mean([r["precision_at_1"] for r in summary["subsets"].values()])
+    )
 
 
 def cos(a, b):
@@ -352,8 +427,9 @@ def test_items_the_embedder_skipped_drop_their_rows_under_skip(mmeb_eval, tmp_pa
         evaluation.evaluate_mmeb(SkipsImageD(), out_dir=str(tmp_path / "a"), **run)
     for attempt in range(2):  # The second run reads the cache, NaN rows included.
         embedder = SkipsImageD()
-        summary = evaluation.evaluate_mmeb(embedder, out_dir=str(tmp_path / "b"),
-                                           on_bad_input="skip", **run)
+        summary = evaluation.evaluate_mmeb(
+            embedder, out_dir=str(tmp_path / "b"), on_bad_input="skip", **run
+        )
         result = summary["subsets"]["ImageNet-1K"]
         assert (result["precision_at_1"], result["num_queries"]) == (100.0, 3)
         assert result["num_skipped_rows"] == 1

@@ -34,8 +34,15 @@ CLASS_QUERIES = {
     "q5": (2, 1, 3, 0, 4),  # class C
     "q6": (3, 1, 2, 4, 0),  # class A; retrieves A > C > B
 }
-CLASS_ROWS = [("q0", "A"), ("q1", "A"), ("q2", "B"), ("q3", "B"), ("q4", "C"), ("q5", "C"),
-              ("q6", "A")]
+CLASS_ROWS = [
+    ("q0", "A"),
+    ("q1", "A"),
+    ("q2", "B"),
+    ("q3", "B"),
+    ("q4", "C"),
+    ("q5", "C"),
+    ("q6", "A"),
+]
 CLASSES = {"A": (1, 0, 0, 0, 0), "B": (0, 1, 0, 0, 0), "C": (0, 0, 1, 0, 0)}
 
 
@@ -47,25 +54,31 @@ def class_case():
     return query_keys, positive_keys, queries, positives
 
 
-@pytest.mark.parametrize("keep_order, expected", [
-    # top_k=2, pool_mult=1: first_n=2, pool=min(4, 3 candidates)=3.
-    # Row 0 (q0): drops A; B -> argmax(q0.q2=27, q0.q3=13) = q2; C -> (q0.q4=26, q0.q5=11) =
-    #   q4. Retrieval order [q2, q4]; ascending similarity [q4 (26), q2 (27)]. Used q0 q2 q4.
-    # Row 1 (q1): drops A; C -> q5 (q1.q5=29), B -> q3 (q1.q3=27): retrieval [q5, q3],
-    #   ascending [q3, q5]. Rows 2-5 are used. Row 6 (q6): C and B have no unused owner: no
-    #   cluster. Phase 2 (first_n=4): row 6 may reuse phase-1 owners: C -> (q6.q4=27,
-    #   q6.q5=13) = q4; B -> (q6.q2=26, q6.q3=11) = q2: retrieval [q4, q2], ascending [q2, q4].
-    (True, [[0, 2, 4], [1, 5, 3], [6, 4, 2]]),
-    (False, [[0, 4, 2], [1, 3, 5], [6, 2, 4]]),
-])
+@pytest.mark.parametrize(
+    "keep_order, expected",
+    [
+        # top_k=2, pool_mult=1: first_n=2, pool=min(4, 3 candidates)=3.
+        # Row 0 (q0): drops A; B -> argmax(q0.q2=27, q0.q3=13) = q2; C -> (q0.q4=26, q0.q5=11) =
+        #   q4. Retrieval order [q2, q4]; ascending similarity [q4 (26), q2 (27)]. Used q0 q2 q4.
+        # Row 1 (q1): drops A; C -> q5 (q1.q5=29), B -> q3 (q1.q3=27): retrieval [q5, q3],
+        #   ascending [q3, q5]. Rows 2-5 are used. Row 6 (q6): C and B have no unused owner: no
+        #   cluster. Phase 2 (first_n=4): row 6 may reuse phase-1 owners: C -> (q6.q4=27,
+        #   q6.q5=13) = q4; B -> (q6.q2=26, q6.q3=11) = q2: retrieval [q4, q2], ascending [q2, q4].
+        (True, [[0, 2, 4], [1, 5, 3], [6, 4, 2]]),
+        (False, [[0, 4, 2], [1, 3, 5], [6, 2, 4]]),
+    ],
+)
 @pytest.mark.parametrize("query_sims", ["host", "device"])
 def test_classification_shared_positives_and_phase_two(keep_order, expected, query_sims):
-    result = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
-                                  keep_retrieval_order=keep_order, query_sims=query_sims)
+    result = mining.mine_clusters(
+        *class_case(), top_k=2, pool_mult=1, keep_retrieval_order=keep_order, query_sims=query_sims
+    )
     assert result.clusters == expected
     assert result.phases == [1, 1, 2]
-    assert mining.build_clusters(*class_case(), top_k=2, pool_mult=1,
-                                 keep_retrieval_order=keep_order) == expected
+    assert (
+        mining.build_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=keep_order)
+        == expected
+    )
     report = result.report
     assert (report["phase1"]["clusters"], report["phase2"]["clusters"]) == (2, 1)
     assert report["cluster_size"] == {"min": 3, "mean": 3.0, "max": 3, "histogram": {"3": 3}}
@@ -82,16 +95,21 @@ def test_first_n_stops_the_walk_and_top_k_keeps_the_least_anchor_like():
     #   and q1 used)]; keep q5. Rows 3-5 are used. Row 6 (q6): C and B owners all used.
     # Phase 2 (first_n=4): row 6: [C -> (q6.q4=27, q6.q5=13) = q4, B -> (q6.q2=26,
     #   q6.q3=11) = q2]; ascending [q2, q4]; keep q2.
-    result = mining.mine_clusters(*class_case(), top_k=1, pool_mult=2,
-                                  keep_retrieval_order=False)
+    result = mining.mine_clusters(*class_case(), top_k=1, pool_mult=2, keep_retrieval_order=False)
     assert result.clusters == [[0, 4], [1, 3], [2, 5], [6, 2]]
     assert result.phases == [1, 1, 1, 2]
 
 
 # Retrieval-like with duplicate queries: x asks twice (rows 1 and 3, positives P and Q); x's
 # representative row is 3. Candidates P, Q, R, S are e0..e3; squared norms 30.
-DUP_QUERIES = {"u": (4, 3, 2, 1, 0, 0), "x": (1, 4, 3, 2, 0, 0), "y": (0, 5, 1, 2, 0, 0),
-               "z": (1, 2, 5, 0, 0, 0), "v": (2, 1, 5, 0, 0, 0), "w": (2, 0, 1, 5, 0, 0)}
+DUP_QUERIES = {
+    "u": (4, 3, 2, 1, 0, 0),
+    "x": (1, 4, 3, 2, 0, 0),
+    "y": (0, 5, 1, 2, 0, 0),
+    "z": (1, 2, 5, 0, 0, 0),
+    "v": (2, 1, 5, 0, 0, 0),
+    "w": (2, 0, 1, 5, 0, 0),
+}
 DUP_ROWS = [("u", "S"), ("x", "P"), ("y", "Q"), ("x", "Q"), ("z", "R"), ("v", "R"), ("w", "S")]
 DUP_CANDIDATES = {c: np.eye(6)[i] for i, c in enumerate("PQRS")}
 
@@ -105,10 +123,15 @@ def test_duplicate_queries_and_a_key_owning_two_candidates(query_sims):
     # Row 1 (x) and row 3 (x) are skipped with their key; row 2 (y) too.
     # Row 4 (z): retrieves R > Q > P > S, drops R; Q and P have only used owners; S -> w.
     result = mining.mine_clusters(
-        [q for q, _ in DUP_ROWS], [p for _, p in DUP_ROWS],
+        [q for q, _ in DUP_ROWS],
+        [p for _, p in DUP_ROWS],
         unit([DUP_QUERIES[q] for q, _ in DUP_ROWS]),
         unit([DUP_CANDIDATES[p] for _, p in DUP_ROWS]),
-        top_k=3, pool_mult=1, keep_retrieval_order=False, query_sims=query_sims)
+        top_k=3,
+        pool_mult=1,
+        keep_retrieval_order=False,
+        query_sims=query_sims,
+    )
     assert result.clusters == [[0, 2, 5, 3], [4, 6]]
     assert result.report["unique_queries"] == 6 and result.report["rows_uncovered"] == 1
 
@@ -117,9 +140,14 @@ def test_the_anchor_key_is_never_its_own_owner():
     # x asks twice (positives P and Q); y's positive is Q. Row 0 (x) drops P, retrieves Q whose
     # owners are x itself (similarity 1) and y: the anchor's own key is passed over.
     clusters = mining.build_clusters(
-        ["x", "x", "y"], ["P", "Q", "Q"],
-        unit([[1, 0, 0], [1, 0, 0], [0, 0, 1]]), unit([[1, 0, 0], [0, 1, 0], [0, 1, 0]]),
-        top_k=1, pool_mult=1, keep_retrieval_order=False)
+        ["x", "x", "y"],
+        ["P", "Q", "Q"],
+        unit([[1, 0, 0], [1, 0, 0], [0, 0, 1]]),
+        unit([[1, 0, 0], [0, 1, 0], [0, 1, 0]]),
+        top_k=1,
+        pool_mult=1,
+        keep_retrieval_order=False,
+    )
     assert clusters == [[0, 2]]
 
 
@@ -133,9 +161,16 @@ def test_ties_go_to_the_lower_representative_row(query_sims):
     half = [0.5, 0.5, 0.5, 0.5]
     queries = np.asarray([[1, 0, 0, 0], half, half, half], np.float32)
     positives = np.asarray([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]], np.float32)
-    result = mining.mine_clusters(["a", "c", "b", "c"], ["P", "Q", "Q", "Q"], queries, positives,
-                                  top_k=1, pool_mult=1, keep_retrieval_order=False,
-                                  query_sims=query_sims)
+    result = mining.mine_clusters(
+        ["a", "c", "b", "c"],
+        ["P", "Q", "Q", "Q"],
+        queries,
+        positives,
+        top_k=1,
+        pool_mult=1,
+        keep_retrieval_order=False,
+        query_sims=query_sims,
+    )
     assert result.clusters == [[0, 2], [1, 0]]
     assert result.report["phase1"]["anchors_searched"] == 3
 
@@ -143,8 +178,17 @@ def test_ties_go_to_the_lower_representative_row(query_sims):
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_clusters(query_keys, positive_keys, queries, positives, top_k, pool_mult,
-                       keep_order, judge=None, threshold=0.5):
+def reference_clusters(
+    query_keys,
+    positive_keys,
+    queries,
+    positives,
+    top_k,
+    pool_mult,
+    keep_order,
+    judge=None,
+    threshold=0.5,
+):
     """SPEC §2 one anchor and one candidate at a time, with the documented decisions."""
     cand_keys = list(dict.fromkeys(positive_keys))
     cand_index = {k: i for i, k in enumerate(cand_keys)}
@@ -170,8 +214,7 @@ def reference_clusters(query_keys, positive_keys, queries, positives, top_k, poo
                 if c == cand_index[positive_keys[i]]:
                     continue
                 excluded = reused if phase2 else used
-                options = [o for o in owners[c] if o not in excluded and o != q
-                           and o not in picked]
+                options = [o for o in owners[c] if o not in excluded and o != q and o not in picked]
                 if options:
                     picked.append(max(options, key=lambda o: (qvec[o] @ qvec[q], -rep[o])))
                 if len(picked) == first_n:
@@ -182,7 +225,7 @@ def reference_clusters(query_keys, positive_keys, queries, positives, top_k, poo
             if judge is not None:
                 kept, start = [], 0
                 while len(kept) < top_k and start < len(picked):
-                    batch = picked[start:start + top_k - len(kept)]
+                    batch = picked[start : start + top_k - len(kept)]
                     start += len(batch)
                     p_yes = judge(i, np.asarray([rep[o] for o in batch]))
                     kept += [o for o, p in zip(batch, p_yes) if p <= threshold]
@@ -205,23 +248,36 @@ def random_case(seed, rows=160, num_queries=120, num_positives=25, dim=24):
     """Random unit embeddings with shared positives, duplicate queries (some with several
     positives), in a shuffled row order."""
     rng = np.random.default_rng(seed)
-    query_ids = np.concatenate([np.arange(num_queries),
-                                rng.integers(0, num_queries, rows - num_queries)])
+    query_ids = np.concatenate(
+        [np.arange(num_queries), rng.integers(0, num_queries, rows - num_queries)]
+    )
     rng.shuffle(query_ids)
     positive_ids = rng.integers(0, num_positives, rows)
     query_table = unit(rng.standard_normal((num_queries, dim)))
     positive_table = unit(rng.standard_normal((num_positives, dim)))
-    return ([f"q{i}" for i in query_ids], [f"p{i}" for i in positive_ids],
-            query_table[query_ids], positive_table[positive_ids])
+    return (
+        [f"q{i}" for i in query_ids],
+        [f"p{i}" for i in positive_ids],
+        query_table[query_ids],
+        positive_table[positive_ids],
+    )
 
 
-@pytest.mark.parametrize("keep_order, query_sims", [(False, "host"), (True, "host"),
-                                                     (False, "device")])
+@pytest.mark.parametrize(
+    "keep_order, query_sims", [(False, "host"), (True, "host"), (False, "device")]
+)
 def test_matches_the_one_anchor_at_a_time_reference(keep_order, query_sims):
     case = random_case(seed=1 + keep_order)
     expected, _ = reference_clusters(*case, top_k=2, pool_mult=1, keep_order=keep_order)
-    result = mining.mine_clusters(*case, top_k=2, pool_mult=1, keep_retrieval_order=keep_order,
-                                  block_size=16, candidate_chunk=8, query_sims=query_sims)
+    result = mining.mine_clusters(
+        *case,
+        top_k=2,
+        pool_mult=1,
+        keep_retrieval_order=keep_order,
+        block_size=16,
+        candidate_chunk=8,
+        query_sims=query_sims,
+    )
     assert result.report["query_similarities"] == query_sims
     assert result.clusters == expected
     assert 2 in result.phases  # the case exercises phase 2
@@ -230,8 +286,14 @@ def test_matches_the_one_anchor_at_a_time_reference(keep_order, query_sims):
 @pytest.mark.parametrize("query_sims", ["host", "device"])
 def test_mining_does_not_depend_on_the_number_of_devices(query_sims):
     case = random_case(seed=3)
-    settings = dict(top_k=3, pool_mult=2, keep_retrieval_order=False, block_size=32,
-                    candidate_chunk=8, query_sims=query_sims)
+    settings = dict(
+        top_k=3,
+        pool_mult=2,
+        keep_retrieval_order=False,
+        block_size=32,
+        candidate_chunk=8,
+        query_sims=query_sims,
+    )
     on_eight = mining.mine_clusters(*case, **settings)
     on_one = mining.mine_clusters(*case, mesh=one_device_mesh(), **settings)
     assert len(jax.devices()) == 8
@@ -251,10 +313,10 @@ def test_sharded_top_pool_equals_one_device(mesh_shape):
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("a",))
     else:
         mesh = jax.make_mesh(mesh_shape, ("a", "b"))
-    sharded = mining.top_pool(queries, candidates, 20, mesh=mesh, block_size=16,
-                              candidate_chunk=32)
-    single = mining.top_pool(queries, candidates, 20, mesh=one_device_mesh(), block_size=16,
-                             candidate_chunk=32)
+    sharded = mining.top_pool(queries, candidates, 20, mesh=mesh, block_size=16, candidate_chunk=32)
+    single = mining.top_pool(
+        queries, candidates, 20, mesh=one_device_mesh(), block_size=16, candidate_chunk=32
+    )
     np.testing.assert_array_equal(sharded[1], single[1])
     np.testing.assert_array_equal(sharded[0], single[0])
     exact = queries.astype(np.float64) @ candidates.astype(np.float64).T
@@ -289,13 +351,28 @@ def test_judge_drops_owners_and_they_stay_unused():
         calls.append((anchor_row, owner_rows.tolist()))
         return np.asarray([0.9 if (anchor_row, r) == (0, 4) else 0.1 for r in owner_rows])
 
-    result = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
-                                  keep_retrieval_order=False, judge=judge, judge_threshold=0.5)
+    result = mining.mine_clusters(
+        *class_case(),
+        top_k=2,
+        pool_mult=1,
+        keep_retrieval_order=False,
+        judge=judge,
+        judge_threshold=0.5,
+    )
     assert result.clusters == [[0, 2], [1, 3, 5], [4, 6]]
     assert calls == [(0, [4, 2]), (1, [3, 5]), (4, [6])]
     assert result.report["judge"] == {
-        "enabled": True, "mode": "sequential", "threshold": 0.5, "pairs": 5, "calls": 3,
-        "cached": 0, "consulted": 5, "dropped": 1, "downscaled": 0, "unjudged": 0}
+        "enabled": True,
+        "mode": "sequential",
+        "threshold": 0.5,
+        "pairs": 5,
+        "calls": 3,
+        "cached": 0,
+        "consulted": 5,
+        "dropped": 1,
+        "downscaled": 0,
+        "unjudged": 0,
+    }
     assert result.report["phase1"]["judge_dropped"] == 1
 
 
@@ -306,12 +383,12 @@ def test_judge_rounds_match_the_reference_and_a_silent_judge_changes_nothing():
     def judge(anchor_row, owner_rows):
         return np.where((owner_rows + anchor_row) % 3 == 0, 0.8, 0.2)
 
-    expected, (pairs, dropped) = reference_clusters(*case, top_k=3, pool_mult=3,
-                                                    keep_order=False, judge=judge)
+    expected, (pairs, dropped) = reference_clusters(
+        *case, top_k=3, pool_mult=3, keep_order=False, judge=judge
+    )
     result = mining.mine_clusters(*case, judge=judge, **settings)
     assert result.clusters == expected
-    assert (result.report["judge"]["pairs"], result.report["judge"]["dropped"]) == (
-        pairs, dropped)
+    assert (result.report["judge"]["pairs"], result.report["judge"]["dropped"]) == (pairs, dropped)
     assert dropped > 0
     silent = mining.mine_clusters(*case, judge=lambda a, o: np.zeros(len(o)), **settings)
     assert silent.clusters == mining.build_clusters(*case, **settings)
@@ -319,8 +396,13 @@ def test_judge_rounds_match_the_reference_and_a_silent_judge_changes_nothing():
 
 def test_a_bad_judge_answer_names_the_anchor():
     with pytest.raises(ValueError, match="anchor row 0"):
-        mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True,
-                             judge=lambda a, o: np.zeros(len(o) + 1))
+        mining.mine_clusters(
+            *class_case(),
+            top_k=2,
+            pool_mult=1,
+            keep_retrieval_order=True,
+            judge=lambda a, o: np.zeros(len(o) + 1),
+        )
 
 
 # ----------------------------------------------------------------------------- files, subsets
@@ -334,11 +416,18 @@ def test_mining_twice_writes_identical_cluster_files(tmp_path):
 
     paths = []
     for run in range(2):
-        result = mining.mine_clusters(*case, top_k=3, pool_mult=2, keep_retrieval_order=False,
-                                      judge=judge, subset="Toy")
+        result = mining.mine_clusters(
+            *case, top_k=3, pool_mult=2, keep_retrieval_order=False, judge=judge, subset="Toy"
+        )
         paths.append(tmp_path / f"run{run}" / "Toy.clusters.json")
-        mining.write_clusters(str(paths[-1]), result.clusters, result.phases, subset="Toy",
-                              num_rows=len(case[0]), params={"top_k": 3, "pool_mult": 2})
+        mining.write_clusters(
+            str(paths[-1]),
+            result.clusters,
+            result.phases,
+            subset="Toy",
+            num_rows=len(case[0]),
+            params={"top_k": 3, "pool_mult": 2},
+        )
     assert paths[0].read_bytes() == paths[1].read_bytes()
     loaded = mining.read_clusters(str(paths[0]), subset="Toy", num_rows=len(case[0]))
     assert loaded.clusters == result.clusters and loaded.phases == result.phases
@@ -365,8 +454,18 @@ def test_cluster_file_errors(tmp_path):
 
 
 def test_classification_subsets_keep_retrieval_order():
-    for name in ("ImageNet_1K", "Place365", "N24News", "HatefulMemes", "VOC2007", "SUN397",
-                 "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"):
+    for name in (
+        "ImageNet_1K",
+        "Place365",
+        "N24News",
+        "HatefulMemes",
+        "VOC2007",
+        "SUN397",
+        "ImageNet-A",
+        "ImageNet-R",
+        "ObjectNet",
+        "Country211",
+    ):
         assert mining.keeps_retrieval_order(name), name
     for name in ("MSCOCO_t2i", "VisDial", "OK-VQA", "MSCOCO", "CIRR"):
         assert not mining.keeps_retrieval_order(name), name
@@ -382,25 +481,37 @@ def test_index_keys_and_ranges():
 
 def test_no_rows_and_a_lone_row():
     empty = np.zeros((0, 4), np.float32)
-    assert mining.build_clusters([], [], empty, empty, top_k=2, pool_mult=1,
-                                 keep_retrieval_order=False) == []
+    assert (
+        mining.build_clusters(
+            [], [], empty, empty, top_k=2, pool_mult=1, keep_retrieval_order=False
+        )
+        == []
+    )
     lone = np.eye(4, dtype=np.float32)[:1]
-    result = mining.mine_clusters(["a"], ["p"], lone, lone, top_k=2, pool_mult=1,
-                                  keep_retrieval_order=False)
+    result = mining.mine_clusters(
+        ["a"], ["p"], lone, lone, top_k=2, pool_mult=1, keep_retrieval_order=False
+    )
     assert result.clusters == [] and result.report["rows_uncovered"] == 1
 
 
 def test_auto_query_similarities_follow_the_owner_density():
     # Classification-like: 3 candidates owned by 7 queries -> the device; a sparse retrieval
     # subset (one owner per candidate, many queries) -> the host.
-    dense = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
-                                 keep_retrieval_order=True)
+    dense = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True)
     assert dense.report["query_similarities"] == "device"
     rng = np.random.default_rng(0)
     sparse = unit(rng.standard_normal((300, 8)))
-    result = mining.mine_clusters(list(range(300)), list(range(300)), sparse, sparse[::-1],
-                                  top_k=1, pool_mult=1, keep_retrieval_order=False)
+    result = mining.mine_clusters(
+        list(range(300)),
+        list(range(300)),
+        sparse,
+        sparse[::-1],
+        top_k=1,
+        pool_mult=1,
+        keep_retrieval_order=False,
+    )
     assert result.report["query_similarities"] == "host"
     with pytest.raises(ValueError, match="query_sims"):
-        mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True,
-                             query_sims="gpu")
+        mining.mine_clusters(
+            *class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True, query_sims="gpu"
+        )

@@ -29,24 +29,46 @@ def tiny_mine(tmp_path_factory):
     model_dir = write_checkpoint(root / "model")
     mini_mmeb.build(str(root / "mini"), seed=0, train_rows=32, eval_queries=2, candidates=2)
     # Small pages (136x176) and photos: at most 128 patches an image, as the mini-MMEB's.
-    synthetic_mmeb.build(str(root / "synth"), rows=64, subsets=2, eval_queries=2,
-                         candidates=2, page_fraction=0.25, image_scale=0.08, pool=8)
-    pipeline = Pipeline(config_of(mine_settings(model_dir, root / "mini", root / "work")),
-                        root / "work")
+    synthetic_mmeb.build(
+        str(root / "synth"),
+        rows=64,
+        subsets=2,
+        eval_queries=2,
+        candidates=2,
+        page_fraction=0.25,
+        image_scale=0.08,
+        pool=8,
+    )
+    pipeline = Pipeline(
+        config_of(mine_settings(model_dir, root / "mini", root / "work")), root / "work"
+    )
     model = pipeline.model(trained=False)
     config = pipeline.config
-    embedder = Embedder(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                        batch_size=config.mine.batch_size, progress=False)
-    judge = Judge(model, pipeline.processor(), mesh=pipeline.mesh, rules=pipeline.rules,
-                  batch_size=config.mine.judge_batch_size, progress=False)
+    embedder = Embedder(
+        model,
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.mine.batch_size,
+        progress=False,
+    )
+    judge = Judge(
+        model,
+        pipeline.processor(),
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=config.mine.judge_batch_size,
+        progress=False,
+    )
     return root, pipeline, embedder, judge
 
 
 def _rows(pipeline, data_dir, subset):
     pipeline.config.data.train_dir = str(data_dir / "train")
     pipeline.config.data.train_image_root = str(data_dir)
-    return mmeb.read_train_subset(str(data_dir / "train"), subset, "original", str(data_dir),
-                                  BadInputReport("error"))
+    return mmeb.read_train_subset(
+        str(data_dir / "train"), subset, "original", str(data_dir), BadInputReport("error")
+    )
 
 
 def _threshold_near_the_median(cache: JudgeCache) -> float:
@@ -58,8 +80,9 @@ def _threshold_near_the_median(cache: JudgeCache) -> float:
     return float(values[i] + values[i + 1]) / 2
 
 
-@pytest.mark.parametrize("data, subset", [("mini", "ColorCls"), ("mini", "ShapeGround"),
-                                          ("synth", "SynthVQA_1")])
+@pytest.mark.parametrize(
+    "data, subset", [("mini", "ColorCls"), ("mini", "ShapeGround"), ("synth", "SynthVQA_1")]
+)
 def test_batched_judge_gives_the_sequential_clusters(tiny_mine, tmp_path, data, subset):
     root, pipeline, embedder, judge = tiny_mine
     rows = _rows(pipeline, root / data, subset)
@@ -69,10 +92,18 @@ def test_batched_judge_gives_the_sequential_clusters(tiny_mine, tmp_path, data, 
     stage.mine_subset(pipeline, subset, rows, embedder, embeddings, judge, first)
     pipeline.config.mine.judge_threshold = _threshold_near_the_median(first)
 
-    batched = stage.mine_subset(pipeline, subset, rows, embedder, embeddings, judge,
-                                JudgeCache(tmp_path / "batched", "test"))
-    sequential = stage.mine_subset(pipeline, subset, rows, embedder, embeddings, judge, None,
-                                   sequential=True)
+    batched = stage.mine_subset(
+        pipeline,
+        subset,
+        rows,
+        embedder,
+        embeddings,
+        judge,
+        JudgeCache(tmp_path / "batched", "test"),
+    )
+    sequential = stage.mine_subset(
+        pipeline, subset, rows, embedder, embeddings, judge, None, sequential=True
+    )
     assert batched.clusters == sequential.clusters
     assert batched.phases == sequential.phases
     ours, reference = batched.report["judge"], sequential.report["judge"]
@@ -99,33 +130,53 @@ def _pairs(missing_image: str | None = None):
     long_text = " ".join(["red circle and blue square"] * 60)  # ~300 tokens
 
     def query(text, with_image):
-        return EmbedItem(("<|image_1|>\n" if with_image else "") + text,
-                         image if with_image else None, "query", "Toy", 0)
+        return EmbedItem(
+            ("<|image_1|>\n" if with_image else "") + text,
+            image if with_image else None,
+            "query",
+            "Toy",
+            0,
+        )
 
     def candidate(text, with_image):
-        return EmbedItem(("<|image_1|>\n" if with_image else "") + text,
-                         image if with_image else None, "candidate")
+        return EmbedItem(
+            ("<|image_1|>\n" if with_image else "") + text,
+            image if with_image else None,
+            "candidate",
+        )
 
     pairs = [
-        (query("a query", False), candidate("a candidate", False)),      # fits
-        (query("a query", True), candidate("a candidate", False)),       # fits at 1/8
-        (query("a query", True), candidate("a candidate", True)),        # never fits
-        (query(long_text, False), candidate(long_text, False)),          # texts far over
+        (query("a query", False), candidate("a candidate", False)),  # fits
+        (query("a query", True), candidate("a candidate", False)),  # fits at 1/8
+        (query("a query", True), candidate("a candidate", True)),  # never fits
+        (query(long_text, False), candidate(long_text, False)),  # texts far over
     ]
     if missing_image:
-        pairs.append((query("a query", False),
-                      EmbedItem("<|image_1|>\nx", missing_image, "candidate")))
+        pairs.append(
+            (query("a query", False), EmbedItem("<|image_1|>\nx", missing_image, "candidate"))
+        )
     return pairs
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_over_length_pairs_are_downscaled_or_kept_unjudged(tiny_mine, tmp_path, policy):
     root, pipeline, _, _ = tiny_mine
-    processor = Processor.from_dir(root / "model", max_length=104, image_resolution="processor",
-                                   length_buckets=(128,), patch_buckets=(0, 512),
-                                   on_bad_input=policy)
-    judge = Judge(pipeline.model(trained=False), processor, mesh=pipeline.mesh,
-                  rules=pipeline.rules, batch_size=1, progress=False)
+    processor = Processor.from_dir(
+        root / "model",
+        max_length=104,
+        image_resolution="processor",
+        length_buckets=(128,),
+        patch_buckets=(0, 512),
+        on_bad_input=policy,
+    )
+    judge = Judge(
+        pipeline.model(trained=False),
+        processor,
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=1,
+        progress=False,
+    )
     missing = str(tmp_path / "missing.jpg")
     if policy == "error":
         result = judge.judge(_pairs())
@@ -153,11 +204,15 @@ def test_each_image_is_loaded_once_not_once_per_pair(tiny_mine, monkeypatch):
     load = judge.processor.load_images
     # Earlier tests judged these rows with the same judge: start from an empty image memo.
     monkeypatch.setattr(judge, "_images", type(judge._images)(1 << 30))
-    monkeypatch.setattr(judge.processor, "load_images",
-                        lambda sources, **kw: loaded.extend(sources) or load(sources, **kw))
+    monkeypatch.setattr(
+        judge.processor,
+        "load_images",
+        lambda sources, **kw: loaded.extend(sources) or load(sources, **kw),
+    )
     first = judge(pairs)
-    assert sorted(map(str, loaded)) == sorted({str(p[0].image) for p in pairs[:1]}
-                                              | {str(c.image) for _, c in pairs})
+    assert sorted(map(str, loaded)) == sorted(
+        {str(p[0].image) for p in pairs[:1]} | {str(c.image) for _, c in pairs}
+    )
     second = judge(pairs)  # Kept between calls (the later rounds of a block).
     assert len(loaded) == 6
     np.testing.assert_array_equal(first, second)
@@ -168,12 +223,18 @@ def test_pairs_encode_as_the_processors_own_encode_judge(tiny_mine):
     # policy again: token ids and patches must equal the processor's own pair encoding.
     root, pipeline, _, judge = tiny_mine
     processor = Processor.from_dir(root / "model", max_length=512, image_resolution="random")
-    random_judge = Judge(pipeline.model(trained=False), processor,
-                         mesh=pipeline.mesh, rules=pipeline.rules, batch_size=1)
+    random_judge = Judge(
+        pipeline.model(trained=False),
+        processor,
+        mesh=pipeline.mesh,
+        rules=pipeline.rules,
+        batch_size=1,
+    )
     rows = _rows(pipeline, root / "mini", "ShapeGround")
     for q, c in [(stage.query_item(rows[0]), stage.positive_item(rows[i])) for i in (1, 2)]:
-        expected = Processor.from_dir(root / "model", max_length=512,
-                                      image_resolution="random").encode_judge(q, c)
+        expected = Processor.from_dir(
+            root / "model", max_length=512, image_resolution="random"
+        ).encode_judge(q, c)
         encoded, status = random_judge._encode_pair(q, c, {})
         assert status == mining.JUDGED
         np.testing.assert_array_equal(encoded.input_ids, expected.input_ids)

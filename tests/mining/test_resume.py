@@ -22,16 +22,24 @@ SUBSET = "ShapeCaption_t2i"
 
 
 def _command(settings: dict) -> list[str]:
-    return [sys.executable, "-m", "g2e.main", f"--config={REPO}/configs/mmeb.py",
-            *flags_of(settings)]
+    return [
+        sys.executable,
+        "-m",
+        "g2e.main",
+        f"--config={REPO}/configs/mmeb.py",
+        *flags_of(settings),
+    ]
 
 
 def _env(compile_cache: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # One CPU device.
     # The three runs compile the same programs: keep them on disk between the runs.
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     return env
 
 
@@ -53,13 +61,21 @@ def test_mine_killed_mid_subset_resumes_to_identical_clusters(tmp_path):
     mini_mmeb.build(str(tmp_path / "data"), seed=0, train_rows=96, eval_queries=2, candidates=2)
     # The tiny model's P(yes) on this subset lie in 0.53-0.59 (median 0.559): this threshold
     # drops some of the owners, so blocks take several judge rounds.
-    overrides = {"data.train_subsets": SUBSET, "mine.judge_threshold": 0.57,
-                 "mine.block_size": 16, "mine.judge_batch_size": 8}
+    overrides = {
+        "data.train_subsets": SUBSET,
+        "mine.judge_threshold": 0.57,
+        "mine.block_size": 16,
+        "mine.judge_batch_size": 8,
+    }
     env = _env(tmp_path / "jax_cache")
     fresh, killed = tmp_path / "fresh", tmp_path / "killed"
-    run = subprocess.run(_command(mine_settings(model_dir, tmp_path / "data", fresh,
-                                                **overrides)),
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        _command(mine_settings(model_dir, tmp_path / "data", fresh, **overrides)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     clusters = f"mine/{SUBSET}.clusters.json"
     assert len(_shards(fresh)) >= 4, "too few judge calls to kill the stage in between"
@@ -86,7 +102,9 @@ def test_mine_killed_mid_subset_resumes_to_identical_clusters(tmp_path):
     report = json.loads((killed / "mine" / f"{SUBSET}.report.json").read_text())
     assert report["judge"]["cached"] > 0 and report["judge"]["pairs"] == len(rejudged)
     assert 0 < report["judge"]["dropped"] < report["judge"]["consulted"] / 2, (
-        "retune mine.judge_threshold to the tiny model's P(yes)", report["judge"])
+        "retune mine.judge_threshold to the tiny model's P(yes)",
+        report["judge"],
+    )
     reference = json.loads((fresh / "mine" / f"{SUBSET}.report.json").read_text())
     for key in ("consulted", "dropped", "unjudged"):
         assert report["judge"][key] == reference["judge"][key], key

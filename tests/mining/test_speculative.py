@@ -21,10 +21,12 @@ class RecordingPairJudge:
         pairs = list(zip(anchor_rows.tolist(), owner_rows.tolist()))
         self.requests.append(pairs)
         p_yes = np.asarray([self.p(a, o) for a, o in pairs], np.float32)
-        status = np.asarray([self.status(a, o) if self.status else mining.JUDGED
-                             for a, o in pairs], np.int8)
-        return mining.PairAnswers(p_yes, status, judged=len(pairs),
-                                  device_calls=-(-len(pairs) // self.batch))
+        status = np.asarray(
+            [self.status(a, o) if self.status else mining.JUDGED for a, o in pairs], np.int8
+        )
+        return mining.PairAnswers(
+            p_yes, status, judged=len(pairs), device_calls=-(-len(pairs) // self.batch)
+        )
 
     def pairs(self):
         return [pair for request in self.requests for pair in request]
@@ -56,11 +58,17 @@ JUDGES = {
 def test_batched_judge_gives_the_sequential_clusters(name, keep_order, block_size):
     case = random_case(seed=4)
     p = by_content(JUDGES[name], case)
-    settings = dict(top_k=3, pool_mult=3, keep_retrieval_order=keep_order,
-                    block_size=block_size, candidate_chunk=8)
+    settings = dict(
+        top_k=3,
+        pool_mult=3,
+        keep_retrieval_order=keep_order,
+        block_size=block_size,
+        candidate_chunk=8,
+    )
     reference = mining.mine_clusters(*case, judge=sequential(p), **settings)
-    expected, _ = reference_clusters(*case, top_k=3, pool_mult=3, keep_order=keep_order,
-                                     judge=sequential(p))
+    expected, _ = reference_clusters(
+        *case, top_k=3, pool_mult=3, keep_order=keep_order, judge=sequential(p)
+    )
     assert reference.clusters == expected
     pair_judge = RecordingPairJudge(p)
     batched = mining.mine_clusters(*case, pair_judge=pair_judge, **settings)
@@ -84,8 +92,14 @@ def test_a_block_asks_the_first_rounds_of_all_its_anchors_at_once():
     # (one block holds all rows), and it is the only phase-1 request.
     case = random_case(seed=6, rows=60, num_queries=60)
     pair_judge = RecordingPairJudge(lambda a, o: 0.0)
-    result = mining.mine_clusters(*case, pair_judge=pair_judge, top_k=3, pool_mult=2,
-                                  keep_retrieval_order=False, block_size=64)
+    result = mining.mine_clusters(
+        *case,
+        pair_judge=pair_judge,
+        top_k=3,
+        pool_mult=2,
+        keep_retrieval_order=False,
+        block_size=64,
+    )
     phase1 = [c for c, p in zip(result.clusters, result.phases) if p == 1]
     first = pair_judge.requests[0]
     assert {(c[0], o) for c in phase1 for o in c[1:]} <= set(first)
@@ -96,11 +110,15 @@ def test_a_block_asks_the_first_rounds_of_all_its_anchors_at_once():
 def test_unjudged_pairs_are_kept_and_counted():
     # The judge cannot judge owner row 4 (e.g. over the max length): it answers 0.0 with
     # status UNJUDGED, so row 4 is kept where the "yes" judge of test_greedy dropped it.
-    pair_judge = RecordingPairJudge(lambda a, o: 0.1,
-                                    status=lambda a, o: mining.UNJUDGED if o == 4 else
-                                    mining.DOWNSCALED if o == 2 else mining.JUDGED)
-    result = mining.mine_clusters(*class_case(), top_k=2, pool_mult=1,
-                                  keep_retrieval_order=False, pair_judge=pair_judge)
+    pair_judge = RecordingPairJudge(
+        lambda a, o: 0.1,
+        status=lambda a, o: (
+            mining.UNJUDGED if o == 4 else mining.DOWNSCALED if o == 2 else mining.JUDGED
+        ),
+    )
+    result = mining.mine_clusters(
+        *class_case(), top_k=2, pool_mult=1, keep_retrieval_order=False, pair_judge=pair_judge
+    )
     assert result.clusters == [[0, 4, 2], [1, 3, 5], [6, 2, 4]]
     judge = result.report["judge"]
     assert (judge["unjudged"], judge["downscaled"], judge["dropped"]) == (2, 2, 0)
@@ -109,12 +127,23 @@ def test_unjudged_pairs_are_kept_and_counted():
 
 def test_a_bad_pair_judge_answer_names_the_anchor():
     def nan_judge(anchor_rows, owner_rows):
-        return mining.PairAnswers(np.full(anchor_rows.size, np.nan), np.zeros(anchor_rows.size),
-                                  judged=anchor_rows.size, device_calls=1)
+        return mining.PairAnswers(
+            np.full(anchor_rows.size, np.nan),
+            np.zeros(anchor_rows.size),
+            judged=anchor_rows.size,
+            device_calls=1,
+        )
 
     with pytest.raises(ValueError, match="anchor row 0"):
-        mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True,
-                             pair_judge=nan_judge)
+        mining.mine_clusters(
+            *class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True, pair_judge=nan_judge
+        )
     with pytest.raises(ValueError, match="not both"):
-        mining.mine_clusters(*class_case(), top_k=2, pool_mult=1, keep_retrieval_order=True,
-                             pair_judge=nan_judge, judge=lambda a, o: np.zeros(len(o)))
+        mining.mine_clusters(
+            *class_case(),
+            top_k=2,
+            pool_mult=1,
+            keep_retrieval_order=True,
+            pair_judge=nan_judge,
+            judge=lambda a, o: np.zeros(len(o)),
+        )

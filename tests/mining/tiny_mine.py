@@ -13,12 +13,19 @@ from tests import assets
 # Every batch has length 192 and no image or 128 patches (images of the mini-MMEB's sizes):
 # two compiled shapes per program.
 SETTINGS = {
-    "model.dtype": "float32", "model.param_dtype": "float32", "model.remat": "none",
-    "data.image_resolution": "processor", "data.max_length": 192,
-    "data.length_buckets": (192,), "data.patch_buckets": (0, 128),
+    "model.dtype": "float32",
+    "model.param_dtype": "float32",
+    "model.remat": "none",
+    "data.image_resolution": "processor",
+    "data.max_length": 192,
+    "data.length_buckets": (192,),
+    "data.patch_buckets": (0, 128),
     "data.train_split": "original",
-    "mine.top_k": 3, "mine.pool_mult": 3, "mine.batch_size": 8,
-    "mine.judge_batch_size": 2, "mine.block_size": 32,
+    "mine.top_k": 3,
+    "mine.pool_mult": 3,
+    "mine.batch_size": 8,
+    "mine.judge_batch_size": 2,
+    "mine.block_size": 32,
 }
 
 
@@ -30,9 +37,15 @@ def write_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 def mine_settings(model_dir, data_dir, workdir, **overrides) -> dict:
     """Dotted config keys -> values of a `mine` run over the data set in `data_dir`."""
-    return {**SETTINGS, "model_dir": str(model_dir), "workdir": str(workdir),
-            "stages": "mine", "data.train_dir": str(pathlib.Path(data_dir) / "train"),
-            "data.train_image_root": str(data_dir), **overrides}
+    return {
+        **SETTINGS,
+        "model_dir": str(model_dir),
+        "workdir": str(workdir),
+        "stages": "mine",
+        "data.train_dir": str(pathlib.Path(data_dir) / "train"),
+        "data.train_image_root": str(data_dir),
+        **overrides,
+    }
 
 
 def config_of(settings: dict) -> ml_collections.ConfigDict:
@@ -48,6 +61,8 @@ def config_of(settings: dict) -> ml_collections.ConfigDict:
 
 def flags_of(settings: dict) -> list[str]:
     """The settings as --config.KEY=VALUE flags of `python -m g2e.main`."""
+
     def text(value):
         return f"({','.join(map(str, value))},)" if isinstance(value, tuple) else str(value)
+
     return [f"--config.{key}={text(value)}" for key, value in settings.items()]

@@ -35,18 +35,32 @@ QWEN2_5_VL = "qwen2_5_vl"
 def _qwen2_5_presets(widths: str, vocab_size: int | None) -> tuple[int, dict, dict]:
     """(vocab, text kwargs, vision kwargs) of a Qwen2.5-VL width preset."""
     if widths == "tiny":
-        text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                    num_key_value_heads=2,
-                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-        vision = dict(hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
-                      window_size=56)
+        text = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        )
+        vision = dict(
+            hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, window_size=56
+        )
         return vocab_size or TINY_VOCAB, text, vision
     if widths == "3b":
-        text = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
-                    num_key_value_heads=2,
-                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-        vision = dict(hidden_size=1280, out_hidden_size=2048, intermediate_size=3420,
-                      num_heads=16, window_size=112)
+        text = dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        )
+        vision = dict(
+            hidden_size=1280,
+            out_hidden_size=2048,
+            intermediate_size=3420,
+            num_heads=16,
+            window_size=112,
+        )
         return vocab_size or 4096, text, vision
     raise ValueError(f"Qwen2.5-VL widths must be 'tiny' or '3b', got {widths!r}")
 
@@ -104,8 +118,14 @@ def hf_config_dict(
         eos_token_id=vocab - 7,
         pad_token_id=vocab - 8,
     )
-    vision.update(depth=num_layers, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
-                  in_channels=3, hidden_act="silu" if model_type == QWEN2_5_VL else "quick_gelu")
+    vision.update(
+        depth=num_layers,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        hidden_act="silu" if model_type == QWEN2_5_VL else "quick_gelu",
+    )
     return dict(
         text_config=text,
         vision_config=vision,
@@ -142,11 +162,18 @@ def make_hf_model(
     scales 1 + noise)."""
     config_class, model_class = (
         (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration)
-        if model_type == QWEN2_5_VL else
-        (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration))
+        if model_type == QWEN2_5_VL
+        else (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration)
+    )
     config = config_class(
-        **hf_config_dict(widths, tie_word_embeddings=tie_word_embeddings, vocab_size=vocab_size,
-                         num_layers=num_layers, model_type=model_type))
+        **hf_config_dict(
+            widths,
+            tie_word_embeddings=tie_word_embeddings,
+            vocab_size=vocab_size,
+            num_layers=num_layers,
+            model_type=model_type,
+        )
+    )
     # sdpa and eager agree; eager keeps the reference free of kernel choices.
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
@@ -174,8 +201,14 @@ def make_hf_checkpoint(
     with a model.safetensors.index.json, as large released checkpoints are.
     """
     out_dir = pathlib.Path(out_dir)
-    model = make_hf_model(widths=widths, tie_word_embeddings=tie_word_embeddings, seed=seed,
-                          vocab_size=vocab_size, num_layers=num_layers, model_type=model_type)
+    model = make_hf_model(
+        widths=widths,
+        tie_word_embeddings=tie_word_embeddings,
+        seed=seed,
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        model_type=model_type,
+    )
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **kwargs)
     return model, out_dir

@@ -23,8 +23,9 @@ from tests.models import checkpoints
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     hf_model, path = checkpoints.make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), seed=4)
-    reference = {k: v.numpy() for k, v in safetensors.torch.load_file(
-        path / "model.safetensors").items()}
+    reference = {
+        k: v.numpy() for k, v in safetensors.torch.load_file(path / "model.safetensors").items()
+    }
     return hf_model, path, reference
 
 
@@ -76,8 +77,9 @@ def test_save_hf_loads_in_transformers(tmp_path, tiny):
     assert sorted(index["weight_map"]) == sorted(reference)
     reloaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out")
     for name, tensor in reloaded.state_dict().items():
-        np.testing.assert_array_equal(tensor.numpy(), hf_model.state_dict()[name].numpy(),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            tensor.numpy(), hf_model.state_dict()[name].numpy(), err_msg=name
+        )
 
 
 def test_save_hf_bfloat16(tmp_path, tiny):
@@ -88,7 +90,8 @@ def test_save_hf_bfloat16(tmp_path, tiny):
     loaded = hf_io.to_hf_state_dict(hf_io.load_model(tmp_path))
     name = "model.layers.1.mlp.up_proj.weight"
     np.testing.assert_array_equal(
-        loaded[name], reference[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+        loaded[name], reference[name].astype(ml_dtypes.bfloat16).astype(np.float32)
+    )
 
 
 def test_dora_adapter_starts_from_loaded_weights(tiny):
@@ -170,18 +173,24 @@ def test_misshaped_tensor_named(tmp_path, tiny):
 def test_save_hf_merges_adapters(tmp_path, tiny):
     """A DoRA-adapted model written with save_hf reloads as a plain model with its outputs."""
     _, path, _ = tiny
-    config = lora.AdapterConfig(kind="dora", r=2, alpha=4.0, dropout=0.0,
-                                targets=("v_proj", "up_proj"))
+    config = lora.AdapterConfig(
+        kind="dora", r=2, alpha=4.0, dropout=0.0, targets=("v_proj", "up_proj")
+    )
     adapted = hf_io.load_model(path, adapter=config)
-    for projection in (adapted.language_model.layers.self_attn.v_proj,
-                       adapted.language_model.layers.mlp.up_proj):
+    for projection in (
+        adapted.language_model.layers.self_attn.v_proj,
+        adapted.language_model.layers.mlp.up_proj,
+    ):
         shape = projection.lora_b.value.shape
         projection.lora_b.value = jax.random.normal(jax.random.key(0), shape) * 0.1
     hf_io.save_hf(adapted, tmp_path)
     merged = hf_io.load_model(tmp_path)
     input_ids = np.array([[5, 17, 33, 2, 9, 41]], np.int32)
-    batch = dict(input_ids=input_ids, attention_mask=np.ones_like(input_ids),
-                 position_ids=np.broadcast_to(np.arange(6, dtype=np.int32), (3, 1, 6)))
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=np.ones_like(input_ids),
+        position_ids=np.broadcast_to(np.arange(6, dtype=np.int32), (3, 1, 6)),
+    )
     forward = jax.jit(lambda model: model(batch))
     np.testing.assert_allclose(forward(merged), forward(adapted), atol=1e-5)
     assert not np.allclose(forward(merged), forward(hf_io.load_model(path)), atol=1e-3)

@@ -39,26 +39,34 @@ class _FixedDropout(torch.nn.Module):
 def _peft_layer(kind: str, dropout: float, seed: int = 0):
     """A PEFT-wrapped nn.Linear with random (non-initial) adapter weights."""
     torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=R, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj"],
-                          use_dora=(kind == "dora"), init_lora_weights="gaussian")
+    cfg = peft.LoraConfig(
+        r=R,
+        lora_alpha=16,
+        lora_dropout=dropout,
+        target_modules=["q_proj"],
+        use_dora=(kind == "dora"),
+        init_lora_weights="gaussian",
+    )
     model = peft.get_peft_model(_Block(), cfg)
     layer = model.base_model.model.q_proj
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0.0, 0.3)
         if kind == "dora":
-            layer.lora_magnitude_vector["default"].weight.mul_(
-                1.0 + 0.2 * torch.randn(OUT))
+            layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.2 * torch.randn(OUT))
     return model, layer
 
 
 def _jax_weights(layer, kind: str):
     kernel = jnp.asarray(layer.base_layer.weight.detach().numpy().T)
     bias = jnp.asarray(layer.base_layer.bias.detach().numpy())
-    adapter = {"lora_a": jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T),
-               "lora_b": jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T)}
+    adapter = {
+        "lora_a": jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T),
+        "lora_b": jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T),
+    }
     if kind == "dora":
         adapter["magnitude"] = jnp.asarray(
-            layer.lora_magnitude_vector["default"].weight.detach().numpy())
+            layer.lora_magnitude_vector["default"].weight.detach().numpy()
+        )
     return kernel, bias, adapter
 
 
@@ -83,19 +91,23 @@ def test_forward_and_grads_match_peft(kind, train):
     y_t.square().sum().backward()
 
     def loss(adapter):
-        y = lora.apply(jnp.asarray(x), kernel, bias, adapter, config,
-                       deterministic=not train, rng=rng)
+        y = lora.apply(
+            jnp.asarray(x), kernel, bias, adapter, config, deterministic=not train, rng=rng
+        )
         return jnp.sum(jnp.square(y)), y
 
     (_, y), grads = jax.value_and_grad(loss, has_aux=True)(adapter)
     np.testing.assert_allclose(np.asarray(y), y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
-    torch_grads = {"lora_a": layer.lora_A["default"].weight.grad.numpy().T,
-                   "lora_b": layer.lora_B["default"].weight.grad.numpy().T}
+    torch_grads = {
+        "lora_a": layer.lora_A["default"].weight.grad.numpy().T,
+        "lora_b": layer.lora_B["default"].weight.grad.numpy().T,
+    }
     if kind == "dora":
         torch_grads["magnitude"] = layer.lora_magnitude_vector["default"].weight.grad.numpy()
     for key, expected in torch_grads.items():
-        np.testing.assert_allclose(np.asarray(grads[key]), expected, rtol=1e-4, atol=1e-4,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(grads[key]), expected, rtol=1e-4, atol=1e-4, err_msg=key
+        )
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -106,8 +118,9 @@ def test_merge_matches_adapted_forward_and_peft(kind):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, IN)).astype(np.float32))
     merged = lora.merge(kernel, adapter, config)
     adapted = lora.apply(x, kernel, bias, adapter, config, deterministic=True)
-    np.testing.assert_allclose(np.asarray(x @ merged + bias), np.asarray(adapted),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(x @ merged + bias), np.asarray(adapted), rtol=1e-5, atol=1e-5
+    )
     peft_merged = model.merge_and_unload().q_proj.weight.detach().numpy().T
     np.testing.assert_allclose(np.asarray(merged), peft_merged, rtol=1e-5, atol=1e-6)
 
@@ -125,8 +138,9 @@ def test_init_is_identity_and_gaussian(kind):
     y = lora.apply(x, kernel, None, adapter, config, deterministic=True)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ kernel), rtol=1e-5, atol=1e-4)
     if kind == "dora":
-        np.testing.assert_allclose(np.asarray(adapter["magnitude"]),
-                                   np.linalg.norm(np.asarray(kernel), axis=0), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(adapter["magnitude"]), np.linalg.norm(np.asarray(kernel), axis=0), rtol=1e-6
+        )
 
 
 def test_config_errors_name_the_key():
@@ -136,10 +150,14 @@ def test_config_errors_name_the_key():
         lora.AdapterConfig(kind="none")
     assert lora.AdapterConfig.from_config({"kind": "none"}) is None
     with pytest.raises(ValueError, match="rng is None"):
-        lora.apply(jnp.ones((1, 4)), jnp.ones((4, 2)), None,
-                   lora.init_adapter(jax.random.key(0), 4, 2, None,
-                                     lora.AdapterConfig(kind="lora", r=1)),
-                   lora.AdapterConfig(kind="lora", r=1), deterministic=False)
+        lora.apply(
+            jnp.ones((1, 4)),
+            jnp.ones((4, 2)),
+            None,
+            lora.init_adapter(jax.random.key(0), 4, 2, None, lora.AdapterConfig(kind="lora", r=1)),
+            lora.AdapterConfig(kind="lora", r=1),
+            deterministic=False,
+        )
 
 
 def test_analytic_dora_norm_equals_the_materialised_one():
@@ -147,25 +165,42 @@ def test_analytic_dora_norm_equals_the_materialised_one():
     config = lora.AdapterConfig(kind="dora", r=R, alpha=16)
     rng = np.random.default_rng(4)
     kernel = rng.normal(size=(3, IN, OUT)).astype(np.float32)
-    adapter = {"lora_a": rng.normal(size=(3, IN, R)).astype(np.float32) / R,
-               "lora_b": rng.normal(size=(3, R, OUT)).astype(np.float32)}
-    materialised = np.linalg.norm(kernel + config.scaling * adapter["lora_a"]
-                                  @ adapter["lora_b"], axis=-2)
+    adapter = {
+        "lora_a": rng.normal(size=(3, IN, R)).astype(np.float32) / R,
+        "lora_b": rng.normal(size=(3, R, OUT)).astype(np.float32),
+    }
+    materialised = np.linalg.norm(
+        kernel + config.scaling * adapter["lora_a"] @ adapter["lora_b"], axis=-2
+    )
     stacked = lora.dora_norm(jnp.asarray(kernel), adapter, config)
     np.testing.assert_allclose(np.asarray(stacked), materialised, rtol=1e-5)
     one = lora.dora_norm(jnp.asarray(kernel[1]), {k: v[1] for k, v in adapter.items()}, config)
     np.testing.assert_allclose(np.asarray(one), materialised[1], rtol=1e-5)
     # A precomputed norm gives the same projection as one computed inside apply.
-    adapter1 = {**{k: jnp.asarray(v[1]) for k, v in adapter.items()},
-                "magnitude": jnp.asarray(materialised[1] * 1.1)}
+    adapter1 = {
+        **{k: jnp.asarray(v[1]) for k, v in adapter.items()},
+        "magnitude": jnp.asarray(materialised[1] * 1.1),
+    }
     x = jnp.asarray(rng.normal(size=(5, IN)).astype(np.float32))
     inside = lora.apply(x, jnp.asarray(kernel[1]), None, adapter1, config, deterministic=True)
-    hoisted = lora.apply(x, jnp.asarray(kernel[1]), None, adapter1, config, deterministic=True,
-                         norm=jnp.asarray(materialised[1]))
+    hoisted = lora.apply(
+        x,
+        jnp.asarray(kernel[1]),
+        None,
+        adapter1,
+        config,
+        deterministic=True,
+        norm=jnp.asarray(materialised[1]),
+    )
     np.testing.assert_allclose(np.asarray(hoisted), np.asarray(inside), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(inside), 1.1 * np.asarray(x) @ (
-        kernel[1] + config.scaling * adapter["lora_a"][1] @ adapter["lora_b"][1]), rtol=1e-4,
-        atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(inside),
+        1.1
+        * np.asarray(x)
+        @ (kernel[1] + config.scaling * adapter["lora_a"][1] @ adapter["lora_b"][1]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_dropout_statistics_with_a_fast_key():
@@ -188,7 +223,8 @@ def test_dropout_bits_are_drawn_per_device_in_a_sharded_step():
     """Under a mesh and the sharding rules (as the train step is traced), each device draws the
     bits of its own rows only: XLA would not partition a global RngBitGenerator draw."""
     from flax import nnx
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from g2e.models import sharding
 
@@ -199,8 +235,9 @@ def test_dropout_bits_are_drawn_per_device_in_a_sharded_step():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
         text = dropout.lower(x, key).compile().as_text()
         kept = np.asarray(dropout(x, key)) != 0
-    drawn = [np.prod([int(d) for d in dims.split(",")])
-             for dims in re.findall(r"u16\[([\d,]+)\]", text)]
+    drawn = [
+        np.prod([int(d) for d in dims.split(",")]) for dims in re.findall(r"u16\[([\d,]+)\]", text)
+    ]
     assert drawn and max(drawn) == 8 * 16 * 32, drawn  # one device's rows, not all 64
     assert abs(kept.mean() - 0.9) < 0.01
     assert 0.1 < np.mean(kept[:8] != kept[8:16]) < 0.25  # devices draw different bits

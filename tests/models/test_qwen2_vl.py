@@ -20,8 +20,7 @@ CASES = {
     "text_only": ([[9], [13]], "right"),
     "one_image": ([[5, (1, 4, 6), 7]], "right"),
     "two_images_of_different_sizes": ([[4, (1, 8, 4), 3, (1, 6, 10), 5]], "right"),
-    "mixed_batch_left_padded": ([[3, (1, 4, 4), 6], [11], [2, (1, 2, 6), 1, (1, 4, 2), 3]],
-                                    "left"),
+    "mixed_batch_left_padded": ([[3, (1, 4, 4), 6], [11], [2, (1, 2, 6), 1, (1, 4, 2), 3]], "left"),
 }
 
 
@@ -62,23 +61,31 @@ def make_batch(config, examples, side, rng, *, length_pad=2, patch_pad=8):
         mask[b, where] = 1
         if pixels[b]:
             flat = np.concatenate(pixels[b])
-            pixel_values[b, :len(flat)] = flat
+            pixel_values[b, : len(flat)] = flat
             vision_pos[b], segment_ids[b] = positions.vision_layout(grids[b], num_patches)
     is_image = input_ids == image_id
     image_token_index = np.where(is_image, np.cumsum(is_image, axis=1) - 1, 0).astype(np.int32)
     last_index = (length - 1 if side == "left" else mask.sum(1) - 1) * np.ones(batch_size)
     batch = dict(
-        input_ids=input_ids, attention_mask=mask,
+        input_ids=input_ids,
+        attention_mask=mask,
         position_ids=positions.rope_index(input_ids, mask, grids, image_token_id=image_id),
-        pixel_values=pixel_values, vision_segment_ids=segment_ids, vision_positions=vision_pos,
-        image_token_index=image_token_index, last_index=last_index.astype(np.int32))
+        pixel_values=pixel_values,
+        vision_segment_ids=segment_ids,
+        vision_positions=vision_pos,
+        image_token_index=image_token_index,
+        last_index=last_index.astype(np.int32),
+    )
     flat_grids = [g for example in grids for g in example]
-    hf = dict(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-              attention_mask=torch.from_numpy(mask.astype(np.int64)),
-              mm_token_type_ids=torch.from_numpy(is_image.astype(np.int64)))
+    hf = dict(
+        input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        mm_token_type_ids=torch.from_numpy(is_image.astype(np.int64)),
+    )
     if flat_grids:
         hf["pixel_values"] = torch.from_numpy(
-            np.concatenate([p for ex in pixels for p in ex]).astype(np.float32))
+            np.concatenate([p for ex in pixels for p in ex]).astype(np.float32)
+        )
         hf["image_grid_thw"] = torch.tensor(flat_grids)
     return batch, hf
 
@@ -87,9 +94,11 @@ def hf_reference(hf_model, hf_inputs):
     """transformers' position ids [3, B, L], last hidden states and full logits."""
     with torch.no_grad():
         position_ids, _ = hf_model.model.get_rope_index(
-            hf_inputs["input_ids"], mm_token_type_ids=hf_inputs["mm_token_type_ids"],
+            hf_inputs["input_ids"],
+            mm_token_type_ids=hf_inputs["mm_token_type_ids"],
             image_grid_thw=hf_inputs.get("image_grid_thw"),
-            attention_mask=hf_inputs["attention_mask"])
+            attention_mask=hf_inputs["attention_mask"],
+        )
         out = hf_model(**hf_inputs, position_ids=position_ids, output_hidden_states=True)
     return position_ids.numpy(), out.hidden_states[-1].numpy(), out.logits.numpy()
 
@@ -109,11 +118,14 @@ def check_parity(model, hf_model, batch, hf_inputs, atol):
     rows = np.arange(len(real))
     np.testing.assert_allclose(logits, hf_logits[rows, batch["last_index"]], atol=atol, rtol=0)
     pooled = hf_hidden[rows, batch["last_index"]]
-    print(f"parity max |g2e - transformers|: hidden "
-          f"{np.abs(hidden[real] - hf_hidden[real]).max():.2e}, logits "
-          f"{np.abs(logits - hf_logits[rows, batch['last_index']]).max():.2e}")
-    np.testing.assert_allclose(embeddings, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
-                               atol=atol, rtol=0)
+    print(
+        f"parity max |g2e - transformers|: hidden "
+        f"{np.abs(hidden[real] - hf_hidden[real]).max():.2e}, logits "
+        f"{np.abs(logits - hf_logits[rows, batch['last_index']]).max():.2e}"
+    )
+    np.testing.assert_allclose(
+        embeddings, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True), atol=atol, rtol=0
+    )
     assert logits.shape == (len(real), model.config.text.vocab_size)
 
 

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from g2e import distributed
 from g2e.models import hf_io, sharding
@@ -31,11 +32,14 @@ def checkpoint(tmp_path_factory):
 
 def test_logical_to_spec():
     assert sharding.logical_to_spec(("batch", "length", "embed"), RULES) == P(
-        ("data", "fsdp"), None, None)  # 'fsdp' is already taken by the batch
+        ("data", "fsdp"), None, None
+    )  # 'fsdp' is already taken by the batch
     assert sharding.logical_to_spec(("layers", "embed", "heads"), RULES) == P(
-        None, "fsdp", "tensor")
+        None, "fsdp", "tensor"
+    )
     assert sharding.logical_to_spec(("vocab", "embed"), RULES, ("data", "tensor")) == P(
-        "tensor", None)
+        "tensor", None
+    )
 
 
 def test_loaded_parameters_carry_expected_shardings(mesh, checkpoint):
@@ -57,8 +61,14 @@ def test_loaded_parameters_carry_expected_shardings(mesh, checkpoint):
         assert array.sharding.spec == spec, (name, array.sharding.spec)
         # Each device holds only its shard (nothing whole on one device).
         shard = array.addressable_shards[0].data
-        ways = np.prod([mesh.shape[a] for entry in spec if entry
-                        for a in ((entry,) if isinstance(entry, str) else entry)])
+        ways = np.prod(
+            [
+                mesh.shape[a]
+                for entry in spec
+                if entry
+                for a in ((entry,) if isinstance(entry, str) else entry)
+            ]
+        )
         assert shard.size * ways == array.size, name
 
 
@@ -84,8 +94,7 @@ def test_sharded_outputs_equal_single_device(mesh, checkpoint):
 
 @pytest.mark.slow
 def test_create_sharded_initialises_in_place(mesh):
-    config = Qwen2VLConfig.from_hf(
-        dict(checkpoints.hf_config_dict("tiny"), model_type="qwen2_vl"))
+    config = Qwen2VLConfig.from_hf(dict(checkpoints.hf_config_dict("tiny"), model_type="qwen2_vl"))
     model = sharding.create_sharded(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)), mesh, RULES)
     kernel = model.language_model.layers.mlp.gate_proj.kernel.value
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")

@@ -75,8 +75,9 @@ def test_pallas_splash_matches_xla():
     segment_ids[1, :37] = 0  # left padding
     segment_ids = jnp.asarray(segment_ids)
     xla = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="xla")
-    splash = attention.attend(q, k, v, segment_ids=segment_ids, causal=True,
-                              implementation="pallas")
+    splash = attention.attend(
+        q, k, v, segment_ids=segment_ids, causal=True, implementation="pallas"
+    )
     np.testing.assert_allclose(np.asarray(splash)[1, 37:], np.asarray(xla)[1, 37:], atol=1e-5)
     np.testing.assert_allclose(np.asarray(splash)[0], np.asarray(xla)[0], atol=1e-5)
 
@@ -90,22 +91,25 @@ def test_pallas_rejects_unaligned_length():
 def test_pad_tokens_do_not_leak_into_real_tokens(tiny):
     _, path = tiny
     model = hf_io.load_model(path)
-    batch, _ = make_batch(model.config, *CASES["mixed_batch_left_padded"],
-                          np.random.default_rng(4))
+    batch, _ = make_batch(model.config, *CASES["mixed_batch_left_padded"], np.random.default_rng(4))
     changed = dict(batch)
     changed["input_ids"] = np.where(batch["attention_mask"] == 0, 3, batch["input_ids"])
     forward = jax.jit(lambda m, b: m(b))
     real = batch["attention_mask"].astype(bool)
-    np.testing.assert_allclose(np.asarray(forward(model, changed))[real],
-                               np.asarray(forward(model, batch))[real], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(forward(model, changed))[real],
+        np.asarray(forward(model, batch))[real],
+        atol=1e-6,
+    )
 
 
 def test_remat_and_bf16(tiny):
     """remat='full' changes nothing numerically; bf16 compute stays close with fp32 params."""
     _, path = tiny
     # Text only: the vision tower's remat is covered with the tower.
-    batch, _ = make_batch(Qwen2VLConfig.from_dir(path), *CASES["text_only"],
-                          np.random.default_rng(5))
+    batch, _ = make_batch(
+        Qwen2VLConfig.from_dir(path), *CASES["text_only"], np.random.default_rng(5)
+    )
     plain, remat = hf_io.load_model(path), hf_io.load_model(path, remat="full")
 
     def loss(model):
@@ -129,8 +133,9 @@ def test_remat_and_bf16(tiny):
 
 def test_adapter_hook_goes_through_lora_apply(tiny):
     _, path = tiny
-    config = lora.AdapterConfig(kind="lora", r=2, alpha=4.0, dropout=0.0,
-                                targets=("q_proj", "gate_proj"))
+    config = lora.AdapterConfig(
+        kind="lora", r=2, alpha=4.0, dropout=0.0, targets=("q_proj", "gate_proj")
+    )
     base, adapted = hf_io.load_model(path), hf_io.load_model(path, adapter=config)
     batch, _ = make_batch(base.config, *CASES["text_only"], np.random.default_rng(6))
     forward = jax.jit(lambda m: m(batch))
@@ -144,10 +149,14 @@ def test_adapter_hook_goes_through_lora_apply(tiny):
     # One projection by hand: x @ W + b + s * x @ A @ B.
     graphdef, stacked = nnx.split(q_proj)
     layer0 = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], stacked))
-    x = jnp.asarray(np.random.default_rng(7).normal(size=(3, base.config.text.hidden_size)),
-                    jnp.float32)
-    expected = (x @ layer0.kernel.value + layer0.bias.value
-                + config.scaling * (x @ layer0.lora_a.value) @ layer0.lora_b.value)
+    x = jnp.asarray(
+        np.random.default_rng(7).normal(size=(3, base.config.text.hidden_size)), jnp.float32
+    )
+    expected = (
+        x @ layer0.kernel.value
+        + layer0.bias.value
+        + config.scaling * (x @ layer0.lora_a.value) @ layer0.lora_b.value
+    )
     np.testing.assert_allclose(np.asarray(layer0(x)), np.asarray(expected), atol=1e-5)
 
     # Trainable adapter state splits off; gradients reach lora_b.
@@ -165,8 +174,9 @@ def test_adapter_hook_goes_through_lora_apply(tiny):
 def test_one_dropout_mask_per_input(tiny, monkeypatch):
     """q, k and v share the mask of their input, as do gate and up: four masks per layer."""
     _, path = tiny
-    config = lora.AdapterConfig(kind="dora", r=2, alpha=4.0, dropout=0.1,
-                                targets=lora.KNOWN_TARGETS)
+    config = lora.AdapterConfig(
+        kind="dora", r=2, alpha=4.0, dropout=0.1, targets=lora.KNOWN_TARGETS
+    )
     model = hf_io.load_model(path, adapter=config)
     batch, _ = make_batch(model.config, *CASES["text_only"], np.random.default_rng(8))
     calls = []
@@ -182,13 +192,16 @@ def test_one_dropout_mask_per_input(tiny, monkeypatch):
     assert len(calls) == 4, calls
 
 
-@pytest.mark.parametrize("backend, dtype, length, expected", [
-    ("cpu", jnp.bfloat16, 128, "xla"),
-    ("gpu", jnp.bfloat16, 100, "cudnn"),
-    ("gpu", jnp.float32, 128, "xla"),  # cuDNN has no float32 fused kernel
-    ("tpu", jnp.bfloat16, 256, "pallas"),
-    ("tpu", jnp.float32, 100, "xla"),  # splash needs lengths in blocks of 128
-])
+@pytest.mark.parametrize(
+    "backend, dtype, length, expected",
+    [
+        ("cpu", jnp.bfloat16, 128, "xla"),
+        ("gpu", jnp.bfloat16, 100, "cudnn"),
+        ("gpu", jnp.float32, 128, "xla"),  # cuDNN has no float32 fused kernel
+        ("tpu", jnp.bfloat16, 256, "pallas"),
+        ("tpu", jnp.float32, 100, "xla"),  # splash needs lengths in blocks of 128
+    ],
+)
 def test_auto_attention_is_chosen_per_platform(backend, dtype, length, expected):
     assert attention.resolve("auto", length=length, dtype=dtype, backend=backend) == expected
     assert attention.resolve("xla", length=length, dtype=dtype, backend=backend) == "xla"

@@ -25,8 +25,13 @@ def _hf_vision(widths: str):
     vision_config = hf_config.vision_config
     vision_config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(
-        vision_config).float().eval()
+    model = (
+        transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(
+            vision_config
+        )
+        .float()
+        .eval()
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -39,8 +44,9 @@ def _hf_vision(widths: str):
 def _images():
     """Pixel patches and grids of two random images, as the HF image processor emits them."""
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-              for w, h in IMAGE_SIZES]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in IMAGE_SIZES
+    ]
     out = transformers.Qwen2VLImageProcessorPil()(images=images, return_tensors="np")
     grids = [tuple(int(x) for x in g) for g in out["image_grid_thw"]]
     sizes = [t * h * w for t, h, w in grids]
@@ -57,7 +63,7 @@ def _batch(patches, grids, examples, pad_noise=0.0):
     layout = np.zeros((len(examples), NUM_PATCHES, 2), np.int32)
     for b, images in enumerate(examples):
         packed = np.concatenate([patches[i] for i in images])
-        pixel_values[b, :len(packed)] = packed
+        pixel_values[b, : len(packed)] = packed
         layout[b], segment_ids[b] = positions.vision_layout([grids[i] for i in images], NUM_PATCHES)
     return pixel_values, segment_ids, layout
 
@@ -84,8 +90,10 @@ def _run(tower, pixel_values, segment_ids, layout):
 
 def _hf_merged(hf_model, patches, grids, images):
     with torch.no_grad():
-        out = hf_model(torch.from_numpy(np.concatenate([patches[i] for i in images])),
-                       grid_thw=torch.tensor([grids[i] for i in images]))
+        out = hf_model(
+            torch.from_numpy(np.concatenate([patches[i] for i in images])),
+            grid_thw=torch.tensor([grids[i] for i in images]),
+        )
     return out.pooler_output.numpy()
 
 
@@ -107,8 +115,8 @@ def _check_parity(hf_model, tower, atol):
     assert ours.shape == (2, NUM_PATCHES // 4, tower.config.hidden_size)
     for b, images in enumerate(EXAMPLES):
         expected = _hf_merged(hf_model, patches, grids, images)
-        np.testing.assert_allclose(ours[b, :len(expected)], expected, atol=atol, rtol=0)
-        np.testing.assert_array_equal(ours[b, len(expected):], 0.0)
+        np.testing.assert_allclose(ours[b, : len(expected)], expected, atol=atol, rtol=0)
+        np.testing.assert_array_equal(ours[b, len(expected) :], 0.0)
     return ours
 
 
@@ -125,8 +133,12 @@ def test_remat_and_bfloat16_keep_the_result(tiny):
     params = _hf_params(hf_model, config)
     remat = _tower(config, params, remat="full")
     np.testing.assert_allclose(_run(remat, *batch), reference, atol=1e-5, rtol=0)
-    half = _tower(config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
-                  dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    half = _tower(
+        config,
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
     out = _run(half, *batch)
     assert jax.tree.leaves(nnx.state(half))[0].dtype == jnp.bfloat16
     # bf16 keeps ~3 significant digits; a wrong op would be off by O(1).

@@ -22,8 +22,12 @@ from tests.training import toy  # noqa: E402
 
 def main(workdir: str, out: str, delay: float, workers: int):
     cfg = toy.train_config(steps=12, checkpoint_every=3)
-    mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:2])
+    mesh = jax.make_mesh(
+        (2, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:2],
+    )
     queries, candidates = toy.data(40)
     clusters = [[i, i + 1] for i in range(0, 30, 2)] + [[i] for i in range(30, 40)]
     schedule = batches.ClusterSchedule(clusters, 40, cfg.cluster_size, 8, seed=0)
@@ -31,8 +35,17 @@ def main(workdir: str, out: str, delay: float, workers: int):
     # between checkpoints.
     codec = toy.Codec(queries, candidates, delay=delay / 4)
     trainable, frozen = toy.params()
-    result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=mesh,
-                         schedule=schedule, codec=codec, workdir=workdir, workers=workers)
+    result = trainer.fit(
+        toy.embed_fn,
+        trainable,
+        frozen,
+        train_cfg=cfg,
+        mesh=mesh,
+        schedule=schedule,
+        codec=codec,
+        workdir=workdir,
+        workers=workers,
+    )
     if not result.stopped_early:
         np.savez(out, **{k: np.asarray(v) for k, v in result.trainable.items()})
     print(f"finished step={result.step} stopped_early={result.stopped_early}", flush=True)

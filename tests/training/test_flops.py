@@ -20,6 +20,7 @@ def test_hlo_flops_count_loop_bodies_by_their_trip_count():
     def scanned(x, w):
         def body(c, wi):
             return jnp.tanh(c @ wi), None
+
         y = jax.lax.scan(body, x, w)[0]
         return jax.lax.cond(y.sum() > 0, lambda a: a @ w[0], lambda a: a, y).sum()
 
@@ -44,10 +45,14 @@ def _text_batch(lengths, length):
     rows = len(lengths)
     mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
     ids = np.where(mask, 7, 0).astype(np.int32)
-    return dict(input_ids=ids, attention_mask=mask,
-                position_ids=positions.rope_index(ids, mask, [[]] * rows,
-                                                  image_token_id=CONFIG.image_token_id),
-                last_index=(np.asarray(lengths) - 1).astype(np.int32))
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions.rope_index(
+            ids, mask, [[]] * rows, image_token_id=CONFIG.image_token_id
+        ),
+        last_index=(np.asarray(lengths) - 1).astype(np.int32),
+    )
 
 
 def test_model_flops_of_the_forward_match_the_compiled_embedding():
@@ -61,8 +66,7 @@ def test_model_flops_of_the_forward_match_the_compiled_embedding():
     measured = flops.hlo_flops(compiled.as_text())
     text = CONFIG.text
     counted = flops.text_step_flops(text, np.full(rows, length), adapter, train=False)
-    full_minus_causal = (text.num_layers - 1) * rows * (length * length
-                                                       - length * (length + 1) / 2)
+    full_minus_causal = (text.num_layers - 1) * rows * (length * length - length * (length + 1) / 2)
     counted += 2 * 2 * text.num_heads * text.head_dim * full_minus_causal
     assert abs(measured - counted) < 0.01 * counted, (measured, counted)
 
@@ -72,8 +76,11 @@ def test_vision_flops_match_the_compiled_tower():
     grid = (1, 4, 6)
     layout = positions.vision_layout([grid], 24)
     pixels = jnp.ones((1, 24, CONFIG.vision.patch_dim))
-    compiled = jax.jit(lambda m, p, s, q: m.visual(p, s, q)).lower(
-        model, pixels, jnp.asarray(layout[1])[None], jnp.asarray(layout[0])[None]).compile()
+    compiled = (
+        jax.jit(lambda m, p, s, q: m.visual(p, s, q))
+        .lower(model, pixels, jnp.asarray(layout[1])[None], jnp.asarray(layout[0])[None])
+        .compile()
+    )
     measured = flops.hlo_flops(compiled.as_text())
     counted = flops.vision_forward_flops(CONFIG.vision, np.array([24]))
     assert abs(measured - counted) < 0.01 * counted, (measured, counted)

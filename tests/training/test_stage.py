@@ -46,14 +46,23 @@ def _model(model_dir, kind="dora", dropout=0.0, seed=0):
 
 def _processor(model_dir):
     # One length and one patch bucket: every batch has the same shape, one compilation.
-    return Processor.from_dir(model_dir, max_length=128, image_resolution="processor",
-                              length_buckets=(128,), patch_buckets=(64,))
+    return Processor.from_dir(
+        model_dir,
+        max_length=128,
+        image_resolution="processor",
+        length_buckets=(128,),
+        patch_buckets=(64,),
+    )
 
 
 def _rows(root):
-    return [row for subset in ("ShapeCaption_t2i", "ShapeCaption_i2t")
-            for row in mmeb.read_train_subset(str(root / "data" / "train"), subset, "original",
-                                              str(root / "data"))]
+    return [
+        row
+        for subset in ("ShapeCaption_t2i", "ShapeCaption_i2t")
+        for row in mmeb.read_train_subset(
+            str(root / "data" / "train"), subset, "original", str(root / "data")
+        )
+    ]
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -62,8 +71,10 @@ def test_merged_model_embeds_like_the_adapted_one(assets, kind):
     # Move the adapters off their identity initialisation.
     _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
     keys = iter(jax.random.split(jax.random.key(5), 64))
-    nnx.update(model, jax.tree.map(
-        lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+    nnx.update(
+        model,
+        jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
+    )
     rows = _rows(assets)[:3]
     codec = model_training.RowCodec(_processor(assets / "model"), rows, image_root=None)
     batch = codec.collate([codec.encode(i) for i in range(3)])
@@ -85,13 +96,33 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
     # 16 retrieval rows (distinct positives) in 4 clusters fill exactly one batch.
     rows = _rows(assets)[:16]
     processor = _processor(model_dir)
-    mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:2])
-    config = ml_collections.ConfigDict(dict(seed=0, data=dict(train_image_root=""), train=dict(
-        steps=24, lr=5e-3, warmup_steps=1, weight_decay=0.0, grad_clip=1.0,
-        global_batch=16, cluster_size=4,
-        temperature=0.02, use_clusters=True, checkpoint_every=100, keep_checkpoints=1,
-        log_every=1, adapter=dict(kind="dora"))))
+    mesh = jax.make_mesh(
+        (2, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:2],
+    )
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            data=dict(train_image_root=""),
+            train=dict(
+                steps=24,
+                lr=5e-3,
+                warmup_steps=1,
+                weight_decay=0.0,
+                grad_clip=1.0,
+                global_batch=16,
+                cluster_size=4,
+                temperature=0.02,
+                use_clusters=True,
+                checkpoint_every=100,
+                keep_checkpoints=1,
+                log_every=1,
+                adapter=dict(kind="dora"),
+            ),
+        )
+    )
     # Clusters of same-subset rows, as mining would give (anchors first).
     clusters = [list(range(i, i + 4)) for i in range(0, len(rows) - 3, 4)]
     codec = model_training.RowCodec(processor, rows, image_root=None)
@@ -99,13 +130,14 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
 
     def fixed_loss():
         q, c = model.embed(fixed["query"]), model.embed(fixed["candidate"])
-        return float(loss_lib.infonce(q, c, jnp.arange(16), loss_lib.LossConfig(0.05),
-                                      mesh=None)[0])
+        return float(
+            loss_lib.infonce(q, c, jnp.arange(16), loss_lib.LossConfig(0.05), mesh=None)[0]
+        )
 
     before = fixed_loss()
-    result = model_training.train_model(config, model, rows, clusters, processor, mesh,
-                                        sharding.DEFAULT_RULES,
-                                        str(tmp_path))
+    result = model_training.train_model(
+        config, model, rows, clusters, processor, mesh, sharding.DEFAULT_RULES, str(tmp_path)
+    )
     after = fixed_loss()
     assert result.step == 24
     # Below chance (ln 16 = 2.77) and well below the start: not a collapse to uniform.
@@ -120,8 +152,10 @@ def test_split_model_trains_adapters_or_the_whole_language_model(assets):
     _, adapters, frozen = model_training.split_model(model, full=False)
     names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
     assert names == {"lora_a", "lora_b", "magnitude"}
-    assert all(p[-1].key not in names
-               for p, _ in jax.tree_util.tree_leaves_with_path(frozen.to_pure_dict()))
+    assert all(
+        p[-1].key not in names
+        for p, _ in jax.tree_util.tree_leaves_with_path(frozen.to_pure_dict())
+    )
     plain = Qwen2VL(Qwen2VLConfig.from_dir(assets / "model"), rngs=nnx.Rngs(0))
     _, everything, rest = model_training.split_model(plain, full=True)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(plain, nnx.Param)))
@@ -138,8 +172,13 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
     process's buckets and widened to larger agreed ones embeds the same."""
     rows = _rows(assets)[:4]
     duplicate = dataclasses.replace(rows[1], index=99, qry_text="another query")
-    processor = Processor.from_dir(assets / "model", max_length=128, image_resolution="processor",
-                                   length_buckets=(64, 128), patch_buckets=(0, 64, 128))
+    processor = Processor.from_dir(
+        assets / "model",
+        max_length=128,
+        image_resolution="processor",
+        length_buckets=(64, 128),
+        patch_buckets=(0, 64, 128),
+    )
     codec = model_training.RowCodec(processor, rows + [duplicate], image_root=None)
     encoded = [codec.encode(i) for i in range(5)]
     batch = codec.collate(encoded)
@@ -151,12 +190,15 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
     assert wider["query"]["input_ids"].shape[1] == 128 and shape[0] <= 128
     model = _model(assets / "model", "lora")
     for side in ("query", "candidate"):
-        np.testing.assert_allclose(np.asarray(model.embed(wider[side])),
-                                   np.asarray(model.embed(batch[side])), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(model.embed(wider[side])),
+            np.asarray(model.embed(batch[side])),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
-def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(
-        tmp_path, monkeypatch):
+def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp_path, monkeypatch):
     mini_mmeb.build(str(tmp_path / "mini"), seed=0, train_rows=12, eval_queries=2, candidates=2)
     config = configuration.base_config()
     data = config.data
@@ -183,8 +225,13 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(
 
     def fake_mine(pipeline, subset, rows, embedder, cache, judge, judge_cache):
         seen[subset] = [r.index for r in rows]
-        report = dict(clusters=1, phase1=dict(clusters=1), phase2=dict(clusters=0),
-                      rows_uncovered=len(rows) - 2, judge=dict(dropped=0, pairs=0))
+        report = dict(
+            clusters=1,
+            phase1=dict(clusters=1),
+            phase2=dict(clusters=0),
+            rows_uncovered=len(rows) - 2,
+            judge=dict(dropped=0, pairs=0),
+        )
         return mining.MiningResult([[4, 0]], [1], report, {})
 
     monkeypatch.setattr(mine_stage, "mine_subset", fake_mine)
@@ -193,8 +240,9 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(
     config.mine.judge = False
     pipeline = Pipeline(config, pathlib.Path(tmp_path / "work"))
     monkeypatch.setattr(pipeline, "model", lambda **kwargs: None)
-    monkeypatch.setattr(pipeline, "processor", lambda **kwargs: types.SimpleNamespace(
-        prompt="prompt"))
+    monkeypatch.setattr(
+        pipeline, "processor", lambda **kwargs: types.SimpleNamespace(prompt="prompt")
+    )
     mine_stage.run(pipeline)
     assert seen == sampled
     for subset in seen:

@@ -11,14 +11,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.training import gradcache
+from g2e.training import gradcache, optimizer, step
 from g2e.training import loss as loss_lib
-from g2e.training import optimizer, step
 from g2e.training import stage as model_training
 from tests.models import checkpoints
 from tests.models.test_qwen2_vl import make_batch
@@ -32,28 +32,33 @@ CANDIDATES = [[6], [2, (1, 2, 2), 4], [10], [5], [3, (1, 4, 4), 1], [7], [4], [9
 
 def _model(dtype=jnp.float32, dropout=0.0, seed=0):
     adapter = lora.AdapterConfig(kind="dora", r=4, alpha=16, dropout=dropout)
-    model = Qwen2VL(CONFIG, dtype=dtype, param_dtype=dtype, adapter=adapter,
-                    rngs=nnx.Rngs(seed))
+    model = Qwen2VL(CONFIG, dtype=dtype, param_dtype=dtype, adapter=adapter, rngs=nnx.Rngs(seed))
     # Move the adapters off their identity start so every term of DoRA matters.
     _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
     keys = iter(jax.random.split(jax.random.key(seed + 5), 64))
-    nnx.update(model, jax.tree.map(
-        lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), adapters))
+    nnx.update(
+        model,
+        jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
+    )
     return model
 
 
 def _batch():
     rng = np.random.default_rng(0)
-    sides = {side: make_batch(CONFIG, examples, "right", rng)[0]
-             for side, examples in (("query", QUERIES), ("candidate", CANDIDATES))}
+    sides = {
+        side: make_batch(CONFIG, examples, "right", rng)[0]
+        for side, examples in (("query", QUERIES), ("candidate", CANDIDATES))
+    }
     return {**sides, "ids": np.arange(len(QUERIES), dtype=np.int32)}
 
 
 def _loss_fn(ids):
     def fn(queries, candidates, params):
-        loss, accuracy = loss_lib.infonce(queries, candidates, ids, loss_lib.LossConfig(0.05),
-                                          mesh=None)
+        loss, accuracy = loss_lib.infonce(
+            queries, candidates, ids, loss_lib.LossConfig(0.05), mesh=None
+        )
         return loss, {"accuracy": accuracy}
+
     return fn
 
 
@@ -70,35 +75,56 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
     rng = jax.random.key(0)
 
     def plain_embed(p, f, b, key):  # the tower and the norms inside the call
-        return nnx.merge(graphdef, nnx.State(p["model"]), f).embed(
-            b, deterministic=False, rng=key)
+        return nnx.merge(graphdef, nnx.State(p["model"]), f).embed(b, deterministic=False, rng=key)
 
     plain = jax.jit(functools.partial(gradcache.direct_loss_and_grads, plain_embed, loss_fn))(
-        params, frozen, jax.tree.map(jnp.asarray, batch), rng)
+        params, frozen, jax.tree.map(jnp.asarray, batch), rng
+    )
 
     prepare, embed = model_training.model_step_fns(graphdef, groups=2, vision_chunk=2)
-    mesh = jax.make_mesh((2, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                         devices=jax.devices()[:2])
-    placed = {side: {k: jax.device_put(v, NamedSharding(mesh, P(*(
-        [None] * sharding.batch_dim(k) + ["data"])))) for k, v in batch[side].items()}
-        for side in ("query", "candidate")}
+    mesh = jax.make_mesh(
+        (2, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:2],
+    )
+    placed = {
+        side: {
+            k: jax.device_put(
+                v, NamedSharding(mesh, P(*([None] * sharding.batch_dim(k) + ["data"])))
+            )
+            for k, v in batch[side].items()
+        }
+        for side in ("query", "candidate")
+    }
 
     def fast(params, frozen, batch):
         frozen, batch = prepare(params["model"], frozen, batch)
         assert "pixel_values" not in batch["query"] and "vision_tokens" in batch["query"]
         return gradcache.loss_and_grads(
-            lambda p, f, b, key: embed(p["model"], f, b, key), loss_fn, params, frozen, batch,
-            rng, query_chunk=2, candidate_chunk=2, mesh=mesh, batch_axes=("data",))
+            lambda p, f, b, key: embed(p["model"], f, b, key),
+            loss_fn,
+            params,
+            frozen,
+            batch,
+            rng,
+            query_chunk=2,
+            candidate_chunk=2,
+            mesh=mesh,
+            batch_axes=("data",),
+        )
 
     loss, aux, grads = jax.jit(fast)(params, frozen, placed)
     np.testing.assert_allclose(float(loss), float(plain[0]), rtol=1e-5)
     assert float(aux["accuracy"]) == float(plain[1]["accuracy"])
-    for (path, g), ref in zip(jax.tree_util.tree_leaves_with_path(grads),
-                              jax.tree.leaves(plain[2])):
+    for (path, g), ref in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(plain[2])
+    ):
         scale = float(jnp.abs(ref).max())
         assert scale > 0, path
-        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=1e-4 * scale, rtol=0,
-                                   err_msg=str(path))
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(ref), atol=1e-4 * scale, rtol=0, err_msg=str(path)
+        )
 
 
 def _train(model, batch, steps):
@@ -108,9 +134,17 @@ def _train(model, batch, steps):
     cfg = dict(lr=5e-5, warmup_steps=0, steps=10**6, weight_decay=0.0, grad_clip=1.0)
     opt, schedule = optimizer.make_optimizer(type("Cfg", (), cfg))
     config = loss_lib.LossConfig(0.02)
-    setup = step.StepSetup(embed_fn=embed, loss_config=config, optimizer=opt, schedule=schedule,
-                           mesh=None, query_chunk=0, candidate_chunk=0, batch_axes=(),
-                           prepare_fn=prepare)
+    setup = step.StepSetup(
+        embed_fn=embed,
+        loss_config=config,
+        optimizer=opt,
+        schedule=schedule,
+        mesh=None,
+        query_chunk=0,
+        candidate_chunk=0,
+        batch_axes=(),
+        prepare_fn=prepare,
+    )
     state = step.init_state(trainable, opt, 0, config)
     initial = jax.tree.map(np.asarray, trainable)
     train_step = jax.jit(functools.partial(step.train_step, setup))
@@ -129,16 +163,20 @@ def test_bf16_model_trains_its_adapters_like_float32():
     """bf16 base, lr 5e-5, 20 steps: every DoRA magnitude vector and >= 99% of lora_A entries
     move, and the adapters travel within 10% of the float32 run's distance."""
     batch = jax.tree.map(jnp.asarray, _batch())
-    text_only = {side: {k: v for k, v in batch[side].items()
-                        if k not in ("pixel_values", "vision_segment_ids", "vision_positions")}
-                 for side in ("query", "candidate")}
+    text_only = {
+        side: {
+            k: v
+            for k, v in batch[side].items()
+            if k not in ("pixel_values", "vision_segment_ids", "vision_positions")
+        }
+        for side in ("query", "candidate")
+    }
     text_only["ids"] = batch["ids"]
     runs = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         model = _model(dtype, dropout=0.1, seed=1)
         assert model.language_model.layers.mlp.down_proj.kernel.value.dtype == dtype
-        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
-            nnx.state(model, nnx.LoRAParam)))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
         runs[dtype] = _train(model, text_only, 20)
     for dtype, (initial, final) in runs.items():
         for before, after in zip(_by_name(initial, "magnitude"), _by_name(final, "magnitude")):
@@ -148,11 +186,19 @@ def test_bf16_model_trains_its_adapters_like_float32():
         a_after = np.concatenate([x.ravel() for x in _by_name(final, "lora_a")])
         assert np.mean(a_after != a_before) >= 0.99, (dtype, np.mean(a_after != a_before))
         print(f"{jnp.dtype(dtype).name}: lora_A entries moved {np.mean(a_after != a_before):.4f}")
-    distance = {dtype: {name: optax.global_norm(jax.tree.map(
-        lambda a, b: a - b, _by_name(final, name), _by_name(initial, name)))
-        for name in ("lora_a", "lora_b", "magnitude")} for dtype, (initial, final) in runs.items()}
+    distance = {
+        dtype: {
+            name: optax.global_norm(
+                jax.tree.map(lambda a, b: a - b, _by_name(final, name), _by_name(initial, name))
+            )
+            for name in ("lora_a", "lora_b", "magnitude")
+        }
+        for dtype, (initial, final) in runs.items()
+    }
     for name, reference in distance[jnp.float32].items():
         ratio = float(distance[jnp.bfloat16][name] / reference)
-        print(f"{name}: distance travelled bf16 {float(distance[jnp.bfloat16][name]):.4g}, "
-              f"float32 {float(reference):.4g}, ratio {ratio:.3f}")
+        print(
+            f"{name}: distance travelled bf16 {float(distance[jnp.bfloat16][name]):.4g}, "
+            f"float32 {float(reference):.4g}, ratio {ratio:.3f}"
+        )
         assert 0.9 <= ratio <= 1.1, (name, ratio, distance)

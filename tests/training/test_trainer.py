@@ -16,9 +16,9 @@ from jax.sharding import AxisType
 
 from g2e.models import sharding
 from g2e.training import batches, optimizer, trainer
-from g2e.training import step as step_lib
 from g2e.training import loss as loss_lib
 from g2e.training import stage as model_training
+from g2e.training import step as step_lib
 from tests.training import toy
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -39,8 +39,11 @@ def test_clusters_stay_whole_and_batches_are_a_function_of_the_step():
         for slot in rows.reshape(2, 4).tolist():
             # Each slot starts with whole clusters; the rest are filler rows (random negatives).
             pos = 0
-            while pos < 4 and slot[pos] in by_anchor and \
-                    slot[pos:pos + len(by_anchor[slot[pos]])] == by_anchor[slot[pos]]:
+            while (
+                pos < 4
+                and slot[pos] in by_anchor
+                and slot[pos : pos + len(by_anchor[slot[pos]])] == by_anchor[slot[pos]]
+            ):
                 placed += by_anchor[slot[pos]]
                 pos += len(by_anchor[slot[pos]])
             assert pos > 0, slot
@@ -66,9 +69,17 @@ def _mesh():
 
 
 def test_short_run_lowers_the_loss_and_logs(tmp_path):
-    cfg = toy.train_config(steps=30, lr=5e-2, global_batch=16, cluster_size=2,
-                           backprop="gradcache", query_chunk=1, candidate_chunk=2,
-                           checkpoint_every=100, log_every=1)
+    cfg = toy.train_config(
+        steps=30,
+        lr=5e-2,
+        global_batch=16,
+        cluster_size=2,
+        backprop="gradcache",
+        query_chunk=1,
+        candidate_chunk=2,
+        checkpoint_every=100,
+        log_every=1,
+    )
     queries, candidates = toy.data(64)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, 2, 16, seed=0)
     trainable, frozen = toy.params()
@@ -78,13 +89,25 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         evaluated.append((step, jax.device_get(params)))
         return {"heldout_accuracy": float(step)}
 
-    result = trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=_mesh(),
-                         schedule=schedule, codec=toy.encode(queries, candidates),
-                         workdir=str(tmp_path), model_flops=lambda host: 1e6,
-                         evaluate=evaluate, evaluate_every=12)
+    result = trainer.fit(
+        toy.embed_fn,
+        trainable,
+        frozen,
+        train_cfg=cfg,
+        mesh=_mesh(),
+        schedule=schedule,
+        codec=toy.encode(queries, candidates),
+        workdir=str(tmp_path),
+        model_flops=lambda host: 1e6,
+        evaluate=evaluate,
+        evaluate_every=12,
+    )
     everything = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").open()]
-    assert [(x["step"], x["heldout_accuracy"]) for x in everything
-            if "loss" not in x] == [(12, 12.0), (24, 24.0), (30, 30.0)]
+    assert [(x["step"], x["heldout_accuracy"]) for x in everything if "loss" not in x] == [
+        (12, 12.0),
+        (24, 24.0),
+        (30, 30.0),
+    ]
     assert [step for step, _ in evaluated] == [12, 24, 30]
     for a, b in zip(jax.tree.leaves(evaluated[-1][1]), jax.tree.leaves(result.trainable)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -94,8 +117,14 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
     assert lines[-1]["model_flops"] == 1e6 and lines[-1]["hardware_flops"] > 0
     first, last = np.mean([x["loss"] for x in lines[:3]]), np.mean([x["loss"] for x in lines[-3:]])
     assert last < 0.7 * first, (first, last)
-    for key in ("accuracy", "grad_norm", "param_norm", "update_norm", "learning_rate",
-                "pairs_per_s"):
+    for key in (
+        "accuracy",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "learning_rate",
+        "pairs_per_s",
+    ):
         assert np.isfinite(lines[-1][key]), key
     assert result.step == 30 and not result.stopped_early
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
@@ -108,17 +137,37 @@ def test_nan_stops_with_step_and_subsets(tmp_path):
     schedule = batches.ClusterSchedule([[i] for i in range(32)], 32, 2, 16, seed=0)
     trainable, frozen = toy.params()
     with pytest.raises(FloatingPointError, match=r"step 0: .*subsets in the batch: VQA"):
-        trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=_mesh(),
-                    schedule=schedule, codec=toy.encode(queries, candidates),
-                    workdir=str(tmp_path), subsets=["VQA"] * 32)
+        trainer.fit(
+            toy.embed_fn,
+            trainable,
+            frozen,
+            train_cfg=cfg,
+            mesh=_mesh(),
+            schedule=schedule,
+            codec=toy.encode(queries, candidates),
+            workdir=str(tmp_path),
+            subsets=["VQA"] * 32,
+        )
     # The poisoned state never reached a checkpoint.
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
 def _run(workdir, out, delay, workers=2):
-    return subprocess.Popen([sys.executable, "-m", "tests.training.resume_run", str(workdir),
-                             str(out), str(delay), str(workers)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.training.resume_run",
+            str(workdir),
+            str(out),
+            str(delay),
+            str(workers),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=240):
@@ -169,11 +218,18 @@ def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
 def _fit_losses(cfg, mesh, workdir):
     queries, candidates = toy.data(64)
     size = model_training.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
-    schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, cfg.cluster_size, size,
-                                       seed=0)
+    schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, cfg.cluster_size, size, seed=0)
     trainable, frozen = toy.params()
-    trainer.fit(toy.embed_fn, trainable, frozen, train_cfg=cfg, mesh=mesh, schedule=schedule,
-                codec=toy.encode(queries, candidates), workdir=str(workdir))
+    trainer.fit(
+        toy.embed_fn,
+        trainable,
+        frozen,
+        train_cfg=cfg,
+        mesh=mesh,
+        schedule=schedule,
+        codec=toy.encode(queries, candidates),
+        workdir=str(workdir),
+    )
     return size, [json.loads(x)["loss"] for x in (workdir / "train_metrics.jsonl").open()]
 
 
@@ -181,17 +237,28 @@ def test_global_batch_is_the_same_on_1_2_and_8_devices(tmp_path):
     cfg = toy.train_config(steps=3, global_batch=16, cluster_size=2, checkpoint_every=100)
     runs = []
     for devices in (1, 2, 8):
-        mesh = jax.make_mesh((devices, 1, 1), ("data", "fsdp", "tensor"),
-                             axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:devices])
+        mesh = jax.make_mesh(
+            (devices, 1, 1),
+            ("data", "fsdp", "tensor"),
+            axis_types=(AxisType.Auto,) * 3,
+            devices=jax.devices()[:devices],
+        )
         runs.append(_fit_losses(cfg, mesh, tmp_path / str(devices)))
     assert [size for size, _ in runs] == [16, 16, 16]
     for _, losses in runs[1:]:
         np.testing.assert_allclose(losses, runs[0][1], rtol=1e-5)
-    three = jax.make_mesh((3, 1, 1), ("data", "fsdp", "tensor"),
-                          axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:3])
-    with pytest.raises(ValueError, match=r"--config\.train\.global_batch=16 does not split "
-                       r"into 3 devices .* --config\.train\.cluster_size=2; use a multiple "
-                       r"of 6 \(e\.g\. 18\)"):
+    three = jax.make_mesh(
+        (3, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:3],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"--config\.train\.global_batch=16 does not split "
+        r"into 3 devices .* --config\.train\.cluster_size=2; use a multiple "
+        r"of 6 \(e\.g\. 18\)",
+    ):
         model_training.global_batch_size(cfg, three, sharding.DEFAULT_RULES)
 
 
@@ -200,25 +267,38 @@ def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
     opt, schedule = optimizer.make_optimizer(cfg)
     config = loss_lib.LossConfig(0.05)
     mesh = _mesh()
-    setup = step_lib.StepSetup(embed_fn=toy.embed_fn, loss_config=config, optimizer=opt,
-                           schedule=schedule, mesh=mesh, query_chunk=0, candidate_chunk=0,
-                           batch_axes=("data", "fsdp"))
+    setup = step_lib.StepSetup(
+        embed_fn=toy.embed_fn,
+        loss_config=config,
+        optimizer=opt,
+        schedule=schedule,
+        mesh=mesh,
+        query_chunk=0,
+        candidate_chunk=0,
+        batch_axes=("data", "fsdp"),
+    )
     queries, candidates = toy.data(64)
     host = toy.encode(queries, candidates).collate(list(range(64)))
-    batch = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(("data", "fsdp")))), host)
+    batch = jax.tree.map(
+        lambda x: jax.device_put(
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        ),
+        host,
+    )
     results = {}
     for name, limit in (("direct", None), ("gradcache", 1)):
         trainable, frozen = toy.params()  # fresh: the step donates the state
         state = trainer._placed(step_lib.init_state(trainable, opt, 0, config), mesh)
-        steps = step_lib.CompiledSteps(setup, jax.tree.map(lambda x: x.sharding, state),
-                                   memory_limit=limit)
+        steps = step_lib.CompiledSteps(
+            setup, jax.tree.map(lambda x: x.sharding, state), memory_limit=limit
+        )
         chosen = steps.get(state, frozen, batch)
         assert chosen.backprop == name and chosen.hardware_flops > 0
         results[name] = steps(state, frozen, batch)
     assert chosen.query_chunk == chosen.candidate_chunk == 1  # nothing fits: the smallest
     (direct, direct_metrics), (cached, cached_metrics) = results["direct"], results["gradcache"]
-    np.testing.assert_allclose(float(cached_metrics["loss"]), float(direct_metrics["loss"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(cached_metrics["loss"]), float(direct_metrics["loss"]), rtol=1e-6
+    )
     for a, b in zip(jax.tree.leaves(cached["params"]), jax.tree.leaves(direct["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

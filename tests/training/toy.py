@@ -28,8 +28,10 @@ def data(num_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def params(seed: int = 0) -> tuple[dict, dict]:
     """(trainable, frozen) float32 parameters."""
     keys = jax.random.split(jax.random.key(seed), 3)
-    trainable = {"w1": jax.random.normal(keys[0], (FEATURES, HIDDEN)) / np.sqrt(FEATURES),
-                 "w2": jax.random.normal(keys[1], (HIDDEN, DIM)) / np.sqrt(HIDDEN)}
+    trainable = {
+        "w1": jax.random.normal(keys[0], (FEATURES, HIDDEN)) / np.sqrt(FEATURES),
+        "w2": jax.random.normal(keys[1], (HIDDEN, DIM)) / np.sqrt(HIDDEN),
+    }
     frozen = {"proj": jax.random.normal(keys[2], (FEATURES, FEATURES)) / np.sqrt(FEATURES)}
     return trainable, frozen
 
@@ -62,8 +64,11 @@ class Codec:
 
     def collate(self, encoded):
         rows = np.asarray(encoded, np.int64)
-        return {"query": {"features": self.queries[rows]},
-                "candidate": {"features": self.candidates[rows]}, "ids": rows.astype(np.int32)}
+        return {
+            "query": {"features": self.queries[rows]},
+            "candidate": {"features": self.candidates[rows]},
+            "ids": rows.astype(np.int32),
+        }
 
     def widen(self, batch, shape):
         return batch
@@ -74,9 +79,23 @@ def encode(queries: np.ndarray, candidates: np.ndarray) -> Codec:
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(
-        steps=8, lr=3e-2, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
-        global_batch=8, cluster_size=2, backprop="auto", query_chunk=0, candidate_chunk=0,
-        temperature=0.05, checkpoint_every=2, keep_checkpoints=3, log_every=1))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            steps=8,
+            lr=3e-2,
+            warmup_steps=2,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            global_batch=8,
+            cluster_size=2,
+            backprop="auto",
+            query_chunk=0,
+            candidate_chunk=0,
+            temperature=0.05,
+            checkpoint_every=2,
+            keep_checkpoints=3,
+            log_every=1,
+        )
+    )
     cfg.update(overrides)
     return cfg
