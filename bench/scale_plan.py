@@ -5,7 +5,7 @@
 Host rates (ms of one core per prepared image, by kind and policy) come from
 `bench/bench_scale.py --parts throughput` (its JSON line), or the defaults below, which are that
 benchmark's 1-worker figures on this project's 2-core VM. Device time is model FLOPs at an
-assumed MFU (`--mfu`, of dense bf16 peak). Everything else is SPEC §6's sizes and the recipe's
+assumed MFU (`--mfu`, of dense bf16 peak). Everything else is docs/method.md §6's sizes and the recipe's
 settings; every assumption is printed with the table.
 """
 
@@ -32,7 +32,7 @@ MACHINES = {  # accelerators, peak dense bf16 FLOP/s each, host cores for worker
     "8xH100": dict(chips=8, peak=989e12, cores=44, hosts=1, host_memory_gb=1000),
     "TPU v4-32": dict(chips=16, peak=275e12, cores=4 * 110, hosts=4, host_memory_gb=4 * 400),
 }
-# SPEC §6 and the recipe.
+# docs/method.md §6 and the recipe.
 TRAIN_ROWS = 662_000  # 20 subsets, 50k cap
 MINE_ITEMS = 1_100_000  # unique queries (~662k) + unique positives (~440k)
 MINE_IMAGES = 820_000  # of them with an image (pages: DocVQA, InfoVQA, ChartQA)
@@ -147,7 +147,7 @@ def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
         "",
         f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}.",
         "",
-        "Sizes (SPEC §6 and the recipe):",
+        "Sizes (docs/method.md §6 and the recipe):",
         "",
     ]
     lines += [

@@ -1,4 +1,4 @@
-"""The paper's recipe on MMEB (SPEC §3): zero-shot eval, SaHa mining, DoRA fine-tuning, eval, export.
+"""The paper's recipe on MMEB (docs/method.md §3): zero-shot eval, SaHa mining, DoRA fine-tuning, eval, export.
 
   python -m g2e.main --config=configs/mmeb.py \
       --config.model_dir=/data/Qwen2-VL-2B-Instruct \

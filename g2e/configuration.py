@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     # killed stage resumes at the first missing shard), stored as float32 or float16.
     c.embedding_cache = ml_collections.ConfigDict(dict(shard_size=4096, dtype="float32"))
 
-    # SaHa mining (SPEC §2; g2e.mining). `judge` is g2e's generative false-negative check (off:
+    # SaHa mining (docs/method.md §2; g2e.mining). `judge` is g2e's generative false-negative check (off:
     # the release's mining); owners it judges P(yes) > judge_threshold are dropped.
     c.mine = ml_collections.ConfigDict(
         dict(

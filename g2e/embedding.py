@@ -2,7 +2,7 @@
 embedding cache of g2e, and the `embed` stage.
 
 An embedding is the last-layer hidden state of the last non-pad token (the `\\n` after
-`assistant`), L2-normalised (SPEC §1). Items are encoded on the host by a `Processor`, grouped
+`assistant`), L2-normalised (docs/method.md §1). Items are encoded on the host by a `Processor`, grouped
 by (length, patch) bucket so a run compiles a bounded number of programs, padded to a fixed
 batch size, sharded over the mesh's batch axes and embedded by one jitted function of
 `(graphdef, state, batch)`. Results come back in input order.
@@ -305,7 +305,7 @@ class Embedder(BatchRunner):
           texts: each input's text (its task instruction included; "" for an image alone).
           images: None, or per text an image path (relative to the working directory), a PIL
             image, encoded bytes, or None.
-          role: 'query' (with the one-word suffix) or 'candidate' (SPEC §1).
+          role: 'query' (with the one-word suffix) or 'candidate' (docs/method.md §1).
           subset: an MMEB subset name, where prompts depend on it ('...Matching').
         Raises:
           ValueError: images and texts differ in length, or a bad role.

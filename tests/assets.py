@@ -1,5 +1,5 @@
 """Test helper: a complete tiny Qwen2-VL checkpoint (weights + tokenizer + preprocessor config)
-and transformers' PyTorch embedding of an item with the SPEC §1 prompt, as the reference.
+and transformers' PyTorch embedding of an item with the docs/method.md §1 prompt, as the reference.
 
 The weights are written by transformers (`save_pretrained`) from a config built around a tiny
 tokenizer (g2e.demo.tiny), with normal(0, 0.05) weights so that a wrong op shows.
@@ -61,7 +61,7 @@ def reference_embedding(
     item: EmbedItem,
     prompt: prompts.PromptOptions = prompts.PromptOptions(),
 ) -> np.ndarray:
-    """transformers' embedding of one item: SPEC §1 prompt, HF image processing, last token."""
+    """transformers' embedding of one item: docs/method.md §1 prompt, HF image processing, last token."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
     has_image = item.image is not None

@@ -3,7 +3,7 @@
   python -m g2e.main --config=configs/embed.py --config.model_dir=DIR \
       --config.input=IN.jsonl --config.output=OUT.npy
 
-It must match transformers' PyTorch model with the SPEC §1 prompt, one example at a time
+It must match transformers' PyTorch model with the docs/method.md §1 prompt, one example at a time
 (within 1e-4), keep input order, and handle bad lines: a clear error naming the file and line
 under the default on_bad_input=error; NaN rows and a count under on_bad_input=skip.
 """

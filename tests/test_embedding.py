@@ -76,7 +76,7 @@ def alone(checkpoint, model):
 
 
 def test_alone_matches_transformers(checkpoint, alone):
-    """The fixture every other test compares against is itself right (the SPEC §1 prompt)."""
+    """The fixture every other test compares against is itself right (the docs/method.md §1 prompt)."""
     torch_model, directory = checkpoint
     for index, item in enumerate(make_items()):
         reference = assets.reference_embedding(torch_model, directory, item)

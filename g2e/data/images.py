@@ -1,4 +1,4 @@
-"""Safe image loading (the bad-input rules) and the image-resolution policies of SPEC §3.
+"""Safe image loading (the bad-input rules) and the image-resolution policies of docs/method.md §3.
 
 `load_image` turns a path (relative to an image root), raw bytes, a lazy `ImageRef` or a PIL
 image into an RGB PIL image, or raises `BadInput` naming the file: missing, empty, truncated or
@@ -41,7 +41,7 @@ from g2e.data.errors import BadInput
 # PIL's own warning threshold; past it a file is treated as a decompression bomb.
 MAX_DECLARED_PIXELS = 89_478_485
 
-# Square sizes of the fixed policies (SPEC §3).
+# Square sizes of the fixed policies (docs/method.md §3).
 SQUARE_POLICIES = {
     "high": 1344,
     "mid_high": 768,
@@ -271,7 +271,7 @@ def policy_size(policy: str, width: int, height: int) -> tuple[int, int] | None:
 def apply_policy(
     image: Image.Image, policy: str, size: tuple[int, int] | None = None
 ) -> Image.Image:
-    """Pre-resizes an RGB image by policy (SPEC §3); 'processor' returns it unchanged.
+    """Pre-resizes an RGB image by policy (docs/method.md §3); 'processor' returns it unchanged.
 
     The square policies stretch to N x N with BICUBIC (PIL's default, as the release uses);
     'random' uses LANCZOS. `size` is the policy's target when the image was decoded smaller

@@ -1,4 +1,4 @@
-"""Reads MMEB train/eval subsets in the Hugging Face hub's parquet layout into rows (SPEC §5).
+"""Reads MMEB train/eval subsets in the Hugging Face hub's parquet layout into rows (docs/method.md §5).
 
 Layout of a local copy of TIGER-Lab/MMEB-train (or MMEB-eval):
   <dir>/<Subset>/<split>-*.parquet   or   <dir>/<Subset>/<split>/*.parquet

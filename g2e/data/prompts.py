@@ -1,4 +1,4 @@
-"""Every prompt string of g2e, and the hierarchical embedding prompt (SPEC §1).
+"""Every prompt string of g2e, and the hierarchical embedding prompt (docs/method.md §1).
 
 A prompt is built as a `ChatPrompt`: `head` (chat template up to the user's own text), `body`
 (the data's text, the only part truncation may shorten), `tail` (the query suffix and the chat
@@ -141,7 +141,7 @@ def embedding_prompt(
     subset: str = "",
     options: PromptOptions = PromptOptions(),
 ) -> ChatPrompt:
-    """The hierarchical embedding prompt of SPEC §1 for one query or candidate.
+    """The hierarchical embedding prompt of docs/method.md §1 for one query or candidate.
 
     Args:
       text: the data's text with its task instruction (may hold `<|image_1|>`; may be empty

@@ -1,4 +1,4 @@
-"""MMEB subset table: each subset's meta-task and IND/OOD group (SPEC §4).
+"""MMEB subset table: each subset's meta-task and IND/OOD group (docs/method.md §4).
 
 The real MMEB's 36 evaluation subsets and 20 training subsets are listed here. A data set
 of another shape (the mini-MMEB, or a user's own) declares its subsets in a manifest,

@@ -3,7 +3,7 @@
 For each subset every unique query and every unique candidate (deduplicated by text + image:
 candidate lists repeat across rows) is embedded once through an injected
 `embed_fn(items) -> [N, D] float32`. A row is scored by cosine between its query and each of
-its candidates; the first candidate is the positive (SPEC §4).
+its candidates; the first candidate is the positive (docs/method.md §4).
 
 Precision@1 and ties: a row is correct iff `argmax(scores) == 0`, with argmax taking the first
 maximum — i.e. the positive wins ties. This is what the release (and VLM2Vec) compute with

@@ -1,4 +1,4 @@
-"""SugarCrepe and SugarCrepe++ evaluators (SPEC §4), on local copies of their data.
+"""SugarCrepe and SugarCrepe++ evaluators (docs/method.md §4), on local copies of their data.
 
 Data as users have it:
   SugarCrepe (github.com/RAIVNLab/sugar-crepe, `data/`): one JSON file per category,

@@ -1,10 +1,10 @@
-"""SaHa hard-negative mining (SPEC §2): clusters of mutually hard rows per training subset.
+"""SaHa hard-negative mining (docs/method.md §2): clusters of mutually hard rows per training subset.
 
 A training row i is a pair (query i, positive i). Mining groups rows into clusters (an anchor
 row plus up to `top_k` owner rows) whose positives are each other's hard negatives; a
 cluster is one unit of the training batch.
 
-`build_clusters` is the construction of SPEC §2 without a judge (the contract); `mine_clusters`
+`build_clusters` is the construction of docs/method.md §2 without a judge (the contract); `mine_clusters`
 is the same construction with the optional generative judge, a report and timings. The
 construction, in the words used below:
   * key: a query key (the row's query) or a positive key (the row's positive). Rows may share
@@ -26,7 +26,7 @@ construction, in the words used below:
     (same pool). Owners may now be keys used in phase 1, but not keys already taken as owners
     in phase 2; phase-2 anchors and owners become used (so they are not visited again).
 
-Decisions where SPEC §2 leaves room (each follows the release's code unless it would build a
+Decisions where docs/method.md §2 leaves room (each follows the release's code unless it would build a
 broken cluster):
   * "Used" is a property of query KEYS, as in the release: rows sharing a query key are
     skipped together, and an owner is a key (placed in the cluster as its representative row).

@@ -1,4 +1,4 @@
-"""SaHa's greedy cluster construction (SPEC §2), see the package docstring for the rules."""
+"""SaHa's greedy cluster construction (docs/method.md §2), see the package docstring for the rules."""
 
 import dataclasses
 from collections.abc import Hashable, Sequence
@@ -13,7 +13,7 @@ from g2e.mining.walk import JudgeFn, PairJudge, Walk, new_phase_stats
 
 
 def keeps_retrieval_order(subset: str, data_dir: str | None = None) -> bool:
-    """True for the classification subsets, whose owners keep retrieval order (SPEC §2.3c).
+    """True for the classification subsets, whose owners keep retrieval order (docs/method.md §2.3c).
 
     Uses the subset table of g2e.data.subsets (the data set's manifest first, then MMEB);
     raises its UnknownSubsetError for a name neither knows.
@@ -51,7 +51,7 @@ def build_clusters(
     pool_mult: int,
     keep_retrieval_order: bool,
 ) -> list[list[int]]:
-    """SaHa clusters of SPEC §2 (phase 1 then phase 2), without the generative judge.
+    """SaHa clusters of docs/method.md §2 (phase 1 then phase 2), without the generative judge.
 
     Args:
       query_keys, positive_keys: per row, hashable keys; rows may share either.
@@ -62,7 +62,7 @@ def build_clusters(
 
     Returns:
       Clusters of row indices, anchor first; phase-1 clusters in row order, then phase 2.
-      The module docstring states how SPEC §2's open points are resolved.
+      The module docstring states how docs/method.md §2's open points are resolved.
     """
     return mine_clusters(
         query_keys,

@@ -1,5 +1,5 @@
 """The owner bookkeeping of SaHa mining: keys, candidates, owner maps, the used state and one
-anchor's owner walk (SPEC §2.3a-b), as flat arrays. See the package docstring for the rules."""
+anchor's owner walk (docs/method.md §2.3a-b), as flat arrays. See the package docstring for the rules."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class State:
         return State(used, excluded, self.available.copy())
 
     def take(self, owners: Owners, anchor_key: int, kept: np.ndarray, phase: int) -> None:
-        """Marks a cluster's anchor and kept owner keys used (SPEC §2.3d / §2.4)."""
+        """Marks a cluster's anchor and kept owner keys used (docs/method.md §2.3d / §2.4)."""
         newly_excluded = np.append(kept, anchor_key) if phase == 1 else kept
         self.used[anchor_key] = True
         self.used[kept] = True

@@ -1,4 +1,4 @@
-"""The greedy pass of SaHa mining over one subset's rows (SPEC §2.3 / §2.4), with the judge.
+"""The greedy pass of SaHa mining over one subset's rows (docs/method.md §2.3 / §2.4), with the judge.
 
 Rows are searched in blocks (the next block while this one is walked) and walked in order;
 see the package docstring for the construction. Without a judge an anchor keeps the first
@@ -130,7 +130,7 @@ class Walk:
         self._num_cands = self.owners.owner_ptr.size - 1
 
     def run_phase(self, phase: int, state: State, first_n: int) -> None:
-        """One greedy pass over the rows (SPEC §2.3 / §2.4)."""
+        """One greedy pass over the rows (docs/method.md §2.3 / §2.4)."""
         timing, row_key = self.out["timing"], self.owners.row_key
 
         def dispatch(rows):

@@ -57,7 +57,7 @@ ADAPTER_DTYPE = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """Which projections get an adapter and how it is shaped (SPEC §3 defaults).
+    """Which projections get an adapter and how it is shaped (docs/method.md §3 defaults).
 
     Attributes:
         kind: 'lora' or 'dora'.

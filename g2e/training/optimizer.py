@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up and linear decay, and global-norm gradient clipping (SPEC §3).
+"""AdamW with linear warm-up and linear decay, and global-norm gradient clipping (docs/method.md §3).
 
 The optimizer only ever sees the trainable parameters (adapters, or all weights for full
 fine-tuning), so only they carry Adam moments.

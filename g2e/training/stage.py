@@ -1,4 +1,4 @@
-"""The `train` stage: contrastive LoRA/DoRA fine-tuning on the mined clusters (SPEC §3).
+"""The `train` stage: contrastive LoRA/DoRA fine-tuning on the mined clusters (docs/method.md §3).
 
 Reads every training subset's rows and, when `train.use_clusters`, the mine stage's clusters
 (`<workdir>/mine/<subset>.clusters.json`); rows that no cluster covers join as single rows, so
@@ -269,7 +269,7 @@ def train_model(
     workers: int = 0,
     evaluate: Callable[[int], dict[str, float]] | None = None,
 ) -> trainer.FitResult:
-    """Contrastive fine-tuning of `model` in place (SPEC §3); resumes from `workdir`.
+    """Contrastive fine-tuning of `model` in place (docs/method.md §3); resumes from `workdir`.
 
     Args:
       config: the full config (reads train.*, data.train_image_root, seed).

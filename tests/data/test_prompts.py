@@ -1,4 +1,4 @@
-"""Prompt strings of SPEC §1, §2 and §4, character for character."""
+"""Prompt strings of docs/method.md §1, §2 and §4, character for character."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The MMEB subset table and data-set manifests (SPEC §4)."""
+"""The MMEB subset table and data-set manifests (docs/method.md §4)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""SaHa mining: hand-worked clusters (SPEC §2), a plain-Python reference, sharded top-pool,
+"""SaHa mining: hand-worked clusters (docs/method.md §2), a plain-Python reference, sharded top-pool,
 the judge hook, the report and the cluster file."""
 
 import json
@@ -189,7 +189,7 @@ def reference_clusters(
     judge=None,
     threshold=0.5,
 ):
-    """SPEC §2 one anchor and one candidate at a time, with the documented decisions."""
+    """docs/method.md §2 one anchor and one candidate at a time, with the documented decisions."""
     cand_keys = list(dict.fromkeys(positive_keys))
     cand_index = {k: i for i, k in enumerate(cand_keys)}
     cand_vectors = np.stack([positives[positive_keys.index(k)] for k in cand_keys])
