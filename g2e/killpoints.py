@@ -1,0 +1,29 @@
+"""Named points where a test may stop a child process, with no sleeps and no races.
+
+A test starts a g2e process with `G2E_KILLPOINT=<name>` and `G2E_KILLPOINT_FILE=<path>`; when
+the process reaches the point of that name it writes the file and waits there until it is
+killed (SIGKILL or SIGTERM from the test, which polls for the file). Without the variable the
+call is one dictionary lookup. Point names: `train_step_<n>` after step n's checkpoint decision,
+`embedding_shard_<subset>_<n>` after an evaluation or mining embedding shard is written,
+`judge_shard_<subset>_<n>` after a judge-cache shard is written.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+ENV_NAME = "G2E_KILLPOINT"
+ENV_FILE = "G2E_KILLPOINT_FILE"
+
+
+def reached(name: str) -> None:
+    """Writes G2E_KILLPOINT_FILE and waits to be killed if G2E_KILLPOINT is `name`."""
+    if os.environ.get(ENV_NAME) != name:
+        return
+    marker = os.environ.get(ENV_FILE)
+    if marker:
+        pathlib.Path(marker).write_text(f"{os.getpid()} {name}\n")
+    while True:  # The test kills this process; a signal handler may still run meanwhile.
+        time.sleep(0.05)
