@@ -2,8 +2,10 @@
 
 A test starts a g2e process with `G2E_KILLPOINT=<name>` and `G2E_KILLPOINT_FILE=<path>`; when
 the process reaches the point of that name it writes the file and waits there until it is
-killed (SIGKILL or SIGTERM from the test, which polls for the file). Without the variable the
-call is one dictionary lookup. Point names: `train_step_<n>` after step n's checkpoint decision,
+killed (SIGKILL from the test, which polls for the file) or released: a test that sends
+SIGTERM (whose handler only sets a flag) then writes `<path>.release`, and the process goes on
+to act on the signal at its next boundary. Without the variable the call is one dictionary
+lookup. Point names: `train_step_<n>` after step n's checkpoint decision,
 `embedding_shard_<subset>_<n>` after an evaluation or mining embedding shard is written,
 `judge_shard_<subset>_<n>` after a judge-cache shard is written.
 """
@@ -19,11 +21,13 @@ ENV_FILE = "G2E_KILLPOINT_FILE"
 
 
 def reached(name: str) -> None:
-    """Writes G2E_KILLPOINT_FILE and waits to be killed if G2E_KILLPOINT is `name`."""
+    """Writes G2E_KILLPOINT_FILE and waits to be killed or released if G2E_KILLPOINT is `name`."""
     if os.environ.get(ENV_NAME) != name:
         return
     marker = os.environ.get(ENV_FILE)
-    if marker:
-        pathlib.Path(marker).write_text(f"{os.getpid()} {name}\n")
-    while True:  # The test kills this process; a signal handler may still run meanwhile.
+    if not marker:
+        raise RuntimeError(f"{ENV_NAME}={name} needs {ENV_FILE}, the file the test polls for")
+    release = pathlib.Path(marker + ".release")
+    pathlib.Path(marker).write_text(f"{os.getpid()} {name}\n")
+    while not release.exists():  # signal handlers still run between the sleeps
         time.sleep(0.05)
