@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from g2e import distributed, mining
+from g2e import distributed, layout, mining
 from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
@@ -55,7 +55,21 @@ def run_random(pipeline: Pipeline) -> dict[str, Any]:
     return _train(pipeline, "train_random", use_clusters=False)
 
 
-def _train(pipeline: Pipeline, stage: str, *, use_clusters: bool) -> dict[str, Any]:
+def run_plain_random(pipeline: Pipeline) -> dict[str, Any]:
+    """The `train_plain_random` stage: random batches with the plain prompt (no system turn, no
+    suffix), the paper's in-batch baseline; writes under <workdir>/train_plain_random/ for
+    `eval_plain_random`."""
+    plain = prompts.PromptOptions(system=False, suffix=False)
+    return _train(pipeline, "train_plain_random", use_clusters=False, prompt=plain)
+
+
+def _train(
+    pipeline: Pipeline,
+    stage: str,
+    *,
+    use_clusters: bool,
+    prompt: prompts.PromptOptions | None = None,
+) -> dict[str, Any]:
     config = pipeline.config
     adapter = adapter_config(config)
     model = pipeline.model(trained=False, adapter=adapter)
@@ -67,14 +81,16 @@ def _train(pipeline: Pipeline, stage: str, *, use_clusters: bool) -> dict[str, A
         len(clusters),
         sum(len(c) > 1 for c in clusters),
     )
-    processor = pipeline.processor(train=True)
+    processor = pipeline.processor(train=True, prompt=prompt)
     heldout = heldout_rows(pipeline)
     evaluate = None
     if heldout:
         evaluate = HeldOut(
             model,
             heldout,
-            pipeline.processor(train=True, image_root=config.data.train_image_root or None),
+            pipeline.processor(
+                train=True, prompt=prompt, image_root=config.data.train_image_root or None
+            ),
             mesh=pipeline.mesh,
             rules=pipeline.rules,
             batch_size=config.eval.batch_size,
@@ -143,7 +159,9 @@ def training_rows(
     pipeline: Pipeline, *, use_clusters: bool = True
 ) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
-    over them: the mine stage's when `use_clusters`, every row its own otherwise."""
+    over them: the mine stage's when `use_clusters`, every row its own otherwise. Rows no mined
+    cluster holds train as single rows, or are left out when not train.keep_unclustered_rows
+    (the release: only clustered rows train, and only they top up short batches)."""
     config = pipeline.config
     parts: list[Sequence[mmeb.TrainRow]] = []
     offset = 0
@@ -151,18 +169,25 @@ def training_rows(
     bad = BadInputReport(config.data.on_bad_input)
     for subset in rows_lib.train_subsets(config.data):
         subset_rows = rows_lib.train_rows(config.data, subset, bad)
-        path = pipeline.workdir / "mine" / f"{subset}.clusters.json"
+        path = layout.clusters_file(pipeline.workdir, subset)
         covered = np.zeros(len(subset_rows), bool)
+        subset_clusters: list[list[int]] = []
         if use_clusters and path.is_file():
             mined = mining.read_clusters(str(path), subset=subset, num_rows=len(subset_rows))
+            subset_clusters = [list(cluster) for cluster in mined.clusters]
             for cluster in mined.clusters:
-                clusters.append([offset + i for i in cluster])
                 covered[cluster] = True
         elif use_clusters:
             logging.warning(
                 "train: %s has no clusters (%s); its rows train as single rows", subset, path
             )
-        clusters += [[offset + int(i)] for i in np.flatnonzero(~covered)]
+        if use_clusters and covered.any() and not config.train.keep_unclustered_rows:
+            subset_rows = rows_lib.SampledRows(subset_rows, np.flatnonzero(covered))
+            renumbered = np.cumsum(covered) - 1
+            subset_clusters = [renumbered[cluster].tolist() for cluster in subset_clusters]
+        else:
+            subset_clusters += [[int(i)] for i in np.flatnonzero(~covered)]
+        clusters += [[offset + int(i) for i in cluster] for cluster in subset_clusters]
         parts.append(subset_rows)
         offset += len(subset_rows)
     if bad.total:
