@@ -1,4 +1,7 @@
-"""Reads MMEB train/eval subsets in the Hugging Face hub's parquet layout into rows (docs/method.md §5).
+"""MMEB's train/eval subsets in the Hugging Face hub's parquet layout (docs/method.md §5).
+
+Reads them into rows, and writes the same layout (`write_split`, one writer) for the data sets
+the project draws (g2e.demo.mini_mmeb, g2e.data.synthetic_mmeb).
 
 Layout of a local copy of TIGER-Lab/MMEB-train (or MMEB-eval):
   <dir>/<Subset>/<split>-*.parquet   or   <dir>/<Subset>/<split>/*.parquet
@@ -45,7 +48,7 @@ TRAIN_COLUMNS = (
     "neg_image_path",
 )
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-# The hub's column types, for writers of data sets in this layout (mini- and synthetic MMEB).
+# The hub's column types: what `write_split` writes (the mini- and synthetic MMEB use it).
 TRAIN_SCHEMA = pa.schema([(c, pa.string()) for c in TRAIN_COLUMNS])
 EVAL_SCHEMA = pa.schema(
     [
@@ -332,3 +335,70 @@ def read_eval_subset(
             )
         )
     return rows
+
+
+# ---- writing: one writer of the hub's layout, for data sets made here ------------------------
+
+
+def split_file(data_dir: str, subset: str, split: str) -> str:
+    """The path of a split written whole as one file, named as the hub names a single shard:
+    <data_dir>/<subset>/<split>-00000-of-00001.parquet."""
+    return os.path.join(data_dir, subset, f"{split}-00000-of-00001.parquet")
+
+
+def image_folder(subset: str, part: str) -> str:
+    """Where a subset's images go, relative to the image root: images/<subset>/<part>, part
+    'Train' or 'Test' (the hub's convention)."""
+    return f"images/{subset}/{part}"
+
+
+def train_record(query: str, query_image: str, positive: str, positive_image: str) -> dict:
+    """One MMEB-train record (image paths relative to the image root, '' for none), without
+    a negative, as MMEB-train's rows are."""
+    return dict(
+        qry=query,
+        qry_image_path=query_image,
+        pos_text=positive,
+        pos_image_path=positive_image,
+        neg_text="",
+        neg_image_path="",
+    )
+
+
+def eval_record(query: str, query_image: str, candidates: list[tuple[str, str]]) -> dict:
+    """One MMEB-eval record: `candidates` are (text, image path) pairs, the positive first."""
+    return dict(
+        qry_text=query,
+        qry_img_path=query_image,
+        tgt_text=[text for text, _ in candidates],
+        tgt_img_path=[image for _, image in candidates],
+    )
+
+
+def write_split(data_dir: str, subset: str, split: str, records: list[dict]) -> str:
+    """Writes one subset split in the hub's layout and column types; returns the file's path.
+
+    Args:
+      data_dir: the train or eval folder (the readers' train_dir / eval_dir).
+      subset: the subset folder name.
+      split: one of TRAIN_SPLITS (records of `train_record`) or EVAL_SPLIT (`eval_record`).
+      records: the rows, in order.
+
+    Raises:
+      ValueError: an unknown split, or a record whose columns are not the split's.
+    """
+    if split not in (*TRAIN_SPLITS, EVAL_SPLIT):
+        raise ValueError(
+            f"write_split: split {split!r} of {subset}; use one of {TRAIN_SPLITS} or {EVAL_SPLIT!r}"
+        )
+    schema = EVAL_SCHEMA if split == EVAL_SPLIT else TRAIN_SCHEMA
+    for row, record in enumerate(records):
+        if sorted(record) != sorted(schema.names):
+            raise ValueError(
+                f"write_split: row {row} of {subset}/{split} has the columns {sorted(record)}; "
+                f"the split's are {schema.names} (make it with train_record / eval_record)"
+            )
+    path = split_file(data_dir, subset, split)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
+    return path

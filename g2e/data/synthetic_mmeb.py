@@ -54,8 +54,6 @@ import zlib
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
@@ -249,7 +247,7 @@ class _Files:
     """Writes the image files of one subset part (DIR/images/<Subset>/<Train|Test>/)."""
 
     def __init__(self, out_dir: str, subset: str, part: str, pool: Pool):
-        self.out_dir, self.folder, self.pool = out_dir, f"images/{subset}/{part}", pool
+        self.out_dir, self.folder, self.pool = out_dir, mmeb.image_folder(subset, part), pool
         os.makedirs(os.path.join(out_dir, self.folder), exist_ok=True)
         self.count = self.bytes = 0
 
@@ -314,13 +312,8 @@ def _query(instruction: str, example: Example) -> str:
     return (IMAGE if example.qry_image else "") + instruction + example.detail
 
 
-def _write_parquet(path: str, records: list[dict], schema: pa.Schema) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
-
-
 def _write_train(
-    out_dir: str, name: str, instructions: tuple, examples: list[Example], rng
+    train_dir: str, name: str, instructions: tuple, examples: list[Example], rng
 ) -> None:
     for split in mmeb.TRAIN_SPLITS:
         records = []
@@ -329,17 +322,14 @@ def _write_train(
             if split != "original":
                 wording = instructions[int(rng.integers(1, len(instructions)))]
             records.append(
-                dict(
-                    qry=_query(wording, example),
-                    qry_image_path=example.qry_image,
-                    pos_text=example.pos_text,
-                    pos_image_path=example.pos_image,
-                    neg_text="",
-                    neg_image_path="",
+                mmeb.train_record(
+                    _query(wording, example),
+                    example.qry_image,
+                    example.pos_text,
+                    example.pos_image,
                 )
             )
-        path = os.path.join(out_dir, "train", name, f"{split}-00000-of-00001.parquet")
-        _write_parquet(path, records, mmeb.TRAIN_SCHEMA)
+        mmeb.write_split(train_dir, name, split, records)
 
 
 def _candidates(meta_task: str, rng, examples: list[Example], q: int, count: int) -> list:
@@ -353,37 +343,72 @@ def _candidates(meta_task: str, rng, examples: list[Example], q: int, count: int
     return [(e.pos_text, e.pos_image) for e in [example, *others]]
 
 
-def _write_eval(
-    out_dir: str,
-    name: str,
-    task: tuple,
-    rng,
-    files: _Files,
-    queries: int,
-    candidates: int,
-    page_fraction: float,
-) -> None:
-    meta_task, instruction = task[1], task[2][0]
-    pool = queries if meta_task == "classification" else max(queries, candidates)
-    examples = _examples(meta_task, rng, files, pool, queries, page_fraction, candidates)
+def _write_eval(eval_dir: str, name: str, task: tuple, examples: list[Example], rng, sizes):
     records = []
-    for q in range(queries):
-        targets = _candidates(meta_task, rng, examples, q, candidates)
-        records.append(
-            dict(
-                qry_text=_query(instruction, examples[q]),
-                qry_img_path=examples[q].qry_image,
-                tgt_text=[t for t, _ in targets],
-                tgt_img_path=[p for _, p in targets],
-            )
-        )
-    path = os.path.join(out_dir, "eval", name, f"{mmeb.EVAL_SPLIT}-00000-of-00001.parquet")
-    _write_parquet(path, records, mmeb.EVAL_SCHEMA)
+    for q in range(sizes.eval_queries):
+        candidates = _candidates(task[1], rng, examples, q, sizes.candidates)
+        query = _query(task[2][0], examples[q])
+        records.append(mmeb.eval_record(query, examples[q].qry_image, candidates))
+    mmeb.write_split(eval_dir, name, mmeb.EVAL_SPLIT, records)
 
 
 def subset_names(count: int) -> list[tuple[str, tuple]]:
     """The names of `count` subsets with their task: the meta-tasks in turn."""
     return [(f"{TASKS[k % len(TASKS)][0]}_{k}", TASKS[k % len(TASKS)]) for k in range(count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What `build` draws (see its arguments)."""
+
+    rows: int
+    subsets: int
+    eval_queries: int
+    candidates: int
+    page_fraction: float
+    image_scale: float
+    pool: int
+
+    def check(self) -> None:
+        """Raises ValueError naming the size out of range."""
+        if (
+            self.rows < self.subsets
+            or self.subsets < 1
+            or self.eval_queries < 2
+            or self.candidates < 2
+            or self.pool < 1
+        ):
+            raise ValueError(
+                f"synthetic MMEB sizes rows={self.rows} subsets={self.subsets} eval_queries="
+                f"{self.eval_queries} candidates={self.candidates} pool={self.pool}: need rows "
+                ">= subsets >= 1, eval_queries >= 2, candidates >= 2, pool >= 1"
+            )
+        if not 0 <= self.page_fraction <= 1 or self.image_scale <= 0:
+            raise ValueError(
+                f"page_fraction={self.page_fraction} must be in [0, 1] and image_scale="
+                f"{self.image_scale} positive"
+            )
+
+
+def _write_subset(out_dir: str, k: int, seed: int, sizes: Sizes, images: Pool) -> list[_Files]:
+    """Draws and writes subset k's train rows (both splits) and eval queries; returns the
+    image writers of its two parts (their file counts and bytes)."""
+    name, task = subset_names(sizes.subsets)[k]
+    meta_task, fraction, labels = task[1], sizes.page_fraction, sizes.candidates
+    count = sizes.rows // sizes.subsets + (k < sizes.rows % sizes.subsets)
+    rng = np.random.default_rng([seed, k, 0])
+    train_files = _Files(out_dir, name, "Train", images)
+    examples = _examples(meta_task, rng, train_files, count, count, fraction, labels)
+    _write_train(os.path.join(out_dir, "train"), name, task[2], examples, rng)
+    # Eval: the queries, and for retrieval and grounding a pool of extra positives (at least
+    # `candidates`) that the queries' candidate lists share.
+    rng = np.random.default_rng([seed, k, 1])
+    eval_files = _Files(out_dir, name, "Test", images)
+    queries = sizes.eval_queries
+    pool = queries if meta_task == "classification" else max(queries, sizes.candidates)
+    examples = _examples(meta_task, rng, eval_files, pool, queries, fraction, labels)
+    _write_eval(os.path.join(out_dir, "eval"), name, task, examples, rng, sizes)
+    return [train_files, eval_files]
 
 
 def build(
@@ -413,17 +438,8 @@ def build(
     Raises:
       ValueError: a size out of range. FileExistsError: `out_dir` holds a data set.
     """
-    if rows < subsets or subsets < 1 or eval_queries < 2 or candidates < 2 or pool < 1:
-        raise ValueError(
-            f"synthetic MMEB sizes rows={rows} subsets={subsets} eval_queries="
-            f"{eval_queries} candidates={candidates} pool={pool}: need rows >= "
-            "subsets >= 1, eval_queries >= 2, candidates >= 2, pool >= 1"
-        )
-    if not 0 <= page_fraction <= 1 or image_scale <= 0:
-        raise ValueError(
-            f"page_fraction={page_fraction} must be in [0, 1] and image_scale="
-            f"{image_scale} positive"
-        )
+    sizes = Sizes(rows, subsets, eval_queries, candidates, page_fraction, image_scale, pool)
+    sizes.check()
     if os.path.exists(os.path.join(out_dir, subsets_lib.MANIFEST_NAME)):
         raise FileExistsError(
             f"{out_dir} already holds a data set; remove it or pick another --out."
@@ -431,36 +447,24 @@ def build(
     start = time.perf_counter()
     images = Pool.draw(seed, pool, image_scale, with_pages=page_fraction > 0)
     pool_s = time.perf_counter() - start
-    infos, files, size = [], 0, 0
-    for k, (name, task) in enumerate(subset_names(subsets)):
-        infos.append(subsets_lib.SubsetInfo(name, task[1], "IND", train=True))
-        count = rows // subsets + (k < rows % subsets)
-        rng = np.random.default_rng([seed, k, 0])
-        train_files = _Files(out_dir, name, "Train", images)
-        examples = _examples(task[1], rng, train_files, count, count, page_fraction, candidates)
-        _write_train(out_dir, name, task[2], examples, rng)
-        eval_files = _Files(out_dir, name, "Test", images)
-        _write_eval(
-            out_dir,
-            name,
-            task,
-            np.random.default_rng([seed, k, 1]),
-            eval_files,
-            eval_queries,
-            candidates,
-            page_fraction,
-        )
-        files += train_files.count + eval_files.count
-        size += train_files.bytes + eval_files.bytes
-    subsets_lib.write_manifest(out_dir, infos)
+    writers = []
+    for k in range(subsets):
+        writers += _write_subset(out_dir, k, seed, sizes, images)
+    subsets_lib.write_manifest(
+        out_dir,
+        [
+            subsets_lib.SubsetInfo(name, task[1], "IND", train=True)
+            for name, task in subset_names(subsets)
+        ],
+    )
     return dict(
         out=out_dir,
         subsets=subsets,
         train_rows=rows,
         eval_queries=eval_queries,
         candidates=candidates,
-        image_files=files,
-        image_mb=round(size / 2**20, 1),
+        image_files=sum(w.count for w in writers),
+        image_mb=round(sum(w.bytes for w in writers) / 2**20, 1),
         pool_s=round(pool_s, 2),
         seconds=round(time.perf_counter() - start, 2),
     )
@@ -476,29 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--page_fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--image_scale",
-        type=float,
-        default=1.0,
-        help="multiplies the photo (640x480) and page (1700x2200) sizes",
-    )
+    scale_help = "multiplies the photo (640x480) and page (1700x2200) sizes"
+    parser.add_argument("--image_scale", type=float, default=1.0, help=scale_help)
     parser.add_argument("--pool", type=int, default=256, help="distinct photos (pages: 1/8)")
-    args = parser.parse_args(argv)
-    print(
-        json.dumps(
-            build(
-                args.out,
-                args.rows,
-                subsets=args.subsets,
-                eval_queries=args.eval_queries,
-                candidates=args.candidates,
-                page_fraction=args.page_fraction,
-                seed=args.seed,
-                image_scale=args.image_scale,
-                pool=args.pool,
-            )
-        )
-    )
+    options = vars(parser.parse_args(argv))
+    print(json.dumps(build(options.pop("out"), options.pop("rows"), **options)))
 
 
 if __name__ == "__main__":

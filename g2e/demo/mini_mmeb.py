@@ -37,8 +37,6 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
@@ -349,7 +347,7 @@ class _ImageWriter:
     """Saves images under DIR/images/<Subset>/<Train|Test>/ and returns their relative path."""
 
     def __init__(self, out_dir: str, subset: str, part: str):
-        self.out_dir, self.folder = out_dir, f"images/{subset}/{part}"
+        self.out_dir, self.folder = out_dir, mmeb.image_folder(subset, part)
         os.makedirs(os.path.join(out_dir, self.folder), exist_ok=True)
         self.paths: dict[int, str] = {}
 
@@ -363,43 +361,24 @@ class _ImageWriter:
         return self.paths[id(image)]
 
 
-def _write_parquet(path: str, records: list[dict], schema: pa.Schema) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
-
-
-TRAIN_SCHEMA = pa.schema([(c, pa.string()) for c in mmeb.TRAIN_COLUMNS])
-EVAL_SCHEMA = pa.schema(
-    [
-        ("qry_text", pa.string()),
-        ("qry_img_path", pa.string()),
-        ("tgt_text", pa.list_(pa.string())),
-        ("tgt_img_path", pa.list_(pa.string())),
-    ]
-)
-
-
 def _write_train(out_dir: str, name: str, examples: list[Example], rng) -> None:
     save = _ImageWriter(out_dir, name, "Train")
     instructions = SUBSETS[name][2]
-    for split in ("original", "diverse_instruction"):
+    for split in mmeb.TRAIN_SPLITS:
         records = []
         for ex in examples:
             instruction = (
                 instructions[0] if split == "original" else scenes.pick(rng, instructions[1:])
             )
             records.append(
-                dict(
-                    qry=_query_text(instruction, ex),
-                    qry_image_path=save(ex.qry_image),
-                    pos_text=ex.pos_text,
-                    pos_image_path=save(ex.pos_image),
-                    neg_text="",
-                    neg_image_path="",
+                mmeb.train_record(
+                    _query_text(instruction, ex),
+                    save(ex.qry_image),
+                    ex.pos_text,
+                    save(ex.pos_image),
                 )
             )
-        path = os.path.join(out_dir, "train", name, f"{split}-00000-of-00001.parquet")
-        _write_parquet(path, records, TRAIN_SCHEMA)
+        mmeb.write_split(os.path.join(out_dir, "train"), name, split, records)
 
 
 def _write_eval(out_dir: str, name: str, examples: list[Example], rng, candidates: int):
@@ -408,17 +387,11 @@ def _write_eval(out_dir: str, name: str, examples: list[Example], rng, candidate
     for i, ex in enumerate(examples):
         targets = [(ex.pos_text, ex.pos_image)]
         targets += _distractors(name, i, examples, rng, candidates - 1)
+        query = _query_text(SUBSETS[name][2][0], ex)
         records.append(
-            dict(
-                qry_text=_query_text(SUBSETS[name][2][0], ex),
-                qry_img_path=save(ex.qry_image),
-                tgt_text=[t for t, _ in targets],
-                tgt_img_path=[save(im) for _, im in targets],
-            )
+            mmeb.eval_record(query, save(ex.qry_image), [(t, save(im)) for t, im in targets])
         )
-    _write_parquet(
-        os.path.join(out_dir, "eval", name, "test-00000-of-00001.parquet"), records, EVAL_SCHEMA
-    )
+    mmeb.write_split(os.path.join(out_dir, "eval"), name, mmeb.EVAL_SPLIT, records)
 
 
 def build(

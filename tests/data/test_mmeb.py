@@ -182,17 +182,14 @@ def repeated(tmp_path):
             PIL.Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(root / path)
             paths.append(path)
     records = [
-        dict(
-            qry_text=f"query {r}",
-            qry_img_path=paths[r % 8],
-            tgt_text=[f"candidate {(r + k) % 8}" for k in range(5)],
-            tgt_img_path=[paths[(r + k) % 8] for k in range(5)],
+        mmeb.eval_record(
+            f"query {r}",
+            paths[r % 8],
+            [(f"candidate {(r + k) % 8}", paths[(r + k) % 8]) for k in range(5)],
         )
         for r in range(6)
     ]
-    os.makedirs(root / "eval" / "Repeat")
-    parquet = str(root / "eval" / "Repeat" / "test-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist(records, schema=mmeb.EVAL_SCHEMA), parquet)
+    parquet = mmeb.write_split(str(root / "eval"), "Repeat", mmeb.EVAL_SPLIT, records)
     subsets.write_manifest(str(root), [subsets.SubsetInfo("Repeat", "retrieval", "IND")])
     return str(root), parquet, paths
 
@@ -239,3 +236,46 @@ def test_a_missing_shared_image_fails_every_row_that_names_it(repeated):
     assert report.counts == {("Repeat", "missing image"): 4}
     for row, example in zip((2, 3, 4, 5), report.examples, strict=True):
         assert f"row {row} of" in example and paths[6] in example
+
+
+def test_written_splits_have_the_hub_names_and_types_and_read_back(tmp_path):
+    import PIL.Image
+
+    from g2e.data import subsets
+
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, mmeb.image_folder("Pairs", "Train")))
+    image = mmeb.image_folder("Pairs", "Train") + "/0.jpg"
+    PIL.Image.new("RGB", (4, 4)).save(os.path.join(root, image))
+    subsets.write_manifest(root, [subsets.SubsetInfo("Pairs", "retrieval", "IND")])
+    train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "eval")
+    for split in mmeb.TRAIN_SPLITS:
+        path = mmeb.write_split(
+            train_dir, "Pairs", split, [mmeb.train_record(f"{split} q", "", "p", image)]
+        )
+        assert path == os.path.join(train_dir, "Pairs", f"{split}-00000-of-00001.parquet")
+        assert pq.read_schema(path) == mmeb.TRAIN_SCHEMA
+        (row,) = mmeb.read_train_subset(train_dir, "Pairs", split, root)
+        assert (row.qry_text, row.qry_image, row.pos_text, row.neg_text, row.neg_image) == (
+            f"{split} q",
+            None,
+            "p",
+            "",
+            None,
+        )
+        assert row.pos_image == os.path.join(root, image)
+    record = mmeb.eval_record("q", image, [("a", ""), ("b", image)])
+    path = mmeb.write_split(eval_dir, "Pairs", mmeb.EVAL_SPLIT, [record])
+    assert path == os.path.join(eval_dir, "Pairs", "test-00000-of-00001.parquet")
+    assert pq.read_schema(path) == mmeb.EVAL_SCHEMA
+    (row,) = mmeb.read_eval_subset(eval_dir, "Pairs", root)
+    assert row.tgt_texts == ("a", "b") and row.tgt_images == (None, os.path.join(root, image))
+
+
+def test_the_writer_refuses_an_unknown_split_or_other_columns(tmp_path):
+    record = mmeb.train_record("q", "", "p", "")
+    with pytest.raises(ValueError, match="split 'train' of Pairs"):
+        mmeb.write_split(str(tmp_path), "Pairs", "train", [record])
+    with pytest.raises(ValueError, match="row 0 of Pairs/test has the columns"):
+        mmeb.write_split(str(tmp_path), "Pairs", mmeb.EVAL_SPLIT, [record])
+    assert not os.path.exists(tmp_path / "Pairs")
