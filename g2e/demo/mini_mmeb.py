@@ -4,9 +4,8 @@
   (or, as before, python -m g2e.data.mini_mmeb ...)
       [--train_rows 200] [--eval_queries 60] [--candidates 12]
 
-Images are small (56-112 px sides; grounding candidates are crops of single objects) scenes
-of coloured shapes on a 3x3 grid (g2e.demo.scenes). Ten subsets
-cover MMEB's four meta-tasks with an IND/OOD split like MMEB's; IND subsets have training
+Images are small scenes of coloured shapes on a 3x3 grid (g2e.demo.scenes; grounding
+candidates are crops of single objects). Ten subsets cover MMEB's four meta-tasks with an IND/OOD split like MMEB's; IND subsets have training
 data, OOD subsets are evaluation only:
 
   IND  classification ShapeCls, ColorCls   vqa ShapeVQA   retrieval ShapeCaption_t2i,
@@ -24,15 +23,24 @@ Texts carry `<|image_1|>` placeholders exactly like MMEB (an item has an image e
 its text starts with one). No subset can be solved by copying text from the query: where a
 candidate's text could be found in its query, every candidate carries that text.
 Classification labels repeat across rows, so candidates have several owner queries, as SaHa
-mining expects. The output is a function of the seed and the
-sizes (byte for byte, with one Pillow version: JPEG encoding may differ between versions).
+mining expects.
+
+The rows (g2e.demo.mini_rows): evaluation rows say everything in canonical words, so no query
+has two right candidates. Training rows also hold what SaHa mining is for: distinct positives
+that answer the same queries (paraphrased labels, an earlier row's objects captioned in other
+words) and siblings, scenes one colour or shape apart (g2e.demo.siblings), with the other
+structure of each subset's scenes. `answers` is the truth of which positive answers which
+query, by meaning (g2e.demo.wording), so a judge's quality can be measured against it.
+
+The output is a function of the seed and the sizes (byte for byte, with one Pillow version:
+JPEG encoding may differ between versions).
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import time
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -40,11 +48,8 @@ import PIL.Image
 
 from g2e.data import mmeb
 from g2e.data import subsets as subsets_lib
-from g2e.demo import scenes
-
-IMAGE = "<|image_1|>\n"
-REPRESENT_IMAGE = IMAGE + "Represent the given image."
-REPRESENT_CROP = IMAGE + "Represent the given cropped image of the object"
+from g2e.demo import mini_rows, scenes, wording
+from g2e.demo.mini_rows import IMAGE, Example
 
 # (meta-task, group, query instructions: the first is the `original` split's, the rest are
 # the `diverse_instruction` split's alternatives).
@@ -118,183 +123,63 @@ SUBSETS = {
 }
 
 
-@dataclasses.dataclass
-class Example:
-    """One query and its positive, before writing. `question` follows the instruction in the
-    query text; `distractors` are this query's eval negatives as (text, image) pairs, drawn
-    later from the subset's pool when empty."""
-
-    question: str
-    qry_image: PIL.Image.Image | None
-    pos_text: str
-    pos_image: PIL.Image.Image | None
-    distractors: list = dataclasses.field(default_factory=list)
+# The seed streams of a subset (subset_rng's `part`).
+TRAIN_PART, EVAL_PART, LESSONS_PART = 0, 1, 2
 
 
-def _distinct_objects(rng: np.random.Generator, n: int) -> list[scenes.Obj]:
-    """n objects of distinct shapes and distinct colours."""
-    shapes = scenes.pick(rng, scenes.SHAPES, n)
-    colors = scenes.pick(rng, scenes.COLORS, n)
-    return scenes.objects(rng, n, shapes=shapes, colors=colors)
+def subset_rng(seed: int, name: str, part: int) -> np.random.Generator:
+    """The seed stream of one part of subset `name`: TRAIN_PART (its training rows, then the
+    instructions of the `diverse_instruction` split), EVAL_PART (its evaluation rows, then
+    their distractors) or LESSONS_PART (draw_examples')."""
+    return np.random.default_rng([seed, list(SUBSETS).index(name), part])
 
 
-def _classification(name: str, rng: np.random.Generator) -> Example:
-    if name == "ShapeCls":
-        shape = scenes.pick(rng, scenes.SHAPES)
-        image, _ = scenes.draw(rng, scenes.objects(rng, 1, shapes=[shape]))
-        return Example("", image, shape, None)
-    if name == "ColorCls":
-        color, n = scenes.pick(rng, scenes.COLORS), int(rng.integers(1, 4))
-        image, _ = scenes.draw(rng, scenes.objects(rng, n, colors=[color] * n))
-        return Example("", image, color, None)
-    n = int(rng.integers(1, len(scenes.NUMBERS) + 1))  # CountCls
-    image, _ = scenes.draw(rng, scenes.objects(rng, n))
-    return Example("", image, scenes.NUMBERS[n - 1], None)
-
-
-def _shape_vqa(rng: np.random.Generator) -> Example:
-    kind = int(rng.integers(0, 3))
-    if kind == 2:  # counting: k copies of one shape among other shapes
-        shape, k = scenes.pick(rng, scenes.SHAPES), int(rng.integers(1, 5))
-        others = [s for s in scenes.pick(rng, scenes.SHAPES, 3) if s != shape]
-        others = others[: int(rng.integers(0, 3))]
-        objects = scenes.objects(rng, k + len(others), shapes=[shape] * k + others)
-        image, _ = scenes.draw(rng, objects)
-        question = f"How many {scenes.plural(shape, 2)} are there?"
-        return Example(question, image, scenes.NUMBERS[k - 1], None)
-    n = int(rng.integers(1, 4))
-    objects = _distinct_objects(rng, n)
-    image, _ = scenes.draw(rng, objects)
-    target = objects[int(rng.integers(0, n))]
-    if kind == 0:
-        return Example(f"What shape is the {target.color} object?", image, target.shape, None)
-    return Example(f"What color is the {target.shape}?", image, target.color, None)
-
-
-def _position_vqa(rng: np.random.Generator) -> Example:
-    n = int(rng.integers(1, 5))
-    objects = scenes.objects(rng, n, shapes=scenes.pick(rng, scenes.SHAPES, n))
-    image, _ = scenes.draw(rng, objects)
-    target = objects[int(rng.integers(0, n))]
-    return Example(
-        f"Where is the {target.color} {target.shape} in the image?",
-        image,
-        scenes.POSITIONS[target.cell],
-        None,
-    )
-
-
-def _shape_edit(rng: np.random.Generator) -> Example:
-    objects = scenes.objects(rng, int(rng.integers(1, 4)))
-    state = rng.bit_generator.state
-    source, _ = scenes.draw(rng, objects)
-    i = int(rng.integers(0, len(objects)))
-    new_color = scenes.pick(rng, [c for c in scenes.COLORS if c != objects[i].color])
-    edited = list(objects)
-    edited[i] = dataclasses.replace(objects[i], color=new_color)
-    after = rng.bit_generator.state
-    rng.bit_generator.state = state  # same canvas and placement for the edited scene
-    target, _ = scenes.draw(rng, edited)
-    rng.bit_generator.state = after
-    change = f"make the {objects[i].color} {objects[i].shape} {new_color}"
-    # The unedited scene is the hardest negative.
-    return Example(change, source, REPRESENT_IMAGE, target, [(REPRESENT_IMAGE, source)])
-
-
-def _grounding(name: str, rng: np.random.Generator) -> Example:
-    n = int(rng.integers(2, 5))
-    objects = _distinct_objects(rng, n)
-    image, boxes = scenes.draw(rng, objects)
+def draw_rows(name: str, rng: np.random.Generator, count: int, train: bool) -> list[Example]:
+    """`count` rows of subset `name` as drawn, images in memory (see g2e.demo.mini_rows):
+    `build` writes draw_rows(name, subset_rng(seed, name, TRAIN_PART), rows, True) as the
+    subset's training rows."""
     instruction = SUBSETS[name][2][0]
-    if name == "ShapeGround":
-        label = lambda o: f"{o.color} {o.shape}"  # noqa: E731
-        cand_text = lambda o: REPRESENT_CROP  # noqa: E731
-    else:
-        label = lambda o: f"the {o.color} {o.shape} at the {scenes.POSITIONS[o.cell]}"  # noqa
-        cand_text = lambda o: IMAGE + instruction + label(o)  # noqa: E731
-    crops = [(cand_text(o), scenes.crop(image, b)) for o, b in zip(objects, boxes)]
-    t = int(rng.integers(0, n))
-    # The scene's other objects are the hard negatives.
-    return Example(
-        label(objects[t]),
-        image,
-        crops[t][0],
-        crops[t][1],
-        [c for j, c in enumerate(crops) if j != t],
-    )
-
-
-def _example(name: str, rng: np.random.Generator) -> Example:
-    """Draws one query/positive pair of subset `name`."""
-    if name in ("ShapeCls", "ColorCls", "CountCls"):
-        return _classification(name, rng)
-    if name == "ShapeVQA":
-        return _shape_vqa(rng)
-    if name == "PositionVQA":
-        return _position_vqa(rng)
-    if name in ("ShapeCaption_t2i", "ShapeCaption_i2t"):
-        objects = scenes.objects(rng, int(rng.integers(1, 4)))
-        image, _ = scenes.draw(rng, objects)
-        if name.endswith("t2i"):
-            return Example(scenes.caption(objects), None, REPRESENT_IMAGE, image)
-        return Example("", image, scenes.caption(objects), None)
-    if name == "ShapeEdit":
-        return _shape_edit(rng)
-    if name in ("ShapeGround", "ShapeRef-Matching"):
-        return _grounding(name, rng)
-    raise ValueError(f"mini-MMEB has no subset {name!r}; its subsets: {list(SUBSETS)}.")
+    return mini_rows.draw_subset(name, rng, count, train=train, instruction=instruction)
 
 
 def draw_examples(name: str, seed: int, count: int) -> list[tuple[str, Any, str, Any]]:
-    """`count` fresh (query text, query image, positive text, positive image) pairs of subset
-    `name`, images in memory: the same kind of rows the files hold, for a separate purpose (the
-    demo generator's matching lessons), from their own seed."""
-    rng = np.random.default_rng([seed, list(SUBSETS).index(name), 2])
-    instruction = SUBSETS[name][2][0]
-    pairs = []
-    for _ in range(count):
-        example = _example(name, rng)
-        pairs.append(
-            (
-                _query_text(instruction, example),
-                example.qry_image,
-                example.pos_text,
-                example.pos_image,
-            )
-        )
-    return pairs
+    """`count` fresh (query text, query image, positive text, positive image) training pairs
+    of subset `name`, images in memory: the same kind of rows the files hold (paraphrases and
+    siblings included), for a separate purpose (the demo generator's matching lessons), from
+    their own seed."""
+    rng, instruction = subset_rng(seed, name, LESSONS_PART), SUBSETS[name][2][0]
+    return [
+        (query_text(instruction, ex), ex.qry_image, ex.pos_text, ex.pos_image)
+        for ex in draw_rows(name, rng, count, train=True)
+    ]
 
 
 def answers(anchor: Any, owner: Any) -> bool:
     """Whether `owner`'s positive also answers `anchor`'s query, as the mini-MMEB is drawn.
 
     Rows (or anything with qry_text, qry_image, pos_text, pos_image): a text positive (a label,
-    an answer, a caption) answers every query whose own positive says the same (the same
-    words, or a caption naming the same objects in another order: "a red circle and a blue
-    star" is "a blue star and a red circle"); an image positive answers a text-only query (a
-    caption) naming the same objects as its own query; no other positive answers another row's
-    query (a crop belongs to its own scene, an edit to its own source image). This is the truth
-    the judge's quality is measured against.
+    an answer, a caption) answers every query whose own positive means the same, in whatever
+    words (`wording.canonical`: 'red' is 'a red one', 'two' is '2', 'a red circle and two blue
+    stars' is '2 blue stars and one red circle'); an image positive answers a text-only query
+    (a caption) whose words mean what its own query's do; no other positive answers another
+    row's query (a crop belongs to its own scene, an edit to its own source image). A sibling
+    never answers: its words differ in one colour or shape. This is the truth the judge's
+    quality is measured against.
     """
     if owner is anchor:
         return True
     if anchor.pos_image is None and owner.pos_image is None:
-        return caption_parts(anchor.pos_text) == caption_parts(owner.pos_text)
+        return wording.canonical(anchor.pos_text) == wording.canonical(owner.pos_text)
     if (
         anchor.pos_image is not None
         and owner.pos_image is not None
         and anchor.qry_image is None
         and owner.qry_image is None
     ):
-        return caption_parts(_caption(anchor.qry_text)) == caption_parts(_caption(owner.qry_text))
+        return wording.canonical(_caption(anchor.qry_text)) == wording.canonical(
+            _caption(owner.qry_text)
+        )
     return False
-
-
-def caption_parts(text: str) -> frozenset[str]:
-    """What a caption names, in any order: 'two red circles and a blue star' ->
-    {'two red circles', 'a blue star'} (a label or an answer is one part)."""
-    parts = text.strip().replace(" and ", ", ").split(", ")
-    return frozenset(part.strip() for part in parts)
 
 
 def _caption(query_text: str) -> str:
@@ -302,39 +187,44 @@ def _caption(query_text: str) -> str:
     return query_text.rsplit(": ", 1)[-1].strip()
 
 
-def _query_text(instruction: str, example: Example) -> str:
+def query_text(instruction: str, example: Example) -> str:
+    """The query's text as the files hold it: placeholder, instruction, question."""
     text = instruction + example.question
     return IMAGE + text if example.qry_image is not None else text
+
+
+def _meaning(text: str, image, shows: tuple) -> Hashable:
+    """What makes a candidate right: its words' meaning, or for an image the objects it shows."""
+    if image is None:
+        return wording.canonical(text)
+    return wording.canonical(scenes.caption(list(shows)))
 
 
 def _distractors(
     name: str, i: int, examples: list[Example], rng: np.random.Generator, k: int
 ) -> list[tuple[str, PIL.Image.Image | None]]:
-    """Up to k eval negatives for example i, none equal to its positive."""
+    """Up to k eval negatives for example i, none meaning what its positive means."""
     ex = examples[i]
     meta_task = SUBSETS[name][0]
     if meta_task in ("classification", "vqa"):
         # Answers of the same kind: the label set of the subset (or of the question).
         vocabularies = (scenes.SHAPES, tuple(scenes.COLORS), scenes.NUMBERS, scenes.POSITIONS)
         vocab = next(v for v in vocabularies if ex.pos_text in v)
-        return [
-            (t, None)
-            for t in scenes.pick(
-                rng, [v for v in vocab if v != ex.pos_text], min(k, len(vocab) - 1)
-            )
-        ]
-    # What makes a candidate right: its caption for text positives, else the query's words.
-    key = lambda e: e.pos_text if e.pos_image is None else e.question
-    picked = list(ex.distractors[:k])
+        others = [v for v in vocab if v != ex.pos_text]
+        return [(t, None) for t in scenes.pick(rng, others, min(k, len(others)))]
+    own = ex.distractors[:k]
+    picked = [(text, image) for text, image, _ in own]
+    seen = {_meaning(ex.pos_text, ex.pos_image, ex.pos_shows)}
+    seen.update(_meaning(*d) for d in own)
     others = [j for j in range(len(examples)) if j != i]
-    seen = {key(ex)}
     for j in scenes.pick(rng, others, len(others)):
         if len(picked) >= k:
             break
         other = examples[j]
-        if key(other) in seen:
+        meaning = _meaning(other.pos_text, other.pos_image, other.pos_shows)
+        if meaning in seen:
             continue  # it would be a second correct candidate
-        seen.add(key(other))
+        seen.add(meaning)
         picked.append((other.pos_text, other.pos_image))
     if ex.pos_image is not None:
         # Image candidates all carry the positive's text (ShapeRef-Matching's is the query's
@@ -372,7 +262,7 @@ def _write_train(out_dir: str, name: str, examples: list[Example], rng) -> None:
             )
             records.append(
                 mmeb.train_record(
-                    _query_text(instruction, ex),
+                    query_text(instruction, ex),
                     save(ex.qry_image),
                     ex.pos_text,
                     save(ex.pos_image),
@@ -387,7 +277,7 @@ def _write_eval(out_dir: str, name: str, examples: list[Example], rng, candidate
     for i, ex in enumerate(examples):
         targets = [(ex.pos_text, ex.pos_image)]
         targets += _distractors(name, i, examples, rng, candidates - 1)
-        query = _query_text(SUBSETS[name][2][0], ex)
+        query = query_text(SUBSETS[name][2][0], ex)
         records.append(
             mmeb.eval_record(query, save(ex.qry_image), [(t, save(im)) for t, im in targets])
         )
@@ -420,13 +310,13 @@ def build(
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     infos = []
-    for k, (name, (meta_task, group, _)) in enumerate(SUBSETS.items()):
+    for name, (meta_task, group, _) in SUBSETS.items():
         infos.append(subsets_lib.SubsetInfo(name, meta_task, group, train=group == "IND"))
         if group == "IND":
-            rng = np.random.default_rng([seed, k, 0])
-            _write_train(out_dir, name, [_example(name, rng) for _ in range(train_rows)], rng)
-        rng = np.random.default_rng([seed, k, 1])
-        examples = [_example(name, rng) for _ in range(eval_queries)]
+            rng = subset_rng(seed, name, TRAIN_PART)
+            _write_train(out_dir, name, draw_rows(name, rng, train_rows, train=True), rng)
+        rng = subset_rng(seed, name, EVAL_PART)
+        examples = draw_rows(name, rng, eval_queries, train=False)
         _write_eval(out_dir, name, examples, rng, candidates)
     subsets_lib.write_manifest(out_dir, infos)
     return dict(

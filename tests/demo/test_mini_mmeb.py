@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from g2e.data import subsets
-from g2e.demo import mini_mmeb, scenes
+from g2e.demo import mini_mmeb, mini_rows, scenes, wording
 
 SIZES = dict(train_rows=12, eval_queries=6, candidates=5)
 
@@ -124,7 +124,7 @@ def test_texts_read_like_mmeb(mini):
     assert first("eval", "ShapeGround", "qry_text").startswith(
         "<|image_1|>\nSelect the portion of the image that isolates the object of the given label: "
     )
-    assert first("train", "ShapeCls", "pos_text") in scenes.SHAPES
+    assert wording.canonical(first("train", "ShapeCls", "pos_text")) in scenes.SHAPES
 
 
 def test_classification_positives_repeat_so_queries_share_owners(mini):
@@ -150,7 +150,7 @@ def test_command_line_scale_and_refusal_to_overwrite(tmp_path, capsys):
 
 def _core(text: str, instruction: str) -> str:
     """A candidate's own words: its text without the image placeholder and the instruction."""
-    return text.replace(mini_mmeb.IMAGE, "").replace(instruction, "").strip().rstrip(".")
+    return text.replace(mini_rows.IMAGE, "").replace(instruction, "").strip().rstrip(".")
 
 
 def test_no_subset_is_solved_by_copying_text(mini):
