@@ -8,8 +8,13 @@ works on, as real training data does:
     REUSED_CAPTIONS of the caption rows name an earlier row's objects, placed anew, in
     another order or with other articles;
   * hard negatives: SIBLING_SHARE of the caption and grounding scenes get a sibling
-    (siblings.py: the same canvas, one colour or shape changed) as the next row, and a
-    grounding scene's objects may share a colour or a shape.
+    (siblings.py: the same canvas, one colour or shape changed) as the next row, a
+    grounding scene's objects may share a colour or a shape, and ShapeVQA asks 1-3
+    questions of one scene (rows sharing an image, as VQA data does: their answers differ).
+SaHa orders a non-classification anchor's owners least anchor-like first, so a false negative
+is met early only when its query looks unlike the anchor's: a VQA answer in other words owned
+by another scene's question is; a reused caption's query (the same objects) is not, so the
+caption subsets hold few of the pairs the judge meets (bench/mini_mmeb_false_negatives.py).
 Evaluation queries get siblings as distractors instead: up to MAX_SIBLING_DISTRACTORS per
 retrieval query, one crop for SIBLING_SHARE of the grounding queries; ShapeEdit's unedited
 source is the edited scene's sibling too.
@@ -25,7 +30,9 @@ from g2e.demo import scenes, siblings, wording
 IMAGE = "<|image_1|>\n"
 REPRESENT_IMAGE = IMAGE + "Represent the given image."
 REPRESENT_CROP = IMAGE + "Represent the given cropped image of the object"
-# Training rows only: the share of caption rows that name an earlier row's objects.
+# Training rows only: the share of labels and answers in other words (each of a label's three
+# forms alike), and of caption rows that name an earlier row's objects.
+PARAPHRASED = 2 / 3
 REUSED_CAPTIONS = 0.15
 # The share of caption and grounding scenes that get a sibling (siblings.py): in training a
 # row of its own; in a grounding evaluation query, one more distractor.
@@ -52,14 +59,7 @@ class Example:
 
 def _label(value: str, rng: np.random.Generator, train: bool) -> str:
     """A label in its canonical words (evaluation), or in one of its forms (training)."""
-    return wording.paraphrase(value, rng) if train else value
-
-
-def _distinct_objects(rng: np.random.Generator, n: int) -> list[scenes.Obj]:
-    """n objects of distinct shapes and distinct colours."""
-    shapes = scenes.pick(rng, scenes.SHAPES, n)
-    colors = scenes.pick(rng, scenes.COLORS, n)
-    return scenes.objects(rng, n, shapes=shapes, colors=colors)
+    return wording.paraphrase(value, rng, PARAPHRASED) if train else value
 
 
 def _classification(name: str, rng: np.random.Generator, train: bool) -> Example:
@@ -76,25 +76,62 @@ def _classification(name: str, rng: np.random.Generator, train: bool) -> Example
     return Example("", image, _label(value, rng, train), None, qry_shows=tuple(objects))
 
 
-def _shape_vqa(rng: np.random.Generator, train: bool) -> Example:
-    kind = int(rng.integers(0, 3))
-    if kind == 2:  # counting: k copies of one shape among other shapes
-        shape, k = scenes.pick(rng, scenes.SHAPES), int(rng.integers(1, 5))
-        others = [s for s in scenes.pick(rng, scenes.SHAPES, 3) if s != shape]
-        others = others[: int(rng.integers(0, 3))]
-        objects = scenes.objects(rng, k + len(others), shapes=[shape] * k + others)
-        question = f"How many {scenes.plural(shape, 2)} are there?"
-        answer = scenes.NUMBERS[k - 1]
-    else:
-        n = int(rng.integers(1, 4))
-        objects = _distinct_objects(rng, n)
-        target = objects[int(rng.integers(0, n))]
-        if kind == 0:
-            question, answer = f"What shape is the {target.color} object?", target.shape
-        else:
-            question, answer = f"What color is the {target.shape}?", target.color
+def _vqa_scene(rng: np.random.Generator) -> list[scenes.Obj]:
+    """1-4 objects of two shapes and two colours at most (so counts repeat), one of them the
+    clearly largest half the time."""
+    n = int(rng.integers(1, 5))
+    shapes, colors = scenes.pick(rng, scenes.SHAPES, 2), scenes.pick(rng, scenes.COLORS, 2)
+    objects = scenes.objects(
+        rng,
+        n,
+        shapes=[scenes.pick(rng, shapes) for _ in range(n)],
+        colors=[scenes.pick(rng, colors) for _ in range(n)],
+    )
+    if rng.random() < 0.5:
+        largest = int(rng.integers(n))
+        sizes = [0.9 if j == largest else 0.55 for j in range(n)]
+        objects = [dataclasses.replace(o, size=size) for o, size in zip(objects, sizes)]
+    return objects
+
+
+def _vqa_questions(objects: list[scenes.Obj]) -> list[tuple[str, str]]:
+    """Every (question, answer) the scene answers without ambiguity."""
+    count = lambda attribute, value: sum(getattr(o, attribute) == value for o in objects)  # noqa: E731
+    questions = []
+    for shape in sorted({o.shape for o in objects}):
+        n = count("shape", shape)
+        questions.append((f"How many {scenes.plural(shape, 2)} are there?", scenes.NUMBERS[n - 1]))
+        if n == 1:
+            color = next(o.color for o in objects if o.shape == shape)
+            questions.append((f"What color is the {shape}?", color))
+    for color in sorted({o.color for o in objects}):
+        n = count("color", color)
+        questions.append((f"Count the {color} objects.", scenes.NUMBERS[n - 1]))
+        if n == 1:
+            shape = next(o.shape for o in objects if o.color == color)
+            questions.append((f"What shape is the {color} object?", shape))
+    sizes = sorted(o.size for o in objects)
+    if len(objects) > 1 and sizes[-1] > sizes[-2]:
+        largest = max(objects, key=lambda o: o.size)
+        for attribute in ("shape", "color"):
+            question = f"Name the {attribute} of the largest object."
+            questions.append((question, getattr(largest, attribute)))
+    return questions
+
+
+def _shape_vqa(rng: np.random.Generator, train: bool) -> list[Example]:
+    """Questions about one scene's counts, shapes and colours: 1-3 rows sharing the image in
+    training (as VQA data asks several questions of an image), one in evaluation."""
+    objects = _vqa_scene(rng)
     image, _ = scenes.draw(rng, objects)
-    return Example(question, image, _label(answer, rng, train), None, qry_shows=tuple(objects))
+    questions = _vqa_questions(objects)
+    asked = scenes.pick(
+        rng, questions, min(len(questions), int(rng.integers(1, 4)) if train else 1)
+    )
+    return [
+        Example(question, image, _label(answer, rng, train), None, qry_shows=tuple(objects))
+        for question, answer in asked
+    ]
 
 
 def _position_vqa(rng: np.random.Generator) -> Example:
@@ -214,7 +251,7 @@ def _draw(name: str, instruction: str, rng, train: bool, earlier: list[Example])
     if name in ("ShapeCls", "ColorCls", "CountCls"):
         return [_classification(name, rng, train)]
     if name == "ShapeVQA":
-        return [_shape_vqa(rng, train)]
+        return _shape_vqa(rng, train)
     if name == "PositionVQA":
         return [_position_vqa(rng)]
     if name in ("ShapeCaption_t2i", "ShapeCaption_i2t"):

@@ -47,9 +47,12 @@ _COUNT_WORDS.update({str(i + 1): i + 1 for i in range(len(scenes.NUMBERS))})
 _SHAPE_OF = {scenes.plural(s, n): s for s in scenes.SHAPES for n in (1, 2)}
 
 
-def paraphrase(label: str, rng: np.random.Generator) -> str:
-    """One of `label`'s forms, drawn uniformly (the canonical form among them)."""
-    return scenes.pick(rng, label_forms(label))
+def paraphrase(label: str, rng: np.random.Generator, share: float) -> str:
+    """`label` in another form with probability `share` (each form alike), else itself."""
+    forms = label_forms(label)
+    if len(forms) == 1 or rng.random() >= share:
+        return label
+    return scenes.pick(rng, forms[1:])
 
 
 def canonical(text: str) -> Hashable:

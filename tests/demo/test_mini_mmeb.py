@@ -1,8 +1,12 @@
 """Mini-MMEB: MMEB's exact formats, four meta-tasks with IND/OOD, deterministic for a seed."""
 
 import hashlib
+import importlib.util
 import os
+import pathlib
+import types
 
+import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
@@ -163,3 +167,161 @@ def test_no_subset_is_solved_by_copying_text(mini):
             positive = cores[0]
             if positive and positive in query:
                 assert all(c == positive for c in cores), (name, number, row["tgt_text"])
+
+
+# ---- the structure SaHa mining works on ------------------------------------------------------
+
+
+def _row(qry_text="", qry_image=None, pos_text="", pos_image=None):
+    return types.SimpleNamespace(
+        qry_text=qry_text, qry_image=qry_image, pos_text=pos_text, pos_image=pos_image
+    )
+
+
+def test_answers_accepts_paraphrases_and_reworded_captions():
+    image = object()
+    for label in ("red", "circle", "two"):
+        forms = wording.label_forms(label)
+        assert len(forms) == 3
+        for form in forms:
+            assert mini_mmeb.answers(_row("q1", image, label), _row("q2", image, form))
+    assert mini_mmeb.answers(_row("q", image, "two"), _row("q", image, "2"))
+    assert not mini_mmeb.answers(_row("q", image, "two"), _row("q", image, "3"))
+    assert not mini_mmeb.answers(_row("q", image, "red"), _row("q", image, "a blue one"))
+    caption = "a red circle, two blue stars and an orange cross"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        other = wording.reworded(caption, rng)
+        assert other != caption
+        assert mini_mmeb.answers(_row("q", image, caption), _row("q", image, other))
+        # A text-to-image query: another row's image answers when its caption means the same.
+        find = mini_mmeb.SUBSETS["ShapeCaption_t2i"][2][0]
+        a, b = _row(find + caption, None, "", image), _row(find + other, None, "", object())
+        assert mini_mmeb.answers(a, b)
+
+
+def _one_attribute_apart(a, b) -> bool:
+    """Same cells and sizes; exactly one object differs, in exactly one of colour and shape."""
+    if len(a) != len(b) or [(o.cell, o.size) for o in a] != [(o.cell, o.size) for o in b]:
+        return False
+    changes = [(x.color != y.color) + (x.shape != y.shape) for x, y in zip(a, b)]
+    return sorted(changes) == [0] * (len(a) - 1) + [1]
+
+
+def _siblings(examples) -> list[tuple]:
+    shows = lambda ex: ex.qry_shows if ex.pos_image is None else ex.pos_shows  # noqa: E731
+    return [
+        (a, b) for a, b in zip(examples, examples[1:]) if _one_attribute_apart(shows(a), shows(b))
+    ]
+
+
+def _training_rows(name, count=120, seed=0):
+    rng = mini_mmeb.subset_rng(seed, name, mini_mmeb.TRAIN_PART)
+    examples = mini_mmeb.draw_rows(name, rng, count, train=True)
+    instruction = mini_mmeb.SUBSETS[name][2][0]
+    rows = [
+        _row(mini_mmeb.query_text(instruction, ex), ex.qry_image, ex.pos_text, ex.pos_image)
+        for ex in examples
+    ]
+    return examples, rows
+
+
+@pytest.mark.parametrize("name", ["ShapeCaption_t2i", "ShapeCaption_i2t", "ShapeGround"])
+def test_about_30_percent_of_scenes_get_a_sibling_that_answers_nothing(name):
+    examples, rows = _training_rows(name)
+    pairs = _siblings(examples)
+    # A scene and its sibling are two of the rows: about 0.3 / 1.3 of the rows are siblings.
+    assert 0.12 <= len(pairs) / len(examples) <= 0.35, len(pairs)
+    row_of = {id(ex): row for ex, row in zip(examples, rows)}
+    for a, b in pairs:
+        assert a.pos_text != b.pos_text or a.question != b.question  # a row of its own
+        assert not mini_mmeb.answers(row_of[id(a)], row_of[id(b)])
+        assert not mini_mmeb.answers(row_of[id(b)], row_of[id(a)])
+
+
+def test_grounding_scenes_hold_objects_that_share_one_attribute():
+    examples, _ = _training_rows("ShapeGround")
+    sharing = 0
+    for ex in examples:
+        pairs = [(o.shape, o.color) for o in ex.qry_shows]
+        assert len(set(pairs)) == len(pairs), "a label must name one object"
+        shapes, colors = [s for s, _ in pairs], [c for _, c in pairs]
+        sharing += len(set(shapes)) < len(shapes) or len(set(colors)) < len(colors)
+    assert sharing >= len(examples) // 4
+
+
+def test_training_rows_hold_distinct_positives_that_answer():
+    for name in ("ShapeCls", "ColorCls", "ShapeVQA"):
+        _, rows = _training_rows(name)
+        forms = {}
+        for row in rows:
+            forms.setdefault(wording.canonical(row.pos_text), set()).add(row.pos_text)
+        # Most labels come in several forms: distinct candidates that answer alike.
+        assert sum(len(f) > 1 for f in forms.values()) >= len(forms) // 2, (name, forms)
+    for name in ("ShapeCaption_t2i", "ShapeCaption_i2t"):
+        _, rows = _training_rows(name)
+        text = (lambda r: r.qry_text) if name.endswith("t2i") else (lambda r: r.pos_text)
+        reused = [
+            i
+            for i, r in enumerate(rows)
+            if any(mini_mmeb.answers(r, o) and text(o) != text(r) for o in rows[:i] if o is not r)
+        ]
+        assert 0.06 <= len(reused) / len(rows) <= 0.3, (name, len(reused))
+
+
+def _stand_in_bench():
+    path = pathlib.Path(__file__).parents[2] / "bench" / "mini_mmeb_false_negatives.py"
+    spec = importlib.util.spec_from_file_location("mini_mmeb_false_negatives", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_walk_meets_true_false_negatives_on_training_rows_only():
+    bench = _stand_in_bench()
+    for name in ("ShapeCls", "ColorCls", "ShapeVQA"):
+        figures = {}
+        for train in (True, False):
+            rng = mini_mmeb.subset_rng(0, name, mini_mmeb.TRAIN_PART)
+            examples = mini_mmeb.draw_rows(name, rng, 96, train=train)
+            figures[train] = bench.judged_pairs(
+                name, examples, top_k=3, pool_mult=3, pairs_per_call=16
+            )
+        assert figures[True]["true_pairs"] >= 10, (name, figures)
+        assert 10 <= figures[True]["true_share"] <= 50, (name, figures)
+        # Canonical rows (as the evaluation's) hold no distinct positive that answers.
+        assert figures[False]["pairs"] > 0 and figures[False]["true_pairs"] == 0, (name, figures)
+
+
+def _is_canonical(text: str) -> bool:
+    """A label of a vocabulary, or a caption whose every part starts 'a', 'an' or a number
+    word above one (scenes.caption's words)."""
+    if text in wording.label_forms(text)[:1] and wording.canonical(text) == text:
+        return wording.label_forms(text)[0] == text
+    parts = text.replace(" and ", ", ").split(", ")
+    return all(p.split()[0] in ("a", "an", *scenes.NUMBERS[1:]) for p in parts)
+
+
+def test_evaluation_rows_are_canonical_with_one_right_candidate(mini):
+    for name in mini_mmeb.SUBSETS:
+        path = os.path.join(mini, "eval", name, "test-00000-of-00001.parquet")
+        for row in pq.read_table(path).to_pylist():
+            if row["tgt_img_path"][0]:
+                continue  # image candidates: below
+            assert _is_canonical(row["tgt_text"][0]), (name, row["tgt_text"][0])
+            meanings = [wording.canonical(t) for t in row["tgt_text"]]
+            assert meanings[0] not in meanings[1:], (name, row["tgt_text"])
+    # Image candidates: what each shows, from the drawn evaluation rows.
+    for name in ("ShapeCaption_t2i", "ShapeEdit", "ShapeGround", "ShapeRef-Matching"):
+        rng = mini_mmeb.subset_rng(0, name, mini_mmeb.EVAL_PART)
+        examples = mini_mmeb.draw_rows(name, rng, 40, train=False)
+        meaning = {}
+        for ex in examples:
+            meaning[id(ex.pos_image)] = wording.canonical(scenes.caption(list(ex.pos_shows)))
+            for _, image, shows in ex.distractors:
+                meaning[id(image)] = wording.canonical(scenes.caption(list(shows)))
+        for i, ex in enumerate(examples):
+            candidates = mini_mmeb._distractors(name, i, examples, rng, 11)
+            assert len(candidates) == 11
+            meanings = [meaning[id(image)] for _, image in candidates]
+            assert meaning[id(ex.pos_image)] not in meanings, (name, i)
