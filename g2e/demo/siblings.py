@@ -75,16 +75,13 @@ def draw_alike(
     return drawn
 
 
-def sharing_objects(rng: np.random.Generator, n: int, share: float = 0.5) -> list[scenes.Obj]:
-    """n objects in distinct cells with distinct (shape, colour) pairs, where each object
-    after the first shares the colour or the shape of an earlier one with probability
-    `share` (a grounding scene whose other objects are near misses of its target)."""
+def sharing_objects(rng: np.random.Generator, n: int) -> list[scenes.Obj]:
+    """n objects in distinct cells with distinct (shape, colour) pairs, each attribute drawn
+    on its own: in about half of the scenes of 3 objects two share a colour or a shape (a
+    grounding scene whose other objects are near misses of its target)."""
     pairs: list[tuple[str, str]] = []
     while len(pairs) < n:
-        shape, color = scenes.pick(rng, scenes.SHAPES), scenes.pick(rng, scenes.COLORS)
-        if pairs and rng.random() < share:
-            base = pairs[int(rng.integers(len(pairs)))]
-            shape, color = (base[0], color) if rng.random() < 0.5 else (shape, base[1])
-        if (shape, color) not in pairs:
-            pairs.append((shape, color))
+        pair = (scenes.pick(rng, scenes.SHAPES), scenes.pick(rng, scenes.COLORS))
+        if pair not in pairs:
+            pairs.append(pair)
     return scenes.objects(rng, n, shapes=[s for s, _ in pairs], colors=[c for _, c in pairs])
