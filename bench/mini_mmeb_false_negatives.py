@@ -5,13 +5,14 @@
 
 Draws the training rows of the demo's mini-MMEB (configs/demo.py: demo.train_rows x
 demo.scale rows per training subset, exactly the rows `mini_mmeb.build` writes for demo.seed),
-embeds them with a stand-in embedder and runs SaHa mining as the demo's mine stage does
-(g2e.mining.mine_clusters with the batched, speculative judge; mine.top_k, mine.pool_mult,
-mine.judge_batch_size pairs per call) with a judge that records every pair it is asked about.
+embeds them with a stand-in embedder and runs SaHa mining (g2e.mining.mine_clusters with the
+demo's mine.top_k and mine.pool_mult) with a judge that records every pair it is asked about.
 Prints, per training subset, the pairs judged and the share that `mini_mmeb.answers` calls
-true (a distinct positive that answers the anchor's query too): the base rate the demo's
-judge_quality stage measures the real judge against (it counts the same pairs, the judge's
-cache). `consulted` is the pairs the walk's decisions rested on; the rest were speculative.
+true (a distinct positive that answers the anchor's query too), twice: `walk_*` for the pairs
+the walk judges (the sequential judge: what the clusters rest on), `asked_*` for the pairs the
+mine stage's batched, speculative judge is asked (mine.judge_batch_size pairs per call),
+guesses included: the pairs the demo's judge_quality stage counts (the judge's cache), whose
+true share is the base rate it measures the real judge's precision against.
 
 The stand-in is good but imperfect, as an embedder that sees the scenes would be: an item is a
 bag of words (one random unit vector per word) plus Gaussian noise (`--noise`). A text's words
@@ -108,23 +109,36 @@ def as_rows(name: str, examples) -> list[types.SimpleNamespace]:
 
 
 class RecordingJudge:
-    """The mine stage's batched judge (mining.PairJudge) over drawn rows: answers every pair
-    with the truth (`mini_mmeb.answers`), or "no" to all, and records each pair it is asked
-    about, keyed as the judge's cache keys it (anchor query, owner positive)."""
+    """A judge over drawn rows that answers every pair with the truth (`mini_mmeb.answers`),
+    or "no" to all, and records each pair it is asked about, keyed as the judge's cache keys
+    it (anchor query, owner positive). Called as the sequential judge (`sequential`, one
+    anchor's round at a time: exactly the pairs the walk consults) or as the mine stage's
+    batched, speculative one (mining.PairJudge: also pairs it guesses the walk will need)."""
 
     def __init__(self, rows, query_keys, positive_keys, pairs_per_call: int, says_truth: bool):
         self.rows, self.query_keys, self.positive_keys = rows, query_keys, positive_keys
         self.pairs_per_call, self.says_truth = pairs_per_call, says_truth
         self.asked: dict[tuple, bool] = {}
 
-    def __call__(self, anchor_rows: np.ndarray, owner_rows: np.ndarray) -> mining.PairAnswers:
+    def _answer(self, anchor_rows, owner_rows) -> np.ndarray:
         truth = []
-        for anchor, owner in zip(anchor_rows.tolist(), owner_rows.tolist()):
+        for anchor, owner in zip(anchor_rows, owner_rows):
             truth.append(mini_mmeb.answers(self.rows[anchor], self.rows[owner]))
             self.asked[(self.query_keys[anchor], self.positive_keys[owner])] = truth[-1]
-        p_yes = np.asarray(truth, np.float64) if self.says_truth else np.zeros(len(truth))
-        calls = -(-len(truth) // self.pairs_per_call)
-        return mining.PairAnswers(p_yes, np.full(len(truth), mining.JUDGED), len(truth), calls)
+        return np.asarray(truth, np.float64) if self.says_truth else np.zeros(len(truth))
+
+    def sequential(self, anchor_row: int, owner_rows: np.ndarray) -> np.ndarray:
+        return self._answer([anchor_row] * owner_rows.size, owner_rows.tolist())
+
+    def __call__(self, anchor_rows: np.ndarray, owner_rows: np.ndarray) -> mining.PairAnswers:
+        p_yes = self._answer(anchor_rows.tolist(), owner_rows.tolist())
+        calls = -(-p_yes.size // self.pairs_per_call)
+        return mining.PairAnswers(p_yes, np.full(p_yes.size, mining.JUDGED), p_yes.size, calls)
+
+    def figures(self, prefix: str) -> dict:
+        pairs, true = len(self.asked), sum(self.asked.values())
+        share = round(100.0 * true / pairs, 1) if pairs else None
+        return {f"{prefix}_pairs": pairs, f"{prefix}_true": true, f"{prefix}_share": share}
 
 
 def judged_pairs(
@@ -139,9 +153,10 @@ def judged_pairs(
     answer_weight: float = 1.0,
     seed: int = 0,
 ) -> dict:
-    """Runs SaHa mining over one subset's drawn training rows with a RecordingJudge; returns
-    the rows, the pairs judged and how many of them are true, clusters and the retrieval's
-    hit@1."""
+    """Runs SaHa mining over one subset's drawn training rows, with the sequential and with
+    the batched RecordingJudge; returns the rows, the pairs the walk judged (`walk_*`: how
+    many, how many true, the true share in %), the pairs the batched judge was asked
+    (`asked_*`: what the demo's judge_quality counts), clusters and the retrieval's hit@1."""
     rows = as_rows(name, examples)
     image_key = lambda image: None if image is None else id(image)  # noqa: E731 (one file each)
     query_keys = [(r.qry_text, image_key(r.qry_image)) for r in rows]
@@ -149,29 +164,26 @@ def judged_pairs(
     query_embeddings, positive_embeddings = stand_in_embeddings(
         examples, np.random.default_rng([seed, 99]), noise, answer_weight
     )
-    recorder = RecordingJudge(rows, query_keys, positive_keys, pairs_per_call, judge == "truth")
-    result = mining.mine_clusters(
-        query_keys,
-        positive_keys,
-        query_embeddings,
-        positive_embeddings,
-        top_k=top_k,
-        pool_mult=pool_mult,
-        keep_retrieval_order=mini_mmeb.SUBSETS[name][0] == "classification",
-        pair_judge=recorder,
-        subset=name,
-    )
-    true = sum(recorder.asked.values())
-    pairs = len(recorder.asked)
-    return {
-        "rows": len(rows),
-        "pairs": pairs,
-        "true_pairs": true,
-        "true_share": round(100.0 * true / pairs, 1) if pairs else None,
-        "consulted": result.report["judge"]["consulted"],
-        "clusters": len(result.clusters),
-        "hit@1": round(result.report["retrieval"]["hit@1"], 2),
-    }
+    figures = {"rows": len(rows)}
+    for prefix in ("walk", "asked"):
+        recorder = RecordingJudge(rows, query_keys, positive_keys, pairs_per_call, judge == "truth")
+        result = mining.mine_clusters(
+            query_keys,
+            positive_keys,
+            query_embeddings,
+            positive_embeddings,
+            top_k=top_k,
+            pool_mult=pool_mult,
+            keep_retrieval_order=mini_mmeb.SUBSETS[name][0] == "classification",
+            judge=recorder.sequential if prefix == "walk" else None,
+            pair_judge=recorder if prefix == "asked" else None,
+            subset=name,
+        )
+        figures.update(recorder.figures(prefix))
+    # Both judges give the same clusters (the speculative walk commits only on answers).
+    figures["clusters"] = len(result.clusters)
+    figures["hit@1"] = round(result.report["retrieval"]["hit@1"], 2)
+    return figures
 
 
 def main() -> None:

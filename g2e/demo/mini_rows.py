@@ -39,6 +39,8 @@ REUSED_CAPTIONS = 0.15
 SIBLING_SHARE = 0.3
 # An evaluation retrieval query's sibling distractors: 0 to this many.
 MAX_SIBLING_DISTRACTORS = 3
+# ShapeVQA asks for "the largest object" only when it is this much larger (scenes.Obj.size).
+CLEARLY_LARGER = 0.3
 
 
 @dataclasses.dataclass
@@ -89,7 +91,7 @@ def _vqa_scene(rng: np.random.Generator) -> list[scenes.Obj]:
     )
     if rng.random() < 0.5:
         largest = int(rng.integers(n))
-        sizes = [0.9 if j == largest else 0.55 for j in range(n)]
+        sizes = [0.9 if j == largest else 0.5 for j in range(n)]
         objects = [dataclasses.replace(o, size=size) for o, size in zip(objects, sizes)]
     return objects
 
@@ -111,7 +113,7 @@ def _vqa_questions(objects: list[scenes.Obj]) -> list[tuple[str, str]]:
             shape = next(o.shape for o in objects if o.color == color)
             questions.append((f"What shape is the {color} object?", shape))
     sizes = sorted(o.size for o in objects)
-    if len(objects) > 1 and sizes[-1] > sizes[-2]:
+    if len(objects) > 1 and sizes[-1] - sizes[-2] >= CLEARLY_LARGER:
         largest = max(objects, key=lambda o: o.size)
         for attribute in ("shape", "color"):
             question = f"Name the {attribute} of the largest object."

@@ -287,10 +287,13 @@ def test_the_walk_meets_true_false_negatives_on_training_rows_only():
             figures[train] = bench.judged_pairs(
                 name, examples, top_k=3, pool_mult=3, pairs_per_call=16
             )
-        assert figures[True]["true_pairs"] >= 10, (name, figures)
-        assert 10 <= figures[True]["true_share"] <= 50, (name, figures)
+        assert figures[True]["walk_true"] >= 10, (name, figures)
+        assert 10 <= figures[True]["walk_share"] <= 50, (name, figures)
         # Canonical rows (as the evaluation's) hold no distinct positive that answers.
-        assert figures[False]["pairs"] > 0 and figures[False]["true_pairs"] == 0, (name, figures)
+        assert figures[False]["asked_pairs"] > 0 and figures[False]["asked_true"] == 0, (
+            name,
+            figures,
+        )
 
 
 def _is_canonical(text: str) -> bool:
