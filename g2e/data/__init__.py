@@ -24,7 +24,8 @@ workers.py runs the Encoded step in worker processes, in input order. Bad input 
 the subset, row and file, and follows `config.data.on_bad_input`.
 
 Modules, in the order of the flow:
-  mmeb.py            the hub's parquet layout -> TrainRow / EvalRow; image paths checked
+  mmeb.py            the hub's parquet layout -> TrainRow / EvalRow; image paths checked;
+                     write_split, the one writer of that layout (synthetic and mini-MMEB)
   tfds_builders.py   MMEB as array_record TFDS files with the images in (no image folders needed)
   tfds_rows.py       such a TFDS copy read back as the same rows, images as lazy references
   rows.py            the rows a stage asks for, from either source, capped per subset
