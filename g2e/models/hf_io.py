@@ -50,7 +50,7 @@ from g2e.models.hf_files import (
     write_shards,
 )
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.models.sharding import DEFAULT_RULES, Rules, state_shardings
+from g2e.models.sharding import Rules, rules_or_default, state_shardings
 from g2e.models.text import Projection
 
 # The files of a checkpoint directory besides config.json and the weights; they travel
@@ -127,7 +127,7 @@ def load_model(
         raise FileNotFoundError(f"{directory}: checkpoint directory does not exist.")
     config = Qwen2VLConfig.from_dir(directory)
     checkpoint = Checkpoint(directory)
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = rules_or_default(rules)
 
     def make() -> Qwen2VL:
         return Qwen2VL(

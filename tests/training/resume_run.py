@@ -35,17 +35,17 @@ def main(workdir: str, out: str, delay: float, workers: int):
     # between checkpoints.
     codec = toy.Codec(queries, candidates, delay=delay / 4)
     trainable, frozen = toy.params()
-    result = trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=mesh,
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=codec,
+        mesh=mesh,
         workdir=workdir,
         workers=workers,
     )
+    result = trainer.fit(run, cfg)
     if not result.stopped_early:
         np.savez(out, **{k: np.asarray(v) for k, v in result.trainable.items()})
     print(f"finished step={result.step} stopped_early={result.stopped_early}", flush=True)

@@ -9,7 +9,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,6 +25,7 @@ from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
+from g2e.training import batches
 from g2e.training import loss as loss_lib
 from g2e.training import stage as model_training
 
@@ -76,7 +76,7 @@ def test_merged_model_embeds_like_the_adapted_one(assets, kind):
         jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
     )
     rows = _rows(assets)[:3]
-    codec = model_training.RowCodec(_processor(assets / "model"), rows, image_root=None)
+    codec = batches.RowCodec(_processor(assets / "model"), rows, image_root=None)
     batch = codec.collate([codec.encode(i) for i in range(3)])
     adapted = [np.asarray(model.embed(batch[side])) for side in ("query", "candidate")]
     assert lora.merge_adapters(model) == 5  # q, k, v, o, down (stacked layers merge at once)
@@ -102,30 +102,30 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
         axis_types=(AxisType.Auto,) * 3,
         devices=jax.devices()[:2],
     )
-    config = ml_collections.ConfigDict(
+    config = configuration.base_config()
+    config.seed = 0
+    config.data.train_image_root = ""
+    config.train.update(
         dict(
-            seed=0,
-            data=dict(train_image_root=""),
-            train=dict(
-                steps=24,
-                lr=5e-3,
-                warmup_steps=1,
-                weight_decay=0.0,
-                grad_clip=1.0,
-                global_batch=16,
-                cluster_size=4,
-                temperature=0.02,
-                use_clusters=True,
-                checkpoint_every=100,
-                keep_checkpoints=1,
-                log_every=1,
-                adapter=dict(kind="dora"),
-            ),
+            steps=24,
+            lr=5e-3,
+            warmup_steps=1,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            global_batch=16,
+            cluster_size=4,
+            temperature=0.02,
+            use_clusters=True,
+            checkpoint_every=100,
+            keep_checkpoints=1,
+            log_every=1,
+            vision_chunk=0,
         )
     )
+    config.train.adapter.kind = "dora"
     # Clusters of same-subset rows, as mining would give (anchors first).
     clusters = [list(range(i, i + 4)) for i in range(0, len(rows) - 3, 4)]
-    codec = model_training.RowCodec(processor, rows, image_root=None)
+    codec = batches.RowCodec(processor, rows, image_root=None)
     fixed = codec.collate([codec.encode(i) for i in range(16)])
 
     def fixed_loss():
@@ -179,7 +179,7 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
         length_buckets=(64, 128),
         patch_buckets=(0, 64, 128),
     )
-    codec = model_training.RowCodec(processor, rows + [duplicate], image_root=None)
+    codec = batches.RowCodec(processor, rows + [duplicate], image_root=None)
     encoded = [codec.encode(i) for i in range(5)]
     batch = codec.collate(encoded)
     ids = batch["ids"]

@@ -81,7 +81,7 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
         params, frozen, jax.tree.map(jnp.asarray, batch), rng
     )
 
-    prepare, embed = model_training.model_step_fns(graphdef, groups=2, vision_chunk=2)
+    prepare, embed = model_training.model_step_fns(graphdef, devices=2, vision_chunk=2)
     mesh = jax.make_mesh(
         (2, 1, 1),
         ("data", "fsdp", "tensor"),
@@ -111,7 +111,7 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
             query_chunk=2,
             candidate_chunk=2,
             mesh=mesh,
-            batch_axes=("data",),
+            rules=sharding.DEFAULT_RULES,
         )
 
     loss, aux, grads = jax.jit(fast)(params, frozen, placed)
@@ -140,9 +140,6 @@ def _train(model, batch, steps):
         optimizer=opt,
         schedule=schedule,
         mesh=None,
-        query_chunk=0,
-        candidate_chunk=0,
-        batch_axes=(),
         prepare_fn=prepare,
     )
     state = step.init_state(trainable, opt, 0, config)

@@ -79,6 +79,7 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         candidate_chunk=2,
         checkpoint_every=100,
         log_every=1,
+        heldout_every=12,
     )
     queries, candidates = toy.data(64)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, 2, 16, seed=0)
@@ -89,19 +90,18 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         evaluated.append((step, jax.device_get(params)))
         return {"heldout_accuracy": float(step)}
 
-    result = trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=_mesh(),
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=toy.encode(queries, candidates),
+        mesh=_mesh(),
         workdir=str(tmp_path),
         model_flops=lambda host: 1e6,
         evaluate=evaluate,
-        evaluate_every=12,
     )
+    result = trainer.fit(run, cfg)
     everything = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").open()]
     assert [(x["step"], x["heldout_accuracy"]) for x in everything if "loss" not in x] == [
         (12, 12.0),
@@ -137,17 +137,17 @@ def test_nan_stops_with_step_and_subsets(tmp_path):
     schedule = batches.ClusterSchedule([[i] for i in range(32)], 32, 2, 16, seed=0)
     trainable, frozen = toy.params()
     with pytest.raises(FloatingPointError, match=r"step 0: .*subsets in the batch: VQA"):
-        trainer.fit(
-            toy.embed_fn,
-            trainable,
-            frozen,
-            train_cfg=cfg,
-            mesh=_mesh(),
+        run = trainer.Run(
+            embed_fn=toy.embed_fn,
+            trainable=trainable,
+            frozen=frozen,
             schedule=schedule,
             codec=toy.encode(queries, candidates),
+            mesh=_mesh(),
             workdir=str(tmp_path),
             subsets=["VQA"] * 32,
         )
+        trainer.fit(run, cfg)
     # The poisoned state never reached a checkpoint.
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
@@ -220,16 +220,16 @@ def _fit_losses(cfg, mesh, workdir):
     size = model_training.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, cfg.cluster_size, size, seed=0)
     trainable, frozen = toy.params()
-    trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=mesh,
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=toy.encode(queries, candidates),
+        mesh=mesh,
         workdir=str(workdir),
     )
+    trainer.fit(run, cfg)
     return size, [json.loads(x)["loss"] for x in (workdir / "train_metrics.jsonl").open()]
 
 
@@ -273,9 +273,7 @@ def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
         optimizer=opt,
         schedule=schedule,
         mesh=mesh,
-        query_chunk=0,
-        candidate_chunk=0,
-        batch_axes=("data", "fsdp"),
+        rules=sharding.DEFAULT_RULES,
     )
     queries, candidates = toy.data(64)
     host = toy.encode(queries, candidates).collate(list(range(64)))
