@@ -15,7 +15,6 @@ full fine-tuning, a Hugging Face checkpoint at `<workdir>/<stage>/hf`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -96,12 +95,9 @@ def train_stage(
     adapter = adapter_config(config)
     model = pipeline.model(trained=False, adapter=adapter)
     rows, clusters = training_rows(pipeline, use_clusters=use_clusters)
+    several = sum(len(c) > 1 for c in clusters)
     logging.info(
-        "%s: %d rows in %d clusters (%d of several rows)",
-        name,
-        len(rows),
-        len(clusters),
-        sum(len(c) > 1 for c in clusters),
+        "%s: %d rows in %d clusters (%d of several rows)", name, len(rows), len(clusters), several
     )
     heldout = heldout_rows(pipeline)
     evaluate = HeldOut.of_pipeline(pipeline, model, heldout, prompt) if heldout else None
@@ -126,12 +122,8 @@ def train_stage(
     out_dir = full_dir if adapter is None else adapter_dir
     saving.save_model(model, out_dir, base_dir=config.model_dir, adapter=adapter)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
-    summary = {
-        "steps": result.step,
-        "final_loss": result.last_metrics.get("loss"),
-        "rows": len(rows),
-        "clusters": len(clusters),
-    }
+    summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss")}
+    summary.update(rows=len(rows), clusters=len(clusters))
     if evaluate is not None:
         summary["heldout_accuracy"] = evaluate.last.get("heldout_accuracy")
     return summary
@@ -296,7 +288,8 @@ def train_model(
     workers: int = 0,
     evaluate: Callable[[int], dict[str, float]] | None = None,
 ) -> trainer.FitResult:
-    """Contrastive fine-tuning of `model` in place (docs/method.md §3); resumes from `workdir`.
+    """Contrastive fine-tuning of `model` in place (docs/method.md §3), resumed from `workdir`;
+    returns the trainer.FitResult (the model then holds the trained parameters).
 
     Args:
       config: the full config (reads train.*, data.train_image_root, seed).
@@ -309,27 +302,20 @@ def train_model(
       workers: Grain processes encoding the rows (0: in this process).
       evaluate: step -> metrics of `model` holding the weights trained so far (e.g. a
         HeldOut), run every train.heldout_every steps and after the last.
-
-    Returns:
-      trainer.FitResult; the model's parameters are updated to the trained ones.
     """
     train_cfg = config.train
     graphdef, trainable, frozen = split_model(model, full=train_cfg.adapter.kind == "none")
-    stored = jax.tree.map(lambda x: x.dtype, trainable)
-    # Trained parameters and their Adam moments are float32 whatever model.param_dtype.
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+    trainable, load = _in_float32(model, trainable)
+    devices = sharding.batch_devices(mesh, rules)
     prepare_fn, embed_fn = model_step_fns(
-        graphdef,
-        devices=sharding.batch_devices(mesh, rules),
-        vision_chunk=int(train_cfg.vision_chunk),
+        graphdef, devices=devices, vision_chunk=train_cfg.vision_chunk
     )
-    load = functools.partial(_load_trained, model, stored)
+    adapter = getattr(model, "adapter", None)
 
     def evaluate_trained(step, trained):
         load(trained)
         return evaluate(step)
 
-    adapter = getattr(model, "adapter", None)
     run = trainer.Run(
         embed_fn=embed_fn,
         trainable=trainable,
@@ -370,10 +356,18 @@ def _schedule(
     )
 
 
-def _load_trained(model: nnx.Module, stored: PyTree, trained: PyTree) -> None:
-    """Puts trained parameters into `model`: adapters stay float32 (their storage dtype), fully
-    trained weights go back to their own dtype."""
-    nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), trained, stored)))
+def _in_float32(model: nnx.Module, trainable: PyTree) -> tuple[PyTree, Callable[[PyTree], None]]:
+    """(the trainable parameters in float32, a function that puts trained ones into `model`).
+
+    Trained parameters and their Adam moments are float32 whatever model.param_dtype; put back,
+    adapters stay float32 (their storage dtype) and fully trained weights take their own dtype.
+    """
+    stored = jax.tree.map(lambda x: x.dtype, trainable)
+
+    def load(trained: PyTree) -> None:
+        nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), trained, stored)))
+
+    return jax.tree.map(lambda x: x.astype(jnp.float32), trainable), load
 
 
 def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, nnx.State]:

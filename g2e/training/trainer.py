@@ -120,6 +120,18 @@ class _Batch:
     model_flops: float
 
 
+def _step_inputs(run: Run, first_step: int, last_step: int) -> batches.StepInputs:
+    """This process's rows of steps first_step..last_step, encoded ahead by Grain workers."""
+    return batches.StepInputs(
+        run.schedule,
+        run.codec,
+        rows_here=distributed.local_row_range(run.mesh, run.rules, run.schedule.batch_size),
+        first_step=first_step,
+        last_step=last_step,
+        workers=run.workers,
+    )
+
+
 def _next_batch(run: Run, inputs: batches.StepInputs, step: int) -> _Batch:
     """The rows of `step` encoded, widened to the shape all processes agree on, placed."""
     rows, local, shape = inputs.prepare(step)
@@ -156,6 +168,20 @@ def _placed(state: PyTree, mesh: Mesh) -> PyTree:
         ),
         state,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint.
+# ---------------------------------------------------------------------------------------------
+
+
+def _resume(ckpt: checkpointing.Checkpointer, state: PyTree) -> PyTree:
+    """The latest checkpoint's state, laid out like `state`; `state` itself without one."""
+    if ckpt.latest_step() is None:
+        return state
+    state, position = ckpt.restore(checkpointing.abstract_like(state))
+    logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,19 +318,10 @@ def fit(run: Run, train_cfg: Any) -> FitResult:
             async_save=run.async_checkpoints,
         )
         closing.callback(ckpt.close)
-        if ckpt.latest_step() is not None:
-            state, position = ckpt.restore(checkpointing.abstract_like(state))
-            logging.info("resumed from step %d (loader position %s)", int(state["step"]), position)
+        state = _resume(ckpt, state)
         start = int(jax.device_get(state["step"]))
         # Input pipeline, from the step the run is at.
-        inputs = batches.StepInputs(
-            run.schedule,
-            run.codec,
-            rows_here=distributed.local_row_range(run.mesh, run.rules, run.schedule.batch_size),
-            first_step=start,
-            last_step=train_cfg.steps,
-            workers=run.workers,
-        )
+        inputs = _step_inputs(run, start, train_cfg.steps)
         closing.callback(inputs.close)
         metrics = MetricsWriter(run, train_cfg, start)
         closing.callback(metrics.close)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from g2e import killpoints
 from g2e.models import sharding
 from g2e.training import batches, optimizer, trainer
 from g2e.training import loss as loss_lib
@@ -152,59 +154,65 @@ def test_nan_stops_with_step_and_subsets(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def _run(workdir, out, delay, workers=2):
+def _run(workdir, out, workers=2, killpoint=None):
+    """The resume_run child; with `killpoint`, it stops there and writes <workdir>.killpoint."""
+    env = dict(os.environ)
+    if killpoint is not None:
+        env[killpoints.ENV_NAME] = killpoint
+        env[killpoints.ENV_FILE] = str(_marker(workdir))
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.training.resume_run",
-            str(workdir),
-            str(out),
-            str(delay),
-            str(workers),
-        ],
+        [sys.executable, "-m", "tests.training.resume_run", str(workdir), str(out), str(workers)],
         cwd=REPO,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (ckpt_dir / str(step)).is_dir() and proc.poll() is None:
-            return
+def _marker(workdir) -> pathlib.Path:
+    return pathlib.Path(f"{workdir}.killpoint")
+
+
+def _wait_at_killpoint(proc, workdir, timeout=240):
+    """Polls until the child has reached its kill point (it waits there for us)."""
+    deadline = time.monotonic() + timeout
+    while not _marker(workdir).exists():
         assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no kill point reached after {timeout} s"
         time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint {step} after {timeout} s")
+    _marker(workdir).unlink()
 
 
 @pytest.mark.slow
 def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
     """Killed and stopped runs encode rows in 2 Grain worker processes, the reference in the
     main process: the resumed result is bit-equal (the input of step s depends on s only)."""
-    reference = _run(tmp_path / "ref", tmp_path / "ref.npz", 0.0, workers=0)
+    reference = _run(tmp_path / "ref", tmp_path / "ref.npz", workers=0)
     work, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    killed = _run(work, tmp_path / "out.npz", 0.4)
-    _wait_for_checkpoint(killed, ckpts, 3)
-    time.sleep(0.6)  # between the checkpoints of steps 3 and 6
+    # After step 7 the save of step 6 has begun, so step 3's is complete (a save waits for the
+    # previous one); step 6's may or may not be.
+    killed = _run(work, tmp_path / "out.npz", killpoint="train_step_7")
+    _wait_at_killpoint(killed, work)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
     assert not (ckpts / "9").exists()
 
     resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert resumed_from in (3, 6)
-    stopped = _run(work, tmp_path / "out.npz", 0.4)
-    # A new checkpoint proves the restarted run is inside its loop (signal handler installed).
-    _wait_for_checkpoint(stopped, ckpts, resumed_from + 3)
+    # SIGTERM while the restarted run waits after its first step; released, it saves the
+    # next step and exits.
+    stopped = _run(work, tmp_path / "out.npz", killpoint=f"train_step_{resumed_from + 1}")
+    _wait_at_killpoint(stopped, work)
     stopped.send_signal(signal.SIGTERM)
+    pathlib.Path(f"{_marker(work)}.release").touch()
     output = stopped.communicate(timeout=60)[0]
     assert stopped.returncode == 0, output
-    assert "stopped_early=True" in output, output
+    assert f"finished step={resumed_from + 2} stopped_early=True" in output, output
+    assert (ckpts / str(resumed_from + 2)).is_dir()
 
     assert reference.wait(timeout=120) == 0, reference.stdout.read()
-    finished = _run(work, tmp_path / "out.npz", 0.0)
+    finished = _run(work, tmp_path / "out.npz")
     output = finished.communicate(timeout=120)[0]
     assert finished.returncode == 0, output
     assert "finished step=12 stopped_early=False" in output, output
