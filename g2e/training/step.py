@@ -239,7 +239,8 @@ class CompiledSteps:
     """The train step compiled once per batch shape, direct or GradCache (module docstring).
 
     Args:
-      setup: the step's static parts; its chunk fields are replaced by the choice made here.
+      setup: the step's static parts (with a mesh); its chunk fields are replaced by the
+        choice made here (one jitted step per choice, compiled once per batch shape).
       state_sharding: shardings of the train state (the donated output has them too).
       backprop: 'auto', 'direct' or 'gradcache'.
       query_chunk, candidate_chunk: GradCache rows per device per chunk; 0 sizes them.

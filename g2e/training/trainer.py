@@ -83,8 +83,8 @@ class Run:
     schedule: batches.ClusterSchedule
     codec: batches.RowCodec
     mesh: Mesh
+    rules: sharding.Rules
     workdir: str
-    rules: sharding.Rules = sharding.DEFAULT_RULES
     seed: int = 0
     prepare_fn: step_lib.PrepareFn | None = None
     workers: int = 0

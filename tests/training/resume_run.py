@@ -17,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+from g2e.models import sharding  # noqa: E402
 from g2e.training import batches, trainer  # noqa: E402
 from tests.training import toy  # noqa: E402
 
@@ -41,6 +42,7 @@ def main(workdir: str, out: str, workers: int):
         schedule=schedule,
         codec=codec,
         mesh=mesh,
+        rules=sharding.DEFAULT_RULES,
         workdir=workdir,
         workers=workers,
     )

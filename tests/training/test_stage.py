@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from g2e import configuration, mining
-from g2e.data import mmeb
+from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor
@@ -251,3 +251,40 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp
     rows, clusters = model_training.training_rows(pipeline)
     assert [r.index for r in rows] == seen["ShapeCaption_t2i"] + seen["ShapeCaption_i2t"]
     assert [4, 0] in clusters and [9, 5] in clusters and len(clusters) == 2 + 2 * 3
+
+
+def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_path, monkeypatch):
+    config = configuration.base_config()
+    pipeline = Pipeline(config, pathlib.Path(tmp_path))
+    calls = []
+    monkeypatch.setattr(pipeline, "model", lambda **kwargs: "model")
+    monkeypatch.setattr(pipeline, "forget_model", lambda: None)
+    monkeypatch.setattr(pipeline, "processor", lambda **kwargs: ("processor", kwargs["prompt"]))
+    monkeypatch.setattr(
+        model_training,
+        "training_rows",
+        lambda pipeline, use_clusters: calls.append(use_clusters) or ([0, 1], [[0, 1]]),
+    )
+    monkeypatch.setattr(model_training, "heldout_rows", lambda pipeline: [])
+
+    def train_model(config, model, rows, clusters, processor, mesh, rules, workdir, **kwargs):
+        calls.append((processor[1], pathlib.Path(workdir).name))
+        return types.SimpleNamespace(step=3, stopped_early=False, last_metrics={"loss": 0.5})
+
+    monkeypatch.setattr(model_training, "train_model", train_model)
+    monkeypatch.setattr(
+        model_training.saving,
+        "save_model",
+        lambda model, out_dir, **kwargs: calls.append(pathlib.Path(out_dir)),
+    )
+    monkeypatch.setattr(Pipeline, "mesh", None)
+    plain = prompts.PromptOptions(system=False, suffix=False)
+    for run, name, clustered, prompt in (
+        (model_training.run, "train", True, None),
+        (model_training.run_random, "train_random", False, None),
+        (model_training.run_plain_random, "train_plain_random", False, plain),
+    ):
+        calls.clear()
+        summary = run(pipeline)
+        assert calls == [clustered, (prompt, name), pipeline.trained_paths(name)[0]], name
+        assert summary == {"steps": 3, "final_loss": 0.5, "rows": 2, "clusters": 1}

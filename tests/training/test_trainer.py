@@ -99,6 +99,7 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         schedule=schedule,
         codec=toy.encode(queries, candidates),
         mesh=_mesh(),
+        rules=sharding.DEFAULT_RULES,
         workdir=str(tmp_path),
         model_flops=lambda host: 1e6,
         evaluate=evaluate,
@@ -146,6 +147,7 @@ def test_nan_stops_with_step_and_subsets(tmp_path):
             schedule=schedule,
             codec=toy.encode(queries, candidates),
             mesh=_mesh(),
+            rules=sharding.DEFAULT_RULES,
             workdir=str(tmp_path),
             subsets=["VQA"] * 32,
         )
@@ -235,6 +237,7 @@ def _fit_losses(cfg, mesh, workdir):
         schedule=schedule,
         codec=toy.encode(queries, candidates),
         mesh=mesh,
+        rules=sharding.DEFAULT_RULES,
         workdir=str(workdir),
     )
     trainer.fit(run, cfg)
