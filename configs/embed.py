@@ -5,9 +5,9 @@
 
 Each line: {"text": str, "image": path or null, "role": "query" | "candidate"}; the output is
 float32 [N, D], L2-normalised, in input order. Relative image paths are taken from the working
-directory. `--config.image_resolution=random` (or any policy of docs/method.md §3) replaces the default
-`processor`. In Python, `g2e.Embedder.from_pretrained(DIR).embed(texts, images, role=...)`
-gives the same vectors.
+directory. `--config.data.image_resolution=random` (or any policy of docs/method.md §3)
+replaces the default `processor`. In Python,
+`g2e.Embedder.from_pretrained(DIR).embed(texts, images, role=...)` gives the same vectors.
 """
 
 from g2e import configuration

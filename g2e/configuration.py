@@ -2,8 +2,10 @@
 
 Recipes in `configs/` start from `base_config()` and override what differs; `validate` runs
 before any stage so a bad key fails in seconds with its name, not an hour into a run. The
-allowed values of a key come from the module that implements them (remat policies from the
-decoder, image policies from the image loader, ...), never from a copy here.
+allowed values of a key live here when the config defines them (dtypes, backprop modes, export
+dtypes: the modules that implement them import them from here), and come from the module that
+implements them when that module sits below the config (remat policies from the decoder, image
+policies from the image loader, ...). Stage names come from g2e.layout.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from g2e import embedding_cache, export
+from g2e import embedding_cache, layout
 from g2e.data import errors, images, rows
 from g2e.models import attention, lora, sharding, text
-from g2e.training import step
 
+# model.dtype / model.param_dtype.
 DTYPES = ("float32", "bfloat16", "float16")
+# train.backprop: 'auto' picks 'direct' when the step fits memory, else 'gradcache'.
+BACKPROP = ("auto", "direct", "gradcache")
+# export.dtype: 'source' keeps every tensor's dtype as the base checkpoint stores it.
+EXPORT_DTYPES = ("source", *DTYPES)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,22 +38,38 @@ def base_config() -> ml_collections.ConfigDict:
     # Embed command (configs/embed.py).
     c.input = ""
     c.output = ""
-
     c.distributed = ml_collections.ConfigDict(
         dict(coordinator_address="", num_processes=0, process_id=-1)
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = sharding.DEFAULT_RULES
+    c.model = _model_config()
+    c.prompt = ml_collections.ConfigDict(dict(system=True, suffix=True))
+    c.data = _data_config()
+    c.eval = ml_collections.ConfigDict(dict(batch_size=16))
+    # Embeddings of evaluation and mining are kept on disk in shards of this many items (a
+    # killed stage resumes at the first missing shard), stored as float32 or float16.
+    c.embedding_cache = ml_collections.ConfigDict(dict(shard_size=4096, dtype="float32"))
+    c.mine = _mine_config()
+    c.train = _train_config()
+    # export.dtype: 'source' writes every tensor in the dtype the base checkpoint stores it in
+    # (the merge itself is float32 either way); float32 / bfloat16 / float16 cast all of them.
+    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="source"))
+    c.compilation_cache = _compilation_cache_config()
+    c.demo = _demo_config()
+    return c
 
+
+def _model_config() -> ml_collections.ConfigDict:
     # attention: 'auto' picks per platform (cuDNN on a GPU in 16-bit, splash on a TPU where
     # lengths are multiples of 128, XLA otherwise: g2e.models.attention.resolve).
-    c.model = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="auto")
     )
 
-    c.prompt = ml_collections.ConfigDict(dict(system=True, suffix=True))
 
-    c.data = ml_collections.ConfigDict(
+def _data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             train_dir="",
             train_image_root="",
@@ -74,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
             jpeg_draft=True,
             max_length=2048,
             train_max_length=1024,
+            # How images are pre-resized (docs/method.md §3): for evaluation, mining and the
+            # embed command; train_image_resolution for training.
             image_resolution="random",
             train_image_resolution="mid_low",
             min_pixels=0,
@@ -81,10 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
             length_buckets=(128, 256, 512, 1024, 2048),
             patch_buckets=(0, 1024, 4096, 16384),
             # Rows of each training subset that mining and training use (g2e.data.rows.
-            # train_rows): the release's and VLM2Vec's cap of 50k (about 662k rows of MMEB's
-            # 1.07M); 0 keeps every row. row_sample_seed -1 keeps the first rows in source order
-            # (the release's `split[:50000]`); a seed >= 0 draws a uniform sample instead,
-            # numpy default_rng([seed, crc32(subset name)]), kept in source order.
+            # train_rows): 50k, VLM2Vec's convention (about 662k rows of MMEB's 1.07M); 0 keeps
+            # every row, as the release does with SaHa (docs/method.md §3.1). row_sample_seed
+            # -1 keeps the first rows in source order (`split[:cap]`); a seed >= 0 draws a
+            # uniform sample instead, numpy default_rng([seed, crc32(subset name)]), kept in
+            # source order.
             max_rows_per_subset=50000,
             row_sample_seed=-1,
             # The last rows of each training subset (after the cap) that mining and training
@@ -94,15 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.eval = ml_collections.ConfigDict(dict(batch_size=16))
 
-    # Embeddings of evaluation and mining are kept on disk in shards of this many items (a
-    # killed stage resumes at the first missing shard), stored as float32 or float16.
-    c.embedding_cache = ml_collections.ConfigDict(dict(shard_size=4096, dtype="float32"))
-
-    # SaHa mining (docs/method.md §2; g2e.mining). `judge` is g2e's generative false-negative check (off:
-    # the release's mining); owners it judges P(yes) > judge_threshold are dropped.
-    c.mine = ml_collections.ConfigDict(
+def _mine_config() -> ml_collections.ConfigDict:
+    # SaHa mining (docs/method.md §2; g2e.mining). `judge` is g2e's generative false-negative
+    # check (off: the release's mining); owners it judges P(yes) > judge_threshold are dropped.
+    return ml_collections.ConfigDict(
         dict(
             top_k=15,
             pool_mult=3,
@@ -114,7 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.train = ml_collections.ConfigDict(
+
+def _train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             steps=1500,
             lr=5e-5,
@@ -125,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
             # global_batch / devices rows, in clusters of cluster_size rows.
             global_batch=2048,
             cluster_size=16,
+            # Rows that fall in no mined cluster: True trains them as single rows (g2e: no
+            # training pair is lost); False drops them, as the release does (docs/method.md
+            # §3.1). Training on random batches (train_random) uses every row either way.
+            keep_unclustered_rows=True,
             # 'auto': backpropagate through the whole batch when XLA's memory plan of that step
             # fits memory_limit_gb (0: the device's own limit), else GradCache; 'direct' or
             # 'gradcache' force one. GradCache chunks are rows per device; 0 sizes them from
@@ -162,21 +189,21 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # export.dtype: 'source' writes every tensor in the dtype the base checkpoint stores it in
-    # (the merge itself is float32 either way); float32 / bfloat16 / float16 cast all of them.
-    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="source"))
 
+def _compilation_cache_config() -> ml_collections.ConfigDict:
     # Persistent XLA compilation cache, shared by every stage and every rerun: a resume after a
     # preemption loads its compiled programs instead of compiling them again. dir '' means
     # <workdir>/compilation_cache. Programs that compiled faster than min_compile_time_secs, or
     # whose executable is smaller than min_entry_size_bytes, are not stored (JAX's thresholds:
     # jax_persistent_cache_min_compile_time_secs / _min_entry_size_bytes).
-    c.compilation_cache = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(enabled=True, dir="", min_compile_time_secs=1.0, min_entry_size_bytes=0)
     )
 
+
+def _demo_config() -> ml_collections.ConfigDict:
     # The demo's tiny generator (configs/demo.py): mini-MMEB size and model widths.
-    c.demo = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(
             seed=0,
             # Mini-MMEB rows per training subset and queries per evaluation subset, both
@@ -197,16 +224,15 @@ def base_config() -> ml_collections.ConfigDict:
             vision_width=32,
         )
     )
-    return c
 
 
 def embed_config() -> ml_collections.ConfigDict:
     """The embed command's settings (configs/embed.py), which the Python API uses too
     (`g2e.Embedder.from_pretrained`), so both give the same vectors."""
     c = base_config()
-    c.stages = "embed"
-    # How images are pre-resized ('processor': only the image processor's own min/max pixels).
-    c.image_resolution = "processor"
+    c.stages = layout.EMBED
+    # No pre-resize: only the image processor's own min/max pixels.
+    c.data.image_resolution = "processor"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = "none"
@@ -229,7 +255,9 @@ def split_list(value: str) -> list[str]:
 def validate(config: ml_collections.ConfigDict, known_stages: Sequence[str]) -> None:
     """Checks the keys every stage relies on; raises ConfigError naming the bad key.
 
-    `known_stages` are the stage names `g2e.main` knows (its table of stages).
+    `known_stages` are the stage names `g2e.main` knows (its table of stages). A demo run is
+    validated after `g2e.demo.prepare.point_at_demo` has pointed model_dir and the data keys at
+    what its prepare_demo stage writes.
     """
     validate_settings(config, _check_stages(config, known_stages))
 
@@ -257,14 +285,13 @@ def _check_stages(config: ml_collections.ConfigDict, known: Sequence[str]) -> li
         for stage in split_list(config[key]):
             if stage not in known:
                 _fail(key, f"unknown stage {stage!r}; known stages: {', '.join(known)}")
-    if "prepare_demo" not in stages and not config.model_dir:
+    if not config.model_dir:
         _fail("model_dir", "is empty; point it at a Hugging Face Qwen2-VL directory")
-    if "embed" in stages:
+    if layout.EMBED in stages:
         if not config.input:
             _fail("input", "is empty; give a JSONL file of {text, image, role} lines")
         if not config.output:
             _fail("output", "is empty; give the .npy file to write")
-        _one_of("image_resolution", config.get("image_resolution", "processor"), images.POLICIES)
     return stages
 
 
@@ -282,10 +309,19 @@ def _check_model_and_mesh(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
-    _one_of("embedding_cache.dtype", config.embedding_cache.dtype, embedding_cache.CACHE_DTYPES)
-    if config.embedding_cache.shard_size < 1:
+    _check_embedding_cache(config.embedding_cache)
+    _check_preprocessing(config.data)
+    _check_row_selection(config.data)
+    _check_data_sources(config.data, stages)
+
+
+def _check_embedding_cache(cache: ml_collections.ConfigDict) -> None:
+    _one_of("embedding_cache.dtype", cache.dtype, embedding_cache.CACHE_DTYPES)
+    if cache.shard_size < 1:
         _fail("embedding_cache.shard_size", "must be at least 1")
-    data = config.data
+
+
+def _check_preprocessing(data: ml_collections.ConfigDict) -> None:
     _one_of("data.on_bad_input", data.on_bad_input, errors.POLICIES)
     if not isinstance(data.workers, int) or data.workers < -1:
         _fail(
@@ -305,18 +341,9 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
             f"{data.max_length}; add a bucket of at least that size",
         )
     _one_of("data.format", data.format, rows.FORMATS)
-    if "eval_sugarcrepe" in stages and "prepare_demo" not in stages:
-        if not (data.sugarcrepe_dir or data.sugarcrepe_pp_dir):
-            _fail(
-                "data.sugarcrepe_dir",
-                "and data.sugarcrepe_pp_dir are empty; point one at "
-                "the folder of SugarCrepe's (or SugarCrepe++'s) <category>.json files",
-            )
-        if not data.sugarcrepe_image_root:
-            _fail(
-                "data.sugarcrepe_image_root",
-                "is empty; point it at the COCO val2017 images the SugarCrepe files name",
-            )
+
+
+def _check_row_selection(data: ml_collections.ConfigDict) -> None:
     if data.max_rows_per_subset < 0:
         _fail(
             "data.max_rows_per_subset",
@@ -333,10 +360,24 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
             f"is {data.heldout_rows}; use 0 (none held out) or a "
             "positive count per training subset",
         )
-    needs_train_data = any(s in stages for s in ("mine", "judge_quality", "train", "train_random"))
-    needs_eval_data = any(
-        s in stages for s in ("eval_plain", "eval_zero_shot", "eval", "eval_random")
-    )
+
+
+def _check_data_sources(data: ml_collections.ConfigDict, stages: list[str]) -> None:
+    """The folders the chosen stages read are set."""
+    if layout.EVAL_SUGARCREPE in stages:
+        if not (data.sugarcrepe_dir or data.sugarcrepe_pp_dir):
+            _fail(
+                "data.sugarcrepe_dir",
+                "and data.sugarcrepe_pp_dir are empty; point one at "
+                "the folder of SugarCrepe's (or SugarCrepe++'s) <category>.json files",
+            )
+        if not data.sugarcrepe_image_root:
+            _fail(
+                "data.sugarcrepe_image_root",
+                "is empty; point it at the COCO val2017 images the SugarCrepe files name",
+            )
+    needs_train_data = any(s in stages for s in layout.READS_TRAIN_DATA)
+    needs_eval_data = any(s in stages for s in layout.READS_EVAL_DATA)
     if data.format == "tfds":
         if (needs_train_data or needs_eval_data) and not data.tfds_dir:
             _fail(
@@ -344,11 +385,11 @@ def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:
                 "is empty; with data.format=tfds point it at the data_dir "
                 "`python -m g2e.data.tfds_builders` wrote to",
             )
-    elif "prepare_demo" not in stages:
-        if needs_train_data and not data.train_dir:
-            _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
-        if needs_eval_data and not data.eval_dir:
-            _fail("data.eval_dir", "is empty; point it at MMEB-eval in the hub's layout")
+        return
+    if needs_train_data and not data.train_dir:
+        _fail("data.train_dir", "is empty; point it at MMEB-train in the hub's layout")
+    if needs_eval_data and not data.eval_dir:
+        _fail("data.eval_dir", "is empty; point it at MMEB-eval in the hub's layout")
 
 
 def _check_train(train: ml_collections.ConfigDict) -> None:
@@ -378,7 +419,7 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
                 f"{train[key]} does not divide train.global_batch="
                 f"{train.global_batch}; a chunk must divide the rows of each device",
             )
-    _one_of("train.backprop", train.backprop, step.BACKPROP)
+    _one_of("train.backprop", train.backprop, BACKPROP)
     if train.temperature <= 0:
         _fail("train.temperature", f"is {train.temperature}; it must be positive")
     _one_of("train.adapter.kind", train.adapter.kind, (*lora.KINDS, "none"))
@@ -397,7 +438,7 @@ def _check_mine(mine: ml_collections.ConfigDict) -> None:
 
 
 def _check_export_and_cache(config: ml_collections.ConfigDict) -> None:
-    _one_of("export.dtype", config.export.dtype, export.DTYPES)
+    _one_of("export.dtype", config.export.dtype, EXPORT_DTYPES)
     if config.export.max_shard_mb < 1:
         _fail("export.max_shard_mb", f"is {config.export.max_shard_mb}; it must be at least 1")
     cache = config.compilation_cache

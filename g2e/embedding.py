@@ -239,7 +239,7 @@ class Embedder(BatchRunner):
     def from_pipeline(cls, pipeline: Pipeline) -> Embedder:
         """The embed command's embedder: the base model, its config's processor and batch."""
         config = pipeline.config
-        processor = pipeline.processor(resolution=config.get("image_resolution") or "processor")
+        processor = pipeline.processor()  # data.image_resolution: "processor" by default
         return cls(
             pipeline.model(trained=False),
             processor,
@@ -266,8 +266,7 @@ class Embedder(BatchRunner):
           adapter_dir: a PEFT LoRA/DoRA adapter applied on top (ours or the release's).
           mesh: the device mesh; default all devices on the data axis.
           settings: config keys to change from the embed command's (configs/embed.py), dotted
-            as on the command line, e.g. `image_resolution="random"` or
-            `**{"data.max_length": 1024}`.
+            as on the command line, e.g. `**{"data.image_resolution": "random"}`.
         Raises:
           configuration.ConfigError: a setting names no key or has a bad value.
         """

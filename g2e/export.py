@@ -26,7 +26,7 @@ import os
 import pathlib
 from typing import Any
 
-from g2e import saving
+from g2e import layout, saving
 from g2e.models import hf_io, lora, peft
 from g2e.models.config import QWEN2_5_VL
 from g2e.models.qwen2_vl import Qwen2VL
@@ -43,12 +43,14 @@ def run(pipeline: Pipeline) -> dict[str, str]:
     model = pipeline.model(trained=trained)
     model_dir, adapter_dir = pipeline.model_paths(trained=trained)
     adapter = peft.read_peft_config(adapter_dir) if adapter_dir else None
-    results_file = pipeline.workdir / ("eval" if trained else "eval_zero_shot") / "results.json"
+    # The model card's scores: the evaluation of the model exported, when it ran.
+    evaluation = layout.EVAL if trained else layout.EVAL_ZERO_SHOT
+    results_file = layout.results_file(pipeline.workdir, evaluation)
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
     written = export_model(
         model,
         base_dir=model_dir,
-        out_dir=pipeline.workdir / "export",
+        out_dir=pipeline.stage_dir(layout.EXPORT),
         adapter=adapter,
         dtype=config.export.dtype,
         max_shard_bytes=config.export.max_shard_mb << 20,

@@ -1,69 +1,138 @@
 """Runs the g2e recipe: the configured stages in order, each skipped once its outputs are complete.
 
-This module is the only one that knows every stage: STAGES below is their table.
+This module is the only one that knows every stage: STAGES below is their table, each with its
+name, its output folder and the function that runs it.
 
   python -m g2e.main --config=configs/mmeb.py [--config.stages=eval_zero_shot,mine,...]
 
-Stages (each writes under <workdir>/<stage>/ and marks itself complete with DONE.json):
-  prepare_demo    the demo's mini-MMEB and tiny generator checkpoint (configs/demo.py)
-  eval_plain      zero-shot MMEB with the plain prompt (no system turn, no suffix)
-  eval_zero_shot  zero-shot MMEB with the hierarchical prompt
-  mine            SaHa clusters per training subset
-  judge_quality   the demo's check of the mining judge against the mini-MMEB's truth
-  train           contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)
-  train_random    the same training on random batches (train.use_clusters=False): the SaHa
-                  ablation, written under <workdir>/train_random/
-  eval            MMEB with the fine-tuned model
-  eval_random     MMEB with the model train_random fine-tuned
-  eval_sugarcrepe SugarCrepe / SugarCrepe++ of the model `eval` evaluates (data.sugarcrepe_dir)
-  export          Hugging Face directory (<workdir>/export/hf) and PEFT adapter (export/peft)
-  report          the table of every evaluation (<workdir>/report.md, report.json)
-  embed           the embed command (configs/embed.py)
-A rerun skips complete stages (`--config.force=STAGE` redoes one), so a preempted run picks up
-where it stopped; training resumes from its last checkpoint. Compiled programs are kept in a
-persistent compilation cache (<workdir>/compilation_cache by default, `compilation_cache.*`),
-so a rerun or a resume loads them instead of compiling again.
+Each stage writes under <workdir>/<stage>/ (g2e.layout) and marks itself complete there with
+DONE.json. A rerun skips complete stages (`--config.force=STAGE` redoes one), so a preempted
+run picks up where it stopped; training resumes from its last checkpoint. Compiled programs are
+kept in a persistent compilation cache (<workdir>/compilation_cache by default,
+`compilation_cache.*`), so a rerun or a resume loads them instead of compiling again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 import re
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from g2e import atomic, configuration, distributed, embedding, export
-from g2e.demo import judge_quality
-from g2e.demo import prepare as demo
-from g2e.evaluation import stage as evaluation
-from g2e.mining import stage as mining
+from g2e import atomic, configuration, distributed, embedding, layout
+from g2e import export as export_stage
+from g2e.demo import judge_quality as judge_quality_stage
+from g2e.demo import prepare as prepare_demo_stage
+from g2e.evaluation import stage as evaluation_stage
+from g2e.mining import stage as mining_stage
 from g2e.pipeline import Pipeline
-from g2e.training import stage as training
+from g2e.training import stage as training_stage
 
-# Every stage, in the order a recipe runs them: (name, function of the Pipeline -> summary).
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the recipe: its name, what it does, and the function that runs it.
+
+    `run(pipeline)` returns a JSON-ready summary, which becomes the stage's DONE.json; a stage
+    that `always_runs` (the embed command, whose input may change) leaves no marker.
+    """
+
+    name: str
+    run: Callable[[Pipeline], dict[str, Any] | None]
+    description: str
+    always_runs: bool = False
+
+    def output_dir(self, workdir: pathlib.Path) -> pathlib.Path:
+        """The folder the stage writes under."""
+        return layout.stage_dir(workdir, self.name)
+
+    def done_file(self, workdir: pathlib.Path) -> pathlib.Path:
+        """The marker of a complete stage."""
+        return layout.done_file(workdir, self.name)
+
+
+# Every stage, in the order a recipe runs them.
 STAGES = (
-    ("prepare_demo", demo.run),
-    ("eval_plain", evaluation.run_eval_plain),
-    ("eval_zero_shot", evaluation.run_eval_zero_shot),
-    ("mine", mining.run),
-    ("judge_quality", judge_quality.run),
-    ("train", training.run),
-    ("train_random", training.run_random),
-    ("eval", evaluation.run_eval),
-    ("eval_random", evaluation.run_eval_random),
-    ("eval_sugarcrepe", evaluation.run_eval_sugarcrepe),
-    ("export", export.run),
-    ("report", evaluation.run_report),
-    ("embed", embedding.run_embed),
+    Stage(
+        layout.PREPARE_DEMO,
+        prepare_demo_stage.run,
+        "the demo's mini-MMEB and tiny generator checkpoint (configs/demo.py)",
+    ),
+    Stage(
+        layout.EVAL_PLAIN,
+        evaluation_stage.run_eval_plain,
+        "zero-shot MMEB with the plain prompt (no system turn, no suffix)",
+    ),
+    Stage(
+        layout.EVAL_ZERO_SHOT,
+        evaluation_stage.run_eval_zero_shot,
+        "zero-shot MMEB with the hierarchical prompt",
+    ),
+    Stage(layout.MINE, mining_stage.run, "SaHa clusters per training subset"),
+    Stage(
+        layout.JUDGE_QUALITY,
+        judge_quality_stage.run,
+        "the demo's check of the mining judge against the mini-MMEB's truth",
+    ),
+    Stage(
+        layout.TRAIN,
+        training_stage.run,
+        "contrastive LoRA/DoRA fine-tuning on the clusters (resumes from checkpoints)",
+    ),
+    Stage(
+        layout.TRAIN_RANDOM,
+        training_stage.run_random,
+        "the same training on random batches: the SaHa ablation",
+    ),
+    Stage(
+        layout.TRAIN_PLAIN_RANDOM,
+        training_stage.run_plain_random,
+        "training on random batches with the plain prompt: the paper's in-batch baseline",
+    ),
+    Stage(layout.EVAL, evaluation_stage.run_eval, "MMEB with the model `train` fine-tuned"),
+    Stage(
+        layout.EVAL_RANDOM,
+        evaluation_stage.run_eval_random,
+        "MMEB with the model `train_random` fine-tuned",
+    ),
+    Stage(
+        layout.EVAL_PLAIN_RANDOM,
+        evaluation_stage.run_eval_plain_random,
+        "MMEB, plain prompt, with the model `train_plain_random` fine-tuned",
+    ),
+    Stage(
+        layout.EVAL_SUGARCREPE,
+        evaluation_stage.run_eval_sugarcrepe,
+        "SugarCrepe / SugarCrepe++ of the model `eval` evaluates (data.sugarcrepe_dir)",
+    ),
+    Stage(
+        layout.EXPORT,
+        export_stage.run,
+        "Hugging Face directory (export/hf) and PEFT adapter (export/peft)",
+    ),
+    Stage(
+        layout.REPORT,
+        evaluation_stage.run_report,
+        "the table of every evaluation (<workdir>/report.md, report.json, report.png)",
+    ),
+    Stage(
+        layout.EMBED,
+        embedding.run_embed,
+        "the embed command (configs/embed.py)",
+        always_runs=True,
+    ),
 )
-STAGE_NAMES = tuple(name for name, _ in STAGES)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -124,33 +193,39 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE")
     config = _CONFIG.value
+    workdir = _local_workdir(config.workdir)
+    names = configuration.split_list(config.stages)
+    if layout.PREPARE_DEMO in names:
+        # The demo's model and data are what its first stage writes: point at them, then
+        # validate the config as it will run.
+        prepare_demo_stage.point_at_demo(config, workdir)
     # A bad key fails here, before any device is touched.
     configuration.validate(config, STAGE_NAMES)
-    workdir = _local_workdir(config.workdir)
     _setup_compilation_cache(config, workdir)
     distributed.initialize(config)
     _setup_logging(workdir, distributed.is_primary())
-    names = configuration.split_list(config.stages)
     force = set(configuration.split_list(config.force))
-    if "prepare_demo" in names:
-        demo.point_at_demo(config, workdir)
     pipeline = Pipeline(config, workdir)
-    run_stage = dict(STAGES)
+    stages = {stage.name: stage for stage in STAGES}
     logging.info("g2e: stages %s, workdir %s", ", ".join(names), workdir)
     for name in names:
-        done = workdir / name / "DONE.json"
-        # The embed command always runs: its input may have changed since the last run.
-        if name != "embed" and done.exists() and name not in force:
-            logging.info("== %s: complete (%s), skipped", name, done)
-            continue
-        logging.info("== %s", name)
-        start = time.time()
-        summary = run_stage[name](pipeline) or {}
-        distributed.barrier(f"stage-{name}")
-        if distributed.is_primary() and name != "embed":
-            record = {"stage": name, "seconds": round(time.time() - start, 1), **summary}
-            atomic.write_json(done, record, indent=2)
-        logging.info("== %s: done in %.0f s", name, time.time() - start)
+        _run_stage(stages[name], pipeline, force=name in force)
+
+
+def _run_stage(stage: Stage, pipeline: Pipeline, *, force: bool) -> None:
+    """Runs one stage unless its DONE.json says it is complete; writes the marker after."""
+    done = stage.done_file(pipeline.workdir)
+    if not stage.always_runs and done.exists() and not force:
+        logging.info("== %s: complete (%s), skipped", stage.name, done)
+        return
+    logging.info("== %s", stage.name)
+    start = time.time()
+    summary = stage.run(pipeline) or {}
+    distributed.barrier(f"stage-{stage.name}")
+    if distributed.is_primary() and not stage.always_runs:
+        record = {"stage": stage.name, "seconds": round(time.time() - start, 1), **summary}
+        atomic.write_json(done, record, indent=2)
+    logging.info("== %s: done in %.0f s", stage.name, time.time() - start)
 
 
 if __name__ == "__main__":

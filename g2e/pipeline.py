@@ -3,7 +3,8 @@
 `g2e.main` builds one `Pipeline` and hands it to every stage it runs (`stage(pipeline) ->
 summary`). A stage reads its inputs from the config and from earlier stages' outputs under the
 workdir, writes its own outputs under `<workdir>/<stage>/`, and returns a small JSON-ready
-summary for its DONE.json. This module knows no stage; stages know it.
+summary for its DONE.json. This module knows no stage; stages know it. Where a stage writes is
+`stage_dir` (g2e.layout), never a folder name spelled by its reader.
 """
 
 from __future__ import annotations
@@ -17,17 +18,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from g2e import distributed
+from g2e import distributed, layout
 from g2e.data import prompts
 from g2e.data import workers as data_workers
 from g2e.data.preprocess import Processor
 from g2e.models import hf_io, lora, peft, sharding
 from g2e.models.qwen2_vl import Qwen2VL
-
-# Where a training stage (`train`, or the ablation `train_random`) leaves the fine-tuned
-# weights, under <workdir>/<stage>/, for the evaluations and `export`.
-TRAINED_ADAPTER = "adapter"
-TRAINED_MODEL = "hf"
 
 
 class Pipeline:
@@ -71,15 +67,20 @@ class Pipeline:
         workers = int(self.config.data.workers)
         return data_workers.usable_cores() if workers == -1 else workers
 
-    def trained_paths(self, run: str = "train") -> tuple[pathlib.Path, pathlib.Path]:
-        """(adapter dir, full fine-tuned dir) the training stage `run` writes one of."""
-        return self.workdir / run / TRAINED_ADAPTER, self.workdir / run / TRAINED_MODEL
+    def stage_dir(self, stage: str) -> pathlib.Path:
+        """The folder stage `stage` writes under (<workdir>/<stage>/)."""
+        return layout.stage_dir(self.workdir, stage)
 
-    def has_trained_model(self, run: str = "train") -> bool:
+    def trained_paths(self, run: str = layout.TRAIN) -> tuple[pathlib.Path, pathlib.Path]:
+        """(adapter dir, full fine-tuned dir) the training stage `run` writes one of."""
+        folder = self.stage_dir(run)
+        return folder / layout.TRAINED_ADAPTER, folder / layout.TRAINED_MODEL
+
+    def has_trained_model(self, run: str = layout.TRAIN) -> bool:
         """Whether the training stage `run` left a fine-tuned model (adapter or full)."""
         return any(path.is_dir() for path in self.trained_paths(run))
 
-    def model_paths(self, *, trained: bool, run: str = "train") -> tuple[str, str]:
+    def model_paths(self, *, trained: bool, run: str = layout.TRAIN) -> tuple[str, str]:
         """(model_dir, adapter_dir or '') of the base model or of the one the training stage
         `run` fine-tuned.
 
@@ -102,7 +103,11 @@ class Pipeline:
         self._model = self.model_key = None
 
     def model(
-        self, *, trained: bool, adapter: lora.AdapterConfig | None = None, run: str = "train"
+        self,
+        *,
+        trained: bool,
+        adapter: lora.AdapterConfig | None = None,
+        run: str = layout.TRAIN,
     ) -> Qwen2VL:
         """The base model (+ config.adapter_dir) or the one the training stage `run`
         fine-tuned; cached between stages.

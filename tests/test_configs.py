@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from g2e import configuration
-from g2e.main import STAGE_NAMES
+from g2e.main import STAGE_NAMES, STAGES
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,17 +63,21 @@ def test_unknown_variant_names_the_known_ones():
 
 def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
     recipe, release = _load("mmeb").to_dict(), _load("mmeb", "release").to_dict()
-    # The release: no generative judge, identical positives scored as negatives; both keep
-    # the release's 2048 pairs per step and its 50k rows per subset.
+    # The release: no generative judge, identical positives scored as negatives, every row of
+    # every subset mined, only clustered rows trained. g2e caps subsets at 50k rows (VLM2Vec's
+    # convention) and trains unclustered rows as single rows. Both: 2048 pairs per step.
     assert (recipe["mine"]["judge"], release["mine"]["judge"]) == (True, False)
     assert recipe["train"]["mask_identical_positives"]
     assert not release["train"]["mask_identical_positives"]
+    assert (recipe["data"]["max_rows_per_subset"], release["data"]["max_rows_per_subset"]) == (
+        50000,
+        0,
+    )
+    assert recipe["train"]["keep_unclustered_rows"]
+    assert not release["train"]["keep_unclustered_rows"]
     for config in (recipe, release):
         assert config["train"]["global_batch"] == 2048
-        assert (config["data"]["max_rows_per_subset"], config["data"]["row_sample_seed"]) == (
-            50000,
-            -1,
-        )
+        assert config["data"]["row_sample_seed"] == -1
     differing = {
         (section, key)
         for section, values in recipe.items()
@@ -81,8 +85,56 @@ def test_release_variant_differs_from_the_recipe_in_the_documented_keys_only():
         for key in values
         if values[key] != release[section][key]
     }
-    assert differing == {("mine", "judge"), ("train", "mask_identical_positives")}
+    assert differing == {
+        ("mine", "judge"),
+        ("train", "mask_identical_positives"),
+        ("data", "max_rows_per_subset"),
+        ("train", "keep_unclustered_rows"),
+    }
     assert recipe["workdir"] != release["workdir"]
+    assert _load("mmeb", "release-7b").to_dict() == {
+        **release,
+        "workdir": "workdir/mmeb-release-7b",
+        "mesh": _load("mmeb", "7b").to_dict()["mesh"],
+    }
+
+
+def test_config_docstrings_are_the_command_and_a_pointer_to_the_docs():
+    for name in ("mmeb", "demo", "embed"):
+        spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert len(module.__doc__.strip().splitlines()) <= 12, name
+    recipe = (CONFIG_DIR.parent / "docs" / "recipe.md").read_text()
+    assert "VLM2Vec's convention" in recipe and "keep_unclustered_rows" in recipe
+
+
+def test_embed_config_sets_the_one_image_resolution_key():
+    config = _load("embed")
+    assert config.data.image_resolution == "processor"
+    assert "image_resolution" not in config
+
+
+def test_stage_table_names_each_stage_once_in_recipe_order():
+    assert len(set(STAGE_NAMES)) == len(STAGE_NAMES)
+    demo = configuration.split_list(_load("demo").stages)
+    assert [name for name in STAGE_NAMES if name in demo] == demo
+    for name in ("train_plain_random", "eval_plain_random"):
+        assert name in demo
+    assert demo.index("train_plain_random") > demo.index("train_random")
+    assert demo.index("eval_plain_random") > demo.index("eval_random")
+    assert {stage.name for stage in STAGES if stage.always_runs} == {"embed"}
+
+
+def test_the_demo_is_pointed_at_its_data_before_validation(tmp_path):
+    from g2e.demo import prepare
+
+    config = _load("demo")
+    with pytest.raises(configuration.ConfigError, match=r"--config\.model_dir"):
+        configuration.validate(config, STAGE_NAMES)
+    prepare.point_at_demo(config, tmp_path)
+    configuration.validate(config, STAGE_NAMES)
+    assert config.model_dir.startswith(str(tmp_path / "prepare_demo"))
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     assert done["steps"] == 12
 
     # Every output of every stage.
-    for stage in ("eval_plain", "eval_zero_shot", "eval", "eval_random"):
+    for stage in ("eval_plain", "eval_zero_shot", "eval", "eval_random", "eval_plain_random"):
         results = json.loads((workdir / stage / "results.json").read_text())
         assert len(results["subsets"]) == 10 and results["overall"] is not None
         assert (workdir / stage / "results.md").is_file()
@@ -106,11 +106,23 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
         "eval_zero_shot",
         "eval",
         "eval_random",
+        "eval_plain_random",
     ]
+    assert {(p["metric"], p["a"], p["b"]) for p in report["paired"]} >= {
+        ("overall", "zero-shot, hierarchical prompt", "zero-shot, plain prompt"),
+        ("overall", "fine-tuned (SaHa)", "zero-shot, hierarchical prompt"),
+        ("IND", "fine-tuned (SaHa)", "zero-shot, hierarchical prompt"),
+        ("overall", "fine-tuned (SaHa)", "fine-tuned, random batches"),
+        ("overall", "fine-tuned, random batches", "fine-tuned, plain prompt, random batches"),
+    }
+    for name in ("report.png", "train.png"):
+        assert (workdir / name).read_bytes().startswith(b"\x89PNG"), name
+    assert all("precision_ci95" in q for q in report["judge_quality"].values())
     assert set(report["judge_quality"]) == {
         name for name, (_, group, _) in mini_mmeb.SUBSETS.items() if group == "IND"
     }
-    assert (workdir / "train_random" / "adapter" / "adapter_model.safetensors").is_file()
+    for run in ("train_random", "train_plain_random"):
+        assert (workdir / run / "adapter" / "adapter_model.safetensors").is_file(), run
     metrics = (workdir / "train" / "train_metrics.jsonl").read_text()
     assert '"heldout_accuracy"' in metrics
     table = (workdir / "report.md").read_text()

@@ -64,6 +64,50 @@ def positive_item(row: Any) -> EmbedItem:
     return EmbedItem(row.pos_text, row.pos_image or None, "candidate", row.subset, row.index)
 
 
+def _check_options(max_length: int, image_resolution: str, padding_side: str) -> None:
+    """Raises ValueError, naming the option, for a value `Processor` cannot work with."""
+    if image_resolution not in images_lib.POLICIES:
+        raise ValueError(
+            f"data.image_resolution must be one of {images_lib.POLICIES}, got {image_resolution!r}"
+        )
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if max_length < 16:
+        raise ValueError(f"data.max_length={max_length} cannot hold the chat template")
+
+
+def _image_token_id(tokenizer: transformers.PreTrainedTokenizerBase, expected: int | None) -> int:
+    """The tokenizer's id of `<|image_pad|>`; raises ValueError when config.json's
+    `expected` id differs (the tokenizer and the model do not belong together)."""
+    image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
+    if expected is not None and expected != image_token_id:
+        raise ValueError(
+            f"config.json image_token_id={expected} but the tokenizer maps "
+            f"{prompts.IMAGE_PAD} to {image_token_id}; tokenizer and "
+            "model do not belong together"
+        )
+    return image_token_id
+
+
+def _pad_token_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id; raises ValueError when it has none."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set pad_token in tokenizer_config.json")
+    return tokenizer.pad_token_id
+
+
+def _length_buckets(requested: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
+    """The sorted length buckets (`requested`, else the defaults for `max_length`); raises
+    ValueError when the largest cannot hold `max_length` tokens."""
+    buckets = tuple(sorted(requested or default_length_buckets(max_length)))
+    if buckets[-1] < max_length:
+        raise ValueError(
+            f"largest length bucket {buckets[-1]} is below "
+            f"max_length={max_length}; add a bucket of at least max_length"
+        )
+    return buckets
+
+
 class Processor:
     """Turns `EmbedItem`s into fixed-shape batches for Qwen2-VL (see the module docstring)."""
 
@@ -84,15 +128,7 @@ class Processor:
         jpeg_draft: bool = False,
         window_merged: int = 0,
     ):
-        if image_resolution not in images_lib.POLICIES:
-            raise ValueError(
-                f"data.image_resolution must be one of {images_lib.POLICIES}, got "
-                f"{image_resolution!r}"
-            )
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if max_length < 16:
-            raise ValueError(f"data.max_length={max_length} cannot hold the chat template")
+        _check_options(max_length, image_resolution, padding_side)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
@@ -112,40 +148,29 @@ class Processor:
         self.window_merged = window_merged
         self.temporal_patch = int(image_processor.temporal_patch_size)
         self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
-        self.image_token_id = tokenizer.convert_tokens_to_ids(prompts.IMAGE_PAD)
-        if image_token_id is not None and image_token_id != self.image_token_id:
-            raise ValueError(
-                f"config.json image_token_id={image_token_id} but the tokenizer maps "
-                f"{prompts.IMAGE_PAD} to {self.image_token_id}; tokenizer and "
-                "model do not belong together"
-            )
-        self.pad_token_id = tokenizer.pad_token_id
-        if self.pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no pad token; set pad_token in tokenizer_config.json"
-            )
-        length_buckets = tuple(sorted(length_buckets or default_length_buckets(max_length)))
-        if length_buckets[-1] < max_length:
-            raise ValueError(
-                f"largest length bucket {length_buckets[-1]} is below "
-                f"max_length={max_length}; add a bucket of at least max_length"
-            )
-        max_patches = int(image_processor.size.longest_edge) // int(image_processor.patch_size) ** 2
-        patch_buckets = tuple(sorted(patch_buckets or default_patch_buckets(max_patches)))
-        if image_resolution in images_lib.SQUARE_POLICIES:
-            # Every image has the same size, so one bucket fits them all (1,024 patches at
-            # 448x448): no other program is compiled and no image is padded.
-            patch_buckets = (0, self.patches_per_image(image_resolution))
+        self.image_token_id = _image_token_id(tokenizer, image_token_id)
+        self.pad_token_id = _pad_token_id(tokenizer)
         self.batcher = Batcher(
             pad_token_id=self.pad_token_id,
             image_token_id=self.image_token_id,
             merge_size=self.merge_size,
             patch_bytes=self.patch_dim // self.temporal_patch,
-            length_buckets=length_buckets,
-            patch_buckets=patch_buckets,
+            length_buckets=_length_buckets(length_buckets, max_length),
+            patch_buckets=self._patch_buckets(patch_buckets),
             padding_side=padding_side,
             window_merged=window_merged,
         )
+
+    def _patch_buckets(self, requested: Sequence[int] | None) -> tuple[int, ...]:
+        """The sorted patch buckets: `requested`, else powers of four up to the image
+        processor's largest image; one bucket under a square resolution policy."""
+        if self.image_resolution in images_lib.SQUARE_POLICIES:
+            # Every image has the same size, so one bucket fits them all (1,024 patches at
+            # 448x448): no other program is compiled and no image is padded.
+            return (0, self.patches_per_image(self.image_resolution))
+        processor = self.image_processor
+        max_patches = int(processor.size.longest_edge) // int(processor.patch_size) ** 2
+        return tuple(sorted(requested or default_patch_buckets(max_patches)))
 
     @classmethod
     def from_dir(

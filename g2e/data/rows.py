@@ -17,7 +17,7 @@ from (`manifest_dir`): train_dir / eval_dir, or tfds_dir, where `tfds_builders.p
 the source's `subsets.json` (a mini-MMEB's or a user's own data set; real MMEB needs none).
 
 Training rows are capped per subset in one place, `train_rows` (`data.max_rows_per_subset`,
-the release's 50k; `data.row_sample_seed` picks the first rows or a seeded sample), so the mine
+50k by default, VLM2Vec's convention; `data.row_sample_seed` picks the first rows or a seeded sample), so the mine
 and train stages see the same rows and cluster indices refer to them.
 
 Rows from TFDS are read lazily (a Sequence over the array_record files): every pass over the
@@ -140,7 +140,7 @@ def _get(data: Any, key: str, default: Any) -> Any:
 def sample_rows(rows: Sequence, subset: str, cap: int, seed: int = -1) -> Sequence:
     """At most `cap` of a subset's rows, in source order (all of them when cap is 0).
 
-    seed -1 keeps the first `cap` rows (the release's `split[:cap]`); a seed >= 0 keeps a
+    seed -1 keeps the first `cap` rows (`split[:cap]`, VLM2Vec's way); a seed >= 0 keeps a
     uniform sample drawn with numpy's default_rng([seed, crc32(subset)]). Either is a pure
     function of (rows, subset, cap, seed).
     """

@@ -7,29 +7,31 @@ For every pair the judge answered (its cache, `<workdir>/mine/cache/<subset>/jud
 stage compares the answer (P(yes) > mine.judge_threshold) with the truth and writes, per
 training subset, `<workdir>/judge_quality/results.json`:
 
-  {subset: {"pairs", "true_pairs", "base_rate", "yes", "precision", "recall"}}
+  {subset: {"pairs", "true_pairs", "base_rate", "yes", "precision", "precision_ci95",
+            "recall"}}
 
 base_rate is the share of judged pairs that are truly false negatives (what a judge saying
-"yes" at random would reach as precision), precision the share of "yes" that are true, recall
-the share of true pairs the judge caught; percentages, None where undefined. Pairs judged
+"yes" at random would reach as precision), precision the share of "yes" that are true, with
+its Wilson 95% interval [lo, hi] (a judge beats chance when lo > base_rate), recall the share
+of true pairs the judge caught; percentages, None where undefined. Pairs judged
 unanswerable (over-length, kept unjudged) are left out. The `report` stage adds the table.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from g2e import atomic, distributed
+from g2e import atomic, distributed, layout
 from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.demo import mini_mmeb
-from g2e.mining.judge_cache import JudgeCache, key_hashes
-from g2e.mining.stage import judge_fingerprint
+from g2e.mining.judge_cache import JudgeCache, judge_fingerprint, key_hashes
 from g2e.mining.walk import UNJUDGED
 from g2e.pipeline import Pipeline
 
@@ -57,7 +59,7 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
                 "subset; the judge's quality is measured only where the truth is "
                 "known by construction (configs/demo.py)"
             )
-        directory = pipeline.workdir / "mine" / "cache" / subset / "judge"
+        directory = layout.judge_cache_dir(pipeline.workdir, subset)
         if not (directory / "index.json").is_file():
             raise FileNotFoundError(
                 f"judge_quality: {directory} holds no judge answers; run "
@@ -68,7 +70,7 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
         results[subset] = subset_quality(rows, cache.answers, config.mine.judge_threshold)
         logging.info("judge_quality %s: %s", subset, results[subset])
     if distributed.is_primary():
-        atomic.write_json(pipeline.workdir / "judge_quality" / "results.json", results, indent=2)
+        atomic.write_json(layout.judge_quality_file(pipeline.workdir), results, indent=2)
     return {
         subset: {k: r[k] for k in ("base_rate", "precision", "recall")}
         for subset, r in results.items()
@@ -101,6 +103,7 @@ def subset_quality(
         "base_rate": _percent(truth.sum(), truth.size),
         "yes": int(yes.sum()),
         "precision": _percent((truth & yes).sum(), yes.sum()),
+        "precision_ci95": wilson_ci95(int((truth & yes).sum()), int(yes.sum())),
         "recall": _percent((truth & yes).sum(), truth.sum()),
     }
 
@@ -115,3 +118,21 @@ def _first_row_of(hashes: np.ndarray) -> dict[int, int]:
 
 def _percent(part: int, whole: int) -> float | None:
     return round(100.0 * float(part) / float(whole), 1) if whole else None
+
+
+# The normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+def wilson_ci95(successes: int, trials: int) -> list[float] | None:
+    """The Wilson score 95% interval of a proportion, in percent ([lo, hi]; None for 0 trials).
+
+    Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 100] and is not empty at p = 0 or 1:
+    centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    """
+    if not trials:
+        return None
+    p, n, z2 = successes / trials, trials, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [round(100.0 * max(0.0, centre - half), 1), round(100.0 * min(1.0, centre + half), 1)]

@@ -26,7 +26,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from g2e import atomic, distributed
+from g2e import atomic, distributed, layout
 from g2e.data import mmeb, prompts
 from g2e.data.preprocess import Encoded, Processor
 from g2e.demo import mini_mmeb, scenes, tiny
@@ -43,6 +43,8 @@ YES_NO = "Is there a {} in the image? Answer Yes or No."
 
 @dataclasses.dataclass(frozen=True)
 class DemoPaths:
+    """Where prepare_demo writes the mini-MMEB (data, images) and the generator checkpoint."""
+
     data_dir: pathlib.Path
     train_dir: pathlib.Path
     eval_dir: pathlib.Path
@@ -51,6 +53,7 @@ class DemoPaths:
 
 
 def demo_paths(out: pathlib.Path) -> DemoPaths:
+    """The demo's folders under `out` (prepare_demo's output folder)."""
     data = out / "mini_mmeb"
     return DemoPaths(data, data / "train", data / "eval", data, out / "model")
 
@@ -67,8 +70,12 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def point_at_demo(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Points model_dir and the data keys at what prepare_demo writes (before it runs)."""
-    paths = demo_paths(workdir / "prepare_demo")
+    """Points model_dir and the data keys at what prepare_demo writes under `workdir`.
+
+    g2e.main calls it before validating the config, so the demo's config is checked as it
+    will run; the folders need not exist yet (prepare_demo builds them first).
+    """
+    paths = demo_paths(layout.stage_dir(workdir, layout.PREPARE_DEMO))
     config.model_dir = str(paths.model_dir)
     config.data.train_dir = str(paths.train_dir)
     config.data.train_image_root = str(paths.image_root)

@@ -1,11 +1,11 @@
-"""The evaluation stages: `eval_plain`, `eval_zero_shot`, `eval` and `eval_random` (MMEB),
-`eval_sugarcrepe` (SugarCrepe and SugarCrepe++), and `report`.
+"""The evaluation stages: `eval_plain`, `eval_zero_shot`, `eval`, `eval_random` and
+`eval_plain_random` (MMEB), `eval_sugarcrepe` (SugarCrepe and SugarCrepe++), and `report`.
 
 Each MMEB stage embeds with the Embedder of the model it names and writes
 `<workdir>/<stage>/results.{json,md,png}` (g2e.evaluation.mmeb); `eval_sugarcrepe` evaluates the
 model `eval` does (fine-tuned once trained, else zero-shot) into
-`<workdir>/eval_sugarcrepe/results.{json,md}`; `report` collects them into one table
-(g2e.evaluation.report).
+`<workdir>/eval_sugarcrepe/results.{json,md}`; `report` collects them into one table, its
+paired differences and its charts (g2e.evaluation.report).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from g2e import distributed
+from g2e import distributed, layout
 from g2e.data import prompts
 from g2e.embedding import Embedder
 from g2e.evaluation import mmeb, report, sugarcrepe
@@ -25,7 +25,7 @@ def _evaluate(
     stage: str,
     *,
     trained: bool,
-    run: str = "train",
+    run: str = layout.TRAIN,
     prompt: prompts.PromptOptions | None = None,
 ) -> dict[str, Any]:
     config = pipeline.config
@@ -43,7 +43,7 @@ def _evaluate(
     results = mmeb.evaluate_mmeb(
         embedder,
         data=config.data,
-        out_dir=str(pipeline.workdir / stage),
+        out_dir=str(pipeline.stage_dir(stage)),
         subsets=config.data.eval_subsets,
         on_bad_input=config.data.on_bad_input,
         batch_size=8 * embedder.batch_size,
@@ -63,29 +63,40 @@ def _evaluate(
     return {"overall": results["overall"]}
 
 
+# No system turn, no suffix: the paper's baseline prompt.
+PLAIN_PROMPT = prompts.PromptOptions(system=False, suffix=False)
+
+
 def run_eval_plain(pipeline: Pipeline) -> dict[str, Any]:
-    """Zero-shot MMEB with the plain prompt: no system turn, no suffix (the paper's baseline)."""
-    return _evaluate(
-        pipeline,
-        "eval_plain",
-        trained=False,
-        prompt=prompts.PromptOptions(system=False, suffix=False),
-    )
+    """Zero-shot MMEB with the plain prompt (the paper's zero-shot baseline)."""
+    return _evaluate(pipeline, layout.EVAL_PLAIN, trained=False, prompt=PLAIN_PROMPT)
 
 
 def run_eval_zero_shot(pipeline: Pipeline) -> dict[str, Any]:
     """Zero-shot MMEB with the configured (by default hierarchical) prompt."""
-    return _evaluate(pipeline, "eval_zero_shot", trained=False)
+    return _evaluate(pipeline, layout.EVAL_ZERO_SHOT, trained=False)
 
 
 def run_eval(pipeline: Pipeline) -> dict[str, Any]:
     """MMEB with the fine-tuned model."""
-    return _evaluate(pipeline, "eval", trained=True)
+    return _evaluate(pipeline, layout.EVAL, trained=True)
 
 
 def run_eval_random(pipeline: Pipeline) -> dict[str, Any]:
     """MMEB with the model `train_random` fine-tuned (random batches, the SaHa ablation)."""
-    return _evaluate(pipeline, "eval_random", trained=True, run="train_random")
+    return _evaluate(pipeline, layout.EVAL_RANDOM, trained=True, run=layout.TRAIN_RANDOM)
+
+
+def run_eval_plain_random(pipeline: Pipeline) -> dict[str, Any]:
+    """MMEB, with the plain prompt it was trained with, of the model `train_plain_random`
+    fine-tuned (random batches, plain prompt: the paper's in-batch baseline)."""
+    return _evaluate(
+        pipeline,
+        layout.EVAL_PLAIN_RANDOM,
+        trained=True,
+        run=layout.TRAIN_PLAIN_RANDOM,
+        prompt=PLAIN_PROMPT,
+    )
 
 
 def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
@@ -118,13 +129,14 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
             embedder, data_dir=data.sugarcrepe_pp_dir, **common
         )
     if distributed.is_primary():
-        report.write_sugarcrepe(pipeline.workdir / "eval_sugarcrepe", results)
+        report.write_sugarcrepe(pipeline.stage_dir(layout.EVAL_SUGARCREPE), results)
     logging.info("eval_sugarcrepe (%s): %s", results["model"], report.sugarcrepe_scores(results))
     return {"model": results["model"], **report.sugarcrepe_scores(results)}
 
 
 def run_report(pipeline: Pipeline) -> dict[str, Any]:
-    """One table of every evaluation that ran: <workdir>/report.md and report.json."""
+    """One table of every evaluation that ran, with paired differences and charts:
+    <workdir>/report.md, report.json, report.png and train.png."""
     if not distributed.is_primary():
         return {}
     return report.write_report(pipeline.workdir)

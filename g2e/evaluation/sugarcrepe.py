@@ -90,47 +90,11 @@ def read_category(
         FileNotFoundError: no such file. BadInput: under 'error', a bad example or image.
     """
     path = os.path.join(data_dir, f"{category}.json")
-    if not os.path.isfile(path):
-        found = "no such directory"
-        if os.path.isdir(data_dir):
-            found = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
-        raise FileNotFoundError(
-            f"{path} does not exist; data_dir must hold the benchmark's "
-            f"<category>.json files (found there: {found})"
-        )
-    with open(path, encoding="utf-8") as f:
-        content = json.load(f)
-    if isinstance(content, dict):
-        records = list(content.items())
-    elif isinstance(content, list):
-        records = [
-            (str(r.get("id", i)) if isinstance(r, dict) else str(i), r)
-            for i, r in enumerate(content)
-        ]
-    else:
-        raise ValueError(
-            f"{path}: expected a JSON object by id or a list of examples, got "
-            f"{type(content).__name__}"
-        )
     fields = ("filename", "caption", "negative_caption") + (("caption2",) if plus_plus else ())
     examples = []
-    for example_id, record in records:
+    for example_id, record in _records(path, data_dir):
         try:
-            if not isinstance(record, dict) or any(
-                not isinstance(record.get(k), str) for k in fields
-            ):
-                raise BadInput(
-                    "missing fields",
-                    detail=f"needs string fields {list(fields)}",
-                    hint="use the benchmark's original JSON files",
-                )
-            image = os.path.join(image_root, record["filename"])
-            if not os.path.isfile(image):
-                raise BadInput(
-                    "missing image",
-                    detail=image,
-                    hint="image_root must be the folder holding COCO val2017 images",
-                )
+            image = _image_of(record, fields, image_root)
         except BadInput as error:
             report.handle(error.with_context(subset=category, row=example_id, file=path))
             continue
@@ -145,6 +109,58 @@ def read_category(
             )
         )
     return examples
+
+
+def _records(path: str, data_dir: str) -> list[tuple[str, Any]]:
+    """The (example id, record) pairs of a category file, in file order, from either JSON
+    shape (an object by id, or a list whose records may carry an "id").
+
+    Raises:
+        FileNotFoundError: no such file (the message lists the JSON files in `data_dir`).
+        ValueError: the file holds neither shape.
+    """
+    if not os.path.isfile(path):
+        found = "no such directory"
+        if os.path.isdir(data_dir):
+            found = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
+        raise FileNotFoundError(
+            f"{path} does not exist; data_dir must hold the benchmark's "
+            f"<category>.json files (found there: {found})"
+        )
+    with open(path, encoding="utf-8") as f:
+        content = json.load(f)
+    if isinstance(content, dict):
+        return list(content.items())
+    if isinstance(content, list):
+        return [
+            (str(r.get("id", i)) if isinstance(r, dict) else str(i), r)
+            for i, r in enumerate(content)
+        ]
+    raise ValueError(
+        f"{path}: expected a JSON object by id or a list of examples, got {type(content).__name__}"
+    )
+
+
+def _image_of(record: Any, fields: Sequence[str], image_root: str) -> str:
+    """The image path of one record under `image_root`.
+
+    Raises:
+        BadInput: the record is not an object with string `fields`, or its image is missing.
+    """
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in fields):
+        raise BadInput(
+            "missing fields",
+            detail=f"needs string fields {list(fields)}",
+            hint="use the benchmark's original JSON files",
+        )
+    image = os.path.join(image_root, record["filename"])
+    if not os.path.isfile(image):
+        raise BadInput(
+            "missing image",
+            detail=image,
+            hint="image_root must be the folder holding COCO val2017 images",
+        )
+    return image
 
 
 def _embed_examples(
@@ -287,6 +303,59 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _embedded_categories(
+    embed_fn: EmbedFn,
+    by_category: dict[str, list[Example]],
+    fields: Sequence[str],
+    *,
+    benchmark: str,
+    batch_size: int,
+    progress: bool,
+    allow_skipped: bool,
+) -> tuple[dict[str, list[np.ndarray]], int]:
+    """Per category, the [N, D] embeddings of each of `fields` over its usable examples, and
+    how many examples were dropped because embed_fn skipped one of their inputs.
+
+    The captions are embedded in the order of `fields` ('image' first), example by example.
+    Raises ValueError for a category every example of which uses a skipped input.
+    """
+    examples = [e for group in by_category.values() for e in group]
+    captions = [getattr(e, f) for e in examples for f in fields if f != "image"]
+    images, image_rows, texts, caption_rows = _embed_examples(
+        embed_fn,
+        examples,
+        captions,
+        benchmark=benchmark,
+        batch_size=batch_size,
+        progress=progress,
+        allow_skipped=allow_skipped,
+    )
+    embedded, dropped = {}, 0
+    for category, group in by_category.items():
+        arrays, category_dropped = _gather(group, fields, images, image_rows, texts, caption_rows)
+        dropped += category_dropped
+        if not len(arrays[0]):
+            raise ValueError(f"{benchmark} {category}: every example uses a skipped input")
+        embedded[category] = arrays
+    return embedded, dropped
+
+
+def _log_and_write(
+    summary: dict[str, Any],
+    report: BadInputReport,
+    out_dir: str | None,
+    model_name: str,
+    metrics: Sequence[str],
+) -> dict[str, Any]:
+    """Logs what was skipped, writes results.json and results.md to `out_dir` if set, and
+    returns `summary`."""
+    if report.total:
+        logging.warning("%s", report.summary())
+    if out_dir:
+        _write(out_dir, summary, _markdown(summary, model_name, metrics))
+    return summary
+
+
 def evaluate_sugarcrepe(
     embed_fn: EmbedFn,
     *,
@@ -320,47 +389,40 @@ def evaluate_sugarcrepe(
     by_category = _read_all(
         data_dir, image_root, categories, SUGARCREPE_CATEGORIES, False, report, "SugarCrepe"
     )
-    examples = [e for group in by_category.values() for e in group]
-    captions = [t for e in examples for t in (e.caption, e.negative_caption)]
-    images, image_rows, texts, caption_rows = _embed_examples(
+    embedded, dropped = _embedded_categories(
         embed_fn,
-        examples,
-        captions,
+        by_category,
+        ("image", "caption", "negative_caption"),
         benchmark="SugarCrepe",
         batch_size=batch_size,
         progress=progress,
         allow_skipped=report.policy == "skip",
     )
-    results, dropped = {}, 0
-    for category, group in by_category.items():
-        arrays, category_dropped = _gather(
-            group, ("image", "caption", "negative_caption"), images, image_rows, texts, caption_rows
-        )
-        dropped += category_dropped
-        if not len(arrays[0]):
-            raise ValueError(f"SugarCrepe {category}: every example uses a skipped input")
+    results = {}
+    for category, arrays in embedded.items():
         correct = sugarcrepe_correct(*arrays)
         results[category] = {
             "accuracy": 100.0 * float(correct.mean()),
             "num_examples": len(correct),
         }
+    summary = {
+        "benchmark": "SugarCrepe",
+        "categories": results,
+        "groups": _group_means(results),
+        "average": _mean([r["accuracy"] for r in results.values()]),
+        "skipped": report.total + dropped,
+    }
+    return _log_and_write(summary, report, out_dir, model_name, ("accuracy",))
+
+
+def _group_means(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mean accuracy of each SugarCrepe group (replace/swap/add) with categories here."""
     groups = {}
     for prefix in SUGARCREPE_GROUPS:
         value = _mean([r["accuracy"] for c, r in results.items() if c.startswith(prefix + "_")])
         if value is not None:
             groups[prefix] = value
-    summary = {
-        "benchmark": "SugarCrepe",
-        "categories": results,
-        "groups": groups,
-        "average": _mean([r["accuracy"] for r in results.values()]),
-        "skipped": report.total + dropped,
-    }
-    if report.total:
-        logging.warning("%s", report.summary())
-    if out_dir:
-        _write(out_dir, summary, _markdown(summary, model_name, ("accuracy",)))
-    return summary
+    return groups
 
 
 def evaluate_sugarcrepe_pp(
@@ -386,30 +448,17 @@ def evaluate_sugarcrepe_pp(
     by_category = _read_all(
         data_dir, image_root, categories, SUGARCREPE_PP_CATEGORIES, True, report, "SugarCrepe++"
     )
-    examples = [e for group in by_category.values() for e in group]
-    captions = [t for e in examples for t in (e.caption, e.caption2, e.negative_caption)]
-    images, image_rows, texts, caption_rows = _embed_examples(
+    embedded, dropped = _embedded_categories(
         embed_fn,
-        examples,
-        captions,
+        by_category,
+        ("image", "caption", "caption2", "negative_caption"),
         benchmark="SugarCrepe++",
         batch_size=batch_size,
         progress=progress,
         allow_skipped=report.policy == "skip",
     )
-    results, dropped = {}, 0
-    for category, group in by_category.items():
-        arrays, category_dropped = _gather(
-            group,
-            ("image", "caption", "caption2", "negative_caption"),
-            images,
-            image_rows,
-            texts,
-            caption_rows,
-        )
-        dropped += category_dropped
-        if not len(arrays[0]):
-            raise ValueError(f"SugarCrepe++ {category}: every example uses a skipped input")
+    results = {}
+    for category, arrays in embedded.items():
         image_to_text, text_only = sugarcrepe_pp_correct(*arrays)
         results[category] = {
             "image_to_text": 100.0 * float(image_to_text.mean()),
@@ -424,11 +473,7 @@ def evaluate_sugarcrepe_pp(
         },
         "skipped": report.total + dropped,
     }
-    if report.total:
-        logging.warning("%s", report.summary())
-    if out_dir:
-        _write(out_dir, summary, _markdown(summary, model_name, ("image_to_text", "text_only")))
-    return summary
+    return _log_and_write(summary, report, out_dir, model_name, ("image_to_text", "text_only"))
 
 
 def _markdown(summary: dict[str, Any], model_name: str, metrics: Sequence[str]) -> str:

@@ -28,8 +28,12 @@ class MiningResult:
     clusters: row indices, anchor first, then the kept owners' rows in their selected order;
         phase-1 clusters first (in anchor row order), then phase-2 ones.
     phases: the phase (1 or 2) of each cluster.
-    report: JSON-ready dict (see `mine_clusters`); deterministic for fixed inputs and fixed
-        judge answers, except the judge's work counts (pairs judged, cached, device calls).
+    report: JSON-ready dict: the sizes, phase-1/phase-2 cluster counts, the judge's counts per
+        phase, the rows left out of every cluster, and the anchors' zero-shot retrieval hit
+        rates @1/@5/@10 (the rank of the own positive among the `pool` retrieved candidates,
+        over the rows searched as anchors in phase 1). Deterministic for fixed inputs and
+        fixed judge answers, except the judge's work counts (pairs judged, cached, device
+        calls).
     timing: seconds spent waiting for the similarity/top-pool search (the next block is
         searched while this one is walked), in the judge, and in the bookkeeping; blocks
         searched.
@@ -123,9 +127,8 @@ def mine_clusters(
 
     Args:
       query_keys ... keep_retrieval_order: as in `build_clusters`.
-      judge: the sequential judge (the reference): judge(anchor_row, owner_rows) -> P(yes) per
-        owner row, called once per round of one anchor. Owners with P(yes) > judge_threshold
-        are dropped.
+      judge: the sequential reference judge, judge(anchor_row, owner_rows) -> P(yes) per owner
+        row, called once per round of one anchor; owners with P(yes) > judge_threshold are dropped.
       pair_judge: the speculative, batched judge (g2e.mining.walk): pair_judge(anchor_rows,
         owner_rows) -> PairAnswers for the pairs of many anchors at once. Given the same
         P(yes) it gives the sequential judge's clusters. At most one of judge / pair_judge;
@@ -142,96 +145,107 @@ def mine_clusters(
       subset: the subset name, recorded in the report.
 
     Returns:
-      MiningResult. The report holds the sizes, phase-1/phase-2 cluster counts, the judge's
-      counts per phase, the rows left out of every cluster, and the anchors' zero-shot
-      retrieval hit rates @1/@5/@10 (the rank of the own positive among the `pool` retrieved
-      candidates, over the rows searched as anchors in phase 1).
+      MiningResult (its docstring describes the report).
 
     Raises:
       ValueError: for mismatched lengths/shapes or a bad top_k/pool_mult/judge answer.
     """
-    query_embeddings, positive_embeddings = _checked_inputs(
-        len(query_keys),
-        query_embeddings,
-        positive_embeddings,
+    options = _Options(
         top_k=top_k,
         pool_mult=pool_mult,
+        keep_retrieval_order=keep_retrieval_order,
         judge=judge,
         pair_judge=pair_judge,
+        judge_threshold=judge_threshold,
+        block_size=block_size,
+        candidate_chunk=candidate_chunk,
+        mesh=mesh,
+        query_sims=query_sims,
+        subset=subset,
+    )
+    return _mine(query_keys, positive_keys, query_embeddings, positive_embeddings, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """`mine_clusters`' keyword arguments, checked on creation and passed down together."""
+
+    top_k: int
+    pool_mult: int
+    keep_retrieval_order: bool
+    judge: JudgeFn | None
+    pair_judge: PairJudge | None
+    judge_threshold: float
+    block_size: int
+    candidate_chunk: int
+    mesh: jax.sharding.Mesh | None
+    query_sims: str
+    subset: str
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.pool_mult < 1:
+            raise ValueError(
+                f"mining: top_k={self.top_k} and pool_mult={self.pool_mult} must be >= 1."
+            )
+        if self.judge is not None and self.pair_judge is not None:
+            raise ValueError(
+                "mining: pass the sequential `judge` or the batched `pair_judge`, not both."
+            )
+
+    @property
+    def first_n(self) -> int:
+        """Owners a phase-1 anchor walks to (twice as many in phase 2)."""
+        return self.top_k * self.pool_mult
+
+    @property
+    def judge_mode(self) -> str | None:
+        """'sequential' (`judge`), 'batched' (`pair_judge`) or None (no judge)."""
+        if self.judge is not None:
+            return "sequential"
+        return "batched" if self.pair_judge is not None else None
+
+
+def _mine(
+    query_keys: Sequence[Hashable],
+    positive_keys: Sequence[Hashable],
+    query_embeddings: np.ndarray,
+    positive_embeddings: np.ndarray,
+    options: _Options,
+) -> MiningResult:
+    """`mine_clusters`, its keyword arguments checked and gathered in `options`."""
+    query_embeddings, positive_embeddings = _checked_embeddings(
+        len(query_keys), query_embeddings, positive_embeddings
     )
     n = len(query_keys)
     owners, first_key_row, first_cand_row = build_owners(query_keys, positive_keys)
     num_cands = first_cand_row.size
-    first_n = top_k * pool_mult
+    first_n = options.first_n
     pool = min(2 * first_n, num_cands)
     # Per-key query vectors; all keys unique (the common case) needs no copy.
     if first_key_row.size == n:
         key_vectors = query_embeddings
     else:
         key_vectors = query_embeddings[first_key_row]
-    out = _new_out(
-        "sequential" if judge is not None else "batched" if pair_judge is not None else None
-    )
+    out = _new_out(options.judge_mode)
     if n:
         candidate_embeddings = positive_embeddings[first_cand_row]
         walk = _new_walk(
-            out,
-            owners,
-            key_vectors,
-            query_embeddings,
-            candidate_embeddings,
-            first_n=first_n,
-            pool=pool,
-            top_k=top_k,
-            keep_retrieval_order=keep_retrieval_order,
-            judge_threshold=judge_threshold,
-            block_size=block_size,
-            candidate_chunk=candidate_chunk,
-            mesh=mesh,
-            query_sims=query_sims,
-            judge=judge,
-            pair_judge=pair_judge,
+            out, owners, key_vectors, query_embeddings, candidate_embeddings, pool, options
         )
         used = np.zeros(first_key_row.size, bool)
         owner_counts = np.diff(owners.owner_ptr)
         walk.run_phase(1, State(used, used, owner_counts.copy()), first_n)
         walk.run_phase(2, State(used, np.zeros_like(used), owner_counts.copy()), 2 * first_n)
     report = _report(
-        out,
-        subset=subset,
-        num_rows=n,
-        num_keys=first_key_row.size,
-        num_cands=num_cands,
-        top_k=top_k,
-        pool_mult=pool_mult,
-        pool=pool,
-        keep_retrieval_order=keep_retrieval_order,
-        judge_threshold=judge_threshold,
+        out, options, num_rows=n, num_keys=first_key_row.size, num_cands=num_cands, pool=pool
     )
     return MiningResult(out["clusters"], out["cluster_phases"], report, out["timing"])
 
 
-def _checked_inputs(
-    n: int,
-    query_embeddings: np.ndarray,
-    positive_embeddings: np.ndarray,
-    *,
-    top_k: int,
-    pool_mult: int,
-    judge: JudgeFn | None,
-    pair_judge: PairJudge | None,
+def _checked_embeddings(
+    n: int, query_embeddings: np.ndarray, positive_embeddings: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The embeddings as float32 [n, D] after checking them and the mining arguments.
-
-    Raises:
-      ValueError: see `mine_clusters`.
-    """
-    if top_k < 1 or pool_mult < 1:
-        raise ValueError(f"mining: top_k={top_k} and pool_mult={pool_mult} must be >= 1.")
-    if judge is not None and pair_judge is not None:
-        raise ValueError(
-            "mining: pass the sequential `judge` or the batched `pair_judge`, not both."
-        )
+    """The embeddings as float32 [n, D]; raises ValueError for other shapes."""
     query_embeddings = np.asarray(query_embeddings, np.float32)
     positive_embeddings = np.asarray(positive_embeddings, np.float32)
     if (
@@ -252,34 +266,25 @@ def _new_walk(
     key_vectors: np.ndarray,
     query_embeddings: np.ndarray,
     candidate_embeddings: np.ndarray,
-    *,
-    first_n: int,
     pool: int,
-    top_k: int,
-    keep_retrieval_order: bool,
-    judge_threshold: float,
-    block_size: int,
-    candidate_chunk: int,
-    mesh: jax.sharding.Mesh | None,
-    query_sims: str,
-    judge: JudgeFn | None,
-    pair_judge: PairJudge | None,
+    options: _Options,
 ) -> Walk:
     """The walk over the candidate index, its query similarities on the host or the device
     (recorded in `out`)."""
     num_cands = candidate_embeddings.shape[0]
-    index = CandidateIndex(candidate_embeddings, pool, mesh, candidate_chunk)
+    mesh, chunk = options.mesh, options.candidate_chunk
+    index = CandidateIndex(candidate_embeddings, pool, mesh, chunk)
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     on_device = _similarities_on_device(
-        query_sims,
+        options.query_sims,
         key_vectors.shape[0],
         owners.owner_key.size / num_cands,
-        first_n,
+        options.first_n,
         pool,
         query_embeddings.shape[1],
         platform,
     )
-    table = SimilarityTable(key_vectors, mesh, candidate_chunk) if on_device else None
+    table = SimilarityTable(key_vectors, mesh, chunk) if on_device else None
     out["query_sims"] = "device" if on_device else "host"
     return Walk(
         owners,
@@ -287,13 +292,13 @@ def _new_walk(
         query_embeddings,
         index,
         table,
-        top_k=top_k,
-        keep_retrieval_order=keep_retrieval_order,
-        threshold=judge_threshold,
-        block_size=block_size,
+        top_k=options.top_k,
+        keep_retrieval_order=options.keep_retrieval_order,
+        threshold=options.judge_threshold,
+        block_size=options.block_size,
         out=out,
-        judge=judge,
-        pair_judge=pair_judge,
+        judge=options.judge,
+        pair_judge=options.pair_judge,
     )
 
 
@@ -324,42 +329,22 @@ _JUDGE_COUNTS = (
 
 
 def _report(
-    out: dict,
-    *,
-    subset,
-    num_rows,
-    num_keys,
-    num_cands,
-    top_k,
-    pool_mult,
-    pool,
-    keep_retrieval_order,
-    judge_threshold,
+    out: dict, options: _Options, *, num_rows: int, num_keys: int, num_cands: int, pool: int
 ) -> dict:
-    """The JSON-ready mining report of one subset."""
+    """The JSON-ready mining report of one subset (see `MiningResult`)."""
     clusters, phases = out["clusters"], np.asarray(out["cluster_phases"], np.int64)
     sizes = np.asarray([len(c) for c in clusters], np.int64)
     covered = np.unique(np.concatenate([np.asarray(c) for c in clusters])) if clusters else []
-    phase1 = out["phases"][1]
-    searched = max(phase1["searched"], 1)
-    per_phase = {}
-    for p, stats in out["phases"].items():
-        per_phase[f"phase{p}"] = {
-            "clusters": int(np.sum(phases == p)),
-            "rows_in_clusters": int(np.sum(sizes[phases == p])),
-            "anchors_searched": stats["searched"],
-            **{name: stats["judge"][key] for name, key in _JUDGE_COUNTS},
-        }
     return {
-        "subset": subset,
+        "subset": options.subset,
         "rows": num_rows,
         "unique_queries": num_keys,
         "candidates": num_cands,
-        "top_k": top_k,
-        "pool_mult": pool_mult,
-        "first_n": top_k * pool_mult,
+        "top_k": options.top_k,
+        "pool_mult": options.pool_mult,
+        "first_n": options.first_n,
         "pool": pool,
-        "keep_retrieval_order": keep_retrieval_order,
+        "keep_retrieval_order": options.keep_retrieval_order,
         "query_similarities": out["query_sims"],
         "clusters": len(clusters),
         "cluster_size": {
@@ -370,20 +355,45 @@ def _report(
         },
         "rows_covered": int(len(covered)),
         "rows_uncovered": int(num_rows - len(covered)),
-        **per_phase,
-        "judge": {
-            "enabled": out["judge_mode"] is not None,
-            "mode": out["judge_mode"],
-            "threshold": float(judge_threshold) if out["judge_mode"] else None,
-            **{
-                name.removeprefix("judge_"): sum(s["judge"][key] for s in out["phases"].values())
-                for name, key in _JUDGE_COUNTS
-            },
+        **_phase_reports(out["phases"], phases, sizes),
+        "judge": _judge_report(out, options.judge_threshold),
+        "retrieval": _retrieval_report(out["phases"][1]),
+    }
+
+
+def _phase_reports(stats_by_phase: dict, phases: np.ndarray, sizes: np.ndarray) -> dict:
+    """Per phase ("phase1", "phase2"): its clusters, the rows in them, the anchors it
+    searched and its judge counters; `phases` and `sizes` are per cluster."""
+    return {
+        f"phase{p}": {
+            "clusters": int(np.sum(phases == p)),
+            "rows_in_clusters": int(np.sum(sizes[phases == p])),
+            "anchors_searched": stats["searched"],
+            **{name: stats["judge"][key] for name, key in _JUDGE_COUNTS},
+        }
+        for p, stats in stats_by_phase.items()
+    }
+
+
+def _judge_report(out: dict, judge_threshold: float) -> dict:
+    """Whether and how the judge ran, and its counters summed over both phases."""
+    return {
+        "enabled": out["judge_mode"] is not None,
+        "mode": out["judge_mode"],
+        "threshold": float(judge_threshold) if out["judge_mode"] else None,
+        **{
+            name.removeprefix("judge_"): sum(s["judge"][key] for s in out["phases"].values())
+            for name, key in _JUDGE_COUNTS
         },
-        "retrieval": {
-            "anchors": phase1["searched"],
-            "hit@1": phase1["hits@1"] / searched,
-            "hit@5": phase1["hits@5"] / searched,
-            "hit@10": phase1["hits@10"] / searched,
-        },
+    }
+
+
+def _retrieval_report(phase1: dict) -> dict:
+    """The phase-1 anchors' zero-shot hit rates: their own positive at rank 1, 5 or 10."""
+    searched = max(phase1["searched"], 1)
+    return {
+        "anchors": phase1["searched"],
+        "hit@1": phase1["hits@1"] / searched,
+        "hit@5": phase1["hits@5"] / searched,
+        "hit@10": phase1["hits@10"] / searched,
     }

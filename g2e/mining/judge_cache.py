@@ -25,11 +25,12 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from g2e import atomic, distributed
-from g2e.data import mmeb
+from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.preprocess import positive_item, query_item
-from g2e.mining.judge import Judge
+from g2e.mining.judge import DOWNSCALE_STEPS, Judge
 from g2e.mining.walk import PairAnswers
+from g2e.pipeline import Pipeline
 
 CACHE_FORMAT = 1
 # Device batches per Judge call: enough to pack the (length, patches) buckets well, few enough
@@ -171,3 +172,18 @@ class RowPairJudge:
             calls += result.device_calls
             self.cache.add(query[part], positive[part], result.p_yes, result.status)
         return PairAnswers(p_yes, status, judged=int(todo.size), device_calls=calls)
+
+
+def judge_fingerprint(pipeline: Pipeline) -> str:
+    """Names what a judge answer depends on: the model (the base the mine stage judges with),
+    the judge prompt, image settings. Read before any model is loaded (judge_quality)."""
+    data = pipeline.config.data
+    return pipeline.fingerprint(
+        pipeline.model_paths(trained=False),
+        "judge",
+        prompts.JUDGE_SYSTEM_PROMPT,
+        prompts.JUDGE_QUESTION,
+        data.min_pixels,
+        data.max_pixels,
+        DOWNSCALE_STEPS,
+    )

@@ -26,27 +26,53 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from g2e import atomic, distributed, mining
-from g2e.data import mmeb, prompts
+from g2e import atomic, distributed, layout, mining
+from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import positive_item, query_item
 from g2e.embedding import Embedder
 from g2e.embedding_cache import EmbeddingCache
-from g2e.mining.judge import DOWNSCALE_STEPS, Judge
-from g2e.mining.judge_cache import JudgeCache, RowPairJudge
+from g2e.mining.judge import Judge
+from g2e.mining.judge_cache import JudgeCache, RowPairJudge, judge_fingerprint
 from g2e.pipeline import Pipeline
 
 
 def run(pipeline: Pipeline) -> dict[str, Any]:
     """Runs the stage (see the module docstring); returns the summary for DONE.json."""
     config = pipeline.config
-    out = pipeline.workdir / "mine"
+    embedder, judge, fingerprint = _embedder_and_judge(pipeline)
+    reports = {}
+    for subset in rows_lib.train_subsets(config.data):
+        report = _kept_report(pipeline, subset)
+        if report is None:
+            report = _mine_and_write(pipeline, subset, embedder, judge, fingerprint)
+        if report is not None:
+            reports[subset] = report
+    if distributed.is_primary():
+        atomic.write_json(
+            layout.mining_report_file(pipeline.workdir), reports, indent=2, sort_keys=True
+        )
+    return {
+        "subsets": len(reports),
+        "clusters": sum(r["clusters"] for r in reports.values()),
+        **{
+            f"judge_{key}": sum(r["judge"].get(key, 0) for r in reports.values())
+            for key in ("pairs", "calls", "dropped", "unjudged")
+        },
+    }
+
+
+def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str]:
+    """The base model's embedder, its judge (when mine.judge, else None), and the fingerprint
+    of the model and prompt that names the embeddings cached."""
+    config = pipeline.config
     model = pipeline.model(trained=False)
     processor = pipeline.processor()
     embedder = Embedder(
@@ -67,86 +93,76 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
             batch_size=config.mine.judge_batch_size,
             progress=False,
         )
-    fingerprint = pipeline.fingerprint(pipeline.model_key, processor.prompt)
-    reports = {}
-    for subset in rows_lib.train_subsets(config.data):
-        clusters_file = out / f"{subset}.clusters.json"
-        report_file = out / f"{subset}.report.json"
-        if clusters_file.is_file() and report_file.is_file():
-            reports[subset] = json.loads(report_file.read_text())
-            logging.info("mine %s: clusters exist, kept", subset)
-            continue
-        bad = BadInputReport(config.data.on_bad_input)
-        rows = rows_lib.train_rows(config.data, subset, bad)
-        if not rows:
-            logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
-            continue
-        cache = EmbeddingCache(
-            out / "cache" / subset,
-            fingerprint,
-            writable=distributed.is_primary(),
-            **pipeline.embedding_cache_options(),
-        )
-        judge_cache = None
-        if judge is not None:
-            judge_cache = JudgeCache(
-                out / "cache" / subset / "judge",
-                judge_fingerprint(pipeline),
-                writable=distributed.is_primary(),
-            )
-        result = mine_subset(pipeline, subset, rows, embedder, cache, judge, judge_cache)
-        report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
-        if distributed.is_primary():
-            params = dict(
-                top_k=config.mine.top_k,
-                pool_mult=config.mine.pool_mult,
-                judge=bool(config.mine.judge),
-                judge_threshold=config.mine.judge_threshold,
-                split=config.data.train_split,
-                model=fingerprint,
-            )
-            mining.write_clusters(
-                str(clusters_file),
-                result.clusters,
-                result.phases,
-                subset=subset,
-                num_rows=len(rows),
-                params=params,
-            )
-            atomic.write_json(report_file, report, indent=2, sort_keys=True)
-        reports[subset] = report
-        logging.info(
-            "mine %s: %d rows -> %d clusters; %s",
-            subset,
-            len(rows),
-            len(result.clusters),
-            _headline(report),
-        )
-    if distributed.is_primary():
-        atomic.write_json(out / "report.json", reports, indent=2, sort_keys=True)
-    return {
-        "subsets": len(reports),
-        "clusters": sum(r["clusters"] for r in reports.values()),
-        **{
-            f"judge_{key}": sum(r["judge"].get(key, 0) for r in reports.values())
-            for key in ("pairs", "calls", "dropped", "unjudged")
-        },
-    }
+    return embedder, judge, pipeline.fingerprint(pipeline.model_key, processor.prompt)
 
 
-def judge_fingerprint(pipeline: Pipeline) -> str:
-    """Names what a judge answer depends on: the model (the base the mine stage judges with),
-    the judge prompt, image settings. Read before any model is loaded (judge_quality)."""
-    data = pipeline.config.data
-    return pipeline.fingerprint(
-        pipeline.model_paths(trained=False),
-        "judge",
-        prompts.JUDGE_SYSTEM_PROMPT,
-        prompts.JUDGE_QUESTION,
-        data.min_pixels,
-        data.max_pixels,
-        DOWNSCALE_STEPS,
+def _subset_files(pipeline: Pipeline, subset: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(clusters file, report file) of a mined subset."""
+    clusters_file = layout.clusters_file(pipeline.workdir, subset)
+    return clusters_file, clusters_file.parent / f"{subset}.report.json"
+
+
+def _kept_report(pipeline: Pipeline, subset: str) -> dict[str, Any] | None:
+    """The report of a subset an earlier run mined completely, else None."""
+    clusters_file, report_file = _subset_files(pipeline, subset)
+    if not (clusters_file.is_file() and report_file.is_file()):
+        return None
+    logging.info("mine %s: clusters exist, kept", subset)
+    return json.loads(report_file.read_text())
+
+
+def _mine_and_write(
+    pipeline: Pipeline, subset: str, embedder: Embedder, judge: Judge | None, fingerprint: str
+) -> dict[str, Any] | None:
+    """Mines one subset and writes its clusters and report; None when it has no usable row."""
+    config = pipeline.config
+    bad = BadInputReport(config.data.on_bad_input)
+    rows = rows_lib.train_rows(config.data, subset, bad)
+    if not rows:
+        logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
+        return None
+    cache = EmbeddingCache(
+        layout.mine_cache_dir(pipeline.workdir, subset),
+        fingerprint,
+        writable=distributed.is_primary(),
+        **pipeline.embedding_cache_options(),
     )
+    judge_cache = None
+    if judge is not None:
+        judge_cache = JudgeCache(
+            layout.judge_cache_dir(pipeline.workdir, subset),
+            judge_fingerprint(pipeline),
+            writable=distributed.is_primary(),
+        )
+    result = mine_subset(pipeline, subset, rows, embedder, cache, judge, judge_cache)
+    report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
+    if distributed.is_primary():
+        params = dict(
+            top_k=config.mine.top_k,
+            pool_mult=config.mine.pool_mult,
+            judge=bool(config.mine.judge),
+            judge_threshold=config.mine.judge_threshold,
+            split=config.data.train_split,
+            model=fingerprint,
+        )
+        clusters_file, report_file = _subset_files(pipeline, subset)
+        mining.write_clusters(
+            str(clusters_file),
+            result.clusters,
+            result.phases,
+            subset=subset,
+            num_rows=len(rows),
+            params=params,
+        )
+        atomic.write_json(report_file, report, indent=2, sort_keys=True)
+    logging.info(
+        "mine %s: %d rows -> %d clusters; %s",
+        subset,
+        len(rows),
+        len(result.clusters),
+        _headline(report),
+    )
+    return report
 
 
 def mine_subset(

@@ -228,77 +228,87 @@ class Qwen2VLConfig:
 
         Qwen2.5-VL configs are written for Qwen2_5_VLForConditionalGeneration.
         """
-        t, v = self.text, self.vision
-        rope = {
-            "rope_type": "default",
-            "type": "mrope",
-            "mrope_section": list(t.mrope_section),
-            "rope_theta": t.rope_theta,
-        }
-        text = dict(
-            model_type=f"{self.model_type}_text",
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads,
-            rms_norm_eps=t.rms_norm_eps,
-            hidden_act=t.hidden_act,
-            max_position_embeddings=t.max_position_embeddings,
-            rope_parameters=rope,
-            tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            use_sliding_window=False,
-            attention_dropout=0.0,
+        architecture = (
+            "Qwen2_5_VLForConditionalGeneration"
+            if self.vision.is_qwen2_5
+            else "Qwen2VLForConditionalGeneration"
         )
-        if v.is_qwen2_5:
-            vision = dict(
-                model_type="qwen2_5_vl_vision",
-                depth=v.depth,
-                hidden_size=v.embed_dim,
-                out_hidden_size=v.hidden_size,
-                intermediate_size=v.intermediate_size,
-                num_heads=v.num_heads,
-                patch_size=v.patch_size,
-                temporal_patch_size=v.temporal_patch_size,
-                spatial_merge_size=v.spatial_merge_size,
-                in_channels=v.in_channels,
-                hidden_act=v.hidden_act,
-                window_size=v.window_size,
-                fullatt_block_indexes=list(v.fullatt_block_indexes),
-                tokens_per_second=v.tokens_per_second,
-                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
-            )
-            architecture = "Qwen2_5_VLForConditionalGeneration"
-        else:
-            vision = dict(
-                model_type="qwen2_vl_vision",
-                depth=v.depth,
-                embed_dim=v.embed_dim,
-                hidden_size=v.hidden_size,
-                num_heads=v.num_heads,
-                mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                patch_size=v.patch_size,
-                temporal_patch_size=v.temporal_patch_size,
-                spatial_merge_size=v.spatial_merge_size,
-                in_channels=v.in_channels,
-                hidden_act=v.hidden_act,
-                rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
-            )
-            architecture = "Qwen2VLForConditionalGeneration"
         return dict(
             architectures=[architecture],
             model_type=self.model_type,
-            text_config=text,
-            vision_config=vision,
+            text_config=_text_to_hf(self),
+            vision_config=_vision_to_hf(self.vision),
             image_token_id=self.image_token_id,
             video_token_id=self.video_token_id,
             vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
             tie_word_embeddings=self.tie_word_embeddings,
         )
+
+
+def _text_to_hf(config: Qwen2VLConfig) -> dict[str, Any]:
+    """config.json's `text_config` (the decoder, its M-RoPE and the text-side token ids)."""
+    t = config.text
+    rope = {
+        "rope_type": "default",
+        "type": "mrope",
+        "mrope_section": list(t.mrope_section),
+        "rope_theta": t.rope_theta,
+    }
+    return dict(
+        model_type=f"{config.model_type}_text",
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        rms_norm_eps=t.rms_norm_eps,
+        hidden_act=t.hidden_act,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+    )
+
+
+def _vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    """config.json's `vision_config`, in the keys of the family (see the module docstring)."""
+    if v.is_qwen2_5:
+        return dict(
+            model_type="qwen2_5_vl_vision",
+            depth=v.depth,
+            hidden_size=v.embed_dim,
+            out_hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_heads=v.num_heads,
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size,
+            in_channels=v.in_channels,
+            hidden_act=v.hidden_act,
+            window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes),
+            tokens_per_second=v.tokens_per_second,
+            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+        )
+    return dict(
+        model_type="qwen2_vl_vision",
+        depth=v.depth,
+        embed_dim=v.embed_dim,
+        hidden_size=v.hidden_size,
+        num_heads=v.num_heads,
+        mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        spatial_merge_size=v.spatial_merge_size,
+        in_channels=v.in_channels,
+        hidden_act=v.hidden_act,
+        rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+    )
 
 
 def _need(d: dict[str, Any], key: str, where: str, source: str) -> Any:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from g2e import mining, saving
+from g2e import layout, mining, saving
 from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
@@ -52,21 +52,23 @@ PLAIN_PROMPT = prompts.PromptOptions(system=False, suffix=False)
 def run(pipeline: Pipeline) -> dict[str, Any]:
     """The `train` stage: the mined clusters (when train.use_clusters) and the configured
     prompt; writes under <workdir>/train/."""
-    return train_stage(pipeline, "train", use_clusters=bool(pipeline.config.train.use_clusters))
+    return train_stage(
+        pipeline, layout.TRAIN, use_clusters=bool(pipeline.config.train.use_clusters)
+    )
 
 
 def run_random(pipeline: Pipeline) -> dict[str, Any]:
     """The `train_random` stage: the same steps with random batches instead of the mined
     clusters (train.use_clusters=False), the paper's SaHa-vs-in-batch ablation; writes under
     <workdir>/train_random/ for `eval_random`."""
-    return train_stage(pipeline, "train_random", use_clusters=False)
+    return train_stage(pipeline, layout.TRAIN_RANDOM, use_clusters=False)
 
 
 def run_plain_random(pipeline: Pipeline) -> dict[str, Any]:
     """The `train_plain_random` stage: random batches and the plain prompt (no system turn, no
     suffix), the ablation row "fine-tuned, plain prompt"; writes under
     <workdir>/train_plain_random/."""
-    return train_stage(pipeline, "train_plain_random", use_clusters=False, prompt=PLAIN_PROMPT)
+    return train_stage(pipeline, layout.TRAIN_PLAIN_RANDOM, use_clusters=False, prompt=PLAIN_PROMPT)
 
 
 def train_stage(
@@ -109,7 +111,7 @@ def train_stage(
         pipeline.processor(train=True, prompt=prompt),
         pipeline.mesh,
         pipeline.rules,
-        str(pipeline.workdir / name),
+        str(pipeline.stage_dir(name)),
         workers=pipeline.workers,
         evaluate=evaluate,
     )
@@ -147,7 +149,9 @@ def training_rows(
     pipeline: Pipeline, *, use_clusters: bool = True
 ) -> tuple[Sequence[mmeb.TrainRow], list[list[int]]]:
     """All training rows (subsets concatenated, read lazily from a TFDS copy) and the clusters
-    over them: the mine stage's when `use_clusters`, every row its own otherwise."""
+    over them: the mine stage's when `use_clusters`, every row its own otherwise. Rows no mined
+    cluster holds train as single rows, or are left out when not train.keep_unclustered_rows
+    (the release: only clustered rows train, and only they top up short batches)."""
     config = pipeline.config
     parts: list[Sequence[mmeb.TrainRow]] = []
     offset = 0
@@ -155,18 +159,25 @@ def training_rows(
     bad = BadInputReport(config.data.on_bad_input)
     for subset in rows_lib.train_subsets(config.data):
         subset_rows = rows_lib.train_rows(config.data, subset, bad)
-        path = pipeline.workdir / "mine" / f"{subset}.clusters.json"
+        path = layout.clusters_file(pipeline.workdir, subset)
         covered = np.zeros(len(subset_rows), bool)
+        subset_clusters: list[list[int]] = []
         if use_clusters and path.is_file():
             mined = mining.read_clusters(str(path), subset=subset, num_rows=len(subset_rows))
+            subset_clusters = [list(cluster) for cluster in mined.clusters]
             for cluster in mined.clusters:
-                clusters.append([offset + i for i in cluster])
                 covered[cluster] = True
         elif use_clusters:
             logging.warning(
                 "train: %s has no clusters (%s); its rows train as single rows", subset, path
             )
-        clusters += [[offset + int(i)] for i in np.flatnonzero(~covered)]
+        if use_clusters and covered.any() and not config.train.keep_unclustered_rows:
+            subset_rows = rows_lib.SampledRows(subset_rows, np.flatnonzero(covered))
+            renumbered = np.cumsum(covered) - 1
+            subset_clusters = [renumbered[cluster].tolist() for cluster in subset_clusters]
+        else:
+            subset_clusters += [[int(i)] for i in np.flatnonzero(~covered)]
+        clusters += [[offset + int(i) for i in cluster] for cluster in subset_clusters]
         parts.append(subset_rows)
         offset += len(subset_rows)
     if bad.total:

@@ -40,8 +40,21 @@ def test_precision_recall_and_base_rate_of_the_judges_yes():
         "base_rate": 40.0,
         "yes": 2,
         "precision": 50.0,
+        # Wilson, 1 of 2: centre (0.5 + z^2/4) / (1 + z^2/2) = 0.5, half-width
+        # z sqrt(1/8 + z^2/16) / (1 + z^2/2) = 0.4055.
+        "precision_ci95": [9.5, 90.5],
         "recall": 50.0,
     }
     # Undefined shares are None, not 0.
     none_yes = judge_quality.subset_quality(rows, answers, threshold=0.95)
     assert none_yes["yes"] == 0 and none_yes["precision"] is None and none_yes["recall"] == 0.0
+    assert none_yes["precision_ci95"] is None
+
+
+def test_wilson_interval_equals_a_hand_computation():
+    z2 = 1.959963984540054**2
+    # 0 of 10: centre = half-width = (z^2 / 20) / (1 + z^2 / 10), so [0, z^2/10 / (1 + z^2/10)].
+    assert judge_quality.wilson_ci95(0, 10) == [0.0, round(100 * (z2 / 10) / (1 + z2 / 10), 1)]
+    # Newcombe (1998), 81 of 263: 0.2553 to 0.3662.
+    assert judge_quality.wilson_ci95(81, 263) == [25.5, 36.6]
+    assert judge_quality.wilson_ci95(5, 0) is None
