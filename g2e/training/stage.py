@@ -35,7 +35,8 @@ from g2e.embedding import Embedder
 from g2e.models import lora, sharding
 from g2e.models.qwen2_vl import VISION_FIELDS
 from g2e.pipeline import Pipeline
-from g2e.training import batches, flops, gradcache, trainer
+from g2e.training import batches, gradcache, trainer
+from g2e.training import flops as flops_lib
 from g2e.training import step as step_lib
 
 PyTree = Any
@@ -340,7 +341,7 @@ def train_model(
         prepare_fn=prepare_fn,
         workers=workers,
         subsets=_SubsetNames(rows),
-        model_flops=lambda host: flops.train_step_flops(model.config, host, adapter),
+        model_flops=lambda host: flops_lib.train_step_flops(model.config, host, adapter),
         evaluate=evaluate_trained if evaluate else None,
     )
     result = trainer.fit(run, train_cfg)

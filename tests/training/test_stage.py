@@ -27,7 +27,7 @@ from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 from g2e.training import batches
 from g2e.training import loss as loss_lib
-from g2e.training import stage as model_training
+from g2e.training import stage as training_stage
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
         )
 
     before = fixed_loss()
-    result = model_training.train_model(
+    result = training_stage.train_model(
         config, model, rows, clusters, processor, mesh, sharding.DEFAULT_RULES, str(tmp_path)
     )
     after = fixed_loss()
@@ -149,7 +149,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
 
 def test_split_model_trains_adapters_or_the_whole_language_model(assets):
     model = _model(assets / "model", "dora")
-    _, adapters, frozen = model_training.split_model(model, full=False)
+    _, adapters, frozen = training_stage.split_model(model, full=False)
     names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
     assert names == {"lora_a", "lora_b", "magnitude"}
     assert all(
@@ -157,14 +157,14 @@ def test_split_model_trains_adapters_or_the_whole_language_model(assets):
         for p, _ in jax.tree_util.tree_leaves_with_path(frozen.to_pure_dict())
     )
     plain = Qwen2VL(Qwen2VLConfig.from_dir(assets / "model"), rngs=nnx.Rngs(0))
-    _, everything, rest = model_training.split_model(plain, full=True)
+    _, everything, rest = training_stage.split_model(plain, full=True)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(plain, nnx.Param)))
     tower = sum(x.size for x in jax.tree.leaves(nnx.state(plain.visual, nnx.Param)))
     assert tower > 0 and "visual" not in everything
     assert sum(x.size for x in jax.tree.leaves(everything)) == total - tower
     assert sum(x.size for x in jax.tree.leaves(rest.to_pure_dict())) == tower
     with pytest.raises(ValueError, match="adapter.kind=none"):
-        model_training.split_model(plain, full=False)
+        training_stage.split_model(plain, full=False)
 
 
 def test_row_codec_ids_agreed_shapes_and_widening(assets):
@@ -248,7 +248,7 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp
     for subset in seen:
         written = mining.read_clusters(str(tmp_path / "work" / "mine" / f"{subset}.clusters.json"))
         assert written.num_rows == 5
-    rows, clusters = model_training.training_rows(pipeline)
+    rows, clusters = training_stage.training_rows(pipeline)
     assert [r.index for r in rows] == seen["ShapeCaption_t2i"] + seen["ShapeCaption_i2t"]
     assert [4, 0] in clusters and [9, 5] in clusters and len(clusters) == 2 + 2 * 3
 
@@ -261,28 +261,28 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
     monkeypatch.setattr(pipeline, "forget_model", lambda: None)
     monkeypatch.setattr(pipeline, "processor", lambda **kwargs: ("processor", kwargs["prompt"]))
     monkeypatch.setattr(
-        model_training,
+        training_stage,
         "training_rows",
         lambda pipeline, use_clusters: calls.append(use_clusters) or ([0, 1], [[0, 1]]),
     )
-    monkeypatch.setattr(model_training, "heldout_rows", lambda pipeline: [])
+    monkeypatch.setattr(training_stage, "heldout_rows", lambda pipeline: [])
 
     def train_model(config, model, rows, clusters, processor, mesh, rules, workdir, **kwargs):
         calls.append((processor[1], pathlib.Path(workdir).name))
         return types.SimpleNamespace(step=3, stopped_early=False, last_metrics={"loss": 0.5})
 
-    monkeypatch.setattr(model_training, "train_model", train_model)
+    monkeypatch.setattr(training_stage, "train_model", train_model)
     monkeypatch.setattr(
-        model_training.saving,
+        training_stage.saving,
         "save_model",
         lambda model, out_dir, **kwargs: calls.append(pathlib.Path(out_dir)),
     )
     monkeypatch.setattr(Pipeline, "mesh", None)
     plain = prompts.PromptOptions(system=False, suffix=False)
     for run, name, clustered, prompt in (
-        (model_training.run, "train", True, None),
-        (model_training.run_random, "train_random", False, None),
-        (model_training.run_plain_random, "train_plain_random", False, plain),
+        (training_stage.run, "train", True, None),
+        (training_stage.run_random, "train_random", False, None),
+        (training_stage.run_plain_random, "train_plain_random", False, plain),
     ):
         calls.clear()
         summary = run(pipeline)

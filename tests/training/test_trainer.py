@@ -19,7 +19,7 @@ from g2e import killpoints
 from g2e.models import sharding
 from g2e.training import batches, optimizer, trainer
 from g2e.training import loss as loss_lib
-from g2e.training import stage as model_training
+from g2e.training import stage as training_stage
 from g2e.training import step as step_lib
 from tests.training import toy
 
@@ -227,7 +227,7 @@ def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
 
 def _fit_losses(cfg, mesh, workdir):
     queries, candidates = toy.data(64)
-    size = model_training.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
+    size = training_stage.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, cfg.cluster_size, size, seed=0)
     trainable, frozen = toy.params()
     run = trainer.Run(
@@ -270,7 +270,7 @@ def test_global_batch_is_the_same_on_1_2_and_8_devices(tmp_path):
         r"into 3 devices .* --config\.train\.cluster_size=2; use a multiple "
         r"of 6 \(e\.g\. 18\)",
     ):
-        model_training.global_batch_size(cfg, three, sharding.DEFAULT_RULES)
+        training_stage.global_batch_size(cfg, three, sharding.DEFAULT_RULES)
 
 
 def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
