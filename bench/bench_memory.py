@@ -140,7 +140,7 @@ def plan_memory(plan: str, args) -> dict:
 
     trainable, frozen = placed(trainable).to_pure_dict(), placed(frozen)
     prepare, embed = model_training.model_step_fns(
-        graphdef, groups=model_training.batch_groups(mesh, rules), vision_chunk=16
+        graphdef, devices=sharding.batch_devices(mesh, rules), vision_chunk=16
     )
     cfg = type(
         "TrainConfig",
@@ -155,9 +155,9 @@ def plan_memory(plan: str, args) -> dict:
         optimizer=opt,
         schedule=schedule,
         mesh=mesh,
+        rules=rules,
         query_chunk=chunk,
         candidate_chunk=chunk,
-        batch_axes=sharding.batch_axes(rules, mesh.axis_names),
         prepare_fn=prepare,
     )
     replicated = NamedSharding(mesh, P())
@@ -173,9 +173,8 @@ def plan_memory(plan: str, args) -> dict:
         sharding=NamedSharding(mesh, P(sharding.batch_axes(rules, mesh.axis_names))),
     )
     start = time.perf_counter()
-    compiled = step.compile_step(
-        setup, jax.tree.map(lambda x: x.sharding, state), state, frozen, batch, rules
-    )
+    jitted = step.jit_step(setup, jax.tree.map(lambda x: x.sharding, state))
+    compiled = step.compile_step(jitted, setup, state, frozen, batch)
     memory = compiled.memory_analysis()
     return dict(
         plan=plan,

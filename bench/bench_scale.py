@@ -226,7 +226,7 @@ def waits(out: pathlib.Path, steps: int) -> dict:
     from g2e.data.preprocess import Processor
     from g2e.demo import mini_mmeb
     from g2e.models import hf_io, sharding
-    from g2e.training import stage
+    from g2e.training import batches, stage
 
     sys.path.insert(0, str(REPO / "configs"))
     import demo as demo_config  # noqa: E402
@@ -265,7 +265,7 @@ def waits(out: pathlib.Path, steps: int) -> dict:
         model = hf_io.load_model(
             model_dir, adapter=adapter, mesh=mesh, rules=sharding.DEFAULT_RULES
         )
-        codec = stage.RowCodec(processor, rows, image_root=None)
+        codec = batches.RowCodec(processor, rows, image_root=None)
         if mode == "prepared":
             codec = _Prepared(
                 codec,

@@ -182,7 +182,7 @@ def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None
     graphdef, trainable, frozen = model_training.split_model(model, full=False)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     prepare, embed = model_training.model_step_fns(
-        graphdef, groups=model_training.batch_groups(mesh, rules), vision_chunk=vision_chunk
+        graphdef, devices=sharding.batch_devices(mesh, rules), vision_chunk=vision_chunk
     )
     train_cfg = types.SimpleNamespace(
         lr=5e-5, warmup_steps=100, steps=1500, weight_decay=0.0, grad_clip=1.0
@@ -195,9 +195,7 @@ def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None
         optimizer=opt,
         schedule=schedule,
         mesh=mesh,
-        query_chunk=0,
-        candidate_chunk=0,
-        batch_axes=sharding.batch_axes(rules, mesh.axis_names),
+        rules=rules,
         prepare_fn=prepare,
     )
     state = trainer._placed(step.init_state(trainable, opt, 0, config), mesh)
@@ -207,7 +205,6 @@ def g2e_step(model, host, *, backprop="auto", vision_chunk=16, memory_limit=None
         jax.tree.map(lambda x: x.sharding, state),
         backprop=backprop,
         memory_limit=memory_limit,
-        rules=rules,
         query_chunk=chunk,
         candidate_chunk=chunk,
     )

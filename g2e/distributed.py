@@ -140,46 +140,9 @@ def initialize(config: Any) -> None:
     if reason is None:
         return
     if reason == "config":
-        settings = config.distributed
-        num_processes, process_id = int(settings.num_processes), int(settings.process_id)
-        if num_processes < 1:
-            raise ValueError(
-                f"--config.distributed.num_processes is {num_processes}, but "
-                f"distributed.coordinator_address={settings.coordinator_address!r} is set; give "
-                "the total number of processes (the same on every host)."
-            )
-        if not 0 <= process_id < num_processes:
-            raise ValueError(
-                f"--config.distributed.process_id is {process_id}; give this process's id in "
-                f"[0, {num_processes}) (distributed.num_processes={num_processes}), unique per "
-                "process, 0 on the coordinator's host."
-            )
-        logging.info(
-            "jax.distributed: coordinator %s, process %d of %d",
-            settings.coordinator_address,
-            process_id,
-            num_processes,
-        )
-        jax.distributed.initialize(
-            coordinator_address=settings.coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
+        _initialize_explicitly(config.distributed)
     else:
-        logging.info("jax.distributed: auto-detected %s environment", reason)
-        tasks_here = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
-        if (
-            reason == "slurm"
-            and "JAX_LOCAL_DEVICE_IDS" not in os.environ
-            and (tasks_here == "1" or tasks_here.startswith("1("))
-        ):
-            # JAX gives each SLURM task only the GPU numbered SLURM_LOCALID.
-            logging.warning(
-                "One SLURM task on this node sees only GPU %s; to use all its GPUs "
-                "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
-                os.environ.get("SLURM_LOCALID", "0"),
-            )
-        jax.distributed.initialize()
+        _initialize_detected(reason)
     # The first cross-process collective sets up the CPU (Gloo) context and gives up after 30 s
     # if a process arrives later; done here, while all are in step, later barriers may wait
     # as long as the primary needs (e.g. while it alone prepares the demo).
@@ -191,6 +154,53 @@ def initialize(config: Any) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def _initialize_explicitly(settings: Any) -> None:
+    """jax.distributed.initialize with the `distributed` config block's coordinator, process
+    count and id, each checked first."""
+    num_processes, process_id = int(settings.num_processes), int(settings.process_id)
+    if num_processes < 1:
+        raise ValueError(
+            f"--config.distributed.num_processes is {num_processes}, but "
+            f"distributed.coordinator_address={settings.coordinator_address!r} is set; give "
+            "the total number of processes (the same on every host)."
+        )
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--config.distributed.process_id is {process_id}; give this process's id in "
+            f"[0, {num_processes}) (distributed.num_processes={num_processes}), unique per "
+            "process, 0 on the coordinator's host."
+        )
+    logging.info(
+        "jax.distributed: coordinator %s, process %d of %d",
+        settings.coordinator_address,
+        process_id,
+        num_processes,
+    )
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def _initialize_detected(reason: str) -> None:
+    """jax.distributed.initialize in an environment JAX recognises itself (SLURM, MPI, TPU)."""
+    logging.info("jax.distributed: auto-detected %s environment", reason)
+    tasks_here = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
+    if (
+        reason == "slurm"
+        and "JAX_LOCAL_DEVICE_IDS" not in os.environ
+        and (tasks_here == "1" or tasks_here.startswith("1("))
+    ):
+        # JAX gives each SLURM task only the GPU numbered SLURM_LOCALID.
+        logging.warning(
+            "One SLURM task on this node sees only GPU %s; to use all its GPUs "
+            "export JAX_LOCAL_DEVICE_IDS=0,1,...,N-1 (launch/slurm.sbatch does).",
+            os.environ.get("SLURM_LOCALID", "0"),
+        )
+    jax.distributed.initialize()
 
 
 def is_primary() -> bool:

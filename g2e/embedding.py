@@ -93,18 +93,14 @@ class BatchRunner:
     ):
         self.processor = processor
         self.mesh = mesh
-        self.rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+        self.rules = sharding.rules_or_default(rules)
         self.progress = progress
         self.workers = workers
         self.window = window
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
-        ways = 1
-        if mesh is not None:
-            axes = sharding.batch_axes(self.rules, mesh.axis_names)
-            ways = int(np.prod([mesh.shape[a] for a in axes]))
-            ways = max(ways // jax.process_count(), 1)
-        self.batch_size = -(-batch_size // ways) * ways
+        devices = sharding.batch_devices(mesh, self.rules, per_process=True)
+        self.batch_size = -(-batch_size // devices) * devices
         self._step = jax.jit(step, static_argnums=0)
         self.peak_prepared = 0  # the most prepared inputs this runner held at once
 

@@ -3,8 +3,8 @@
 `export_model` writes `<out>/hf` (sharded safetensors + index, config.json, generation config,
 the base checkpoint's tokenizer and preprocessor files, a model card) and, when the model
 carries adapters, `<out>/peft` (g2e.models.peft: loadable by PEFT on top of the base model).
-Each directory is written under a temporary name and renamed into place (g2e.atomic), so a
-partial export never looks complete.
+Both are written by `g2e.saving.save_model`, the save the train stages use too: each directory
+under a temporary name, renamed into place, so a partial export never looks complete.
 
 What the export holds: the base checkpoint as stored on disk, every tensor copied bit for bit,
 except the adapted kernels, which are merged in float32 from the base's stored values (not
@@ -26,7 +26,7 @@ import os
 import pathlib
 from typing import Any
 
-from g2e import distributed, layout
+from g2e import layout, saving
 from g2e.models import hf_io, lora, peft
 from g2e.models.config import QWEN2_5_VL
 from g2e.models.qwen2_vl import Qwen2VL
@@ -138,34 +138,21 @@ def export_model(
       {'hf': path, 'peft': path or ''}.
     """
     out_dir = pathlib.Path(out_dir)
-    base_dir = pathlib.Path(base_dir)
     if dtype not in DTYPES:
         raise ValueError(f"export: dtype {dtype!r} is not one of {DTYPES}")
     written = {"hf": str(out_dir / "hf"), "peft": ""}
     if adapter is not None and peft.has_adapters(model):
-        distributed.write_on_primary(
-            out_dir / "peft",
-            lambda tmp: peft.save_peft_adapter(model, adapter, tmp, base_model=str(base_dir)),
-        )
+        saving.save_model(model, out_dir / "peft", base_dir=base_dir, adapter=adapter)
         written["peft"] = str(out_dir / "peft")
-    disk_dtype = None if dtype == "source" else hf_io.DISK_DTYPES[dtype]
-
-    def write(tmp: pathlib.Path | None):
-        hf_io.save_hf(
-            model, tmp, source_dir=base_dir, dtype=disk_dtype, max_shard_bytes=max_shard_bytes
-        )
-        if tmp is None:
-            return
-        hf_io.copy_assets(base_dir, tmp)
-        if not (tmp / "generation_config.json").is_file():
-            generation = {
-                "bos_token_id": model.config.bos_token_id,
-                "eos_token_id": model.config.eos_token_id,
-            }
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "README.md").write_text(
-            model_card(results, base_model=str(base_dir), model_type=model.config.model_type)
-        )
-
-    distributed.write_on_primary(out_dir / "hf", write)
+    saving.save_model(
+        model,
+        out_dir / "hf",
+        base_dir=base_dir,
+        copy_base=True,
+        dtype=None if dtype == "source" else hf_io.DISK_DTYPES[dtype],
+        max_shard_bytes=max_shard_bytes,
+        model_card=model_card(
+            results, base_model=str(base_dir), model_type=model.config.model_type
+        ),
+    )
     return written

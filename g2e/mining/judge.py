@@ -80,16 +80,6 @@ class JudgeResult:
     device_calls: int
 
 
-def local_batch_devices(mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None) -> int:
-    """Devices of this process on the mesh's batch axes (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    axes = sharding.batch_axes(
-        tuple(sharding.DEFAULT_RULES if rules is None else rules), mesh.axis_names
-    )
-    return max(int(np.prod([mesh.shape[a] for a in axes])) // jax.process_count(), 1)
-
-
 class _ImageMemo:
     """Policy-resized images by key; the least recently used go past a byte budget."""
 
@@ -147,7 +137,7 @@ class Judge(BatchRunner):
             step,
             mesh=mesh,
             rules=rules,
-            batch_size=batch_size * local_batch_devices(mesh, rules),
+            batch_size=batch_size * sharding.batch_devices(mesh, rules, per_process=True),
             progress=progress,
         )
         self.output_width = 1

@@ -50,7 +50,7 @@ from g2e.models.hf_files import (
     write_shards,
 )
 from g2e.models.qwen2_vl import Qwen2VL
-from g2e.models.sharding import DEFAULT_RULES, Rules, state_shardings
+from g2e.models.sharding import Rules, rules_or_default, state_shardings
 from g2e.models.text import Projection
 
 # The files of a checkpoint directory besides config.json and the weights; they travel
@@ -126,8 +126,7 @@ def load_model(
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory does not exist.")
     config = Qwen2VLConfig.from_dir(directory)
-    checkpoint = Checkpoint(directory)
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = rules_or_default(rules)
 
     def make() -> Qwen2VL:
         return Qwen2VL(
@@ -144,17 +143,33 @@ def load_model(
     graphdef, abstract_adapter, abstract_params = nnx.split(
         nnx.eval_shape(make), nnx.LoRAParam, nnx.Param
     )
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        is_variable = lambda x: isinstance(x, nnx.Variable)
-        param_shardings = jax.tree.map(lambda _: device, abstract_params, is_leaf=is_variable)
-        adapter_shardings = jax.tree.map(lambda _: device, abstract_adapter, is_leaf=is_variable)
-    else:
-        param_shardings = state_shardings(abstract_params, mesh, rules)
-        adapter_shardings = state_shardings(abstract_adapter, mesh, rules)
+    params = _load_params(
+        Checkpoint(directory), config, abstract_params, _shardings(abstract_params, mesh, rules)
+    )
+    model = nnx.merge(graphdef, params, abstract_adapter)
+    if adapter is not None:
+        adapter_shardings = _shardings(abstract_adapter, mesh, rules)
+        _init_adapters(model, adapter, seed, _by_path(adapter_shardings))
+    return model
 
+
+def _shardings(abstract: nnx.State, mesh: jax.sharding.Mesh | None, rules: Rules) -> Any:
+    """Where each variable of `abstract` goes: its logical axes on the mesh, or the first
+    device without a mesh."""
+    if mesh is not None:
+        return state_shardings(abstract, mesh, rules)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda _: device, abstract, is_leaf=is_variable)
+
+
+def _load_params(
+    checkpoint: Checkpoint, config: Qwen2VLConfig, abstract_params: nnx.State, shardings: Any
+) -> nnx.State:
+    """Every parameter of `abstract_params` read from the checkpoint, each straight onto its
+    shardings (the HF name and layout of each: `hf_params`)."""
     abstract_by_path = _by_path(abstract_params)
-    sharding_by_path = _by_path(param_shardings)
+    sharding_by_path = _by_path(shardings)
     mapping = {param.path: param for param in hf_params(config)}
     unmapped = sorted(set(abstract_by_path) - set(mapping))
     if unmapped:
@@ -163,17 +178,12 @@ def load_model(
         path: _load_param(checkpoint, mapping[path], abstract_by_path[path], sharding_by_path[path])
         for path in abstract_by_path
     }
-    params = nnx.State.from_flat_path(
+    return nnx.State.from_flat_path(
         {
             path: variable.replace(loaded[tuple(str(k) for k in path)])
             for path, variable in nnx.to_flat_state(abstract_params)
         }
     )
-
-    model = nnx.merge(graphdef, params, abstract_adapter)
-    if adapter is not None:
-        _init_adapters(model, adapter, seed, _by_path(adapter_shardings))
-    return model
 
 
 def _init_adapters(

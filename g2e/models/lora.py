@@ -212,10 +212,10 @@ def _random_bits(rng: Array, shape: tuple[int, ...]) -> Array:
     if not rules or mesh is None or mesh.empty or not shape:
         return jax.random.bits(rng, shape, jnp.uint16)
     axes = sharding.batch_axes(rules, mesh.axis_names)
-    groups = math.prod(mesh.shape[a] for a in axes)
-    if groups <= 1 or shape[0] % groups:
+    devices = sharding.batch_devices(mesh, rules)
+    if devices <= 1 or shape[0] % devices:
         return jax.random.bits(rng, shape, jnp.uint16)
-    local = (shape[0] // groups, *shape[1:])
+    local = (shape[0] // devices, *shape[1:])
 
     def draw(key):
         index = jax.lax.axis_index(axes)

@@ -12,6 +12,7 @@ Activations are constrained only inside `with jax.set_mesh(mesh), nnx.logical_ax
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,6 +93,29 @@ def batch_axes(rules: Rules, mesh_axis_names: Sequence[str]) -> tuple[str, ...]:
     """
     entry = logical_to_spec(("batch",), rules, mesh_axis_names)[0]
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def rules_or_default(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
+    """`rules` as a tuple, or DEFAULT_RULES when None: the one place the default applies."""
+    return DEFAULT_RULES if rules is None else tuple(rules)
+
+
+def batch_devices(mesh: Any, rules: Rules | None, *, per_process: bool = False) -> int:
+    """Devices the batch dimension is split over: the product of the sizes of `batch_axes`.
+
+    The one definition of this number: per-device batch sizes, GradCache chunks, the vision
+    tower's row groups and per-device dropout draws all read it.
+
+    Args:
+      mesh: a Mesh or AbstractMesh; None (no mesh) counts as one device.
+      rules: the logical-axis rule table (None: DEFAULT_RULES).
+      per_process: count only this process's share of those devices (at least 1).
+    """
+    if mesh is None:
+        return 1
+    axes = batch_axes(rules_or_default(rules), mesh.axis_names)
+    devices = math.prod(mesh.shape[axis] for axis in axes)
+    return max(devices // jax.process_count(), 1) if per_process else devices
 
 
 def batch_dim(field: str) -> int:

@@ -1,9 +1,11 @@
-"""Training batches of whole clusters, as a pure function of (seed, step).
+"""Training inputs: which rows form each step (`ClusterSchedule`), how a row becomes arrays
+(`RowCodec`: row -> `Encoded` query and positive -> collated arrays) and the host side that runs
+both, ahead of the devices (`StepInputs`).
 
-A cluster is an anchor row plus its mined rows (SaHa), or a single row when mining is off. The
-global batch of N = train.global_batch rows is cut into slots of
-cluster_size rows; clusters are packed into slots whole, in a per-epoch shuffled order. A slot
-that the next cluster does not fit into is topped up with rows drawn from outside the batch
+Batches are made of whole clusters, as a pure function of (seed, step). A cluster is an anchor
+row plus its mined rows (SaHa), or a single row when mining is off. The global batch of
+N = train.global_batch rows is cut into slots of cluster_size rows; clusters are packed into
+slots whole, in a per-epoch shuffled order. A slot that the next cluster does not fit into is topped up with rows drawn from outside the batch
 (random in-batch negatives), so shapes stay fixed and no row appears twice in a batch.
 
 Because the rows of step s depend only on (seed, s), the data loader's position is the step
@@ -12,14 +14,21 @@ number: a restarted run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from g2e import distributed
+from g2e.data import prompts
 from g2e.data import workers as workers_lib
+from g2e.data.batching import Encoded
+from g2e.data.images import image_key
+from g2e.data.preprocess import Processor, positive_item, query_item
 
 
 class ClusterSchedule:
@@ -131,20 +140,65 @@ class ClusterSchedule:
         return {"step": step, "epoch": epoch, "batch_in_epoch": step - first, "seed": self.seed}
 
 
-class RowCodec(Protocol):
-    """How the training loop turns row ids into host batches (see `StepInputs`)."""
+def positive_id(row: Any) -> np.ndarray:
+    """int32 [2]: a 62-bit digest of what the row's positive embeds as (text, image and the
+    candidate prompt). Rows whose positives are identical share it, so the loss masks them as
+    duplicates instead of scoring them as negatives (two rows of a classification subset with
+    the same label). A digest, not a number from a pass over all rows: each worker computes
+    its rows' ids, and equal positives on different hosts get equal ids."""
+    key = json.dumps(
+        [row.pos_text, image_key(row.pos_image), prompts.uses_suffix("candidate", row.subset)]
+    )
+    digest = np.frombuffer(hashlib.sha1(key.encode()).digest()[:8], np.uint32)
+    return (digest & 0x7FFFFFFF).astype(np.int32)
 
-    def encode(self, row: int) -> Any:
-        """One row's host work (a Grain worker runs it; it must pickle)."""
 
-    def shape(self, encoded: Sequence[Any]) -> Sequence[int]:
-        """Integers all processes must agree on (their elementwise maximum), e.g. buckets."""
+class RowCodec:
+    """Training rows -> host batches {'query': batch, 'candidate': batch, 'ids': [n, 2]}.
 
-    def collate(self, encoded: Sequence[Any]) -> Mapping[str, Any]:
-        """This process's encoded rows as a host batch of their own shape."""
+    The one path of a training row: `encode` (in a Grain worker) turns row id -> its query
+    (query prompt: qry_text, qry_image) and positive (candidate prompt: pos_text, pos_image) as
+    `Encoded` items, and its positive id; `collate` pads this process's rows to their own
+    buckets; `shape` gives the length and patch buckets of both sides, which the processes agree
+    on per step (`StepInputs.agree`), and `widen` pads to the agreed ones. The train loop needs
+    only these four methods (the tests' toy codec has the same).
+    """
 
-    def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> Mapping[str, Any]:
-        """A collated host batch padded to the agreed (larger or equal) shape."""
+    def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
+        self.processor, self.rows, self.image_root = processor, rows, image_root
+
+    def encode(self, row_id: int) -> tuple[Encoded, Encoded, np.ndarray]:
+        """One row's (query, positive, positive id); runs in a Grain worker (it must pickle)."""
+        row = self.rows[int(row_id)]
+        encode = functools.partial(self.processor.encode, image_root=self.image_root, strict=True)
+        return encode(query_item(row)), encode(positive_item(row)), positive_id(row)
+
+    def shape(self, encoded: Sequence[tuple]) -> list[int]:
+        """[query length, query patches, candidate length, candidate patches] buckets."""
+        query = self.processor.shape_of([e[0] for e in encoded])
+        candidate = self.processor.shape_of([e[1] for e in encoded])
+        return [*query, *candidate]
+
+    def collate(self, encoded: Sequence[tuple]) -> dict[str, Any]:
+        """This process's encoded rows as a host batch of their own buckets."""
+        return {
+            "query": self.processor.collate([e[0] for e in encoded]),
+            "candidate": self.processor.collate([e[1] for e in encoded]),
+            "ids": np.stack([e[2] for e in encoded]),
+        }
+
+    def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> dict[str, Any]:
+        """A collated host batch padded to the agreed (larger or equal) `shape`."""
+        query_length, query_patches, candidate_length, candidate_patches = shape
+        return {
+            **batch,
+            "query": self.processor.widen(
+                batch["query"], length=query_length, num_patches=query_patches
+            ),
+            "candidate": self.processor.widen(
+                batch["candidate"], length=candidate_length, num_patches=candidate_patches
+            ),
+        }
 
 
 class _StepRows(Sequence):

@@ -1,6 +1,6 @@
 """GradCache (Gao et al., 2021) in JAX: a large contrastive batch at the memory cost of a chunk.
 
-Letters: N global pairs, G batch groups (devices along the batch mesh axes), T rows per device
+Letters: N global pairs, G devices along the batch mesh axes (`sharding.batch_devices`), T rows per device
 in one chunk, J = N / (G * T) chunks, D embedding width.
 
 1. Embed all queries and all candidates chunk by chunk (a `lax.scan`) without differentiating,
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from g2e.models import sharding
 from g2e.models.sharding import batch_dim
 
 Array = jax.Array
@@ -38,13 +39,12 @@ EmbedFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], Array]
 LossFn = Callable[[Array, Array, PyTree], tuple[Array, Mapping[str, Array]]]
 
 
-def _groups(mesh: Mesh | None, batch_axes: tuple[str, ...]) -> int:
+def _layout(mesh: Mesh | None, rules: sharding.Rules | None) -> tuple[int, tuple[str, ...]]:
+    """(G, the mesh axes the batch is split over); (1, ()) without a mesh."""
     if mesh is None:
-        return 1
-    size = 1
-    for axis in batch_axes:
-        size *= mesh.shape.get(axis, 1)
-    return size
+        return 1, ()
+    axes = sharding.batch_axes(sharding.rules_or_default(rules), mesh.axis_names)
+    return sharding.batch_devices(mesh, rules), axes
 
 
 def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
@@ -53,21 +53,21 @@ def _constrain(x: Array, mesh: Mesh | None, spec: P) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def to_chunks(batch: Mapping[str, Array], chunk: int, groups: int) -> dict[str, Array]:
-    """[N, ...] arrays -> [J, G * T, ...] with chunk j holding rows j*T.. of every group."""
+def to_chunks(batch: Mapping[str, Array], chunk: int, devices: int) -> dict[str, Array]:
+    """[N, ...] arrays -> [J, G * T, ...] with chunk j holding rows j*T.. of every device."""
     out = {}
     for key, x in batch.items():
         x = jnp.moveaxis(x, batch_dim(key), 0)
         total = x.shape[0]
-        if total % (groups * chunk):
+        if total % (devices * chunk):
             raise ValueError(
                 f"GradCache: batch of {total} ('{key}') does not split into "
-                f"{groups} devices x chunks of {chunk}; make train.query_chunk / "
+                f"{devices} devices x chunks of {chunk}; make train.query_chunk / "
                 "train.candidate_chunk divide the per-device batch."
             )
-        num = total // (groups * chunk)
-        x = x.reshape(groups, num, chunk, *x.shape[1:]).swapaxes(0, 1)
-        out[key] = x.reshape(num, groups * chunk, *x.shape[3:])
+        num = total // (devices * chunk)
+        x = x.reshape(devices, num, chunk, *x.shape[1:]).swapaxes(0, 1)
+        out[key] = x.reshape(num, devices * chunk, *x.shape[3:])
     return out
 
 
@@ -76,10 +76,10 @@ def from_chunk(chunk_batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: jnp.moveaxis(x, 0, batch_dim(k)) for k, x in chunk_batch.items()}
 
 
-def from_chunks(embeddings: Array, groups: int) -> Array:
+def from_chunks(embeddings: Array, devices: int) -> Array:
     """[J, G * T, D] chunked embeddings -> [N, D] in the batch's row order."""
     num, gc, dim = embeddings.shape
-    x = embeddings.reshape(num, groups, gc // groups, dim).swapaxes(0, 1)
+    x = embeddings.reshape(num, devices, gc // devices, dim).swapaxes(0, 1)
     return x.reshape(num * gc, dim)
 
 
@@ -92,12 +92,11 @@ def embed_in_chunks(
     chunk: int,
     *,
     mesh: Mesh | None = None,
-    batch_axes: tuple[str, ...] = (),
+    rules: sharding.Rules | None = None,
 ) -> Array:
     """Embeddings [N, D] of a batch, computed T rows per device at a time, not differentiated."""
-    groups = _groups(mesh, batch_axes)
-    axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
-    chunks = to_chunks(batch, chunk, groups)
+    devices, axes = _layout(mesh, rules)
+    chunks = to_chunks(batch, chunk, devices)
     num = next(iter(chunks.values())).shape[0]
     trainable = jax.lax.stop_gradient(trainable)
 
@@ -108,7 +107,7 @@ def embed_in_chunks(
         return None, _constrain(emb.astype(jnp.float32), mesh, P(axes))
 
     _, embeddings = jax.lax.scan(body, None, (jnp.arange(num), chunks))
-    return _constrain(from_chunks(embeddings, groups), mesh, P(axes))
+    return _constrain(from_chunks(embeddings, devices), mesh, P(axes))
 
 
 def _accumulate_grads(
@@ -121,13 +120,12 @@ def _accumulate_grads(
     chunk: int,
     acc: PyTree,
     mesh: Mesh | None,
-    batch_axes: tuple[str, ...],
+    rules: sharding.Rules | None,
 ) -> PyTree:
     """acc + d(sum(embeddings * cotangents))/d(trainable), one chunk's backward at a time."""
-    groups = _groups(mesh, batch_axes)
-    axes = tuple(a for a in batch_axes if mesh is not None and a in mesh.axis_names)
-    chunks = to_chunks(batch, chunk, groups)
-    chunked_cot = to_chunks({"cot": cotangents}, chunk, groups)["cot"]
+    devices, axes = _layout(mesh, rules)
+    chunks = to_chunks(batch, chunk, devices)
+    chunked_cot = to_chunks({"cot": cotangents}, chunk, devices)["cot"]
     num = chunked_cot.shape[0]
 
     def body(acc, xs):
@@ -156,7 +154,7 @@ def loss_and_grads(
     query_chunk: int,
     candidate_chunk: int,
     mesh: Mesh | None = None,
-    batch_axes: tuple[str, ...] = (),
+    rules: sharding.Rules | None = None,
 ) -> tuple[Array, Mapping[str, Array], PyTree]:
     """GradCache loss and gradient of the trainable parameters.
 
@@ -169,48 +167,31 @@ def loss_and_grads(
         candidates is the positive of query i.
       rng: dropout key of this step.
       query_chunk, candidate_chunk: rows per device per chunk.
-      mesh, batch_axes: the device mesh and the mesh axes the batch is split over
-        (`sharding.batch_axes`; with a mesh, () means the batch is not split).
+      mesh, rules: the device mesh and the logical-axis rules, whose 'batch' rule names the
+        mesh axes the batch is split over (None: no mesh, one device).
 
     Returns:
       (loss, aux metrics of loss_fn, float32 gradients shaped like `trainable`).
     """
     query_rng, candidate_rng = jax.random.split(rng)
-    common = dict(mesh=mesh, batch_axes=batch_axes)
-    queries = embed_in_chunks(
-        embed_fn, trainable, frozen, batch["query"], query_rng, query_chunk, **common
+    sides = (("query", query_rng, query_chunk), ("candidate", candidate_rng, candidate_chunk))
+    # 1. Every embedding, chunk by chunk, without differentiating.
+    queries, candidates = (
+        embed_in_chunks(
+            embed_fn, trainable, frozen, batch[side], key, chunk, mesh=mesh, rules=rules
+        )
+        for side, key, chunk in sides
     )
-    candidates = embed_in_chunks(
-        embed_fn, trainable, frozen, batch["candidate"], candidate_rng, candidate_chunk, **common
-    )
+    # 2. The loss and its gradient with respect to the embeddings (and the loss's own params).
     (loss, aux), (query_cot, candidate_cot, direct) = jax.value_and_grad(
         loss_fn, argnums=(0, 1, 2), has_aux=True
     )(queries, candidates, trainable)
+    # 3. Each chunk again under jax.vjp, pulling its embeddings' gradient into the parameters.
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), direct)
-    grads = _accumulate_grads(
-        embed_fn,
-        trainable,
-        frozen,
-        batch["query"],
-        query_cot,
-        query_rng,
-        query_chunk,
-        grads,
-        mesh,
-        batch_axes,
-    )
-    grads = _accumulate_grads(
-        embed_fn,
-        trainable,
-        frozen,
-        batch["candidate"],
-        candidate_cot,
-        candidate_rng,
-        candidate_chunk,
-        grads,
-        mesh,
-        batch_axes,
-    )
+    for (side, key, chunk), cotangents in zip(sides, (query_cot, candidate_cot)):
+        grads = _accumulate_grads(
+            embed_fn, trainable, frozen, batch[side], cotangents, key, chunk, grads, mesh, rules
+        )
     return loss, aux, grads
 
 

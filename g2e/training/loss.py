@@ -48,14 +48,13 @@ class LossConfig:
 
     @classmethod
     def from_config(cls, train_cfg: Any) -> LossConfig:
-        get = train_cfg.get
-        margin = get("false_negative_margin", None)
+        margin = train_cfg.false_negative_margin
         return cls(
             temperature=float(train_cfg.temperature),
-            hardness_alpha=float(get("hardness_alpha", 0.0)),
-            false_negative_margin=None if margin is None or margin < 0 else float(margin),
-            learnable_temperature=bool(get("learnable_temperature", False)),
-            mask_identical_positives=bool(get("mask_identical_positives", True)),
+            hardness_alpha=float(train_cfg.hardness_alpha),
+            false_negative_margin=None if margin < 0 else float(margin),
+            learnable_temperature=bool(train_cfg.learnable_temperature),
+            mask_identical_positives=bool(train_cfg.mask_identical_positives),
         )
 
 

@@ -1,19 +1,20 @@
-"""The `train` stage: contrastive LoRA/DoRA fine-tuning on the mined clusters (docs/method.md §3).
+"""The training stages: contrastive LoRA/DoRA fine-tuning (docs/method.md §3).
 
-Reads every training subset's rows and, when `train.use_clusters`, the mine stage's clusters
+Three stages, one function (`train_stage`) with three settings:
+  train               the mine stage's clusters (when `train.use_clusters`), the configured prompt;
+  train_random        random batches (every row its own cluster), the configured prompt;
+  train_plain_random  random batches and the plain prompt (no system turn, no suffix).
+Each reads every training subset's rows and, with clusters, the mine stage's
 (`<workdir>/mine/<subset>.clusters.json`); rows that no cluster covers join as single rows, so
 no training pair is lost. `train_model` binds the generic loop (`g2e.training.trainer.fit`:
-checkpoints and metrics under `<workdir>/train/`, resumed automatically) to Qwen2VL, the rows
-and the Processor; the stage then writes the result for the later stages: the adapter in PEFT
-format at `<workdir>/train/adapter`, or, for full fine-tuning, a Hugging Face checkpoint at
-`<workdir>/train/hf`.
+checkpoints and metrics under `<workdir>/<stage>/`, resumed automatically) to Qwen2VL, the rows
+and the Processor; the stage then writes the result for the later stages
+(`g2e.saving.save_model`): the adapter in PEFT format at `<workdir>/<stage>/adapter`, or, for
+full fine-tuning, a Hugging Face checkpoint at `<workdir>/<stage>/hf`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -25,117 +26,107 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from g2e import distributed, layout, mining
+from g2e import layout, mining, saving
 from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
-from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
 from g2e.embedding import Embedder
-from g2e.models import hf_io, lora, peft, sharding
+from g2e.models import lora, sharding
 from g2e.models.qwen2_vl import VISION_FIELDS
 from g2e.pipeline import Pipeline
-from g2e.training import batches, flops, gradcache, trainer
+from g2e.training import batches, gradcache, trainer
+from g2e.training import flops as flops_lib
 from g2e.training import step as step_lib
+
+PyTree = Any
 
 
 class Preempted(SystemExit):
     """Training stopped on SIGTERM / a preemption notice after saving a checkpoint."""
 
 
+# The plain prompt of the ablations: no system turn, no suffix (as the `eval_plain` stage).
+PLAIN_PROMPT = prompts.PromptOptions(system=False, suffix=False)
+
+
 def run(pipeline: Pipeline) -> dict[str, Any]:
-    """Runs the stage; returns the summary for DONE.json. Raises Preempted when stopped early."""
-    return _train(pipeline, "train", use_clusters=bool(pipeline.config.train.use_clusters))
+    """The `train` stage: the mined clusters (when train.use_clusters) and the configured
+    prompt; writes under <workdir>/train/."""
+    return train_stage(
+        pipeline, layout.TRAIN, use_clusters=bool(pipeline.config.train.use_clusters)
+    )
 
 
 def run_random(pipeline: Pipeline) -> dict[str, Any]:
     """The `train_random` stage: the same steps with random batches instead of the mined
     clusters (train.use_clusters=False), the paper's SaHa-vs-in-batch ablation; writes under
     <workdir>/train_random/ for `eval_random`."""
-    return _train(pipeline, "train_random", use_clusters=False)
+    return train_stage(pipeline, layout.TRAIN_RANDOM, use_clusters=False)
 
 
 def run_plain_random(pipeline: Pipeline) -> dict[str, Any]:
-    """The `train_plain_random` stage: random batches with the plain prompt (no system turn, no
-    suffix), the paper's in-batch baseline; writes under <workdir>/train_plain_random/ for
-    `eval_plain_random`."""
-    plain = prompts.PromptOptions(system=False, suffix=False)
-    return _train(pipeline, "train_plain_random", use_clusters=False, prompt=plain)
+    """The `train_plain_random` stage: random batches and the plain prompt (no system turn, no
+    suffix), the ablation row "fine-tuned, plain prompt"; writes under
+    <workdir>/train_plain_random/."""
+    return train_stage(pipeline, layout.TRAIN_PLAIN_RANDOM, use_clusters=False, prompt=PLAIN_PROMPT)
 
 
-def _train(
+def train_stage(
     pipeline: Pipeline,
-    stage: str,
+    name: str,
     *,
     use_clusters: bool,
     prompt: prompts.PromptOptions | None = None,
 ) -> dict[str, Any]:
+    """One training stage: fine-tunes the base model into <workdir>/<name>/ and writes it there.
+
+    Args:
+      pipeline: the run's shared context.
+      name: the stage's name and output folder.
+      use_clusters: batches of the mine stage's clusters; False: every row its own (random
+        in-batch negatives).
+      prompt: the prompt options of training and the held-out check (None: config.prompt).
+
+    Returns:
+      The summary for DONE.json (steps, final loss, rows, clusters, held-out accuracy).
+
+    Raises:
+      Preempted: SIGTERM or a preemption notice stopped the run after a checkpoint.
+    """
     config = pipeline.config
     adapter = adapter_config(config)
     model = pipeline.model(trained=False, adapter=adapter)
     rows, clusters = training_rows(pipeline, use_clusters=use_clusters)
+    several = sum(len(c) > 1 for c in clusters)
     logging.info(
-        "%s: %d rows in %d clusters (%d of several rows)",
-        stage,
-        len(rows),
-        len(clusters),
-        sum(len(c) > 1 for c in clusters),
+        "%s: %d rows in %d clusters (%d of several rows)", name, len(rows), len(clusters), several
     )
-    processor = pipeline.processor(train=True, prompt=prompt)
     heldout = heldout_rows(pipeline)
-    evaluate = None
-    if heldout:
-        evaluate = HeldOut(
-            model,
-            heldout,
-            pipeline.processor(
-                train=True, prompt=prompt, image_root=config.data.train_image_root or None
-            ),
-            mesh=pipeline.mesh,
-            rules=pipeline.rules,
-            batch_size=config.eval.batch_size,
-            workers=pipeline.workers,
-        )
+    evaluate = HeldOut.of_pipeline(pipeline, model, heldout, prompt) if heldout else None
     result = train_model(
         config,
         model,
         rows,
         clusters,
-        processor,
+        pipeline.processor(train=True, prompt=prompt),
         pipeline.mesh,
         pipeline.rules,
-        str(pipeline.workdir / stage),
+        str(pipeline.stage_dir(name)),
         workers=pipeline.workers,
         evaluate=evaluate,
     )
     if result.stopped_early:
         raise Preempted(
-            f"{stage}: stopped at step {result.step} after saving a checkpoint; "
+            f"{name}: stopped at step {result.step} after saving a checkpoint; "
             "rerun the same command to resume"
         )
-    # The weights may be sharded across hosts: every process takes part in gathering them,
-    # process 0 writes.
-    adapter_dir, full_dir = pipeline.trained_paths(stage)
-    if adapter is not None:
-        distributed.write_on_primary(
-            adapter_dir,
-            lambda tmp: peft.save_peft_adapter(model, adapter, tmp, base_model=config.model_dir),
-        )
-    else:
-
-        def write(tmp):
-            hf_io.save_hf(model, tmp)
-            if tmp is not None:
-                hf_io.copy_assets(config.model_dir, tmp)
-
-        distributed.write_on_primary(full_dir, write)
+    adapter_dir, full_dir = pipeline.trained_paths(name)
+    out_dir = full_dir if adapter is None else adapter_dir
+    saving.save_model(model, out_dir, base_dir=config.model_dir, adapter=adapter)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
-    summary = {
-        "steps": result.step,
-        "final_loss": result.last_metrics.get("loss"),
-        "rows": len(rows),
-        "clusters": len(clusters),
-    }
+    summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss")}
+    summary.update(rows=len(rows), clusters=len(clusters))
     if evaluate is not None:
         summary["heldout_accuracy"] = evaluate.last.get("heldout_accuracy")
     return summary
@@ -238,8 +229,29 @@ class HeldOut:
         self.queries = [query_item(row) for row in rows]
         self.positives = [positive_item(row) for row in rows]
         self.subsets = np.asarray([row.subset for row in rows])
-        self.ids = np.stack([positive_id(row) for row in rows])
+        self.ids = np.stack([batches.positive_id(row) for row in rows])
         self.last: dict[str, float] = {}
+
+    @classmethod
+    def of_pipeline(
+        cls,
+        pipeline: Pipeline,
+        model: nnx.Module,
+        rows: Sequence[Any],
+        prompt: prompts.PromptOptions | None,
+    ) -> HeldOut:
+        """The check of a training stage: its prompt, the training preprocessing, the
+        configured evaluation batch size and workers."""
+        image_root = pipeline.config.data.train_image_root or None
+        return cls(
+            model,
+            rows,
+            pipeline.processor(train=True, prompt=prompt, image_root=image_root),
+            mesh=pipeline.mesh,
+            rules=pipeline.rules,
+            batch_size=pipeline.config.eval.batch_size,
+            workers=pipeline.workers,
+        )
 
     def __call__(self, step: int) -> dict[str, float]:
         self.embedder.reload(self.model)  # the weights as trained so far
@@ -263,23 +275,17 @@ def global_batch_size(train_cfg: Any, mesh: Mesh, rules: sharding.Rules) -> int:
       ValueError: the devices along the batch axes cannot each take whole clusters of
         train.cluster_size rows (names the keys and what would divide).
     """
-    groups = batch_groups(mesh, rules)
+    devices = sharding.batch_devices(mesh, rules)
     total, size = int(train_cfg.global_batch), int(train_cfg.cluster_size)
-    if total % (groups * size):
-        unit = groups * size
+    if total % (devices * size):
+        unit = devices * size
         nearest = max(1, round(total / unit)) * unit
         raise ValueError(
-            f"--config.train.global_batch={total} does not split into {groups} devices (the "
+            f"--config.train.global_batch={total} does not split into {devices} devices (the "
             f"mesh's batch axes) x whole clusters of --config.train.cluster_size={size}; use a "
-            f"multiple of {groups * size} (e.g. {nearest}), or change the cluster size or the "
-            "mesh."
+            f"multiple of {unit} (e.g. {nearest}), or change the cluster size or the mesh."
         )
     return total
-
-
-def batch_groups(mesh: Mesh, rules: sharding.Rules) -> int:
-    """Devices the batch is split over (the mesh axes of the 'batch' rule)."""
-    return int(np.prod([mesh.shape[a] for a in sharding.batch_axes(rules, mesh.axis_names)]))
 
 
 def train_model(
@@ -294,74 +300,86 @@ def train_model(
     workers: int = 0,
     evaluate: Callable[[int], dict[str, float]] | None = None,
 ) -> trainer.FitResult:
-    """Contrastive fine-tuning of `model` in place (docs/method.md §3); resumes from `workdir`.
+    """Contrastive fine-tuning of `model` in place (docs/method.md §3), resumed from `workdir`;
+    returns the trainer.FitResult (the model then holds the trained parameters).
 
     Args:
       config: the full config (reads train.*, data.train_image_root, seed).
       model: a Qwen2VL, with adapters unless train.adapter.kind == 'none'; already sharded.
       rows: MMEB-train rows (g2e.data.mmeb.TrainRow), indexed by cluster entries.
       clusters: mined clusters (row indices, anchor first), or None to train on single rows.
-      processor: the training Processor (train max length and image resolution).
+      processor: the training Processor (train max length, image resolution and prompt).
       mesh, rules: the device mesh and the logical-axis rules (the batch axes).
       workdir: checkpoints, metrics and TensorBoard logs go here.
       workers: Grain processes encoding the rows (0: in this process).
       evaluate: step -> metrics of `model` holding the weights trained so far (e.g. a
         HeldOut), run every train.heldout_every steps and after the last.
-
-    Returns:
-      trainer.FitResult; the model's parameters are updated to the trained ones.
     """
     train_cfg = config.train
-    full = train_cfg.adapter.kind == "none"
-    graphdef, trainable, frozen = split_model(model, full=full)
-    stored = jax.tree.map(lambda x: x.dtype, trainable)
-    # Trained parameters and their Adam moments are float32 whatever model.param_dtype.
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    if clusters is None:
-        clusters = [[i] for i in range(len(rows))]
-    schedule = batches.ClusterSchedule(
-        clusters,
-        len(rows),
-        train_cfg.cluster_size,
-        global_batch_size(train_cfg, mesh, rules),
-        seed=int(config.seed),
-    )
-    codec = RowCodec(processor, rows, image_root=config.data.train_image_root or None)
+    graphdef, trainable, frozen = split_model(model, full=train_cfg.adapter.kind == "none")
+    trainable, load = _in_float32(model, trainable)
+    devices = sharding.batch_devices(mesh, rules)
     prepare_fn, embed_fn = model_step_fns(
-        graphdef,
-        groups=batch_groups(mesh, rules),
-        vision_chunk=int(train_cfg.get("vision_chunk", 0)),
+        graphdef, devices=devices, vision_chunk=train_cfg.vision_chunk
     )
     adapter = getattr(model, "adapter", None)
-
-    def load(trained):
-        # Adapters stay float32 (their storage dtype); fully trained weights go back to theirs.
-        nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), trained, stored)))
 
     def evaluate_trained(step, trained):
         load(trained)
         return evaluate(step)
 
-    result = trainer.fit(
-        embed_fn,
-        trainable,
-        frozen,
-        train_cfg=train_cfg,
+    run = trainer.Run(
+        embed_fn=embed_fn,
+        trainable=trainable,
+        frozen=frozen,
+        schedule=_schedule(config, rows, clusters, mesh, rules),
+        codec=batches.RowCodec(processor, rows, image_root=config.data.train_image_root or None),
         mesh=mesh,
-        rules=rules,
-        schedule=schedule,
-        codec=codec,
         workdir=workdir,
+        rules=rules,
         seed=int(config.seed),
-        subsets=_SubsetNames(rows),
-        model_flops=lambda host: flops.train_step_flops(model.config, host, adapter),
         prepare_fn=prepare_fn,
         workers=workers,
+        subsets=_SubsetNames(rows),
+        model_flops=lambda host: flops_lib.train_step_flops(model.config, host, adapter),
         evaluate=evaluate_trained if evaluate else None,
-        evaluate_every=int(train_cfg.get("heldout_every", 0)),
     )
+    result = trainer.fit(run, train_cfg)
     load(result.trainable)
     return result
+
+
+def _schedule(
+    config: Any,
+    rows: Sequence[Any],
+    clusters: Sequence[Sequence[int]] | None,
+    mesh: Mesh,
+    rules: sharding.Rules,
+) -> batches.ClusterSchedule:
+    """The rows of every step: the clusters (or single rows) packed into global batches."""
+    if clusters is None:
+        clusters = [[i] for i in range(len(rows))]
+    return batches.ClusterSchedule(
+        clusters,
+        len(rows),
+        config.train.cluster_size,
+        global_batch_size(config.train, mesh, rules),
+        seed=int(config.seed),
+    )
+
+
+def _in_float32(model: nnx.Module, trainable: PyTree) -> tuple[PyTree, Callable[[PyTree], None]]:
+    """(the trainable parameters in float32, a function that puts trained ones into `model`).
+
+    Trained parameters and their Adam moments are float32 whatever model.param_dtype; put back,
+    adapters stay float32 (their storage dtype) and fully trained weights take their own dtype.
+    """
+    stored = jax.tree.map(lambda x: x.dtype, trainable)
+
+    def load(trained: PyTree) -> None:
+        nnx.update(model, nnx.State(jax.tree.map(lambda x, d: x.astype(d), trained, stored)))
+
+    return jax.tree.map(lambda x: x.astype(jnp.float32), trainable), load
 
 
 def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, nnx.State]:
@@ -384,12 +402,13 @@ def split_model(model: nnx.Module, *, full: bool) -> tuple[nnx.GraphDef, dict, n
 
 
 def model_step_fns(
-    graphdef: nnx.GraphDef, *, groups: int = 1, vision_chunk: int = 0
+    graphdef: nnx.GraphDef, *, devices: int = 1, vision_chunk: int = 0
 ) -> tuple[step_lib.PrepareFn, gradcache.EmbedFn]:
     """(prepare_fn, embed_fn) of a Qwen2VL train step (see g2e.training.step).
 
     prepare_fn, once per step: the frozen vision tower's tokens of each side
-    (`Qwen2VL.vision_tokens`, `vision_chunk` rows of each of the `groups` devices at a time,
+    (`Qwen2VL.vision_tokens`, `vision_chunk` rows of each of the `devices` along the batch
+    axes (`sharding.batch_devices`) at a time,
     text-only chunks skipped; the chunk is cut to divide the rows per device) replace the pixel
     fields of the batch, and the DoRA norms join the frozen weights.
     embed_fn: the last non-pad token's hidden state, L2-normalised, with adapter dropout on.
@@ -400,9 +419,9 @@ def model_step_fns(
         prepared = dict(batch)
         for side in ("query", "candidate"):
             fields = dict(batch[side])
-            per_device = fields["input_ids"].shape[0] // groups
+            per_device = fields["input_ids"].shape[0] // devices
             chunk = math.gcd(vision_chunk, per_device) if vision_chunk else 0
-            tokens = model.vision_tokens(fields, groups=groups, chunk=chunk)
+            tokens = model.vision_tokens(fields, groups=devices, chunk=chunk)
             for key in VISION_FIELDS:
                 fields.pop(key, None)
             if tokens is not None:
@@ -423,61 +442,6 @@ def model_step_fns(
         )
 
     return prepare, embed
-
-
-def positive_id(row: Any) -> np.ndarray:
-    """int32 [2]: a 62-bit digest of what the row's positive embeds as (text, image and the
-    candidate prompt). Rows whose positives are identical share it, so the loss masks them as
-    duplicates instead of scoring them as negatives (two rows of a classification subset with
-    the same label). A digest, not a number from a pass over all rows: each worker computes
-    its rows' ids, and equal positives on different hosts get equal ids."""
-    key = json.dumps(
-        [row.pos_text, image_key(row.pos_image), prompts.uses_suffix("candidate", row.subset)]
-    )
-    digest = np.frombuffer(hashlib.sha1(key.encode()).digest()[:8], np.uint32)
-    return (digest & 0x7FFFFFFF).astype(np.int32)
-
-
-class RowCodec:
-    """Training rows -> host batches {'query': batch, 'candidate': batch, 'ids': [n, 2]}.
-
-    `encode` runs in a Grain worker: one row's query (query prompt: qry_text, qry_image) and
-    positive (candidate prompt: pos_text, pos_image), and its positive id. `shape` gives the
-    length and patch buckets of both sides, which the processes agree on per step; `collate`
-    pads this process's rows to its own buckets and `widen` to the agreed ones.
-    """
-
-    def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
-        self.processor, self.rows, self.image_root = processor, rows, image_root
-
-    def encode(self, row_id: int) -> tuple:
-        row = self.rows[int(row_id)]
-        encode = functools.partial(self.processor.encode, image_root=self.image_root, strict=True)
-        return encode(query_item(row)), encode(positive_item(row)), positive_id(row)
-
-    def shape(self, encoded: Sequence[tuple]) -> list[int]:
-        query = self.processor.shape_of([e[0] for e in encoded])
-        candidate = self.processor.shape_of([e[1] for e in encoded])
-        return [*query, *candidate]
-
-    def collate(self, encoded: Sequence[tuple]) -> dict:
-        return {
-            "query": self.processor.collate([e[0] for e in encoded]),
-            "candidate": self.processor.collate([e[1] for e in encoded]),
-            "ids": np.stack([e[2] for e in encoded]),
-        }
-
-    def widen(self, batch: dict, shape: Sequence[int]) -> dict:
-        query_length, query_patches, candidate_length, candidate_patches = shape
-        return {
-            **batch,
-            "query": self.processor.widen(
-                batch["query"], length=query_length, num_patches=query_patches
-            ),
-            "candidate": self.processor.widen(
-                batch["candidate"], length=candidate_length, num_patches=candidate_patches
-            ),
-        }
 
 
 class _SubsetNames:

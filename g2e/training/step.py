@@ -22,13 +22,11 @@ chooses how it backpropagates (`train.backprop`):
   'gradcache': always GradCache (chunks as under 'auto').
 The compiled executable also gives the step's hardware FLOPs (g2e.training.flops.hlo_flops).
 The step is traced with the mesh and the logical-axis rules set (`compile_step`), so the model's
-activation constraints (`sharding.constrain`) take effect: without them GSPMD may, under fsdp,
-gather a whole chunk's activations onto every device rather than the layer's weights.
+activation constraints (`sharding.constrain`) take effect.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -60,6 +58,9 @@ _MEMORY_HEADROOM = 0.9
 class StepSetup:
     """The static parts of the train step (hashable, closed over by jit).
 
+    mesh, rules: the device mesh (None: one device) and the logical-axis rules; the 'batch'
+    rule names the mesh axes the batch is split over, and the step is traced under both, so
+    the model's activation constraints apply.
     query_chunk / candidate_chunk: rows per device per GradCache chunk; 0 backpropagates
     through the whole batch at once.
     """
@@ -68,11 +69,18 @@ class StepSetup:
     loss_config: loss_lib.LossConfig
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
-    mesh: Mesh
-    query_chunk: int
-    candidate_chunk: int
-    batch_axes: tuple[str, ...]
+    mesh: Mesh | None
+    rules: sharding.Rules = sharding.DEFAULT_RULES
+    query_chunk: int = 0
+    candidate_chunk: int = 0
     prepare_fn: PrepareFn | None = None
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the batch is split over (() without a mesh)."""
+        if self.mesh is None:
+            return ()
+        return sharding.batch_axes(self.rules, self.mesh.axis_names)
 
 
 def init_state(
@@ -116,39 +124,7 @@ def train_step(
     params = state["params"]
     if setup.prepare_fn is not None:
         frozen, batch = setup.prepare_fn(params["model"], frozen, batch)
-
-    def embed(params, frozen_params, model_batch, key):
-        return setup.embed_fn(params["model"], frozen_params, model_batch, key)
-
-    def contrastive(queries, candidates, params):
-        loss, accuracy = loss_lib.infonce(
-            queries,
-            candidates,
-            batch["ids"],
-            setup.loss_config,
-            mesh=setup.mesh,
-            batch_axes=setup.batch_axes,
-            log_inverse_temperature=params.get("log_inverse_temperature"),
-        )
-        return loss, {"accuracy": accuracy}
-
-    if setup.query_chunk and setup.candidate_chunk:
-        loss, aux, grads = gradcache.loss_and_grads(
-            embed,
-            contrastive,
-            params,
-            frozen,
-            batch,
-            rng,
-            query_chunk=setup.query_chunk,
-            candidate_chunk=setup.candidate_chunk,
-            mesh=setup.mesh,
-            batch_axes=setup.batch_axes,
-        )
-    else:
-        loss, aux, grads = gradcache.direct_loss_and_grads(
-            embed, contrastive, params, frozen, batch, rng
-        )
+    loss, aux, grads = _loss_and_grads(setup, params, frozen, batch, rng)
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {
@@ -170,30 +146,59 @@ def train_step(
     return new_state, metrics
 
 
-def compile_step(
-    setup: StepSetup,
-    state_sharding: PyTree,
-    state: PyTree,
-    frozen: PyTree,
-    batch: Mapping[str, Any],
-    rules: sharding.Rules | None = None,
-) -> Any:
-    """`train_step` compiled for these arguments (arrays or ShapeDtypeStructs with shardings),
-    the state donated and returned with `state_sharding`.
+def _loss_and_grads(
+    setup: StepSetup, params: PyTree, frozen: PyTree, batch: Mapping[str, Any], rng: jax.Array
+) -> tuple[jax.Array, Mapping[str, jax.Array], PyTree]:
+    """The InfoNCE loss of the batch and its float32 gradient, by GradCache when the setup
+    has chunks, else by plain backpropagation."""
 
-    With `rules` the step is traced under the mesh and those logical-axis rules, so the model's
-    activation constraints apply.
-    """
-    replicated = NamedSharding(setup.mesh, P())
-    jitted = jax.jit(
+    def embed(params, frozen_params, model_batch, key):
+        return setup.embed_fn(params["model"], frozen_params, model_batch, key)
+
+    def contrastive(queries, candidates, params):
+        loss, accuracy = loss_lib.infonce(
+            queries,
+            candidates,
+            batch["ids"],
+            setup.loss_config,
+            mesh=setup.mesh,
+            batch_axes=setup.batch_axes,
+            log_inverse_temperature=params.get("log_inverse_temperature"),
+        )
+        return loss, {"accuracy": accuracy}
+
+    if setup.query_chunk and setup.candidate_chunk:
+        return gradcache.loss_and_grads(
+            embed,
+            contrastive,
+            params,
+            frozen,
+            batch,
+            rng,
+            query_chunk=setup.query_chunk,
+            candidate_chunk=setup.candidate_chunk,
+            mesh=setup.mesh,
+            rules=setup.rules,
+        )
+    return gradcache.direct_loss_and_grads(embed, contrastive, params, frozen, batch, rng)
+
+
+def jit_step(setup: StepSetup, state_sharding: PyTree) -> Any:
+    """`train_step` jitted with the state donated and returned with `state_sharding` (the
+    metrics replicated)."""
+    return jax.jit(
         functools.partial(train_step, setup),
         donate_argnums=(0,),
-        out_shardings=(state_sharding, replicated),
+        out_shardings=(state_sharding, NamedSharding(setup.mesh, P())),
     )
-    with contextlib.ExitStack() as stack:
-        if rules is not None:
-            stack.enter_context(jax.set_mesh(setup.mesh))
-            stack.enter_context(nnx.logical_axis_rules(rules))
+
+
+def compile_step(jitted: Any, setup: StepSetup, state: PyTree, frozen: PyTree, batch) -> Any:
+    """A `jit_step` compiled for these arguments (arrays or ShapeDtypeStructs with shardings),
+    traced under the mesh and the logical-axis rules, so the model's activation constraints
+    apply: without them GSPMD may, under fsdp, gather a whole chunk's activations onto every
+    device rather than the layer's weights."""
+    with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
         return jitted.lower(state, frozen, batch).compile()
 
 
@@ -234,12 +239,12 @@ class CompiledSteps:
     """The train step compiled once per batch shape, direct or GradCache (module docstring).
 
     Args:
-      setup: the step's static parts; its chunk fields are replaced by the choice made here.
+      setup: the step's static parts (with a mesh); its chunk fields are replaced by the
+        choice made here (one jitted step per choice, compiled once per batch shape).
       state_sharding: shardings of the train state (the donated output has them too).
       backprop: 'auto', 'direct' or 'gradcache'.
       query_chunk, candidate_chunk: GradCache rows per device per chunk; 0 sizes them.
       memory_limit: per-device bytes a step may use (None: no limit).
-      rules: the logical-axis rules the model's activations are constrained with.
     """
 
     def __init__(
@@ -251,15 +256,14 @@ class CompiledSteps:
         query_chunk: int = 0,
         candidate_chunk: int = 0,
         memory_limit: int | None = None,
-        rules: sharding.Rules | None = None,
     ):
         if backprop not in BACKPROP:
             raise ValueError(f"train.backprop is {backprop!r}; use one of {BACKPROP}")
         self.setup, self.state_sharding = setup, state_sharding
         self.backprop, self.memory_limit = backprop, memory_limit
         self.chunks = (query_chunk, candidate_chunk)
-        self.rules = rules
-        self._cache: dict[tuple, Compiled] = {}
+        self._jitted: dict[tuple[int, int], Any] = {}  # one jit per chunk choice
+        self._cache: dict[tuple, Compiled] = {}  # one executable per batch shape
 
     @staticmethod
     def _signature(*trees: PyTree) -> tuple:
@@ -294,7 +298,10 @@ class CompiledSteps:
         setup = dataclasses.replace(
             self.setup, query_chunk=query_chunk, candidate_chunk=candidate_chunk
         )
-        executable = compile_step(setup, self.state_sharding, state, frozen, batch, self.rules)
+        if (query_chunk, candidate_chunk) not in self._jitted:
+            self._jitted[query_chunk, candidate_chunk] = jit_step(setup, self.state_sharding)
+        jitted = self._jitted[query_chunk, candidate_chunk]
+        executable = compile_step(jitted, setup, state, frozen, batch)
         return Compiled(
             executable,
             "gradcache" if query_chunk else "direct",
@@ -311,8 +318,8 @@ class CompiledSteps:
         )
 
     def _choose(self, state, frozen, batch) -> Compiled:
-        groups = max(1, math.prod(self.setup.mesh.shape[a] for a in self.setup.batch_axes))
-        rows = batch["ids"].shape[0] // groups  # per device, each side
+        devices = sharding.batch_devices(self.setup.mesh, self.setup.rules)
+        rows = batch["ids"].shape[0] // devices  # per device, each side
         direct = None
         if self.backprop != "gradcache" or not all(self.chunks):
             direct = self._compile(state, frozen, batch, 0, 0)

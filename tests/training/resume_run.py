@@ -1,9 +1,10 @@
 """Subprocess body of the resume test: a short toy run in a workdir, printing each step.
 
-  python -m tests.training.resume_run WORKDIR OUT.npz SECONDS_PER_BATCH
+  python -m tests.training.resume_run WORKDIR OUT.npz WORKERS
 
-Runs 12 toy steps (checkpoints every 3) on a 2-device mesh, resuming from WORKDIR's checkpoints, and
-writes the final trainable parameters to OUT.npz.
+Runs 12 toy steps (checkpoints every 3) on a 2-device mesh, rows encoded by WORKERS Grain
+processes, resuming from WORKDIR's checkpoints, and writes the final trainable parameters to
+OUT.npz. A test stops it at a step with G2E_KILLPOINT=train_step_<n> (g2e.killpoints).
 """
 
 import os
@@ -16,11 +17,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+from g2e.models import sharding  # noqa: E402
 from g2e.training import batches, trainer  # noqa: E402
 from tests.training import toy  # noqa: E402
 
 
-def main(workdir: str, out: str, delay: float, workers: int):
+def main(workdir: str, out: str, workers: int):
     cfg = toy.train_config(steps=12, checkpoint_every=3)
     mesh = jax.make_mesh(
         (2, 1, 1),
@@ -31,25 +33,24 @@ def main(workdir: str, out: str, delay: float, workers: int):
     queries, candidates = toy.data(40)
     clusters = [[i, i + 1] for i in range(0, 30, 2)] + [[i] for i in range(30, 40)]
     schedule = batches.ClusterSchedule(clusters, 40, cfg.cluster_size, 8, seed=0)
-    # A slow host pipeline (delay seconds per step of 8 rows on 2 workers) leaves room to kill
-    # between checkpoints.
-    codec = toy.Codec(queries, candidates, delay=delay / 4)
+    codec = toy.Codec(queries, candidates)
     trainable, frozen = toy.params()
-    result = trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=mesh,
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=codec,
+        mesh=mesh,
+        rules=sharding.DEFAULT_RULES,
         workdir=workdir,
         workers=workers,
     )
+    result = trainer.fit(run, cfg)
     if not result.stopped_early:
         np.savez(out, **{k: np.asarray(v) for k, v in result.trainable.items()})
     print(f"finished step={result.step} stopped_early={result.stopped_early}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

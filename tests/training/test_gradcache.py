@@ -174,7 +174,7 @@ def test_eight_devices_equal_one_device():
                 query_chunk=2,
                 candidate_chunk=1,
                 mesh=mesh,
-                batch_axes=BATCH_AXES,
+                rules=sharding.DEFAULT_RULES,
             )
         )
         results.append(fn(params, frozen, placed, rng))

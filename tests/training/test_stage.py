@@ -9,14 +9,13 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
 from g2e import configuration, mining
-from g2e.data import mmeb
+from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor
@@ -26,8 +25,9 @@ from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
+from g2e.training import batches
 from g2e.training import loss as loss_lib
-from g2e.training import stage as model_training
+from g2e.training import stage as training_stage
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_merged_model_embeds_like_the_adapted_one(assets, kind):
         jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
     )
     rows = _rows(assets)[:3]
-    codec = model_training.RowCodec(_processor(assets / "model"), rows, image_root=None)
+    codec = batches.RowCodec(_processor(assets / "model"), rows, image_root=None)
     batch = codec.collate([codec.encode(i) for i in range(3)])
     adapted = [np.asarray(model.embed(batch[side])) for side in ("query", "candidate")]
     assert lora.merge_adapters(model) == 5  # q, k, v, o, down (stacked layers merge at once)
@@ -102,30 +102,30 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
         axis_types=(AxisType.Auto,) * 3,
         devices=jax.devices()[:2],
     )
-    config = ml_collections.ConfigDict(
+    config = configuration.base_config()
+    config.seed = 0
+    config.data.train_image_root = ""
+    config.train.update(
         dict(
-            seed=0,
-            data=dict(train_image_root=""),
-            train=dict(
-                steps=24,
-                lr=5e-3,
-                warmup_steps=1,
-                weight_decay=0.0,
-                grad_clip=1.0,
-                global_batch=16,
-                cluster_size=4,
-                temperature=0.02,
-                use_clusters=True,
-                checkpoint_every=100,
-                keep_checkpoints=1,
-                log_every=1,
-                adapter=dict(kind="dora"),
-            ),
+            steps=24,
+            lr=5e-3,
+            warmup_steps=1,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            global_batch=16,
+            cluster_size=4,
+            temperature=0.02,
+            use_clusters=True,
+            checkpoint_every=100,
+            keep_checkpoints=1,
+            log_every=1,
+            vision_chunk=0,
         )
     )
+    config.train.adapter.kind = "dora"
     # Clusters of same-subset rows, as mining would give (anchors first).
     clusters = [list(range(i, i + 4)) for i in range(0, len(rows) - 3, 4)]
-    codec = model_training.RowCodec(processor, rows, image_root=None)
+    codec = batches.RowCodec(processor, rows, image_root=None)
     fixed = codec.collate([codec.encode(i) for i in range(16)])
 
     def fixed_loss():
@@ -135,7 +135,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
         )
 
     before = fixed_loss()
-    result = model_training.train_model(
+    result = training_stage.train_model(
         config, model, rows, clusters, processor, mesh, sharding.DEFAULT_RULES, str(tmp_path)
     )
     after = fixed_loss()
@@ -149,7 +149,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
 
 def test_split_model_trains_adapters_or_the_whole_language_model(assets):
     model = _model(assets / "model", "dora")
-    _, adapters, frozen = model_training.split_model(model, full=False)
+    _, adapters, frozen = training_stage.split_model(model, full=False)
     names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
     assert names == {"lora_a", "lora_b", "magnitude"}
     assert all(
@@ -157,14 +157,14 @@ def test_split_model_trains_adapters_or_the_whole_language_model(assets):
         for p, _ in jax.tree_util.tree_leaves_with_path(frozen.to_pure_dict())
     )
     plain = Qwen2VL(Qwen2VLConfig.from_dir(assets / "model"), rngs=nnx.Rngs(0))
-    _, everything, rest = model_training.split_model(plain, full=True)
+    _, everything, rest = training_stage.split_model(plain, full=True)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(plain, nnx.Param)))
     tower = sum(x.size for x in jax.tree.leaves(nnx.state(plain.visual, nnx.Param)))
     assert tower > 0 and "visual" not in everything
     assert sum(x.size for x in jax.tree.leaves(everything)) == total - tower
     assert sum(x.size for x in jax.tree.leaves(rest.to_pure_dict())) == tower
     with pytest.raises(ValueError, match="adapter.kind=none"):
-        model_training.split_model(plain, full=False)
+        training_stage.split_model(plain, full=False)
 
 
 def test_row_codec_ids_agreed_shapes_and_widening(assets):
@@ -179,7 +179,7 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
         length_buckets=(64, 128),
         patch_buckets=(0, 64, 128),
     )
-    codec = model_training.RowCodec(processor, rows + [duplicate], image_root=None)
+    codec = batches.RowCodec(processor, rows + [duplicate], image_root=None)
     encoded = [codec.encode(i) for i in range(5)]
     batch = codec.collate(encoded)
     ids = batch["ids"]
@@ -248,6 +248,43 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp
     for subset in seen:
         written = mining.read_clusters(str(tmp_path / "work" / "mine" / f"{subset}.clusters.json"))
         assert written.num_rows == 5
-    rows, clusters = model_training.training_rows(pipeline)
+    rows, clusters = training_stage.training_rows(pipeline)
     assert [r.index for r in rows] == seen["ShapeCaption_t2i"] + seen["ShapeCaption_i2t"]
     assert [4, 0] in clusters and [9, 5] in clusters and len(clusters) == 2 + 2 * 3
+
+
+def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_path, monkeypatch):
+    config = configuration.base_config()
+    pipeline = Pipeline(config, pathlib.Path(tmp_path))
+    calls = []
+    monkeypatch.setattr(pipeline, "model", lambda **kwargs: "model")
+    monkeypatch.setattr(pipeline, "forget_model", lambda: None)
+    monkeypatch.setattr(pipeline, "processor", lambda **kwargs: ("processor", kwargs["prompt"]))
+    monkeypatch.setattr(
+        training_stage,
+        "training_rows",
+        lambda pipeline, use_clusters: calls.append(use_clusters) or ([0, 1], [[0, 1]]),
+    )
+    monkeypatch.setattr(training_stage, "heldout_rows", lambda pipeline: [])
+
+    def train_model(config, model, rows, clusters, processor, mesh, rules, workdir, **kwargs):
+        calls.append((processor[1], pathlib.Path(workdir).name))
+        return types.SimpleNamespace(step=3, stopped_early=False, last_metrics={"loss": 0.5})
+
+    monkeypatch.setattr(training_stage, "train_model", train_model)
+    monkeypatch.setattr(
+        training_stage.saving,
+        "save_model",
+        lambda model, out_dir, **kwargs: calls.append(pathlib.Path(out_dir)),
+    )
+    monkeypatch.setattr(Pipeline, "mesh", None)
+    plain = prompts.PromptOptions(system=False, suffix=False)
+    for run, name, clustered, prompt in (
+        (training_stage.run, "train", True, None),
+        (training_stage.run_random, "train_random", False, None),
+        (training_stage.run_plain_random, "train_plain_random", False, plain),
+    ):
+        calls.clear()
+        summary = run(pipeline)
+        assert calls == [clustered, (prompt, name), pipeline.trained_paths(name)[0]], name
+        assert summary == {"steps": 3, "final_loss": 0.5, "rows": 2, "clusters": 1}

@@ -19,7 +19,7 @@ from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.training import gradcache, optimizer, step
 from g2e.training import loss as loss_lib
-from g2e.training import stage as model_training
+from g2e.training import stage as training_stage
 from tests.models import checkpoints
 from tests.models.test_qwen2_vl import make_batch
 
@@ -68,7 +68,7 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
     side with text-only chunks skipped, DoRA norms computed once per step, GradCache chunks on
     2 devices; against backprop through `Qwen2VL.embed` computing everything itself."""
     model = _model()
-    graphdef, trainable, frozen = model_training.split_model(model, full=False)
+    graphdef, trainable, frozen = training_stage.split_model(model, full=False)
     params = {"model": trainable}
     batch = _batch()
     loss_fn = _loss_fn(jnp.asarray(batch["ids"]))
@@ -81,7 +81,7 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
         params, frozen, jax.tree.map(jnp.asarray, batch), rng
     )
 
-    prepare, embed = model_training.model_step_fns(graphdef, groups=2, vision_chunk=2)
+    prepare, embed = training_stage.model_step_fns(graphdef, devices=2, vision_chunk=2)
     mesh = jax.make_mesh(
         (2, 1, 1),
         ("data", "fsdp", "tensor"),
@@ -111,7 +111,7 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
             query_chunk=2,
             candidate_chunk=2,
             mesh=mesh,
-            batch_axes=("data",),
+            rules=sharding.DEFAULT_RULES,
         )
 
     loss, aux, grads = jax.jit(fast)(params, frozen, placed)
@@ -129,8 +129,8 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
 
 def _train(model, batch, steps):
     """`steps` direct-backprop train steps at lr 5e-5 on one batch; (initial, final) adapters."""
-    graphdef, trainable, frozen = model_training.split_model(model, full=False)
-    prepare, embed = model_training.model_step_fns(graphdef)
+    graphdef, trainable, frozen = training_stage.split_model(model, full=False)
+    prepare, embed = training_stage.model_step_fns(graphdef)
     cfg = dict(lr=5e-5, warmup_steps=0, steps=10**6, weight_decay=0.0, grad_clip=1.0)
     opt, schedule = optimizer.make_optimizer(type("Cfg", (), cfg))
     config = loss_lib.LossConfig(0.02)
@@ -140,9 +140,6 @@ def _train(model, batch, steps):
         optimizer=opt,
         schedule=schedule,
         mesh=None,
-        query_chunk=0,
-        candidate_chunk=0,
-        batch_axes=(),
         prepare_fn=prepare,
     )
     state = step.init_state(trainable, opt, 0, config)

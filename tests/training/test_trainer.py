@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from g2e import killpoints
 from g2e.models import sharding
 from g2e.training import batches, optimizer, trainer
 from g2e.training import loss as loss_lib
-from g2e.training import stage as model_training
+from g2e.training import stage as training_stage
 from g2e.training import step as step_lib
 from tests.training import toy
 
@@ -79,6 +81,7 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         candidate_chunk=2,
         checkpoint_every=100,
         log_every=1,
+        heldout_every=12,
     )
     queries, candidates = toy.data(64)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, 2, 16, seed=0)
@@ -89,19 +92,19 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         evaluated.append((step, jax.device_get(params)))
         return {"heldout_accuracy": float(step)}
 
-    result = trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=_mesh(),
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=toy.encode(queries, candidates),
+        mesh=_mesh(),
+        rules=sharding.DEFAULT_RULES,
         workdir=str(tmp_path),
         model_flops=lambda host: 1e6,
         evaluate=evaluate,
-        evaluate_every=12,
     )
+    result = trainer.fit(run, cfg)
     everything = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").open()]
     assert [(x["step"], x["heldout_accuracy"]) for x in everything if "loss" not in x] == [
         (12, 12.0),
@@ -137,74 +140,81 @@ def test_nan_stops_with_step_and_subsets(tmp_path):
     schedule = batches.ClusterSchedule([[i] for i in range(32)], 32, 2, 16, seed=0)
     trainable, frozen = toy.params()
     with pytest.raises(FloatingPointError, match=r"step 0: .*subsets in the batch: VQA"):
-        trainer.fit(
-            toy.embed_fn,
-            trainable,
-            frozen,
-            train_cfg=cfg,
-            mesh=_mesh(),
+        run = trainer.Run(
+            embed_fn=toy.embed_fn,
+            trainable=trainable,
+            frozen=frozen,
             schedule=schedule,
             codec=toy.encode(queries, candidates),
+            mesh=_mesh(),
+            rules=sharding.DEFAULT_RULES,
             workdir=str(tmp_path),
             subsets=["VQA"] * 32,
         )
+        trainer.fit(run, cfg)
     # The poisoned state never reached a checkpoint.
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def _run(workdir, out, delay, workers=2):
+def _run(workdir, out, workers=2, killpoint=None):
+    """The resume_run child; with `killpoint`, it stops there and writes <workdir>.killpoint."""
+    env = dict(os.environ)
+    if killpoint is not None:
+        env[killpoints.ENV_NAME] = killpoint
+        env[killpoints.ENV_FILE] = str(_marker(workdir))
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.training.resume_run",
-            str(workdir),
-            str(out),
-            str(delay),
-            str(workers),
-        ],
+        [sys.executable, "-m", "tests.training.resume_run", str(workdir), str(out), str(workers)],
         cwd=REPO,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (ckpt_dir / str(step)).is_dir() and proc.poll() is None:
-            return
+def _marker(workdir) -> pathlib.Path:
+    return pathlib.Path(f"{workdir}.killpoint")
+
+
+def _wait_at_killpoint(proc, workdir, timeout=240):
+    """Polls until the child has reached its kill point (it waits there for us)."""
+    deadline = time.monotonic() + timeout
+    while not _marker(workdir).exists():
         assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no kill point reached after {timeout} s"
         time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint {step} after {timeout} s")
+    _marker(workdir).unlink()
 
 
 @pytest.mark.slow
 def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
     """Killed and stopped runs encode rows in 2 Grain worker processes, the reference in the
     main process: the resumed result is bit-equal (the input of step s depends on s only)."""
-    reference = _run(tmp_path / "ref", tmp_path / "ref.npz", 0.0, workers=0)
+    reference = _run(tmp_path / "ref", tmp_path / "ref.npz", workers=0)
     work, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    killed = _run(work, tmp_path / "out.npz", 0.4)
-    _wait_for_checkpoint(killed, ckpts, 3)
-    time.sleep(0.6)  # between the checkpoints of steps 3 and 6
+    # After step 7 the save of step 6 has begun, so step 3's is complete (a save waits for the
+    # previous one); step 6's may or may not be.
+    killed = _run(work, tmp_path / "out.npz", killpoint="train_step_7")
+    _wait_at_killpoint(killed, work)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
     assert not (ckpts / "9").exists()
 
     resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert resumed_from in (3, 6)
-    stopped = _run(work, tmp_path / "out.npz", 0.4)
-    # A new checkpoint proves the restarted run is inside its loop (signal handler installed).
-    _wait_for_checkpoint(stopped, ckpts, resumed_from + 3)
+    # SIGTERM while the restarted run waits after its first step; released, it saves the
+    # next step and exits.
+    stopped = _run(work, tmp_path / "out.npz", killpoint=f"train_step_{resumed_from + 1}")
+    _wait_at_killpoint(stopped, work)
     stopped.send_signal(signal.SIGTERM)
+    pathlib.Path(f"{_marker(work)}.release").touch()
     output = stopped.communicate(timeout=60)[0]
     assert stopped.returncode == 0, output
-    assert "stopped_early=True" in output, output
+    assert f"finished step={resumed_from + 2} stopped_early=True" in output, output
+    assert (ckpts / str(resumed_from + 2)).is_dir()
 
     assert reference.wait(timeout=120) == 0, reference.stdout.read()
-    finished = _run(work, tmp_path / "out.npz", 0.0)
+    finished = _run(work, tmp_path / "out.npz")
     output = finished.communicate(timeout=120)[0]
     assert finished.returncode == 0, output
     assert "finished step=12 stopped_early=False" in output, output
@@ -217,19 +227,20 @@ def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
 
 def _fit_losses(cfg, mesh, workdir):
     queries, candidates = toy.data(64)
-    size = model_training.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
+    size = training_stage.global_batch_size(cfg, mesh, sharding.DEFAULT_RULES)
     schedule = batches.ClusterSchedule([[i] for i in range(64)], 64, cfg.cluster_size, size, seed=0)
     trainable, frozen = toy.params()
-    trainer.fit(
-        toy.embed_fn,
-        trainable,
-        frozen,
-        train_cfg=cfg,
-        mesh=mesh,
+    run = trainer.Run(
+        embed_fn=toy.embed_fn,
+        trainable=trainable,
+        frozen=frozen,
         schedule=schedule,
         codec=toy.encode(queries, candidates),
+        mesh=mesh,
+        rules=sharding.DEFAULT_RULES,
         workdir=str(workdir),
     )
+    trainer.fit(run, cfg)
     return size, [json.loads(x)["loss"] for x in (workdir / "train_metrics.jsonl").open()]
 
 
@@ -259,7 +270,7 @@ def test_global_batch_is_the_same_on_1_2_and_8_devices(tmp_path):
         r"into 3 devices .* --config\.train\.cluster_size=2; use a multiple "
         r"of 6 \(e\.g\. 18\)",
     ):
-        model_training.global_batch_size(cfg, three, sharding.DEFAULT_RULES)
+        training_stage.global_batch_size(cfg, three, sharding.DEFAULT_RULES)
 
 
 def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
@@ -273,9 +284,7 @@ def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
         optimizer=opt,
         schedule=schedule,
         mesh=mesh,
-        query_chunk=0,
-        candidate_chunk=0,
-        batch_axes=("data", "fsdp"),
+        rules=sharding.DEFAULT_RULES,
     )
     queries, candidates = toy.data(64)
     host = toy.encode(queries, candidates).collate(list(range(64)))

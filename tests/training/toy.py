@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from g2e import configuration
+
 FEATURES, HIDDEN, DIM = 6, 16, 8
 
 
@@ -49,7 +51,7 @@ def embed_fn(trainable, frozen, batch, rng, dropout: float = 0.0):
 
 class Codec:
     """The toy's rows as host batches {'query': {...}, 'candidate': {...}, 'ids': row ids}
-    (g2e.training.batches.RowCodec); `delay` seconds of host work per row."""
+    (the four methods of g2e.training.batches.RowCodec); `delay` seconds of host work per row."""
 
     def __init__(self, queries: np.ndarray, candidates: np.ndarray, delay: float = 0.0):
         self.queries, self.candidates, self.delay = queries, candidates, delay
@@ -79,7 +81,9 @@ def encode(queries: np.ndarray, candidates: np.ndarray) -> Codec:
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
+    """The `train` block of configuration.base_config with the toy's settings."""
+    cfg = configuration.base_config().train
+    cfg.update(
         dict(
             steps=8,
             lr=3e-2,
