@@ -7,10 +7,10 @@
   python bench/bench_train.py --accelerator [--pairs 64] [--remat none] [--attention xla]
   # The accelerator path end to end on a CPU, at toy sizes:
   python bench/bench_train.py --accelerator --smoke
-  # On this workplace's lent GPU machine (its image has jax, flax, optax, orbax, transformers,
-  # peft and torch, not ml_collections): carry an ml_collections wheel in .whl/, then
-  #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-  #   PYTHONPATH=/tmp/site python3 bench/bench_train.py --accelerator
+  # One side only, its figures also written as JSON; then the table of such files:
+  python bench/bench_train.py --accelerator --side g2e|torch --result DIR/train_SIDE.json
+  python bench/bench_train.py --report DIR
+  # On this workplace's lent GPU machine: bench/gpu_session.sh (wheels, timeouts, all figures).
 
 Both sides run the same step: embed queries and candidates (last token, L2-normalised), InfoNCE
 at temperature 0.02 over the batch, backward, global-norm clipping, AdamW. g2e runs its real
@@ -27,12 +27,15 @@ gradient). Then both are timed with dropout 0.1: medians after warm-up, with the
 set_num_threads; XLA sizes its pool from the affinity mask). OMP_WAIT_POLICY defaults to
 PASSIVE: torch's spinning OpenMP workers collapse when other work shares the cores.
 
-Accelerator mode prints pairs/s of both, MFU and HFU of g2e (g2e.training.flops: model FLOPs
-count the text forward+backward without the embedding lookup, each image's tower forward once,
-attention, and the loss; a frozen base's backward counts as 1x its forward plus the adapters'
-weight gradients; HFU counts the compiled step's own matmuls, recomputation included), g2e's
-pairs/s with the tower run over every row instead of image rows only (`--vision_chunk`), and
-peak memory of both.
+Accelerator mode prints pairs/s of both (torch twice: under torch.autocast(bfloat16) as the HF
+Trainer runs, and with peft's float32 adapters without autocast; bench/torch_reference.py), MFU
+against the datasheet peak and against a measured bf16 GEMM rate, with and without DoRA's
+drop(x) @ W, the XLA compilations of the step (and any while timed), and HFU of g2e
+(g2e.training.flops: model FLOPs count the text forward+backward without the embedding lookup,
+each image's tower forward once, attention, and the loss; a frozen base's backward counts as 1x
+its forward plus the adapters' weight gradients; HFU counts the compiled step's own matmuls,
+recomputation included), g2e's pairs/s with the tower run over every row instead of image rows
+only (`--vision_chunk`), and peak memory of both.
 """
 
 from __future__ import annotations

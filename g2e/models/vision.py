@@ -7,7 +7,8 @@ Several images of one example are packed into its P patches (as the HF image pro
 them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per image, 0 on
 padding) confine attention to one image, like transformers' per-image `cu_seqlens`. The host
 builds `segment_ids` and the (row, col) rotary `positions` with
-`g2e.models.positions.vision_layout`.
+`g2e.models.positions.vision_layout`. Where every row holds at most one image, attention takes
+each row's patch count as its key lengths instead (no mask for cuDNN; `VisionTower._blocks`).
 
 Qwen2.5-VL (`VisionConfig.is_qwen2_5`) changes three things, all local: RMSNorm instead of
 LayerNorm (blocks and merger), a SwiGLU MLP (gate_proj, up_proj, down_proj, with biases), and
@@ -125,7 +126,15 @@ class VisionBlock(nnx.Module):
     down_proj(act(gate_proj(x)) * up_proj(x)) with SiLU.
     """
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: VisionConfig,
+        *,
+        dtype,
+        param_dtype,
+        attention: str | attention_lib.Kernel,
+        rngs: nnx.Rngs,
+    ):
         width, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
         mlp = config.mlp_width
         if config.hidden_act not in _ACTIVATIONS:
@@ -234,7 +243,7 @@ class VisionTower(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
+        attention: str | attention_lib.Kernel = "xla",
         rngs: nnx.Rngs,
     ):
         """Builds the tower with random weights (real ones: `vision_params_from_hf`).
@@ -244,7 +253,7 @@ class VisionTower(nnx.Module):
           out_width: merger output width D; default `config.hidden_size` (the text width).
           dtype: compute dtype; param_dtype: parameter storage dtype.
           remat: per-layer rematerialisation policy name (see g2e.models.text.REMAT_POLICIES).
-          attention: 'xla', 'cudnn' or 'pallas' (g2e.models.attention.attend).
+          attention: a kernel name or attention.Kernel (g2e.models.attention).
           rngs: initialisation RNGs.
         """
         remat_policy(remat)  # Fails early on an unknown name.

@@ -201,13 +201,14 @@ def test_splash_needs_a_batch_that_splits_over_the_mesh(mesh):
 # ---- cuDNN (GPU only) ------------------------------------------------------------------------
 
 _CUDNN_CASES = {
-    # name: (causal, segment_ids rows or None, lengths or None); rows of 128 tokens
+    # name: (causal, segment_ids rows or None, lengths or None); rows of 128 tokens. The forms
+    # g2e passes: lengths (text, causal; single-image vision rows), segments (several images,
+    # Qwen2.5-VL windows), and segment ids of a left-padded batch.
     "left_padding": (True, [[0] * 37 + [1] * 91, [1] * 128], None),
     "segments": (False, [[1] * 30 + [2] * 50 + [3] * 40 + [0] * 8, [1] * 64 + [2] * 64], None),
     "causal_segments": (True, [[1] * 60 + [2] * 68, [1] * 100 + [0] * 28], None),
     "lengths": (True, None, [128, 41]),
     "lengths_not_causal": (False, None, [77, 1]),
-    "segments_and_lengths": (False, [[1] * 50 + [2] * 78, [1] * 128], [128, 90]),
 }
 
 
