@@ -85,8 +85,8 @@ section() {  # section NAME FILE: copies step NAME's part of session.log to FILE
     sed -n "/^== $1 (/,/^== $1:/p" "$LOG" >"$2"
 }
 
-# 0. The carried wheels, installed apart from the image's own packages.
-if compgen -G ".whl/*.whl" >/dev/null; then
+# 0. The carried wheels (Python 3.12), installed apart from the accelerator image's packages.
+if [ "$SMOKE" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     SITE=$(mktemp -d /tmp/g2e_site.XXXXXX)
     step wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" .whl/*.whl || exit 1
