@@ -1,6 +1,8 @@
 """Embed-path throughput: g2e (jitted JAX) vs transformers (PyTorch, eager) on the same inputs.
 
   python bench/bench_embed.py [--items 32] [--batch-size 8] [--layers 2] [--out DIR]
+  # toy sizes (bench/gpu_session.sh --smoke): tiny widths and vocabulary
+  python bench/bench_embed.py --widths tiny --items 4 --batch-size 2 --repeats 1
 
 Runs where JAX's default backend is (CPU here; a GPU where jax has one, and then PyTorch runs on
 CUDA too, with TF32 off on both sides so both compute in float32).
@@ -50,6 +52,7 @@ from g2e.models import hf_io  # noqa: E402
 from tests.models import checkpoints  # noqa: E402
 
 VOCAB_SIZE = 151936
+TINY_VOCAB_SIZE = 1031  # the tiny tokenizer's 1024 learned tokens and its 7 special ones
 TEXTS = (
     "a red circle and a blue square",
     "a dog sitting in front of the house",
@@ -59,10 +62,12 @@ TEXTS = (
 )
 
 
-def write_checkpoint(out_dir: pathlib.Path, layers: int) -> pathlib.Path:
-    """2B-width random checkpoint + tiny tokenizer; config ids follow the tokenizer's."""
+def write_checkpoint(out_dir: pathlib.Path, layers: int, widths: str = "2b") -> pathlib.Path:
+    """Random checkpoint (2B widths and vocabulary, or 'tiny') + tiny tokenizer; config ids
+    follow the tokenizer's."""
+    vocab_size = VOCAB_SIZE if widths == "2b" else TINY_VOCAB_SIZE
     model, _ = checkpoints.make_hf_checkpoint(
-        out_dir, widths="2b", vocab_size=VOCAB_SIZE, num_layers=layers
+        out_dir, widths=widths, vocab_size=vocab_size, num_layers=layers
     )
     del model
     gc.collect()
@@ -219,6 +224,8 @@ def main() -> None:
         help="g2e's Grain encoding processes (0: in the main process, as the transformers side)",
     )
     parser.add_argument("--out", default="", help="work folder (default: a temporary one)")
+    parser.add_argument("--widths", default="2b", choices=("2b", "tiny"))
+    parser.add_argument("--result", default="", help="also write the figures here (JSON)")
     args = parser.parse_args()
     backend = jax.default_backend()
     device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
@@ -234,7 +241,7 @@ def main() -> None:
     out_dir = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench_embed_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    directory = write_checkpoint(out_dir / "checkpoint", args.layers)
+    directory = write_checkpoint(out_dir / "checkpoint", args.layers, args.widths)
     items = make_items(out_dir, args.items)
     print(
         f"checkpoint and items: {time.perf_counter() - start:.1f} s "
@@ -267,7 +274,10 @@ def main() -> None:
         "transformers_pass_s_min_max": [round(min(hf_times), 2), round(max(hf_times), 2)],
         "max_abs_embedding_difference": float(np.abs(g2e_out - hf_out).max()),
     }
+    figures["widths"] = args.widths
     print(json.dumps(figures))
+    if args.result:
+        pathlib.Path(args.result).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

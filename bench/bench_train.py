@@ -7,10 +7,10 @@
   python bench/bench_train.py --accelerator [--pairs 64] [--remat none] [--attention xla]
   # The accelerator path end to end on a CPU, at toy sizes:
   python bench/bench_train.py --accelerator --smoke
-  # On this workplace's lent GPU machine (its image has jax, flax, optax, orbax, transformers,
-  # peft and torch, not ml_collections): carry an ml_collections wheel in .whl/, then
-  #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-  #   PYTHONPATH=/tmp/site python3 bench/bench_train.py --accelerator
+  # One side only, its figures also written as JSON; then the table of such files:
+  python bench/bench_train.py --accelerator --side g2e|torch --result DIR/train_SIDE.json
+  python bench/bench_train.py --report DIR
+  # On this workplace's lent GPU machine: bench/gpu_session.sh (wheels, timeouts, all figures).
 
 Both sides run the same step: embed queries and candidates (last token, L2-normalised), InfoNCE
 at temperature 0.02 over the batch, backward, global-norm clipping, AdamW. g2e runs its real
@@ -27,17 +27,21 @@ gradient). Then both are timed with dropout 0.1: medians after warm-up, with the
 set_num_threads; XLA sizes its pool from the affinity mask). OMP_WAIT_POLICY defaults to
 PASSIVE: torch's spinning OpenMP workers collapse when other work shares the cores.
 
-Accelerator mode prints pairs/s of both, MFU and HFU of g2e (g2e.training.flops: model FLOPs
-count the text forward+backward without the embedding lookup, each image's tower forward once,
-attention, and the loss; a frozen base's backward counts as 1x its forward plus the adapters'
-weight gradients; HFU counts the compiled step's own matmuls, recomputation included), g2e's
-pairs/s with the tower run over every row instead of image rows only (`--vision_chunk`), and
-peak memory of both.
+Accelerator mode prints pairs/s of both (torch twice: under torch.autocast(bfloat16) as the HF
+Trainer runs, and with peft's float32 adapters without autocast; bench/torch_reference.py), MFU
+against the datasheet peak and against a measured bf16 GEMM rate, with and without DoRA's
+drop(x) @ W, the XLA compilations of the step (and any while timed), and HFU of g2e
+(g2e.training.flops: model FLOPs count the text forward+backward without the embedding lookup,
+each image's tower forward once, attention, and the loss; a frozen base's backward counts as 1x
+its forward plus the adapters' weight gradients; HFU counts the compiled step's own matmuls,
+recomputation included), g2e's pairs/s with the tower run over every row instead of image rows
+only (`--vision_chunk`), and peak memory of both.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -401,7 +405,8 @@ def _hf_config(args) -> dict:
     if args.smoke:
         from tests.models import checkpoints
 
-        return dict(checkpoints.hf_config_dict("tiny"), model_type="qwen2_vl")
+        tiny = checkpoints.hf_config_dict("tiny", num_layers=args.layers or 2)
+        return dict(tiny, model_type="qwen2_vl")
     hf = dict(QWEN2_VL_2B)
     if args.layers:
         hf["text_config"] = dict(hf["text_config"], num_hidden_layers=args.layers)
@@ -417,6 +422,14 @@ def g2e_side(args) -> dict:
     from g2e.models.qwen2_vl import Qwen2VL
     from g2e.training import flops, step
 
+    compiles = []  # (seconds) of every XLA compilation in this process
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: (
+            compiles.append(seconds)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
     config = Qwen2VLConfig.from_hf(_hf_config(args))
     adapter = lora.AdapterConfig(kind="dora", r=8, alpha=64, dropout=0.1, targets=TARGETS)
     model = Qwen2VL(
@@ -429,7 +442,7 @@ def g2e_side(args) -> dict:
         rngs=nnx.Rngs(0),
     )
     host, _ = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
-    start = time.perf_counter()
+    start, compiles_before = time.perf_counter(), len(compiles)
     run, compiled = g2e_step(
         model,
         host,
@@ -439,16 +452,32 @@ def g2e_side(args) -> dict:
         chunk=args.chunk,
     )
     compile_s = time.perf_counter() - start
+    compiles_for_step = len(compiles) - compiles_before
     median, low, high = time_steps(run, args.steps, args.warmup)
+    compiles_while_timed = len(compiles) - compiles_before - compiles_for_step
     devices = jax.device_count()
     peak = flops.peak_flops()
     model_flops = flops.train_step_flops(config, host, adapter)
+    # DoRA with dropout needs a second base product drop(x) @ W (PEFT's formulation); the
+    # figure without it is the work of the method with a fused adapter.
+    no_drop = dataclasses.replace(adapter, dropout=0.0)
+    model_flops_no_drop = flops.train_step_flops(config, host, no_drop)
     hardware_flops = compiled.hardware_flops * devices
     stats = jax.devices()[0].memory_stats() or {}
     return dict(
         side="g2e",
+        jax=jax.__version__,
         device=jax.devices()[0].device_kind,
         devices=devices,
+        peak_flops=peak,
+        gemm_peak=jax_gemm_peak(_gemm_size(args)),
+        model_flops_no_drop=model_flops_no_drop,
+        compiles=compiles_for_step,
+        compiles_while_timed=compiles_while_timed,
+        attention=args.attention,
+        remat=args.remat,
+        pairs=args.pairs,
+        smoke=args.smoke,
         seconds=median,
         low=low,
         high=high,
@@ -471,57 +500,52 @@ def g2e_side(args) -> dict:
 
 
 def torch_side(args) -> dict:
-    import peft
-    import transformers
-
+    """transformers + peft on the same batch, in each of torch_reference.MODES."""
     from g2e.models.config import Qwen2VLConfig
 
     hf = _hf_config(args)
     config = Qwen2VLConfig.from_hf(hf)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.Qwen2VLConfig(**{k: v for k, v in hf.items() if k != "model_type"})
-    with torch.device(device):
-        base = transformers.Qwen2VLForConditionalGeneration._from_config(
-            hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16
-        )
-    if args.remat != "none":
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(
-        base,
-        peft.LoraConfig(
-            r=8,
-            lora_alpha=64,
-            lora_dropout=0.1,
-            use_dora=True,
-            init_lora_weights="gaussian",
-            target_modules=list(TARGETS),
-        ),
-    )
-    model.train()
     host, grids = mmeb_like_batch(config, args.pairs, args.image_side, seed=0)
-    run = torch_reference.torch_step_fn(
-        model,
+    return torch_reference.run_side(
+        hf,
         host,
         grids,
-        device=device,
-        dtype=torch.bfloat16,
-        image_token_id=config.image_token_id,
-        chunk=args.chunk,
-    )
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    try:
-        median, low, high = time_steps(run, args.steps, args.warmup, sync)
-    except torch.OutOfMemoryError as error:
-        return dict(side="torch", error=f"out of memory: {str(error)[:200]}")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return dict(
-        side="torch",
-        seconds=median,
-        low=low,
-        high=high,
-        peak_gib=peak,
+        targets=TARGETS,
         gradient_checkpointing=args.remat != "none",
+        chunk=args.chunk,
+        time_steps=lambda run, sync: time_steps(run, args.steps, args.warmup, sync),
+        write=lambda result: _write_result(args.result, result),
+        gemm_size=_gemm_size(args),
     )
+
+
+def _gemm_size(args) -> int:
+    return 256 if args.smoke else 8192
+
+
+def _write_result(path: str, result: dict) -> None:
+    """Writes a side's figures as JSON to `path` (nothing when empty), replacing it whole."""
+    if not path:
+        return
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def jax_gemm_peak(size: int, repeats: int = 10) -> float:
+    """Measured FLOP/s of a jitted bf16 [size, size] @ [size, size] product (random data)."""
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (size, size), jnp.bfloat16) for k in keys)
+    product = jax.jit(lambda a, b: a @ b)
+    product(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = product(a, b)
+    out.block_until_ready()
+    return 2.0 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def _child(args, side: str, **overrides) -> dict:
@@ -555,55 +579,97 @@ def _child(args, side: str, **overrides) -> dict:
 
 def accelerator_mode(args):
     fast = _child(args, "g2e")
-    if "error" in fast:
-        print("g2e failed:\n" + fast["error"])
-        return
-    every_row = None if args.quick else _child(args, "g2e", vision_chunk=0)
-    reference = _child(
-        args,
-        "torch",
-        chunk=fast["chunk"] * fast["devices"] if fast["backprop"] == "gradcache" else 0,
-    )
-    pairs = args.pairs
+    every_row = None if args.quick or "error" in fast else _child(args, "g2e", vision_chunk=0)
+    gradcache = fast.get("backprop") == "gradcache"
+    chunk = fast["chunk"] * fast["devices"] if gradcache else 0
+    print_report(fast, every_row, _child(args, "torch", chunk=chunk))
+
+
+def read_results(folder: str) -> tuple[dict, dict]:
+    """The g2e and torch result files a GPU session wrote (an error entry for a missing one)."""
+    import json
+
+    results = []
+    for side in ("g2e", "torch"):
+        path = os.path.join(folder, f"train_{side}.json")
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, ValueError) as error:
+            results.append(dict(side=side, error=f"{path}: {error}"))
+    return results[0], results[1]
+
+
+def _utilisation(model_flops, seconds, result, gemm_peak) -> str:
+    """MFU against the datasheet peak and against the measured bf16 GEMM rate."""
+    devices, peak = result.get("devices", 1), result.get("peak_flops")
+    rate = model_flops / seconds / devices
+    datasheet = f"{rate / peak:.3f}" if peak else "n/a (no datasheet peak for this device)"
+    return f"{datasheet} of the datasheet peak, {rate / gemm_peak:.3f} of the measured GEMM rate"
+
+
+def _print_g2e(fast: dict, every_row: dict | None, gemm: float) -> None:
+    pairs, seconds = fast["pairs"], fast["seconds"]
     print(
-        f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if args.smoke else ''}, random "
-        f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={args.remat}, "
-        f"attention={args.attention}; device {fast['device']} x {fast['devices']}"
+        f"Qwen2-VL-2B architecture{' (smoke: tiny widths)' if fast['smoke'] else ''}, random "
+        f"weights, DoRA r=8 on {', '.join(TARGETS)}, dropout 0.1, bf16, remat={fast['remat']}, "
+        f"attention={fast['attention']}; device {fast['device']} x {fast['devices']}, "
+        f"jax {fast['jax']}; measured bf16 GEMM {gemm / 1e12:.1f} TFLOP/s"
     )
     print(
-        f"batch: {pairs} MMEB-like pairs, images {args.image_side}px in "
-        f"{fast['images']['query']} queries / {fast['images']['candidate']} candidates, "
-        f"tokens {fast['tokens']}, padded lengths {fast['lengths']}"
+        f"batch: {pairs} MMEB-like pairs, images in {fast['images']['query']} queries / "
+        f"{fast['images']['candidate']} candidates, tokens {fast['tokens']}, padded lengths "
+        f"{fast['lengths']}"
     )
     print(
-        f"g2e    {fast['seconds'] * 1e3:9.1f} ms/step (min {fast['low'] * 1e3:.1f}, max "
-        f"{fast['high'] * 1e3:.1f})  {pairs / fast['seconds']:8.1f} pairs/s  "
-        f"{fast['backprop']} backprop (chunk {fast['chunk']}), compile {fast['compile_s']:.0f} s"
+        f"g2e    {seconds * 1e3:9.1f} ms/step (min {fast['low'] * 1e3:.1f}, max "
+        f"{fast['high'] * 1e3:.1f})  {pairs / seconds:8.1f} pairs/s  {fast['backprop']} "
+        f"backprop (chunk {fast['chunk']}), compile {fast['compile_s']:.0f} s"
     )
-    if fast["mfu"] is not None:
-        print(
-            f"       MFU {fast['mfu']:.3f}  HFU {fast['hfu']:.3f}  (model {fast['model_flops']:.3g}"
-            f" FLOP, hardware {fast['hardware_flops']:.3g} FLOP per step)"
-        )
-    print(f"       memory: planned {fast['planned_gib']:.2f} GiB, peak {fast['peak_gib']:.2f} GiB")
+    for label, work in (("", "model_flops"), (" without drop(x)@W", "model_flops_no_drop")):
+        print(f"       MFU{label}: {_utilisation(fast[work], seconds, fast, gemm)}")
+    if fast["hfu"] is not None:
+        print(f"       HFU {fast['hfu']:.3f} ({fast['hardware_flops']:.3g} FLOP per step)")
+    print(
+        f"       memory: planned {fast['planned_gib']:.2f} GiB, peak {fast['peak_gib']:.2f} "
+        f"GiB; XLA compilations for the step {fast['compiles']} (while timed: "
+        f"{fast['compiles_while_timed']})"
+    )
     if every_row and "error" not in every_row:
         print(
             f"g2e, tower over every row (vision_chunk=0): {every_row['seconds'] * 1e3:.1f} "
             f"ms/step, {pairs / every_row['seconds']:.1f} pairs/s"
         )
+
+
+def print_report(fast: dict, every_row: dict | None, reference: dict) -> None:
+    """The accelerator table: g2e's step, MFU/HFU, memory and compiles; torch per mode."""
+    if "error" in fast:
+        print("g2e failed:\n" + fast["error"])
+        return
+    gemm = max(fast["gemm_peak"], reference.get("gemm_peak", 0.0))
+    _print_g2e(fast, every_row, gemm)
     if "error" in reference:
         print("torch failed: " + reference["error"])
-        return
-    print(
-        f"torch  {reference['seconds'] * 1e3:9.1f} ms/step (min {reference['low'] * 1e3:.1f}, "
-        f"max {reference['high'] * 1e3:.1f})  {pairs / reference['seconds']:8.1f} pairs/s  "
-        f"peak {reference['peak_gib']:.2f} GiB, gradient checkpointing "
-        f"{reference['gradient_checkpointing']}"
-    )
-    print(
-        f"ratio g2e/torch pairs/s: {reference['seconds'] / fast['seconds']:.2f} "
-        "(target >= 1.5; MFU target >= 0.40)"
-    )
+    pairs, seconds = fast["pairs"], fast["seconds"]
+    for mode in torch_reference.MODES:
+        figures = reference.get(mode)
+        if not figures or "error" in figures:
+            print(f"torch {mode}: {figures['error'] if figures else 'not run (timed out?)'}")
+            continue
+        print(
+            f"torch {mode:17s} {figures['seconds'] * 1e3:9.1f} ms/step (min "
+            f"{figures['low'] * 1e3:.1f}, max {figures['high'] * 1e3:.1f})  "
+            f"{pairs / figures['seconds']:8.1f} pairs/s  peak {figures['peak_gib']:.2f} GiB"
+        )
+        print(
+            f"       same work's MFU: "
+            f"{_utilisation(fast['model_flops'], figures['seconds'], fast, gemm)}"
+        )
+        print(
+            f"       ratio g2e/torch ({mode}) pairs/s: {figures['seconds'] / seconds:.2f} "
+            "(target >= 1.5 against autocast; MFU target >= 0.40)"
+        )
 
 
 def main():
@@ -614,7 +680,13 @@ def main():
     )
     parser.add_argument("--smoke", action="store_true", help="accelerator path at toy sizes")
     parser.add_argument("--quick", action="store_true", help="skip the vision_chunk=0 run")
-    parser.add_argument("--side", choices=("g2e", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--side", choices=("g2e", "torch"), help="accelerator mode: run one side only"
+    )
+    parser.add_argument("--result", default="", help="--side: also write its figures here (JSON)")
+    parser.add_argument(
+        "--report", default="", help="print the table of the train_*.json files in this folder"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -649,6 +721,13 @@ def main():
         help="GradCache rows per device per chunk (0: sized for the device)",
     )
     args = parser.parse_args()
+    if args.report:
+        import torch_reference as reference_module
+
+        globals()["torch_reference"] = reference_module
+        fast, reference = read_results(args.report)
+        print_report(fast, None, reference)
+        return
     if not args.accelerator:
         _pin(args.threads)
         # torch's OpenMP threads otherwise spin while waiting: on a machine whose cores other
@@ -675,6 +754,7 @@ def main():
         import json
 
         result = g2e_side(args) if args.side == "g2e" else torch_side(args)
+        _write_result(args.result, result)
         print("RESULT " + json.dumps(result))
         return
     accelerator_mode(args)

@@ -1,11 +1,26 @@
 """The PyTorch side of bench/bench_train.py: transformers' Qwen2-VL with peft's DoRA, the same
 step as g2e's (last-token embeddings, InfoNCE at 0.02, clipping, AdamW with g2e's schedule),
-by direct backprop or GradCache."""
+by direct backprop or GradCache.
+
+On the accelerator it runs as the release trains (transformers' Trainer with bf16=True): bf16
+base weights, peft's float32 adapters, the forward and the loss under
+`torch.autocast(bfloat16)`, gradient checkpointing enabled the Trainer's way
+(`gradient_checkpointing_enable()` with transformers' default arguments). Without autocast
+('float32_adapters') peft casts each adapted input to the float32 `lora_A` dtype, so DoRA's
+extra drop(x) @ W runs in float32: the slower figure the benchmark used to report; both are
+measured (`MODES`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
+
+MODES = ("autocast", "float32_adapters")
 
 
 def torch_inputs(host_side, grids, device, image_token_id):
@@ -36,8 +51,19 @@ def torch_embed(model, inputs, last_index, dtype):
     return torch.nn.functional.normalize(out.last_hidden_state[rows, last_index].float(), dim=-1)
 
 
-def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0):
-    """A torch train step on the batch: direct backprop, or GradCache over `chunk` rows."""
+def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0, autocast=False):
+    """A torch train step on the batch: direct backprop, or GradCache over `chunk` rows.
+
+    autocast: forward passes and the loss under torch.autocast(bfloat16), as the HF Trainer's
+    bf16=True; backward and the optimizer outside it.
+    """
+    device_type = torch.device(device).type
+
+    def forward_context():
+        if not autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
     sides = {
         s: torch_inputs(host[s], grids[s], device, image_token_id) for s in ("query", "candidate")
     }
@@ -72,12 +98,13 @@ def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0)
     def step():
         n = len(labels)
         if not chunk:
-            q = torch_embed(model, *rows("query", 0, n), dtype)
-            c = torch_embed(model, *rows("candidate", 0, n), dtype)
-            loss = loss_of(q, c)
+            with forward_context():
+                q = torch_embed(model, *rows("query", 0, n), dtype)
+                c = torch_embed(model, *rows("candidate", 0, n), dtype)
+                loss = loss_of(q, c)
             loss.backward()
         else:  # GradCache: embed without graphs, loss gradient, re-embed chunk by chunk
-            with torch.no_grad():
+            with torch.no_grad(), forward_context():
                 embedded = {
                     s: torch.cat(
                         [
@@ -92,7 +119,8 @@ def torch_step_fn(model, host, grids, *, device, dtype, image_token_id, chunk=0)
             loss.backward()
             for s in sides:
                 for i in range(0, n, chunk):
-                    out = torch_embed(model, *rows(s, i, i + chunk), dtype)
+                    with forward_context():
+                        out = torch_embed(model, *rows(s, i, i + chunk), dtype)
                     out.backward(reps[s].grad[i : i + chunk])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -107,3 +135,97 @@ def set_dropout(peft_model, rate):
     for module in peft_model.modules():
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"] = torch.nn.Dropout(rate) if rate else torch.nn.Identity()
+
+
+def gemm_peak(device: str, size: int, repeats: int = 10) -> float:
+    """Measured FLOP/s of a bf16 [size, size] @ [size, size] product on `device` (random data)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (
+        torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
+        for _ in range(2)
+    )
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2.0 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def run_side(
+    hf: dict,
+    host: dict,
+    grids: dict,
+    *,
+    targets: tuple[str, ...],
+    gradient_checkpointing: bool,
+    chunk: int,
+    time_steps: Callable,
+    write: Callable[[dict], None],
+    gemm_size: int,
+) -> dict:
+    """Times the torch step in every mode of MODES; `write(result)` after each mode, so a run
+    stopped by its timeout still leaves the modes it finished.
+
+    hf: transformers Qwen2VLConfig keyword arguments; host, grids: bench_train's batch.
+    """
+    import peft
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_config = transformers.Qwen2VLConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    with torch.device(device):
+        base = transformers.Qwen2VLForConditionalGeneration._from_config(
+            hf_config, attn_implementation="sdpa", torch_dtype=torch.bfloat16
+        )
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable()  # the Trainer's call, transformers' defaults
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=8,
+            lora_alpha=64,
+            lora_dropout=0.1,
+            use_dora=True,
+            init_lora_weights="gaussian",
+            target_modules=list(targets),
+        ),
+    )
+    model.train()
+    on_gpu = device == "cuda"
+    result = dict(
+        side="torch",
+        device=torch.cuda.get_device_name() if on_gpu else "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        gradient_checkpointing=gradient_checkpointing,
+        gemm_peak=gemm_peak(device, gemm_size),
+    )
+    write(result)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for mode in MODES:
+        run = torch_step_fn(
+            model,
+            host,
+            grids,
+            device=device,
+            dtype=torch.bfloat16,
+            image_token_id=hf["image_token_id"],
+            chunk=chunk,
+            autocast=mode == "autocast",
+        )
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            median, low, high = time_steps(run, sync=sync)
+        except torch.OutOfMemoryError as error:
+            result[mode] = dict(error=f"out of memory: {str(error)[:200]}")
+        else:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
+            result[mode] = dict(seconds=median, low=low, high=high, peak_gib=peak)
+        write(result)
+    return result

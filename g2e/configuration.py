@@ -62,9 +62,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _model_config() -> ml_collections.ConfigDict:
     # attention: 'auto' picks per platform (cuDNN on a GPU in 16-bit, splash on a TPU where
-    # lengths are multiples of 128, XLA otherwise: g2e.models.attention.resolve).
+    # lengths are multiples of 128, XLA otherwise: g2e.models.attention.resolve);
+    # splash_block_q/kv: the splash kernel's tiles (multiples of 128).
     return ml_collections.ConfigDict(
-        dict(dtype="bfloat16", param_dtype="bfloat16", remat="full", attention="auto")
+        dict(
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+            remat="full",
+            attention="auto",
+            splash_block_q=512,
+            splash_block_kv=512,
+        )
     )
 
 
@@ -306,6 +314,10 @@ def _check_model_and_mesh(config: ml_collections.ConfigDict) -> None:
         _one_of(f"model.{key}", config.model[key], DTYPES)
     _one_of("model.remat", config.model.remat, tuple(text.REMAT_POLICIES))
     _one_of("model.attention", config.model.attention, attention.IMPLEMENTATIONS)
+    for key in ("splash_block_q", "splash_block_kv"):
+        block = config.model[key]
+        if not isinstance(block, int) or block < 1 or block % attention.SPLASH_TILE:
+            _fail(f"model.{key}", f"is {block!r}; use a multiple of {attention.SPLASH_TILE}")
 
 
 def _check_data(config: ml_collections.ConfigDict, stages: list[str]) -> None:

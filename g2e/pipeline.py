@@ -22,7 +22,7 @@ from g2e import distributed, layout
 from g2e.data import prompts
 from g2e.data import workers as data_workers
 from g2e.data.preprocess import Processor
-from g2e.models import hf_io, lora, peft, sharding
+from g2e.models import attention, hf_io, lora, peft, sharding
 from g2e.models.qwen2_vl import Qwen2VL
 
 
@@ -131,7 +131,9 @@ class Pipeline:
             dtype=model_config.dtype,
             param_dtype=model_config.param_dtype,
             remat=model_config.remat,
-            attention=model_config.attention,
+            attention=attention.Kernel(
+                model_config.attention, model_config.splash_block_q, model_config.splash_block_kv
+            ),
             adapter=adapter_config,
             mesh=self.mesh,
             rules=self.rules,

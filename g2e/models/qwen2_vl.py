@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from g2e.models import attention as attention_lib
 from g2e.models import lora
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.text import TextDecoder, _normal
@@ -43,7 +44,7 @@ class Qwen2VL(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
+        attention: str | attention_lib.Kernel = "xla",
         adapter: lora.AdapterConfig | None = None,
         rngs: nnx.Rngs,
     ):
@@ -54,7 +55,8 @@ class Qwen2VL(nnx.Module):
             dtype: compute dtype (activations), e.g. jnp.bfloat16.
             param_dtype: parameter storage dtype (float32 or bfloat16).
             remat: rematerialisation policy of the scanned layers: 'none', 'full', 'dots', ...
-            attention: 'xla', 'cudnn' or 'pallas' (see g2e.models.attention.attend).
+            attention: a kernel name ('auto', 'xla', 'cudnn', 'pallas') or an attention.Kernel
+                (the name and the splash tiles); see g2e.models.attention.
             adapter: LoRA/DoRA config for the text projections, or None.
             rngs: parameter initialisation RNGs.
         """

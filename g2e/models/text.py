@@ -199,7 +199,14 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with q/k/v bias and M-RoPE."""
 
     def __init__(
-        self, config: TextConfig, *, dtype, param_dtype, attention: str, adapter, rngs: nnx.Rngs
+        self,
+        config: TextConfig,
+        *,
+        dtype,
+        param_dtype,
+        attention: attention_lib.Kernel | str,
+        adapter,
+        rngs: nnx.Rngs,
     ):
         d, e = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
@@ -226,14 +233,15 @@ class Attention(nnx.Module):
             config.num_heads * e, d, name="o_proj", axes=("heads", "embed"), use_bias=False, **kw
         )
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, e
-        self.attention = attention
+        self.attention = attention_lib.as_kernel(attention)
 
     def _qkv_input(self, x, deterministic, rng):
         return shared_dropout(
             x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic, rng=rng
         )
 
-    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
+    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None):
+        """Causal self-attention of rows aligned by `PaddedRows` (`lengths` [B] real tokens)."""
         b, l, _ = x.shape
         qkv_key, o_key = _split(rng, 2)
         dropped = self._qkv_input(x, deterministic, qkv_key)
@@ -246,7 +254,7 @@ class Attention(nnx.Module):
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention_lib.attend(
-            q, k, v, segment_ids=segment_ids, causal=True, implementation=self.attention
+            q, k, v, lengths=lengths, causal=True, implementation=self.attention
         )
         return self.o_proj(
             out.reshape(b, l, -1),
@@ -255,8 +263,8 @@ class Attention(nnx.Module):
             norm=_get(norms, "o_proj"),
         )
 
-    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
-        """Attention output [B, 1, D] for the one query at `index` [B] of each example."""
+    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None):
+        """Attention output [B, 1, D] for the one query at `index` [B] of each (aligned) row."""
         b, l, _ = x.shape
         qkv_key, o_key = _split(rng, 2)
         dropped = self._qkv_input(x, deterministic, qkv_key)
@@ -274,7 +282,7 @@ class Attention(nnx.Module):
         k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, pick(cos), pick(sin)), _rotate(k, cos, sin)
-        out = attention_lib.attend_at(q, k, v, segment_ids=segment_ids, index=index)
+        out = attention_lib.attend_at(q, k, v, index=index)
         return self.o_proj(
             out.reshape(b, 1, -1),
             deterministic=deterministic,
@@ -326,13 +334,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, *, deterministic, rng, norms=None):
+    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None):
         keys = _split(rng, 2)
         x = x + self.self_attn(
             self.input_layernorm(x),
             cos,
             sin,
-            segment_ids,
+            lengths,
             deterministic=deterministic,
             rng=keys[0],
             norms=_get(norms, "self_attn"),
@@ -345,7 +353,7 @@ class DecoderLayer(nnx.Module):
         )
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def at_positions(self, x, cos, sin, segment_ids, index, *, deterministic, rng, norms=None):
+    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None):
         """The block's output [B, D] at position `index` [B] only (keys/values from all of x)."""
         keys = _split(rng, 2)
         rows = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
@@ -353,7 +361,6 @@ class DecoderLayer(nnx.Module):
             self.input_layernorm(x),
             cos,
             sin,
-            segment_ids,
             index,
             deterministic=deterministic,
             rng=keys[0],
@@ -378,7 +385,7 @@ class TextDecoder(nnx.Module):
         dtype: Any,
         param_dtype: Any,
         remat: str,
-        attention: str,
+        attention: attention_lib.Kernel | str,
         adapter: lora.AdapterConfig | None,
         rngs: nnx.Rngs,
     ):
@@ -437,7 +444,8 @@ class TextDecoder(nnx.Module):
         """Runs the decoder.
 
         Args:
-            inputs_embeds: [B, L, D]; position_ids: [3, B, L]; attention_mask: [B, L].
+            inputs_embeds: [B, L, D]; position_ids: [3, B, L]; attention_mask: [B, L], 1 on
+                real tokens, which are one run in every row (padded left or right).
             deterministic, rng: adapter dropout off/on and its key.
             dora_norms: `self.dora_norms()` computed beforehand (once per train step); None
                 computes each layer's norms inside the scan.
@@ -448,8 +456,11 @@ class TextDecoder(nnx.Module):
         Returns:
             Final-norm hidden states [B, L, D], or [B, D] at `pool_index`.
         """
-        cos, sin = mrope_cos_sin(position_ids, self.config, self.dtype)
-        segment_ids = attention_mask.astype(jnp.int32)
+        # One rotation per forward puts every row's real tokens first (left padding included),
+        # so each layer's attention takes sequence lengths instead of a mask (see
+        # g2e.models.attention); the hidden states are rotated back at the end.
+        rows = attention_lib.PaddedRows.from_mask(attention_mask)
+        cos, sin = (rows.align(t) for t in mrope_cos_sin(position_ids, self.config, self.dtype))
         graphdef, layer_state = nnx.split(self.layers)
         num_layers = self.config.num_layers
         layer_rngs = (
@@ -465,7 +476,7 @@ class TextDecoder(nnx.Module):
                 x,
                 cos,
                 sin,
-                segment_ids,
+                rows.lengths,
                 deterministic=deterministic,
                 rng=None if rng is None else layer_rng,
                 norms=norms,
@@ -474,11 +485,12 @@ class TextDecoder(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        x = constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        x = rows.align(inputs_embeds.astype(self.dtype))
+        x = constrain(x, ("batch", "length", "act_embed"))
         scanned = (layer_state, layer_rngs, dora_norms)
         if pool_index is None:
             x, _ = jax.lax.scan(body, x, scanned)
-            return self.norm(x)
+            return rows.restore(self.norm(x))
         x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
         last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
         last = nnx.merge(graphdef, last_state)
@@ -486,8 +498,7 @@ class TextDecoder(nnx.Module):
             x,
             cos,
             sin,
-            segment_ids,
-            pool_index,
+            rows.aligned_index(pool_index, x.shape[1]),
             deterministic=deterministic,
             rng=None if rng is None else last_rng,
             norms=last_norms,

@@ -7,7 +7,8 @@ Several images of one example are packed into its P patches (as the HF image pro
 them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per image, 0 on
 padding) confine attention to one image, like transformers' per-image `cu_seqlens`. The host
 builds `segment_ids` and the (row, col) rotary `positions` with
-`g2e.models.positions.vision_layout`.
+`g2e.models.positions.vision_layout`. Where every row holds at most one image, attention takes
+each row's patch count as its key lengths instead (no mask for cuDNN; `VisionTower._blocks`).
 
 Qwen2.5-VL (`VisionConfig.is_qwen2_5`) changes three things, all local: RMSNorm instead of
 LayerNorm (blocks and merger), a SwiGLU MLP (gate_proj, up_proj, down_proj, with biases), and
@@ -125,7 +126,15 @@ class VisionBlock(nnx.Module):
     down_proj(act(gate_proj(x)) * up_proj(x)) with SiLU.
     """
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, attention: str, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: VisionConfig,
+        *,
+        dtype,
+        param_dtype,
+        attention: str | attention_lib.Kernel,
+        rngs: nnx.Rngs,
+    ):
         width, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
         mlp = config.mlp_width
         if config.hidden_act not in _ACTIVATIONS:
@@ -134,7 +143,7 @@ class VisionBlock(nnx.Module):
                 f"use one of {sorted(_ACTIVATIONS)}."
             )
         self.activation = config.hidden_act
-        self.attention = attention
+        self.attention = attention_lib.as_kernel(attention)
         self.swiglu = config.is_qwen2_5
         self.norm1 = _norm(config, width, dtype, param_dtype, rngs)
         self.qkv = nnx.Einsum(
@@ -177,15 +186,27 @@ class VisionBlock(nnx.Module):
         return self.fc2(constrain(activation(self.fc1(x)), axes))
 
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        lengths: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, P, W] -> [B, P, W]."""
+        """x [B, P, W] -> [B, P, W]; patches attend within `segment_ids` or `lengths`."""
         qkv = self.qkv(self.norm1(x))  # [B, P, S, H, E]
         query, key, value = (qkv[:, :, i] for i in range(3))
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         query = constrain(query, ("batch", "patches", "vision_heads", None))
         out = attention_lib.attend(
-            query, key, value, segment_ids=segment_ids, causal=False, implementation=self.attention
+            query,
+            key,
+            value,
+            segment_ids=segment_ids,
+            lengths=lengths,
+            causal=False,
+            implementation=self.attention,
         )
         x = x + self.proj(out)
         x = x + self.mlp(self.norm2(x))
@@ -222,7 +243,7 @@ class VisionTower(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
+        attention: str | attention_lib.Kernel = "xla",
         rngs: nnx.Rngs,
     ):
         """Builds the tower with random weights (real ones: `vision_params_from_hf`).
@@ -232,16 +253,14 @@ class VisionTower(nnx.Module):
           out_width: merger output width D; default `config.hidden_size` (the text width).
           dtype: compute dtype; param_dtype: parameter storage dtype.
           remat: per-layer rematerialisation policy name (see g2e.models.text.REMAT_POLICIES).
-          attention: 'xla', 'cudnn' or 'pallas' (g2e.models.attention.attend).
+          attention: a kernel name or attention.Kernel (g2e.models.attention).
           rngs: initialisation RNGs.
         """
         remat_policy(remat)  # Fails early on an unknown name.
         if out_width is not None and out_width != config.hidden_size:
             config = dataclasses.replace(config, hidden_size=out_width)
-        if attention not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(
-                f"model.attention={attention!r}; use one of {attention_lib.IMPLEMENTATIONS}."
-            )
+        attention = attention_lib.as_kernel(attention)  # Fails early on an unknown name.
+        self.attention = attention
         self.config = config
         self.dtype = dtype
         self.remat = remat
@@ -334,20 +353,47 @@ class VisionTower(nnx.Module):
             )
         x = self.embed_patches(pixel_values)
         x = constrain(x, ("batch", "patches", "act_vision_embed"))
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        graphdef, layers = nnx.split(self.blocks)
-
-        def layer(x, scanned):
-            layer_state, full = scanned
-            ids = segment_ids if window_ids is None else jnp.where(full, segment_ids, window_ids)
-            return nnx.merge(graphdef, layer_state)(x, ids, cos, sin), None
-
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, (layers, jnp.asarray(full_attention)))
+        x = self._blocks(x, segment_ids, positions, window_ids)
         merged = self.merger(x)
         real = (segment_ids[:, ::window] > 0)[..., None]
         return jnp.where(real, merged, 0).astype(merged.dtype)
+
+    def _blocks(self, x, segment_ids, positions, window_ids):
+        """The stacked blocks over x [B, P, W], each image's patches attending to that image.
+
+        Where every row holds at most one image (patches from position 0 on), attention takes
+        each row's patch count as its key lengths: cuDNN then builds no [B, 1, P, P] mask. A
+        row of several images (or video frames) needs segment ids, a mask on every kernel but
+        splash; lax.cond picks per batch. Qwen2.5-VL's windowed blocks always need segments.
+        """
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        graphdef, layers = nnx.split(self.blocks)
+        full_attention = self.config.full_attention_blocks
+
+        def run(x, segment_ids, lengths):
+            def layer(x, scanned):
+                layer_state, full = scanned
+                ids = segment_ids
+                if window_ids is not None:
+                    ids = jnp.where(full, segment_ids, window_ids)
+                block = nnx.merge(graphdef, layer_state)
+                return block(x, cos, sin, segment_ids=ids, lengths=lengths), None
+
+            if self.remat != "none":
+                layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=False)
+            x, _ = jax.lax.scan(layer, x, (layers, jnp.asarray(full_attention)))
+            return x
+
+        kernel = attention_lib.resolve(self.attention, length=x.shape[1], dtype=self.dtype)
+        if kernel == "pallas" or not all(full_attention):
+            return run(x, segment_ids, None)
+        lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32), 1)
+        return jax.lax.cond(
+            jnp.all(segment_ids <= 1),
+            lambda x: run(x, None, lengths),
+            lambda x: run(x, segment_ids, None),
+            x,
+        )
 
 
 # ---- Hugging Face weight names -------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Text decoder pieces: M-RoPE tables vs transformers, attention masking and backends, remat,
-dtypes and the adapter hook of the projections."""
+"""Text decoder pieces: M-RoPE tables vs transformers, pads that never leak into real tokens,
+remat, dtypes and the adapter hook of the projections (attention itself: test_attention.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from g2e.models import attention, hf_io, lora, text
+from g2e.models import hf_io, lora, text
 from g2e.models.config import Qwen2VLConfig
 from tests.models import checkpoints
 from tests.models.test_qwen2_vl import CASES, make_batch
@@ -34,58 +34,6 @@ def test_mrope_tables_match_transformers(tiny):
     ours = text.mrope_cos_sin(jnp.asarray(position_ids), config.text, jnp.float32)
     np.testing.assert_allclose(ours[0], cos.numpy(), atol=1e-5)
     np.testing.assert_allclose(ours[1], sin.numpy(), atol=1e-5)
-
-
-def _reference_attention(q, k, v, segment_ids, causal):
-    groups = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-    logits = np.einsum("blhe,bmhe->bhlm", q, k) / np.sqrt(q.shape[-1])
-    allowed = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    if causal:
-        allowed = allowed & np.tril(np.ones(logits.shape[-2:], bool))
-    logits = np.where(allowed, logits, -np.inf)
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights = weights / weights.sum(-1, keepdims=True)
-    return np.einsum("bhlm,bmhe->blhe", weights, v)
-
-
-def _qkv(length, rng):
-    shapes = [(2, length, 4, 16), (2, length, 2, 16), (2, length, 2, 16)]
-    return [rng.normal(size=s).astype(np.float32) for s in shapes]
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_segments_and_gqa(causal):
-    rng = np.random.default_rng(1)
-    q, k, v = _qkv(10, rng)
-    segment_ids = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 2, 2, 2, 3, 3, 0]])
-    out = attention.attend(q, k, v, segment_ids=jnp.asarray(segment_ids), causal=causal)
-    expected = _reference_attention(q, k, v, segment_ids, causal)
-    real = segment_ids > 0
-    np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-5)
-    assert np.isfinite(np.asarray(out)).all()
-
-
-@pytest.mark.slow
-def test_pallas_splash_matches_xla():
-    """The TPU splash kernel (interpreted on CPU) gives the XLA result on real tokens."""
-    rng = np.random.default_rng(2)
-    q, k, v = (jnp.asarray(a) for a in _qkv(128, rng))
-    segment_ids = np.ones((2, 128), np.int32)
-    segment_ids[1, :37] = 0  # left padding
-    segment_ids = jnp.asarray(segment_ids)
-    xla = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="xla")
-    splash = attention.attend(
-        q, k, v, segment_ids=segment_ids, causal=True, implementation="pallas"
-    )
-    np.testing.assert_allclose(np.asarray(splash)[1, 37:], np.asarray(xla)[1, 37:], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(splash)[0], np.asarray(xla)[0], atol=1e-5)
-
-
-def test_pallas_rejects_unaligned_length():
-    q, k, v = _qkv(10, np.random.default_rng(3))
-    with pytest.raises(ValueError, match="multiple of 128"):
-        attention.attend(q, k, v, segment_ids=None, causal=True, implementation="pallas")
 
 
 def test_pad_tokens_do_not_leak_into_real_tokens(tiny):
@@ -190,26 +138,3 @@ def test_one_dropout_mask_per_input(tiny, monkeypatch):
     model(batch, deterministic=False, rng=jax.random.key(0))  # traced once by the layer scan
     # q/k/v input, o input, gate/up input, down input.
     assert len(calls) == 4, calls
-
-
-@pytest.mark.parametrize(
-    "backend, dtype, length, expected",
-    [
-        ("cpu", jnp.bfloat16, 128, "xla"),
-        ("gpu", jnp.bfloat16, 100, "cudnn"),
-        ("gpu", jnp.float32, 128, "xla"),  # cuDNN has no float32 fused kernel
-        ("tpu", jnp.bfloat16, 256, "pallas"),
-        ("tpu", jnp.float32, 100, "xla"),  # splash needs lengths in blocks of 128
-    ],
-)
-def test_auto_attention_is_chosen_per_platform(backend, dtype, length, expected):
-    assert attention.resolve("auto", length=length, dtype=dtype, backend=backend) == expected
-    assert attention.resolve("xla", length=length, dtype=dtype, backend=backend) == "xla"
-
-
-def test_auto_attention_on_this_machine_equals_xla():
-    q, k, v = _qkv(10, np.random.default_rng(4))
-    segment_ids = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7]))
-    auto = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="auto")
-    xla = attention.attend(q, k, v, segment_ids=segment_ids, causal=True, implementation="xla")
-    np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))

@@ -106,23 +106,26 @@ def tiny():
 # Example 0: one image, its padding filled with noise (must not leak into the image);
 # example 1: two images of different sizes packed together.
 EXAMPLES = [[0], [1, 0]]
+# One image per row: the tower attends with key lengths instead of segment ids.
+ONE_IMAGE_PER_ROW = [[0], [1]]
 
 
-def _check_parity(hf_model, tower, atol):
+def _check_parity(hf_model, tower, atol, examples=EXAMPLES):
     patches, grids = _images()
-    pixel_values, segment_ids, layout = _batch(patches, grids, EXAMPLES, pad_noise=1.0)
+    pixel_values, segment_ids, layout = _batch(patches, grids, examples, pad_noise=1.0)
     ours = _run(tower, pixel_values, segment_ids, layout)
-    assert ours.shape == (2, NUM_PATCHES // 4, tower.config.hidden_size)
-    for b, images in enumerate(EXAMPLES):
+    assert ours.shape == (len(examples), NUM_PATCHES // 4, tower.config.hidden_size)
+    for b, images in enumerate(examples):
         expected = _hf_merged(hf_model, patches, grids, images)
         np.testing.assert_allclose(ours[b, : len(expected)], expected, atol=atol, rtol=0)
         np.testing.assert_array_equal(ours[b, len(expected) :], 0.0)
     return ours
 
 
-def test_tiny_parity_one_and_two_images(tiny):
+@pytest.mark.parametrize("examples", [EXAMPLES, ONE_IMAGE_PER_ROW], ids=["segments", "lengths"])
+def test_tiny_parity_one_and_two_images(tiny, examples):
     hf_model, _, tower = tiny
-    _check_parity(hf_model, tower, atol=1e-4)
+    _check_parity(hf_model, tower, atol=1e-4, examples=examples)
 
 
 def test_remat_and_bfloat16_keep_the_result(tiny):
