@@ -93,36 +93,45 @@ def rope_index(
     position_ids = np.zeros((3, batch, length), np.int32)
     for b in range(batch):
         real = attention_mask[b].astype(bool)
-        is_image = input_ids[b][real] == image_token_id
         grids = [tuple(int(x) for x in g) for g in image_grid_thw[b]]
-        image_runs = [(s, e) for flag, s, e in _runs(is_image) if flag]
-        if len(image_runs) != len(grids):
-            raise ValueError(
-                f"rope_index: example {b} has {len(image_runs)} runs of image tokens but "
-                f"{len(grids)} image grids; images must be separated by text and each image "
-                "given one (t, h, w) grid."
-            )
-        pieces, current, next_grid = [], 0, 0
-        for flag, start, end in _runs(is_image):
-            if not flag:
-                pieces.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
-                current += end - start
-                continue
-            grid = grids[next_grid]
-            next_grid += 1
-            t, h, w = grid
-            expected = t * h * w // spatial_merge_size**2
-            if end - start != expected:
-                raise ValueError(
-                    f"rope_index: example {b}, image {next_grid - 1} with grid {grid} needs "
-                    f"{expected} image tokens but the sequence has {end - start}; expand each "
-                    "<|image_pad|> to t*h*w/4 tokens."
-                )
-            pieces.append(_image_position_ids(current, grid, spatial_merge_size))
-            current += max(h, w) // spatial_merge_size
+        pieces = _example_position_ids(
+            b, input_ids[b][real] == image_token_id, grids, spatial_merge_size
+        )
         if pieces:
             position_ids[:, b, real] = np.concatenate(pieces, axis=1)
     return position_ids
+
+
+def _example_position_ids(
+    example: int, is_image: np.ndarray, grids: list[GridTHW], spatial_merge_size: int
+) -> list[np.ndarray]:
+    """[3, n] position pieces of one example's real tokens, text runs and image runs in order."""
+    image_runs = [(s, e) for flag, s, e in _runs(is_image) if flag]
+    if len(image_runs) != len(grids):
+        raise ValueError(
+            f"rope_index: example {example} has {len(image_runs)} runs of image tokens but "
+            f"{len(grids)} image grids; images must be separated by text and each image "
+            "given one (t, h, w) grid."
+        )
+    pieces, current, next_grid = [], 0, 0
+    for flag, start, end in _runs(is_image):
+        if not flag:
+            pieces.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
+            current += end - start
+            continue
+        grid = grids[next_grid]
+        next_grid += 1
+        t, h, w = grid
+        expected = t * h * w // spatial_merge_size**2
+        if end - start != expected:
+            raise ValueError(
+                f"rope_index: example {example}, image {next_grid - 1} with grid {grid} needs "
+                f"{expected} image tokens but the sequence has {end - start}; expand each "
+                "<|image_pad|> to t*h*w/4 tokens."
+            )
+        pieces.append(_image_position_ids(current, grid, spatial_merge_size))
+        current += max(h, w) // spatial_merge_size
+    return pieces
 
 
 def rope_deltas(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

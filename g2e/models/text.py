@@ -468,6 +468,30 @@ class TextDecoder(nnx.Module):
             if rng is None
             else jax.random.split(rng, num_layers)
         )
+        layer_args = dict(cos=cos, sin=sin, deterministic=deterministic, use_rng=rng is not None)
+        body = self._scan_body(graphdef, rows, **layer_args)
+        x = rows.align(inputs_embeds.astype(self.dtype))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        scanned = (layer_state, layer_rngs, dora_norms)
+        if pool_index is None:
+            x, _ = jax.lax.scan(body, x, scanned)
+            return rows.restore(self.norm(x))
+        # Every layer but the last over all positions; the last one at the pooled token only.
+        x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
+        last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
+        pooled = nnx.merge(graphdef, last_state).at_positions(
+            x,
+            cos,
+            sin,
+            rows.aligned_index(pool_index, x.shape[1]),
+            deterministic=deterministic,
+            rng=last_rng if layer_args["use_rng"] else None,
+            norms=last_norms,
+        )
+        return self.norm(pooled)
+
+    def _scan_body(self, graphdef, rows, *, cos, sin, deterministic, use_rng):
+        """The lax.scan body that applies one stacked layer (rematerialised per `self.remat`)."""
 
         def body(x, scanned):
             state, layer_rng, norms = scanned
@@ -478,29 +502,11 @@ class TextDecoder(nnx.Module):
                 sin,
                 rows.lengths,
                 deterministic=deterministic,
-                rng=None if rng is None else layer_rng,
+                rng=layer_rng if use_rng else None,
                 norms=norms,
             )
             return x, None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        x = rows.align(inputs_embeds.astype(self.dtype))
-        x = constrain(x, ("batch", "length", "act_embed"))
-        scanned = (layer_state, layer_rngs, dora_norms)
-        if pool_index is None:
-            x, _ = jax.lax.scan(body, x, scanned)
-            return rows.restore(self.norm(x))
-        x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
-        last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
-        last = nnx.merge(graphdef, last_state)
-        pooled = last.at_positions(
-            x,
-            cos,
-            sin,
-            rows.aligned_index(pool_index, x.shape[1]),
-            deterministic=deterministic,
-            rng=None if rng is None else last_rng,
-            norms=last_norms,
-        )
-        return self.norm(pooled)
+        return body
