@@ -137,13 +137,6 @@ def test_put_batch_shards_the_batch_dimension_by_the_batch_rule():
     assert distributed.local_row_range(mesh, sharding.DEFAULT_RULES, 8) == slice(0, 8)
 
 
-def test_put_batch_refuses_a_replicated_batch_across_processes(monkeypatch):
-    mesh = distributed.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match="'batch' sharding rule maps to no axis"):
-        distributed.put_batch({"input_ids": np.zeros((4, 3), np.int32)}, mesh, [("batch", None)])
-
-
 # ------------------------------------------------------------------------------------------
 # When to call jax.distributed.initialize
 
@@ -303,12 +296,18 @@ def _toy_command(out: pathlib.Path) -> list[str]:
     return [sys.executable, str(REPO / "tests" / "multihost_toy.py"), f"--out={out}"]
 
 
+REPLICATED_BATCH_REFUSAL = "'batch' sharding rule maps to no axis of the mesh"
+
+
 def _compare_toy(single: pathlib.Path, multi: pathlib.Path) -> None:
     meta_single = json.loads((single / "meta.json").read_text())
     meta_multi = json.loads((multi / "meta.json").read_text())
     assert (meta_single["process_count"], meta_single["device_count"]) == (1, 8)
     assert (meta_multi["process_count"], meta_multi["device_count"]) == (2, 8)
     assert meta_single["mesh"] == meta_multi["mesh"] == dict(data=2, fsdp=2, tensor=2)
+    # A batch replicated over the mesh is one process's own business, refused across two.
+    assert meta_single["replicated_batch_refusal"] == ""
+    assert REPLICATED_BATCH_REFUSAL in meta_multi["replicated_batch_refusal"]
     one, two = np.load(single / "results.npz"), np.load(multi / "results.npz")
     assert sorted(one) == sorted(two)
     for key in one:
@@ -487,6 +486,7 @@ def test_slurm_srun_environment_is_detected(tmp_path):
     )
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert (meta["process_count"], meta["device_count"]) == (2, 8)
+    assert REPLICATED_BATCH_REFUSAL in meta["replicated_batch_refusal"]
     results = np.load(tmp_path / "results.npz")
     np.testing.assert_allclose(results["embeddings"], results["reference"], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(results["restored"], results["weights"])
