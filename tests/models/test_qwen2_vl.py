@@ -151,6 +151,11 @@ def test_tied_head_parity(tmp_path):
     check_parity(model, hf_model, batch, hf_inputs, atol=1e-4)
 
 
+@jax.jit
+def logits_at_positions(model, batch, chosen):
+    return model.logits_at(model(batch), chosen)
+
+
 def check_logits_at_several_positions(model, hf_model, batch, hf_inputs):
     """`model.logits_at(hidden, positions [B, Q])` equals transformers' logits at those
     positions: the first real token, an image token where the row has one, the last real token
@@ -165,7 +170,7 @@ def check_logits_at_several_positions(model, hf_model, batch, hf_inputs):
         middle = real[len(real) // 2]
         chosen.append([real[-1], real[0], image[-1] if image.size else middle, middle])
     chosen = np.asarray(chosen, np.int32)  # [B, Q], in no particular order
-    logits = jax.device_get(jax.jit(model.logits_at)(model(batch), jnp.asarray(chosen)))
+    logits = jax.device_get(logits_at_positions(model, batch, jnp.asarray(chosen)))
     expected = np.take_along_axis(hf_logits, chosen[..., None], axis=1)
     assert logits.shape == expected.shape == (*chosen.shape, model.config.text.vocab_size)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
