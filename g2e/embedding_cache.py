@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from g2e import atomic, distributed
+from g2e import atomic, distributed, killpoints
 
 CACHE_FORMAT = 3
 CACHE_DTYPES = ("float32", "float16")
@@ -42,6 +42,9 @@ class EmbeddingCache:
     are embedded, so a killed run keeps every finished shard and the next run embeds only
     the missing ones. An index of another fingerprint, other keys or another layout makes
     the old shards go; nothing is ever reused for other items.
+
+    The stages keep one cache per subset, in a directory named for it; the kill point
+    `embedding_shard_<subset>/<name>_<shard>` (g2e.killpoints) follows each shard written.
 
     Multi-host: every process reads the same directory (one all hosts see) and decides which
     shards are missing before any is written (a barrier separates the two), so all of them
@@ -126,6 +129,8 @@ class EmbeddingCache:
                     )
                 if self.writable:
                     self._write(path, stored)
+                    # A test may kill the process here: this shard is whole, the next absent.
+                    killpoints.reached(f"embedding_shard_{self.directory.name}/{name}_{number}")
             parts.append(stored)
         if missing and len(missing) < len(shards):
             logging.info(

@@ -6,7 +6,8 @@ killed (SIGKILL from the test, which polls for the file) or released: a test tha
 SIGTERM (whose handler only sets a flag) then writes `<path>.release`, and the process goes on
 to act on the signal at its next boundary. Without the variable the call is one dictionary
 lookup. Point names: `train_step_<n>` after step n's checkpoint decision,
-`embedding_shard_<subset>_<n>` after an evaluation or mining embedding shard is written,
+`embedding_shard_<subset>/<name>_<n>` after shard n of an evaluation or mining embedding
+cache's `<name>` (queries, candidates, positives) is written,
 `judge_shard_<subset>_<n>` after a judge-cache shard is written.
 """
 

@@ -7,8 +7,10 @@ It goes through every multi-host path of g2e.distributed the real stages use: `i
 config keys, an 8-device mesh, each host reading only its `host_slice` of the items, global
 batches assembled from host rows, per-item results gathered back in input order, a global-batch
 contrastive loss, an Orbax checkpoint written by all processes together, and files written by
-process 0 only. Run as one process with 8 devices or as two with 4 each, it must write the same
-results (DIR/results.npz) — the test compares them; DIR/meta.json records the process layout.
+process 0 only. It also asks `put_batch` for a batch whose 'batch' rule names no mesh axis,
+which several processes must refuse (each would take its rows for the whole batch). Run as one process with 8 devices or as two with 4 each, it must write the same
+results (DIR/results.npz) — the test compares them; DIR/meta.json records the process layout
+and the refusal.
 """
 
 import json
@@ -119,6 +121,15 @@ def checkpoint_round_trip(weights, directory):
         return checkpointer.restore(os.path.join(directory, "weights"), abstract)["weights"]
 
 
+def replicated_batch_refusal(mesh) -> str:
+    """put_batch's error for a 'batch' rule that names no mesh axis ('' when it places it)."""
+    try:
+        distributed.put_batch({"x": np.zeros((2, WIDTH), np.float32)}, mesh, [("batch", None)])
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def main(_):
     config = _CONFIG.value
     distributed.initialize(config)
@@ -136,6 +147,7 @@ def main(_):
         initial, NamedSharding(mesh, PartitionSpec("fsdp", ("data", "tensor")))
     )
 
+    refusal = replicated_batch_refusal(mesh)
     embeddings = evaluate(weights, items, lengths, mesh)
     reference = items @ initial
     reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
@@ -160,6 +172,7 @@ def main(_):
                     process_count=jax.process_count(),
                     device_count=jax.device_count(),
                     mesh=dict(mesh.shape),
+                    replicated_batch_refusal=refusal,
                 ),
                 f,
             )

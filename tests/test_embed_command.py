@@ -10,6 +10,7 @@ under the default on_bad_input=error; NaN rows and a count under on_bad_input=sk
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -256,8 +257,10 @@ def test_embed_command_on_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, run_dir):
 
 @pytest.mark.slow
 def test_mmeb_evaluation_of_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, tmp_path):
-    """A short MMEB evaluation (two mini-MMEB subsets) runs on the 2.5 checkpoint."""
+    """A short MMEB evaluation (two mini-MMEB subsets) on the 2.5 checkpoint scores every row
+    as transformers' embeddings do, each query and candidate embedded on its own."""
     from g2e import Embedder
+    from g2e.data import mmeb
     from g2e.demo import mini_mmeb
     from g2e.evaluation import mmeb as evaluation
 
@@ -273,5 +276,29 @@ def test_mmeb_evaluation_of_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, tmp_path)
         progress=False,
     )
     assert sorted(results["subsets"]) == ["ShapeCaption_t2i", "ShapeCls"]
-    assert all(r["num_queries"] == 4 for r in results["subsets"].values())
-    assert 0.0 <= results["overall"] <= 100.0
+    torch_model, directory = qwen25_checkpoint
+
+    @functools.cache  # candidates repeat across rows; each is still embedded on its own
+    def reference_of(text, image, role, subset):
+        item = EmbedItem(text, image, role, subset)
+        return assets.reference_embedding(torch_model, directory, item)
+
+    for name, result in results["subsets"].items():
+        correct = []
+        for row in mmeb.read_eval_subset(str(data / "eval"), name, str(data)):
+            query = reference_of(row.qry_text, row.qry_image, "query", name)
+            scores = [
+                float(query @ reference_of(text, image, "candidate", name))
+                for text, image in zip(row.tgt_texts, row.tgt_images)
+            ]
+            # The evaluator's rule: right when no other candidate scores above the positive
+            # (the first); a margin far above rounding, so g2e cannot decide it otherwise.
+            others = max(scores[1:])
+            assert abs(scores[0] - others) > 1e-4, ("a near tie", name, scores)
+            correct.append(scores[0] >= others)
+        assert result["num_queries"] == len(correct) == 4
+        assert result["correct"] == "".join("1" if c else "0" for c in correct), name
+        assert result["precision_at_1"] == pytest.approx(100.0 * np.mean(correct))
+    assert results["overall"] == pytest.approx(
+        np.mean([r["precision_at_1"] for r in results["subsets"].values()])
+    )

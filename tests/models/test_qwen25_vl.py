@@ -28,7 +28,13 @@ from g2e.models import hf_io, positions, sharding
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
 from tests.models import checkpoints
-from tests.models.test_qwen2_vl import check_parity, forward, hf_reference, make_batch
+from tests.models.test_qwen2_vl import (
+    check_logits_at_several_positions,
+    check_parity,
+    forward,
+    hf_reference,
+    make_batch,
+)
 
 QWEN2_5_VL = "qwen2_5_vl"
 
@@ -204,6 +210,13 @@ def test_tiny_parity(tiny25, case):
     examples, side = CASES[case]
     batch, hf_inputs = make_batch25(model.config, examples, side, np.random.default_rng(0))
     check_parity(model, hf_model, batch, hf_inputs, atol=1e-4)
+
+
+def test_logits_at_several_positions(tiny25):
+    hf_model, _, model = tiny25
+    examples, side = CASES["mixed_batch_left_padded"]
+    batch, hf_inputs = make_batch25(model.config, examples, side, np.random.default_rng(2))
+    check_logits_at_several_positions(model, hf_model, batch, hf_inputs)
 
 
 def test_windowed_blocks_change_the_result(tiny25):

@@ -151,14 +151,38 @@ def test_tied_head_parity(tmp_path):
     check_parity(model, hf_model, batch, hf_inputs, atol=1e-4)
 
 
+@jax.jit
+def logits_at_positions(model, batch, chosen):
+    return model.logits_at(model(batch), chosen)
+
+
+def check_logits_at_several_positions(model, hf_model, batch, hf_inputs):
+    """`model.logits_at(hidden, positions [B, Q])` equals transformers' logits at those
+    positions: the first real token, an image token where the row has one, the last real token
+    and one position in between, per row (left padding shifts them all)."""
+    _, _, hf_logits = hf_reference(hf_model, hf_inputs)
+    mask = batch["attention_mask"].astype(bool)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    chosen = []
+    for row in range(len(mask)):
+        real = np.flatnonzero(mask[row])
+        image = np.flatnonzero(is_image[row])
+        middle = real[len(real) // 2]
+        chosen.append([real[-1], real[0], image[-1] if image.size else middle, middle])
+    chosen = np.asarray(chosen, np.int32)  # [B, Q], in no particular order
+    logits = jax.device_get(logits_at_positions(model, batch, jnp.asarray(chosen)))
+    expected = np.take_along_axis(hf_logits, chosen[..., None], axis=1)
+    assert logits.shape == expected.shape == (*chosen.shape, model.config.text.vocab_size)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    # The rows differ by far more than the tolerance, so a shifted position would show.
+    assert np.abs(expected[:, 0] - expected[:, 1]).max(-1).min() > 1e-2
+
+
 def test_logits_at_several_positions(tiny):
-    _, model = tiny
-    batch, _ = make_batch(model.config, *CASES["text_only"], np.random.default_rng(2))
-    hidden = model(batch)
-    positions_ = jnp.array([[0, 3], [5, 1]])
-    logits = model.logits_at(hidden, positions_)
-    assert logits.shape == (2, 2, model.config.text.vocab_size)
-    np.testing.assert_allclose(logits[1, 0], hidden[1, 5] @ model.lm_head.value, atol=1e-5)
+    hf_model, model = tiny
+    examples, side = CASES["mixed_batch_left_padded"]
+    batch, hf_inputs = make_batch(model.config, examples, side, np.random.default_rng(2))
+    check_logits_at_several_positions(model, hf_model, batch, hf_inputs)
 
 
 @pytest.mark.slow
