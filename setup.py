@@ -40,6 +40,8 @@ setuptools.setup(
         # torch is the numerical reference in tests only; runtime code never imports it.
         "test": [
             "pytest>=8",
+            # Two test processes (pytest.ini): compilation is mostly single-threaded.
+            "pytest-xdist>=3.6,<4",
             "torch==2.13.0",
             "peft>=0.21,<0.22",
             # The formatter and linter .ci/run checks with, and shellcheck for launch/*.sh.
