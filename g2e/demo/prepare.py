@@ -117,7 +117,7 @@ def _sampled_batches(
     processor: Processor, taught: list[lessons.Lesson], *, batch_size: int, seed: int
 ):
     """draw_batch(step) over encoded lessons: three image batches to one text-only batch."""
-    encoded = [e for e in (pretrain.encode_lesson(processor, t) for t in taught) if e is not None]
+    encoded = [e for e in (lessons.encode(processor, t) for t in taught) if e is not None]
     groups = [[e for e in encoded if e.num_patches], [e for e in encoded if not e.num_patches]]
     groups = [g for g in groups if len(g) >= batch_size]
     if not groups:
