@@ -10,6 +10,9 @@ setuptools.setup(
     ),
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["g2e", "g2e.*"]),
+    # The demo's pre-trained generator (g2e.demo.pretrain) ships inside the package.
+    package_data={"g2e.demo": ["assets/generator/*"]},
+    include_package_data=True,
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

@@ -219,6 +219,10 @@ def _demo_config() -> ml_collections.ConfigDict:
             train_rows=200,
             eval_queries=60,
             scale=1.0,
+            # 'asset': copy the committed pre-trained generator (g2e/demo/assets/generator, made
+            # by `python -m g2e.demo.pretrain`; not committed yet: its probes do not pass);
+            # 'train': train one on the mini-MMEB's rows (CI's toy runs; the keys below).
+            generator="train",
             generator_steps=300,
             generator_lr=3e-3,
             generator_batch_size=16,

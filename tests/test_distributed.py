@@ -334,6 +334,7 @@ DEMO_FLAGS = [
     "--config.mesh.data=1",
     "--config.mesh.fsdp=-1",
     "--config.demo.scale=0.05",
+    "--config.demo.generator=train",
     "--config.demo.generator_steps=2",
     "--config.demo.hidden_size=64",
     "--config.demo.num_layers=2",

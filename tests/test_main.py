@@ -19,6 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # 12 steps of DoRA fine-tuning with a checkpoint every 3.
 TRIMMED = [
     "--config.demo.scale=0.1",
+    "--config.demo.generator=train",
     "--config.demo.generator_steps=6",
     "--config.demo.hidden_size=64",
     "--config.demo.num_layers=2",

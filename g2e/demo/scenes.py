@@ -1,8 +1,12 @@
 """Scenes of the mini-MMEB: coloured shapes on a 3x3 grid, drawn with PIL, and their captions.
 
-Images are small (56-112 px sides) pale backgrounds with up to six objects; every object has a
-shape, a colour, a grid cell and a size, and `draw` returns each object's bounding box so
-grounding subsets can crop single objects.
+Images are small (84-112 px sides: at most 8x8 patches of 14 px, 16 merged tokens) pale
+backgrounds with up to six objects; every object has a shape, a colour, a grid cell and a size,
+and `draw` returns each object's bounding box so grounding subsets can crop single objects.
+
+Sizes: an object spans SIZE_RANGE of the image's shorter side (18-36 px), so even the smallest
+covers more than one 14-px patch; `centred` gives a classification image's single object in the
+middle cell.
 """
 
 import dataclasses
@@ -11,7 +15,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-MIN_SIDE, MAX_SIDE = 56, 112
+MIN_SIDE, MAX_SIDE = 84, 112
+# An object's width as a fraction of the image's shorter side (its cell is a third of it).
+SIZE_RANGE = (0.22, 0.32)
+CENTRE_CELL = 4
 
 SHAPES = ("circle", "triangle", "square", "diamond", "pentagon", "hexagon", "star", "cross")
 COLORS = {
@@ -40,7 +47,8 @@ NUMBERS = ("one", "two", "three", "four", "five", "six")
 
 @dataclasses.dataclass(frozen=True)
 class Obj:
-    """One drawn object: shape, colour name, grid cell (0..8, row-major) and relative size."""
+    """One drawn object: shape, colour name, grid cell (0..8, row-major) and width as a
+    fraction of the image's shorter side."""
 
     shape: str
     color: str
@@ -85,9 +93,10 @@ def draw(
     boxes = []
     for obj in objects:
         row, col = divmod(obj.cell, 3)
-        r = obj.size * min(w, h) / 6
-        cx = (col + 0.5) * w / 3 + rng.uniform(-0.1, 0.1) * w / 3
-        cy = (row + 0.5) * h / 3 + rng.uniform(-0.1, 0.1) * h / 3
+        r = obj.size * min(w, h) / 2
+        # A small jitter inside the cell: neighbours of the largest size overlap by 2% at most.
+        cx = (col + 0.5) * w / 3 + rng.uniform(-0.05, 0.05) * w / 3
+        cy = (row + 0.5) * h / 3 + rng.uniform(-0.05, 0.05) * h / 3
         fill = COLORS[obj.color]
         if obj.shape == "circle":
             canvas.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -114,9 +123,22 @@ def objects(rng: np.random.Generator, n: int, shapes=None, colors=None) -> list[
     shapes = shapes or [SHAPES[i] for i in rng.integers(0, len(SHAPES), size=n)]
     colors = colors or [list(COLORS)[i] for i in rng.integers(0, len(COLORS), size=n)]
     return [
-        Obj(s, c, int(cell), float(rng.uniform(0.55, 0.9)))
+        Obj(s, c, int(cell), float(rng.uniform(*SIZE_RANGE)))
         for s, c, cell in zip(shapes, colors, cells)
     ]
+
+
+def centred(
+    rng: np.random.Generator,
+    shape: str | None = None,
+    color: str | None = None,
+    size_range: tuple[float, float] = SIZE_RANGE,
+) -> Obj:
+    """One object in the centre cell (a classification image's); shape/color as `objects`,
+    its width drawn from `size_range` (fractions of the shorter side)."""
+    shape = shape or SHAPES[int(rng.integers(0, len(SHAPES)))]
+    color = color or list(COLORS)[int(rng.integers(0, len(COLORS)))]
+    return Obj(shape, color, CENTRE_CELL, float(rng.uniform(*size_range)))
 
 
 def pick(rng: np.random.Generator, items, k: int | None = None):

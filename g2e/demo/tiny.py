@@ -41,7 +41,7 @@ _PRETOKENIZE_REGEX = (
 
 # A small built-in corpus so the tokenizer learns common English pieces even with no texts
 # given: the prompt words of g2e, the judge's answers, colours, objects, shapes and verbs.
-_BUILTIN_CORPUS = """
+BUILTIN_CORPUS = """
 Given an image, summarize the provided image in one word. Given only text, describe the text in
 one word. Represent the given text/image in one word. Represent the given text in one word.
 Represent the given image with the following question: Find me an image that matches the given
@@ -102,7 +102,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [line for line in _BUILTIN_CORPUS.splitlines() if line.strip()]
+    corpus = [line for line in BUILTIN_CORPUS.splitlines() if line.strip()]
     backend.train_from_iterator([*corpus, *texts], trainer)
 
     model = json.loads(backend.to_str())["model"]

@@ -1,11 +1,17 @@
-"""The demo generator's lessons: matching questions in the judge's exact words, true answers."""
+"""The demo's generator: the committed asset copied (widths checked), or, for CI's toy runs,
+lessons from the mini-MMEB's rows: matching questions in the judge's exact words, true answers."""
 
+import json
+import types
+
+import ml_collections
 import numpy as np
 import pytest
 
+from g2e import configuration
 from g2e.data import mmeb, prompts
 from g2e.data.preprocess import EmbedItem, Processor
-from g2e.demo import mini_mmeb, prepare, tiny, wording
+from g2e.demo import lessons, mini_mmeb, prepare, pretrain, tiny, wording
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +23,11 @@ def mini(tmp_path_factory):
 
 
 def test_matching_lessons_are_the_judge_prompt_with_true_answers(mini):
-    lessons = prepare.generator_lessons(
+    taught = prepare.generator_lessons(
         mini / "data" / "train", mini / "data", matching_per_subset=12, seed=0
     )
-    matching = [lesson for lesson in lessons if lesson.suffix == prompts.JUDGE_QUESTION]
-    assert len(matching) > 6 * 12 and {lesson.answer for lesson in matching} == {"Yes", "No"}
+    matching = [lesson for lesson in taught if lesson.suffix == prompts.JUDGE_QUESTION]
+    assert len(matching) == 6 * 12 and {lesson.answer for lesson in matching} == {"Yes", "No"}
     processor = Processor.from_dir(mini / "model", max_length=512)
     for lesson in matching[::9]:
         # The judge's prompt of the same query and candidate is token for token the lesson's.
@@ -57,29 +63,46 @@ def test_answers_follows_the_construction(mini):
     assert not mini_mmeb.answers(ground[0], ground[1])  # a crop of another scene
 
 
-def test_a_caption_in_another_order_answers_and_is_taught_as_yes(mini):
-    reordered = [
-        lesson
-        for lesson in prepare._matching_lessons("ShapeCaption_i2t", 40, seed=0)
-        if lesson.answer == "Yes" and " and " in lesson.user
-    ]
-    assert reordered, "no two-object captions drawn"
-    a = prepare._Drawn(
-        "<|image_1|>\nFind a caption.", None, "a red circle and two blue stars", None
+def test_a_caption_in_another_order_answers():
+    row = lambda caption: types.SimpleNamespace(  # noqa: E731
+        qry_text="<|image_1|>\nFind a caption.", qry_image=None, pos_text=caption, pos_image=None
     )
-    b = prepare._Drawn(
-        "<|image_1|>\nFind a caption.", None, "two blue stars and a red circle", None
-    )
-    assert mini_mmeb.answers(a, b) and not mini_mmeb.answers(
-        a, prepare._Drawn("", None, "a red circle and two blue crosses", None)
-    )
-    assert prepare._reorder(a.pos_text) == b.pos_text
+    a, b = row("a red circle and two blue stars"), row("two blue stars and a red circle")
+    assert mini_mmeb.answers(a, b)
+    assert not mini_mmeb.answers(a, row("a red circle and two blue crosses"))
+    assert lessons.reorder(a.pos_text) == b.pos_text
 
 
 def test_the_system_prompt_asks_for_one_word(mini):
-    lessons = prepare.generator_lessons(
+    taught = prepare.generator_lessons(
         mini / "data" / "train", mini / "data", matching_per_subset=0, seed=0
     )
-    summaries = [lesson for lesson in lessons if lesson.system == prompts.SYSTEM_PROMPT]
+    summaries = [lesson for lesson in taught if lesson.system == prompts.SYSTEM_PROMPT]
     assert summaries and all(len(lesson.answer.split()) == 1 for lesson in summaries)
     assert {bool(lesson.images) for lesson in summaries} == {True, False}
+
+
+def _demo_config(**demo) -> ml_collections.ConfigDict:
+    config = configuration.base_config()
+    config.demo.update(demo)
+    return config
+
+
+def test_the_asset_is_copied_and_its_widths_checked(tmp_path, monkeypatch):
+    asset = tmp_path / "asset"
+    tiny.write_assets(asset, hidden_size=64, layers=2, vision_width=32)
+    (asset / "MANIFEST.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    monkeypatch.setattr(pretrain, "ASSET_DIR", asset)
+    config = _demo_config(generator="asset", hidden_size=64, num_layers=2, vision_width=32)
+    info = prepare.copy_generator(config, None, tmp_path / "model")
+    assert info["weights_sha256"] == "abc"
+    assert (tmp_path / "model" / "tokenizer.json").read_bytes() == (
+        asset / "tokenizer.json"
+    ).read_bytes()
+    with pytest.raises(ValueError, match="demo.hidden_size=128.*demo.generator=train"):
+        prepare.copy_generator(_demo_config(hidden_size=128), None, tmp_path / "other")
+
+
+def test_an_unknown_generator_source_is_named(tmp_path):
+    with pytest.raises(ValueError, match="demo.generator must be .asset. or .train."):
+        prepare.prepare(_demo_config(generator="download", train_rows=16, scale=0.0), tmp_path)
