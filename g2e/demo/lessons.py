@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from g2e.data import prompts
-from g2e.demo import mini_mmeb, scenes
+from g2e.demo import mini_mmeb, scenes, wording
 
 GENERATOR_QUESTION = "What does the image show?"
 ONE_WORD_TEXT = "Describe the text in one word."
@@ -167,10 +167,12 @@ def _fresh_row(subset: str, rng: np.random.Generator) -> Any:
 
 
 def one_word(row: Any) -> str:
-    """A text-positive row's one-word summary: its label or answer, or a caption's first shape."""
+    """A text-positive row's one-word summary: its label or answer (a paraphrased label's
+    canonical word), or a caption's first shape."""
+    meaning = wording.canonical(row.pos_text.lower())
+    if isinstance(meaning, str) and len(meaning.split()) == 1:
+        return meaning.strip(".,")
     words = [w.strip(".,") for w in row.pos_text.lower().split()]
-    if len(words) == 1:
-        return words[0]
     singular = {scenes.plural(s, n): s for s in scenes.SHAPES for n in (1, 2)}
     return next(singular[w] for w in words if w in singular)
 

@@ -65,12 +65,13 @@ def _label(value: str, rng: np.random.Generator, train: bool) -> str:
 
 
 def _classification(name: str, rng: np.random.Generator, train: bool) -> Example:
+    # Shape and colour classes: one centred object, 0.22-0.32 of the shorter side.
     if name == "ShapeCls":
         value = scenes.pick(rng, scenes.SHAPES)
-        objects = scenes.objects(rng, 1, shapes=[value])
+        objects = [scenes.centred(rng, shape=value)]
     elif name == "ColorCls":
-        value, n = scenes.pick(rng, scenes.COLORS), int(rng.integers(1, 4))
-        objects = scenes.objects(rng, n, colors=[value] * n)
+        value = scenes.pick(rng, scenes.COLORS)
+        objects = [scenes.centred(rng, color=value)]
     else:  # CountCls
         n = int(rng.integers(1, len(scenes.NUMBERS) + 1))
         value, objects = scenes.NUMBERS[n - 1], scenes.objects(rng, n)
@@ -91,7 +92,8 @@ def _vqa_scene(rng: np.random.Generator) -> list[scenes.Obj]:
     )
     if rng.random() < 0.5:
         largest = int(rng.integers(n))
-        sizes = [0.9 if j == largest else 0.5 for j in range(n)]
+        # Fractions of the shorter side: the largest clearly larger than the others.
+        sizes = [0.32 if j == largest else 0.18 for j in range(n)]
         objects = [dataclasses.replace(o, size=size) for o, size in zip(objects, sizes)]
     return objects
 
