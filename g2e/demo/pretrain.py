@@ -197,7 +197,7 @@ def train(
     began = time.time()
     for index in range(start, steps):
         encoded = draw_batch(index)
-        batch = processor.collate(encoded, length=length, num_patches=num_patches)
+        batch = processor.batcher.collate(encoded, length=length, num_patches=num_patches)
         batch = answer_targets(batch)
         params, opt_state, loss = step(params, opt_state, batch)
         losses.append(float(loss))
@@ -276,7 +276,7 @@ def scale_merger(model: Qwen2VL, processor: Processor, seed: int) -> float:
     returns the factor applied."""
     rng = np.random.default_rng([seed, 9])
     items = [lessons.encode(processor, lessons.colour_lesson(rng), answer=False) for _ in range(4)]
-    tokens = model.vision_tokens(processor.collate(items))
+    tokens = model.vision_tokens(processor.batcher.collate(items))
     rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))  # noqa: E731
     factor = rms(model.language_model.embed_tokens[...]) / rms(tokens)
     fc2 = model.visual.merger.fc2

@@ -52,11 +52,11 @@ class Programs:
         outputs = []
         for start in range(0, len(items), PROBE_BATCH):
             chunk = items[start : start + PROBE_BATCH]
-            batch = self.processor.collate(
+            batch = self.processor.batcher.collate(
                 chunk,
                 pad_to_batch=PROBE_BATCH,
-                length=self.processor.length_buckets[-1],
-                num_patches=self.processor.patch_buckets[-1],
+                length=self.processor.batcher.length_buckets[-1],
+                num_patches=self.processor.batcher.patch_buckets[-1],
             )
             outputs.append(np.asarray(program(self.state, batch))[: len(chunk)])
         return np.concatenate(outputs)

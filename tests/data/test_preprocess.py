@@ -118,7 +118,7 @@ ITEMS = [
 def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, resolution):
     processor = make(checkpoint, padding_side=padding_side, image_resolution=resolution)
     encoded = [processor.encode(item) for item in ITEMS]
-    batch = processor.collate(encoded)
+    batch = processor.batcher.collate(encoded)
     grids = []
     for row, item in enumerate(ITEMS):
         has_image = item.image is not None
@@ -152,7 +152,7 @@ def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, 
 def test_batch_layout(checkpoint):
     processor = make(checkpoint, length_buckets=(64, 128, 256), patch_buckets=(0, 32, 64, 128))
     encoded = [processor.encode(item) for item in ITEMS[:3]]
-    batch = processor.collate(encoded, pad_to_batch=4)
+    batch = processor.batcher.collate(encoded, pad_to_batch=4)
     B, L, P = 4, 128, 64
     assert 64 < max(e.length for e in encoded) <= 128
     assert 32 < max(e.num_patches for e in encoded) <= 64
@@ -193,24 +193,24 @@ def test_batch_layout(checkpoint):
 
 def test_buckets(checkpoint):
     processor = make(checkpoint, length_buckets=(64, 128, 256), patch_buckets=(0, 32, 64))
-    text_only = processor.collate([processor.encode(ITEMS[1])])
+    text_only = processor.batcher.collate([processor.encode(ITEMS[1])])
     assert text_only["input_ids"].shape == (1, 64)
     assert text_only["pixel_values"].shape == (1, 0, 588)
     # Past the largest patch bucket: the next multiple of it (a bounded set of shapes).
     big = processor.encode(EmbedItem("x", noise(224, 224), "query"))
     assert big.num_patches == 256
-    assert processor.collate([big])["pixel_values"].shape == (1, 256, 588)
+    assert processor.batcher.collate([big])["pixel_values"].shape == (1, 256, 588)
     with pytest.raises(ValueError, match="pad_to_batch"):
-        processor.collate([big, big], pad_to_batch=1)
+        processor.batcher.collate([big, big], pad_to_batch=1)
     # Shapes fixed by the caller (e.g. agreed across hosts), even with no encodings at all.
-    fixed = processor.collate(
+    fixed = processor.batcher.collate(
         [processor.encode(ITEMS[1])], pad_to_batch=2, length=256, num_patches=64
     )
     assert fixed["input_ids"].shape == (2, 256) and fixed["pixel_values"].shape == (2, 64, 588)
-    empty = processor.collate([], pad_to_batch=2, length=64, num_patches=0)
+    empty = processor.batcher.collate([], pad_to_batch=2, length=64, num_patches=0)
     assert empty["attention_mask"].sum() == 2 and empty["input_ids"].shape == (2, 64)
     with pytest.raises(ValueError, match="cannot hold"):
-        processor.collate([big], length=64, num_patches=64)
+        processor.batcher.collate([big], length=64, num_patches=64)
     with pytest.raises(ValueError, match="length bucket"):
         make(checkpoint, max_length=300, length_buckets=(64, 256))
     # Defaults: powers of two up to max_length; patches up to the processor's max_pixels.
@@ -248,7 +248,7 @@ def test_truncation_cuts_the_text_and_keeps_the_template(checkpoint):
     assert (encoded.input_ids == processor.image_token_id).sum() == encoded.num_patches // 4
     kept_text = len(encoded.input_ids) - len(tail)
     np.testing.assert_array_equal(encoded.input_ids[:kept_text], full.input_ids[:kept_text])
-    processor.collate([encoded])  # batches count what was truncated
+    processor.batcher.collate([encoded])  # batches count what was truncated
     report = processor.padding_report()
     assert report["truncated_items"] == 1 and report["truncated_tokens"] == encoded.truncated_tokens
 
@@ -307,7 +307,7 @@ def test_encode_chat_with_answer_marks_targets(checkpoint):
     targets = encoded.input_ids[encoded.target_mask.astype(bool)]
     np.testing.assert_array_equal(targets, answer_ids)
     np.testing.assert_array_equal(encoded.input_ids[-len(answer_ids) :], answer_ids)
-    batch = processor.collate([encoded, processor.encode(ITEMS[1])])
+    batch = processor.batcher.collate([encoded, processor.encode(ITEMS[1])])
     assert batch["target_mask"].shape == batch["input_ids"].shape
     assert batch["target_mask"][0].sum() == len(answer_ids) and not batch["target_mask"][1].any()
 
@@ -323,7 +323,7 @@ def test_judge_prompt_with_two_images_matches_transformers(checkpoint, hf_model)
     )
     np.testing.assert_array_equal(encoded.input_ids, ids)
     np.testing.assert_array_equal(as_model_input(encoded.pixel_values, checkpoint), pixel_values)
-    batch = processor.collate([encoded], pad_to_batch=2)
+    batch = processor.batcher.collate([encoded], pad_to_batch=2)
     np.testing.assert_array_equal(
         batch["position_ids"], hf_rope(hf_model, processor, batch, [grids, []])
     )
@@ -351,10 +351,10 @@ def test_a_square_policy_gives_one_patch_bucket(checkpoint):
     patches with Qwen2-VL's pixel limits; the tiny checkpoint's max_pixels shrink it to 256)."""
     processor = make(checkpoint, image_resolution="mid_low")
     patches = processor.patches_per_image("mid_low")
-    assert processor.patch_buckets == (0, patches) and patches == 256
+    assert processor.batcher.patch_buckets == (0, patches) and patches == 256
     encoded = processor.encode(EmbedItem("", noise(300, 500), "candidate"))
     assert encoded.num_patches == patches
-    assert processor.collate([encoded])["pixel_values"].shape[1] == patches
+    assert processor.batcher.collate([encoded])["pixel_values"].shape[1] == patches
     full_size = Processor.from_dir(
         checkpoint, max_length=256, image_resolution="mid_low", max_pixels=12845056
     )

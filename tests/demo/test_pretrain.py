@@ -59,7 +59,7 @@ def test_image_tokens_start_at_the_scale_of_token_embeddings(ci_model):
     model, processor, info = ci_model
     rng = np.random.default_rng(1)
     items = [lessons.encode(processor, lessons.colour_lesson(rng), answer=False) for _ in range(4)]
-    batch = processor.collate(items)
+    batch = processor.batcher.collate(items)
     tokens = np.asarray(model.vision_tokens(batch))
     embeddings = np.asarray(model.language_model.embed_tokens[...])
     ratio = np.sqrt(np.mean(tokens**2)) / np.sqrt(np.mean(embeddings**2))
