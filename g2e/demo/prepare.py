@@ -213,19 +213,16 @@ def train_generator(
     taught = generator_lessons(
         paths.train_dir, paths.image_root, matching_per_subset=demo.matching_lessons, seed=demo.seed
     )
-    tiny.write_assets(
+    tiny.write_generator_assets(
         out,
-        texts=[text for lesson in taught for text in (lesson.user, lesson.answer)],
+        [text for lesson in taught for text in (lesson.user, lesson.answer)],
         vocab_size=demo.vocab_size,
         hidden_size=demo.hidden_size,
-        intermediate_size=2 * demo.hidden_size,
         layers=demo.num_layers,
         heads=demo.heads,
         kv_heads=demo.kv_heads,
         vision_width=demo.vision_width,
-        vision_heads=demo.heads,
         vision_layers=demo.num_layers,
-        tie_word_embeddings=True,
     )
     model = Qwen2VL(
         Qwen2VLConfig.from_dir(out),

@@ -376,19 +376,16 @@ def processor_for(directory: pathlib.Path) -> Processor:
 def build(out: pathlib.Path, preset: Preset) -> tuple[Qwen2VL, Processor, dict[str, Any]]:
     """Writes tokenizer, config and preprocessor config to `out`; a model of random weights
     with its merger scaled, and its processor."""
-    tiny.write_assets(
+    tiny.write_generator_assets(
         out,
-        texts=corpus_texts(preset),
+        corpus_texts(preset),
         vocab_size=preset.vocab_size,
         hidden_size=preset.hidden_size,
-        intermediate_size=2 * preset.hidden_size,
         layers=preset.layers,
         heads=preset.heads,
         kv_heads=preset.kv_heads,
         vision_width=preset.vision_width,
-        vision_heads=preset.heads,
         vision_layers=preset.vision_layers,
-        tie_word_embeddings=True,
     )
     model = Qwen2VL(Qwen2VLConfig.from_dir(out), rngs=nnx.Rngs(preset.seed))
     processor = processor_for(out)

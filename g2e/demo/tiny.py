@@ -163,14 +163,7 @@ def tiny_hf_config(
     """
     if model_type not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {model_type!r}")
-    head_dim = hidden_size // heads
-    if mrope_section is None:
-        half = head_dim // 2
-        temporal = half // 4
-        height = (half - temporal) // 2
-        mrope_section = (temporal, height, half - temporal - height)
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    mrope_section = _checked_mrope_section(hidden_size // heads, mrope_section)
     ids = special_token_ids(tokenizer)
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
     text_config = _text_config(
@@ -185,27 +178,16 @@ def tiny_hf_config(
         mrope_section=mrope_section,
         tie_word_embeddings=tie_word_embeddings,
     )
-    if model_type == "qwen2_5_vl":
-        fullatt = (vision_layers - 1,) if vision_fullatt_blocks is None else vision_fullatt_blocks
-        vision_config = _qwen2_5_vl_vision_config(
-            hidden_size=hidden_size,
-            vision_width=vision_width,
-            vision_heads=vision_heads,
-            vision_layers=vision_layers,
-            vision_mlp_ratio=vision_mlp_ratio,
-            window_size=vision_window_size,
-            fullatt_blocks=fullatt,
-        )
-        architecture = "Qwen2_5_VLForConditionalGeneration"
-    else:
-        vision_config = _qwen2_vl_vision_config(
-            hidden_size=hidden_size,
-            vision_width=vision_width,
-            vision_heads=vision_heads,
-            vision_layers=vision_layers,
-            vision_mlp_ratio=vision_mlp_ratio,
-        )
-        architecture = "Qwen2VLForConditionalGeneration"
+    vision_config, architecture = _vision_section(
+        model_type,
+        hidden_size=hidden_size,
+        vision_width=vision_width,
+        vision_heads=vision_heads,
+        vision_layers=vision_layers,
+        vision_mlp_ratio=vision_mlp_ratio,
+        window_size=vision_window_size,
+        fullatt_blocks=vision_fullatt_blocks,
+    )
     return {
         "architectures": [architecture],
         "model_type": model_type,
@@ -217,6 +199,34 @@ def tiny_hf_config(
         "vision_end_token_id": ids["<|vision_end|>"],
         "tie_word_embeddings": tie_word_embeddings,
     }
+
+
+def _vision_section(
+    model_type: str, *, window_size: int, fullatt_blocks: tuple[int, ...] | None, **widths: int
+) -> tuple[dict[str, Any], str]:
+    """(vision_config, architecture name) of `model_type`; Qwen2.5-VL's full attention defaults
+    to the last block."""
+    if model_type == "qwen2_5_vl":
+        fullatt = (widths["vision_layers"] - 1,) if fullatt_blocks is None else fullatt_blocks
+        config = _qwen2_5_vl_vision_config(
+            **widths, window_size=window_size, fullatt_blocks=fullatt
+        )
+        return config, "Qwen2_5_VLForConditionalGeneration"
+    return _qwen2_vl_vision_config(**widths), "Qwen2VLForConditionalGeneration"
+
+
+def _checked_mrope_section(
+    head_dim: int, mrope_section: tuple[int, int, int] | None
+) -> tuple[int, int, int]:
+    """`mrope_section`, or Qwen's 1:1.5:1.5 split of half the head dimension when None."""
+    if mrope_section is None:
+        half = head_dim // 2
+        temporal = half // 4
+        height = (half - temporal) // 2
+        mrope_section = (temporal, height, half - temporal - height)
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    return mrope_section
 
 
 def _text_config(
@@ -362,3 +372,34 @@ def write_assets(
     )
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return config
+
+
+def write_generator_assets(
+    out_dir: str | pathlib.Path,
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vision_width: int,
+    vision_layers: int,
+) -> dict[str, Any]:
+    """`write_assets` for the demo's generator shape: MLP twice the width, the vision tower
+    with the text's head count, tied embeddings (the committed asset and `demo.generator=train`
+    are built alike)."""
+    return write_assets(
+        out_dir,
+        texts=texts,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vision_width=vision_width,
+        vision_heads=heads,
+        vision_layers=vision_layers,
+        tie_word_embeddings=True,
+    )
