@@ -49,12 +49,15 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     config = pipeline.config
     embedder, judge, fingerprint = _embedder_and_judge(pipeline)
     reports = {}
-    for subset in rows_lib.train_subsets(config.data):
-        report = _kept_report(pipeline, subset)
-        if report is None:
-            report = _mine_and_write(pipeline, subset, embedder, judge, fingerprint)
-        if report is not None:
-            reports[subset] = report
+    try:
+        for subset in rows_lib.train_subsets(config.data):
+            report = _kept_report(pipeline, subset)
+            if report is None:
+                report = _mine_and_write(pipeline, subset, embedder, judge, fingerprint)
+            if report is not None:
+                reports[subset] = report
+    finally:
+        embedder.close()
     if distributed.is_primary():
         atomic.write_json(
             layout.mining_report_file(pipeline.workdir), reports, indent=2, sort_keys=True
@@ -92,6 +95,7 @@ def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str
             rules=pipeline.rules,
             batch_size=config.mine.judge_batch_size,
             progress=False,
+            pool=embedder.pool,  # one pool of workers for the stage
         )
     return embedder, judge, pipeline.fingerprint(pipeline.model_key, processor.prompt)
 
@@ -134,8 +138,11 @@ def _mine_and_write(
             judge_fingerprint(pipeline),
             writable=distributed.is_primary(),
         )
+    before = embedder.host_snapshot()
     result = mine_subset(pipeline, subset, rows, embedder, cache, judge, judge_cache)
     report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
+    # The subset's host work, embeddings and judge together (they share the stage's pool).
+    report["host"] = embedder.host_report(before)
     if distributed.is_primary():
         params = dict(
             top_k=config.mine.top_k,
