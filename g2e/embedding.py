@@ -51,6 +51,12 @@ def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
     return model.embed(batch)
 
 
+def rows_per_step(per_device: int, mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None):
+    """This process's rows in one step for `per_device` rows on each of its batch devices
+    (eval.batch_size and mine.batch_size are per device; BatchRunner takes rows per process)."""
+    return int(per_device) * sharding.batch_devices(mesh, rules, per_process=True)
+
+
 class BatchRunner:
     """Runs a jitted `step(graphdef, state, batch) -> [B, ...]` over host-encoded inputs.
 
@@ -75,8 +81,8 @@ class BatchRunner:
         the 'batch' rule.
       rules: the logical-axis rule table (config.sharding_rules; default
         sharding.DEFAULT_RULES).
-      batch_size: rows per step on each process; rounded up to a multiple of this process's
-        devices on the batch axes.
+      batch_size: rows per step on each process (`rows_per_step` of a per-device size);
+        rounded up to a multiple of this process's devices on the batch axes.
       workers: encoding processes (data.workers); 0 encodes in this process.
       window: batches per window (the bucketing horizon and the memory bound).
       pool: a worker pool shared with another runner of the stage (then `workers` is unused).
@@ -286,7 +292,7 @@ class Embedder(BatchRunner):
             processor,
             mesh=pipeline.mesh,
             rules=pipeline.rules,
-            batch_size=config.eval.batch_size,
+            batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
             workers=pipeline.workers,
             progress=False,
         )

@@ -42,7 +42,7 @@ def test_mine_eval_and_judge_encode_nothing_in_the_main_process(tmp_path, monkey
             "data.eval_dir": str(mini / "eval"),
             "data.eval_image_root": str(mini),
             "data.eval_subsets": "ShapeCls,ShapeVQA",
-            "eval.batch_size": 8,
+            "eval.batch_size": 1,
         },
     )
     pipeline = Pipeline(config_of(settings), tmp_path / "work")

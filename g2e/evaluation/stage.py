@@ -15,7 +15,7 @@ from typing import Any
 
 from g2e import distributed, layout
 from g2e.data import prompts
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
@@ -36,7 +36,7 @@ def _evaluate(
         processor,
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.eval.batch_size,
+        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
         progress=False,
         workers=pipeline.workers,
     )
@@ -113,7 +113,7 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
         pipeline.processor(),
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.eval.batch_size,
+        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
         progress=False,
         workers=pipeline.workers,
     )
