@@ -37,7 +37,7 @@ from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import positive_item, query_item
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.embedding_cache import EmbeddingCache
 from g2e.mining.judge import Judge
 from g2e.mining.judge_cache import JudgeCache, RowPairJudge, judge_fingerprint
@@ -83,7 +83,7 @@ def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str
         processor,
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.mine.batch_size,
+        batch_size=rows_per_step(config.mine.batch_size, pipeline.mesh, pipeline.rules),
         workers=pipeline.workers,
     )
     judge = None
@@ -121,7 +121,9 @@ def _mine_and_write(
     """Mines one subset and writes its clusters and report; None when it has no usable row."""
     config = pipeline.config
     bad = BadInputReport(config.data.on_bad_input)
-    rows = rows_lib.train_rows(config.data, subset, bad)
+    rows = rows_lib.train_rows(
+        config.data, subset, bad, cache_dir=rows_lib.arrow_cache_dir(pipeline.workdir)
+    )
     if not rows:
         logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
         return None
