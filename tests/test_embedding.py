@@ -14,7 +14,7 @@ import pytest
 
 from g2e import distributed
 from g2e.data.preprocess import EmbedItem, Processor
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.models import hf_io, sharding
 from tests import assets
 
@@ -173,3 +173,12 @@ def test_a_long_input_streams_through_a_bounded_window(checkpoint, model, alone)
     out = embedder([items[i] for i in order])
     assert 0 < embedder.peak_prepared <= 8
     np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
+
+
+def test_batch_sizes_are_per_device():
+    """eval.batch_size / mine.batch_size count rows per device: a step of this process has
+    that many rows for each of its devices on the batch axes."""
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
+    assert sharding.batch_devices(mesh, RULES, per_process=True) == 8
+    assert rows_per_step(4, mesh, RULES) == 32
+    assert rows_per_step(4, None, RULES) == 4

@@ -244,6 +244,7 @@ class Judge(BatchRunner):
         Raises:
           BadInput: a pair's input is bad (not merely over-length) and on_bad_input='error'.
         """
+        pairs = list(pairs)
         count = len(pairs)
         share = distributed.host_slice(count)
         self._pairs, self._status = pairs[share], np.zeros(share.stop - share.start, np.int8)

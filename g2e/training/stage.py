@@ -104,18 +104,22 @@ def train_stage(
     )
     heldout = heldout_rows(pipeline)
     evaluate = HeldOut.of_pipeline(pipeline, model, heldout, prompt) if heldout else None
-    result = train_model(
-        config,
-        model,
-        rows,
-        clusters,
-        pipeline.processor(train=True, prompt=prompt),
-        pipeline.mesh,
-        pipeline.rules,
-        str(pipeline.stage_dir(name)),
-        workers=pipeline.workers,
-        evaluate=evaluate,
-    )
+    try:
+        result = train_model(
+            config,
+            model,
+            rows,
+            clusters,
+            pipeline.processor(train=True, prompt=prompt),
+            pipeline.mesh,
+            pipeline.rules,
+            str(pipeline.stage_dir(name)),
+            workers=pipeline.workers,
+            evaluate=evaluate,
+        )
+    finally:
+        if evaluate is not None:
+            evaluate.embedder.close()  # its encoding workers
     if result.stopped_early:
         raise Preempted(
             f"{name}: stopped at step {result.step} after saving a checkpoint; "
