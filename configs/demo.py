@@ -32,11 +32,11 @@ def get_config():
     config.data.train_split = "original"
     config.data.heldout_rows = 16  # per training subset, evaluated every train.heldout_every
 
-    config.eval.batch_size = 32
+    config.eval.batch_size = 32  # per device: the demo runs on one (a CPU)
 
     config.mine.top_k = 3
     config.mine.pool_mult = 3
-    config.mine.batch_size = 32
+    config.mine.batch_size = 32  # per device, as eval.batch_size
     config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
     config.train.steps = 200

@@ -353,11 +353,40 @@ def max_across_processes(values: Sequence[int]) -> tuple[int, ...]:
     Every process must call it at the same point with the same number of values. It waits for
     the devices (a collective), so call it once for a whole loop rather than once per step.
     """
+    return tuple(int(v) for v in every_process(values).max(axis=0))
+
+
+def every_process(values: Sequence[int]) -> np.ndarray:
+    """int32 [processes, n]: row p holds process p's small integer vector `values`.
+
+    Every process must call it at the same point with the same number of values (a collective).
+    """
     local = np.asarray(values, np.int32).reshape(-1)
     if jax.process_count() == 1:
-        return tuple(int(v) for v in local)
-    stacked = np.asarray(multihost_utils.process_allgather(local))  # [processes, n]
-    return tuple(int(v) for v in stacked.max(axis=0))
+        return local[None]
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+def text_from_process(source: int, text: str | None, key: str, timeout_s: float = 300) -> str:
+    """The text that process `source` passes (its `text`), on every process.
+
+    Through the coordination service's key-value store, not the devices: for an error
+    message that every process raises alike. `key` must be unique per call in the job.
+
+    Raises:
+      ValueError: process `source` is this one and `text` is None.
+    """
+    # JAX has no public handle on its coordination-service client.
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if jax.process_index() == source:
+        if text is None:
+            raise ValueError(f"text_from_process({key!r}): the source process gives no text")
+        if jax.process_count() > 1:
+            client.key_value_set(f"g2e/{key}", text)
+        return text
+    return client.blocking_key_value_get(f"g2e/{key}", int(timeout_s * 1000))
 
 
 def gather_in_order(local_array: np.ndarray, n_total: int) -> np.ndarray:

@@ -17,11 +17,13 @@ Evaluation and mining keep what they embed in `g2e.embedding_cache.EmbeddingCach
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
 import logging
 import pathlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ import tqdm
 from flax import nnx
 
 from g2e import configuration, distributed
-from g2e.data import workers
+from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded, pick_bucket
 from g2e.data.errors import Line
 from g2e.data.preprocess import EmbedItem, Processor
@@ -49,11 +51,18 @@ def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
     return model.embed(batch)
 
 
+def rows_per_step(per_device: int, mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None):
+    """This process's rows in one step for `per_device` rows on each of its batch devices
+    (eval.batch_size and mine.batch_size are per device; BatchRunner takes rows per process)."""
+    return int(per_device) * sharding.batch_devices(mesh, rules, per_process=True)
+
+
 class BatchRunner:
     """Runs a jitted `step(graphdef, state, batch) -> [B, ...]` over host-encoded inputs.
 
-    A stream, not a load: inputs are encoded in Grain worker processes
-    (`g2e.data.workers.stream`, in input order), taken in windows of `window` batches, grouped
+    A stream, not a load: inputs are encoded by the runner's worker pool (one per runner, so
+    one per stage: `g2e.data.workers.Pool`, in input order, whatever a call's size), taken in
+    windows of `window` batches, grouped
     inside a window by (length, patch) bucket, padded to a fixed batch size, sharded over the
     mesh's batch axes and run; each batch's result is fetched while the next one runs. At most
     one window of prepared inputs is held (plus the workers' small buffers), whatever the
@@ -72,10 +81,14 @@ class BatchRunner:
         the 'batch' rule.
       rules: the logical-axis rule table (config.sharding_rules; default
         sharding.DEFAULT_RULES).
-      batch_size: rows per step on each process; rounded up to a multiple of this process's
-        devices on the batch axes.
+      batch_size: rows per step on each process (`rows_per_step` of a per-device size);
+        rounded up to a multiple of this process's devices on the batch axes.
       workers: encoding processes (data.workers); 0 encodes in this process.
       window: batches per window (the bucketing horizon and the memory bound).
+      pool: a worker pool shared with another runner of the stage (then `workers` is unused).
+
+    `host_snapshot()` before and `host_report(snapshot)` after a subset give what its report
+    records of the host side; `close()` stops the pool's workers.
     """
 
     def __init__(
@@ -90,6 +103,7 @@ class BatchRunner:
         progress: bool = True,
         workers: int = 0,
         window: int = 8,
+        pool: workers_lib.Pool | None = None,
     ):
         self.processor = processor
         self.mesh = mesh
@@ -103,6 +117,28 @@ class BatchRunner:
         self.batch_size = -(-batch_size // devices) * devices
         self._step = jax.jit(step, static_argnums=0)
         self.peak_prepared = 0  # the most prepared inputs this runner held at once
+        self.pool = workers_lib.Pool(workers) if pool is None else pool
+
+    def host_snapshot(self) -> workers_lib.HostCounts:
+        """The pool's counts so far (give them to `host_report` later)."""
+        return dataclasses.replace(self.pool.counts)
+
+    def host_report(self, since: workers_lib.HostCounts) -> dict[str, Any]:
+        """The host side since `since` (a `host_snapshot()`): worker processes, items encoded in
+        workers and in this process, and the fraction of the run time spent waiting for
+        encodings (the devices idle for want of input)."""
+        counts = self.pool.counts.minus(since)
+        wait = counts.wait_s / counts.run_s if counts.run_s > 0 else 0.0
+        return {
+            "workers": self.pool.workers,
+            "items_in_workers": counts.items_in_workers,
+            "items_in_main": counts.items_in_main,
+            "device_wait_fraction": round(wait, 4),
+        }
+
+    def close(self) -> None:
+        """Stops the encoding workers (a later call starts them again)."""
+        self.pool.close()
 
     def reload(self, model: Qwen2VL) -> None:
         """Takes `model`'s current weights (after they changed in place, e.g. in training);
@@ -120,7 +156,11 @@ class BatchRunner:
         share = distributed.host_slice(len(inputs))
         largest = -(-len(inputs) // jax.process_count())
         windows = -(-largest // (self.batch_size * self.window))
-        local = self._run_local(inputs[share], encode, windows=windows, desc=desc)
+        began = time.perf_counter()
+        try:
+            local = self._run_local(inputs[share], encode, windows=windows, desc=desc)
+        finally:
+            self.pool.counts.run_s += time.perf_counter() - began
         return distributed.gather_in_order(local, len(inputs))
 
     def _context(self):
@@ -135,9 +175,9 @@ class BatchRunner:
         patches = (
             0
             if encoded.num_patches == 0
-            else pick_bucket(encoded.num_patches, self.processor.patch_buckets, "patch")
+            else pick_bucket(encoded.num_patches, self.processor.batcher.patch_buckets, "patch")
         )
-        return pick_bucket(encoded.length, self.processor.length_buckets, "length"), patches
+        return pick_bucket(encoded.length, self.processor.batcher.length_buckets, "length"), patches
 
     def _plan(self, window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Encoded]]]:
         """Groups a window's encodings into steps of one (patch, length) bucket each."""
@@ -163,17 +203,24 @@ class BatchRunner:
         processor's report (which raises under on_bad_input='error')."""
         window = []
         for offset, value in enumerate(itertools.islice(results, self.batch_size * self.window)):
-            if isinstance(value, workers.Failed):
+            value = self._received(start + offset, value)
+            if isinstance(value, workers_lib.Failed):
                 self.processor.report.handle(value.error)
             elif value is not None:
                 window.append((start + offset, value))
         self.peak_prepared = max(self.peak_prepared, len(window))
         return window
 
+    def _received(self, index: int, value: Any) -> Encoded | workers_lib.Failed | None:
+        """What `encode` returned for local input `index`, as an Encoded, Failed or None
+        (a hook for runners whose encode returns more)."""
+        del index
+        return value
+
     def _run_local(self, inputs: Sequence[Any], encode, *, windows: int, desc: str) -> np.ndarray:
         out = np.full((len(inputs), self.output_width), np.nan, np.float32)
         pending = None  # (indices, result on device): fetched while the next batch runs
-        results = workers.stream(inputs, encode, workers=self.workers)
+        results = self.pool.map(inputs, encode)
         with tqdm.tqdm(
             total=len(inputs),
             desc=desc,
@@ -187,7 +234,7 @@ class BatchRunner:
                 )
                 for step, (length, patches) in enumerate(self._agree(steps)):
                     indices, encodings = steps[step] if step < len(steps) else ([], [])
-                    batch = self.processor.collate(
+                    batch = self.processor.batcher.collate(
                         encodings, pad_to_batch=self.batch_size, length=length, num_patches=patches
                     )
                     result = self._dispatch(batch)
@@ -245,7 +292,7 @@ class Embedder(BatchRunner):
             processor,
             mesh=pipeline.mesh,
             rules=pipeline.rules,
-            batch_size=config.eval.batch_size,
+            batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
             workers=pipeline.workers,
             progress=False,
         )
@@ -375,7 +422,7 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
 # The embed stage.
 
 
-def run_embed(pipeline: Pipeline) -> dict[str, int]:
+def run_embed(pipeline: Pipeline) -> dict[str, Any]:
     """The embed command: JSONL of {text, image, role} -> float32 [N, D] .npy in input order."""
     config = pipeline.config
     items, _ = read_jsonl_items(config.input, config.data.on_bad_input)
@@ -384,8 +431,13 @@ def run_embed(pipeline: Pipeline) -> dict[str, int]:
     processor = embedder.processor
     present = [i for i, item in enumerate(items) if item is not None]
     out = np.full((len(items), embedder.output_width), np.nan, np.float32)
-    if present:
-        out[present] = embedder([items[i] for i in present])
+    before = embedder.host_snapshot()
+    try:
+        if present:
+            out[present] = embedder([items[i] for i in present])
+    finally:
+        embedder.close()
+    host = embedder.host_report(before)
     skipped = int(np.isnan(out).any(axis=1).sum())
     if distributed.is_primary():
         pathlib.Path(config.output).parent.mkdir(parents=True, exist_ok=True)
@@ -398,4 +450,5 @@ def run_embed(pipeline: Pipeline) -> dict[str, int]:
             if skipped
             else "",
         )
-    return {"rows": len(items), "skipped": skipped}
+    logging.info("embed: host %s", host)
+    return {"rows": len(items), "skipped": skipped, "host": host}

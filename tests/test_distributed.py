@@ -341,7 +341,7 @@ DEMO_FLAGS = [
     "--config.demo.vision_width=32",
     "--config.data.eval_subsets=ShapeCls,ShapeVQA",
     f"--config.data.train_subsets={','.join(DEMO_TRAIN_SUBSETS)}",
-    "--config.eval.batch_size=8",
+    "--config.eval.batch_size=1",  # per device: 8 a step on 8 devices
     "--config.mine.judge=True",
     # The demo generator's P(yes) here lie in 0.505-0.516, with a gap of 3.5e-4 around this
     # threshold: the judge drops about a fifth of ShapeCls's pairs, and no answer lies near

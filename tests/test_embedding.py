@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from g2e import distributed
-from g2e.data import workers
 from g2e.data.preprocess import EmbedItem, Processor
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.models import hf_io, sharding
 from tests import assets
 
@@ -137,19 +136,30 @@ def test_mesh_equals_single_device(checkpoint, alone, mesh_shape):
     np.testing.assert_allclose(out, alone, atol=1e-5, rtol=0)
 
 
-def test_worker_processes_do_not_change_embeddings(checkpoint, model, alone, monkeypatch):
-    """Items encoded in 1 or 2 Grain worker processes come back in order and bit-equal to the
-    in-process run (Grain hands out and collects elements round-robin)."""
-    monkeypatch.setattr(workers, "MIN_ITEMS_PER_WORKER", 0)  # start processes for 7 items
+def test_worker_processes_do_not_change_embeddings(checkpoint, model, alone):
+    """Items encoded in 1 or 2 worker processes come back in order and bit-equal to the
+    in-process run; however small the call, nothing is encoded in the main process, and one
+    pool serves every call of a runner (of a stage)."""
     runs = []
     for count in (0, 1, 2):
         embedder = Embedder(
             model, processor(checkpoint[1]), mesh=None, batch_size=2, progress=False, workers=count
         )
+        before = embedder.host_snapshot()
         runs.append(embedder(make_items()))
+        executor = embedder.pool._executor
+        runs[-1] = np.concatenate([runs[-1], embedder(make_items()[:2])])
+        assert embedder.pool._executor is executor  # the same worker processes, both calls
+        host = embedder.host_report(before)
+        total = len(make_items()) + 2
+        if count:
+            assert (host["items_in_main"], host["items_in_workers"]) == (0, total), host
+        else:
+            assert (host["items_in_main"], host["items_in_workers"]) == (total, 0), host
+        embedder.close()
     np.testing.assert_array_equal(runs[1], runs[0])
     np.testing.assert_array_equal(runs[2], runs[0])
-    np.testing.assert_allclose(runs[0], alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(runs[0][: len(make_items())], alone, atol=1e-5, rtol=0)
 
 
 def test_a_long_input_streams_through_a_bounded_window(checkpoint, model, alone):
@@ -163,3 +173,12 @@ def test_a_long_input_streams_through_a_bounded_window(checkpoint, model, alone)
     out = embedder([items[i] for i in order])
     assert 0 < embedder.peak_prepared <= 8
     np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
+
+
+def test_batch_sizes_are_per_device():
+    """eval.batch_size / mine.batch_size count rows per device: a step of this process has
+    that many rows for each of its devices on the batch axes."""
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
+    assert sharding.batch_devices(mesh, RULES, per_process=True) == 8
+    assert rows_per_step(4, mesh, RULES) == 32
+    assert rows_per_step(4, None, RULES) == 4

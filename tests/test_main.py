@@ -27,8 +27,8 @@ TRIMMED = [
     "--config.train.steps=12",
     "--config.train.checkpoint_every=3",
     "--config.train.warmup_steps=2",
-    "--config.eval.batch_size=16",
-    "--config.mine.batch_size=16",
+    "--config.eval.batch_size=2",  # per device: 16 a step on 8 devices
+    "--config.mine.batch_size=2",
     "--config.mine.judge_batch_size=8",
 ]
 

@@ -22,15 +22,23 @@ and train stages see the same rows and cluster indices refer to them.
 
 Rows from TFDS are read lazily (a Sequence over the array_record files): every pass over the
 rows reads their records again, but those hold no image bytes; an image's bytes are read
-when it is loaded.
+when it is loaded. Parquet training rows, given a `cache_dir`, are converted once into an Arrow
+IPC file there (keyed by the source files' names, sizes and times, the split and the image
+root) and read by index from its memory map (`ArrowRows`): a worker process that encodes rows
+receives the file's path and row indices, never the rows, and a restart reads no parquet.
 """
 
 import bisect
+import hashlib
+import json
+import os
+import pathlib
 import zlib
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from g2e.data import images, mmeb
 from g2e.data import subsets as subsets_lib
@@ -85,7 +93,12 @@ def _tfds_rows(kind: str, data: Any, subset: str, split: str, report: BadInputRe
 
 
 def train_rows(
-    data: Any, subset: str, report: BadInputReport, *, heldout: bool = False
+    data: Any,
+    subset: str,
+    report: BadInputReport,
+    *,
+    heldout: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Sequence[mmeb.TrainRow]:
     """The rows of one MMEB-train subset (split `data.train_split`) in the configured format.
 
@@ -97,6 +110,8 @@ def train_rows(
         (raising BadInput under 'error', counting under 'skip').
       heldout: the subset's held-out slice instead: its last `data.heldout_rows` rows, which
         mining and training never see (the train stage evaluates on them as it goes).
+      cache_dir: parquet rows are read through an Arrow copy kept here (`arrow_train_rows`);
+        None reads them into a list.
 
     Returns:
       The rows in source order ([] for a skipped subset): of at most `data.max_rows_per_subset`
@@ -110,6 +125,8 @@ def train_rows(
     """
     if _format(data) == "tfds":
         rows = _tfds_rows("train", data, subset, data.train_split, report)
+    elif cache_dir is not None:
+        rows = arrow_train_rows(data, subset, report, cache_dir)
     else:
         rows = mmeb.read_train_subset(
             data.train_dir,
@@ -130,7 +147,7 @@ def train_rows(
             f"{subset} ({len(rows)} rows); lower it"
         )
     split = len(rows) - held
-    return SampledRows(rows, np.arange(split, len(rows)) if heldout else np.arange(split))
+    return SampledRows(rows, range(split, len(rows)) if heldout else range(split))
 
 
 def _get(data: Any, key: str, default: Any) -> Any:
@@ -147,7 +164,7 @@ def sample_rows(rows: Sequence, subset: str, cap: int, seed: int = -1) -> Sequen
     if not cap or len(rows) <= cap:
         return rows
     if seed < 0:
-        keep = np.arange(cap)
+        keep = range(cap)
     else:
         rng = np.random.default_rng([seed, zlib.crc32(subset.encode())])
         keep = np.sort(rng.choice(len(rows), size=cap, replace=False))
@@ -155,10 +172,12 @@ def sample_rows(rows: Sequence, subset: str, cap: int, seed: int = -1) -> Sequen
 
 
 class SampledRows(Sequence):
-    """The rows of `rows` at positions `keep` (sorted), read on access."""
+    """The rows of `rows` at positions `keep` (sorted; a range stays a range, so that it
+    pickles small), read on access."""
 
-    def __init__(self, rows: Sequence, keep: np.ndarray):
-        self.rows, self.keep = rows, np.asarray(keep, np.int64)
+    def __init__(self, rows: Sequence, keep: np.ndarray | range):
+        self.rows = rows
+        self.keep = keep if isinstance(keep, range) else np.asarray(keep, np.int64)
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -167,6 +186,87 @@ class SampledRows(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         return self.rows[int(self.keep[i])]
+
+
+# The TrainRow fields, in order, as the Arrow copy's columns.
+_TRAIN_FIELDS = (
+    "subset",
+    "index",
+    "qry_text",
+    "qry_image",
+    "pos_text",
+    "pos_image",
+    "neg_text",
+    "neg_image",
+)
+
+
+class ArrowRows(Sequence):
+    """TrainRows read by index from an Arrow IPC file, memory-mapped on first access in each
+    process; it pickles as its path (see `arrow_train_rows`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._table: pa.Table | None = None
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["path"])
+
+    def _columns(self) -> pa.Table:
+        if self._table is None:
+            self._table = pa.ipc.open_file(pa.memory_map(self.path)).read_all()
+        return self._table
+
+    def __len__(self) -> int:
+        return self._columns().num_rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        table = self._columns()
+        if not -table.num_rows <= i < table.num_rows:
+            raise IndexError(f"row {i} of {table.num_rows} rows in {self.path}")
+        return mmeb.TrainRow(**{name: table.column(name)[i].as_py() for name in _TRAIN_FIELDS})
+
+
+def arrow_cache_dir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Where the stages of a run keep the Arrow copies of parquet training rows."""
+    return pathlib.Path(workdir, "rows")
+
+
+def arrow_train_rows(
+    data: Any, subset: str, report: BadInputReport, cache_dir: str | os.PathLike
+) -> ArrowRows:
+    """The parquet rows of `subset` (split data.train_split) as ArrowRows over a copy in
+    `cache_dir`, written on first use (atomically) and found again while the source is the same.
+
+    The key covers each parquet file's name, size and modification time, the split and the
+    image root; a changed source gets a new copy. Bad rows follow `report` while converting.
+    """
+    image_root = data.train_image_root or data.train_dir
+    files = mmeb.parquet_files(data.train_dir, subset, data.train_split)
+    source = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    key = json.dumps([subset, data.train_split, str(image_root), source])
+    path = pathlib.Path(cache_dir, f"{subset}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
+    if not path.is_file():
+        rows = mmeb.read_train_subset(data.train_dir, subset, data.train_split, image_root, report)
+        columns = {name: [getattr(row, name) for row in rows] for name in _TRAIN_FIELDS}
+        table = pa.table(
+            {
+                name: pa.array(values, pa.int64() if name == "index" else pa.string())
+                for name, values in columns.items()
+            }
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+            out.write_table(table)
+        os.replace(partial, path)  # processes sharing the folder write the same bytes
+    return ArrowRows(path)
 
 
 def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.EvalRow]:

@@ -1,10 +1,15 @@
 """Host work in Grain worker processes: decode, resize and tokenise in parallel, in input order.
 
-Every host pipeline of g2e (the embedding runner that evaluation, mining, the judge and the
-embed command share, and the training batches) maps a picklable function over a random-access
-sequence with `stream`:
+Two ways to map a picklable function over a random-access sequence of inputs, in input order:
 
-    for result in stream(inputs, encode, workers=4):      # result: Done(value) or Failed(error)
+- `Stream` / `stream` (training): a Grain pipeline over one sequence, whose position goes into
+  the checkpoint; its worker processes live as long as the stream.
+- `Pool` (the embedding runner that evaluation, mining, the judge and the embed command share):
+  one set of worker processes for a whole stage, fed call after call (a mine stage embeds one
+  cache shard per call); `Pool.map` keeps `workers x buffer` chunks in flight, so preparation
+  overlaps the device work, and counts the items computed in workers and in this process.
+
+    for result in pool.map(inputs, encode):   # result: encode(x), or Failed(error)
         ...
 
 - Order: results come in input order whatever the number of workers (Grain's process
@@ -14,18 +19,26 @@ sequence with `stream`:
 - Bad input: a `BadInput` raised in a worker travels back as a value (`Failed`), so the main
   process applies the on_bad_input policy and keeps the counts (a worker's own counters would
   be lost with it).
-- Cost: worker processes are started afresh for every stream (Grain uses `spawn`: a few
-  seconds), so inputs shorter than `min_items` run in this process.
+- Cost: worker processes start with `spawn` (a few seconds): a Stream's once per stream (so
+  inputs shorter than `min_items` run in this process), a Pool's once per stage.
 
 Worker processes read absl flags, so they are marked parsed here when no `app.run` did it.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import ctypes
 import dataclasses
+import hashlib
+import multiprocessing
 import os
+import pathlib
+import pickle
 import signal
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -145,3 +158,120 @@ def stream(
         MIN_ITEMS_PER_WORKER x workers).
     """
     return iter(Stream(inputs, function, workers=workers, buffer=buffer, min_items=min_items))
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage's long-lived pool.
+
+# Per worker process: the functions it was given (by digest), loaded once from their file.
+_WORKER_FUNCTIONS: dict[str, Callable[[Any], Any]] = {}
+
+
+def _start_pool_worker() -> None:
+    _die_with_parent(0, 0)
+
+
+def _apply_chunk(digest: str, function_file: str, chunk: list[Any]) -> list[Any]:
+    """Runs in a pool worker: the function (read from its file once per worker) over a chunk."""
+    function = _WORKER_FUNCTIONS.get(digest)
+    if function is None:
+        if len(_WORKER_FUNCTIONS) > 8:  # a stage uses a few functions; drop the stale ones
+            _WORKER_FUNCTIONS.clear()
+        function = _WORKER_FUNCTIONS[digest] = pickle.loads(
+            pathlib.Path(function_file).read_bytes()
+        )
+    return [function(x) for x in chunk]
+
+
+@dataclasses.dataclass
+class HostCounts:
+    """Where a pool's items were computed, how long its consumers waited for them (`wait_s`)
+    and how long they ran in all (`run_s`, added by the consumer)."""
+
+    items_in_workers: int = 0
+    items_in_main: int = 0
+    wait_s: float = 0.0
+    run_s: float = 0.0
+
+    def minus(self, before: HostCounts) -> HostCounts:
+        return HostCounts(
+            *(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self))
+        )
+
+
+class Pool:
+    """`workers` processes for one stage's host work, started on first use and kept until
+    `close()`; `map(inputs, function)` yields function(x) (a BadInput as `Failed`) in order.
+
+    Whatever a call's size, its inputs go to the workers when workers >= 1 (0: this process).
+    A function is pickled once per call into a file of the pool's folder; a chunk of inputs
+    carries only its digest and path, and each worker loads it once.
+
+    Args:
+      workers: worker processes (data.workers resolved; 0 computes in this process).
+      chunk: inputs per task.
+      buffer: chunks in flight per worker (how far preparation runs ahead of the consumer).
+    """
+
+    def __init__(self, workers: int, *, chunk: int = 8, buffer: int = 4):
+        self.workers, self.chunk, self.buffer = workers, chunk, buffer
+        self.counts = HostCounts()
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._executor is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="g2e-pool-")
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_pool_worker,
+            )
+        return self._executor
+
+    def _function_file(self, function: Callable[[Any], Any]) -> tuple[str, str]:
+        payload = pickle.dumps(function)
+        digest = hashlib.sha1(payload).hexdigest()
+        path = pathlib.Path(self._folder.name, digest)
+        if not path.exists():
+            path.write_bytes(payload)
+        return digest, str(path)
+
+    def map(self, inputs: Sequence[Any], function: Callable[[Any], Any]) -> Iterator[Any]:
+        """function(x) for x in inputs, in order (a BadInput it raises comes as Failed)."""
+        catching = _Catching(function)
+        if self.workers < 1:
+            for x in inputs:
+                self.counts.items_in_main += 1
+                yield catching(x)
+            return
+        executor = self._start()
+        digest, path = self._function_file(catching)
+        starts = iter(range(0, len(inputs), self.chunk))
+        in_flight: collections.deque = collections.deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                chunk = [inputs[i] for i in range(start, min(start + self.chunk, len(inputs)))]
+                in_flight.append(executor.submit(_apply_chunk, digest, path, chunk))
+
+        for _ in range(self.workers * self.buffer):
+            submit()
+        while in_flight:
+            future = in_flight.popleft()
+            submit()
+            began = time.perf_counter()
+            results = future.result()
+            self.counts.wait_s += time.perf_counter() - began
+            self.counts.items_in_workers += len(results)
+            yield from results
+
+    def close(self) -> None:
+        """Stops the workers (a later `map` starts them again)."""
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None

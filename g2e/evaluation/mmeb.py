@@ -393,6 +393,7 @@ def evaluate_mmeb(
     progress: bool = True,
     write_outputs: bool = True,
     cache_options: dict[str, Any] | None = None,
+    host: Any = None,
 ) -> dict[str, Any]:
     """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
 
@@ -417,13 +418,16 @@ def evaluate_mmeb(
         progress: show progress bars.
         write_outputs: False on hosts other than process 0 (they embed but write nothing).
         cache_options: EmbeddingCache options (shard_size, dtype).
+        host: the embedder's host side (g2e.embedding.BatchRunner: `host_snapshot()`,
+            `host_report(snapshot)`); given, the results carry "host": {subset: report}.
     Returns:
         The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
         "split", "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
         "num_skipped_rows", "chance", "correct"}}, "meta_tasks": {task: mean}, "IND", "OOD",
         "overall"}, plus
         "skipped_subsets": {name: reason} when some were skipped; scores in percent, means
-        as in `aggregate`. Nothing in it depends on timing or on the cache.
+        as in `aggregate`; "host" with `host`. Nothing else in it depends on timing or on the
+        cache.
     Raises:
         FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset the table and
         manifest do not know. ValueError: empty subsets, bad embeddings.
@@ -440,9 +444,10 @@ def evaluate_mmeb(
     manifest_dir = rows_lib.manifest_dir(data, "eval")
     names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir, on_bad_input)
     out = pathlib.Path(out_dir)
-    results = {}
+    results, host_reports = {}, {}
     for number, name in enumerate(names, 1):
         logging.info("MMEB subset %d/%d: %s", number, len(names), name)
+        before = host.host_snapshot() if host is not None else None
         report = BadInputReport(on_bad_input)
         rows = rows_lib.eval_rows(data, name, report)
         if report.total:
@@ -478,9 +483,13 @@ def evaluate_mmeb(
             results[name]["precision_at_1"],
             results[name]["num_queries"],
         )
+        if host is not None:
+            host_reports[name] = host.host_report(before)
     summary = aggregate(results)
     if skipped_subsets:
         summary["skipped_subsets"] = skipped_subsets
+    if host is not None:
+        summary["host"] = host_reports
     if write_outputs:
         report_lib.write_results(out, summary, model_name)
     return summary

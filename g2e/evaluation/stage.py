@@ -15,7 +15,7 @@ from typing import Any
 
 from g2e import distributed, layout
 from g2e.data import prompts
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
@@ -36,22 +36,26 @@ def _evaluate(
         processor,
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.eval.batch_size,
+        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
         progress=False,
         workers=pipeline.workers,
     )
-    results = mmeb.evaluate_mmeb(
-        embedder,
-        data=config.data,
-        out_dir=str(pipeline.stage_dir(stage)),
-        subsets=config.data.eval_subsets,
-        on_bad_input=config.data.on_bad_input,
-        batch_size=8 * embedder.batch_size,
-        fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
-        model_name=stage,
-        write_outputs=distributed.is_primary(),
-        cache_options=pipeline.embedding_cache_options(),
-    )
+    try:
+        results = mmeb.evaluate_mmeb(
+            embedder,
+            data=config.data,
+            out_dir=str(pipeline.stage_dir(stage)),
+            subsets=config.data.eval_subsets,
+            on_bad_input=config.data.on_bad_input,
+            batch_size=8 * embedder.batch_size,
+            fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
+            model_name=stage,
+            write_outputs=distributed.is_primary(),
+            cache_options=pipeline.embedding_cache_options(),
+            host=embedder,
+        )
+    finally:
+        embedder.close()
     logging.info(
         "%s: overall %s (IND %s, OOD %s); padding %s",
         stage,
@@ -109,7 +113,7 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
         pipeline.processor(),
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.eval.batch_size,
+        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
         progress=False,
         workers=pipeline.workers,
     )
@@ -128,6 +132,7 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
         results["sugarcrepe_pp"] = sugarcrepe.evaluate_sugarcrepe_pp(
             embedder, data_dir=data.sugarcrepe_pp_dir, **common
         )
+    embedder.close()
     if distributed.is_primary():
         report.write_sugarcrepe(pipeline.stage_dir(layout.EVAL_SUGARCREPE), results)
     logging.info("eval_sugarcrepe (%s): %s", results["model"], report.sugarcrepe_scores(results))

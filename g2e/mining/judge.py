@@ -8,10 +8,10 @@ two needed logits of the last position are ever formed.
 Batches: `batch_size` is pairs per device and step; a step spans every device of the mesh's
 batch axes (8 devices x 16 = 128 pairs per device call).
 
-Images: each distinct image of a call is loaded and resized by the processor's image policy
-once, not once per pair (an anchor's image serves all its pairs), and kept in a small
-least-recently-used memo across calls (by `images.image_key`, up to `image_memo_bytes`), so
-the later rounds of a block find it again. The pixels are exactly those the processor's own
+Images: each process that encodes pairs (the judge's workers) loads and resizes a distinct
+image by the processor's image policy once, not once per pair (an anchor's image serves all
+its pairs), and keeps it in a small least-recently-used memo across calls (by
+`images.image_key`, up to `image_memo_bytes`), so the later rounds of a block find it again. The pixels are exactly those the processor's own
 `encode_judge` would make.
 
 Over-length pairs, the policy (it never stops the stage, under on_bad_input=error or skip,
@@ -34,6 +34,7 @@ import collections
 import copy
 import dataclasses
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ from PIL import Image
 
 from g2e import distributed
 from g2e.data import images as images_lib
+from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.preprocess import EmbedItem, Processor
@@ -100,18 +102,89 @@ class _ImageMemo:
         return image
 
 
+@dataclasses.dataclass
+class PairEncoding:
+    """A pair's encoding (None: not judged), its status, and the BadInput behind an UNJUDGED
+    status (`over_length`: the over-length policy's, else a bad input for on_bad_input)."""
+
+    encoded: Encoded | None
+    status: int
+    error: BadInput | None = None
+    over_length: bool = False
+
+
+# Per process (each worker, or the main one) and judge: policy-resized images kept between pairs
+# and calls.
+_IMAGE_MEMO: dict[str, _ImageMemo] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairEncoder:
+    """(query, candidate) -> PairEncoding: a picklable function of the pair, run in the judge's
+    worker pool.
+
+    loader: the stage's processor (its image policy loads and resizes each image once);
+    encoder: a copy that encodes images as given and raises every BadInput, so the over-length
+    policy can act on it; image_memo_bytes: the budget of resized images each process keeps,
+    in a memo of its own per judge (`memo_name`: images resized by one judge's policy).
+    """
+
+    loader: Processor
+    encoder: Processor
+    image_memo_bytes: int
+    memo_name: str
+
+    def __call__(self, pair: tuple[EmbedItem, EmbedItem]) -> PairEncoding:
+        query, candidate = pair
+        try:
+            loaded = [self._image(item) for item in (query, candidate)]
+        except BadInput as error:
+            return PairEncoding(None, UNJUDGED, error)
+        for step in range(DOWNSCALE_STEPS + 1):
+            scaled = loaded if step == 0 else [_downscale(image, 0.5**step) for image in loaded]
+            try:
+                encoded = self.encoder.encode_judge(
+                    dataclasses.replace(query, image=scaled[0]),
+                    dataclasses.replace(candidate, image=scaled[1]),
+                )
+                return PairEncoding(encoded, JUDGED if step == 0 else DOWNSCALED)
+            except BadInput as error:
+                if error.reason not in (TOO_MANY_IMAGE_TOKENS, TEXT_FAR_OVER):
+                    return PairEncoding(None, UNJUDGED, error)
+                if (
+                    error.reason == TEXT_FAR_OVER
+                    or step == DOWNSCALE_STEPS
+                    or not any(image is not None for image in loaded)
+                ):
+                    return PairEncoding(None, UNJUDGED, error, over_length=True)
+        raise AssertionError("unreachable")
+
+    def _image(self, item: EmbedItem) -> Image.Image | None:
+        """The item's image loaded and resized by the policy, or None without one."""
+        source = item.image
+        if source is None or (isinstance(source, str) and not source):
+            return None
+        if isinstance(source, Image.Image):  # no cheap stable key: loaded for this pair
+            return self.loader.load_images([source])[0]
+        memo = _IMAGE_MEMO.get(self.memo_name)
+        if memo is None:
+            memo = _IMAGE_MEMO[self.memo_name] = _ImageMemo(self.image_memo_bytes)
+        return memo.get(images_lib.image_key(source), lambda: self.loader.load_images([source])[0])
+
+
 class Judge(BatchRunner):
     """P(yes) that each candidate answers its query: `judge(pairs) -> float32 [N]`.
 
     `pairs` are (query EmbedItem, candidate EmbedItem); an item's image may be a path, bytes,
     an ImageRef or a PIL image. `judge.judge(pairs)` also returns each pair's status and the
     device calls (JudgeResult); over-length and bad pairs follow the module docstring's
-    policy (an UNJUDGED pair scores 0.0 here).
+    policy (an UNJUDGED pair scores 0.0 here). Pairs are encoded by `PairEncoder` in the
+    runner's worker pool (`workers`), the policy applied here as their encodings arrive.
 
     Args:
-      model, processor, mesh, rules, progress: as BatchRunner's.
+      model, processor, mesh, rules, progress, workers, pool: as BatchRunner's.
       batch_size: pairs per device and step.
-      image_memo_bytes: the budget of loaded images kept between calls.
+      image_memo_bytes: the budget of loaded images each encoding process keeps between calls.
     """
 
     def __init__(
@@ -123,6 +196,8 @@ class Judge(BatchRunner):
         rules: sharding.Rules | None = None,
         batch_size: int = 16,
         progress: bool = True,
+        workers: int = 0,
+        pool: workers_lib.Pool | None = None,
         image_memo_bytes: int = 1 << 30,
     ):
         yes_id, no_id = processor.judge_token_ids()
@@ -139,14 +214,16 @@ class Judge(BatchRunner):
             rules=rules,
             batch_size=batch_size * sharding.batch_devices(mesh, rules, per_process=True),
             progress=progress,
+            workers=workers,
+            pool=pool,
         )
         self.output_width = 1
-        # Encodes images already resized by the policy (once per image, not per pair) and
-        # raises every BadInput, so the over-length policy can act on it.
-        self._encoder = copy.copy(processor)
-        self._encoder.image_resolution = "processor"
-        self._encoder.report = BadInputReport("error")
-        self._images = _ImageMemo(image_memo_bytes)
+        encoder = copy.copy(processor)
+        encoder.image_resolution = "processor"
+        encoder.report = BadInputReport("error")
+        self.pair_encoder = PairEncoder(processor, encoder, image_memo_bytes, uuid.uuid4().hex)
+        self._status = np.zeros(0, np.int8)
+        self._pairs: Sequence[tuple[EmbedItem, EmbedItem]] = ()
         self._unjudged_logged = 0
 
     @property
@@ -167,78 +244,33 @@ class Judge(BatchRunner):
         Raises:
           BadInput: a pair's input is bad (not merely over-length) and on_bad_input='error'.
         """
+        pairs = list(pairs)
         count = len(pairs)
         share = distributed.host_slice(count)
-        status = np.zeros(share.stop - share.start, np.int8)
-        call_images: dict[int, tuple[Any, Image.Image]] = {}
-
-        def encode(indexed: tuple[int, tuple[EmbedItem, EmbedItem]]) -> Encoded | None:
-            index, (query, candidate) = indexed
-            encoded, status[index - share.start] = self._encode_pair(query, candidate, call_images)
-            return encoded
-
-        steps_before = self.processor.stats["batches"]
-        p_yes = self.run(list(enumerate(pairs)), encode, desc=desc).reshape(count)
-        device_calls = self.processor.stats["batches"] - steps_before
-        status = distributed.gather_in_order(status, count)
+        self._pairs, self._status = pairs[share], np.zeros(share.stop - share.start, np.int8)
+        steps_before = self.processor.batcher.stats["batches"]
+        p_yes = self.run(pairs, self.pair_encoder, desc=desc).reshape(count)
+        device_calls = self.processor.batcher.stats["batches"] - steps_before
+        status = distributed.gather_in_order(self._status, count)
         p_yes = np.where(status == UNJUDGED, 0.0, p_yes).astype(np.float32)
         return JudgeResult(p_yes, status, device_calls)
 
-    # ---- one pair ------------------------------------------------------------------------
+    def _received(self, index: int, value: Any) -> Encoded | None:
+        """Records local pair `index`'s status and applies the policy to its error."""
+        self._status[index] = value.status
+        if value.error is not None:
+            query = self._pairs[index][0]
+            error = value.error.with_context(subset=query.subset, row=query.row)
+            if value.over_length:
+                self._log_unjudged(error)
+            else:  # raises under on_bad_input='error'; counts it under 'skip'
+                self.processor.report.handle(error)
+        return value.encoded
 
-    def _encode_pair(
-        self, query: EmbedItem, candidate: EmbedItem, call_images: dict
-    ) -> tuple[Encoded | None, int]:
-        try:
-            loaded = [self._image(item, call_images) for item in (query, candidate)]
-        except BadInput as error:
-            return self._bad(error, query), UNJUDGED
-        for step in range(DOWNSCALE_STEPS + 1):
-            scaled = loaded if step == 0 else [_downscale(image, 0.5**step) for image in loaded]
-            try:
-                encoded = self._encoder.encode_judge(
-                    dataclasses.replace(query, image=scaled[0]),
-                    dataclasses.replace(candidate, image=scaled[1]),
-                )
-                return encoded, JUDGED if step == 0 else DOWNSCALED
-            except BadInput as error:
-                over = error.reason in (TOO_MANY_IMAGE_TOKENS, TEXT_FAR_OVER)
-                if not over:
-                    return self._bad(error, query), UNJUDGED
-                if (
-                    error.reason == TEXT_FAR_OVER
-                    or step == DOWNSCALE_STEPS
-                    or not any(image is not None for image in loaded)
-                ):
-                    self._log_unjudged(error, query)
-                    return None, UNJUDGED
-        raise AssertionError("unreachable")
-
-    def _image(self, item: EmbedItem, call_images: dict) -> Image.Image | None:
-        """The item's image loaded and resized by the policy, or None without one."""
-        source = item.image
-        if source is None or (isinstance(source, str) and not source):
-            return None
-        if isinstance(source, Image.Image):
-            # A PIL image has no cheap stable key: shared within this call only (by object).
-            if id(source) not in call_images:
-                call_images[id(source)] = (source, self.processor.load_images([source])[0])
-            return call_images[id(source)][1]
-        return self._images.get(
-            images_lib.image_key(source), lambda: self.processor.load_images([source])[0]
-        )
-
-    def _bad(self, error: BadInput, query: EmbedItem) -> None:
-        """Applies on_bad_input: raises under 'error'; counts it under 'skip'."""
-        self.processor.report.handle(error.with_context(subset=query.subset, row=query.row))
-
-    def _log_unjudged(self, error: BadInput, query: EmbedItem) -> None:
+    def _log_unjudged(self, error: BadInput) -> None:
         if self._unjudged_logged < LOGGED_UNJUDGED:
             self._unjudged_logged += 1
-            logging.warning(
-                "judge: pair not judged, its owner is kept (%s)",
-                error.with_context(subset=query.subset, row=query.row),
-            )
+            logging.warning("judge: pair not judged, its owner is kept (%s)", error)
 
 
 def _downscale(image: Image.Image | None, pixel_fraction: float) -> Image.Image | None:

@@ -37,7 +37,7 @@ from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import positive_item, query_item
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.embedding_cache import EmbeddingCache
 from g2e.mining.judge import Judge
 from g2e.mining.judge_cache import JudgeCache, RowPairJudge, judge_fingerprint
@@ -49,12 +49,15 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     config = pipeline.config
     embedder, judge, fingerprint = _embedder_and_judge(pipeline)
     reports = {}
-    for subset in rows_lib.train_subsets(config.data):
-        report = _kept_report(pipeline, subset)
-        if report is None:
-            report = _mine_and_write(pipeline, subset, embedder, judge, fingerprint)
-        if report is not None:
-            reports[subset] = report
+    try:
+        for subset in rows_lib.train_subsets(config.data):
+            report = _kept_report(pipeline, subset)
+            if report is None:
+                report = _mine_and_write(pipeline, subset, embedder, judge, fingerprint)
+            if report is not None:
+                reports[subset] = report
+    finally:
+        embedder.close()
     if distributed.is_primary():
         atomic.write_json(
             layout.mining_report_file(pipeline.workdir), reports, indent=2, sort_keys=True
@@ -80,7 +83,7 @@ def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str
         processor,
         mesh=pipeline.mesh,
         rules=pipeline.rules,
-        batch_size=config.mine.batch_size,
+        batch_size=rows_per_step(config.mine.batch_size, pipeline.mesh, pipeline.rules),
         workers=pipeline.workers,
     )
     judge = None
@@ -92,6 +95,7 @@ def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str
             rules=pipeline.rules,
             batch_size=config.mine.judge_batch_size,
             progress=False,
+            pool=embedder.pool,  # one pool of workers for the stage
         )
     return embedder, judge, pipeline.fingerprint(pipeline.model_key, processor.prompt)
 
@@ -117,7 +121,9 @@ def _mine_and_write(
     """Mines one subset and writes its clusters and report; None when it has no usable row."""
     config = pipeline.config
     bad = BadInputReport(config.data.on_bad_input)
-    rows = rows_lib.train_rows(config.data, subset, bad)
+    rows = rows_lib.train_rows(
+        config.data, subset, bad, cache_dir=rows_lib.arrow_cache_dir(pipeline.workdir)
+    )
     if not rows:
         logging.warning("mine %s: no usable rows (%s); skipped", subset, bad.summary())
         return None
@@ -134,8 +140,11 @@ def _mine_and_write(
             judge_fingerprint(pipeline),
             writable=distributed.is_primary(),
         )
+    before = embedder.host_snapshot()
     result = mine_subset(pipeline, subset, rows, embedder, cache, judge, judge_cache)
     report = {**result.report, "timing": result.timing, "skipped_rows": bad.total}
+    # The subset's host work, embeddings and judge together (they share the stage's pool).
+    report["host"] = embedder.host_report(before)
     if distributed.is_primary():
         params = dict(
             top_k=config.mine.top_k,

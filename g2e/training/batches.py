@@ -14,6 +14,7 @@ number: a restarted run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -175,15 +176,15 @@ class RowCodec:
 
     def shape(self, encoded: Sequence[tuple]) -> list[int]:
         """[query length, query patches, candidate length, candidate patches] buckets."""
-        query = self.processor.shape_of([e[0] for e in encoded])
-        candidate = self.processor.shape_of([e[1] for e in encoded])
+        query = self.processor.batcher.shape_of([e[0] for e in encoded])
+        candidate = self.processor.batcher.shape_of([e[1] for e in encoded])
         return [*query, *candidate]
 
     def collate(self, encoded: Sequence[tuple]) -> dict[str, Any]:
         """This process's encoded rows as a host batch of their own buckets."""
         return {
-            "query": self.processor.collate([e[0] for e in encoded]),
-            "candidate": self.processor.collate([e[1] for e in encoded]),
+            "query": self.processor.batcher.collate([e[0] for e in encoded]),
+            "candidate": self.processor.batcher.collate([e[1] for e in encoded]),
             "ids": np.stack([e[2] for e in encoded]),
         }
 
@@ -192,10 +193,10 @@ class RowCodec:
         query_length, query_patches, candidate_length, candidate_patches = shape
         return {
             **batch,
-            "query": self.processor.widen(
+            "query": self.processor.batcher.widen(
                 batch["query"], length=query_length, num_patches=query_patches
             ),
-            "candidate": self.processor.widen(
+            "candidate": self.processor.batcher.widen(
                 batch["candidate"], length=candidate_length, num_patches=candidate_patches
             ),
         }
@@ -219,6 +220,23 @@ class _StepRows(Sequence):
         return int(self.schedule.rows(self.first + step)[self.rows_here][position])
 
 
+# The codec's shape (e.g. length and patch buckets of both sides) is agreed on as a fixed-size
+# vector, so that a process without one (it met a bad row) still takes part in the collective.
+MAX_SHAPE_VALUES = 8
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One step's rows on this process: global row ids, the collated local rows and their shape,
+    or `error` (then `batch` is None) when one of its rows is bad."""
+
+    step: int
+    rows: np.ndarray
+    batch: Mapping[str, Any] | None
+    shape: np.ndarray
+    error: str | None
+
+
 class StepInputs:
     """The host side of training: every step's rows, encoded by Grain worker processes.
 
@@ -229,7 +247,9 @@ class StepInputs:
     the length and patch buckets of each side) and pad to them, never to the largest buckets.
 
     Use: `prepare(step)` collates the step's local rows (while the devices run the previous
-    step), then `agree(prepared)` widens them to the shape all processes agreed on.
+    step), then `agree(prepared, stop_requested=...)` widens them to the shape all processes
+    agreed on and tells whether any process asked to stop (SIGINT, or SIGTERM where JAX's
+    preemption notifier does not handle it), so all stop after the same step.
     """
 
     def __init__(
@@ -248,28 +268,54 @@ class StepInputs:
         self._stream = workers_lib.Stream(self.rows, codec.encode, workers=workers, min_items=0)
         self._results = iter(self._stream)
 
-    def prepare(self, step: int) -> tuple[np.ndarray, Mapping[str, Any], np.ndarray]:
-        """(global row ids, this process's collated rows, its shape) of `step`, the next one."""
+    def prepare(self, step: int) -> Prepared:
+        """This process's rows of `step` (the next one) encoded and collated; a bad row does not
+        raise here but travels in `Prepared.error`, so that `agree` stops every process."""
         if step != self.next_step:
             raise ValueError(f"StepInputs: asked for step {step}, the next is {self.next_step}")
         encoded = list(itertools.islice(self._results, self.rows.per_step))
         rows = self.schedule.rows(step)
+        self.next_step += 1
         for row, value in zip(rows[self.rows.rows_here], encoded):
             if isinstance(value, workers_lib.Failed):
-                raise ValueError(
+                error = (
                     f"training step {step}, row {row}: {value.error}; bad rows must be dropped "
                     "before training (fix or remove them, then re-run the mine stage)"
-                ) from None
-        self.next_step += 1
+                )
+                return Prepared(step, rows, None, np.zeros(0, np.int32), error)
         shape = np.asarray(self.codec.shape(encoded), np.int32)
-        return rows, self.codec.collate(encoded), shape
+        if shape.size > MAX_SHAPE_VALUES:
+            raise ValueError(
+                f"StepInputs: the codec's shape has {shape.size} values, at most "
+                f"{MAX_SHAPE_VALUES} are agreed on"
+            )
+        return Prepared(step, rows, self.codec.collate(encoded), shape, None)
 
-    def agree(self, local: Mapping[str, Any], shape: np.ndarray) -> Mapping[str, Any]:
-        """The local batch widened to the shape all processes need (a no-op on one)."""
-        agreed = distributed.max_across_processes(shape)
-        if tuple(agreed) == tuple(int(v) for v in shape):
-            return local
-        return self.codec.widen(local, agreed)
+    def agree(self, prepared: Prepared, *, stop_requested: bool) -> tuple[Mapping[str, Any], bool]:
+        """The step's local batch widened to the shape all processes need, and whether any
+        process asked to stop; one small collective, the same decision on every process.
+
+        Raises:
+          ValueError: a process met a bad row in this step; every process raises the error of
+            the first such process (so none is left waiting in the next step's collectives).
+        """
+        vector = np.zeros(2 + MAX_SHAPE_VALUES, np.int32)
+        vector[0], vector[1] = prepared.error is not None, stop_requested
+        vector[2 : 2 + prepared.shape.size] = prepared.shape
+        table = distributed.every_process(vector)  # [processes, 2 + MAX_SHAPE_VALUES]
+        failed = np.flatnonzero(table[:, 0])
+        if failed.size:
+            source = int(failed[0])
+            raise ValueError(
+                distributed.text_from_process(
+                    source, prepared.error, key=f"train-bad-input-step-{prepared.step}"
+                )
+            )
+        stop = bool(table[:, 1].any())
+        agreed = table[:, 2 : 2 + prepared.shape.size].max(axis=0)
+        if np.array_equal(agreed, prepared.shape):
+            return prepared.batch, stop
+        return self.codec.widen(prepared.batch, [int(v) for v in agreed]), stop
 
     def state(self) -> dict[str, Any]:
         """The input position for a checkpoint: the next step and Grain's iterator state."""

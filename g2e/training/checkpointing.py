@@ -8,6 +8,7 @@ array lands directly on its devices.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -97,8 +98,21 @@ def abstract_like(state: PyTree) -> PyTree:
     )
 
 
+def jax_handles_sigterm() -> bool:
+    """True when JAX's preemption notifier owns SIGTERM: a multi-process job whose
+    `jax.distributed.initialize` started the preemption service (on by default). A notice on any
+    process then reaches every process, and `CheckpointManager.reached_preemption(step)` is True
+    on all of them at the same step (JAX's preemption sync point, as MaxText and Orbax use it)."""
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+
 class StopSignal:
-    """Turns SIGTERM (and SIGINT) into a flag the train loop polls to save and exit cleanly."""
+    """Turns SIGINT, and SIGTERM where JAX's preemption notifier does not own it, into a flag
+    the train loop polls at each step, agreeing on it across processes (see `jax_handles_sigterm`:
+    a Python handler would silently displace JAX's, so it is not installed then)."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -106,7 +120,12 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            signals = [signal.SIGINT]
+            if jax_handles_sigterm():
+                logging.info("SIGTERM goes to JAX's preemption notifier (multi-host sync point)")
+            else:
+                signals.append(signal.SIGTERM)
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

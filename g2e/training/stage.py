@@ -31,7 +31,7 @@ from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor, positive_item, query_item
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, rows_per_step
 from g2e.models import lora, sharding
 from g2e.models.qwen2_vl import VISION_FIELDS
 from g2e.pipeline import Pipeline
@@ -104,18 +104,22 @@ def train_stage(
     )
     heldout = heldout_rows(pipeline)
     evaluate = HeldOut.of_pipeline(pipeline, model, heldout, prompt) if heldout else None
-    result = train_model(
-        config,
-        model,
-        rows,
-        clusters,
-        pipeline.processor(train=True, prompt=prompt),
-        pipeline.mesh,
-        pipeline.rules,
-        str(pipeline.stage_dir(name)),
-        workers=pipeline.workers,
-        evaluate=evaluate,
-    )
+    try:
+        result = train_model(
+            config,
+            model,
+            rows,
+            clusters,
+            pipeline.processor(train=True, prompt=prompt),
+            pipeline.mesh,
+            pipeline.rules,
+            str(pipeline.stage_dir(name)),
+            workers=pipeline.workers,
+            evaluate=evaluate,
+        )
+    finally:
+        if evaluate is not None:
+            evaluate.embedder.close()  # its encoding workers
     if result.stopped_early:
         raise Preempted(
             f"{name}: stopped at step {result.step} after saving a checkpoint; "
@@ -159,7 +163,9 @@ def training_rows(
     clusters: list[list[int]] = []
     bad = BadInputReport(config.data.on_bad_input)
     for subset in rows_lib.train_subsets(config.data):
-        subset_rows = rows_lib.train_rows(config.data, subset, bad)
+        subset_rows = rows_lib.train_rows(
+            config.data, subset, bad, cache_dir=rows_lib.arrow_cache_dir(pipeline.workdir)
+        )
         path = layout.clusters_file(pipeline.workdir, subset)
         covered = np.zeros(len(subset_rows), bool)
         subset_clusters: list[list[int]] = []
@@ -249,7 +255,9 @@ class HeldOut:
             pipeline.processor(train=True, prompt=prompt, image_root=image_root),
             mesh=pipeline.mesh,
             rules=pipeline.rules,
-            batch_size=pipeline.config.eval.batch_size,
+            batch_size=rows_per_step(
+                pipeline.config.eval.batch_size, pipeline.mesh, pipeline.rules
+            ),
             workers=pipeline.workers,
         )
 

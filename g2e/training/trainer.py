@@ -118,6 +118,7 @@ class _Batch:
     device: Any
     tokens: int
     model_flops: float
+    stop_agreed: bool = False  # some process asked to stop before this step (all agree)
 
 
 def _step_inputs(run: Run, first_step: int, last_step: int) -> batches.StepInputs:
@@ -132,10 +133,15 @@ def _step_inputs(run: Run, first_step: int, last_step: int) -> batches.StepInput
     )
 
 
-def _next_batch(run: Run, inputs: batches.StepInputs, step: int) -> _Batch:
-    """The rows of `step` encoded, widened to the shape all processes agree on, placed."""
-    rows, local, shape = inputs.prepare(step)
-    host = inputs.agree(local, shape)
+def _next_batch(run: Run, inputs: batches.StepInputs, step: int, stop_requested: bool) -> _Batch:
+    """The rows of `step` encoded, widened to the shape all processes agree on, placed; with
+    whether any process asked to stop (agreed in the same collective).
+
+    Raises:
+      ValueError: a process met a bad row of `step` (on every process, with its message).
+    """
+    prepared = inputs.prepare(step)
+    host, stop = inputs.agree(prepared, stop_requested=stop_requested)
     tokens = sum(
         int(np.sum(host[side]["attention_mask"]))
         for side in ("query", "candidate")
@@ -143,7 +149,7 @@ def _next_batch(run: Run, inputs: batches.StepInputs, step: int) -> _Batch:
     )
     model_flops = run.model_flops(host) * jax.process_count() if run.model_flops else 0.0
     device = distributed.put_batch(host, run.mesh, run.rules, global_rows=run.schedule.batch_size)
-    return _Batch(rows, device, tokens * jax.process_count(), model_flops)
+    return _Batch(prepared.rows, device, tokens * jax.process_count(), model_flops, stop)
 
 
 def _position(run: Run, inputs: batches.StepInputs, step: int) -> dict[str, Any]:
@@ -342,22 +348,27 @@ def _loop(
     evaluate_every = int(train_cfg.heldout_every)
     pending = None  # (step, batch, hardware FLOPs, metrics on device): checked one step late
     stopped_early = False
-    upcoming = _next_batch(run, inputs, start) if start < total else None
     with checkpointing.StopSignal() as stop:
+        upcoming = _next_batch(run, inputs, start, stop.requested) if start < total else None
         for step in range(start, total):
             batch = upcoming
             compiled = steps.get(state, run.frozen, batch.device)
             state, device_metrics = compiled.executable(state, run.frozen, batch.device)
             done = step + 1
             # The next step's rows are collated and placed while this one runs.
-            upcoming = _next_batch(run, inputs, done) if done < total else None
+            upcoming = _next_batch(run, inputs, done, stop.requested) if done < total else None
             if pending is not None:
                 metrics.step_done(*pending)
             pending = (step, batch, compiled.hardware_flops, device_metrics)
             evaluating = run.evaluate is not None and (
                 done == total or (evaluate_every and done % evaluate_every == 0)
             )
-            stopping = stop.requested or ckpt.reached_preemption(done)
+            # Every process takes the same decision: a signal seen by any process reaches all
+            # through the next batch's agreement, and SIGTERM where JAX's preemption notifier
+            # handles it through its multi-host sync point (the step all processes reach).
+            stopping = (upcoming is not None and upcoming.stop_agreed) or ckpt.reached_preemption(
+                done
+            )
             saving = stopping or done == total or ckpt.manager.should_save(done)
             if evaluating or saving:
                 # Check this step's loss before it is evaluated or reaches a checkpoint.

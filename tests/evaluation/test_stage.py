@@ -31,7 +31,7 @@ def test_eval_sugarcrepe_stage_equals_a_hand_computation(tmp_path):
         patch_buckets=(0, 64),
         image_resolution="processor",
     )
-    config.eval.batch_size = 8
+    config.eval.batch_size = 1  # per device: 8 a step on 8 devices
     configuration.validate_settings(config, ["eval_sugarcrepe"])
     pipeline = Pipeline(config, tmp_path / "work")
     summary = evaluation_stage.run_eval_sugarcrepe(pipeline)

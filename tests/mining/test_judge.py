@@ -15,6 +15,7 @@ from g2e.data.preprocess import EmbedItem, Processor
 from g2e.demo import mini_mmeb
 from g2e.embedding import Embedder
 from g2e.embedding_cache import EmbeddingCache
+from g2e.mining import judge as judge_lib
 from g2e.mining import stage
 from g2e.mining.judge import Judge
 from g2e.mining.judge_cache import JudgeCache
@@ -203,7 +204,7 @@ def test_each_image_is_loaded_once_not_once_per_pair(tiny_mine, monkeypatch):
     loaded = []
     load = judge.processor.load_images
     # Earlier tests judged these rows with the same judge: start from an empty image memo.
-    monkeypatch.setattr(judge, "_images", type(judge._images)(1 << 30))
+    monkeypatch.setattr(judge_lib, "_IMAGE_MEMO", {})
     monkeypatch.setattr(
         judge.processor,
         "load_images",
@@ -235,7 +236,8 @@ def test_pairs_encode_as_the_processors_own_encode_judge(tiny_mine):
         expected = Processor.from_dir(
             root / "model", max_length=512, image_resolution="random"
         ).encode_judge(q, c)
-        encoded, status = random_judge._encode_pair(q, c, {})
+        encoding = random_judge.pair_encoder((q, c))  # the function the workers run
+        encoded, status = encoding.encoded, encoding.status
         assert status == mining.JUDGED
         np.testing.assert_array_equal(encoded.input_ids, expected.input_ids)
         np.testing.assert_array_equal(encoded.pixel_values, expected.pixel_values)

@@ -23,7 +23,7 @@ SETTINGS = {
     "data.train_split": "original",
     "mine.top_k": 3,
     "mine.pool_mult": 3,
-    "mine.batch_size": 8,
+    "mine.batch_size": 1,  # per device: 8 a step on 8 devices
     "mine.judge_batch_size": 2,
     "mine.block_size": 32,
 }

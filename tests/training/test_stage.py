@@ -235,7 +235,10 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp
         return mining.MiningResult([[4, 0]], [1], report, {})
 
     monkeypatch.setattr(mine_stage, "mine_subset", fake_mine)
-    monkeypatch.setattr(mine_stage, "Embedder", lambda *args, **kwargs: None)
+    stub = types.SimpleNamespace(
+        close=lambda: None, host_snapshot=lambda: None, host_report=lambda before: {}
+    )
+    monkeypatch.setattr(mine_stage, "Embedder", lambda *args, **kwargs: stub)
     monkeypatch.setattr(mine_stage, "EmbeddingCache", lambda *args, **kwargs: None)
     config.mine.judge = False
     pipeline = Pipeline(config, pathlib.Path(tmp_path / "work"))
