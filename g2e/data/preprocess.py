@@ -4,8 +4,8 @@
 and the Qwen2-VL image processor settings (`Qwen2VLImageProcessorPil`, no torch) from a
 checkpoint directory. `encode` builds the prompt (g2e.data.prompts), loads and pre-resizes the
 image (g2e.data.images), tokenises, expands each `<|image_pad|>` to the image's merged-patch
-count and truncates; `collate` hands a list of encodings to the processor's `batcher`
-(g2e.data.batching), which pads them into the fixed-shape batch dict of the design contract.
+count and truncates; the processor's `batcher` (g2e.data.batching: `processor.batcher.collate`)
+pads a list of encodings into the fixed-shape batch dict of the design contract.
 
 Truncation keeps the chat template, the system turn, the query suffix and the last (pooled)
 token: only the data's own text is cut, from its end, and never an image token.
@@ -475,49 +475,7 @@ class Processor:
             ids.append(pieces[0])
         return ids[0], ids[1]
 
-    # ---- batching (g2e.data.batching) -----------------------------------------------------
-
-    @property
-    def length_buckets(self) -> tuple[int, ...]:
-        return self.batcher.length_buckets
-
-    @property
-    def patch_buckets(self) -> tuple[int, ...]:
-        return self.batcher.patch_buckets
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """The batcher's running counts (batches, real and padded tokens and patches, ...)."""
-        return self.batcher.stats
-
-    @property
-    def shapes(self) -> set[tuple[int, int, int]]:
-        """The distinct (B, L, P) batch shapes made so far."""
-        return self.batcher.shapes
-
-    def collate(
-        self,
-        encoded: Sequence[Encoded],
-        *,
-        pad_to_batch: int | None = None,
-        length: int | None = None,
-        num_patches: int | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Pads encodings into the fixed-shape batch of the design contract (see
-        `Batcher.collate` for the arguments and errors)."""
-        return self.batcher.collate(
-            encoded, pad_to_batch=pad_to_batch, length=length, num_patches=num_patches
-        )
-
-    def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
-        """(length bucket, patch bucket) `collate` picks for these encodings."""
-        return self.batcher.shape_of(encoded)
-
-    def widen(
-        self, batch: dict[str, np.ndarray], *, length: int, num_patches: int
-    ) -> dict[str, np.ndarray]:
-        """A collated batch padded to a larger (length, num_patches) (see `Batcher.widen`)."""
-        return self.batcher.widen(batch, length=length, num_patches=num_patches)
+    # ---- batching: `self.batcher` (g2e.data.batching) collates; this adds the skip count ----
 
     def padding_report(self) -> dict[str, Any]:
         """Padding fractions, distinct (B, L, P) shapes compiled, truncation and skip counts."""

@@ -269,9 +269,38 @@ def evaluate_subset(
             f"subset {subset}: no eval rows; drop it from data.eval_subsets or fix its files"
         )
     items = _SubsetItems(rows, subset)
-    query_items, candidate_items = items.items("query"), items.items("candidate")
+    queries, candidates = _subset_embeddings(
+        embed_fn,
+        items,
+        subset,
+        batch_size=batch_size,
+        cache=cache,
+        progress=progress,
+        allow_skipped=on_bad_input == "skip",
+    )
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
+            f"but candidates width {candidates.shape[1]}"
+        )
+    return _score(subset, queries, candidates, items)
 
-    def embed(role_items: list[EmbedItem], desc: str):
+
+def _subset_embeddings(
+    embed_fn: EmbedFn,
+    items: _SubsetItems,
+    subset: str,
+    *,
+    batch_size: int,
+    cache: EmbeddingCache | None,
+    progress: bool,
+    allow_skipped: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query, candidate) embeddings of the subset's unique items, from the cache where held."""
+
+    def embedder(role: str, desc: str):
+        role_items = items.items(role)
+
         def compute(indices: np.ndarray) -> np.ndarray:
             return embed_items(
                 embed_fn,
@@ -279,27 +308,21 @@ def evaluate_subset(
                 batch_size=batch_size,
                 desc=f"{subset} {desc}",
                 progress=progress,
-                allow_skipped=on_bad_input == "skip",
+                allow_skipped=allow_skipped,
             )
 
-        return compute
+        return compute, len(role_items)
 
-    embed_queries, embed_candidates = (
-        embed(query_items, "queries"),
-        embed(candidate_items, "candidates"),
+    (embed_queries, num_queries), (embed_candidates, num_candidates) = (
+        embedder("query", "queries"),
+        embedder("candidate", "candidates"),
     )
     if cache is None:
-        queries = embed_queries(np.arange(len(query_items)))
-        candidates = embed_candidates(np.arange(len(candidate_items)))
-    else:
-        queries = cache.get("queries", items.query_keys, embed_queries)
-        candidates = cache.get("candidates", items.candidate_keys, embed_candidates)
-    if queries.shape[1] != candidates.shape[1]:
-        raise ValueError(
-            f"subset {subset}: embed_fn gave queries width {queries.shape[1]} "
-            f"but candidates width {candidates.shape[1]}"
-        )
-    return _score(subset, queries, candidates, items)
+        return embed_queries(np.arange(num_queries)), embed_candidates(np.arange(num_candidates))
+    return (
+        cache.get("queries", items.query_keys, embed_queries),
+        cache.get("candidates", items.candidate_keys, embed_candidates),
+    )
 
 
 def _score(
@@ -448,41 +471,22 @@ def evaluate_mmeb(
     for number, name in enumerate(names, 1):
         logging.info("MMEB subset %d/%d: %s", number, len(names), name)
         before = host.host_snapshot() if host is not None else None
-        report = BadInputReport(on_bad_input)
-        rows = rows_lib.eval_rows(data, name, report)
-        if report.total:
-            logging.warning("subset %s: %s", name, report.summary())
-        if not rows and report.total:
-            # Under 'skip' an unusable subset is reported and left out of every mean.
-            skipped_subsets[name] = report.examples[0] if report.examples else "no usable rows"
-            logging.warning("subset %s: no usable rows; left out of the results", name)
-            continue
-        cache = EmbeddingCache(
-            out / "cache" / name, fingerprint, writable=write_outputs, **(cache_options or {})
-        )
-        scores = evaluate_subset(
+        result = _evaluate_named_subset(
             embed_fn,
-            rows,
+            data,
             name,
+            manifest_dir,
+            cache=EmbeddingCache(
+                out / "cache" / name, fingerprint, writable=write_outputs, **(cache_options or {})
+            ),
             batch_size=batch_size,
-            cache=cache,
             progress=progress,
             on_bad_input=on_bad_input,
         )
-        scores["num_skipped_rows"] += report.total
-        info = subset_registry.subset_info(name, manifest_dir)
-        results[name] = {
-            "precision_at_1": scores.pop("precision_at_1"),
-            "meta_task": report_lib.META_TASK_NAMES[info.meta_task],
-            "split": info.group,
-            **scores,
-        }
-        logging.info(
-            "%s: precision@1 %.2f over %d queries",
-            name,
-            results[name]["precision_at_1"],
-            results[name]["num_queries"],
-        )
+        if isinstance(result, str):
+            skipped_subsets[name] = result
+            continue
+        results[name] = result
         if host is not None:
             host_reports[name] = host.host_report(before)
     summary = aggregate(results)
@@ -493,6 +497,52 @@ def evaluate_mmeb(
     if write_outputs:
         report_lib.write_results(out, summary, model_name)
     return summary
+
+
+def _evaluate_named_subset(
+    embed_fn: EmbedFn,
+    data: Any,
+    name: str,
+    manifest_dir: str,
+    *,
+    cache: EmbeddingCache,
+    batch_size: int,
+    progress: bool,
+    on_bad_input: str,
+) -> dict[str, Any] | str:
+    """One subset's entry of results.json, or why it was skipped (no usable row, 'skip')."""
+    report = BadInputReport(on_bad_input)
+    rows = rows_lib.eval_rows(data, name, report)
+    if report.total:
+        logging.warning("subset %s: %s", name, report.summary())
+    if not rows and report.total:
+        # Under 'skip' an unusable subset is reported and left out of every mean.
+        logging.warning("subset %s: no usable rows; left out of the results", name)
+        return report.examples[0] if report.examples else "no usable rows"
+    scores = evaluate_subset(
+        embed_fn,
+        rows,
+        name,
+        batch_size=batch_size,
+        cache=cache,
+        progress=progress,
+        on_bad_input=on_bad_input,
+    )
+    scores["num_skipped_rows"] += report.total
+    info = subset_registry.subset_info(name, manifest_dir)
+    result = {
+        "precision_at_1": scores.pop("precision_at_1"),
+        "meta_task": report_lib.META_TASK_NAMES[info.meta_task],
+        "split": info.group,
+        **scores,
+    }
+    logging.info(
+        "%s: precision@1 %.2f over %d queries",
+        name,
+        result["precision_at_1"],
+        result["num_queries"],
+    )
+    return result
 
 
 def _known_subsets(

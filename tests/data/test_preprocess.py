@@ -215,8 +215,8 @@ def test_buckets(checkpoint):
         make(checkpoint, max_length=300, length_buckets=(64, 256))
     # Defaults: powers of two up to max_length; patches up to the processor's max_pixels.
     defaults = make(checkpoint, max_length=300)
-    assert defaults.length_buckets == (64, 128, 256, 300)
-    assert defaults.patch_buckets == (0, 64, 256)  # 224*224 pixels = 256 patches
+    assert defaults.batcher.length_buckets == (64, 128, 256, 300)
+    assert defaults.batcher.patch_buckets == (0, 64, 256)  # 224*224 pixels = 256 patches
 
 
 def test_pixel_limits_override(checkpoint):
@@ -358,4 +358,4 @@ def test_a_square_policy_gives_one_patch_bucket(checkpoint):
     full_size = Processor.from_dir(
         checkpoint, max_length=256, image_resolution="mid_low", max_pixels=12845056
     )
-    assert full_size.patch_buckets == (0, 1024)
+    assert full_size.batcher.patch_buckets == (0, 1024)
