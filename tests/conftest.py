@@ -14,3 +14,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, so the two test processes (pytest.ini) do not end on one
+    long file while the other idles; the order inside a file is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -133,7 +133,8 @@ def _first_step(pipeline: Pipeline):
         workers=0,
     )
     try:
-        return inputs.prepare(0), processor
+        batch, _ = inputs.agree(inputs.prepare(0), stop_requested=False)
+        return batch, processor
     finally:
         inputs.close()
 

@@ -253,7 +253,10 @@ def arrow_train_rows(
     key = json.dumps([subset, data.train_split, str(image_root), source])
     path = pathlib.Path(cache_dir, f"{subset}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
     if not path.is_file():
-        rows = mmeb.read_train_subset(data.train_dir, subset, data.train_split, image_root, report)
+        converted = BadInputReport(report.policy)
+        rows = mmeb.read_train_subset(
+            data.train_dir, subset, data.train_split, image_root, converted
+        )
         columns = {name: [getattr(row, name) for row in rows] for name in _TRAIN_FIELDS}
         table = pa.table(
             {
@@ -261,12 +264,31 @@ def arrow_train_rows(
                 for name, values in columns.items()
             }
         )
+        # The rows skipped while converting travel with the copy, so every later reader
+        # (the train stage after mine, a restart) reports them too.
+        table = table.replace_schema_metadata({_SKIPPED_KEY: json.dumps(converted.as_dict())})
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
             out.write_table(table)
         os.replace(partial, path)  # processes sharing the folder write the same bytes
+    report.merge(_skipped_in_copy(path, report.policy))
     return ArrowRows(path)
+
+
+_SKIPPED_KEY = b"g2e_skipped_rows"
+
+
+def _skipped_in_copy(path: pathlib.Path, policy: str) -> BadInputReport:
+    """The rows skipped when the Arrow copy at `path` was written, as a report to merge."""
+    with pa.OSFile(str(path), "rb") as source:
+        metadata = pa.ipc.open_file(source).schema.metadata or {}
+    skipped = BadInputReport(policy)
+    recorded = json.loads(metadata.get(_SKIPPED_KEY, b"{}"))
+    for entry in recorded.get("by_subset_reason", []):
+        skipped.counts[(entry["subset"], entry["reason"])] += entry["count"]
+    skipped.examples.extend(recorded.get("examples", []))
+    return skipped
 
 
 def eval_rows(data: Any, subset: str, report: BadInputReport) -> Sequence[mmeb.EvalRow]:

@@ -421,39 +421,25 @@ def evaluate_mmeb(
     """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
 
     Args:
-        embed_fn: items -> float32 [N, D] embeddings in input order (EmbedItem: text, image,
-            role 'query'|'candidate', subset); the prompt is its business.
-        out_dir: gets results.json, results.md, results.png and cache/<subset>/.
-        eval_dir: MMEB-eval (or a mini-MMEB's eval part) in the hub's layout.
-        image_root: the directory the rows' image paths are relative to.
-        data: instead of eval_dir / image_root, the config's data section: the rows come
-            from the source its `format` names (parquet, or the TFDS copy in `tfds_dir`;
-            see g2e.data.rows). The results are the same for both copies of one data set.
-        subsets: names or a comma-separated string; None / empty: every subset present.
-        on_bad_input: 'error' or 'skip' for rows the reader cannot use (missing image files,
-            malformed candidate lists) and rows using an item embed_fn skipped (a NaN row);
-            skipped rows are counted per subset, and a subset with no usable row is listed
-            under "skipped_subsets" and left out of the means.
-        batch_size: items per embed_fn call.
-        fingerprint: names the model + prompt (e.g. checkpoint path, adapter, prompt flags);
-            cached embeddings with another fingerprint are recomputed, never reused.
-        model_name: the Model column of results.md.
-        progress: show progress bars.
-        write_outputs: False on hosts other than process 0 (they embed but write nothing).
-        cache_options: EmbeddingCache options (shard_size, dtype).
-        host: the embedder's host side (g2e.embedding.BatchRunner: `host_snapshot()`,
-            `host_report(snapshot)`); given, the results carry "host": {subset: report}.
+        embed_fn: EmbedItems (text, image, role, subset) -> float32 [N, D], in input order.
+        out_dir: gets results.json, .md, .png and the embedding cache (cache/<subset>/).
+        eval_dir, image_root: MMEB-eval in the hub's layout; or `data`, the config's data
+            section (parquet or the TFDS copy, g2e.data.rows: the same results).
+        subsets: names or a comma-separated string; empty: every subset present.
+        on_bad_input: 'error' or 'skip' (rows counted per subset; a subset with no usable
+            row goes under "skipped_subsets", out of the means).
+        batch_size: items per embed_fn call. cache_options: EmbeddingCache's.
+        fingerprint: names model + prompt; a cache of another fingerprint is recomputed.
+        write_outputs: False on hosts other than process 0. host: the runner
+            (g2e.embedding.BatchRunner) whose per-subset host report goes under "host".
     Returns:
-        The content of results.json: {"subsets": {name: {"precision_at_1", "meta_task",
-        "split", "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
-        "num_skipped_rows", "chance", "correct"}}, "meta_tasks": {task: mean}, "IND", "OOD",
-        "overall"}, plus
-        "skipped_subsets": {name: reason} when some were skipped; scores in percent, means
-        as in `aggregate`; "host" with `host`. Nothing else in it depends on timing or on the
-        cache.
+        results.json's content: {"subsets": {name: {"precision_at_1", "meta_task", "split",
+        "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
+        "num_skipped_rows", "chance", "correct"}}, "meta_tasks", "IND", "OOD", "overall"}
+        (percent; means as in `aggregate`), plus "skipped_subsets" and "host" when present.
     Raises:
-        FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset the table and
-        manifest do not know. ValueError: empty subsets, bad embeddings.
+        FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset neither the
+        table nor the manifest knows. ValueError: empty subsets, bad embeddings.
     """
     if data is None:
         if not eval_dir:

@@ -72,6 +72,20 @@ def run_plain_random(pipeline: Pipeline) -> dict[str, Any]:
     return train_stage(pipeline, layout.TRAIN_PLAIN_RANDOM, use_clusters=False, prompt=PLAIN_PROMPT)
 
 
+def _save_trained(pipeline: Pipeline, name: str, model, adapter, result) -> None:
+    """Writes the fine-tuned adapter (or the whole model) of stage `name`; a run stopped early
+    raises Preempted instead, its checkpoint saved."""
+    if result.stopped_early:
+        raise Preempted(
+            f"{name}: stopped at step {result.step} after saving a checkpoint; "
+            "rerun the same command to resume"
+        )
+    adapter_dir, full_dir = pipeline.trained_paths(name)
+    out_dir = full_dir if adapter is None else adapter_dir
+    saving.save_model(model, out_dir, base_dir=pipeline.config.model_dir, adapter=adapter)
+    pipeline.forget_model()  # Later stages load the trained model from what was written.
+
+
 def train_stage(
     pipeline: Pipeline,
     name: str,
@@ -120,15 +134,7 @@ def train_stage(
     finally:
         if evaluate is not None:
             evaluate.embedder.close()  # its encoding workers
-    if result.stopped_early:
-        raise Preempted(
-            f"{name}: stopped at step {result.step} after saving a checkpoint; "
-            "rerun the same command to resume"
-        )
-    adapter_dir, full_dir = pipeline.trained_paths(name)
-    out_dir = full_dir if adapter is None else adapter_dir
-    saving.save_model(model, out_dir, base_dir=config.model_dir, adapter=adapter)
-    pipeline.forget_model()  # Later stages load the trained model from what was written.
+    _save_trained(pipeline, name, model, adapter, result)
     summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss")}
     summary.update(rows=len(rows), clusters=len(clusters))
     if evaluate is not None:
