@@ -144,9 +144,7 @@ def test_short_run_on_mini_mmeb_lowers_the_loss(assets, tmp_path):
 
     def fixed_loss():
         q, c = model.embed(fixed["query"]), model.embed(fixed["candidate"])
-        return float(
-            loss_lib.infonce(q, c, jnp.arange(8), loss_lib.LossConfig(0.05), mesh=None)[0]
-        )
+        return float(loss_lib.infonce(q, c, jnp.arange(8), loss_lib.LossConfig(0.05), mesh=None)[0])
 
     before = fixed_loss()
     result = training_stage.train_model(
