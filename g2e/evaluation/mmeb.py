@@ -10,6 +10,12 @@ maximum — i.e. the positive wins ties. This is what the release (and VLM2Vec) 
 `np.argmax`. Candidates of a row that are the positive itself (same text + image) share its
 score exactly, so a repeated positive never beats itself.
 
+results.json holds {"subsets": {name: {"precision_at_1", "meta_task", "split", "num_queries",
+"num_correct", "num_unique_queries", "num_unique_candidates", "num_skipped_rows", "chance",
+"correct" (one '0'/'1' per scored row)}}, "meta_tasks", "IND", "OOD", "overall"} in percent
+(means as in `aggregate`), plus "skipped_subsets" and the embedder's per-subset "host" report
+when present; nothing else in it depends on timing or on the cache.
+
 Outputs in `out_dir`: results.json, results.md (the leaderboard's layout plus a per-subset
 table), results.png (one bar per subset; g2e.evaluation.report formats them). Embeddings are
 cached per subset under `out_dir/cache/<subset>/` (g2e.embedding_cache.EmbeddingCache: queries and
@@ -433,23 +439,12 @@ def evaluate_mmeb(
         write_outputs: False on hosts other than process 0. host: the runner
             (g2e.embedding.BatchRunner) whose per-subset host report goes under "host".
     Returns:
-        results.json's content: {"subsets": {name: {"precision_at_1", "meta_task", "split",
-        "num_queries", "num_correct", "num_unique_queries", "num_unique_candidates",
-        "num_skipped_rows", "chance", "correct"}}, "meta_tasks", "IND", "OOD", "overall"}
-        (percent; means as in `aggregate`), plus "skipped_subsets" and "host" when present.
+        results.json's content (the module docstring lists its fields).
     Raises:
         FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset neither the
         table nor the manifest knows. ValueError: empty subsets, bad embeddings.
     """
-    if data is None:
-        if not eval_dir:
-            raise ValueError(
-                "evaluate_mmeb needs eval_dir (the hub's layout) or data (the "
-                "config's data section)"
-            )
-        data = types.SimpleNamespace(
-            format="parquet", eval_dir=eval_dir, eval_image_root=image_root, tfds_dir=""
-        )
+    data = data if data is not None else _parquet_data(eval_dir, image_root)
     manifest_dir = rows_lib.manifest_dir(data, "eval")
     names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir, on_bad_input)
     out = pathlib.Path(out_dir)
@@ -476,13 +471,24 @@ def evaluate_mmeb(
         if host is not None:
             host_reports[name] = host.host_report(before)
     summary = aggregate(results)
-    if skipped_subsets:
-        summary["skipped_subsets"] = skipped_subsets
-    if host is not None:
-        summary["host"] = host_reports
+    summary.update(
+        {"skipped_subsets": skipped_subsets} if skipped_subsets else {},
+        **({"host": host_reports} if host is not None else {}),
+    )
     if write_outputs:
         report_lib.write_results(out, summary, model_name)
     return summary
+
+
+def _parquet_data(eval_dir: str, image_root: str) -> types.SimpleNamespace:
+    """The data section `evaluate_mmeb` reads when given a hub-layout folder instead."""
+    if not eval_dir:
+        raise ValueError(
+            "evaluate_mmeb needs eval_dir (the hub's layout) or data (the config's data section)"
+        )
+    return types.SimpleNamespace(
+        format="parquet", eval_dir=eval_dir, eval_image_root=image_root, tfds_dir=""
+    )
 
 
 def _evaluate_named_subset(
