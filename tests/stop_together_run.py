@@ -3,7 +3,7 @@
   python -m tests.stop_together_run WORKDIR OUT.npz PROCESS_ID PORT [BAD_ROW]
 
 Two processes of 4 CPU devices each (coordinator on 127.0.0.1:PORT) train the toy embedder of
-tests/training/toy.py for 12 steps on an 8-device mesh, checkpointing every 3 steps under
+tests/training/toy.py for STEPS (40) steps on an 8-device mesh, checkpointing every 3 steps under
 WORKDIR and resuming from it; process 0 writes the final trainable parameters to OUT.npz.
 With BAD_ROW, encoding that row id raises BadInput (only the process whose share of a step
 holds it meets it). A test stops a process with G2E_KILLPOINT=train_step_<n> (g2e.killpoints).
@@ -24,6 +24,10 @@ from g2e import distributed  # noqa: E402
 from g2e.data.errors import BadInput  # noqa: E402
 from g2e.models import sharding  # noqa: E402
 from g2e.training import batches, trainer  # noqa: E402
+
+# Enough steps after the SIGTERM for JAX's preemption notice to reach every process on a busy
+# machine before the run would end on its own.
+STEPS = 40
 from tests.training import toy  # noqa: E402
 
 
@@ -45,7 +49,7 @@ def main(workdir: str, out: str, process_id: int, port: int, bad_row: int | None
     distributed.initialize(
         ml_collections.ConfigDict(dict(distributed=dict(**settings, process_id=process_id)))
     )
-    cfg = toy.train_config(steps=12, checkpoint_every=3)
+    cfg = toy.train_config(steps=STEPS, checkpoint_every=3)
     mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     queries, candidates = toy.data(40)
     clusters = [[i, i + 1] for i in range(0, 30, 2)] + [[i] for i in range(30, 40)]

@@ -87,12 +87,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert finished[0] == finished[1], finished
     (line,) = finished[0]
     step = int(line.split("step=")[1].split()[0])
-    assert line == f"finished step={step} stopped_early=True" and 4 < step < 12, line
+    assert line == f"finished step={step} stopped_early=True" and 4 < step < 40, line
     assert _steps_saved(work)[-1] == step
 
     # Resumed, the job ends where an uninterrupted one does, bit for bit.
     for code, output in _finish(_start(work, tmp_path / "out.npz")):
-        assert code == 0 and "finished step=12 stopped_early=False" in output, output
+        assert code == 0 and "finished step=40 stopped_early=False" in output, output
     for code, output in _finish(_start(tmp_path / "ref", tmp_path / "ref.npz")):
         assert code == 0, output
     ref, out = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "out.npz")
