@@ -24,6 +24,7 @@ without judging a stored pair again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -203,12 +204,16 @@ def mine_subset(
     positives = [positive_item(rows[int(r)]) for r in rows_lib.first_of_each(positive_of_row)]
     query_embeddings = cache.get("queries", unique_queries, embed(queries, "queries"))
     positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
-    if embedder.processor.report.total:
-        # Skipped items embed as NaN; mining needs every row, so name the problem.
-        raise ValueError(
-            f"mine {subset}: {embedder.processor.report.summary()}; rows with "
-            "unusable inputs must be dropped before mining (fix or remove them)"
-        )
+    kept, row_queries, row_positives = _usable_rows(
+        subset,
+        query_embeddings[query_of_row],
+        positive_embeddings[positive_of_row],
+        skipped_inputs=embedder.processor.report.total,
+    )
+    if kept.size < len(rows):
+        rows = [rows[int(r)] for r in kept]
+        query_keys = [query_keys[int(r)] for r in kept]
+        positive_keys = [positive_keys[int(r)] for r in kept]
     judges: dict[str, Any] = {}
     if judge is not None and sequential:
         judges["judge"] = sequential_judge(judge, rows)
@@ -216,11 +221,11 @@ def mine_subset(
         judges["pair_judge"] = RowPairJudge(
             judge, rows, query_keys, positive_keys, judge_cache, desc=f"{subset} judge"
         )
-    return mining.mine_clusters(
+    result = mining.mine_clusters(
         query_keys,
         positive_keys,
-        query_embeddings[query_of_row],
-        positive_embeddings[positive_of_row],
+        row_queries,
+        row_positives,
         top_k=config.mine.top_k,
         pool_mult=config.mine.pool_mult,
         keep_retrieval_order=mining.keeps_retrieval_order(
@@ -232,6 +237,31 @@ def mine_subset(
         subset=subset,
         **judges,
     )
+    if kept.size == query_of_row.size:
+        return result
+    clusters = [[int(kept[r]) for r in cluster] for cluster in result.clusters]
+    return dataclasses.replace(result, clusters=clusters)
+
+
+def _usable_rows(
+    subset: str, row_queries: np.ndarray, row_positives: np.ndarray, *, skipped_inputs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept row numbers, their query and positive embeddings). Under on_bad_input=skip an
+    item that failed (an image that does not decode) embeds as NaN: its rows are left out of
+    mining (the processor's report counts them); clusters keep the subset's row numbers."""
+    kept = np.flatnonzero(
+        ~(np.isnan(row_queries).any(axis=1) | np.isnan(row_positives).any(axis=1))
+    )
+    if kept.size < len(row_queries) and not skipped_inputs:
+        raise ValueError(
+            f"mine {subset}: {len(row_queries) - kept.size} rows embed as NaN, but no input was "
+            "skipped; the model's output is broken (check model_dir and model.dtype)"
+        )
+    if kept.size < len(row_queries):
+        logging.warning(
+            "mine %s: %d rows left out (unusable inputs)", subset, len(row_queries) - kept.size
+        )
+    return kept, row_queries[kept], row_positives[kept]
 
 
 def sequential_judge(judge: Judge, rows: Sequence[mmeb.TrainRow]) -> mining.JudgeFn:
