@@ -186,12 +186,9 @@ def mine_subset(
     *,
     sequential: bool = False,
 ) -> mining.MiningResult:
-    """Embeds a subset's unique queries and positives (or reads them back), then mines it.
-
-    With a judge: the speculative, batched judge answering from (and storing into)
-    `judge_cache`; `sequential=True` asks it one anchor round at a time instead (the
-    reference the tests compare with; no cache).
-    """
+    """Embeds a subset's unique queries and positives (or reads them back), then mines it; with
+    a judge, batched and speculative over `judge_cache` (`sequential`: one anchor round at a
+    time, the tests' reference, no cache)."""
     config = pipeline.config
     query_keys, positive_keys = rows_lib.train_row_keys(rows)
     unique_queries, query_of_row = rows_lib.index_keys(query_keys)
@@ -204,16 +201,12 @@ def mine_subset(
     positives = [positive_item(rows[int(r)]) for r in rows_lib.first_of_each(positive_of_row)]
     query_embeddings = cache.get("queries", unique_queries, embed(queries, "queries"))
     positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
-    kept, row_queries, row_positives = _usable_rows(
-        subset,
-        query_embeddings[query_of_row],
-        positive_embeddings[positive_of_row],
-        skipped_inputs=embedder.processor.report.total,
+    row_embeddings = (query_embeddings[query_of_row], positive_embeddings[positive_of_row])
+    kept = _usable_rows(subset, *row_embeddings, skipped=embedder.processor.report.total)
+    row_queries, row_positives = (embeddings[kept] for embeddings in row_embeddings)
+    rows, query_keys, positive_keys = (
+        [s[int(r)] for r in kept] for s in (rows, query_keys, positive_keys)
     )
-    if kept.size < len(rows):
-        rows = [rows[int(r)] for r in kept]
-        query_keys = [query_keys[int(r)] for r in kept]
-        positive_keys = [positive_keys[int(r)] for r in kept]
     judges: dict[str, Any] = {}
     if judge is not None and sequential:
         judges["judge"] = sequential_judge(judge, rows)
@@ -244,15 +237,15 @@ def mine_subset(
 
 
 def _usable_rows(
-    subset: str, row_queries: np.ndarray, row_positives: np.ndarray, *, skipped_inputs: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kept row numbers, their query and positive embeddings). Under on_bad_input=skip an
+    subset: str, row_queries: np.ndarray, row_positives: np.ndarray, *, skipped: int
+) -> np.ndarray:
+    """The row numbers to mine. Under on_bad_input=skip an
     item that failed (an image that does not decode) embeds as NaN: its rows are left out of
     mining (the processor's report counts them); clusters keep the subset's row numbers."""
     kept = np.flatnonzero(
         ~(np.isnan(row_queries).any(axis=1) | np.isnan(row_positives).any(axis=1))
     )
-    if kept.size < len(row_queries) and not skipped_inputs:
+    if kept.size < len(row_queries) and not skipped:
         raise ValueError(
             f"mine {subset}: {len(row_queries) - kept.size} rows embed as NaN, but no input was "
             "skipped; the model's output is broken (check model_dir and model.dtype)"
@@ -261,7 +254,7 @@ def _usable_rows(
         logging.warning(
             "mine %s: %d rows left out (unusable inputs)", subset, len(row_queries) - kept.size
         )
-    return kept, row_queries[kept], row_positives[kept]
+    return kept
 
 
 def sequential_judge(judge: Judge, rows: Sequence[mmeb.TrainRow]) -> mining.JudgeFn:
