@@ -151,11 +151,6 @@ def test_an_undecodable_image_under_error_stops_training_naming_the_row(data, tm
         _first_step(pipeline)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mine_subset raises ValueError ('rows with unusable inputs must be dropped before "
-    "mining') under on_bad_input=skip instead of dropping the row and counting it",
-)
 def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_mine(data, tmp_path):
     pipeline = _pipeline(data, tmp_path, "undecodable", "skip")
     result, embedder = _mine(pipeline, tmp_path)

@@ -24,6 +24,7 @@ without judging a stored pair again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -185,12 +186,9 @@ def mine_subset(
     *,
     sequential: bool = False,
 ) -> mining.MiningResult:
-    """Embeds a subset's unique queries and positives (or reads them back), then mines it.
-
-    With a judge: the speculative, batched judge answering from (and storing into)
-    `judge_cache`; `sequential=True` asks it one anchor round at a time instead (the
-    reference the tests compare with; no cache).
-    """
+    """Embeds a subset's unique queries and positives (or reads them back), then mines it; with
+    a judge, batched and speculative over `judge_cache` (`sequential`: one anchor round at a
+    time, the tests' reference, no cache)."""
     config = pipeline.config
     query_keys, positive_keys = rows_lib.train_row_keys(rows)
     unique_queries, query_of_row = rows_lib.index_keys(query_keys)
@@ -203,12 +201,12 @@ def mine_subset(
     positives = [positive_item(rows[int(r)]) for r in rows_lib.first_of_each(positive_of_row)]
     query_embeddings = cache.get("queries", unique_queries, embed(queries, "queries"))
     positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
-    if embedder.processor.report.total:
-        # Skipped items embed as NaN; mining needs every row, so name the problem.
-        raise ValueError(
-            f"mine {subset}: {embedder.processor.report.summary()}; rows with "
-            "unusable inputs must be dropped before mining (fix or remove them)"
-        )
+    row_embeddings = (query_embeddings[query_of_row], positive_embeddings[positive_of_row])
+    kept = _usable_rows(subset, *row_embeddings, skipped=embedder.processor.report.total)
+    row_queries, row_positives = (embeddings[kept] for embeddings in row_embeddings)
+    rows, query_keys, positive_keys = (
+        [s[int(r)] for r in kept] for s in (rows, query_keys, positive_keys)
+    )
     judges: dict[str, Any] = {}
     if judge is not None and sequential:
         judges["judge"] = sequential_judge(judge, rows)
@@ -216,11 +214,11 @@ def mine_subset(
         judges["pair_judge"] = RowPairJudge(
             judge, rows, query_keys, positive_keys, judge_cache, desc=f"{subset} judge"
         )
-    return mining.mine_clusters(
+    result = mining.mine_clusters(
         query_keys,
         positive_keys,
-        query_embeddings[query_of_row],
-        positive_embeddings[positive_of_row],
+        row_queries,
+        row_positives,
         top_k=config.mine.top_k,
         pool_mult=config.mine.pool_mult,
         keep_retrieval_order=mining.keeps_retrieval_order(
@@ -232,6 +230,31 @@ def mine_subset(
         subset=subset,
         **judges,
     )
+    if kept.size == query_of_row.size:
+        return result
+    clusters = [[int(kept[r]) for r in cluster] for cluster in result.clusters]
+    return dataclasses.replace(result, clusters=clusters)
+
+
+def _usable_rows(
+    subset: str, row_queries: np.ndarray, row_positives: np.ndarray, *, skipped: int
+) -> np.ndarray:
+    """The row numbers to mine. Under on_bad_input=skip an
+    item that failed (an image that does not decode) embeds as NaN: its rows are left out of
+    mining (the processor's report counts them); clusters keep the subset's row numbers."""
+    kept = np.flatnonzero(
+        ~(np.isnan(row_queries).any(axis=1) | np.isnan(row_positives).any(axis=1))
+    )
+    if kept.size < len(row_queries) and not skipped:
+        raise ValueError(
+            f"mine {subset}: {len(row_queries) - kept.size} rows embed as NaN, but no input was "
+            "skipped; the model's output is broken (check model_dir and model.dtype)"
+        )
+    if kept.size < len(row_queries):
+        logging.warning(
+            "mine %s: %d rows left out (unusable inputs)", subset, len(row_queries) - kept.size
+        )
+    return kept
 
 
 def sequential_judge(judge: Judge, rows: Sequence[mmeb.TrainRow]) -> mining.JudgeFn:
