@@ -424,26 +424,15 @@ def evaluate_mmeb(
     cache_options: dict[str, Any] | None = None,
     host: Any = None,
 ) -> dict[str, Any]:
-    """Zero-shot / fine-tuned MMEB evaluation of one embedder; writes its reports.
-
-    Args:
-        embed_fn: EmbedItems (text, image, role, subset) -> float32 [N, D], in input order.
-        out_dir: gets results.json, .md, .png and the embedding cache (cache/<subset>/).
-        eval_dir, image_root: MMEB-eval in the hub's layout; or `data`, the config's data
-            section (parquet or the TFDS copy, g2e.data.rows: the same results).
-        subsets: names or a comma-separated string; empty: every subset present.
-        on_bad_input: 'error' or 'skip' (rows counted per subset; a subset with no usable
-            row goes under "skipped_subsets", out of the means).
-        batch_size: items per embed_fn call. cache_options: EmbeddingCache's.
-        fingerprint: names model + prompt; a cache of another fingerprint is recomputed.
-        write_outputs: False on hosts other than process 0. host: the runner
-            (g2e.embedding.BatchRunner) whose per-subset host report goes under "host".
-    Returns:
-        results.json's content (the module docstring lists its fields).
-    Raises:
-        FileNotFoundError: no subsets in eval_dir. UnknownSubsetError: a subset neither the
-        table nor the manifest knows. ValueError: empty subsets, bad embeddings.
-    """
+    """MMEB evaluation of `embed_fn` (EmbedItems -> float32 [N, D]). The rows come from
+    `eval_dir`/`image_root` (the hub's layout) or `data`, the config's data section (parquet
+    or the TFDS copy: the same results). Writes results.json, .md, .png and cache/<subset>/
+    (embeddings of this `fingerprint` only) under `out_dir`, on process 0 (`write_outputs`).
+    `on_bad_input`: 'error', or 'skip' (counted per subset; a subset with no usable row goes
+    under "skipped_subsets"). `host`: the runner whose per-subset host report goes under
+    "host". Returns results.json's content (the module docstring lists its fields). Raises
+    FileNotFoundError (no subsets in eval_dir), UnknownSubsetError (a subset neither the table
+    nor the manifest knows), ValueError (empty subsets, bad embeddings)."""
     data = data if data is not None else _parquet_data(eval_dir, image_root)
     manifest_dir = rows_lib.manifest_dir(data, "eval")
     names, skipped_subsets = _known_subsets(_subset_list(subsets, data), manifest_dir, on_bad_input)
