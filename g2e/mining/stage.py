@@ -204,9 +204,10 @@ def mine_subset(
     row_embeddings = (query_embeddings[query_of_row], positive_embeddings[positive_of_row])
     kept = _usable_rows(subset, *row_embeddings, skipped=embedder.processor.report.total)
     row_queries, row_positives = (embeddings[kept] for embeddings in row_embeddings)
-    rows, query_keys, positive_keys = (
-        [s[int(r)] for r in kept] for s in (rows, query_keys, positive_keys)
-    )
+    if kept.size < len(rows):  # only then: ArrowRows stay a memory map, read by index
+        rows, query_keys, positive_keys = (
+            [s[int(r)] for r in kept] for s in (rows, query_keys, positive_keys)
+        )
     judges: dict[str, Any] = {}
     if judge is not None and sequential:
         judges["judge"] = sequential_judge(judge, rows)
