@@ -133,8 +133,9 @@ def _first_step(pipeline: Pipeline):
         workers=0,
     )
     try:
-        batch, _ = inputs.agree(inputs.prepare(0), stop_requested=False)
-        return batch, processor
+        prepared = inputs.prepare(0)
+        batch, _ = inputs.agree(prepared, stop_requested=False)
+        return (prepared.rows, batch), processor
     finally:
         inputs.close()
 
@@ -165,6 +166,6 @@ def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_mine(data, tm
 )
 def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_training(data, tmp_path):
     pipeline = _pipeline(data, tmp_path, "undecodable", "skip")
-    (rows, _, _), processor = _first_step(pipeline)
+    (rows, _), processor = _first_step(pipeline)
     assert BAD_ROW not in rows.tolist() and processor.report.total == 1
     assert np.unique(rows).size == rows.size

