@@ -120,22 +120,27 @@ def _mine(pipeline: Pipeline, tmp_path):
     return mine_stage.mine_subset(pipeline, SUBSET, rows, embedder, cache, None, None), embedder
 
 
-def _first_step(pipeline: Pipeline):
-    """The row encoder of training over every row in one step of the train stage's batches."""
+def _one_epoch(pipeline: Pipeline):
+    """The row encoder of training over one epoch of the train stage's batches (two steps of
+    half the rows each, so each step has rows outside it to stand in for a bad one): each
+    step's (row ids, batch), and the training processor."""
     rows, clusters = train_stage.training_rows(pipeline, use_clusters=False)
     processor = pipeline.processor(train=True)
     inputs = batches.StepInputs(
-        batches.ClusterSchedule(clusters, len(rows), 1, len(rows), seed=0),
+        batches.ClusterSchedule(clusters, len(rows), 1, len(rows) // 2, seed=0),
         batches.RowCodec(processor, rows, image_root=None),
-        rows_here=slice(0, len(rows)),
+        rows_here=slice(0, len(rows) // 2),
         first_step=0,
-        last_step=1,
+        last_step=2,
         workers=0,
     )
     try:
-        prepared = inputs.prepare(0)
-        batch, _ = inputs.agree(prepared, stop_requested=False)
-        return (prepared.rows, batch), processor
+        steps = []
+        for step in range(2):
+            prepared = inputs.prepare(step)
+            batch, _ = inputs.agree(prepared, stop_requested=False)
+            steps.append((prepared.rows, batch))
+        return steps, processor
     finally:
         inputs.close()
 
@@ -148,8 +153,8 @@ def test_an_undecodable_image_under_error_stops_mine_naming_the_row(data, tmp_pa
 
 def test_an_undecodable_image_under_error_stops_training_naming_the_row(data, tmp_path):
     pipeline = _pipeline(data, tmp_path, "undecodable", "error")
-    with pytest.raises(ValueError, match=f"training step 0, row {BAD_ROW}: .*{data[2]}"):
-        _first_step(pipeline)
+    with pytest.raises(ValueError, match=rf"training step \d, row {BAD_ROW}: .*{data[2]}"):
+        _one_epoch(pipeline)
 
 
 def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_mine(data, tmp_path):
@@ -159,13 +164,13 @@ def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_mine(data, tm
     assert BAD_ROW not in [r for c in result.clusters for r in c]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StepInputs.prepare raises ValueError ('bad rows must be dropped before training') "
-    "under on_bad_input=skip instead of dropping the row and counting it",
-)
-def test_an_undecodable_image_under_skip_is_dropped_and_counted_by_training(data, tmp_path):
+def test_an_undecodable_image_under_skip_is_replaced_and_counted_by_training(data, tmp_path):
     pipeline = _pipeline(data, tmp_path, "undecodable", "skip")
-    (rows, _), processor = _first_step(pipeline)
-    assert BAD_ROW not in rows.tolist() and processor.report.total == 1
-    assert np.unique(rows).size == rows.size
+    steps, processor = _one_epoch(pipeline)
+    assert processor.report.total == 1
+    for rows, batch in steps:
+        assert BAD_ROW not in rows.tolist() and np.unique(rows).size == rows.size
+        assert len(batch["ids"]) == len(rows)
+    # Every other row trains once, and the stand-in fills the bad row's place.
+    seen = np.concatenate([rows for rows, _ in steps]).tolist()
+    assert set(range(ROWS)) - set(seen) == {BAD_ROW} and len(seen) == ROWS

@@ -28,6 +28,7 @@ from g2e import distributed
 from g2e.data import prompts
 from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded
+from g2e.data.errors import BadInput
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
 
@@ -269,20 +270,30 @@ class StepInputs:
         self._results = iter(self._stream)
 
     def prepare(self, step: int) -> Prepared:
-        """This process's rows of `step` (the next one) encoded and collated; a bad row does not
-        raise here but travels in `Prepared.error`, so that `agree` stops every process."""
+        """This process's rows of `step` (the next one) encoded and collated.
+
+        A row that fails to encode (an image that does not decode) is, under
+        data.on_bad_input='skip', counted in the codec's processor report and replaced by a spare
+        row from outside the step's batch (`_spare`); under 'error' it does not raise here but
+        travels in `Prepared.error`, so that `agree` stops every process."""
         if step != self.next_step:
             raise ValueError(f"StepInputs: asked for step {step}, the next is {self.next_step}")
         encoded = list(itertools.islice(self._results, self.rows.per_step))
-        rows = self.schedule.rows(step)
+        rows = self.schedule.rows(step).copy()
         self.next_step += 1
-        for row, value in zip(rows[self.rows.rows_here], encoded):
-            if isinstance(value, workers_lib.Failed):
+        local = np.arange(len(rows))[self.rows.rows_here]
+        for position, value in zip(local, encoded):
+            if not isinstance(value, workers_lib.Failed):
+                continue
+            report = self.codec.processor.report
+            if report.policy != "skip":
                 error = (
-                    f"training step {step}, row {row}: {value.error}; bad rows must be dropped "
-                    "before training (fix or remove them, then re-run the mine stage)"
+                    f"training step {step}, row {rows[position]}: {value.error}; fix or remove "
+                    "the row, or set data.on_bad_input=skip to train without it"
                 )
                 return Prepared(step, rows, None, np.zeros(0, np.int32), error)
+            report.handle(value.error)
+            rows[position], encoded[position - local[0]] = self._spare(step, position, rows)
         shape = np.asarray(self.codec.shape(encoded), np.int32)
         if shape.size > MAX_SHAPE_VALUES:
             raise ValueError(
@@ -290,6 +301,20 @@ class StepInputs:
                 f"{MAX_SHAPE_VALUES} are agreed on"
             )
         return Prepared(step, rows, self.codec.collate(encoded), shape, None)
+
+    def _spare(self, step: int, position: int, rows: np.ndarray) -> tuple[int, Any]:
+        """A row from outside the batch `rows` and its encoding, in place of the bad row at
+        `position` of step `step`: drawn from a stream of (seed, step, position), so a resumed
+        run takes the same one; rows that fail too are counted and passed over."""
+        rng = np.random.default_rng([self.schedule.seed, step, position])
+        for row in rng.permutation(self.schedule.num_rows):
+            if row in rows:
+                continue
+            try:
+                return int(row), self.codec.encode(int(row))
+            except BadInput as error:
+                self.codec.processor.report.handle(error)
+        raise ValueError(f"training step {step}: no row outside the batch encodes")
 
     def agree(self, prepared: Prepared, *, stop_requested: bool) -> tuple[Mapping[str, Any], bool]:
         """The step's local batch widened to the shape all processes need, and whether any

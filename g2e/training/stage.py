@@ -118,13 +118,14 @@ def train_stage(
     )
     heldout = heldout_rows(pipeline)
     evaluate = HeldOut.of_pipeline(pipeline, model, heldout, prompt) if heldout else None
+    processor = pipeline.processor(train=True, prompt=prompt)
     try:
         result = train_model(
             config,
             model,
             rows,
             clusters,
-            pipeline.processor(train=True, prompt=prompt),
+            processor,
             pipeline.mesh,
             pipeline.rules,
             str(pipeline.stage_dir(name)),
@@ -136,7 +137,9 @@ def train_stage(
             evaluate.embedder.close()  # its encoding workers
     _save_trained(pipeline, name, model, adapter, result)
     summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss")}
-    summary.update(rows=len(rows), clusters=len(clusters))
+    summary.update(rows=len(rows), clusters=len(clusters), skipped_rows=processor.report.total)
+    if processor.report.total:
+        logging.warning("%s: rows replaced in their batches: %s", name, processor.report.summary())
     if evaluate is not None:
         summary["heldout_accuracy"] = evaluate.last.get("heldout_accuracy")
     return summary
