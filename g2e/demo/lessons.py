@@ -325,9 +325,9 @@ def _images(image) -> tuple:
 
 # ---- the phases ----------------------------------------------------------------------------
 
-# The first lessons: the colour of one centred object, large or of a classification image's
-# size (mixed with other questions from the start, the tiny model stays at chance longer).
-SEE = {big_colour_lesson: 1, colour_lesson: 1}
+# The first lessons: the colour and shape of one centred object, large or of a classification
+# image's size (the words for what the pre-trained tower already tells apart).
+SEE = {big_colour_lesson: 1, colour_lesson: 1, big_shape_lesson: 1, shape_lesson: 1}
 ALIGN = {
     colour_lesson: 3,
     shape_lesson: 3,
@@ -344,7 +344,7 @@ INSTRUCT = {
     caption_lesson: 1,
     row_lesson: 3,
     summary_lesson: 4,
-    matching_lesson: 4,
+    matching_lesson: 6,
     text_lesson: 1,
 }
 PHASES = {"see": SEE, "align": ALIGN, "instruct": INSTRUCT}

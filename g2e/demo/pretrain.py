@@ -83,6 +83,9 @@ class Preset:
     seed: int = 20
     # Every batch padded to the largest buckets: one compiled program (the ci preset's minute).
     fixed_shape: bool = False
+    # `train_tower` before the next-token phases, which then leave the tower as it is.
+    tower_steps: int = 2000
+    tower_lr: float = 2e-3
 
 
 PRESETS = {
@@ -94,9 +97,9 @@ PRESETS = {
         heads=4,
         kv_heads=2,
         vocab_size=1024,
-        phases=(("see", 150), ("align", 400), ("instruct", 450)),
+        phases=(("see", 100), ("align", 600), ("instruct", 1200)),
         batch_size=32,
-        lr=3e-3,
+        lr=2e-3,
         probe_images=200,
         gated=True,
     ),
@@ -116,6 +119,7 @@ PRESETS = {
         corpus_lessons=40,
         checkpoint_every=5,
         fixed_shape=True,
+        tower_steps=4,
     ),
 }
 
@@ -142,14 +146,22 @@ def answer_targets(batch: dict[str, np.ndarray], width: int = ANSWER_WIDTH) -> d
     }
 
 
-def lm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+def lm_loss(params: nnx.State, graphdef: nnx.GraphDef, frozen: nnx.State, batch: dict[str, Any]):
     """Next-token cross-entropy at the answer positions (`answer_targets`) only."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, frozen)
     hidden = model(batch)
     logits = model.logits_at(hidden, batch["answer_positions"]).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["answer_targets"])
     weights = batch["answer_weights"]
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# What next-token training updates: all but the vision tower below the merger, which
+# `train_tower` trains beforehand (as a real MLLM starts from a pre-trained vision encoder).
+NEXT_TOKEN_TRAINED = nnx.All(
+    nnx.Param,
+    nnx.Not(nnx.All(nnx.PathContains("visual"), nnx.Not(nnx.PathContains("merger")))),
+)
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
@@ -171,14 +183,16 @@ def train(
     checkpoint_every: int = 0,
     shape: tuple[int, int] | None = None,
     name: str = "generator",
+    trained: Any = nnx.Param,
 ) -> list[float]:
     """Next-token training of `model` in place; returns the loss of every step.
 
     `draw_batch(step)` gives the step's encodings (a pure function of the step, so a run
     resumed from `state_file` draws what the interrupted one would have). `shape`: every
-    batch padded to this (length, patches), else to the smallest buckets that fit it."""
+    batch padded to this (length, patches), else to the smallest buckets that fit it.
+    `trained`: an nnx filter of the parameters it updates (the others stay as they are)."""
     length, num_patches = shape or (None, None)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, frozen = nnx.split(model, trained, ...)
     optimizer = make_optimizer(lr, steps)
     opt_state, start, losses = optimizer.init(params), 0, []
     if state_file is not None and state_file.is_file():
@@ -190,7 +204,7 @@ def train(
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lm_loss)(params, graphdef, batch)
+        loss, grads = jax.value_and_grad(lm_loss)(params, graphdef, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -220,6 +234,101 @@ def train(
             state_file.with_suffix(".tmp").replace(state_file)
     nnx.update(model, params)
     return losses
+
+
+def tower_scene(rng: np.random.Generator) -> tuple[Any, np.ndarray]:
+    """A scene for `train_tower` and its targets: float32 [colours + shapes + counts], the
+    colours and shapes present (multi-hot) and the number of objects (one-hot). Half the scenes
+    hold one centred object (large or of a classification image's size), half 1-6 anywhere."""
+    if rng.random() < 0.5:
+        size = lessons.BIG if rng.random() < 0.5 else scenes.SIZE_RANGE
+        objects = [scenes.centred(rng, size_range=size)]
+    else:
+        objects = scenes.objects(rng, int(rng.integers(1, len(scenes.NUMBERS) + 1)))
+    image, _ = scenes.draw(rng, objects)
+    colours, shapes = list(scenes.COLORS), list(scenes.SHAPES)
+    target = np.zeros(len(colours) + len(shapes) + len(scenes.NUMBERS), np.float32)
+    for obj in objects:
+        target[colours.index(obj.color)] = 1
+        target[len(colours) + shapes.index(obj.shape)] = 1
+    target[len(colours) + len(shapes) + len(objects) - 1] = 1
+    return image, target
+
+
+class _TowerProbe(nnx.Module):
+    """The vision tower under linear heads on its mean merged token (`train_tower` only)."""
+
+    def __init__(self, model: Qwen2VL, rngs: nnx.Rngs):
+        self.model = model
+        width = model.config.text.hidden_size
+        self.head = nnx.Linear(width, len(scenes.COLORS) + len(scenes.SHAPES) + 6, rngs=rngs)
+
+    def __call__(self, batch):
+        tokens = self.model.vision_tokens(batch)  # [B, M, D]
+        merge = self.model.config.vision.spatial_merge_size**2
+        real = batch["vision_segment_ids"][:, ::merge] > 0
+        pooled = jnp.sum(tokens * real[..., None], 1) / jnp.maximum(real.sum(1), 1)[:, None]
+        return self.head(pooled / (jnp.sqrt(jnp.mean(jnp.square(pooled))) + 1e-6))
+
+
+def tower_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(loss, hits [B, 3]): softmax cross-entropy against the colours present, the shapes
+    present (each spread evenly over what is there) and the count; a hit is a top-1 answer
+    that is among them."""
+    sizes = (len(scenes.COLORS), len(scenes.SHAPES), len(scenes.NUMBERS))
+    edges = np.cumsum((0, *sizes))
+    loss, hits = 0.0, []
+    for start, stop in zip(edges[:-1], edges[1:]):
+        part, target = logits[:, start:stop], targets[:, start:stop]
+        loss += optax.softmax_cross_entropy(part, target / target.sum(-1, keepdims=True)).mean()
+        hits.append(jnp.take_along_axis(target, part.argmax(-1)[:, None], 1)[:, 0])
+    return loss, jnp.stack(hits, 1)
+
+
+def train_tower(
+    model: Qwen2VL, processor: Processor, *, steps: int, lr: float, seed: int, batch_size: int
+) -> list[float]:
+    """Trains the vision tower (and merger) in place, before any next-token step, to tell the
+    colours, shapes and number of objects in fresh scenes (`tower_scene`) through linear heads
+    that are then dropped: the tiny tower's stand-in for a real MLLM's pre-trained vision
+    encoder. From random weights the next-token loss alone leaves shapes at chance for
+    hundreds of steps while colours are learnt. Returns the loss of every step."""
+    probe = _TowerProbe(model, nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(probe, _tower_params, ...)
+    optimizer = make_optimizer(lr, steps)
+    opt_state, losses, accuracy = optimizer.init(params), [], []
+    length, patches = LENGTH_BUCKETS[0], PATCH_BUCKETS[-1]
+
+    @jax.jit
+    def step(params, opt_state, batch, targets):
+        loss_of = lambda p: tower_loss(nnx.merge(graphdef, p, rest)(batch), targets)  # noqa: E731
+        (loss, hits), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, hits.mean(0)
+
+    for index in range(steps):
+        rng = np.random.default_rng([seed, 8, index])
+        drawn = [tower_scene(rng) for _ in range(batch_size)]
+        items = [
+            lessons.encode(processor, lessons.Lesson("", (im,), ""), answer=False)
+            for im, _ in drawn
+        ]
+        batch = processor.batcher.collate(items, length=length, num_patches=patches)
+        targets = np.stack([t for _, t in drawn])
+        params, opt_state, loss, hits = step(params, opt_state, batch, targets)
+        losses.append(float(loss))
+        accuracy.append(np.asarray(hits))
+        if index % 25 == 0 or index == steps - 1:
+            colour, shape, count = np.mean(accuracy[-25:], axis=0)
+            logging.info(
+                "tower step %d/%d loss %.4f, top-1 colour %.2f shape %.2f count %.2f",
+                *(index, steps, np.mean(losses[-25:]), colour, shape, count),
+            )
+    nnx.update(probe, params)
+    return losses
+
+
+_tower_params = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("visual"), nnx.PathContains("head")))
 
 
 def lesson_batches(
@@ -283,6 +392,32 @@ def scale_merger(model: Qwen2VL, processor: Processor, seed: int) -> float:
     fc2.kernel[...] = fc2.kernel[...] * factor
     fc2.bias[...] = fc2.bias[...] * factor
     return factor
+
+
+def cosine_patch_embedding(model: Qwen2VL, per_side: int = 4) -> int:
+    """Sets the first columns of the patch embedding to low-frequency 2-D cosines (a DCT basis
+    of `per_side` x `per_side` frequencies per colour channel, both temporal frames alike, unit
+    norm); the other columns keep their random init. Returns the number of columns set.
+
+    From random columns the tiny tower needs several hundred steps before it tells one shape
+    from another (its loss stays at chance while colours are learnt); with where-in-the-patch
+    features from the start, shapes are learnt within about 200 steps (measured on this
+    machine: 84% vs 37% on large shapes after 225-250 steps of a tower-only probe)."""
+    vision = model.config.vision
+    side = vision.patch_size
+    x = (np.arange(side) + 0.5) / side
+    columns = []
+    for channel in range(vision.in_channels):
+        for u in range(per_side):
+            for v in range(per_side):
+                w = np.zeros((vision.in_channels, vision.temporal_patch_size, side, side))
+                w[channel] = np.outer(np.cos(np.pi * u * x), np.cos(np.pi * v * x))
+                columns.append(w.ravel() / np.linalg.norm(w))
+    columns = columns[: vision.embed_dim]
+    kernel = np.array(model.visual.patch_embed[...])
+    kernel[:, : len(columns)] = np.stack(columns, axis=1)
+    model.visual.patch_embed[...] = jnp.asarray(kernel, model.visual.patch_embed[...].dtype)
+    return len(columns)
 
 
 # ---- the asset -----------------------------------------------------------------------------
@@ -389,7 +524,47 @@ def build(out: pathlib.Path, preset: Preset) -> tuple[Qwen2VL, Processor, dict[s
     )
     model = Qwen2VL(Qwen2VLConfig.from_dir(out), rngs=nnx.Rngs(preset.seed))
     processor = processor_for(out)
-    return model, processor, {"merger_scale": scale_merger(model, processor, preset.seed)}
+    cosine_columns = cosine_patch_embedding(model)
+    return (
+        model,
+        processor,
+        {
+            "merger_scale": scale_merger(model, processor, preset.seed),
+            "cosine_patch_columns": cosine_columns,
+        },
+    )
+
+
+def pretrained_tower(
+    model: Qwen2VL, processor: Processor, preset: Preset, state_file: pathlib.Path
+) -> dict[str, Any]:
+    """`train_tower` for the preset's tower steps (or its saved result, when `state_file`
+    holds one), then the merger scaled again to the token embeddings' RMS. Returns the
+    manifest's record: loss over the first and last 20 steps, and the new merger scale."""
+    visual = nnx.All(nnx.Param, nnx.PathContains("visual"))
+    if state_file.is_file():
+        saved = pickle.loads(state_file.read_bytes())
+        nnx.update(model, jax.tree.map(jnp.asarray, saved["params"]))
+        losses = saved["losses"]
+        logging.info("pretrain: the tower trained before, from %s", state_file)
+    else:
+        losses = train_tower(
+            model,
+            processor,
+            steps=preset.tower_steps,
+            lr=preset.tower_lr,
+            seed=preset.seed,
+            batch_size=preset.batch_size,
+        )
+        params = jax.device_get(nnx.state(model, visual))
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.with_suffix(".tmp").write_bytes(pickle.dumps(dict(params=params, losses=losses)))
+        state_file.with_suffix(".tmp").replace(state_file)
+    return {
+        "loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))},
+        "steps": len(losses),
+        "merger_scale": scale_merger(model, processor, preset.seed),
+    }
 
 
 def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
@@ -404,6 +579,8 @@ def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     began = time.time()
     model, processor, manifest = build(tmp, preset)
+    state_file = lambda kind: state_dir / f"{kind}-{fingerprint(preset)[:12]}.pkl"  # noqa: E731
+    manifest["tower"] = pretrained_tower(model, processor, preset, state_file("tower"))
     losses = train(
         model,
         processor,
@@ -411,10 +588,11 @@ def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
         steps=sum(steps for _, steps in preset.phases),
         lr=preset.lr,
         # Named by the fingerprint: a changed recipe never resumes another's state.
-        state_file=state_dir / f"train-{fingerprint(preset)[:12]}.pkl",
+        state_file=state_file("train"),
         checkpoint_every=preset.checkpoint_every,
         shape=(LENGTH_BUCKETS[-1], PATCH_BUCKETS[-1]) if preset.fixed_shape else None,
         name="pretrain",
+        trained=NEXT_TOKEN_TRAINED,
     )
     scores = probes.probe(model, processor, preset.seed, preset.probe_images)
     state_dir.mkdir(parents=True, exist_ok=True)
