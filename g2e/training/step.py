@@ -264,6 +264,15 @@ class CompiledSteps:
         self.chunks = (query_chunk, candidate_chunk)
         self._jitted: dict[tuple[int, int], Any] = {}  # one jit per chunk choice
         self._cache: dict[tuple, Compiled] = {}  # one executable per batch shape
+        # rows per device -> the (query, candidate) chunks chosen for the first shape with
+        # that many rows: later shapes compile only that plan, never one ruled out.
+        self._plans: dict[int, tuple[int, int]] = {}
+        self.compilations = 0  # programs compiled, tried plans included
+
+    @property
+    def shapes(self) -> int:
+        """Batch shapes compiled for so far."""
+        return len(self._cache)
 
     @staticmethod
     def _signature(*trees: PyTree) -> tuple:
@@ -302,6 +311,7 @@ class CompiledSteps:
             self._jitted[query_chunk, candidate_chunk] = jit_step(setup, self.state_sharding)
         jitted = self._jitted[query_chunk, candidate_chunk]
         executable = compile_step(jitted, setup, state, frozen, batch)
+        self.compilations += 1
         return Compiled(
             executable,
             "gradcache" if query_chunk else "direct",
@@ -320,6 +330,15 @@ class CompiledSteps:
     def _choose(self, state, frozen, batch) -> Compiled:
         devices = sharding.batch_devices(self.setup.mesh, self.setup.rules)
         rows = batch["ids"].shape[0] // devices  # per device, each side
+        if rows in self._plans:
+            return self._compile(state, frozen, batch, *self._plans[rows])
+        compiled = self._search(state, frozen, batch, rows)
+        self._plans[rows] = (compiled.query_chunk, compiled.candidate_chunk)
+        return compiled
+
+    def _search(self, state, frozen, batch, rows: int) -> Compiled:
+        """The first plan that fits: direct (unless GradCache is asked for), then GradCache
+        with the largest chunks that divide `rows` and, by the direct plan's memory, fit."""
         direct = None
         if self.backprop != "gradcache" or not all(self.chunks):
             direct = self._compile(state, frozen, batch, 0, 0)

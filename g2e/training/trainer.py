@@ -386,6 +386,11 @@ def _loop(
                 break
         if pending is not None:
             metrics.step_done(*pending)
+    logging.info(
+        "train: %d step programs compiled for %d batch shapes",
+        steps.compilations,
+        steps.shapes,
+    )
     return FitResult(
         trainable=state["params"]["model"],
         params=state["params"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -70,7 +71,7 @@ def _mesh():
     return jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
-def test_short_run_lowers_the_loss_and_logs(tmp_path):
+def test_short_run_lowers_the_loss_and_logs(tmp_path, caplog):
     cfg = toy.train_config(
         steps=30,
         lr=5e-2,
@@ -104,7 +105,10 @@ def test_short_run_lowers_the_loss_and_logs(tmp_path):
         model_flops=lambda host: 1e6,
         evaluate=evaluate,
     )
-    result = trainer.fit(run, cfg)
+    with caplog.at_level(logging.INFO):
+        result = trainer.fit(run, cfg)
+    # One batch shape, one GradCache plan asked for: one program.
+    assert "train: 1 step programs compiled for 1 batch shapes" in caplog.messages
     everything = [json.loads(x) for x in (tmp_path / "train_metrics.jsonl").open()]
     assert [(x["step"], x["heldout_accuracy"]) for x in everything if "loss" not in x] == [
         (12, 12.0),
@@ -303,6 +307,13 @@ def test_auto_backprop_falls_back_to_gradcache_over_the_memory_limit():
         )
         chosen = steps.get(state, frozen, batch)
         assert chosen.backprop == name and chosen.hardware_flops > 0
+        if name == "gradcache":
+            # A new shape with as many rows per device compiles the chosen plan only.
+            tried = steps.compilations
+            assert tried > 1
+            wider = {**batch, "query": {**batch["query"], "unused": batch["ids"][:, None]}}
+            assert steps.get(state, frozen, wider).backprop == "gradcache"
+            assert steps.compilations == tried + 1 and steps.shapes == 2
         results[name] = steps(state, frozen, batch)
     assert chosen.query_chunk == chosen.candidate_chunk == 1  # nothing fits: the smallest
     (direct, direct_metrics), (cached, cached_metrics) = results["direct"], results["gradcache"]
