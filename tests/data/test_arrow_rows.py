@@ -3,8 +3,13 @@ grow with the number of rows, and the rows are those the parquet reader gives.""
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 import types
+
+import pytest
 
 from g2e.data import mmeb, rows
 from g2e.data.errors import BadInputReport
@@ -39,6 +44,27 @@ def test_worker_pickles_do_not_grow_with_the_rows(tmp_path):
     large, large_rows = _worker_pickle(tmp_path, 100_000, heldout_rows=10)
     assert len(large_rows) == 100_000 - 10
     assert large < 1.2 * small and large < 4096, (small, large)
+
+
+def _peaks(tmp_path, count: int, copy: bool = False) -> dict[str, int]:
+    """Peak RSS (kB) of a worker reading rows by index and of its main process, over `count`
+    parquet rows (tests/data/worker_memory_run.py, in a fresh process)."""
+    data = _data(tmp_path, count)
+    cache = tmp_path / f"rows_cache_{count}"
+    run = [sys.executable, "-m", "tests.data.worker_memory_run", data.train_dir, str(cache)]
+    subprocess.run([*run, "convert"], check=True)
+    done = subprocess.run(
+        [*run, "measure", *(["--copy"] if copy else [])], check=True, capture_output=True, text=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_worker_and_main_memory_do_not_grow_with_the_rows(tmp_path):
+    small, large = _peaks(tmp_path, 5_000), _peaks(tmp_path, 100_000)
+    assert (small["rows"], large["rows"]) == (5_000, 100_000)
+    for process in ("worker_kb", "main_kb"):
+        assert large[process] < 1.2 * small[process], (process, small, large)
 
 
 def test_arrow_rows_equal_the_parquet_rows_and_are_kept(tmp_path):
