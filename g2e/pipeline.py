@@ -108,11 +108,15 @@ class Pipeline:
         trained: bool,
         adapter: lora.AdapterConfig | None = None,
         run: str = layout.TRAIN,
+        merged: bool = False,
     ) -> Qwen2VL:
         """The base model (+ config.adapter_dir) or the one the training stage `run`
         fine-tuned; cached between stages.
 
-        `adapter` adds fresh trainable adapters instead (training stages).
+        `adapter` adds fresh trainable adapters instead (training stages). `merged` folds a
+        loaded adapter into the base kernels (evaluation: the model then has the zero-shot
+        model's structure, so it runs the same compiled programs, and DoRA's column norms
+        are not recomputed on every call); export keeps it apart, to write it as PEFT.
         """
         model_dir, adapter_dir = self.model_paths(trained=trained, run=run)
         if adapter is not None and adapter_dir:
@@ -120,7 +124,7 @@ class Pipeline:
                 "--config.adapter_dir cannot be trained further here; merge it "
                 "first with --config.stages=export and train from export/hf"
             )
-        key = (model_dir, adapter_dir, adapter)
+        key = (model_dir, adapter_dir, adapter, merged and bool(adapter_dir))
         if key == self.model_key:
             return self._model
         self._model = None  # Free the previous model before loading the next.
@@ -141,6 +145,9 @@ class Pipeline:
         )
         if adapter_dir:
             peft.load_peft_adapter(model, adapter_dir)
+        if adapter_dir and merged:
+            count = lora.merge_adapters(model)
+            logging.info("model: %d adapted projections of %s merged", count, adapter_dir)
         self._model, self.model_key = model, key
         return model
 

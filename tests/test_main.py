@@ -89,6 +89,7 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     for stage in ("prepare_demo", "eval_plain", "eval_zero_shot", "mine"):
         assert f"== {stage}: complete" in output, stage
     assert "resumed from step" in output
+    assert "adapted projections of" in output  # evaluation runs the merged model
     done = json.loads((workdir / "train" / "DONE.json").read_text())
     assert done["steps"] == 12
     # The real model (DoRA, Adam, GradCache, the row encoder) resumes bit for bit.

@@ -29,7 +29,7 @@ def _evaluate(
     prompt: prompts.PromptOptions | None = None,
 ) -> dict[str, Any]:
     config = pipeline.config
-    model = pipeline.model(trained=trained, run=run)
+    model = pipeline.model(trained=trained, run=run, merged=True)
     processor = pipeline.processor(prompt=prompt)
     embedder = Embedder(
         model,
@@ -109,7 +109,7 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
     config, data = pipeline.config, pipeline.config.data
     trained = pipeline.has_trained_model()
     embedder = Embedder(
-        pipeline.model(trained=trained),
+        pipeline.model(trained=trained, merged=True),
         pipeline.processor(),
         mesh=pipeline.mesh,
         rules=pipeline.rules,
