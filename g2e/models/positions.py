@@ -23,6 +23,7 @@ patches are not reordered as transformers does).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -150,15 +151,23 @@ def vision_positions(grid_thw: GridTHW, spatial_merge_size: int = 2) -> np.ndarr
     """int32 [t*h*w, 2] (row, col) of each patch of one image in the processor's patch order.
 
     The HF image processor emits patches window by window (each merge window's m*m patches
-    consecutive, windows in row-major order), repeated per temporal frame.
+    consecutive, windows in row-major order), repeated per temporal frame. Read-only: one
+    array per grid is kept (a batch's images mostly share a few grids).
     """
+    return _vision_positions(tuple(int(x) for x in grid_thw), spatial_merge_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _vision_positions(grid_thw: tuple[int, int, int], spatial_merge_size: int) -> np.ndarray:
     t, h, w = grid_thw
     m = spatial_merge_size
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     block = (h // m, m, w // m, m)
     rows = rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
     cols = cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
-    return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int32)
+    out = np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int32)
+    out.setflags(write=False)
+    return out
 
 
 def _check_grids(
