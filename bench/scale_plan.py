@@ -52,8 +52,24 @@ WINDOW_ITEMS = 1024  # the runner's window: 8 batches of 128 rows per host
 BYTES_PER_PATCH = 588  # uint8, one frame
 
 
+TARGET_H = 3.0  # the 2B recipe on one 8xH100 node
+# config.data's buckets: a row pays for the bucket its length and patches fall in.
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048)
+PATCH_BUCKETS = (0, 1024, 2048, 4096, 16384)
+# Peak RSS of one Grain worker reading rows by index (tests/data/test_arrow_rows: 0.24 GB at
+# 5,000 and at 100,000 rows), times the workers a host runs.
+WORKER_GB = 0.25
+
+
+def padded(value: float, buckets: tuple[int, ...]) -> int:
+    """The bucket a row of `value` tokens or patches is padded to."""
+    return min(b for b in buckets if b >= value)
+
+
 def _forward(model: dict, tokens: float, patches: float) -> float:
-    """Forward FLOPs of one item: 2 x parameters per token / patch (attention left out)."""
+    """Forward FLOPs of one item, as padded to its buckets: 2 x parameters per token / patch
+    (attention left out)."""
+    tokens, patches = padded(tokens, LENGTH_BUCKETS), padded(patches, PATCH_BUCKETS)
     return 2 * model["text"] * tokens + 2 * model["vision"] * patches
 
 
@@ -64,9 +80,11 @@ def plan(rates: dict[str, float], mfu: float) -> list[dict]:
         text_item = _forward(model, TOKENS_TEXT_ITEM, 0)
         pair = _forward(model, TOKENS_IMAGE_ITEM + TOKENS_TEXT_ITEM, 2 * PATCHES_RANDOM) * 0.6
         # Training: text forward + backward through frozen weights (2x forward), vision once.
-        train_pair = (
-            3 * 2 * model["text"] * (1.22 * TOKENS_TRAIN_IMAGE_SIDE + 0.78 * TOKENS_TRAIN_TEXT_SIDE)
-            + 1.22 * 2 * model["vision"] * PATCHES_448
+        train_tokens = 1.22 * padded(TOKENS_TRAIN_IMAGE_SIDE, LENGTH_BUCKETS) + 0.78 * padded(
+            TOKENS_TRAIN_TEXT_SIDE, LENGTH_BUCKETS
+        )
+        train_pair = 3 * 2 * model["text"] * train_tokens + 1.22 * 2 * model["vision"] * padded(
+            PATCHES_448, PATCH_BUCKETS
         )
         work = {
             "mine": (
@@ -101,14 +119,15 @@ def plan(rates: dict[str, float], mfu: float) -> list[dict]:
                         "host_h": host_s / 3600,
                         "wall_h": max(device_s, host_s) / 3600,
                         "host_bound": host_s > device_s,
-                        **_memory_and_disk(model, stage),
+                        **_memory_and_disk(model, stage, machine),
                     }
                 )
     return rows
 
 
-def _memory_and_disk(model: dict, stage: str) -> dict:
-    """Host memory per host (GB) and disk (GB) of a stage, from the design's bounds."""
+def _memory_and_disk(model: dict, stage: str, machine: dict) -> dict:
+    """Host memory per host (GB) and disk (GB) of a stage, from the design's bounds and the
+    workers' measured peak."""
     window = WINDOW_ITEMS * PATCHES_RANDOM * BYTES_PER_PATCH
     if stage == "mine":
         embeddings = 2 * 123_000 * model["width"] * 4  # the largest subset, both sides
@@ -120,17 +139,50 @@ def _memory_and_disk(model: dict, stage: str) -> dict:
     else:
         memory = window + 150_000 * model["width"] * 4
         disk = EVAL_ITEMS * model["width"] * 2
-    return {"host_memory_gb": (memory + 3e9) / 1e9, "disk_gb": disk / 1e9}  # + 3 GB runtime
+    workers = WORKER_GB * machine["cores"] / machine["hosts"]
+    return {"host_memory_gb": (memory + 3e9) / 1e9 + workers, "disk_gb": disk / 1e9}
+
+
+def _recipe_lines(rows: list[dict]) -> list[str]:
+    """The whole recipe (eval, mine, train, eval) per model and machine, in wall hours."""
+    lines = []
+    for model in MODELS:
+        for machine in MACHINES:
+            stages = {r["stage"]: r for r in rows if (r["model"], r["machine"]) == (model, machine)}
+            wall = sum(r["wall_h"] for r in stages.values()) + stages["eval (36 subsets)"]["wall_h"]
+            bound = [
+                f"{name} (host {r['host_h']:.2f} h against device {r['device_h']:.2f} h)"
+                for name, r in stages.items()
+                if r["host_bound"]
+            ]
+            lines.append(
+                f"- {model} on {machine}, the whole recipe (eval, mine, train, eval): "
+                f"**{wall:.2f} h** of wall time; "
+                + (f"host-bound: {', '.join(bound)}" if bound else "the host never the bottleneck")
+            )
+            if (model, machine) == ("2B", "8xH100") and wall > TARGET_H:
+                longest = max(stages.values(), key=lambda r: r["wall_h"])
+                lines[-1] += (
+                    f". Over the {TARGET_H:.0f}-h target by {wall - TARGET_H:.2f} h; the longest "
+                    f"stage is {longest['stage']} ({longest['wall_h']:.2f} h, device-bound: "
+                    "rows padded to their buckets; packing rows would recover most of it)"
+                )
+    return lines
 
 
 def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
     lines = [
-        "# g2e at MMEB scale, worked out",
+        "# g2e at MMEB scale: a plan",
         "",
-        "Written by `python bench/scale_plan.py > docs/scale.md` (host rates measured on "
-        "this project's 2-core VM, device time from model FLOPs at an assumed MFU). "
-        "Wall time is the larger of device and host time, since the host pipeline "
-        "(Grain workers) overlaps the device; host-bound says which one sets it.",
+        "A plan, not a measurement: no accelerator has run the recipe yet. Written by "
+        "`python bench/scale_plan.py > docs/scale.md` (host rates measured on this project's "
+        "2-core VM; device time from model FLOPs, rows padded to their length and patch "
+        "buckets, at an assumed MFU). Wall time is the larger of device and host time, since "
+        "the host work runs in Grain workers for every stage (training's rows, the embedding "
+        "runner's items for eval, mine and the judge's pairs) and overlaps the device; "
+        "host-bound says which one sets it.",
+        "",
+        *_recipe_lines(rows),
         "",
         "| Model | Machine | Stage | Device (h) | Host (h) | Wall (h) | Host-bound | "
         "Host memory per host (GB) | Disk (GB) |",
@@ -145,7 +197,9 @@ def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
         )
     lines += [
         "",
-        f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}.",
+        f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}; "
+        f"length buckets {LENGTH_BUCKETS}, patch buckets {PATCH_BUCKETS}; "
+        f"{WORKER_GB} GB per Grain worker, one worker per host core.",
         "",
         "Sizes (docs/method.md §6 and the recipe):",
         "",
