@@ -32,6 +32,7 @@ host (or per GPU), and `initialize` connects them before anything touches a devi
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pathlib
@@ -350,21 +351,44 @@ def num_host_batches(n_items: int, local_batch_size: int) -> int:
 def max_across_processes(values: Sequence[int]) -> tuple[int, ...]:
     """Element-wise maximum of small integer vectors over all processes (e.g. padded shapes).
 
-    Every process must call it at the same point with the same number of values. It waits for
-    the devices (a collective), so call it once for a whole loop rather than once per step.
+    Every process must call it at the same point with the same number of values.
     """
     return tuple(int(v) for v in every_process(values).max(axis=0))
 
 
-def every_process(values: Sequence[int]) -> np.ndarray:
+_agreements = itertools.count()  # every_process calls so far (the same on every process)
+
+
+def every_process(values: Sequence[int], timeout_s: float = 600) -> np.ndarray:
     """int32 [processes, n]: row p holds process p's small integer vector `values`.
 
-    Every process must call it at the same point with the same number of values (a collective).
+    Every process must call it at the same point with the same number of values. It goes
+    through the coordination service's key-value store, not the devices, so it does not queue
+    behind a running step (training agrees on every step's shapes while the previous step
+    runs). A process deletes its key of two calls back: by then every process has read it.
     """
     local = np.asarray(values, np.int32).reshape(-1)
     if jax.process_count() == 1:
         return local[None]
-    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+    client, call, me = _coordination_client(), next(_agreements), jax.process_index()
+    client.key_value_set_bytes(f"g2e/agree/{call}/{me}", local.tobytes())
+    rows = [
+        np.frombuffer(
+            client.blocking_key_value_get_bytes(f"g2e/agree/{call}/{p}", int(timeout_s * 1000)),
+            np.int32,
+        )
+        for p in range(jax.process_count())
+    ]
+    if call >= 2:
+        client.key_value_delete(f"g2e/agree/{call - 2}/{me}")
+    return np.stack(rows)
+
+
+def _coordination_client() -> Any:
+    """The client of jax.distributed's coordination service (JAX has no public handle)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
 
 
 def text_from_process(source: int, text: str | None, key: str, timeout_s: float = 300) -> str:
@@ -376,10 +400,7 @@ def text_from_process(source: int, text: str | None, key: str, timeout_s: float 
     Raises:
       ValueError: process `source` is this one and `text` is None.
     """
-    # JAX has no public handle on its coordination-service client.
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _coordination_client()
     if jax.process_index() == source:
         if text is None:
             raise ValueError(f"text_from_process({key!r}): the source process gives no text")

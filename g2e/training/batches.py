@@ -169,6 +169,11 @@ class RowCodec:
     def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
         self.processor, self.rows, self.image_root = processor, rows, image_root
 
+    @property
+    def report(self) -> Any:
+        """The BadInputReport that applies data.on_bad_input to rows that fail to encode."""
+        return self.processor.report
+
     def encode(self, row_id: int) -> tuple[Encoded, Encoded, np.ndarray]:
         """One row's (query, positive, positive id); runs in a Grain worker (it must pickle)."""
         row = self.rows[int(row_id)]
@@ -285,8 +290,8 @@ class StepInputs:
         for position, value in zip(local, encoded):
             if not isinstance(value, workers_lib.Failed):
                 continue
-            report = self.codec.processor.report
-            if report.policy != "skip":
+            report = getattr(self.codec, "report", None)  # a codec without one: 'error'
+            if report is None or report.policy != "skip":
                 error = (
                     f"training step {step}, row {rows[position]}: {value.error}; fix or remove "
                     "the row, or set data.on_bad_input=skip to train without it"
@@ -313,7 +318,7 @@ class StepInputs:
             try:
                 return int(row), self.codec.encode(int(row))
             except BadInput as error:
-                self.codec.processor.report.handle(error)
+                self.codec.report.handle(error)
         raise ValueError(f"training step {step}: no row outside the batch encodes")
 
     def agree(self, prepared: Prepared, *, stop_requested: bool) -> tuple[Mapping[str, Any], bool]:
