@@ -286,11 +286,13 @@ def _yes_owner(anchor: _Drawn, others: list[_Drawn], rng: np.random.Generator) -
 def _no_owner(anchor: _Drawn, others: list[_Drawn], rng: np.random.Generator) -> _Drawn:
     others = [o for o in others if not mini_mmeb.answers(anchor, o)]
     draw = rng.random()
-    if anchor.pos_image is None and draw < 0.4:
+    if anchor.pos_image is None and (draw < 0.4 or not others):
         changed = text_sibling(anchor.pos_text, rng)
         if changed is not None:
             return dataclasses.replace(anchor, pos_text=changed)
-    if draw < 0.7 or not others:
+    if not others:  # every other row answers too, and no word can change: a row of its own
+        return _fresh_row(scenes.pick(rng, [s for s in IND_SUBSETS if s != "ShapeCls"]), rng)
+    if draw < 0.7:
         words = lambda row: set(f"{row.qry_text.rpartition(': ')[2]} {row.pos_text}".split())  # noqa: E731
         overlap = np.array([len(words(anchor) & words(o)) for o in others])
         best = np.flatnonzero(overlap == overlap.max())

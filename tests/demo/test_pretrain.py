@@ -1,6 +1,7 @@
 """The demo's pre-trained generator: reproducible, loads in transformers, and a stale one is
 refused with the command that remakes it."""
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import transformers
 
 from g2e.data import prompts
-from g2e.demo import lessons, pretrain, probes, scenes
+from g2e.demo import lessons, mini_mmeb, pretrain, probes, scenes
 
 
 def _digests(directory):
@@ -93,3 +94,13 @@ def test_paraphrases_answer_and_siblings_do_not():
         changed = lessons.text_sibling(caption, rng)
         differing = [a != b for a, b in zip(changed.split(), caption.split())]
         assert sum(differing) == 1, changed
+
+
+def test_a_no_answer_is_found_when_every_other_row_answers_too():
+    rng = np.random.default_rng(0)
+    rows = [lessons._Drawn(*row) for row in mini_mmeb.draw_examples("ShapeVQA", 1, 4)]
+    anchor = dataclasses.replace(rows[0], pos_text="yes")  # no word a sibling can change
+    for others in ([], [dataclasses.replace(rows[1], pos_text="yes")]):
+        for _ in range(10):
+            owner = lessons._no_owner(anchor, others, rng)
+            assert not mini_mmeb.answers(anchor, owner)
