@@ -14,8 +14,11 @@ one, of a kind picked at random (the kinds and their weights are `PHASES`):
     and as candidates; matching questions in the judge's exact words (g2e.data.prompts) with
     true Yes/No answers, the Yes half including paraphrased labels and reordered captions, the
     No half including siblings; and text-only lessons.
+  phase 'judge': mostly matching questions, with the yes/no checks of a word against the image
+    (an object's colour or shape, a named object's presence) they build on.
 
-Phase B keeps a share of phase A's kinds, so what the generator saw first is not forgotten.
+Later phases keep a share of the earlier kinds, so what the generator saw first is not
+forgotten.
 """
 
 from __future__ import annotations
@@ -139,6 +142,23 @@ def presence_lesson(rng: np.random.Generator) -> Lesson:
             )
         answer = "Yes" if (asked.color, asked.shape) in named else "No"
     return Lesson(YES_NO.format(f"{asked.color} {asked.shape}"), (image,), answer)
+
+
+ATTRIBUTE_QUESTION = "Is the object {}? Answer Yes or No."
+
+
+def attribute_lesson(rng: np.random.Generator) -> Lesson:
+    """Is the one centred object of a given colour or shape? Yes half the time, else the word
+    of another colour or shape: the simplest check of a word against the image, which the
+    judge's matching questions build on."""
+    obj = scenes.centred(rng)
+    image, _ = scenes.draw(rng, [obj])
+    truth = obj.color if rng.random() < 0.5 else obj.shape
+    pool = tuple(scenes.COLORS) if truth in scenes.COLORS else scenes.SHAPES
+    if rng.random() < 0.5:
+        return Lesson(ATTRIBUTE_QUESTION.format(truth), (image,), "Yes")
+    other = scenes.pick(rng, [w for w in pool if w != truth])
+    return Lesson(ATTRIBUTE_QUESTION.format(other), (image,), "No")
 
 
 def crop_lesson(rng: np.random.Generator) -> Lesson:
@@ -334,7 +354,8 @@ ALIGN = {
     colour_lesson: 3,
     shape_lesson: 3,
     count_lesson: 3,
-    presence_lesson: 2,
+    attribute_lesson: 3,
+    presence_lesson: 3,
     crop_lesson: 2,
     caption_lesson: 2,
 }
@@ -349,11 +370,23 @@ INSTRUCT = {
     matching_lesson: 6,
     text_lesson: 1,
 }
-PHASES = {"see": SEE, "align": ALIGN, "instruct": INSTRUCT}
+# The last lessons: mostly matching in the judge's words, with the yes/no checks it builds on.
+JUDGE = {
+    matching_lesson: 8,
+    attribute_lesson: 2,
+    presence_lesson: 2,
+    colour_lesson: 1,
+    shape_lesson: 1,
+    count_lesson: 1,
+    summary_lesson: 2,
+    row_lesson: 1,
+    text_lesson: 1,
+}
+PHASES = {"see": SEE, "align": ALIGN, "instruct": INSTRUCT, "judge": JUDGE}
 
 
 def draw(phase: str, rng: np.random.Generator) -> Lesson:
-    """One lesson of `phase` ('align' or 'instruct'), its kind drawn by the phase's weights."""
+    """One lesson of `phase` (a key of PHASES), its kind drawn by the phase's weights."""
     kinds = PHASES[phase]
     weights = np.array(list(kinds.values()), np.float64)
     kind = list(kinds)[int(rng.choice(len(kinds), p=weights / weights.sum()))]

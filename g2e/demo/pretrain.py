@@ -97,7 +97,7 @@ PRESETS = {
         heads=4,
         kv_heads=2,
         vocab_size=1024,
-        phases=(("see", 100), ("align", 600), ("instruct", 1200)),
+        phases=(("see", 100), ("align", 600), ("instruct", 700), ("judge", 1100)),
         batch_size=32,
         lr=2e-3,
         probe_images=200,
@@ -111,7 +111,7 @@ PRESETS = {
         heads=2,
         kv_heads=1,
         vocab_size=400,
-        phases=(("see", 4), ("align", 4), ("instruct", 4)),
+        phases=(("see", 4), ("align", 4), ("instruct", 4), ("judge", 2)),
         batch_size=4,
         lr=2e-3,
         probe_images=8,
@@ -454,6 +454,25 @@ def fingerprint(preset: Preset) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+# Preset fields the tower's training does not read.
+_NEXT_TOKEN_ONLY = ("phases", "lr", "probe_images", "gated", "corpus_lessons", "checkpoint_every")
+
+
+def tower_fingerprint(preset: Preset) -> str:
+    """sha256 of what `train_tower`'s result depends on (scenes, sizes, processor settings, the
+    widths, seed and tower settings), which names its saved state: a run that changes only
+    the next-token recipe starts from the tower trained before."""
+    parts = {
+        "scenes": [scenes.SHAPES, scenes.COLORS, scenes.NUMBERS],
+        "sizes": [scenes.MIN_SIDE, scenes.MAX_SIDE, scenes.SIZE_RANGE, lessons.BIG],
+        "processor": tiny.preprocessor_config(),
+        "preset": {
+            k: v for k, v in dataclasses.asdict(preset).items() if k not in _NEXT_TOKEN_ONLY
+        },
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def weights_sha256(directory: pathlib.Path) -> str:
     """sha256 over the directory's safetensors files, in name order."""
     digest = hashlib.sha256()
@@ -579,8 +598,8 @@ def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     began = time.time()
     model, processor, manifest = build(tmp, preset)
-    state_file = lambda kind: state_dir / f"{kind}-{fingerprint(preset)[:12]}.pkl"  # noqa: E731
-    manifest["tower"] = pretrained_tower(model, processor, preset, state_file("tower"))
+    tower_state = state_dir / f"tower-{tower_fingerprint(preset)[:12]}.pkl"
+    manifest["tower"] = pretrained_tower(model, processor, preset, tower_state)
     losses = train(
         model,
         processor,
@@ -588,7 +607,7 @@ def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
         steps=sum(steps for _, steps in preset.phases),
         lr=preset.lr,
         # Named by the fingerprint: a changed recipe never resumes another's state.
-        state_file=state_file("train"),
+        state_file=state_dir / f"train-{fingerprint(preset)[:12]}.pkl",
         checkpoint_every=preset.checkpoint_every,
         shape=(LENGTH_BUCKETS[-1], PATCH_BUCKETS[-1]) if preset.fixed_shape else None,
         name="pretrain",
