@@ -63,6 +63,11 @@ class PromptOptions:
     suffix: bool = True
 
 
+# No system turn, no suffix: the paper's baseline prompt (the eval_plain and
+# train_plain_random stages).
+PLAIN = PromptOptions(system=False, suffix=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatPrompt:
     """A chat prompt in parts; see the module docstring."""

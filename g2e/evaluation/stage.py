@@ -67,13 +67,9 @@ def _evaluate(
     return {"overall": results["overall"]}
 
 
-# No system turn, no suffix: the paper's baseline prompt.
-PLAIN_PROMPT = prompts.PromptOptions(system=False, suffix=False)
-
-
 def run_eval_plain(pipeline: Pipeline) -> dict[str, Any]:
     """Zero-shot MMEB with the plain prompt (the paper's zero-shot baseline)."""
-    return _evaluate(pipeline, layout.EVAL_PLAIN, trained=False, prompt=PLAIN_PROMPT)
+    return _evaluate(pipeline, layout.EVAL_PLAIN, trained=False, prompt=prompts.PLAIN)
 
 
 def run_eval_zero_shot(pipeline: Pipeline) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def run_eval_plain_random(pipeline: Pipeline) -> dict[str, Any]:
         layout.EVAL_PLAIN_RANDOM,
         trained=True,
         run=layout.TRAIN_PLAIN_RANDOM,
-        prompt=PLAIN_PROMPT,
+        prompt=prompts.PLAIN,
     )
 
 

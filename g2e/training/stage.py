@@ -46,10 +46,6 @@ class Preempted(SystemExit):
     """Training stopped on SIGTERM / a preemption notice after saving a checkpoint."""
 
 
-# The plain prompt of the ablations: no system turn, no suffix (as the `eval_plain` stage).
-PLAIN_PROMPT = prompts.PromptOptions(system=False, suffix=False)
-
-
 def run(pipeline: Pipeline) -> dict[str, Any]:
     """The `train` stage: the mined clusters (when train.use_clusters) and the configured
     prompt; writes under <workdir>/train/."""
@@ -69,7 +65,9 @@ def run_plain_random(pipeline: Pipeline) -> dict[str, Any]:
     """The `train_plain_random` stage: random batches and the plain prompt (no system turn, no
     suffix), the ablation row "fine-tuned, plain prompt"; writes under
     <workdir>/train_plain_random/."""
-    return train_stage(pipeline, layout.TRAIN_PLAIN_RANDOM, use_clusters=False, prompt=PLAIN_PROMPT)
+    return train_stage(
+        pipeline, layout.TRAIN_PLAIN_RANDOM, use_clusters=False, prompt=prompts.PLAIN
+    )
 
 
 def _save_trained(pipeline: Pipeline, name: str, model, adapter, result) -> None:
