@@ -270,13 +270,22 @@ def text_sibling(text: str, rng: np.random.Generator) -> str | None:
     return " ".join(words)
 
 
-def matching_lesson(rng: np.random.Generator) -> Lesson:
+CLASSIFICATION_SUBSETS = ("ShapeCls", "ColorCls")
+
+
+def classification_matching_lesson(rng: np.random.Generator) -> Lesson:
+    """`matching_lesson` on the classification subsets only (an image and one word): the
+    judge's format at its simplest, learnt before the other subsets join."""
+    return matching_lesson(rng, CLASSIFICATION_SUBSETS)
+
+
+def matching_lesson(rng: np.random.Generator, subsets: tuple[str, ...] = IND_SUBSETS) -> Lesson:
     """A judge-format question on fresh rows of one IND subset, Yes or No equally often.
 
     Yes: the anchor's own positive, another row's that answers it too (`mini_mmeb.answers`),
     or its text paraphrased / reordered. No: a random other row's positive, the other row's
     sharing the most words with it (the hard negatives mining meets), or a sibling text."""
-    subset = scenes.pick(rng, IND_SUBSETS)
+    subset = scenes.pick(rng, subsets)
     rows = [_Drawn(*pair) for pair in mini_mmeb.draw_examples(subset, int(rng.integers(2**31)), 8)]
     anchor, others = rows[0], rows[1:]
     if rng.random() < 0.5:
@@ -370,11 +379,28 @@ INSTRUCT = {
     matching_lesson: 6,
     text_lesson: 1,
 }
-# The last lessons: mostly matching in the judge's words, with the yes/no checks it builds on.
-JUDGE = {
-    matching_lesson: 8,
-    attribute_lesson: 2,
+# Then the judge, in steps: a word checked against an image (learnt within 300 steps alone,
+# not in a mixture where it has a small share), the judge's format on classification rows,
+# then every IND subset; earlier kinds replayed.
+CHECKS = {
+    attribute_lesson: 4,
     presence_lesson: 2,
+    colour_lesson: 1,
+    shape_lesson: 1,
+    count_lesson: 1,
+}
+JUDGE_CLASSIFICATION = {
+    classification_matching_lesson: 4,
+    attribute_lesson: 2,
+    presence_lesson: 1,
+    colour_lesson: 1,
+    shape_lesson: 1,
+}
+JUDGE = {
+    matching_lesson: 6,
+    classification_matching_lesson: 2,
+    attribute_lesson: 2,
+    presence_lesson: 1,
     colour_lesson: 1,
     shape_lesson: 1,
     count_lesson: 1,
@@ -382,7 +408,14 @@ JUDGE = {
     row_lesson: 1,
     text_lesson: 1,
 }
-PHASES = {"see": SEE, "align": ALIGN, "instruct": INSTRUCT, "judge": JUDGE}
+PHASES = {
+    "see": SEE,
+    "align": ALIGN,
+    "instruct": INSTRUCT,
+    "checks": CHECKS,
+    "judge_classification": JUDGE_CLASSIFICATION,
+    "judge": JUDGE,
+}
 
 
 def draw(phase: str, rng: np.random.Generator) -> Lesson:
