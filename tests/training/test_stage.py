@@ -274,7 +274,11 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
     calls = []
     monkeypatch.setattr(pipeline, "model", lambda **kwargs: "model")
     monkeypatch.setattr(pipeline, "forget_model", lambda: None)
-    monkeypatch.setattr(pipeline, "processor", lambda **kwargs: ("processor", kwargs["prompt"]))
+    monkeypatch.setattr(
+        pipeline,
+        "processor",
+        lambda **kwargs: types.SimpleNamespace(prompt=kwargs["prompt"], report=BadInputReport()),
+    )
     monkeypatch.setattr(
         training_stage,
         "training_rows",
@@ -283,7 +287,7 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
     monkeypatch.setattr(training_stage, "heldout_rows", lambda pipeline: [])
 
     def train_model(config, model, rows, clusters, processor, mesh, rules, workdir, **kwargs):
-        calls.append((processor[1], pathlib.Path(workdir).name))
+        calls.append((processor.prompt, pathlib.Path(workdir).name))
         return types.SimpleNamespace(step=3, stopped_early=False, last_metrics={"loss": 0.5})
 
     monkeypatch.setattr(training_stage, "train_model", train_model)
@@ -302,4 +306,10 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
         calls.clear()
         summary = run(pipeline)
         assert calls == [clustered, (prompt, name), pipeline.trained_paths(name)[0]], name
-        assert summary == {"steps": 3, "final_loss": 0.5, "rows": 2, "clusters": 1}
+        assert summary == {
+            "steps": 3,
+            "final_loss": 0.5,
+            "rows": 2,
+            "clusters": 1,
+            "skipped_rows": 0,
+        }
