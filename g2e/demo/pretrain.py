@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from g2e import atomic
 from g2e.data import prompts
 from g2e.data.batching import Encoded
 from g2e.data.preprocess import Processor
@@ -243,11 +244,9 @@ def train(
         finished = index == steps - 1 or (checkpoint_every and (index + 1) % checkpoint_every == 0)
         if state_file is not None and finished:
             saved = dict(params=jax.device_get(params), opt_state=jax.device_get(opt_state))
-            state_file.parent.mkdir(parents=True, exist_ok=True)
-            state_file.with_suffix(".tmp").write_bytes(
-                pickle.dumps(saved | dict(step=index + 1, losses=losses))
+            atomic.write_bytes(
+                state_file, pickle.dumps(saved | dict(step=index + 1, losses=losses))
             )
-            state_file.with_suffix(".tmp").replace(state_file)
     nnx.update(model, params)
     return losses
 
@@ -472,9 +471,7 @@ def pretrained_tower(
             shape=(LENGTH_BUCKETS[0], PATCH_BUCKETS[-1]),
         )
         params = jax.device_get(nnx.state(model, visual))
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.with_suffix(".tmp").write_bytes(pickle.dumps(dict(params=params, losses=losses)))
-        state_file.with_suffix(".tmp").replace(state_file)
+        atomic.write_bytes(state_file, pickle.dumps(dict(params=params, losses=losses)))
     return {
         "loss": {"first": float(np.mean(losses[:20])), "last": float(np.mean(losses[-20:]))},
         "steps": len(losses),

@@ -75,7 +75,8 @@ class _TowerProbe(nnx.Module):
     def __init__(self, model: Qwen2VL, rngs: nnx.Rngs):
         self.model = model
         width = model.config.text.hidden_size
-        self.head = nnx.Linear(width, len(scenes.COLORS) + len(scenes.SHAPES) + 6, rngs=rngs)
+        outputs = len(scenes.COLORS) + len(scenes.SHAPES) + len(scenes.NUMBERS)
+        self.head = nnx.Linear(width, outputs, rngs=rngs)
 
     def __call__(self, batch):
         tokens = self.model.vision_tokens(batch)  # [B, M, D]

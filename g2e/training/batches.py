@@ -227,7 +227,7 @@ class _StepRows(Sequence):
 
 
 # The codec's shape (e.g. length and patch buckets of both sides) is agreed on as a fixed-size
-# vector, so that a process without one (it met a bad row) still takes part in the collective.
+# vector, so that a process without one (it met a bad row) still takes part in the agreement.
 MAX_SHAPE_VALUES = 8
 
 
@@ -287,7 +287,7 @@ class StepInputs:
         rows = self.schedule.rows(step).copy()
         self.next_step += 1
         local = np.arange(len(rows))[self.rows.rows_here]
-        for position, value in zip(local, encoded):
+        for index, (position, value) in enumerate(zip(local, encoded)):
             if not isinstance(value, workers_lib.Failed):
                 continue
             report = getattr(self.codec, "report", None)  # a codec without one: 'error'
@@ -298,7 +298,7 @@ class StepInputs:
                 )
                 return Prepared(step, rows, None, np.zeros(0, np.int32), error)
             report.handle(value.error)
-            rows[position], encoded[position - local[0]] = self._spare(step, position, rows)
+            rows[position], encoded[index] = self._spare(step, position, rows)
         shape = np.asarray(self.codec.shape(encoded), np.int32)
         if shape.size > MAX_SHAPE_VALUES:
             raise ValueError(
@@ -323,7 +323,8 @@ class StepInputs:
 
     def agree(self, prepared: Prepared, *, stop_requested: bool) -> tuple[Mapping[str, Any], bool]:
         """The step's local batch widened to the shape all processes need, and whether any
-        process asked to stop; one small collective, the same decision on every process.
+        process asked to stop; one small agreement (distributed.every_process, through the
+        coordination service, not the devices), the same decision on every process.
 
         Raises:
           ValueError: a process met a bad row in this step; every process raises the error of

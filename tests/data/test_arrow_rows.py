@@ -4,6 +4,7 @@ grow with the number of rows, and the rows are those the parquet reader gives.""
 from __future__ import annotations
 
 import json
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from g2e.data import mmeb, rows
 from g2e.data.errors import BadInputReport
 from g2e.training.batches import RowCodec
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _data(tmp_path, count: int, **settings) -> types.SimpleNamespace:
@@ -52,9 +55,13 @@ def _peaks(tmp_path, count: int, copy: bool = False) -> dict[str, int]:
     data = _data(tmp_path, count)
     cache = tmp_path / f"rows_cache_{count}"
     run = [sys.executable, "-m", "tests.data.worker_memory_run", data.train_dir, str(cache)]
-    subprocess.run([*run, "convert"], check=True)
+    subprocess.run([*run, "convert"], check=True, cwd=REPO)
     done = subprocess.run(
-        [*run, "measure", *(["--copy"] if copy else [])], check=True, capture_output=True, text=True
+        [*run, "measure", *(["--copy"] if copy else [])],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
