@@ -28,7 +28,7 @@ from g2e import distributed
 from g2e.data import prompts
 from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded
-from g2e.data.errors import BadInput
+from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
 
@@ -162,15 +162,16 @@ class RowCodec:
     (query prompt: qry_text, qry_image) and positive (candidate prompt: pos_text, pos_image) as
     `Encoded` items, and its positive id; `collate` pads this process's rows to their own
     buckets; `shape` gives the length and patch buckets of both sides, which the processes agree
-    on per step (`StepInputs.agree`), and `widen` pads to the agreed ones. The train loop needs
-    only these four methods (the tests' toy codec has the same).
+    on per step (`StepInputs.agree`), and `widen` pads to the agreed ones; `report` (a
+    g2e.data.errors.BadInputReport) applies data.on_bad_input to rows that fail to encode. The
+    train loop needs only these four methods and `report` (the tests' toy codec has the same).
     """
 
     def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
         self.processor, self.rows, self.image_root = processor, rows, image_root
 
     @property
-    def report(self) -> Any:
+    def report(self) -> BadInputReport:
         """The BadInputReport that applies data.on_bad_input to rows that fail to encode."""
         return self.processor.report
 
@@ -290,8 +291,8 @@ class StepInputs:
         for index, (position, value) in enumerate(zip(local, encoded)):
             if not isinstance(value, workers_lib.Failed):
                 continue
-            report = getattr(self.codec, "report", None)  # a codec without one: 'error'
-            if report is None or report.policy != "skip":
+            report = self.codec.report
+            if report.policy != "skip":
                 error = (
                     f"training step {step}, row {rows[position]}: {value.error}; fix or remove "
                     "the row, or set data.on_bad_input=skip to train without it"

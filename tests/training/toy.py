@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from g2e import configuration
+from g2e.data.errors import BadInputReport
 
 FEATURES, HIDDEN, DIM = 6, 16, 8
 
@@ -51,10 +52,12 @@ def embed_fn(trainable, frozen, batch, rng, dropout: float = 0.0):
 
 class Codec:
     """The toy's rows as host batches {'query': {...}, 'candidate': {...}, 'ids': row ids}
-    (the four methods of g2e.training.batches.RowCodec); `delay` seconds of host work per row."""
+    (the four methods and `report` of g2e.training.batches.RowCodec); `delay` seconds of host
+    work per row; its rows never fail, and a failure would stop training ('error')."""
 
     def __init__(self, queries: np.ndarray, candidates: np.ndarray, delay: float = 0.0):
         self.queries, self.candidates, self.delay = queries, candidates, delay
+        self.report = BadInputReport("error")
 
     def encode(self, row: int):
         if self.delay:
