@@ -104,3 +104,14 @@ def test_a_no_answer_is_found_when_every_other_row_answers_too():
         for _ in range(10):
             owner = lessons._no_owner(anchor, others, rng)
             assert not mini_mmeb.answers(anchor, owner)
+
+
+def test_each_phase_warms_up_to_the_peak_again():
+    schedule = pretrain.phase_schedule(1e-3, [40, 100])
+    first, second = (
+        [float(schedule(i)) for i in range(40)],
+        [float(schedule(i)) for i in range(40, 140)],
+    )
+    assert first[0] == 0.0 and second[0] == 0.0  # a fresh warmup at the boundary
+    assert max(first) == pytest.approx(1e-3) and max(second) == pytest.approx(1e-3)
+    assert second[-1] == pytest.approx(1e-3 / 20, rel=0.05)
