@@ -35,7 +35,7 @@ from flax import nnx
 
 from g2e import configuration, distributed
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded, pick_bucket
+from g2e.data.batching import Encoded, pack_rows, pick_bucket, segment_bucket
 from g2e.data.errors import Line
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.models import sharding
@@ -86,6 +86,9 @@ class BatchRunner:
       workers: encoding processes (data.workers); 0 encodes in this process.
       window: batches per window (the bucketing horizon and the memory bound).
       pool: a worker pool shared with another runner of the stage (then `workers` is unused).
+      pack_length: 0, or pack each window's encodings into rows of this many tokens
+        (data.pack_length; `g2e.data.batching.pack_rows`): a step is `batch_size` such rows,
+        and `step` must give one output per segment ([B, S, ...], as `embed_step` does).
 
     `host_snapshot()` before and `host_report(snapshot)` after a subset give what its report
     records of the host side; `close()` stops the pool's workers.
@@ -104,6 +107,7 @@ class BatchRunner:
         workers: int = 0,
         window: int = 8,
         pool: workers_lib.Pool | None = None,
+        pack_length: int = 0,
     ):
         self.processor = processor
         self.mesh = mesh
@@ -111,6 +115,7 @@ class BatchRunner:
         self.progress = progress
         self.workers = workers
         self.window = window
+        self.pack_length = pack_length
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
         devices = sharding.batch_devices(mesh, self.rules, per_process=True)
@@ -179,24 +184,69 @@ class BatchRunner:
         )
         return pick_bucket(encoded.length, self.processor.batcher.length_buckets, "length"), patches
 
-    def _plan(self, window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Encoded]]]:
-        """Groups a window's encodings into steps of one (patch, length) bucket each."""
+    def _plan(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
+        """Groups a window's encodings into steps: of one (patch, length) bucket each, or
+        packed into rows (`pack_length`)."""
+        if self.pack_length:
+            return self._plan_packed(window)
         order = sorted(window, key=lambda x: (self._shape(x[1])[::-1], x[1].length))
         steps = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            steps.append(([i for i, _ in chunk], [e for _, e in chunk]))
+            shape = np.max([self._shape(e) for _, e in chunk], axis=0)
+            steps.append(_Step([[i] for i, _ in chunk], [[e] for _, e in chunk], tuple(shape)))
         return steps
 
-    def _agree(self, steps: list[tuple[list[int], list[Encoded]]]) -> list[tuple[int, int]]:
-        """The (length, patches) of every step of this window, the same on all processes:
-        per dimension the largest any process's step needs (not the largest pair)."""
+    def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
+        """The window's encodings packed into rows of `pack_length` tokens and at most the
+        largest patch bucket, `batch_size` rows a step; a step's shape is (pack_length, its
+        patch bucket, its segment slots)."""
+        buckets = self.processor.batcher.patch_buckets
+        encodings = [e for _, e in window]
+        rows = pack_rows(encodings, length=self.pack_length, num_patches=buckets[-1])
+        steps = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            patches = max(sum(encodings[i].num_patches for i in row) for row in chunk)
+            shape = (
+                self.pack_length,
+                0 if patches == 0 else pick_bucket(patches, buckets, "patch"),
+                segment_bucket(max(len(row) for row in chunk)),
+            )
+            indices = [[window[i][0] for i in row] for row in chunk]
+            steps.append(_Step(indices, [[encodings[i] for i in row] for row in chunk], shape))
+        return steps
+
+    def _agree(self, steps: list[_Step]) -> list[tuple[int, ...]]:
+        """The shape of every step of this window, the same on all processes: per dimension
+        the largest any process's step needs (not the largest pair)."""
         (count,) = distributed.max_across_processes([len(steps)])
-        shapes = np.zeros((count, 2), np.int32)  # Steps past a process's own feed padding.
-        for number, (_, encodings) in enumerate(steps):
-            shapes[number] = np.max([self._shape(e) for e in encodings], axis=0)
+        width = 3 if self.pack_length else 2
+        shapes = np.zeros((count, width), np.int32)  # Steps past a process's own feed padding.
+        for number, step in enumerate(steps):
+            shapes[number] = step.shape
         agreed = np.asarray(distributed.max_across_processes(shapes.reshape(-1)))
-        return [tuple(int(v) for v in s) for s in agreed.reshape(-1, 2)]
+        return [tuple(int(v) for v in s) for s in agreed.reshape(-1, width)]
+
+    def _collate(self, step: _Step | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """One step's host batch of the agreed `shape` (None: a step of dummy rows only)."""
+        rows = [] if step is None else step.rows
+        batcher = self.processor.batcher
+        if self.pack_length:
+            length, patches, segments = shape
+            return batcher.pack(
+                rows,
+                pad_to_batch=self.batch_size,
+                length=length,
+                num_patches=patches,
+                segments=segments,
+            )
+        return batcher.collate(
+            [e for (e,) in rows],
+            pad_to_batch=self.batch_size,
+            length=shape[0],
+            num_patches=shape[1],
+        )
 
     def _take_window(self, results: Iterator[Any], start: int) -> list[tuple[int, Encoded]]:
         """The next window's usable encodings as (local index, Encoded); bad ones go to the
@@ -232,19 +282,16 @@ class BatchRunner:
                 steps = self._plan(
                     self._take_window(results, number * self.batch_size * self.window)
                 )
-                for step, (length, patches) in enumerate(self._agree(steps)):
-                    indices, encodings = steps[step] if step < len(steps) else ([], [])
-                    batch = self.processor.batcher.collate(
-                        encodings, pad_to_batch=self.batch_size, length=length, num_patches=patches
-                    )
-                    result = self._dispatch(batch)
+                for index, shape in enumerate(self._agree(steps)):
+                    step = steps[index] if index < len(steps) else None
+                    result = self._dispatch(self._collate(step, shape))
                     if pending is not None:
                         out = self._store(out, *pending)
-                        bar.update(len(pending[0]))
-                    pending = (indices, result)
+                        bar.update(pending[0].count)
+                    pending = (step or _Step([], [], shape), result)
             if pending is not None:
                 out = self._store(out, *pending)
-                bar.update(len(pending[0]))
+                bar.update(pending[0].count)
         return out
 
     def _dispatch(self, batch: dict[str, np.ndarray]) -> jax.Array:
@@ -256,15 +303,40 @@ class BatchRunner:
                 device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
             return self._step(self.graphdef, self.state, device_batch)
 
-    def _store(self, out: np.ndarray, indices: list[int], result: jax.Array) -> np.ndarray:
-        """Waits for a batch's result and writes its real rows into `out` (widened to the
-        result's trailing shape on first use)."""
+    def _store(self, out: np.ndarray, step: _Step, result: jax.Array) -> np.ndarray:
+        """Waits for a step's result and writes its real rows (or segments) into `out`
+        (widened to the result's trailing shape on first use)."""
         rows = distributed.local_rows(result) if self.mesh is not None else np.asarray(result)
-        rows = np.asarray(rows, np.float32)[: len(indices)]
+        rows = np.asarray(rows, np.float32)
+        if self.pack_length:  # [B, S, ...] -> one output per segment slot
+            rows = rows.reshape((-1,) + rows.shape[2:])
+        slots = step.slots(rows_of=rows.shape[0] // self.batch_size)
         if out.shape[1:] != rows.shape[1:]:
             out = np.full((len(out),) + rows.shape[1:], np.nan, np.float32)
-        out[indices] = rows
+        out[slots[slots >= 0]] = rows[: len(slots)][slots >= 0]
         return out
+
+
+@dataclasses.dataclass
+class _Step:
+    """One step of a window: the local input index of each segment of each row (one segment
+    per row unless packed), the rows' encodings, and the step's shape before agreement."""
+
+    indices: list[list[int]]
+    rows: list[list[Encoded]]
+    shape: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(len(row) for row in self.indices)
+
+    def slots(self, rows_of: int) -> np.ndarray:
+        """The input index of every output slot, row-major with `rows_of` slots per row (-1
+        where a slot holds no input)."""
+        slots = np.full((len(self.indices), rows_of), -1, np.int64)
+        for row, indices in enumerate(self.indices):
+            slots[row, : len(indices)] = indices
+        return slots.reshape(-1)
 
 
 class Embedder(BatchRunner):
@@ -283,18 +355,36 @@ class Embedder(BatchRunner):
         super().__init__(model, processor, embed_step, **kwargs)
 
     @classmethod
-    def from_pipeline(cls, pipeline: Pipeline) -> Embedder:
-        """The embed command's embedder: the base model, its config's processor and batch."""
-        config = pipeline.config
-        processor = pipeline.processor()  # data.image_resolution: "processor" by default
+    def for_stage(
+        cls,
+        pipeline: Pipeline,
+        model: Qwen2VL,
+        processor: Processor,
+        *,
+        per_device: int,
+        progress: bool = False,
+    ) -> Embedder:
+        """A stage's embedder of `model`: the pipeline's mesh, rules and workers,
+        `per_device` rows on each batch device, packed rows when data.pack_length is set."""
         return cls(
-            pipeline.model(trained=False),
+            model,
             processor,
             mesh=pipeline.mesh,
             rules=pipeline.rules,
-            batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
+            batch_size=rows_per_step(per_device, pipeline.mesh, pipeline.rules),
             workers=pipeline.workers,
-            progress=False,
+            progress=progress,
+            pack_length=pipeline.config.data.pack_length,
+        )
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline) -> Embedder:
+        """The embed command's embedder: the base model, its config's processor and batch."""
+        return cls.for_stage(
+            pipeline,
+            pipeline.model(trained=False),
+            pipeline.processor(),  # data.image_resolution: "processor" by default
+            per_device=pipeline.config.eval.batch_size,
         )
 
     @classmethod

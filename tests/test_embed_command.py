@@ -101,12 +101,18 @@ def reference(checkpoint, run_dir, line) -> np.ndarray:
     return assets.reference_embedding(torch_model, directory, item)
 
 
-def test_embed_command_matches_transformers(checkpoint, run_dir):
-    write_jsonl(run_dir / "good.jsonl", GOOD_LINES)
+@pytest.mark.parametrize(
+    "packing",
+    [(), ("--config.data.pack_length=2048", "--config.eval.batch_size=1")],
+    ids=["one-per-row", "packed"],
+)
+def test_embed_command_matches_transformers(checkpoint, run_dir, packing):
+    name = "packed" if packing else "good"
+    write_jsonl(run_dir / f"{name}.jsonl", GOOD_LINES)
     # 8 devices: the command shards its batches over a data=8 mesh.
-    result = run_embed(run_dir, checkpoint[1], "good", devices=8)
+    result = run_embed(run_dir, checkpoint[1], name, *packing, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = np.load(run_dir / "out" / "good.npy")
+    out = np.load(run_dir / "out" / f"{name}.npy")
     assert out.dtype == np.float32 and out.shape == (len(GOOD_LINES), 64)
     for index, line in enumerate(GOOD_LINES):
         np.testing.assert_allclose(
@@ -242,7 +248,14 @@ def test_embed_command_on_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, run_dir):
     checkpoint = qwen25_checkpoint
     lines = GOOD_LINES[:4]
     write_jsonl(run_dir / "qwen25.jsonl", lines)
-    result = run_embed(run_dir, checkpoint[1], "qwen25")
+    # Packed: the windows of images of several inputs in one row stay their own.
+    result = run_embed(
+        run_dir,
+        checkpoint[1],
+        "qwen25",
+        "--config.data.pack_length=2048",
+        "--config.eval.batch_size=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = np.load(run_dir / "out" / "qwen25.npy")
     for index, line in enumerate(lines):

@@ -116,8 +116,29 @@ def test_input_order_kept_across_buckets(checkpoint, model, alone):
     np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)], ids=["data8", "data2fsdp2tp2"])
-def test_mesh_equals_single_device(checkpoint, alone, mesh_shape):
+def test_packed_rows_give_each_input_the_embedding_it_has_alone(checkpoint, model, alone):
+    """data.pack_length: inputs packed into shared rows, each seeing only itself, with its own
+    positions and images, embed as they do alone; and the rows hold far less padding."""
+    items = make_items()
+    order = [6, 0, 4, 2, 1, 5, 3, 0]
+    proc = processor(checkpoint[1])
+    embedder = Embedder(model, proc, mesh=None, batch_size=2, progress=False, pack_length=256)
+    out = embedder([items[i] for i in order])
+    np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
+    packed = proc.padding_report()
+    assert all(shape[:2] == (2, 256) for shape in packed["shapes"])
+    assert packed["batches"] < 4  # 8 inputs in fewer than 4 steps of 2 rows: rows were shared
+    one_per_row = processor(checkpoint[1])
+    Embedder(model, one_per_row, mesh=None, batch_size=2, progress=False)(items)
+    assert packed["token_padding_fraction"] < one_per_row.padding_report()["token_padding_fraction"]
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, pack_length",
+    [((8, 1, 1), 0), ((2, 2, 2), 0), ((2, 2, 2), 256)],
+    ids=["data8", "data2fsdp2tp2", "data2fsdp2tp2-packed"],
+)
+def test_mesh_equals_single_device(checkpoint, alone, mesh_shape, pack_length):
     assert len(jax.devices()) == 8, "tests/conftest.py sets 8 simulated CPU devices"
     data, fsdp, tensor = mesh_shape
     mesh = distributed.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor))
@@ -131,6 +152,7 @@ def test_mesh_equals_single_device(checkpoint, alone, mesh_shape):
         rules=RULES,
         batch_size=8,
         progress=False,
+        pack_length=pack_length,
     )
     out = embedder(make_items())
     np.testing.assert_allclose(out, alone, atol=1e-5, rtol=0)

@@ -7,6 +7,11 @@ Letters: B batch, L text length, P vision patches per example, M = P // 4 merged
 smallest (L, P) bucket that fits, computes the M-RoPE ids and the vision layout
 (g2e.models.positions), and counts the padding; `Batcher.widen` pads a batch further, to a
 shape agreed across hosts. Buckets bound the number of shapes, hence of compiled programs.
+
+Packing (`pack_rows`, `Batcher.pack`): several examples one after another in one row of a
+fixed length, each its own segment (segment_ids), with its own positions and its last token
+named in last_index [B, S]; the model keeps each segment's tokens to themselves, so an
+example's embedding is the one it has alone, and far fewer slots are padding.
 """
 
 from __future__ import annotations
@@ -62,6 +67,37 @@ def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
             f"larger one to data.{what}_buckets"
         )
     return -(-size // largest) * largest
+
+
+def pack_rows(encoded: Sequence[Encoded], *, length: int, num_patches: int) -> list[list[int]]:
+    """Indices of `encoded` grouped into rows of at most `length` tokens and `num_patches`
+    patches each: first fit, longest first (an example with more patches than a row holds
+    gets a row of its own)."""
+    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].length)
+    rows: list[list[int]] = []
+    room: list[list[int]] = []  # [tokens, patches] left in each row
+    for i in order:
+        item = encoded[i]
+        if item.length > length:
+            raise ValueError(
+                f"pack_rows: an example of {item.length} tokens does not fit a packed row of "
+                f"{length}; make data.pack_length at least data.max_length"
+            )
+        for row, left in zip(rows, room):
+            if item.length <= left[0] and item.num_patches <= left[1]:
+                row.append(i)
+                left[0] -= item.length
+                left[1] -= item.num_patches
+                break
+        else:
+            rows.append([i])
+            room.append([length - item.length, num_patches - item.num_patches])
+    return rows
+
+
+def segment_bucket(count: int) -> int:
+    """Segment slots of a packed batch: the smallest power of two >= count."""
+    return 1 << max(count - 1, 0).bit_length()
 
 
 def default_length_buckets(max_length: int) -> tuple[int, ...]:
@@ -203,7 +239,6 @@ class Batcher:
     ) -> list[tuple[int, int, int]]:
         """Writes `item` (None: a dummy row) into `row` of `arrays`; returns its image grids."""
         length = arrays["input_ids"].shape[1]
-        num_patches = arrays["pixel_values"].shape[1]
         size = item.length if item is not None else 1
         start = 0 if self.padding_side == "right" else length - size
         span = slice(start, start + size)
@@ -219,15 +254,21 @@ class Batcher:
         if item.target_mask is not None:
             arrays["target_mask"][row, span] = item.target_mask
         arrays["pixel_values"][row, : item.num_patches] = item.pixel_values
-        if num_patches:
-            arrays["vision_positions"][row], arrays["vision_segment_ids"][row] = (
-                positions.vision_layout(item.image_grid_thw, num_patches, self.merge_size)
-            )
-            if self.window_merged:
-                arrays["vision_window_ids"][row] = positions.vision_window_ids(
-                    item.image_grid_thw, num_patches, self.window_merged, self.merge_size
-                )
+        self._fill_vision(arrays, row, item.image_grid_thw)
         return list(item.image_grid_thw)
+
+    def _fill_vision(self, arrays: dict[str, np.ndarray], row: int, grids: Sequence) -> None:
+        """The patch positions, attention segments (and windows) of `row`'s images, `grids`."""
+        num_patches = arrays["pixel_values"].shape[1]
+        if not num_patches:
+            return
+        arrays["vision_positions"][row], arrays["vision_segment_ids"][row] = (
+            positions.vision_layout(grids, num_patches, self.merge_size)
+        )
+        if self.window_merged:
+            arrays["vision_window_ids"][row] = positions.vision_window_ids(
+                grids, num_patches, self.window_merged, self.merge_size
+            )
 
     def _batch_dict(
         self, arrays: dict[str, np.ndarray], position_ids: np.ndarray, *, with_targets: bool
@@ -248,6 +289,73 @@ class Batcher:
         if self.window_merged:
             out["vision_window_ids"] = arrays["vision_window_ids"]
         return out
+
+    def pack(
+        self,
+        rows: Sequence[Sequence[Encoded]],
+        *,
+        pad_to_batch: int,
+        length: int,
+        num_patches: int,
+        segments: int,
+    ) -> dict[str, np.ndarray]:
+        """Packs rows of encodings (`pack_rows`) into a batch of `pad_to_batch` rows of
+        `length` tokens and `num_patches` patches, with `segments` slots per row.
+
+        Each encoding is one segment, its tokens right after the previous one's: segment_ids
+        [B, L] (1, 2, ... in a row, 0 on padding), positions as `collate` gives it alone,
+        last_index [B, segments] (its last token; 0 in unused slots), its image tokens pointing
+        at its own images' merged tokens. Rows past `rows` are dummies, as in `collate`."""
+        if len(rows) > pad_to_batch or max(map(len, rows), default=0) > segments:
+            raise ValueError(
+                f"pack: {len(rows)} rows of up to {max(map(len, rows), default=0)} segments "
+                f"for pad_to_batch={pad_to_batch}, segments={segments}"
+            )
+        arrays = self._empty_arrays(pad_to_batch, length, num_patches)
+        arrays["segment_ids"] = np.zeros((pad_to_batch, length), np.int32)
+        arrays["last_index"] = np.zeros((pad_to_batch, segments), np.int32)
+        arrays["attention_mask"][len(rows) :, 0] = 1  # dummies: one attended pad token
+        items = [item for row in rows for item in row]
+        alone = self._positions_alone(items) if items else None
+        position_ids = np.zeros((3, pad_to_batch, length), np.int32)
+        number = 0
+        for r, row in enumerate(rows):
+            start, patch_start = 0, 0
+            for s, item in enumerate(row):
+                span = slice(start, start + item.length)
+                for name, value in (("input_ids", item.input_ids), ("attention_mask", 1)):
+                    arrays[name][r, span] = value
+                arrays["segment_ids"][r, span] = s + 1
+                arrays["last_index"][r, s] = span.stop - 1
+                position_ids[:, r, span] = alone[:, number, : item.length]
+                is_image = np.flatnonzero(item.input_ids == self.image_token_id)
+                first_token = patch_start // self.merge_size**2
+                arrays["image_token_index"][r, start + is_image] = first_token + np.arange(
+                    len(is_image), dtype=np.int32
+                )
+                patches = slice(patch_start, patch_start + item.num_patches)
+                arrays["pixel_values"][r, patches] = item.pixel_values
+                start, patch_start, number = span.stop, patches.stop, number + 1
+            self._fill_vision(arrays, r, [g for item in row for g in item.image_grid_thw])
+        self._count(items, pad_to_batch, length, num_patches)
+        out = self._batch_dict(arrays, position_ids, with_targets=False)
+        return out | {"segment_ids": arrays["segment_ids"]}
+
+    def _positions_alone(self, items: Sequence[Encoded]) -> np.ndarray:
+        """M-RoPE ids [3, N, longest] of each encoding as the only one of its row."""
+        longest = max(item.length for item in items)
+        input_ids = np.full((len(items), longest), self.pad_token_id, np.int32)
+        attention_mask = np.zeros((len(items), longest), np.int32)
+        for i, item in enumerate(items):
+            input_ids[i, : item.length] = item.input_ids
+            attention_mask[i, : item.length] = 1
+        return positions.rope_index(
+            input_ids,
+            attention_mask,
+            [list(item.image_grid_thw) for item in items],
+            image_token_id=self.image_token_id,
+            spatial_merge_size=self.merge_size,
+        )
 
     def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:
         """(length bucket, patch bucket) `collate` picks for these encodings."""

@@ -480,3 +480,11 @@ class Processor:
     def padding_report(self) -> dict[str, Any]:
         """Padding fractions, distinct (B, L, P) shapes compiled, truncation and skip counts."""
         return self.batcher.padding_report(skipped=self.report.total)
+
+    def padding_share(self) -> dict[str, float]:
+        """The share of token and patch slots that were padding, for a stage's summary."""
+        report = self.padding_report()
+        return {
+            "tokens": round(report["token_padding_fraction"], 4),
+            "patches": round(report["patch_padding_fraction"], 4),
+        }

@@ -15,7 +15,7 @@ from typing import Any
 
 from g2e import distributed, layout
 from g2e.data import prompts
-from g2e.embedding import Embedder, rows_per_step
+from g2e.embedding import Embedder
 from g2e.evaluation import mmeb, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
@@ -31,15 +31,7 @@ def _evaluate(
     config = pipeline.config
     model = pipeline.model(trained=trained, run=run, merged=True)
     processor = pipeline.processor(prompt=prompt)
-    embedder = Embedder(
-        model,
-        processor,
-        mesh=pipeline.mesh,
-        rules=pipeline.rules,
-        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
-        progress=False,
-        workers=pipeline.workers,
-    )
+    embedder = Embedder.for_stage(pipeline, model, processor, per_device=config.eval.batch_size)
     try:
         results = mmeb.evaluate_mmeb(
             embedder,
@@ -64,7 +56,7 @@ def _evaluate(
         results["OOD"],
         processor.padding_report(),
     )
-    return {"overall": results["overall"]}
+    return {"overall": results["overall"], "padding": processor.padding_share()}
 
 
 def run_eval_plain(pipeline: Pipeline) -> dict[str, Any]:
@@ -104,14 +96,11 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
     of the fine-tuned model when the train stage wrote one, else of the zero-shot model."""
     config, data = pipeline.config, pipeline.config.data
     trained = pipeline.has_trained_model()
-    embedder = Embedder(
+    embedder = Embedder.for_stage(
+        pipeline,
         pipeline.model(trained=trained, merged=True),
         pipeline.processor(),
-        mesh=pipeline.mesh,
-        rules=pipeline.rules,
-        batch_size=rows_per_step(config.eval.batch_size, pipeline.mesh, pipeline.rules),
-        progress=False,
-        workers=pipeline.workers,
+        per_device=config.eval.batch_size,
     )
     common = dict(
         image_root=data.sugarcrepe_image_root,

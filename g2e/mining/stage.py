@@ -38,7 +38,7 @@ from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import positive_item, query_item
-from g2e.embedding import Embedder, rows_per_step
+from g2e.embedding import Embedder
 from g2e.embedding_cache import EmbeddingCache
 from g2e.mining.judge import Judge
 from g2e.mining.judge_cache import JudgeCache, RowPairJudge, judge_fingerprint
@@ -70,6 +70,7 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
             f"judge_{key}": sum(r["judge"].get(key, 0) for r in reports.values())
             for key in ("pairs", "calls", "dropped", "unjudged")
         },
+        "padding": embedder.processor.padding_share(),
     }
 
 
@@ -79,13 +80,8 @@ def _embedder_and_judge(pipeline: Pipeline) -> tuple[Embedder, Judge | None, str
     config = pipeline.config
     model = pipeline.model(trained=False)
     processor = pipeline.processor()
-    embedder = Embedder(
-        model,
-        processor,
-        mesh=pipeline.mesh,
-        rules=pipeline.rules,
-        batch_size=rows_per_step(config.mine.batch_size, pipeline.mesh, pipeline.rules),
-        workers=pipeline.workers,
+    embedder = Embedder.for_stage(
+        pipeline, model, processor, per_device=config.mine.batch_size, progress=True
     )
     judge = None
     if config.mine.judge:

@@ -129,8 +129,9 @@ class PaddedRows:
         return self._rotate(x, -self.starts)
 
     def aligned_index(self, index: jax.Array, length: int) -> jax.Array:
-        """Positions [B] of the batch mapped to their place in the aligned rows."""
-        return (index - self.starts) % length
+        """Positions [B] or [B, S] of the batch mapped to their place in the aligned rows."""
+        starts = self.starts.reshape(self.starts.shape + (1,) * (index.ndim - 1))
+        return (index - starts) % length
 
 
 def attend(
@@ -194,23 +195,24 @@ def attend_at(
     index: jax.Array,
     segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal attention of one query per example: the token at `index`.
+    """Causal attention of a few queries per row: the tokens at `index`.
 
     Args:
-        query: [B, 1, H, E], the query of the token at `index` [B].
+        query: [B, S, H, E], the queries of the tokens at `index` [B, S] (S = 1: one per row;
+            a packed row asks for the last token of each of its segments).
         key, value: [B, L, K, E] of the whole sequence.
         segment_ids: int [B, L] or None. None: every key at or before `index` is real (rows
             aligned by `PaddedRows`); else only keys of the query's segment count.
 
     Returns:
-        [B, 1, H, E]. A single query row is matrix-vector work, so this always uses XLA.
+        [B, S, H, E]. A few query rows are matrix-vector work, so this always uses XLA.
     """
-    allowed = jnp.arange(key.shape[1])[None] <= index[:, None]  # [B, L]
+    allowed = jnp.arange(key.shape[1])[None, None] <= index[..., None]  # [B, S, L]
     if segment_ids is not None:
-        query_segment = jnp.take_along_axis(segment_ids, index[:, None], axis=1)  # [B, 1]
-        allowed = allowed & (segment_ids == query_segment)
+        query_segment = jnp.take_along_axis(segment_ids, index, axis=1)  # [B, S]
+        allowed = allowed & (segment_ids[:, None, :] == query_segment[..., None])
     return jax.nn.dot_product_attention(
-        query, key, value, mask=allowed[:, None, None, :], implementation="xla"
+        query, key, value, mask=allowed[:, None], implementation="xla"
     )
 
 

@@ -10,6 +10,11 @@ Qwen2.5-VL (config.model_type 'qwen2_5_vl') is the same model with another visio
 batch has one more field, vision_window_ids [B, P] (g2e.models.positions.vision_window_ids:
 each patch's attention window, in the same patch order; 0 on padding). Everything else,
 image_token_index included, is laid out exactly as for Qwen2-VL.
+
+A packed batch (g2e.data.batching.Batcher.pack) holds several examples per row, one after
+another: segment_ids [B, L] (1, 2, ... per example, 0 on padding) keep each example's tokens to
+themselves, positions restart per example, and last_index [B, S] names each example's last
+token; its images' patches lie one after another in the row's pixel_values.
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ class Qwen2VL(nnx.Module):
             batch["attention_mask"],
             deterministic=deterministic,
             rng=rng,
+            segment_ids=batch.get("segment_ids"),
         )
 
     def pooled_hidden(
@@ -177,7 +183,8 @@ class Qwen2VL(nnx.Module):
         vision_tokens: jax.Array | None = None,
         dora_norms: dict | None = None,
     ) -> jax.Array:
-        """Final-norm hidden state [B, D] at batch['last_index'] (compute dtype).
+        """Final-norm hidden state [B, D] at batch['last_index'] (compute dtype); [B, S, D]
+        for a packed batch (last_index [B, S], segment_ids [B, L]: g2e.data.batching).
 
         Equal to `self(batch)` at those positions, but the last layer runs only there.
         `vision_tokens`, `dora_norms`: computed beforehand (see `embed`).
@@ -191,6 +198,7 @@ class Qwen2VL(nnx.Module):
             rng=rng,
             pool_index=batch["last_index"].astype(jnp.int32),
             dora_norms=dora_norms,
+            segment_ids=batch.get("segment_ids"),
         )
 
     def dora_norms(self) -> dict | None:
@@ -225,7 +233,8 @@ class Qwen2VL(nnx.Module):
         vision_tokens: jax.Array | None = None,
         dora_norms: dict | None = None,
     ) -> jax.Array:
-        """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index'].
+        """L2-normalised float32 embeddings [B, D] of the hidden state at batch['last_index']
+        ([B, S, D] for a packed batch).
 
         `deterministic=False` with an `rng` turns adapter dropout on (training).
         `vision_tokens` ([B, M, D], `self.vision_tokens(batch)`) and `dora_norms`

@@ -240,8 +240,9 @@ class Attention(nnx.Module):
             x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic, rng=rng
         )
 
-    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None):
-        """Causal self-attention of rows aligned by `PaddedRows` (`lengths` [B] real tokens)."""
+    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None, segment_ids=None):
+        """Causal self-attention of rows aligned by `PaddedRows` (`lengths` [B] real tokens;
+        `segment_ids` [B, L]: packed rows, each token sees its own segment only)."""
         b, l, _ = x.shape
         qkv_key, o_key = _split(rng, 2)
         dropped = self._qkv_input(x, deterministic, qkv_key)
@@ -254,7 +255,13 @@ class Attention(nnx.Module):
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention_lib.attend(
-            q, k, v, lengths=lengths, causal=True, implementation=self.attention
+            q,
+            k,
+            v,
+            lengths=lengths,
+            segment_ids=segment_ids,
+            causal=True,
+            implementation=self.attention,
         )
         return self.o_proj(
             out.reshape(b, l, -1),
@@ -263,12 +270,13 @@ class Attention(nnx.Module):
             norm=_get(norms, "o_proj"),
         )
 
-    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None):
-        """Attention output [B, 1, D] for the one query at `index` [B] of each (aligned) row."""
-        b, l, _ = x.shape
+    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None, segment_ids=None):
+        """Attention output [B, S, D] for the queries at `index` [B, S] of each (aligned) row
+        (`segment_ids`: packed rows, see `attention.attend_at`)."""
+        (b, l, _), s = x.shape, index.shape[1]
         qkv_key, o_key = _split(rng, 2)
         dropped = self._qkv_input(x, deterministic, qkv_key)
-        pick = lambda a: jnp.take_along_axis(a, index[:, None, None], axis=1)  # noqa: E731
+        pick = lambda a: jnp.take_along_axis(a, index[:, :, None], axis=1)  # noqa: E731
         kw = dict(deterministic=deterministic)
         q = self.q_proj(
             pick(x),
@@ -278,13 +286,13 @@ class Attention(nnx.Module):
         )
         k = self.k_proj(x, dropped=dropped, norm=_get(norms, "k_proj"), **kw)
         v = self.v_proj(x, dropped=dropped, norm=_get(norms, "v_proj"), **kw)
-        q = q.reshape(b, 1, self.num_heads, self.head_dim)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
         k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, pick(cos), pick(sin)), _rotate(k, cos, sin)
-        out = attention_lib.attend_at(q, k, v, index=index)
+        out = attention_lib.attend_at(q, k, v, index=index, segment_ids=segment_ids)
         return self.o_proj(
-            out.reshape(b, 1, -1),
+            out.reshape(b, s, -1),
             deterministic=deterministic,
             rng=o_key,
             norm=_get(norms, "o_proj"),
@@ -334,7 +342,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, adapter=adapter, rngs=rngs)
 
-    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None):
+    def __call__(self, x, cos, sin, lengths, *, deterministic, rng, norms=None, segment_ids=None):
         keys = _split(rng, 2)
         x = x + self.self_attn(
             self.input_layernorm(x),
@@ -344,6 +352,7 @@ class DecoderLayer(nnx.Module):
             deterministic=deterministic,
             rng=keys[0],
             norms=_get(norms, "self_attn"),
+            segment_ids=segment_ids,
         )
         x = x + self.mlp(
             self.post_attention_layernorm(x),
@@ -353,10 +362,11 @@ class DecoderLayer(nnx.Module):
         )
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None):
-        """The block's output [B, D] at position `index` [B] only (keys/values from all of x)."""
+    def at_positions(self, x, cos, sin, index, *, deterministic, rng, norms=None, segment_ids=None):
+        """The block's output [B, S, D] at positions `index` [B, S] only (keys/values from all
+        of x)."""
         keys = _split(rng, 2)
-        rows = jnp.take_along_axis(x, index[:, None, None], axis=1)  # [B, 1, D]
+        rows = jnp.take_along_axis(x, index[:, :, None], axis=1)  # [B, S, D]
         rows = rows + self.self_attn.at_positions(
             self.input_layernorm(x),
             cos,
@@ -365,6 +375,7 @@ class DecoderLayer(nnx.Module):
             deterministic=deterministic,
             rng=keys[0],
             norms=_get(norms, "self_attn"),
+            segment_ids=segment_ids,
         )
         rows = rows + self.mlp(
             self.post_attention_layernorm(rows),
@@ -372,7 +383,7 @@ class DecoderLayer(nnx.Module):
             rng=keys[1],
             norms=_get(norms, "mlp"),
         )
-        return rows[:, 0]
+        return rows
 
 
 class TextDecoder(nnx.Module):
@@ -440,21 +451,25 @@ class TextDecoder(nnx.Module):
         rng: jax.Array | None = None,
         pool_index: jax.Array | None = None,
         dora_norms: dict | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Runs the decoder.
 
         Args:
             inputs_embeds: [B, L, D]; position_ids: [3, B, L]; attention_mask: [B, L], 1 on
                 real tokens, which are one run in every row (padded left or right).
+            segment_ids: int [B, L] or None: packed rows (g2e.data.batching.Batcher.pack),
+                several examples one after another, each token seeing its own example only.
             deterministic, rng: adapter dropout off/on and its key.
             dora_norms: `self.dora_norms()` computed beforehand (once per train step); None
                 computes each layer's norms inside the scan.
-            pool_index: int [B] or None. When given, only the final hidden state at that
-                position of each example is computed: the last layer's queries, output
-                projection and MLP run for that one token (its keys/values still see all).
+            pool_index: int [B] or [B, S] (packed rows: S segments), or None. When given,
+                only the final hidden states at those positions are computed: the last layer's
+                queries, output projection and MLP run for those tokens (their keys/values
+                still see all).
 
         Returns:
-            Final-norm hidden states [B, L, D], or [B, D] at `pool_index`.
+            Final-norm hidden states [B, L, D], or [B, D] / [B, S, D] at `pool_index`.
         """
         # One rotation per forward puts every row's real tokens first (left padding included),
         # so each layer's attention takes sequence lengths instead of a mask (see
@@ -469,7 +484,9 @@ class TextDecoder(nnx.Module):
             else jax.random.split(rng, num_layers)
         )
         layer_args = dict(cos=cos, sin=sin, deterministic=deterministic, use_rng=rng is not None)
-        body = self._scan_body(graphdef, rows, **layer_args)
+        if segment_ids is not None:
+            segment_ids = rows.align(segment_ids)
+        body = self._scan_body(graphdef, rows, segment_ids, **layer_args)
         x = rows.align(inputs_embeds.astype(self.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         scanned = (layer_state, layer_rngs, dora_norms)
@@ -479,18 +496,21 @@ class TextDecoder(nnx.Module):
         # Every layer but the last over all positions; the last one at the pooled token only.
         x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], scanned))
         last_state, last_rng, last_norms = jax.tree.map(lambda a: a[-1], scanned)
+        index = pool_index if pool_index.ndim == 2 else pool_index[:, None]
         pooled = nnx.merge(graphdef, last_state).at_positions(
             x,
             cos,
             sin,
-            rows.aligned_index(pool_index, x.shape[1]),
+            rows.aligned_index(index, x.shape[1]),
             deterministic=deterministic,
             rng=last_rng if layer_args["use_rng"] else None,
             norms=last_norms,
+            segment_ids=segment_ids,
         )
-        return self.norm(pooled)
+        pooled = self.norm(pooled)
+        return pooled if pool_index.ndim == 2 else pooled[:, 0]
 
-    def _scan_body(self, graphdef, rows, *, cos, sin, deterministic, use_rng):
+    def _scan_body(self, graphdef, rows, segment_ids, *, cos, sin, deterministic, use_rng):
         """The lax.scan body that applies one stacked layer (rematerialised per `self.remat`)."""
 
         def body(x, scanned):
@@ -504,6 +524,7 @@ class TextDecoder(nnx.Module):
                 deterministic=deterministic,
                 rng=layer_rng if use_rng else None,
                 norms=norms,
+                segment_ids=segment_ids,
             )
             return x, None
 

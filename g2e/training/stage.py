@@ -31,7 +31,7 @@ from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor, positive_item, query_item
-from g2e.embedding import Embedder, rows_per_step
+from g2e.embedding import Embedder
 from g2e.models import lora, sharding
 from g2e.models.qwen2_vl import VISION_FIELDS
 from g2e.pipeline import Pipeline
@@ -136,6 +136,7 @@ def train_stage(
     _save_trained(pipeline, name, model, adapter, result)
     summary = {"steps": result.step, "final_loss": result.last_metrics.get("loss")}
     summary.update(rows=len(rows), clusters=len(clusters), skipped_rows=processor.report.total)
+    summary["padding"] = processor.padding_share()
     if processor.report.total:
         logging.warning("%s: rows replaced in their batches: %s", name, processor.report.summary())
     if evaluate is not None:
@@ -218,27 +219,8 @@ class HeldOut:
     accuracy in percent per subset ('heldout/<subset>') and their mean ('heldout_accuracy');
     a candidate identical to the positive (same positive_id) counts as a hit."""
 
-    def __init__(
-        self,
-        model: nnx.Module,
-        rows: Sequence[Any],
-        processor: Processor,
-        *,
-        mesh: Mesh,
-        rules: sharding.Rules,
-        batch_size: int,
-        workers: int,
-    ):
-        self.model = model
-        self.embedder = Embedder(
-            model,
-            processor,
-            mesh=mesh,
-            rules=rules,
-            batch_size=batch_size,
-            progress=False,
-            workers=workers,
-        )
+    def __init__(self, model: nnx.Module, rows: Sequence[Any], embedder: Embedder):
+        self.model, self.embedder = model, embedder
         self.queries = [query_item(row) for row in rows]
         self.positives = [positive_item(row) for row in rows]
         self.subsets = np.asarray([row.subset for row in rows])
@@ -256,16 +238,10 @@ class HeldOut:
         """The check of a training stage: its prompt, the training preprocessing, the
         configured evaluation batch size and workers."""
         image_root = pipeline.config.data.train_image_root or None
+        processor = pipeline.processor(train=True, prompt=prompt, image_root=image_root)
+        per_device = pipeline.config.eval.batch_size
         return cls(
-            model,
-            rows,
-            pipeline.processor(train=True, prompt=prompt, image_root=image_root),
-            mesh=pipeline.mesh,
-            rules=pipeline.rules,
-            batch_size=rows_per_step(
-                pipeline.config.eval.batch_size, pipeline.mesh, pipeline.rules
-            ),
-            workers=pipeline.workers,
+            model, rows, Embedder.for_stage(pipeline, model, processor, per_device=per_device)
         )
 
     def __call__(self, step: int) -> dict[str, float]:

@@ -110,7 +110,7 @@ def test_attend_at_sees_keys_up_to_its_index():
     index = np.array([6, 2])
     full = attention.attend(q, k, v, lengths=jnp.asarray(index + 1), causal=True)
     one = attention.attend_at(
-        jnp.asarray(q[np.arange(2), index][:, None]), k, v, index=jnp.asarray(index)
+        jnp.asarray(q[np.arange(2), index][:, None]), k, v, index=jnp.asarray(index)[:, None]
     )
     np.testing.assert_allclose(one[:, 0], np.asarray(full)[np.arange(2), index], atol=1e-5)
 

@@ -248,9 +248,13 @@ def test_row_cap_is_deterministic_and_mining_and_training_read_the_same_rows(tmp
 
     monkeypatch.setattr(mine_stage, "mine_subset", fake_mine)
     stub = types.SimpleNamespace(
-        close=lambda: None, host_snapshot=lambda: None, host_report=lambda before: {}
+        close=lambda: None,
+        host_snapshot=lambda: None,
+        host_report=lambda before: {},
+        processor=types.SimpleNamespace(padding_share=lambda: {}),
     )
-    monkeypatch.setattr(mine_stage, "Embedder", lambda *args, **kwargs: stub)
+    for_stage = types.SimpleNamespace(for_stage=lambda *args, **kwargs: stub)
+    monkeypatch.setattr(mine_stage, "Embedder", for_stage)
     monkeypatch.setattr(mine_stage, "EmbeddingCache", lambda *args, **kwargs: None)
     config.mine.judge = False
     pipeline = Pipeline(config, pathlib.Path(tmp_path / "work"))
@@ -277,7 +281,9 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
     monkeypatch.setattr(
         pipeline,
         "processor",
-        lambda **kwargs: types.SimpleNamespace(prompt=kwargs["prompt"], report=BadInputReport()),
+        lambda **kwargs: types.SimpleNamespace(
+            prompt=kwargs["prompt"], report=BadInputReport(), padding_share=lambda: {}
+        ),
     )
     monkeypatch.setattr(
         training_stage,
@@ -312,4 +318,5 @@ def test_the_three_training_stages_differ_only_in_batches_prompt_and_folder(tmp_
             "rows": 2,
             "clusters": 1,
             "skipped_rows": 0,
+            "padding": {},
         }
