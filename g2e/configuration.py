@@ -113,6 +113,11 @@ def _data_config() -> ml_collections.ConfigDict:
             min_pixels=0,
             max_pixels=0,  # 0: the checkpoint's image processor settings
             length_buckets=(128, 256, 512, 1024, 2048),
+            # Embedding (eval, mine, embed, held-out checks) packs several inputs into one row
+            # of this many tokens, each seeing only itself (g2e.data.batching.pack_rows): far
+            # fewer padding slots, the same embeddings. 0: one input per row, padded to its
+            # length bucket. When set, at least max_length and train_max_length.
+            pack_length=0,
             # 2048: a 640x480 photo under `random` has 1,564 patches (4096 would pay 2.6x).
             patch_buckets=(0, 1024, 2048, 4096, 16384),
             # Rows of each training subset that mining and training use (g2e.data.rows.
@@ -358,6 +363,13 @@ def _check_preprocessing(data: ml_collections.ConfigDict) -> None:
             "data.length_buckets",
             f"largest bucket {max(data.length_buckets)} is below data.max_length="
             f"{data.max_length}; add a bucket of at least that size",
+        )
+    longest = max(data.max_length, data.train_max_length)
+    if data.pack_length and data.pack_length < longest:
+        _fail(
+            "data.pack_length",
+            f"is {data.pack_length}; a packed row must hold the longest input "
+            f"(data.max_length / train_max_length, {longest}), or use 0 for no packing",
         )
     _one_of("data.format", data.format, rows.FORMATS)
 
