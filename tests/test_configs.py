@@ -153,6 +153,7 @@ def test_the_demo_is_pointed_at_its_data_before_validation(tmp_path):
         ("stages", "eval_sugarcrepe", "--config.data.sugarcrepe_dir"),
         ("data.workers", -2, "--config.data.workers"),
         ("embedding_cache.dtype", "int8", "--config.embedding_cache.dtype"),
+        ("data.pack_length", 1024, "--config.data.pack_length"),
     ],
 )
 def test_bad_keys_are_named(key, value, message):
