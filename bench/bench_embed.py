@@ -1,6 +1,6 @@
 """Embed-path throughput: g2e (jitted JAX) vs transformers (PyTorch, eager) on the same inputs.
 
-  python bench/bench_embed.py [--items 32] [--batch-size 8] [--layers 2] [--out DIR]
+  python bench/bench_embed.py [--items 32] [--batch-size 8] [--layers 2] [--pack-length 512] [--out DIR]
   # toy sizes (bench/gpu_session.sh --smoke): tiny widths and vocabulary
   python bench/bench_embed.py --widths tiny --items 4 --batch-size 2 --repeats 1
 
@@ -115,13 +115,24 @@ def make_items(out_dir: pathlib.Path, count: int) -> list[EmbedItem]:
 
 
 def run_g2e(
-    directory: pathlib.Path, items: list[EmbedItem], batch_size: int, repeats: int, workers: int
+    directory: pathlib.Path,
+    items: list[EmbedItem],
+    batch_size: int,
+    repeats: int,
+    workers: int,
+    pack_length: int = 0,
 ) -> tuple[np.ndarray, float, list[float]]:
     """(embeddings, warm-up seconds, timed seconds of each pass)."""
     model = hf_io.load_model(directory)
     processor = Processor.from_dir(directory, max_length=2048)
     embedder = Embedder(
-        model, processor, mesh=None, batch_size=batch_size, progress=False, workers=workers
+        model,
+        processor,
+        mesh=None,
+        batch_size=batch_size,
+        progress=False,
+        workers=workers,
+        pack_length=pack_length,
     )
     start = time.perf_counter()
     embedder(items)
@@ -225,6 +236,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--widths", default="2b", choices=("2b", "tiny"))
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=0,
+        help="g2e packs several inputs into rows of this many tokens (data.pack_length; 0: off)",
+    )
     parser.add_argument("--result", default="", help="also write the figures here (JSON)")
     args = parser.parse_args()
     backend = jax.default_backend()
@@ -250,7 +267,7 @@ def main() -> None:
     )
 
     g2e_out, g2e_warmup, g2e_times = run_g2e(
-        directory, items, args.batch_size, args.repeats, args.workers
+        directory, items, args.batch_size, args.repeats, args.workers, args.pack_length
     )
     gc.collect()
     hf_out, hf_warmup, hf_times = run_transformers(
