@@ -1,5 +1,5 @@
-"""Embedding: the jitted step, the `Embedder` that feeds it fixed-shape batches, the one
-embedding cache of g2e, and the `embed` stage.
+"""Embedding: the jitted step and the `Embedder` that feeds it fixed-shape batches (the embed
+command, g2e.embed_stage, runs it over a JSONL file).
 
 An embedding is the last-layer hidden state of the last non-pad token (the `\\n` after
 `assistant`), L2-normalised (docs/method.md §1). Items are encoded on the host by a `Processor`, grouped
@@ -20,8 +20,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
-import logging
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,13 +34,12 @@ from flax import nnx
 from g2e import configuration, distributed
 from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded, pack_rows, pick_bucket, segment_bucket
-from g2e.data.errors import Line
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 
-__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "read_jsonl_items", "run_embed"]
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step"]
 
 
 def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
@@ -457,88 +454,3 @@ class Embedder(BatchRunner):
         return self.run(items, functools.partial(self.processor.encode, strict=True), desc=desc)
 
     __call__ = embed_items
-
-
-def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[EmbedItem], list[int]]:
-    """Reads the embed command's input: one {"text", "image", "role"} object per line.
-
-    Returns the items and their line numbers (1-based). A malformed line raises ValueError naming
-    the file and line; with on_bad_input='skip' it is logged, counted and left out of the items
-    (its output row is NaN).
-    """
-    items, lines, skipped = [], [], 0
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("the line is not a JSON object")
-                unknown = set(record) - {"text", "image", "role"}
-                if unknown:
-                    raise ValueError(f"unknown keys {sorted(unknown)}")
-                text, image, role = record.get("text", ""), record.get("image"), record.get("role")
-                if not isinstance(text, str):
-                    raise ValueError("'text' must be a string")
-                if image is not None and not isinstance(image, str):
-                    raise ValueError("'image' must be a path or null")
-                if role not in ("query", "candidate"):
-                    raise ValueError(f"'role' is {role!r}; use 'query' or 'candidate'")
-            except ValueError as error:  # json.JSONDecodeError is a ValueError too.
-                message = (
-                    f"{path}, line {number}: {error}. Each line must be "
-                    '{"text": str, "image": path or null, "role": "query" | "candidate"}'
-                )
-                if on_bad_input == "error":
-                    raise ValueError(message) from None
-                logging.warning("skipped: %s", message)
-                skipped += 1
-                items.append(None)
-                lines.append(number)
-                continue
-            items.append(
-                EmbedItem(text=text, image=image, role=role, subset="", row=Line(path, number))
-            )
-            lines.append(number)
-    if skipped:
-        logging.warning(
-            "%s: %d malformed line(s) skipped (their output rows are NaN)", path, skipped
-        )
-    return items, lines
-
-
-# ---------------------------------------------------------------------------------------------
-# The embed stage.
-
-
-def run_embed(pipeline: Pipeline) -> dict[str, Any]:
-    """The embed command: JSONL of {text, image, role} -> float32 [N, D] .npy in input order."""
-    config = pipeline.config
-    items, _ = read_jsonl_items(config.input, config.data.on_bad_input)
-    # Image paths are taken as given: relative ones from the working directory.
-    embedder = Embedder.from_pipeline(pipeline)
-    processor = embedder.processor
-    present = [i for i, item in enumerate(items) if item is not None]
-    out = np.full((len(items), embedder.output_width), np.nan, np.float32)
-    before = embedder.host_snapshot()
-    try:
-        if present:
-            out[present] = embedder([items[i] for i in present])
-    finally:
-        embedder.close()
-    host = embedder.host_report(before)
-    skipped = int(np.isnan(out).any(axis=1).sum())
-    if distributed.is_primary():
-        pathlib.Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        np.save(config.output, out)
-        logging.info(
-            "embed: wrote %s %s%s",
-            config.output,
-            out.shape,
-            f"; {skipped} bad line(s) skipped as NaN rows: {processor.report.summary()}"
-            if skipped
-            else "",
-        )
-    logging.info("embed: host %s", host)
-    return {"rows": len(items), "skipped": skipped, "host": host}

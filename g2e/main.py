@@ -29,7 +29,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from g2e import atomic, configuration, distributed, embedding, layout
+from g2e import atomic, configuration, distributed, embed_stage, layout
 from g2e import export as export_stage
 from g2e.demo import judge_quality as judge_quality_stage
 from g2e.demo import prepare as prepare_demo_stage
@@ -127,7 +127,7 @@ STAGES = (
     ),
     Stage(
         layout.EMBED,
-        embedding.run_embed,
+        embed_stage.run_embed,
         "the embed command (configs/embed.py)",
         always_runs=True,
     ),
