@@ -86,6 +86,8 @@ class Preset:
     seed: int = 20
     # Every batch padded to the largest buckets: one compiled program (the ci preset's minute).
     fixed_shape: bool = False
+    # (k, span): the first k phases share one schedule spanning `span` steps (phase_schedule).
+    shared_schedule: tuple[int, int] = (0, 0)
     # `train_tower` before the next-token phases, which then leave the tower as it is.
     tower_steps: int = 2000
     tower_lr: float = 2e-3
@@ -104,10 +106,12 @@ PRESETS = {
             ("see", 100),
             ("align", 600),
             ("instruct", 700),
-            ("checks", 400),
+            ("checks", 300),
+            ("attribute", 300),
             ("judge_classification", 300),
             ("judge", 1200),
         ),
+        shared_schedule=(4, 2700),
         batch_size=32,
         lr=2e-3,
         probe_images=200,
@@ -126,9 +130,11 @@ PRESETS = {
             ("align", 4),
             ("instruct", 4),
             ("checks", 2),
+            ("attribute", 2),
             ("judge_classification", 2),
             ("judge", 2),
         ),
+        shared_schedule=(4, 16),
         batch_size=4,
         lr=2e-3,
         probe_images=8,
@@ -181,23 +187,30 @@ NEXT_TOKEN_TRAINED = nnx.All(
 )
 
 
-def phase_schedule(lr: float, steps: int | Sequence[int]) -> optax.Schedule:
-    """One warmup-cosine schedule per phase (`steps`: the steps of each phase, or of the one
-    phase): each phase warms up to `lr` again and decays to lr/20. A yes/no check of a word
-    against an image stays at one answer for hundreds of steps under a decayed learning rate
-    and is learnt within about 200 at its peak (measured from run 4's state)."""
+def phase_schedule(
+    lr: float, steps: int | Sequence[int], shared: tuple[int, int] = (0, 0)
+) -> optax.Schedule:
+    """Warmup-cosine schedules (to `lr`, then down to lr/20) over phases of `steps` steps (or
+    one phase). `shared` = (k, span): the first k phases share one schedule that spans `span`
+    steps and is cut where they end; each later phase has its own (it warms up to `lr` again).
+    lessons.CHECKS says why the first phases share one."""
     phases = [steps] if isinstance(steps, int) else list(steps)
+    count, span = shared
+    blocks = [(sum(phases[:count]), span)] if count else []
+    blocks += [(n, n) for n in phases[count:]]
     schedules = [
-        optax.warmup_cosine_decay_schedule(0.0, lr, max(n // 20, 1), n, lr / 20) for n in phases
+        optax.warmup_cosine_decay_schedule(0.0, lr, max(n // 20, 1), n, lr / 20) for _, n in blocks
     ]
-    return optax.join_schedules(schedules, [int(b) for b in np.cumsum(phases)[:-1]])
+    return optax.join_schedules(schedules, [int(b) for b in np.cumsum([n for n, _ in blocks])[:-1]])
 
 
-def make_optimizer(lr: float, steps: int | Sequence[int]) -> optax.GradientTransformation:
-    """AdamW under `phase_schedule(lr, steps)`, gradients clipped to norm 1."""
+def make_optimizer(
+    lr: float, steps: int | Sequence[int], shared: tuple[int, int] = (0, 0)
+) -> optax.GradientTransformation:
+    """AdamW under `phase_schedule(lr, steps, shared)`, gradients clipped to norm 1."""
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(phase_schedule(lr, steps), 0.9, 0.98, weight_decay=0.01),
+        optax.adamw(phase_schedule(lr, steps, shared), 0.9, 0.98, weight_decay=0.01),
     )
 
 
@@ -213,17 +226,18 @@ def train(
     shape: tuple[int, int] | None = None,
     name: str = "generator",
     trained: Any = nnx.Param,
+    shared: tuple[int, int] = (0, 0),
 ) -> list[float]:
     """Next-token training of `model` in place; returns the loss of every step.
 
     `draw_batch(step)` gives the step's encodings (a pure function of the step, so a run
     resumed from `state_file` draws what the interrupted one would have). `steps`: the steps
-    of each phase (each with its own schedule, `make_optimizer`), or of the one phase. `shape`: every
+    of each phase (their schedules: `phase_schedule`, with `shared`), or of the one phase. `shape`: every
     batch padded to this (length, patches), else to the smallest buckets that fit it.
     `trained`: an nnx filter of the parameters it updates (the others stay as they are)."""
     length, num_patches = shape or (None, None)
     graphdef, params, frozen = nnx.split(model, trained, ...)
-    optimizer = make_optimizer(lr, steps)
+    optimizer = make_optimizer(lr, steps, shared)
     steps = steps if isinstance(steps, int) else sum(steps)
     opt_state, start, losses = optimizer.init(params), 0, []
     if state_file is not None and state_file.is_file():
@@ -362,7 +376,15 @@ def fingerprint(preset: Preset) -> str:
 
 
 # Preset fields the tower's training does not read.
-_NEXT_TOKEN_ONLY = ("phases", "lr", "probe_images", "gated", "corpus_lessons", "checkpoint_every")
+_NEXT_TOKEN_ONLY = (
+    "phases",
+    "shared_schedule",
+    "lr",
+    "probe_images",
+    "gated",
+    "corpus_lessons",
+    "checkpoint_every",
+)
 
 
 def tower_fingerprint(preset: Preset) -> str:
@@ -518,6 +540,7 @@ def pretrain(out: pathlib.Path, preset_name: str) -> dict[str, Any]:
         shape=(LENGTH_BUCKETS[-1], PATCH_BUCKETS[-1]) if preset.fixed_shape else None,
         name="pretrain",
         trained=NEXT_TOKEN_TRAINED,
+        shared=preset.shared_schedule,
     )
     scores = probes.probe(model, processor, preset.seed, preset.probe_images)
     state_dir.mkdir(parents=True, exist_ok=True)

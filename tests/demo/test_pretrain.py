@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -115,3 +116,10 @@ def test_each_phase_warms_up_to_the_peak_again():
     assert first[0] == 0.0 and second[0] == 0.0  # a fresh warmup at the boundary
     assert max(first) == pytest.approx(1e-3) and max(second) == pytest.approx(1e-3)
     assert second[-1] == pytest.approx(1e-3 / 20, rel=0.05)
+
+
+def test_the_first_phases_share_one_schedule_cut_where_they_end():
+    schedule = pretrain.phase_schedule(1e-3, [10, 10, 20], shared=(2, 40))
+    whole = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, 40, 1e-3 / 20)
+    assert [float(schedule(i)) for i in range(20)] == [float(whole(i)) for i in range(20)]
+    assert float(schedule(20)) == 0.0 and float(schedule(21)) > 0.0  # the third phase's own
