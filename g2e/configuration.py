@@ -113,10 +113,11 @@ def _data_config() -> ml_collections.ConfigDict:
             min_pixels=0,
             max_pixels=0,  # 0: the checkpoint's image processor settings
             length_buckets=(128, 256, 512, 1024, 2048),
-            # Embedding (eval, mine, embed, held-out checks) packs several inputs into one row
-            # of this many tokens, each seeing only itself (g2e.data.batching.pack_rows): far
-            # fewer padding slots, the same embeddings. 0: one input per row, padded to its
-            # length bucket. When set, at least max_length and train_max_length.
+            # Embedding (eval, mine, embed, held-out checks) and training pack several inputs
+            # into one row of this many tokens, each seeing only itself (g2e.data.batching.
+            # pack_rows): far fewer padding slots, the same embeddings, loss and gradients.
+            # 0: one input per row, padded to its length bucket. When set, at least
+            # max_length and train_max_length.
             pack_length=0,
             # 2048: a 640x480 photo under `random` has 1,564 patches (4096 would pay 2.6x).
             patch_buckets=(0, 1024, 2048, 4096, 16384),

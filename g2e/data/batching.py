@@ -341,6 +341,35 @@ class Batcher:
         out = self._batch_dict(arrays, position_ids, with_targets=False)
         return out | {"segment_ids": arrays["segment_ids"]}
 
+    def widen_packed(
+        self, batch: dict[str, np.ndarray], *, rows: int, num_patches: int, segments: int
+    ) -> dict[str, np.ndarray]:
+        """A packed batch (`pack`) padded to more rows (dummies, as `pack` makes them), patches
+        and segment slots (unused slots name token 0)."""
+        extra_rows = rows - batch["input_ids"].shape[0]
+        extra_patches = num_patches - batch["pixel_values"].shape[1]
+        extra_slots = segments - batch["last_index"].shape[1]
+        if min(extra_rows, extra_patches, extra_slots) < 0:
+            raise ValueError(
+                f"widen_packed: ({rows}, {num_patches}, {segments}) is smaller than the batch's"
+            )
+        out = {}
+        for name, value in batch.items():
+            widths = [(0, 0)] * value.ndim
+            widths[1 if name == "position_ids" else 0] = (0, extra_rows)
+            if name.startswith("vision_") or name == "pixel_values":
+                widths[1] = (0, extra_patches)
+            elif name == "last_index":
+                widths[1] = (0, extra_slots)
+            fill = self.pad_token_id if name == "input_ids" else 0
+            out[name] = np.pad(value, widths, constant_values=fill)
+        out["attention_mask"][rows - extra_rows :, 0] = 1  # dummies: one attended pad token
+        length = batch["input_ids"].shape[1]
+        self.stats["token_slots"] += extra_rows * length
+        self.stats["patch_slots"] += (rows - extra_rows) * extra_patches + extra_rows * num_patches
+        self.shapes.add((rows, length, num_patches))
+        return out
+
     def _positions_alone(self, items: Sequence[Encoded]) -> np.ndarray:
         """M-RoPE ids [3, N, longest] of each encoding as the only one of its row."""
         longest = max(item.length for item in items)

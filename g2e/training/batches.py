@@ -27,7 +27,7 @@ import numpy as np
 from g2e import distributed
 from g2e.data import prompts
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded
+from g2e.data.batching import Encoded, pack_rows, pick_bucket, segment_bucket
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
@@ -161,14 +161,30 @@ class RowCodec:
     The one path of a training row: `encode` (in a Grain worker) turns row id -> its query
     (query prompt: qry_text, qry_image) and positive (candidate prompt: pos_text, pos_image) as
     `Encoded` items, and its positive id; `collate` pads this process's rows to their own
-    buckets; `shape` gives the length and patch buckets of both sides, which the processes agree
-    on per step (`StepInputs.agree`), and `widen` pads to the agreed ones; `report` (a
-    g2e.data.errors.BadInputReport) applies data.on_bad_input to rows that fail to encode. The
-    train loop needs only these four methods and `report` (the tests' toy codec has the same).
+    buckets; `shape` gives a collated batch's shape (the length and patch buckets of both
+    sides), which the processes agree on per step (`StepInputs.agree`), and `widen` pads to the
+    agreed one; `report` (a g2e.data.errors.BadInputReport) applies data.on_bad_input to rows
+    that fail to encode. The train loop needs only these four methods and `report` (the tests'
+    toy codec has the same).
+
+    `pack_length` (data.pack_length): each side's items are packed into rows of that many
+    tokens (g2e.data.batching.pack_rows), both sides to the same number of rows (a power of two
+    times `row_multiple`, this process's devices on the batch axes); 'query_place' and
+    'candidate_place' [n, 2] give each pair's (row, segment) on its side, and the shape is
+    [query patches, query segments, candidate patches, candidate segments, rows].
     """
 
-    def __init__(self, processor: Processor, rows: Sequence[Any], *, image_root: str | None):
+    def __init__(
+        self,
+        processor: Processor,
+        rows: Sequence[Any],
+        *,
+        image_root: str | None,
+        pack_length: int = 0,
+        row_multiple: int = 1,
+    ):
         self.processor, self.rows, self.image_root = processor, rows, image_root
+        self.pack_length, self.row_multiple = pack_length, row_multiple
 
     @property
     def report(self) -> BadInputReport:
@@ -181,29 +197,75 @@ class RowCodec:
         encode = functools.partial(self.processor.encode, image_root=self.image_root, strict=True)
         return encode(query_item(row)), encode(positive_item(row)), positive_id(row)
 
-    def shape(self, encoded: Sequence[tuple]) -> list[int]:
-        """[query length, query patches, candidate length, candidate patches] buckets."""
-        query = self.processor.batcher.shape_of([e[0] for e in encoded])
-        candidate = self.processor.batcher.shape_of([e[1] for e in encoded])
-        return [*query, *candidate]
+    def shape(self, batch: Mapping[str, Any]) -> list[int]:
+        """The collated `batch`'s shape (see the class docstring)."""
+        query, candidate = batch["query"], batch["candidate"]
+        if not self.pack_length:
+            return [
+                query["input_ids"].shape[1],
+                query["pixel_values"].shape[1],
+                candidate["input_ids"].shape[1],
+                candidate["pixel_values"].shape[1],
+            ]
+        return [
+            query["pixel_values"].shape[1],
+            query["last_index"].shape[1],
+            candidate["pixel_values"].shape[1],
+            candidate["last_index"].shape[1],
+            query["input_ids"].shape[0],
+        ]
 
     def collate(self, encoded: Sequence[tuple]) -> dict[str, Any]:
         """This process's encoded rows as a host batch of their own buckets."""
-        return {
-            "query": self.processor.batcher.collate([e[0] for e in encoded]),
-            "candidate": self.processor.batcher.collate([e[1] for e in encoded]),
-            "ids": np.stack([e[2] for e in encoded]),
-        }
+        ids = np.stack([e[2] for e in encoded])
+        sides = [e[0] for e in encoded], [e[1] for e in encoded]
+        if not self.pack_length:
+            query, candidate = (self.processor.batcher.collate(side) for side in sides)
+            return {"query": query, "candidate": candidate, "ids": ids}
+        capacity = self.processor.batcher.patch_buckets[-1]
+        packed = [pack_rows(side, length=self.pack_length, num_patches=capacity) for side in sides]
+        units = -(-max(len(p) for p in packed) // self.row_multiple)
+        rows = self.row_multiple * segment_bucket(units)
+        out = {"ids": ids}
+        for name, side, groups in zip(("query", "candidate"), sides, packed):
+            most = max(sum(side[i].num_patches for i in group) for group in groups)
+            buckets = self.processor.batcher.patch_buckets
+            out[name] = self.processor.batcher.pack(
+                [[side[i] for i in group] for group in groups],
+                pad_to_batch=rows,
+                length=self.pack_length,
+                num_patches=0 if most == 0 else pick_bucket(most, buckets, "patch"),
+                segments=segment_bucket(max(len(group) for group in groups)),
+            )
+            place = np.zeros((len(side), 2), np.int32)
+            for row, group in enumerate(groups):
+                for segment, i in enumerate(group):
+                    place[i] = row, segment
+            out[f"{name}_place"] = place
+        return out
 
     def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> dict[str, Any]:
         """A collated host batch padded to the agreed (larger or equal) `shape`."""
+        batcher = self.processor.batcher
+        if self.pack_length:
+            query_patches, query_slots, candidate_patches, candidate_slots, rows = shape
+            return {
+                **batch,
+                "query": batcher.widen_packed(
+                    batch["query"], rows=rows, num_patches=query_patches, segments=query_slots
+                ),
+                "candidate": batcher.widen_packed(
+                    batch["candidate"],
+                    rows=rows,
+                    num_patches=candidate_patches,
+                    segments=candidate_slots,
+                ),
+            }
         query_length, query_patches, candidate_length, candidate_patches = shape
         return {
             **batch,
-            "query": self.processor.batcher.widen(
-                batch["query"], length=query_length, num_patches=query_patches
-            ),
-            "candidate": self.processor.batcher.widen(
+            "query": batcher.widen(batch["query"], length=query_length, num_patches=query_patches),
+            "candidate": batcher.widen(
                 batch["candidate"], length=candidate_length, num_patches=candidate_patches
             ),
         }
@@ -300,13 +362,14 @@ class StepInputs:
                 return Prepared(step, rows, None, np.zeros(0, np.int32), error)
             report.handle(value.error)
             rows[position], encoded[index] = self._spare(step, position, rows)
-        shape = np.asarray(self.codec.shape(encoded), np.int32)
+        batch = self.codec.collate(encoded)
+        shape = np.asarray(self.codec.shape(batch), np.int32)
         if shape.size > MAX_SHAPE_VALUES:
             raise ValueError(
                 f"StepInputs: the codec's shape has {shape.size} values, at most "
                 f"{MAX_SHAPE_VALUES} are agreed on"
             )
-        return Prepared(step, rows, self.codec.collate(encoded), shape, None)
+        return Prepared(step, rows, batch, shape, None)
 
     def _spare(self, step: int, position: int, rows: np.ndarray) -> tuple[int, Any]:
         """A row from outside the batch `rows` and its encoding, in place of the bad row at

@@ -146,8 +146,12 @@ def side_flops(
     *,
     train: bool = True,
 ) -> float:
-    """Model FLOPs of one side of a batch (host arrays): text, and each image's tower forward."""
-    lengths = np.asarray(batch["attention_mask"]).sum(axis=-1)
+    """Model FLOPs of one side of a batch (host arrays): text (each example of a packed row
+    on its own), and each image's tower forward."""
+    if "segment_ids" in batch:
+        lengths = _segment_sizes(batch["segment_ids"])
+    else:
+        lengths = np.asarray(batch["attention_mask"]).sum(axis=-1)
     total = text_step_flops(config.text, lengths, adapter, train=train)
     segments = batch.get("vision_segment_ids")
     if segments is not None and np.asarray(segments).size:
@@ -165,8 +169,8 @@ def train_step_flops(
 ) -> float:
     """Model FLOPs of one train step on a host batch {'query', 'candidate', ...} (the rows this
     process holds; multiply by the process count for the global figure)."""
-    rows = len(np.asarray(batch["query"]["attention_mask"]))
-    loss = 2.0 * 3 * rows * rows * config.text.hidden_size  # sims, then dQ and dC
+    pairs = len(np.asarray(batch["ids"]))
+    loss = 2.0 * 3 * pairs * pairs * config.text.hidden_size  # sims, then dQ and dC
     return (
         side_flops(config, batch["query"], adapter)
         + side_flops(config, batch["candidate"], adapter)

@@ -33,7 +33,8 @@ from g2e.models.sharding import batch_dim
 
 Array = jax.Array
 PyTree = Any
-# embed_fn(trainable, frozen, batch, rng) -> [b, D] embeddings of the b examples in `batch`.
+# embed_fn(trainable, frozen, batch, rng) -> [b, D] embeddings of the b examples in `batch`;
+# of a packed batch (b rows of S segment slots each), [b * S, D], row-major.
 EmbedFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], Array]
 # loss_fn(queries [N, D], candidates [N, D], trainable) -> (loss, aux metrics).
 LossFn = Callable[[Array, Array, PyTree], tuple[Array, Mapping[str, Array]]]
@@ -77,7 +78,8 @@ def from_chunk(chunk_batch: Mapping[str, Array]) -> dict[str, Array]:
 
 
 def from_chunks(embeddings: Array, devices: int) -> Array:
-    """[J, G * T, D] chunked embeddings -> [N, D] in the batch's row order."""
+    """[J, G * T, D] chunked embeddings -> [N, D] in the batch's row order (packed rows:
+    [J, G * T * S, D] -> [N * S, D], each row's S slots in a run)."""
     num, gc, dim = embeddings.shape
     x = embeddings.reshape(num, devices, gc // devices, dim).swapaxes(0, 1)
     return x.reshape(num * gc, dim)
@@ -125,7 +127,10 @@ def _accumulate_grads(
     """acc + d(sum(embeddings * cotangents))/d(trainable), one chunk's backward at a time."""
     devices, axes = _layout(mesh, rules)
     chunks = to_chunks(batch, chunk, devices)
-    chunked_cot = to_chunks({"cot": cotangents}, chunk, devices)["cot"]
+    # A packed row holds S examples, and embed_fn gives one embedding per segment slot.
+    key, first = next(iter(batch.items()))
+    slots = cotangents.shape[0] // first.shape[batch_dim(key)]
+    chunked_cot = to_chunks({"cot": cotangents}, chunk * slots, devices)["cot"]
     num = chunked_cot.shape[0]
 
     def body(acc, xs):

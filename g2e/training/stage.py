@@ -324,7 +324,13 @@ def train_model(
         trainable=trainable,
         frozen=frozen,
         schedule=_schedule(config, rows, clusters, mesh, rules),
-        codec=batches.RowCodec(processor, rows, image_root=config.data.train_image_root or None),
+        codec=batches.RowCodec(
+            processor,
+            rows,
+            image_root=config.data.train_image_root or None,
+            pack_length=config.data.pack_length,
+            row_multiple=sharding.batch_devices(mesh, rules, per_process=True),
+        ),
         mesh=mesh,
         workdir=workdir,
         rules=rules,
@@ -424,13 +430,14 @@ def model_step_fns(
         model = nnx.merge(graphdef, nnx.State(trainable), prepared["state"])
         fields = dict(batch)
         tokens = fields.pop("vision_tokens", None)
-        return model.embed(
+        embeddings = model.embed(
             fields,
             deterministic=False,
             rng=rng,
             vision_tokens=tokens,
             dora_norms=prepared["dora_norms"],
         )
+        return embeddings.reshape(-1, embeddings.shape[-1])  # packed: [rows * S, D]
 
     return prepare, embed
 

@@ -156,6 +156,10 @@ def _loss_and_grads(
         return setup.embed_fn(params["model"], frozen_params, model_batch, key)
 
     def contrastive(queries, candidates, params):
+        queries, candidates = (
+            _pairs_of(embeddings, batch, side)
+            for embeddings, side in ((queries, "query"), (candidates, "candidate"))
+        )
         loss, accuracy = loss_lib.infonce(
             queries,
             candidates,
@@ -181,6 +185,21 @@ def _loss_and_grads(
             rules=setup.rules,
         )
     return gradcache.direct_loss_and_grads(embed, contrastive, params, frozen, batch, rng)
+
+
+def _pairs_of(embeddings: jax.Array, batch: Mapping[str, Any], side: str) -> jax.Array:
+    """One side's [N, D] embeddings in pair order. A packed side (g2e.training.batches.RowCodec
+    with data.pack_length) embeds [rows * S, D] segment slots, and batch['<side>_place'] [N, 2]
+    says each pair's (row, segment) within its process's rows (processes' rows one after
+    another, as g2e.distributed.put_batch lays them out)."""
+    place = batch.get(f"{side}_place")
+    if place is None:
+        return embeddings
+    rows, slots = batch[side]["last_index"].shape
+    pairs, processes = place.shape[0], jax.process_count()
+    process = jnp.arange(pairs) // (pairs // processes)
+    row = process * (rows // processes) + place[:, 0]
+    return jnp.take(embeddings, row * slots + place[:, 1], axis=0)
 
 
 def jit_step(setup: StepSetup, state_sharding: PyTree) -> Any:
@@ -329,7 +348,8 @@ class CompiledSteps:
 
     def _choose(self, state, frozen, batch) -> Compiled:
         devices = sharding.batch_devices(self.setup.mesh, self.setup.rules)
-        rows = batch["ids"].shape[0] // devices  # per device, each side
+        key, first = next(iter(batch["query"].items()))
+        rows = first.shape[sharding.batch_dim(key)] // devices  # per device, each side
         if rows in self._plans:
             return self._compile(state, frozen, batch, *self._plans[rows])
         compiled = self._search(state, frozen, batch, rows)

@@ -95,5 +95,6 @@ def test_a_train_step_counts_about_twice_its_forward_with_adapters():
     assert 2.0 < step / forward < 2.3  # frozen base: no weight gradients
     assert 2.9 < full / flops.text_step_flops(CONFIG.text, lengths, None, train=False) <= 3.0
     batch = {"query": _text_batch(lengths, 100), "candidate": _text_batch(lengths[::-1], 100)}
+    batch["ids"] = np.arange(len(lengths))
     total = flops.train_step_flops(CONFIG, batch, adapter)
     assert total > 2 * step

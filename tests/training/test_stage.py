@@ -197,7 +197,7 @@ def test_row_codec_ids_agreed_shapes_and_widening(assets):
     ids = batch["ids"]
     assert ids.shape == (5, 2) and ids.dtype == np.int32
     assert (ids[4] == ids[1]).all() and len({tuple(i) for i in ids[:4]}) == 4
-    shape = codec.shape(encoded)
+    shape = codec.shape(batch)
     wider = codec.widen(batch, [128, 128, 128, 128])
     assert wider["query"]["input_ids"].shape[1] == 128 and shape[0] <= 128
     model = _model(assets / "model", "lora")

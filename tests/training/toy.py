@@ -64,8 +64,8 @@ class Codec:
             time.sleep(self.delay)
         return row
 
-    def shape(self, encoded):
-        return [len(encoded)]
+    def shape(self, batch):
+        return [len(batch["ids"])]
 
     def collate(self, encoded):
         rows = np.asarray(encoded, np.int64)
