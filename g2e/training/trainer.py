@@ -148,7 +148,9 @@ def _next_batch(run: Run, inputs: batches.StepInputs, step: int, stop_requested:
         if "attention_mask" in host[side]
     )
     model_flops = run.model_flops(host) * jax.process_count() if run.model_flops else 0.0
-    device = distributed.put_batch(host, run.mesh, run.rules, global_rows=run.schedule.batch_size)
+    # Every process holds an equal share (local_row_range) of each field's rows: the pairs'
+    # fields (ids, <side>_place) and the sides' rows, which packed rows make fewer.
+    device = distributed.put_batch(host, run.mesh, run.rules)
     return _Batch(prepared.rows, device, tokens * jax.process_count(), model_flops, stop)
 
 
