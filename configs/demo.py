@@ -40,8 +40,10 @@ def get_config():
     config.mine.batch_size = 32  # per device, as eval.batch_size
     config.mine.judge_batch_size = 16  # Pairs per device and judge step, from many anchors.
 
-    config.train.steps = 200
-    config.train.lr = 2e-4
+    # Tuned with the committed generator: at lr 2e-4 in-batch accuracy stayed at chance for
+    # 200 steps; at 1e-3 it rises within 50.
+    config.train.steps = 150
+    config.train.lr = 1e-3
     config.train.warmup_steps = 5
     config.train.global_batch = 16  # 4 clusters of 4 rows, on however many devices
     config.train.cluster_size = 4
@@ -54,11 +56,6 @@ def get_config():
 
     config.export.dtype = "float32"
 
-    # The tiny generator: 4 layers of width 128 (vision 4 x 64), 450 next-token steps.
-    config.demo.hidden_size = 128
-    config.demo.num_layers = 4
-    config.demo.vision_width = 64
-    config.demo.generator_steps = 450
     # 200 queries per evaluation subset: every meta-task's 95% interval within about +-5.
     config.demo.eval_queries = 200
     return config

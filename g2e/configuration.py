@@ -229,20 +229,21 @@ def _demo_config() -> ml_collections.ConfigDict:
             eval_queries=60,
             scale=1.0,
             # 'asset': copy the committed pre-trained generator (g2e/demo/assets/generator, made
-            # by `python -m g2e.demo.pretrain`; not committed yet: its probes do not pass);
-            # 'train': train one on the mini-MMEB's rows (CI's toy runs; the keys below).
-            generator="train",
+            # by `python -m g2e.demo.pretrain`); its widths are the ones below.
+            # 'train': train one on the mini-MMEB's rows for generator_steps (CI's toy runs,
+            # which set smaller widths).
+            generator="asset",
             generator_steps=300,
             generator_lr=3e-3,
             generator_batch_size=16,
             # Judge-format yes/no lessons per training subset, from freshly drawn rows.
             matching_lessons=100,
             vocab_size=1024,
-            hidden_size=64,
-            num_layers=2,
+            hidden_size=128,
+            num_layers=4,
             heads=4,
             kv_heads=2,
-            vision_width=32,
+            vision_width=64,
         )
     )
 
