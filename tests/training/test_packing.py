@@ -10,22 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
+from g2e import distributed
 from g2e.data.preprocess import Processor
-from g2e.demo import mini_mmeb, tiny
 from g2e.models import sharding
 from g2e.training import batches
 from g2e.training import loss as loss_lib
 from g2e.training import stage as training_stage
 from g2e.training import step as step_lib
-from tests.training.test_stage import _model, _rows
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mini")
-    mini_mmeb.build(str(root / "data"), seed=0, train_rows=12, eval_queries=2, candidates=2)
-    tiny.write_assets(root / "model")
-    return root
+from tests.training.test_stage import _model, _rows, move_adapters
 
 
 def _codec(assets, rows, pack_length, row_multiple=1):
@@ -64,8 +56,6 @@ def _loss_and_grads(model, batch, mesh, chunk):
     if mesh is None:
         return jax.jit(run)(params, frozen, batch)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
-        from g2e import distributed
-
         placed = distributed.put_batch(batch, mesh, sharding.DEFAULT_RULES)
         return jax.jit(run)(params, frozen, placed)
 
@@ -75,12 +65,7 @@ def _loss_and_grads(model, batch, mesh, chunk):
 )
 def test_packed_rows_train_like_one_row_per_example(assets, devices, chunk):
     model = _model(assets / "model", "dora", dropout=0.0)
-    _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
-    keys = iter(jax.random.split(jax.random.key(5), 64))
-    nnx.update(
-        model,
-        jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
-    )
+    move_adapters(model)
     rows = _rows(assets)[:8]
     mesh = None
     if devices > 1:

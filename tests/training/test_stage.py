@@ -19,7 +19,7 @@ from g2e.data import mmeb, prompts
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
 from g2e.data.preprocess import Processor
-from g2e.demo import mini_mmeb, tiny, wording
+from g2e.demo import mini_mmeb, wording
 from g2e.mining import stage as mine_stage
 from g2e.models import lora, sharding
 from g2e.models.config import Qwen2VLConfig
@@ -28,14 +28,6 @@ from g2e.pipeline import Pipeline
 from g2e.training import batches
 from g2e.training import loss as loss_lib
 from g2e.training import stage as training_stage
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mini")
-    mini_mmeb.build(str(root / "data"), seed=0, train_rows=12, eval_queries=2, candidates=2)
-    tiny.write_assets(root / "model")
-    return root
 
 
 def _model(model_dir, kind="dora", dropout=0.0, seed=0):
@@ -78,16 +70,20 @@ def _distinct_captions(rows):
     return kept
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_merged_model_embeds_like_the_adapted_one(assets, kind):
-    model = _model(assets / "model", kind)
-    # Move the adapters off their identity initialisation.
+def move_adapters(model, seed: int = 5) -> None:
+    """Moves the adapters off their identity initialisation (random steps of 0.2)."""
     _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
-    keys = iter(jax.random.split(jax.random.key(5), 64))
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
     nnx.update(
         model,
         jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), adapters),
     )
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merged_model_embeds_like_the_adapted_one(assets, kind):
+    model = _model(assets / "model", kind)
+    move_adapters(model)
     rows = _rows(assets)[:3]
     codec = batches.RowCodec(_processor(assets / "model"), rows, image_root=None)
     batch = codec.collate([codec.encode(i) for i in range(3)])
