@@ -115,8 +115,8 @@ class BatchRunner:
         self.pack_length = pack_length
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
-        devices = sharding.batch_devices(mesh, self.rules, per_process=True)
-        self.batch_size = -(-batch_size // devices) * devices
+        self.devices = sharding.batch_devices(mesh, self.rules, per_process=True)
+        self.batch_size = -(-batch_size // self.devices) * self.devices
         self._step = jax.jit(step, static_argnums=0)
         self.peak_prepared = 0  # the most prepared inputs this runner held at once
         self.pool = workers_lib.Pool(workers) if pool is None else pool
@@ -196,19 +196,24 @@ class BatchRunner:
 
     def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
         """The window's encodings packed into rows of `pack_length` tokens and at most the
-        largest patch bucket, `batch_size` rows a step; a step's shape is (pack_length, its
-        patch bucket, its segment slots)."""
+        largest patch bucket; rows of similar patch counts together, `batch_size` rows a step
+        (the last step: the fewest that hold its rows, a power of two times this process's
+        devices). A step's shape is (pack_length, patch bucket, segment slots, rows)."""
         buckets = self.processor.batcher.patch_buckets
         encodings = [e for _, e in window]
+        patches_of = lambda row: sum(encodings[i].num_patches for i in row)  # noqa: E731
         rows = pack_rows(encodings, length=self.pack_length, num_patches=buckets[-1])
+        rows.sort(key=patches_of)
         steps = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            patches = max(sum(encodings[i].num_patches for i in row) for row in chunk)
+            patches = max(patches_of(row) for row in chunk)
+            units = -(-len(chunk) // self.devices)
             shape = (
                 self.pack_length,
                 0 if patches == 0 else pick_bucket(patches, buckets, "patch"),
                 segment_bucket(max(len(row) for row in chunk)),
+                min(self.devices * segment_bucket(units), self.batch_size),
             )
             indices = [[window[i][0] for i in row] for row in chunk]
             steps.append(_Step(indices, [[encodings[i] for i in row] for row in chunk], shape))
@@ -218,7 +223,7 @@ class BatchRunner:
         """The shape of every step of this window, the same on all processes: per dimension
         the largest any process's step needs (not the largest pair)."""
         (count,) = distributed.max_across_processes([len(steps)])
-        width = 3 if self.pack_length else 2
+        width = 4 if self.pack_length else 2
         shapes = np.zeros((count, width), np.int32)  # Steps past a process's own feed padding.
         for number, step in enumerate(steps):
             shapes[number] = step.shape
@@ -230,10 +235,10 @@ class BatchRunner:
         rows = [] if step is None else step.rows
         batcher = self.processor.batcher
         if self.pack_length:
-            length, patches, segments = shape
+            length, patches, segments, step_rows = shape
             return batcher.pack(
                 rows,
-                pad_to_batch=self.batch_size,
+                pad_to_batch=step_rows,
                 length=length,
                 num_patches=patches,
                 segments=segments,
@@ -305,9 +310,9 @@ class BatchRunner:
         (widened to the result's trailing shape on first use)."""
         rows = distributed.local_rows(result) if self.mesh is not None else np.asarray(result)
         rows = np.asarray(rows, np.float32)
+        slots = step.slots(rows_of=rows.shape[1] if self.pack_length else 1)
         if self.pack_length:  # [B, S, ...] -> one output per segment slot
             rows = rows.reshape((-1,) + rows.shape[2:])
-        slots = step.slots(rows_of=rows.shape[0] // self.batch_size)
         if out.shape[1:] != rows.shape[1:]:
             out = np.full((len(out),) + rows.shape[1:], np.nan, np.float32)
         out[slots[slots >= 0]] = rows[: len(slots)][slots >= 0]

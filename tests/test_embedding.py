@@ -133,6 +133,17 @@ def test_packed_rows_give_each_input_the_embedding_it_has_alone(checkpoint, mode
     assert packed["token_padding_fraction"] < one_per_row.padding_report()["token_padding_fraction"]
 
 
+def test_a_packed_step_has_only_the_rows_it_needs(checkpoint, model, alone):
+    """Seven inputs pack into three rows: one step of 4 rows (a power of two), not of the
+    batch's 16 rows of dummies; the embeddings are unchanged."""
+    items = make_items()
+    proc = processor(checkpoint[1])
+    embedder = Embedder(model, proc, mesh=None, batch_size=16, progress=False, pack_length=256)
+    np.testing.assert_allclose(embedder(items), alone, atol=1e-5, rtol=0)
+    (shape,) = proc.padding_report()["shapes"]
+    assert shape[:2] == (4, 256)
+
+
 @pytest.mark.parametrize(
     "mesh_shape, pack_length",
     [((8, 1, 1), 0), ((2, 2, 2), 0), ((2, 2, 2), 256)],
