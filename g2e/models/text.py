@@ -13,6 +13,9 @@ and DoRA's weight norms can be computed once per step (`TextDecoder.dora_norms`)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -42,6 +45,26 @@ def remat_policy(name: str):
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
     return REMAT_POLICIES[name]
+
+
+# The remat policy of decoders traced inside `remat_override` (None: each decoder's own).
+_REMAT_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "remat_override", default=None
+)
+
+
+@contextlib.contextmanager
+def remat_override(name: str | None) -> Iterator[None]:
+    """Within, every TextDecoder traced rematerialises its layers per policy `name` (None:
+    its own `remat`). The train step's `train.backprop=auto` chooses one per batch shape
+    (g2e.training.step.CompiledSteps) without rebuilding the model."""
+    if name is not None:
+        remat_policy(name)
+    token = _REMAT_OVERRIDE.set(name)
+    try:
+        yield
+    finally:
+        _REMAT_OVERRIDE.reset(token)
 
 
 class RMSNorm(nnx.Module):
@@ -511,7 +534,8 @@ class TextDecoder(nnx.Module):
         return pooled if pool_index.ndim == 2 else pooled[:, 0]
 
     def _scan_body(self, graphdef, rows, segment_ids, *, cos, sin, deterministic, use_rng):
-        """The lax.scan body that applies one stacked layer (rematerialised per `self.remat`)."""
+        """The lax.scan body that applies one stacked layer (rematerialised per `self.remat`,
+        or per the policy of an enclosing `remat_override`)."""
 
         def body(x, scanned):
             state, layer_rng, norms = scanned
@@ -528,6 +552,7 @@ class TextDecoder(nnx.Module):
             )
             return x, None
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
+        remat = _REMAT_OVERRIDE.get() or self.remat
+        if remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
         return body

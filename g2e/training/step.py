@@ -12,14 +12,20 @@ Dropout draws from an 'rbg' key (the backend's fast generator) seeded from the s
 key, so a run is reproducible on one platform.
 
 `CompiledSteps` compiles the step once per batch shape (`jit(...).lower(...).compile()`) and
-chooses how it backpropagates (`train.backprop`):
-  'auto':      the direct step, if XLA's memory analysis of it fits the device's memory
+chooses how it backpropagates (`train.backprop`) and, under 'auto', how the text decoder's
+layers are rematerialised:
+  'auto':      for each remat policy of REMAT_LADDER, the least recomputation first: the
+               direct step, if XLA's memory analysis of it fits the device's memory
                (`train.memory_limit_gb`, 0: what the device reports; CPUs report none, so
                always); else GradCache, with chunks of `train.query_chunk` /
                `train.candidate_chunk` rows per device, or, where those are 0, the largest
-               that the direct step's memory per row says fits;
-  'direct':    always the direct step;
-  'gradcache': always GradCache (chunks as under 'auto').
+               that this direct step's memory per row says fit, if they fit and hold at least
+               MIN_CHUNK rows (or the whole side); else the next policy. The last policy
+               takes GradCache with the smallest chunks that fit (or 1 row).
+  'direct':    always the direct step, with the model's own remat (model.remat);
+  'gradcache': always GradCache (chunks as under 'auto'), with the model's own remat.
+The choice is made once for each number of rows per device and reused by every later shape
+with as many rows, so a run compiles each shape once.
 The compiled executable also gives the step's hardware FLOPs (g2e.training.flops.hlo_flops).
 The step is traced with the mesh and the logical-axis rules set (`compile_step`), so the model's
 activation constraints (`sharding.constrain`) take effect.
@@ -42,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from g2e.models import sharding
+from g2e.models import text as text_lib
 from g2e.training import flops as flops_lib
 from g2e.training import gradcache
 from g2e.training import loss as loss_lib
@@ -50,6 +57,11 @@ PyTree = Any
 # prepare_fn(trainable, frozen, batch) -> (what embed_fn gets as `frozen`, the batch to embed).
 PrepareFn = Callable[[PyTree, PyTree, Mapping[str, Any]], tuple[PyTree, Mapping[str, Any]]]
 BACKPROP = ("auto", "direct", "gradcache")
+# Remat policies 'auto' tries, the least recomputation first (g2e.models.text.REMAT_POLICIES).
+REMAT_LADDER = ("none", "dots", "full")
+# Rows per device of a GradCache chunk below which 'auto' tries a heavier remat policy first:
+# thinner chunks leave an accelerator's matmuls too small to run near peak.
+MIN_CHUNK = 8
 # Share of the device's memory a compiled step may plan to use (the rest: fragmentation).
 _MEMORY_HEADROOM = 0.9
 
@@ -63,6 +75,7 @@ class StepSetup:
     the model's activation constraints apply.
     query_chunk / candidate_chunk: rows per device per GradCache chunk; 0 backpropagates
     through the whole batch at once.
+    remat: the text decoder's remat policy in this step (None: the model's own).
     """
 
     embed_fn: gradcache.EmbedFn
@@ -74,6 +87,7 @@ class StepSetup:
     query_chunk: int = 0
     candidate_chunk: int = 0
     prepare_fn: PrepareFn | None = None
+    remat: str | None = None
 
     @property
     def batch_axes(self) -> tuple[str, ...]:
@@ -217,21 +231,30 @@ def compile_step(jitted: Any, setup: StepSetup, state: PyTree, frozen: PyTree, b
     traced under the mesh and the logical-axis rules, so the model's activation constraints
     apply: without them GSPMD may, under fsdp, gather a whole chunk's activations onto every
     device rather than the layer's weights."""
-    with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    with (
+        jax.set_mesh(setup.mesh),
+        nnx.logical_axis_rules(setup.rules),
+        text_lib.remat_override(setup.remat),
+    ):
         return jitted.lower(state, frozen, batch).compile()
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """One compiled step: the executable, how it backpropagates, its per-device memory plan
-    (bytes) and hardware FLOPs."""
+    """One compiled step: the executable, how it backpropagates, its remat policy (None: the
+    model's own), its per-device memory plan (bytes) and hardware FLOPs."""
 
     executable: Any
     backprop: str
     query_chunk: int
     candidate_chunk: int
+    remat: str | None
     memory_bytes: int
     hardware_flops: float
+
+    @property
+    def plan(self) -> tuple[int, int, str | None]:
+        return self.query_chunk, self.candidate_chunk, self.remat
 
 
 def memory_bytes(compiled: Any) -> int:
@@ -281,11 +304,11 @@ class CompiledSteps:
         self.setup, self.state_sharding = setup, state_sharding
         self.backprop, self.memory_limit = backprop, memory_limit
         self.chunks = (query_chunk, candidate_chunk)
-        self._jitted: dict[tuple[int, int], Any] = {}  # one jit per chunk choice
+        self._jitted: dict[tuple, Any] = {}  # one jit per plan (chunks, remat)
         self._cache: dict[tuple, Compiled] = {}  # one executable per batch shape
-        # rows per device -> the (query, candidate) chunks chosen for the first shape with
-        # that many rows: later shapes compile only that plan, never one ruled out.
-        self._plans: dict[int, tuple[int, int]] = {}
+        # (query rows, candidate rows) per device -> the plan chosen for the first shape with
+        # those rows: later shapes compile only that plan, never one ruled out.
+        self._plans: dict[tuple[int, int], tuple[int, int, str | None]] = {}
         self.compilations = 0  # programs compiled, tried plans included
 
     @property
@@ -307,11 +330,12 @@ class CompiledSteps:
             self._cache[key] = self._choose(state, frozen, batch)
             chosen = self._cache[key]
             logging.info(
-                "train step: %s backprop (chunks %d/%d), %.2f GiB per device planned, "
-                "%.3g hardware FLOPs per device",
+                "train step: %s backprop (chunks %d/%d), remat %s, %.2f GiB per device "
+                "planned, %.3g hardware FLOPs per device",
                 chosen.backprop,
                 chosen.query_chunk,
                 chosen.candidate_chunk,
+                chosen.remat or "of the model",
                 chosen.memory_bytes / 2**30,
                 chosen.hardware_flops,
             )
@@ -322,20 +346,23 @@ class CompiledSteps:
     ) -> tuple[PyTree, dict[str, jax.Array]]:
         return self.get(state, frozen, batch).executable(state, frozen, batch)
 
-    def _compile(self, state, frozen, batch, query_chunk: int, candidate_chunk: int) -> Compiled:
+    def _compile(
+        self, state, frozen, batch, query_chunk: int, candidate_chunk: int, remat: str | None
+    ) -> Compiled:
+        plan = (query_chunk, candidate_chunk, remat)
         setup = dataclasses.replace(
-            self.setup, query_chunk=query_chunk, candidate_chunk=candidate_chunk
+            self.setup, query_chunk=query_chunk, candidate_chunk=candidate_chunk, remat=remat
         )
-        if (query_chunk, candidate_chunk) not in self._jitted:
-            self._jitted[query_chunk, candidate_chunk] = jit_step(setup, self.state_sharding)
-        jitted = self._jitted[query_chunk, candidate_chunk]
-        executable = compile_step(jitted, setup, state, frozen, batch)
+        if plan not in self._jitted:
+            self._jitted[plan] = jit_step(setup, self.state_sharding)
+        executable = compile_step(self._jitted[plan], setup, state, frozen, batch)
         self.compilations += 1
         return Compiled(
             executable,
             "gradcache" if query_chunk else "direct",
             query_chunk,
             candidate_chunk,
+            remat,
             memory_bytes(executable),
             flops_lib.hlo_flops(executable.as_text()),
         )
@@ -348,45 +375,79 @@ class CompiledSteps:
 
     def _choose(self, state, frozen, batch) -> Compiled:
         devices = sharding.batch_devices(self.setup.mesh, self.setup.rules)
-        key, first = next(iter(batch["query"].items()))
-        rows = first.shape[sharding.batch_dim(key)] // devices  # per device, each side
+        rows = tuple(_rows(batch[side]) // devices for side in ("query", "candidate"))  # per device
         if rows in self._plans:
             return self._compile(state, frozen, batch, *self._plans[rows])
         compiled = self._search(state, frozen, batch, rows)
-        self._plans[rows] = (compiled.query_chunk, compiled.candidate_chunk)
+        self._plans[rows] = compiled.plan
         return compiled
 
-    def _search(self, state, frozen, batch, rows: int) -> Compiled:
-        """The first plan that fits: direct (unless GradCache is asked for), then GradCache
-        with the largest chunks that divide `rows` and, by the direct plan's memory, fit."""
-        direct = None
-        if self.backprop != "gradcache" or not all(self.chunks):
-            direct = self._compile(state, frozen, batch, 0, 0)
-            if self.backprop == "direct" or (self.backprop == "auto" and self._fits(direct)):
+    def _search(self, state, frozen, batch, rows: tuple[int, int]) -> Compiled:
+        """The first plan that fits (module docstring): per remat policy (under 'auto'), the
+        direct step, then GradCache with the largest chunks that, by that direct step's
+        memory, fit."""
+        if self.backprop == "direct":
+            return self._compile(state, frozen, batch, 0, 0, None)
+        if self.backprop == "gradcache" and all(self.chunks):
+            return self._compile(state, frozen, batch, *self.chunks, None)
+        ladder = REMAT_LADDER if self.backprop == "auto" else (None,)
+        for remat in ladder:
+            last = remat == ladder[-1]
+            direct = self._compile(state, frozen, batch, 0, 0, remat)
+            if self.backprop == "auto" and self._fits(direct):
                 return direct
-        sized = [d for d in range(rows, 0, -1) if rows % d == 0]
-        if direct is not None and self.memory_limit is not None:
-            # Both sides' activations scale with rows; a chunk holds one side's T rows.
-            per_row = max(1, direct.memory_bytes - _argument_bytes(direct)) / (2 * rows)
-            room = _MEMORY_HEADROOM * self.memory_limit - _argument_bytes(direct)
-            sized = [d for d in sized if d * per_row * 2 <= room] or [1]
-        compiled = None
-        for chunk in sized[:3]:
-            query_chunk = self.chunks[0] or chunk
-            candidate_chunk = self.chunks[1] or chunk
-            compiled = self._compile(state, frozen, batch, query_chunk, candidate_chunk)
-            if self._fits(compiled) or all(self.chunks):
-                return compiled
-        logging.warning(
-            "train step: GradCache with chunks %d/%d plans %.2f GiB per device, "
-            "over the limit of %.2f GiB; lower train.query_chunk / candidate_chunk "
-            "or use remat",
-            compiled.query_chunk,
-            compiled.candidate_chunk,
-            compiled.memory_bytes / 2**30,
-            self.memory_limit / 2**30,
-        )
+            sized = self._chunk_sizes(direct, rows)
+            thin = any(
+                not fixed and size[0] < min(MIN_CHUNK, side)
+                for fixed, size, side in zip(self.chunks, sized, rows)
+            )
+            if thin and not last:
+                continue  # a heavier policy may fit thicker chunks
+            # The three largest fitting chunks of each side, without repeats.
+            choices = dict.fromkeys(
+                tuple(
+                    fixed or size[min(choice, len(size) - 1)]
+                    for fixed, size in zip(self.chunks, sized)
+                )
+                for choice in range(3)
+            )
+            for query_chunk, candidate_chunk in choices:
+                compiled = self._compile(state, frozen, batch, query_chunk, candidate_chunk, remat)
+                if self._fits(compiled):
+                    break
+            if self._fits(compiled) or last:
+                break
+        if not self._fits(compiled):
+            logging.warning(
+                "train step: GradCache with chunks %d/%d and remat %s plans %.2f GiB per "
+                "device, over the limit of %.2f GiB; lower train.query_chunk / "
+                "candidate_chunk",
+                compiled.query_chunk,
+                compiled.candidate_chunk,
+                compiled.remat or "of the model",
+                compiled.memory_bytes / 2**30,
+                self.memory_limit / 2**30,
+            )
         return compiled
+
+    def _chunk_sizes(self, direct: Compiled, rows: tuple[int, int]) -> list[list[int]]:
+        """Per side, the divisors of its rows per device, largest first, that `direct`'s
+        memory per row says fit in a GradCache chunk (all of them without a memory limit;
+        at least [1])."""
+        sized = [[d for d in range(side, 0, -1) if side % d == 0] for side in rows]
+        if self.memory_limit is None:
+            return sized
+        # Activations scale with rows (both sides'); a chunk holds one side's T rows, and
+        # its backward pass about as much again.
+        per_row = max(1, direct.memory_bytes - _argument_bytes(direct)) / sum(rows)
+        room = _MEMORY_HEADROOM * self.memory_limit - _argument_bytes(direct)
+        return [[d for d in side if d * per_row * 2 <= room] or [1] for side in sized]
+
+
+def _rows(side: Mapping[str, Any]) -> int:
+    """The rows of one side of a batch (its first field's batch dimension)."""
+    key, first = next(iter(side.items()))
+    return first.shape[sharding.batch_dim(key)]
 
 
 def _argument_bytes(compiled: Compiled) -> int:

@@ -199,3 +199,58 @@ def test_bf16_model_trains_its_adapters_like_float32():
             f"float32 {float(reference):.4g}, ratio {ratio:.3f}"
         )
         assert 0.9 <= ratio <= 1.1, (name, ratio, distance)
+
+
+def test_auto_backprop_picks_the_lightest_remat_that_fits():
+    """train.backprop=auto with a memory limit the direct step without remat exceeds: it picks
+    a heavier remat policy of the text decoder (one that fits, lighter than 'full' when one
+    does), without rebuilding the model, and that step trains exactly as the one without."""
+    model = _model()
+    graphdef, trainable, frozen = training_stage.split_model(model, full=False)
+    prepare, embed = training_stage.model_step_fns(graphdef)
+    cfg = dict(lr=1e-3, warmup_steps=0, steps=100, weight_decay=0.0, grad_clip=1.0)
+    opt, schedule = optimizer.make_optimizer(type("Cfg", (), cfg))
+    config = loss_lib.LossConfig(0.05)
+    mesh = jax.make_mesh(
+        (1, 1, 1),
+        ("data", "fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 3,
+        devices=jax.devices()[:1],
+    )
+    setup = step.StepSetup(
+        embed_fn=embed,
+        loss_config=config,
+        optimizer=opt,
+        schedule=schedule,
+        mesh=mesh,
+        prepare_fn=prepare,
+    )
+    replicated = NamedSharding(mesh, P())
+    batch = jax.device_put(_batch(), replicated)
+
+    def fresh_state():  # the step donates its state
+        state = step.init_state(jax.tree.map(jnp.copy, trainable), opt, 0, config)
+        return jax.device_put(state, replicated)
+
+    shardings = jax.tree.map(lambda x: x.sharding, fresh_state())
+    probe = step.CompiledSteps(setup, shardings)
+    planned = {
+        remat: probe._compile(fresh_state(), frozen, batch, 0, 0, remat).memory_bytes
+        for remat in step.REMAT_LADDER
+    }
+    print("per-device memory planned by remat:", planned)
+    assert planned["full"] < planned["none"]  # the override reaches the decoder's scan
+    limit = int(planned["none"] / 0.9) - 1  # just under what the step without remat needs
+    steps = step.CompiledSteps(setup, shardings, memory_limit=limit)
+    chosen = steps.get(fresh_state(), frozen, batch)
+    fitting = [r for r in step.REMAT_LADDER if planned[r] <= 0.9 * limit]
+    assert (chosen.backprop, chosen.remat) == ("direct", fitting[0])
+    plain = step.CompiledSteps(setup, shardings, backprop="direct")
+    (new, metrics), (reference, reference_metrics) = (
+        compiled(fresh_state(), frozen, batch) for compiled in (steps, plain)
+    )
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(metrics[key]), float(reference_metrics[key]), rtol=1e-5)
+    # One Adam step of about lr = 1e-3 per entry; float32 reassociation moves it by < 1e-5.
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
