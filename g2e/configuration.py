@@ -170,9 +170,11 @@ def _train_config() -> ml_collections.ConfigDict:
             # §3.1). Training on random batches (train_random) uses every row either way.
             keep_unclustered_rows=True,
             # 'auto': backpropagate through the whole batch when XLA's memory plan of that step
-            # fits memory_limit_gb (0: the device's own limit), else GradCache; 'direct' or
-            # 'gradcache' force one. GradCache chunks are rows per device; 0 sizes them from
-            # the direct step's memory per row.
+            # fits memory_limit_gb (0: the device's own limit), else GradCache, and choose the
+            # text decoder's remat policy with it, the least recomputation that fits
+            # (g2e.training.step); 'direct' or 'gradcache' force one, with model.remat.
+            # GradCache chunks are rows per device; 0 sizes them from the direct step's memory
+            # per row.
             backprop="auto",
             query_chunk=0,
             candidate_chunk=0,
