@@ -196,27 +196,33 @@ class BatchRunner:
 
     def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
         """The window's encodings packed into rows of `pack_length` tokens and at most the
-        largest patch bucket; rows of similar patch counts together, `batch_size` rows a step
-        (the last step: the fewest that hold its rows, a power of two times this process's
-        devices). A step's shape is (pack_length, patch bucket, segment slots, rows)."""
+        largest patch bucket; the rows grouped by their patch bucket (text-only rows apart
+        from image rows), each group cut into steps of at most `batch_size` rows, a step the
+        fewest rows that hold its own (a power of two times this process's devices). A step's
+        shape is (pack_length, patch bucket, segment slots, rows)."""
         buckets = self.processor.batcher.patch_buckets
         encodings = [e for _, e in window]
-        patches_of = lambda row: sum(encodings[i].num_patches for i in row)  # noqa: E731
+
+        def bucket(row: list[int]) -> int:
+            patches = sum(encodings[i].num_patches for i in row)
+            return 0 if patches == 0 else pick_bucket(patches, buckets, "patch")
+
         rows = pack_rows(encodings, length=self.pack_length, num_patches=buckets[-1])
-        rows.sort(key=patches_of)
         steps = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            patches = max(patches_of(row) for row in chunk)
-            units = -(-len(chunk) // self.devices)
-            shape = (
-                self.pack_length,
-                0 if patches == 0 else pick_bucket(patches, buckets, "patch"),
-                segment_bucket(max(len(row) for row in chunk)),
-                min(self.devices * segment_bucket(units), self.batch_size),
-            )
-            indices = [[window[i][0] for i in row] for row in chunk]
-            steps.append(_Step(indices, [[encodings[i] for i in row] for row in chunk], shape))
+        for patches, group in itertools.groupby(sorted(rows, key=bucket), key=bucket):
+            group = list(group)
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                units = -(-len(chunk) // self.devices)
+                shape = (
+                    self.pack_length,
+                    patches,
+                    segment_bucket(max(len(row) for row in chunk)),
+                    min(self.devices * segment_bucket(units), self.batch_size),
+                )
+                indices = [[window[i][0] for i in row] for row in chunk]
+                rows_here = [[encodings[i] for i in row] for row in chunk]
+                steps.append(_Step(indices, rows_here, shape))
         return steps
 
     def _agree(self, steps: list[_Step]) -> list[tuple[int, ...]]:
