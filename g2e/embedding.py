@@ -54,20 +54,23 @@ def rows_per_step(per_device: int, mesh: jax.sharding.Mesh | None, rules: shardi
     return int(per_device) * sharding.batch_devices(mesh, rules, per_process=True)
 
 
+_END = object()  # the end of an encoding stream
+
+
 class BatchRunner:
     """Runs a jitted `step(graphdef, state, batch) -> [B, ...]` over host-encoded inputs.
 
     A stream, not a load: inputs are encoded by the runner's worker pool (one per runner, so
     one per stage: `g2e.data.workers.Pool`, in input order, whatever a call's size), taken in
-    windows of `window` batches, grouped
-    inside a window by (length, patch) bucket, padded to a fixed batch size, sharded over the
-    mesh's batch axes and run; each batch's result is fetched while the next one runs. At most
-    one window of prepared inputs is held (plus the workers' small buffers), whatever the
-    number of inputs. Outputs come back in input order (rows of skipped inputs are NaN).
+    windows of `window` batches (packed: inputs whose tokens fill `window` batches of rows),
+    grouped inside a window by (length, patch) bucket, padded to a fixed batch size, sharded
+    over the mesh's batch axes and run; each batch's result is fetched while the next one runs.
+    At most one window of prepared inputs is held (plus the workers' small buffers), whatever
+    the number of inputs. Outputs come back in input order (rows of skipped inputs are NaN).
 
-    Multi-host: each process runs its `host_slice` of the inputs; the number of windows follows
-    from the largest share, and per window the processes agree on the number of steps and on
-    each step's (length, patches), so all of them run the same programs in the same order.
+    Multi-host: each process runs its `host_slice` of the inputs; per window the processes
+    agree on whether any of them has inputs left, on the number of steps and on each step's
+    shape, so all of them run the same programs in the same order.
 
     Args:
       model: the (possibly adapter-carrying) Qwen2VL, its parameters already placed/sharded.
@@ -138,6 +141,12 @@ class BatchRunner:
             "device_wait_fraction": round(wait, 4),
         }
 
+    @property
+    def call_size(self) -> int:
+        """Inputs a caller should hand `run` at a time (an evaluation's chunk): 64 batches, so
+        that with packing most windows fill and only a call's last one is partial."""
+        return 64 * self.batch_size
+
     def close(self) -> None:
         """Stops the encoding workers (a later call starts them again)."""
         self.pool.close()
@@ -156,11 +165,9 @@ class BatchRunner:
         report then applies the on_bad_input policy); it must pickle when workers > 0.
         """
         share = distributed.host_slice(len(inputs))
-        largest = -(-len(inputs) // jax.process_count())
-        windows = -(-largest // (self.batch_size * self.window))
         began = time.perf_counter()
         try:
-            local = self._run_local(inputs[share], encode, windows=windows, desc=desc)
+            local = self._run_local(inputs[share], encode, desc=desc)
         finally:
             self.pool.counts.run_s += time.perf_counter() - began
         return distributed.gather_in_order(local, len(inputs))
@@ -225,16 +232,18 @@ class BatchRunner:
                 steps.append(_Step(indices, rows_here, shape))
         return steps
 
-    def _agree(self, steps: list[_Step]) -> list[tuple[int, ...]]:
-        """The shape of every step of this window, the same on all processes: per dimension
-        the largest any process's step needs (not the largest pair)."""
-        (count,) = distributed.max_across_processes([len(steps)])
+    def _agree(self, steps: list[_Step], taken: int) -> tuple[list[tuple[int, ...]], bool]:
+        """(the shape of every step of this window, whether any process took inputs into it),
+        the same on all processes: per dimension the largest any process's step needs (not
+        the largest pair)."""
+        count, more = distributed.max_across_processes([len(steps), int(taken > 0)])
         width = 4 if self.pack_length else 2
         shapes = np.zeros((count, width), np.int32)  # Steps past a process's own feed padding.
         for number, step in enumerate(steps):
             shapes[number] = step.shape
-        agreed = np.asarray(distributed.max_across_processes(shapes.reshape(-1)))
-        return [tuple(int(v) for v in s) for s in agreed.reshape(-1, width)]
+        if count:
+            shapes = np.asarray(distributed.max_across_processes(shapes.reshape(-1)))
+        return [tuple(int(v) for v in s) for s in shapes.reshape(-1, width)], bool(more)
 
     def _collate(self, step: _Step | None, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         """One step's host batch of the agreed `shape` (None: a step of dummy rows only)."""
@@ -256,18 +265,28 @@ class BatchRunner:
             num_patches=shape[1],
         )
 
-    def _take_window(self, results: Iterator[Any], start: int) -> list[tuple[int, Encoded]]:
-        """The next window's usable encodings as (local index, Encoded); bad ones go to the
-        processor's report (which raises under on_bad_input='error')."""
-        window = []
-        for offset, value in enumerate(itertools.islice(results, self.batch_size * self.window)):
-            value = self._received(start + offset, value)
+    def _take_window(
+        self, results: Iterator[Any], start: int
+    ) -> tuple[list[tuple[int, Encoded]], int]:
+        """(the next window's usable encodings as (local index, Encoded), the inputs taken);
+        bad ones go to the processor's report (which raises under on_bad_input='error'). A
+        window is `window` batches: so many inputs, or packed, inputs until their tokens fill
+        that many rows of `pack_length`."""
+        rows = self.batch_size * self.window
+        window, taken, tokens = [], 0, 0
+        while (tokens < rows * self.pack_length) if self.pack_length else (taken < rows):
+            value = next(results, _END)
+            if value is _END:
+                break
+            value = self._received(start + taken, value)
             if isinstance(value, workers_lib.Failed):
                 self.processor.report.handle(value.error)
             elif value is not None:
-                window.append((start + offset, value))
+                window.append((start + taken, value))
+                tokens += value.length
+            taken += 1
         self.peak_prepared = max(self.peak_prepared, len(window))
-        return window
+        return window, taken
 
     def _received(self, index: int, value: Any) -> Encoded | workers_lib.Failed | None:
         """What `encode` returned for local input `index`, as an Encoded, Failed or None
@@ -275,7 +294,7 @@ class BatchRunner:
         del index
         return value
 
-    def _run_local(self, inputs: Sequence[Any], encode, *, windows: int, desc: str) -> np.ndarray:
+    def _run_local(self, inputs: Sequence[Any], encode, *, desc: str) -> np.ndarray:
         out = np.full((len(inputs), self.output_width), np.nan, np.float32)
         pending = None  # (indices, result on device): fetched while the next batch runs
         results = self.pool.map(inputs, encode)
@@ -286,11 +305,13 @@ class BatchRunner:
             dynamic_ncols=True,
             disable=not (self.progress and distributed.is_primary()),
         ) as bar:
-            for number in range(windows):
-                steps = self._plan(
-                    self._take_window(results, number * self.batch_size * self.window)
-                )
-                for index, shape in enumerate(self._agree(steps)):
+            start, more = 0, True
+            while more:
+                window, taken = self._take_window(results, start)
+                start += taken
+                steps = self._plan(window)
+                shapes, more = self._agree(steps, taken)
+                for index, shape in enumerate(shapes):
                     step = steps[index] if index < len(steps) else None
                     result = self._dispatch(self._collate(step, shape))
                     if pending is not None:

@@ -210,6 +210,21 @@ def test_a_long_input_streams_through_a_bounded_window(checkpoint, model, alone)
     np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
 
 
+def test_a_packed_window_holds_the_inputs_that_fill_its_rows(checkpoint, model, alone):
+    """Packed, a window of 2 batches of 4 rows of 256 tokens holds inputs until their tokens
+    fill those 8 rows (2,048 tokens): more inputs than 8, at most one more than fit."""
+    items = make_items()
+    order = np.random.default_rng(0).integers(0, len(items), size=300)
+    proc = processor(checkpoint[1])
+    lengths = [proc.encode(items[i]).length for i in order]
+    embedder = Embedder(
+        model, proc, mesh=None, batch_size=4, progress=False, window=2, pack_length=256
+    )
+    out = embedder([items[i] for i in order])
+    assert 8 < embedder.peak_prepared <= 2048 // min(lengths) + 1
+    np.testing.assert_allclose(out, alone[order], atol=1e-5, rtol=0)
+
+
 def test_batch_sizes_are_per_device():
     """eval.batch_size / mine.batch_size count rows per device: a step of this process has
     that many rows for each of its devices on the batch axes."""

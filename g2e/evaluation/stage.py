@@ -39,7 +39,7 @@ def _evaluate(
             out_dir=str(pipeline.stage_dir(stage)),
             subsets=config.data.eval_subsets,
             on_bad_input=config.data.on_bad_input,
-            batch_size=8 * embedder.batch_size,
+            batch_size=embedder.call_size,
             fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
             model_name=stage,
             write_outputs=distributed.is_primary(),
@@ -105,7 +105,7 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
     common = dict(
         image_root=data.sugarcrepe_image_root,
         on_bad_input=data.on_bad_input,
-        batch_size=8 * embedder.batch_size,
+        batch_size=embedder.call_size,
         progress=False,
     )
     results: dict[str, Any] = {"model": "fine-tuned" if trained else "zero-shot"}

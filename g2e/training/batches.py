@@ -168,10 +168,10 @@ class RowCodec:
     toy codec has the same).
 
     `pack_length` (data.pack_length): each side's items are packed into rows of that many
-    tokens (g2e.data.batching.pack_rows), both sides to the same number of rows (a power of two
-    times `row_multiple`, this process's devices on the batch axes); 'query_place' and
+    tokens (g2e.data.batching.pack_rows), each side to the fewest rows that hold them, a power
+    of two times `row_multiple` (this process's devices on the batch axes); 'query_place' and
     'candidate_place' [n, 2] give each pair's (row, segment) on its side, and the shape is
-    [query patches, query segments, candidate patches, candidate segments, rows].
+    [patches, segments, rows] of the query side, then of the candidate side.
     """
 
     def __init__(
@@ -208,11 +208,13 @@ class RowCodec:
                 candidate["pixel_values"].shape[1],
             ]
         return [
-            query["pixel_values"].shape[1],
-            query["last_index"].shape[1],
-            candidate["pixel_values"].shape[1],
-            candidate["last_index"].shape[1],
-            query["input_ids"].shape[0],
+            dim
+            for side in (query, candidate)
+            for dim in (
+                side["pixel_values"].shape[1],
+                side["last_index"].shape[1],
+                side["input_ids"].shape[0],
+            )
         ]
 
     def collate(self, encoded: Sequence[tuple]) -> dict[str, Any]:
@@ -222,17 +224,15 @@ class RowCodec:
         if not self.pack_length:
             query, candidate = (self.processor.batcher.collate(side) for side in sides)
             return {"query": query, "candidate": candidate, "ids": ids}
-        capacity = self.processor.batcher.patch_buckets[-1]
-        packed = [pack_rows(side, length=self.pack_length, num_patches=capacity) for side in sides]
-        units = -(-max(len(p) for p in packed) // self.row_multiple)
-        rows = self.row_multiple * segment_bucket(units)
+        buckets = self.processor.batcher.patch_buckets
         out = {"ids": ids}
-        for name, side, groups in zip(("query", "candidate"), sides, packed):
+        for name, side in zip(("query", "candidate"), sides):
+            groups = pack_rows(side, length=self.pack_length, num_patches=buckets[-1])
+            units = -(-len(groups) // self.row_multiple)
             most = max(sum(side[i].num_patches for i in group) for group in groups)
-            buckets = self.processor.batcher.patch_buckets
             out[name] = self.processor.batcher.pack(
                 [[side[i] for i in group] for group in groups],
-                pad_to_batch=rows,
+                pad_to_batch=self.row_multiple * segment_bucket(units),
                 length=self.pack_length,
                 num_patches=0 if most == 0 else pick_bucket(most, buckets, "patch"),
                 segments=segment_bucket(max(len(group) for group in groups)),
@@ -248,19 +248,13 @@ class RowCodec:
         """A collated host batch padded to the agreed (larger or equal) `shape`."""
         batcher = self.processor.batcher
         if self.pack_length:
-            query_patches, query_slots, candidate_patches, candidate_slots, rows = shape
-            return {
-                **batch,
-                "query": batcher.widen_packed(
-                    batch["query"], rows=rows, num_patches=query_patches, segments=query_slots
-                ),
-                "candidate": batcher.widen_packed(
-                    batch["candidate"],
-                    rows=rows,
-                    num_patches=candidate_patches,
-                    segments=candidate_slots,
-                ),
-            }
+            widened = dict(batch)
+            for number, side in enumerate(("query", "candidate")):
+                patches, segments, rows = shape[3 * number : 3 * number + 3]
+                widened[side] = batcher.widen_packed(
+                    batch[side], rows=rows, num_patches=patches, segments=segments
+                )
+            return widened
         query_length, query_patches, candidate_length, candidate_patches = shape
         return {
             **batch,
