@@ -194,7 +194,7 @@ def throughput(out: pathlib.Path, per_kind: dict[str, int]) -> dict:
             items = [
                 EmbedItem("<|image_1|>\nRepresent the given image.", p, "query") for p in paths
             ]
-            rates = {}
+            rates, load_before = {}, os.getloadavg()[0]
             for count in (1, 2):
                 stream = workers.stream(items, processor.encode, workers=count, min_items=0)
                 next(stream)
@@ -205,6 +205,8 @@ def throughput(out: pathlib.Path, per_kind: dict[str, int]) -> dict:
                 "images_per_s_1": round(rates[1], 2),
                 "images_per_s_2": round(rates[2], 2),
                 "ms_per_image_1": round(1e3 / rates[1], 1),
+                # 1-minute load average before and after (another process slows the rates).
+                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "scaling": round(rates[2] / rates[1], 2),
             }
             print(

@@ -15,14 +15,16 @@ import argparse
 import json
 
 # ms of one core per image through the host pipeline (decode, policy, resize, uint8 patches,
-# tokenise): bench/bench_scale.py (b), 1 worker, this project's 2-core VM (2026-11-28; the main
-# process shares the cores, so these are upper bounds).
+# tokenise): `bench/bench_scale.py --parts throughput`, 1 worker, this project's 2-core VM
+# otherwise idle (2026-12-07, 1-minute load average 0.17-0.85 while measured; the figures of
+# 2026-11-28, taken beside other work, were about twice these).
 DEFAULT_RATES = {
-    "photo/mid_low": 46.8,
-    "photo/random": 45.9,
-    "page/mid_low": 241.0,
-    "page/random": 284.8,
+    "photo/mid_low": 24.0,
+    "photo/random": 26.5,
+    "page/mid_low": 119.8,
+    "page/random": 145.8,
 }
+RATES_MEASURED = "2026-12-07, idle 2-core VM, load average 0.17-0.85"
 
 MODELS = {  # non-embedding text parameters, vision tower parameters, hidden width
     "2B": dict(text=1.31e9, vision=0.665e9, width=1536),
@@ -170,7 +172,9 @@ def _recipe_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
+def markdown(
+    rows: list[dict], rates: dict[str, float], mfu: float, measured: str = RATES_MEASURED
+) -> str:
     lines = [
         "# g2e at MMEB scale: a plan",
         "",
@@ -197,7 +201,7 @@ def markdown(rows: list[dict], rates: dict[str, float], mfu: float) -> str:
         )
     lines += [
         "",
-        f"Host rates (ms per image, one core): {json.dumps(rates)}; MFU {mfu:.0%}; "
+        f"Host rates (ms per image, one core; {measured}): {json.dumps(rates)}; MFU {mfu:.0%}; "
         f"length buckets {LENGTH_BUCKETS}, patch buckets {PATCH_BUCKETS}; "
         f"{WORKER_GB} GB per Grain worker, one worker per host core.",
         "",
@@ -232,13 +236,17 @@ def main() -> None:
     parser.add_argument("--rates", default="", help="bench_scale.py's JSON output (a file)")
     parser.add_argument("--mfu", type=float, default=0.35)
     args = parser.parse_args()
-    rates = dict(DEFAULT_RATES)
+    rates, measured = dict(DEFAULT_RATES), RATES_MEASURED
     if args.rates:
         for line in open(args.rates):
             if line.startswith('{"throughput"'):
-                measured = json.loads(line)["throughput"]
-                rates.update({k: v["ms_per_image_1"] for k, v in measured.items()})
-    print(markdown(plan(rates, args.mfu), rates, args.mfu), end="")
+                figures = json.loads(line)["throughput"]
+                rates.update({k: v["ms_per_image_1"] for k, v in figures.items()})
+                loads = [x for v in figures.values() for x in v.get("load_average", [])]
+                measured = f"{args.rates}" + (
+                    f", load average {min(loads):.2f}-{max(loads):.2f}" if loads else ""
+                )
+    print(markdown(plan(rates, args.mfu), rates, args.mfu, measured), end="")
 
 
 if __name__ == "__main__":
