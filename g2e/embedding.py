@@ -33,7 +33,7 @@ from flax import nnx
 
 from g2e import configuration, distributed
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded, pack_rows, pick_bucket, segment_bucket
+from g2e.data.batching import Encoded, pack_rows, rows_bucket, segment_bucket
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
@@ -181,12 +181,7 @@ class BatchRunner:
 
     def _shape(self, encoded: Encoded) -> tuple[int, int]:
         """(length bucket, patch bucket) of one encoding."""
-        patches = (
-            0
-            if encoded.num_patches == 0
-            else pick_bucket(encoded.num_patches, self.processor.batcher.patch_buckets, "patch")
-        )
-        return pick_bucket(encoded.length, self.processor.batcher.length_buckets, "length"), patches
+        return self.processor.batcher.shape_of([encoded])
 
     def _plan(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
         """Groups a window's encodings into steps: of one (patch, length) bucket each, or
@@ -207,25 +202,23 @@ class BatchRunner:
         from image rows), each group cut into steps of at most `batch_size` rows, a step the
         fewest rows that hold its own (a power of two times this process's devices). A step's
         shape is (pack_length, patch bucket, segment slots, rows)."""
-        buckets = self.processor.batcher.patch_buckets
+        batcher = self.processor.batcher
         encodings = [e for _, e in window]
 
         def bucket(row: list[int]) -> int:
-            patches = sum(encodings[i].num_patches for i in row)
-            return 0 if patches == 0 else pick_bucket(patches, buckets, "patch")
+            return batcher.patch_bucket(sum(encodings[i].num_patches for i in row))
 
-        rows = pack_rows(encodings, length=self.pack_length, num_patches=buckets[-1])
+        rows = pack_rows(encodings, length=self.pack_length, num_patches=batcher.patch_buckets[-1])
         steps = []
         for patches, group in itertools.groupby(sorted(rows, key=bucket), key=bucket):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
-                units = -(-len(chunk) // self.devices)
                 shape = (
                     self.pack_length,
                     patches,
                     segment_bucket(max(len(row) for row in chunk)),
-                    min(self.devices * segment_bucket(units), self.batch_size),
+                    min(rows_bucket(len(chunk), self.devices), self.batch_size),
                 )
                 indices = [[window[i][0] for i in row] for row in chunk]
                 rows_here = [[encodings[i] for i in row] for row in chunk]

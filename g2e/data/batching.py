@@ -100,6 +100,12 @@ def segment_bucket(count: int) -> int:
     return 1 << max(count - 1, 0).bit_length()
 
 
+def rows_bucket(count: int, multiple: int) -> int:
+    """Rows of a packed batch that holds `count` rows: the fewest that are a power of two times
+    `multiple` (the devices along the batch axes)."""
+    return multiple * segment_bucket(-(-count // multiple))
+
+
 def default_length_buckets(max_length: int) -> tuple[int, ...]:
     """Powers of two from 64 below max_length, then max_length."""
     buckets, size = [], 64
@@ -206,9 +212,7 @@ class Batcher:
         if length is None:
             length = pick_bucket(longest, self.length_buckets, "length")
         if num_patches is None:
-            num_patches = (
-                0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets, "patch")
-            )
+            num_patches = self.patch_bucket(most_patches)
         if length < longest or num_patches < most_patches:
             raise ValueError(
                 f"collate: (length={length}, num_patches={num_patches}) cannot hold "
@@ -390,8 +394,11 @@ class Batcher:
         """(length bucket, patch bucket) `collate` picks for these encodings."""
         longest = max((e.length for e in encoded), default=1)
         most_patches = max((e.num_patches for e in encoded), default=0)
-        patches = 0 if most_patches == 0 else pick_bucket(most_patches, self.patch_buckets, "patch")
-        return pick_bucket(longest, self.length_buckets, "length"), patches
+        return pick_bucket(longest, self.length_buckets, "length"), self.patch_bucket(most_patches)
+
+    def patch_bucket(self, patches: int) -> int:
+        """The patch bucket of a row of `patches` patches (0: a text-only row)."""
+        return 0 if patches == 0 else pick_bucket(patches, self.patch_buckets, "patch")
 
     def widen(
         self, batch: dict[str, np.ndarray], *, length: int, num_patches: int

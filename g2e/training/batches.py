@@ -27,7 +27,7 @@ import numpy as np
 from g2e import distributed
 from g2e.data import prompts
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded, pack_rows, pick_bucket, segment_bucket
+from g2e.data.batching import Encoded, pack_rows, rows_bucket, segment_bucket
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
@@ -224,17 +224,16 @@ class RowCodec:
         if not self.pack_length:
             query, candidate = (self.processor.batcher.collate(side) for side in sides)
             return {"query": query, "candidate": candidate, "ids": ids}
-        buckets = self.processor.batcher.patch_buckets
+        batcher = self.processor.batcher
         out = {"ids": ids}
         for name, side in zip(("query", "candidate"), sides):
-            groups = pack_rows(side, length=self.pack_length, num_patches=buckets[-1])
-            units = -(-len(groups) // self.row_multiple)
+            groups = pack_rows(side, length=self.pack_length, num_patches=batcher.patch_buckets[-1])
             most = max(sum(side[i].num_patches for i in group) for group in groups)
-            out[name] = self.processor.batcher.pack(
+            out[name] = batcher.pack(
                 [[side[i] for i in group] for group in groups],
-                pad_to_batch=self.row_multiple * segment_bucket(units),
+                pad_to_batch=rows_bucket(len(groups), self.row_multiple),
                 length=self.pack_length,
-                num_patches=0 if most == 0 else pick_bucket(most, buckets, "patch"),
+                num_patches=batcher.patch_bucket(most),
                 segments=segment_bucket(max(len(group) for group in groups)),
             )
             place = np.zeros((len(side), 2), np.int32)

@@ -127,22 +127,27 @@ def test_vision_once_and_hoisted_norms_in_gradcache_equal_plain_backprop():
         )
 
 
-def _train(model, batch, steps):
-    """`steps` direct-backprop train steps at lr 5e-5 on one batch; (initial, final) adapters."""
+def _setup(model, *, lr, temperature, mesh=None):
+    """(the step's StepSetup for `model`'s adapters at a constant `lr`, trainable, frozen)."""
     graphdef, trainable, frozen = training_stage.split_model(model, full=False)
     prepare, embed = training_stage.model_step_fns(graphdef)
-    cfg = dict(lr=5e-5, warmup_steps=0, steps=10**6, weight_decay=0.0, grad_clip=1.0)
+    cfg = dict(lr=lr, warmup_steps=0, steps=10**6, weight_decay=0.0, grad_clip=1.0)
     opt, schedule = optimizer.make_optimizer(type("Cfg", (), cfg))
-    config = loss_lib.LossConfig(0.02)
     setup = step.StepSetup(
         embed_fn=embed,
-        loss_config=config,
+        loss_config=loss_lib.LossConfig(temperature),
         optimizer=opt,
         schedule=schedule,
-        mesh=None,
+        mesh=mesh,
         prepare_fn=prepare,
     )
-    state = step.init_state(trainable, opt, 0, config)
+    return setup, trainable, frozen
+
+
+def _train(model, batch, steps):
+    """`steps` direct-backprop train steps at lr 5e-5 on one batch; (initial, final) adapters."""
+    setup, trainable, frozen = _setup(model, lr=5e-5, temperature=0.02)
+    state = step.init_state(trainable, setup.optimizer, 0, setup.loss_config)
     initial = jax.tree.map(np.asarray, trainable)
     train_step = jax.jit(functools.partial(step.train_step, setup))
     for _ in range(steps):
@@ -205,31 +210,20 @@ def test_auto_backprop_picks_the_lightest_remat_that_fits():
     """train.backprop=auto with a memory limit the direct step without remat exceeds: it picks
     a heavier remat policy of the text decoder, one that fits, without rebuilding the model,
     and that step trains exactly as the one without."""
-    model = _model()
-    graphdef, trainable, frozen = training_stage.split_model(model, full=False)
-    prepare, embed = training_stage.model_step_fns(graphdef)
-    cfg = dict(lr=1e-3, warmup_steps=0, steps=100, weight_decay=0.0, grad_clip=1.0)
-    opt, schedule = optimizer.make_optimizer(type("Cfg", (), cfg))
-    config = loss_lib.LossConfig(0.05)
     mesh = jax.make_mesh(
         (1, 1, 1),
         ("data", "fsdp", "tensor"),
         axis_types=(AxisType.Auto,) * 3,
         devices=jax.devices()[:1],
     )
-    setup = step.StepSetup(
-        embed_fn=embed,
-        loss_config=config,
-        optimizer=opt,
-        schedule=schedule,
-        mesh=mesh,
-        prepare_fn=prepare,
-    )
+    setup, trainable, frozen = _setup(_model(), lr=1e-3, temperature=0.05, mesh=mesh)
     replicated = NamedSharding(mesh, P())
     batch = jax.device_put(_batch(), replicated)
 
     def fresh_state():  # the step donates its state
-        state = step.init_state(jax.tree.map(jnp.copy, trainable), opt, 0, config)
+        state = step.init_state(
+            jax.tree.map(jnp.copy, trainable), setup.optimizer, 0, setup.loss_config
+        )
         return jax.device_put(state, replicated)
 
     shardings = jax.tree.map(lambda x: x.sharding, fresh_state())
