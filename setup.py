@@ -33,6 +33,9 @@ setuptools.setup(
         "pillow>=12,<14",
         "numpy>=2.0,<3",
         "pyarrow>=20",
+        # MMEB-V2's annotations: local snapshots of many Hub repositories, each in its own
+        # layout (parquet, jsonl, json; configs in its README), read as the public code reads them.
+        "datasets>=5.2,<6",
         "tqdm>=4.66",
         "matplotlib>=3.9,<4",
         "tensorboardX>=2.6,<3",
