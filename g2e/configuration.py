@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from g2e import embedding_cache, layout
-from g2e.data import errors, images, rows
+from g2e.data import errors, images, mmeb_v2, rows
 from g2e.models import attention, lora, sharding, text
 
 # model.dtype / model.param_dtype.
@@ -93,6 +93,11 @@ def _data_config() -> ml_collections.ConfigDict:
             sugarcrepe_dir="",
             sugarcrepe_pp_dir="",
             sugarcrepe_image_root="",
+            # MMEB-V2 (stage eval_mmeb_v2): the folder of its Hub snapshots (g2e/data/mmeb_v2.py
+            # gives the layout) and the tasks to run: names and/or modalities (image, video,
+            # visdoc), comma-separated; "" runs all 78.
+            mmeb_v2_dir="",
+            mmeb_v2_tasks="",
             # 'parquet': the hub's layout in train_dir / eval_dir; 'tfds': the array_record copy
             # `python -m g2e.data.tfds_builders` wrote to tfds_dir (images inside, gs:// works).
             format="parquet",
@@ -411,6 +416,17 @@ def _check_data_sources(data: ml_collections.ConfigDict, stages: list[str]) -> N
                 "data.sugarcrepe_image_root",
                 "is empty; point it at the COCO val2017 images the SugarCrepe files name",
             )
+    if layout.EVAL_MMEB_V2 in stages:
+        if not data.mmeb_v2_dir:
+            _fail(
+                "data.mmeb_v2_dir",
+                "is empty; point it at the folder of MMEB-V2's Hub snapshots "
+                "(its layout: g2e/data/mmeb_v2.py)",
+            )
+        try:
+            mmeb_v2.select_tasks(data.mmeb_v2_tasks)
+        except mmeb_v2.UnknownTaskError as error:
+            raise ConfigError(str(error)) from None
     needs_train_data = any(s in stages for s in layout.READS_TRAIN_DATA)
     needs_eval_data = any(s in stages for s in layout.READS_EVAL_DATA)
     if data.format == "tfds":

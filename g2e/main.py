@@ -116,6 +116,11 @@ STAGES = (
         "SugarCrepe / SugarCrepe++ of the model `eval` evaluates (data.sugarcrepe_dir)",
     ),
     Stage(
+        layout.EVAL_MMEB_V2,
+        evaluation_stage.run_eval_mmeb_v2,
+        "MMEB-V2's image, video and visual-document tasks (data.mmeb_v2_dir)",
+    ),
+    Stage(
         layout.EXPORT,
         export_stage.run,
         "Hugging Face directory (export/hf) and PEFT adapter (export/peft)",

@@ -1,5 +1,6 @@
 """The evaluation stages: `eval_plain`, `eval_zero_shot`, `eval`, `eval_random` and
-`eval_plain_random` (MMEB), `eval_sugarcrepe` (SugarCrepe and SugarCrepe++), and `report`.
+`eval_plain_random` (MMEB), `eval_sugarcrepe` (SugarCrepe and SugarCrepe++), `eval_mmeb_v2`
+(MMEB-V2's image, video and visual-document tasks) and `report`.
 
 Each MMEB stage embeds with the Embedder of the model it names and writes
 `<workdir>/<stage>/results.{json,md,png}` (g2e.evaluation.mmeb); `eval_sugarcrepe` evaluates the
@@ -16,7 +17,7 @@ from typing import Any
 from g2e import distributed, layout
 from g2e.data import prompts
 from g2e.embedding import Embedder
-from g2e.evaluation import mmeb, report, sugarcrepe
+from g2e.evaluation import mmeb, mmeb_v2, report, sugarcrepe
 from g2e.pipeline import Pipeline
 
 
@@ -122,6 +123,44 @@ def run_eval_sugarcrepe(pipeline: Pipeline) -> dict[str, Any]:
         report.write_sugarcrepe(pipeline.stage_dir(layout.EVAL_SUGARCREPE), results)
     logging.info("eval_sugarcrepe (%s): %s", results["model"], report.sugarcrepe_scores(results))
     return {"model": results["model"], **report.sugarcrepe_scores(results)}
+
+
+def run_eval_mmeb_v2(pipeline: Pipeline) -> dict[str, Any]:
+    """MMEB-V2 (data.mmeb_v2_dir, data.mmeb_v2_tasks) of the fine-tuned model when the train
+    stage wrote one, else of the zero-shot model: <workdir>/eval_mmeb_v2/results.{json,md}."""
+    config = pipeline.config
+    trained = pipeline.has_trained_model()
+    processor = pipeline.processor()
+    embedder = Embedder.for_stage(
+        pipeline,
+        pipeline.model(trained=trained, merged=True),
+        processor,
+        per_device=config.eval.batch_size,
+    )
+    try:
+        results = mmeb_v2.evaluate_mmeb_v2(
+            embedder,
+            data_dir=config.data.mmeb_v2_dir,
+            out_dir=str(pipeline.stage_dir(layout.EVAL_MMEB_V2)),
+            tasks=config.data.mmeb_v2_tasks,
+            batch_size=embedder.call_size,
+            fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
+            model_name="fine-tuned" if trained else "zero-shot",
+            write_outputs=distributed.is_primary(),
+            cache_options=pipeline.embedding_cache_options(),
+            host=embedder,
+        )
+    finally:
+        embedder.close()
+    logging.info(
+        "eval_mmeb_v2: overall %s, modalities %s", results["overall"], results["modalities"]
+    )
+    return {
+        "model": "fine-tuned" if trained else "zero-shot",
+        "overall": results["overall"],
+        **results["modalities"],
+        "padding": processor.padding_share(),
+    }
 
 
 def run_report(pipeline: Pipeline) -> dict[str, Any]:
