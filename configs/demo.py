@@ -14,7 +14,7 @@ def get_config():
     config.workdir = "g2e_demo"
     config.stages = (
         "prepare_demo,eval_plain,eval_zero_shot,mine,judge_quality,train,train_random,"
-        "train_plain_random,eval,eval_random,eval_plain_random,export,report"
+        "train_plain_random,eval,eval_random,eval_plain_random,eval_mmeb_v2,export,report"
     )
     config.mesh.data = -1
 

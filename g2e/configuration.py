@@ -234,6 +234,8 @@ def _demo_config() -> ml_collections.ConfigDict:
             # multiplied by scale.
             train_rows=200,
             eval_queries=60,
+            # Queries per task of the mini-MMEB-V2 (stage eval_mmeb_v2), also times scale.
+            mmeb_v2_queries=24,
             scale=1.0,
             # 'asset': copy the committed pre-trained generator (g2e/demo/assets/generator, made
             # by `python -m g2e.demo.pretrain`); its widths are the ones below.

@@ -37,6 +37,7 @@ def test_every_config_loads_and_validates(name, arg):
     config.model_dir = config.model_dir or "/some/model"
     config.data.train_dir = config.data.train_dir or "/some/train"
     config.data.eval_dir = config.data.eval_dir or "/some/eval"
+    config.data.mmeb_v2_dir = config.data.mmeb_v2_dir or "/some/mmeb_v2"
     if name == "embed":
         config.input, config.output = "in.jsonl", "out.npy"
     configuration.validate(config, STAGE_NAMES)

@@ -12,7 +12,9 @@ per modality family, made of the demo's coloured shapes.
 
 Annotations are written as the Hub repositories hold them: parquet (jsonl for NExTQA) under
 each repository's folder, with the README's `configs:` block that `datasets.load_dataset`
-reads. Deterministic for a seed.
+reads. Deterministic for a seed. The demo's prepare_demo stage writes one; by hand:
+
+  python -m g2e.demo.mini_mmeb_v2 --out DIR [--seed 0] [--queries_per_task 24]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ FRAME_SIDE = 56
 FRAMES_SAVED = 8
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 TOPICS = ("harbour", "orchard", "glacier", "bakery", "volcano", "library", "canyon", "meadow")
+SUMMARY = "MINI_MMEB_V2.json"  # written last: the folder is complete
 TASK_NAMES = (
     "ImageNet-1K",
     "MSCOCO_t2i",
@@ -250,5 +253,22 @@ def write(out: str | pathlib.Path, *, seed: int = 0, queries_per_task: int = 12)
     _video_tasks(root, rng, queries_per_task)
     _visdoc_task(root, rng, queries_per_task)
     summary = {"tasks": list(TASK_NAMES), "queries_per_task": queries_per_task, "seed": seed}
-    (root / "MINI_MMEB_V2.json").write_text(json.dumps(summary, indent=2))
+    (root / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description="Writes a generated mini-MMEB-V2.")
+    parser.add_argument("--out", required=True, help="a folder that does not exist yet")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries_per_task", type=int, default=24)
+    args = parser.parse_args(argv)
+    if pathlib.Path(args.out).exists():
+        parser.error(f"--out {args.out} exists; give a new folder")
+    print(json.dumps(write(args.out, seed=args.seed, queries_per_task=args.queries_per_task)))
+
+
+if __name__ == "__main__":
+    main()

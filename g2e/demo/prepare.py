@@ -9,8 +9,9 @@ the same loss and optimizer. Either way the checkpoint is a Hugging Face directo
 (config.json, safetensors, tokenizer, preprocessor config) that every later stage loads like a
 downloaded Qwen2-VL.
 
-Layout under <workdir>/prepare_demo/: mini_mmeb/ (train/, eval/, images/, subsets.json) and
-model/ (the checkpoint). Each is built under a temporary name and renamed when complete.
+Layout under <workdir>/prepare_demo/: mini_mmeb/ (train/, eval/, images/, subsets.json),
+mini_mmeb_v2/ (g2e.demo.mini_mmeb_v2: MMEB-V2's layout, for eval_mmeb_v2) and model/ (the
+checkpoint). Each is built under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from flax import nnx
 from g2e import atomic, distributed, layout
 from g2e.data import mmeb, prompts
 from g2e.data.preprocess import Processor
-from g2e.demo import lessons, mini_mmeb, pretrain, tiny
+from g2e.demo import lessons, mini_mmeb, mini_mmeb_v2, pretrain, tiny
 from g2e.models import hf_io
 from g2e.models.config import Qwen2VLConfig
 from g2e.models.qwen2_vl import Qwen2VL
@@ -47,12 +48,13 @@ class DemoPaths:
     eval_dir: pathlib.Path
     image_root: pathlib.Path
     model_dir: pathlib.Path
+    mmeb_v2_dir: pathlib.Path
 
 
 def demo_paths(out: pathlib.Path) -> DemoPaths:
     """The demo's folders under `out` (prepare_demo's output folder)."""
     data = out / "mini_mmeb"
-    return DemoPaths(data, data / "train", data / "eval", data, out / "model")
+    return DemoPaths(data, data / "train", data / "eval", data, out / "model", out / "mini_mmeb_v2")
 
 
 def run(pipeline: Pipeline) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def point_at_demo(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
     config.data.train_image_root = str(paths.image_root)
     config.data.eval_dir = str(paths.eval_dir)
     config.data.eval_image_root = str(paths.image_root)
+    config.data.mmeb_v2_dir = str(paths.mmeb_v2_dir)
 
 
 def generator_lessons(
@@ -161,6 +164,15 @@ def prepare(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, A
 
         atomic.replace_directory(paths.data_dir, build_data)
         logging.info("demo: mini-MMEB in %s (%s)", paths.data_dir, summary["mini_mmeb"])
+    if not (paths.mmeb_v2_dir / mini_mmeb_v2.SUMMARY).is_file():
+        queries = max(4, round(demo.mmeb_v2_queries * demo.scale))
+
+        def build_v2(tmp: pathlib.Path) -> None:
+            summary["mini_mmeb_v2"] = mini_mmeb_v2.write(
+                tmp, seed=demo.seed, queries_per_task=queries
+            )
+
+        atomic.replace_directory(paths.mmeb_v2_dir, build_v2)
     if not (paths.model_dir / "config.json").is_file():
         start = time.time()
         summary["generator"] = {}

@@ -13,7 +13,7 @@ log2(i + 2) over the same sum of its gains sorted in descending order. A task's 
 the mean over its queries in percent; a meta-task's or modality's the unweighted mean of its
 tasks'; overall the unweighted mean of every task evaluated (not of the modality means).
 
-results.json: {"tasks": {name: {"modality", "meta_task", "scope", "metric", "score",
+results.json: {"model", "tasks": {name: {"modality", "meta_task", "scope", "metric", "score",
 "hit@1", "ndcg_linear@5", "num_queries", "num_candidates"}}, "meta_tasks": {name: mean},
 "modalities": {name: mean}, "overall": mean}, plus "host" when the embedder reports it;
 results.md shows the same as tables.
@@ -217,7 +217,8 @@ def evaluate_mmeb_v2(
         logging.info(
             "%s: %s %.2f", task.name, results[task.name]["metric"], results[task.name]["score"]
         )
-    summary = aggregate(results) | ({"host": host_reports} if host is not None else {})
+    summary = {"model": model_name, **aggregate(results)}
+    summary |= {"host": host_reports} if host is not None else {}
     if write_outputs:
         atomic.write_text(out / "results.json", json.dumps(summary, indent=2))
         atomic.write_text(out / "results.md", results_markdown(summary, model_name))

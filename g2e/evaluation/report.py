@@ -192,7 +192,8 @@ def _evaluations(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
     extra = sorted(
         p.parent.name
         for p in workdir.glob(f"eval*/{layout.RESULTS}")
-        if p.parent.name not in known and p.parent.name != layout.EVAL_SUGARCREPE
+        if p.parent.name not in known
+        and p.parent.name not in (layout.EVAL_SUGARCREPE, layout.EVAL_MMEB_V2)
     )
     return {
         stage: json.loads(path.read_text())
@@ -223,10 +224,11 @@ def paired_rows(
 
 def collect(workdir: pathlib.Path) -> dict[str, Any]:
     """The report.json content (a contract): {"rows": [{"name", "overall", "IND", "OOD",
-    "meta_tasks": {meta_task: score}, "ci95": {group: [lo, hi]}, "stage", "subsets",
-    "sugarcrepe"?}], "paired": [{"a", "b", "metric", "diff", "ci95"}], "chance": {group:
-    score}, "export", "peft", "mining", "judge_quality"}; scores and differences in percent
-    points, rows in ROWS order then any other evaluation stage."""
+        "meta_tasks": {meta_task: score}, "ci95": {group: [lo, hi]}, "stage", "subsets",
+        "sugarcrepe"?}], "paired": [{"a", "b", "metric", "diff", "ci95"}], "chance": {group:
+        score}, "export", "peft", "mining", "judge_quality", "mmeb_v2" (eval_mmeb_v2's "model",
+    "overall", "modalities", "meta_tasks" and per-task "scores", or None)}; scores and differences in percent
+        points, rows in ROWS order then any other evaluation stage."""
     evaluations = _evaluations(workdir)
     names = {stage: stage for stage in evaluations} | dict(ROWS)
     rows = [_row(stage, names[stage], results) for stage, results in evaluations.items()]
@@ -241,7 +243,17 @@ def collect(workdir: pathlib.Path) -> dict[str, Any]:
         "peft": str(peft) if peft.is_dir() else None,
         "mining": _read(layout.mining_report_file(workdir)),
         "judge_quality": _read(layout.judge_quality_file(workdir)),
+        "mmeb_v2": _mmeb_v2(workdir),
     }
+
+
+def _mmeb_v2(workdir: pathlib.Path) -> dict[str, Any] | None:
+    results = _read(layout.results_file(workdir, layout.EVAL_MMEB_V2))
+    if results is None:
+        return None
+    keep = ("model", "overall", "modalities", "meta_tasks")
+    scores = {name: task["score"] for name, task in results["tasks"].items()}
+    return {key: results.get(key) for key in keep} | {"scores": scores}
 
 
 def _read(path: pathlib.Path) -> Any:
@@ -272,12 +284,36 @@ def markdown(report: dict[str, Any]) -> str:
     SugarCrepe when evaluated; the paired differences; per-subset precision@1; the judge's
     quality; the exported model."""
     lines = _main_table(report) + _paired_table(report) + _subset_table(report)
-    lines += _judge_table(report)
+    lines += _judge_table(report) + _mmeb_v2_table(report)
     if report["export"]:
         lines += ["", f"Exported Hugging Face model: `{report['export']}`"]
     if report["peft"]:
         lines.append(f"PEFT adapter: `{report['peft']}`")
     return "\n".join(lines) + "\n"
+
+
+def _mmeb_v2_table(report: dict[str, Any]) -> list[str]:
+    """eval_mmeb_v2's modality means and overall (hit@1 for image and video, NDCG@5 for
+    visual documents), then each task's score."""
+    v2 = report.get("mmeb_v2")
+    if not v2:
+        return []
+    modalities = ("image", "video", "visdoc")
+    lines = [
+        "",
+        f"MMEB-V2 ({v2['model']} model; hit@1, visual documents NDCG@5):",
+        "",
+        "| Model | Image | Video | VisDoc | Overall |",
+        "|---|---|---|---|---|",
+        f"| {v2['model']} | "
+        + " | ".join(_cell(v2["modalities"].get(m)) for m in modalities)
+        + f" | {_cell(v2['overall'])} |",
+        "",
+        "| Task | " + " | ".join(v2["scores"]) + " |",
+        "|---" * (len(v2["scores"]) + 1) + "|",
+        "| score | " + " | ".join(_cell(v) for v in v2["scores"].values()) + " |",
+    ]
+    return lines
 
 
 def _main_table(report: dict[str, Any]) -> list[str]:
