@@ -5,7 +5,7 @@ turns one task's rows into `TaskData`: its unique queries, its candidate pool (d
 candidate *name*, the first occurrence winning, as the public code does), each query's own
 candidate names (`local` tasks) and its relevant names with their gains.
 
-Layout of `data.mmeb_v2_dir` (the hub's, docs/method.md §6): one folder per Hub dataset
+Layout of `data.mmeb_v2_dir` (the hub's, docs/method.md §7): one folder per Hub dataset
 repository, at its Hub id, as `huggingface-cli download --repo-type dataset ID --local-dir
 DIR/ID` writes it, read with `datasets.load_dataset(DIR/ID, config, split=split)`:
 

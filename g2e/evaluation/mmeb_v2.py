@@ -1,5 +1,5 @@
 """MMEB-V2 evaluation: hit@1 (image, video) and NDCG@5 (visual documents) per task, with
-meta-task, modality and overall means (docs/method.md §6).
+meta-task, modality and overall means (docs/method.md §7).
 
 Per task (g2e.data.mmeb_v2 reads it) every unique query and every candidate of the pool is
 embedded once through an injected `embed_fn(items) -> [N, D]`, L2-normalised, and each query
