@@ -3,7 +3,7 @@
 Letters: B batch, L text length, P vision patches per example, M = P // 4 merged vision tokens.
 
 `Encoded` is one example as g2e.data.preprocess.Processor.encode leaves it: token ids with each
-`<|image_pad|>` expanded, and its image patches. `Batcher.collate` pads a list of them to the
+`<|image_pad|>` (`<|video_pad|>`) expanded, and its image and video patches. `Batcher.collate` pads a list of them to the
 smallest (L, P) bucket that fits, computes the M-RoPE ids and the vision layout
 (g2e.models.positions), and counts the padding; `Batcher.widen` pads a batch further, to a
 shape agreed across hosts. Buckets bound the number of shapes, hence of compiled programs.
@@ -12,6 +12,11 @@ Packing (`pack_rows`, `Batcher.pack`): several examples one after another in one
 fixed length, each its own segment (segment_ids), with its own positions and its last token
 named in last_index [B, S]; the model keeps each segment's tokens to themselves, so an
 example's embedding is the one it has alone, and far fewer slots are padding.
+
+Video (g2e.models.vision explains the widths): an image-only batch carries one frame per patch
+(uint8 [B, P, 588]), as before video existed; a batch with any video patch carries two
+([B, P, 1176]), its images' frames duplicated. `frames=` on `collate` and `pack` forces the
+wider layout (e.g. agreed across hosts).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from g2e.models import positions
 class Encoded:
     """One tokenised example, before padding.
 
-    input_ids: int32 [n], `<|image_pad|>` expanded; pixel_values: uint8 [p, 588] (one frame
-    of the example's images' patches, concatenated; the device normalises them);
-    image_grid_thw: (t, h, w) per image;
+    input_ids: int32 [n], `<|image_pad|>` / `<|video_pad|>` expanded; pixel_values: uint8
+    [p, 588] (one frame of the example's images' patches, concatenated; the device normalises
+    them), or [p, 1176] (two frames) when the example has a video;
+    image_grid_thw: (t, h, w) per visual input (image or video), in token (= patch) order;
     target_mask: int32 [n], 1 on assistant-answer tokens (only from `encode_chat(answer=...)`);
-    truncated_tokens: how many text tokens truncation removed.
+    truncated_tokens: how many text tokens truncation removed;
+    time_intervals: per visual input, the step of its temporal position ids (1.0 for images;
+    `positions.rope_index`); empty: 1.0 for every one.
     """
 
     input_ids: np.ndarray
@@ -41,6 +49,7 @@ class Encoded:
     image_grid_thw: list[tuple[int, int, int]]
     target_mask: np.ndarray | None = None
     truncated_tokens: int = 0
+    time_intervals: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -49,6 +58,16 @@ class Encoded:
     @property
     def num_patches(self) -> int:
         return int(self.pixel_values.shape[0])
+
+
+def widen_frames(pixel_values: np.ndarray, width: int) -> np.ndarray:
+    """uint8 patches [p, width]: one-frame patches [p, width / 2] with their frame duplicated
+    (layout channel, frame, row, col, as the HF processors flatten a patch), or unchanged
+    patches already `width` wide."""
+    if pixel_values.shape[-1] == width:
+        return pixel_values
+    one = pixel_values.reshape(len(pixel_values), 3, 1, pixel_values.shape[-1] // 3)
+    return np.repeat(one, width // pixel_values.shape[-1], axis=2).reshape(len(one), width)
 
 
 def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
@@ -140,7 +159,8 @@ class Batcher:
     pad_token_id / image_token_id: the tokenizer's; merge_size: vision patches merged per side
     (2); patch_bytes: bytes of one patch frame (588); length_buckets / patch_buckets: sorted;
     padding_side: 'right' or 'left'; window_merged: Qwen2.5-VL's attention windows in merged
-    units (0: Qwen2-VL, no windows). `stats` and `shapes` count what `collate` and `widen` made.
+    units (0: Qwen2-VL, no windows); video_token_id: the tokenizer's `<|video_pad|>` (None: no
+    video). `stats` and `shapes` count what `collate` and `widen` made.
 
     Raises (on construction):
       ValueError: a patch bucket is not a multiple of merge_size ** 2.
@@ -154,6 +174,7 @@ class Batcher:
     patch_buckets: tuple[int, ...]
     padding_side: str = "right"
     window_merged: int = 0
+    video_token_id: int | None = None
     stats: dict[str, int] = dataclasses.field(default_factory=_new_stats)
     shapes: set[tuple[int, int, int]] = dataclasses.field(default_factory=set)
 
@@ -169,6 +190,7 @@ class Batcher:
         pad_to_batch: int | None = None,
         length: int | None = None,
         num_patches: int | None = None,
+        frames: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Pads encodings into the fixed-shape batch of the design contract.
 
@@ -176,7 +198,8 @@ class Batcher:
         (e.g. to a shape agreed across hosts; they must hold every encoding). With
         `pad_to_batch=N`, dummy rows (one attended pad token, no image) fill the batch to N
         rows, so `encoded` may even be empty; the caller drops the dummy rows' outputs.
-        A `target_mask` [B, L] is added when any encoding carries one.
+        A `target_mask` [B, L] is added when any encoding carries one. `frames` (1 or 2):
+        the frames per patch of pixel_values; None: 2 when any encoding has video, else 1.
 
         Raises:
           ValueError: more encodings than pad_to_batch (or none), or a fixed (L, P) that
@@ -187,17 +210,13 @@ class Batcher:
         if batch == 0 or count > batch:
             raise ValueError(f"collate got {count} encodings for pad_to_batch={pad_to_batch}")
         length, num_patches = self._fixed_shape(encoded, length, num_patches)
-        arrays = self._empty_arrays(batch, length, num_patches)
+        arrays = self._empty_arrays(batch, length, num_patches, self.frames_of(encoded, frames))
         grids = [
             self._fill_row(arrays, row, encoded[row] if row < count else None)
             for row in range(batch)
         ]
-        position_ids = positions.rope_index(
-            arrays["input_ids"],
-            arrays["attention_mask"],
-            grids,
-            image_token_id=self.image_token_id,
-            spatial_merge_size=self.merge_size,
+        position_ids = self._rope_index(
+            arrays["input_ids"], arrays["attention_mask"], encoded, grids
         )
         self._count(encoded, batch, length, num_patches)
         with_targets = any(e.target_mask is not None for e in encoded)
@@ -224,14 +243,59 @@ class Batcher:
             )
         return length, num_patches
 
-    def _empty_arrays(self, batch: int, length: int, num_patches: int) -> dict[str, np.ndarray]:
+    def frames_of(self, encoded: Sequence[Encoded], frames: int | None = None) -> int:
+        """Frames per patch of a batch of `encoded`: `frames` if given, else 2 when some
+        encoding carries two-frame (video) patches, else 1.
+
+        Raises:
+          ValueError: `frames` is 1 but an encoding has video patches, or is not 1 or 2.
+        """
+        needed = 2 if any(e.pixel_values.shape[-1] == 2 * self.patch_bytes for e in encoded) else 1
+        if frames is None:
+            return needed
+        if frames not in (1, 2) or frames < needed:
+            raise ValueError(
+                f"collate: frames={frames} cannot hold these encodings (they need {needed})"
+            )
+        return frames
+
+    def _rope_index(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        encoded: Sequence[Encoded],
+        grids: Sequence[Sequence[tuple[int, int, int]]],
+    ) -> np.ndarray:
+        """M-RoPE ids [3, B, L] of rows holding `encoded` in order (dummy rows after them)."""
+        intervals = [list(e.time_intervals) for e in encoded]
+        intervals += [[] for _ in range(len(grids) - len(encoded))]
+        return positions.rope_index(
+            input_ids,
+            attention_mask,
+            grids,
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            time_intervals=intervals,
+            spatial_merge_size=self.merge_size,
+        )
+
+    def _is_vision(self, input_ids: np.ndarray) -> np.ndarray:
+        """Where `input_ids` hold an image or a video token."""
+        is_vision = input_ids == self.image_token_id
+        if self.video_token_id is not None:
+            is_vision |= input_ids == self.video_token_id
+        return is_vision
+
+    def _empty_arrays(
+        self, batch: int, length: int, num_patches: int, frames: int = 1
+    ) -> dict[str, np.ndarray]:
         """The batch's arrays, all padding: pad tokens, nothing attended, no patches."""
         return dict(
             input_ids=np.full((batch, length), self.pad_token_id, np.int32),
             attention_mask=np.zeros((batch, length), np.int32),
             image_token_index=np.zeros((batch, length), np.int32),
             last_index=np.zeros((batch,), np.int32),
-            pixel_values=np.zeros((batch, num_patches, self.patch_bytes), np.uint8),
+            pixel_values=np.zeros((batch, num_patches, frames * self.patch_bytes), np.uint8),
             vision_segment_ids=np.zeros((batch, num_patches), np.int32),
             vision_positions=np.zeros((batch, num_patches, 2), np.int32),
             vision_window_ids=np.zeros((batch, num_patches), np.int32),  # Qwen2.5-VL only
@@ -251,13 +315,15 @@ class Batcher:
         if item is None:  # A dummy row: one attended pad token keeps softmaxes finite.
             return []
         arrays["input_ids"][row, span] = item.input_ids
-        is_image = item.input_ids == self.image_token_id
-        arrays["image_token_index"][row, start + np.flatnonzero(is_image)] = np.arange(
-            int(is_image.sum()), dtype=np.int32
+        is_vision = self._is_vision(item.input_ids)
+        arrays["image_token_index"][row, start + np.flatnonzero(is_vision)] = np.arange(
+            int(is_vision.sum()), dtype=np.int32
         )
         if item.target_mask is not None:
             arrays["target_mask"][row, span] = item.target_mask
-        arrays["pixel_values"][row, : item.num_patches] = item.pixel_values
+        arrays["pixel_values"][row, : item.num_patches] = widen_frames(
+            item.pixel_values, arrays["pixel_values"].shape[-1]
+        )
         self._fill_vision(arrays, row, item.image_grid_thw)
         return list(item.image_grid_thw)
 
@@ -302,6 +368,7 @@ class Batcher:
         length: int,
         num_patches: int,
         segments: int,
+        frames: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Packs rows of encodings (`pack_rows`) into a batch of `pad_to_batch` rows of
         `length` tokens and `num_patches` patches, with `segments` slots per row.
@@ -309,17 +376,20 @@ class Batcher:
         Each encoding is one segment, its tokens right after the previous one's: segment_ids
         [B, L] (1, 2, ... in a row, 0 on padding), positions as `collate` gives it alone,
         last_index [B, segments] (its last token; 0 in unused slots), its image tokens pointing
-        at its own images' merged tokens. Rows past `rows` are dummies, as in `collate`."""
+        at its own images' merged tokens. Rows past `rows` are dummies, as in `collate`;
+        `frames` as in `collate`."""
         if len(rows) > pad_to_batch or max(map(len, rows), default=0) > segments:
             raise ValueError(
                 f"pack: {len(rows)} rows of up to {max(map(len, rows), default=0)} segments "
                 f"for pad_to_batch={pad_to_batch}, segments={segments}"
             )
-        arrays = self._empty_arrays(pad_to_batch, length, num_patches)
+        items = [item for row in rows for item in row]
+        arrays = self._empty_arrays(
+            pad_to_batch, length, num_patches, self.frames_of(items, frames)
+        )
         arrays["segment_ids"] = np.zeros((pad_to_batch, length), np.int32)
         arrays["last_index"] = np.zeros((pad_to_batch, segments), np.int32)
         arrays["attention_mask"][len(rows) :, 0] = 1  # dummies: one attended pad token
-        items = [item for row in rows for item in row]
         alone = self._positions_alone(items) if items else None
         position_ids = np.zeros((3, pad_to_batch, length), np.int32)
         number = 0
@@ -332,13 +402,15 @@ class Batcher:
                 arrays["segment_ids"][r, span] = s + 1
                 arrays["last_index"][r, s] = span.stop - 1
                 position_ids[:, r, span] = alone[:, number, : item.length]
-                is_image = np.flatnonzero(item.input_ids == self.image_token_id)
+                is_vision = np.flatnonzero(self._is_vision(item.input_ids))
                 first_token = patch_start // self.merge_size**2
-                arrays["image_token_index"][r, start + is_image] = first_token + np.arange(
-                    len(is_image), dtype=np.int32
+                arrays["image_token_index"][r, start + is_vision] = first_token + np.arange(
+                    len(is_vision), dtype=np.int32
                 )
                 patches = slice(patch_start, patch_start + item.num_patches)
-                arrays["pixel_values"][r, patches] = item.pixel_values
+                arrays["pixel_values"][r, patches] = widen_frames(
+                    item.pixel_values, arrays["pixel_values"].shape[-1]
+                )
                 start, patch_start, number = span.stop, patches.stop, number + 1
             self._fill_vision(arrays, r, [g for item in row for g in item.image_grid_thw])
         self._count(items, pad_to_batch, length, num_patches)
@@ -382,12 +454,8 @@ class Batcher:
         for i, item in enumerate(items):
             input_ids[i, : item.length] = item.input_ids
             attention_mask[i, : item.length] = 1
-        return positions.rope_index(
-            input_ids,
-            attention_mask,
-            [list(item.image_grid_thw) for item in items],
-            image_token_id=self.image_token_id,
-            spatial_merge_size=self.merge_size,
+        return self._rope_index(
+            input_ids, attention_mask, items, [list(item.image_grid_thw) for item in items]
         )
 
     def shape_of(self, encoded: Sequence[Encoded]) -> tuple[int, int]:

@@ -108,6 +108,29 @@ def _length_buckets(requested: Sequence[int] | None, max_length: int) -> tuple[i
     return buckets
 
 
+def patchify(
+    frames: np.ndarray, *, patch: int, merge: int, temporal: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 patches and the (t, h, w) grid of RGB frames [T, H, W, 3] (H, W multiples of
+    patch * merge), in the HF processors' patch order (merge windows' patches consecutive,
+    temporal groups one after another) and layout (channel, frame, row, col).
+
+    One frame (an image): [h * w, 3 * patch**2], one frame per patch (the device duplicates
+    it: g2e.models.vision). T frames (a video, T a multiple of `temporal`): [T / temporal *
+    h * w, 3 * temporal * patch**2], grid (T / temporal, h, w).
+    """
+    count, height, width, _ = frames.shape
+    grid_h, grid_w = height // patch, width // patch
+    group = 1 if count == 1 else temporal
+    if count % group:
+        raise ValueError(f"patchify: {count} frames do not split into groups of {group}")
+    blocks = frames.reshape(
+        count // group, group, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3
+    ).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    patches = blocks.reshape(count // group * grid_h * grid_w, -1)
+    return np.ascontiguousarray(patches), (count // group, grid_h, grid_w)
+
+
 class Processor:
     """Turns `EmbedItem`s into fixed-shape batches for Qwen2-VL (see the module docstring)."""
 
@@ -294,23 +317,28 @@ class Processor:
         patch, merge = int(processor.patch_size), self.merge_size
         pieces, grids = [], []
         for image in loaded:
-            height, width = smart_resize(
-                image.height,
-                image.width,
-                factor=patch * merge,
-                min_pixels=processor.size.shortest_edge,
-                max_pixels=processor.size.longest_edge,
-            )
-            if (width, height) != image.size:
-                image = image.resize((width, height), resample=processor.resample)
-            pixels = np.asarray(image, np.uint8).transpose(2, 0, 1)  # [3, H, W]
-            grid_h, grid_w = height // patch, width // patch
-            blocks = pixels.reshape(
-                3, grid_h // merge, merge, patch, grid_w // merge, merge, patch
-            ).transpose(1, 4, 2, 5, 0, 3, 6)
-            pieces.append(blocks.reshape(grid_h * grid_w, -1))
-            grids.append((1, grid_h, grid_w))
+            image = self._resized(image, image.size)
+            frame = np.asarray(image, np.uint8)[None]  # [1, H, W, 3]
+            patches, grid = patchify(frame, patch=patch, merge=merge, temporal=self.temporal_patch)
+            pieces.append(patches)
+            grids.append(grid)
         return np.concatenate(pieces), grids
+
+    def _resized(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """`image` resized as the image processor resizes an image of `size` (width, height):
+        a multiple of 28 pixels within its min/max pixels."""
+        processor = self.image_processor
+        factor = int(processor.patch_size) * self.merge_size
+        height, width = smart_resize(
+            size[1],
+            size[0],
+            factor=factor,
+            min_pixels=processor.size.shortest_edge,
+            max_pixels=processor.size.longest_edge,
+        )
+        if (width, height) != image.size:
+            image = image.resize((width, height), resample=processor.resample)
+        return image
 
     # ---- encoding -------------------------------------------------------------------------
 

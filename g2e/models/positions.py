@@ -23,6 +23,7 @@ patches are not reordered as transformers does).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -31,52 +32,43 @@ import numpy as np
 GridTHW = tuple[int, int, int]
 
 
-def _runs(flags: np.ndarray) -> list[tuple[bool, int, int]]:
-    """Splits a 1-D bool array into maximal runs: [(value, start, end)]."""
-    if flags.size == 0:
-        return []
-    edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
-    starts = np.concatenate([[0], edges])
-    ends = np.concatenate([edges, [flags.size]])
-    return [(bool(flags[s]), int(s), int(e)) for s, e in zip(starts, ends)]
-
-
-def _image_position_ids(start: int, grid_thw: GridTHW, spatial_merge_size: int) -> np.ndarray:
-    """[3, t*h*w/m^2] (temporal, row, col) ids of one image's merged tokens, offset by start."""
-    t, h, w = grid_thw
-    ids = np.meshgrid(
-        np.arange(t),
-        np.arange(h // spatial_merge_size),
-        np.arange(w // spatial_merge_size),
-        indexing="ij",
-    )
-    return np.stack([axis.reshape(-1) for axis in ids]) + start
-
-
 def rope_index(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     image_grid_thw: Sequence[Sequence[GridTHW]],
     *,
     image_token_id: int,
+    video_token_id: int | None = None,
+    time_intervals: Sequence[Sequence[float]] | None = None,
     spatial_merge_size: int = 2,
 ) -> np.ndarray:
-    """M-RoPE position ids, equal to transformers' `Qwen2VLModel.get_rope_index`.
+    """M-RoPE position ids, equal to transformers' `get_rope_index` (Qwen2-VL and Qwen2.5-VL).
+
+    Computed for the whole batch at once (no loop over rows): the real tokens are flattened
+    row after row, cut into runs of one kind (text, image, video) where the row or the kind
+    changes, and each run's start position is a cumulative sum of the advances before it in
+    its row.
 
     Args:
-      input_ids: int [B, L], left- or right-padded; each image's `<|image_pad|>` tokens are
-        expanded to t*h*w / spatial_merge_size**2 tokens.
+      input_ids: int [B, L], left- or right-padded; each image's `<|image_pad|>` (each
+        video's `<|video_pad|>`) tokens are expanded to t*h*w / spatial_merge_size**2 tokens.
       attention_mask: [B, L], 1 on real tokens.
-      image_grid_thw: per example, the (t, h, w) patch grid of each of its images, in order.
+      image_grid_thw: per example, the (t, h, w) patch grid of each of its visual inputs
+        (images and videos alike), in the order of their token runs.
       image_token_id: id of `<|image_pad|>`.
+      video_token_id: id of `<|video_pad|>` (None: no video tokens).
+      time_intervals: per example, per visual input (as `image_grid_thw`), the step of the
+        temporal id between two temporal patch groups before it is floored: 1 for images
+        and Qwen2-VL videos, tokens_per_second * seconds per group for Qwen2.5-VL videos
+        (float32, as transformers computes it). None: 1 everywhere.
       spatial_merge_size: side of the patch merge window (2 for Qwen2-VL).
 
     Returns:
       int32 [3, B, L] (temporal, height, width) position ids; 0 on padding.
 
     Raises:
-      ValueError: if shapes disagree, or an example's image-token runs do not match its grids
-        (count of images or tokens per image).
+      ValueError: if shapes disagree, or an example's vision-token runs do not match its grids
+        (count of inputs or tokens per input).
     """
     input_ids = np.asarray(input_ids)
     attention_mask = np.asarray(attention_mask)
@@ -92,47 +84,110 @@ def rope_index(
         )
     batch, length = input_ids.shape
     position_ids = np.zeros((3, batch, length), np.int32)
-    for b in range(batch):
-        real = attention_mask[b].astype(bool)
-        grids = [tuple(int(x) for x in g) for g in image_grid_thw[b]]
-        pieces = _example_position_ids(
-            b, input_ids[b][real] == image_token_id, grids, spatial_merge_size
-        )
-        if pieces:
-            position_ids[:, b, real] = np.concatenate(pieces, axis=1)
+    real = attention_mask.astype(bool)
+    tokens = input_ids[real]
+    kinds = (tokens == image_token_id).astype(np.int8)
+    if video_token_id is not None:
+        kinds[tokens == video_token_id] = 2
+    runs = _Runs.of(np.nonzero(real)[0], kinds)
+    m = spatial_merge_size
+    merged, steps = _vision_grids(runs, image_grid_thw, time_intervals, m)
+    vision = runs.kind > 0
+    # Text runs advance the counter by their length, vision runs by max(h, w) / m.
+    advance = np.where(vision, merged[:, 1:].max(axis=1), runs.length)
+    before = np.cumsum(advance) - advance
+    run_start = before - before[runs.first_of_row]
+    # Each token's place in its run, unravelled over the run's merged (t, h, w) grid.
+    run = runs.of_token
+    offset = np.arange(tokens.size) - runs.start[run]
+    grid = merged[run]
+    width = grid[:, 2]
+    temporal = (offset // (grid[:, 1] * width)).astype(np.float32) * steps[run]
+    in_vision = vision[run]
+    temporal = np.where(in_vision, temporal.astype(np.int64), offset)
+    row_id = np.where(in_vision, offset // width % grid[:, 1], offset)
+    col_id = np.where(in_vision, offset % width, offset)
+    position_ids[:, real] = np.stack([temporal, row_id, col_id]) + run_start[run]
     return position_ids
 
 
-def _example_position_ids(
-    example: int, is_image: np.ndarray, grids: list[GridTHW], spatial_merge_size: int
-) -> list[np.ndarray]:
-    """[3, n] position pieces of one example's real tokens, text runs and image runs in order."""
-    image_runs = [(s, e) for flag, s, e in _runs(is_image) if flag]
-    if len(image_runs) != len(grids):
+@dataclasses.dataclass
+class _Runs:
+    """Maximal runs of one kind (0 text, 1 image, 2 video) over the flattened real tokens."""
+
+    kind: np.ndarray  # [runs]
+    row: np.ndarray  # [runs] the example each run is in
+    start: np.ndarray  # [runs] first token (flat index)
+    length: np.ndarray  # [runs]
+    first_of_row: np.ndarray  # [runs] index of the first run of the same example
+    of_token: np.ndarray  # [tokens] the run of each token
+
+    @classmethod
+    def of(cls, rows: np.ndarray, kinds: np.ndarray) -> _Runs:
+        new = np.ones(kinds.size, bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (kinds[1:] != kinds[:-1])
+        start = np.flatnonzero(new)
+        length = np.diff(np.append(start, kinds.size))
+        row = rows[start]
+        row_begins = np.ones(row.size, bool)
+        row_begins[1:] = row[1:] != row[:-1]
+        first_of_row = np.maximum.accumulate(np.where(row_begins, np.arange(row.size), 0))
+        return cls(kinds[start], row, start, length, first_of_row, np.cumsum(new) - 1)
+
+
+def _vision_grids(
+    runs: _Runs,
+    grids: Sequence[Sequence[GridTHW]],
+    intervals: Sequence[Sequence[float]] | None,
+    m: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per run, the merged grid (t, h/m, w/m) [runs, 3] (1, 1, 1 for text) and the float32
+    time interval [runs] (1 for text and images unless given).
+
+    Raises ValueError as the per-row loop did: for the first example whose vision runs do not
+    match its grids, in number (checked first) or in the tokens of one run.
+    """
+    vision_runs = np.flatnonzero(runs.kind > 0)
+    counts = np.bincount(runs.row[vision_runs], minlength=len(grids))
+    given = np.array([len(g) for g in grids], np.int64)
+    row_ok = counts == given
+    steps_given = intervals if intervals is not None else [()] * len(grids)
+    flat, flat_steps = [], []
+    for example, ok in enumerate(row_ok.tolist()):
+        if ok and given[example]:
+            flat += [tuple(int(x) for x in g) for g in grids[example]]
+            flat_steps += list(steps_given[example]) or [1.0] * int(given[example])
+    merged = np.ones((len(runs.kind), 3), np.int64)
+    steps = np.ones(len(runs.kind), np.float32)
+    matched = vision_runs[row_ok[runs.row[vision_runs]]]
+    full = np.asarray(flat, np.int64).reshape(-1, 3)
+    merged[matched] = full // np.array([1, m, m])
+    steps[matched] = np.asarray(flat_steps, np.float32)
+    # Runs of rows already refused: let them pass the token check below.
+    unmatched = np.setdiff1d(vision_runs, matched)
+    merged[unmatched, 2] = runs.length[unmatched]
+    expected = merged.prod(axis=1)
+    bad_runs = np.flatnonzero((runs.kind > 0) & (runs.length != expected))
+    bad_rows = np.flatnonzero(~row_ok)
+    first = min([int(runs.row[bad_runs[0]])] if bad_runs.size else [], default=len(grids))
+    if bad_rows.size and bad_rows[0] <= first:
+        example = int(bad_rows[0])
         raise ValueError(
-            f"rope_index: example {example} has {len(image_runs)} runs of image tokens but "
-            f"{len(grids)} image grids; images must be separated by text and each image "
+            f"rope_index: example {example} has {counts[example]} runs of image tokens but "
+            f"{given[example]} image grids; images must be separated by text and each image "
             "given one (t, h, w) grid."
         )
-    pieces, current, next_grid = [], 0, 0
-    for flag, start, end in _runs(is_image):
-        if not flag:
-            pieces.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
-            current += end - start
-            continue
-        grid = grids[next_grid]
-        next_grid += 1
-        t, h, w = grid
-        expected = t * h * w // spatial_merge_size**2
-        if end - start != expected:
-            raise ValueError(
-                f"rope_index: example {example}, image {next_grid - 1} with grid {grid} needs "
-                f"{expected} image tokens but the sequence has {end - start}; expand each "
-                "<|image_pad|> to t*h*w/4 tokens."
-            )
-        pieces.append(_image_position_ids(current, grid, spatial_merge_size))
-        current += max(h, w) // spatial_merge_size
-    return pieces
+    if bad_runs.size:
+        run = int(bad_runs[0])
+        index = int(np.searchsorted(matched, run))
+        number = int(np.sum(runs.row[matched[:index]] == runs.row[run]))
+        raise ValueError(
+            f"rope_index: example {int(runs.row[run])}, image {number} with grid "
+            f"{tuple(int(x) for x in full[index])} needs {expected[run]} image tokens but the "
+            f"sequence has {runs.length[run]}; expand each <|image_pad|> to t*h*w/{m * m} "
+            "tokens."
+        )
+    return merged, steps
 
 
 def rope_deltas(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

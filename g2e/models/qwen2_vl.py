@@ -3,8 +3,15 @@
 Letters: the legend of `g2e.models` (Q is the number of positions asked for in `logits_at`).
 
 The batch is the host dict described in the design notes (input_ids, attention_mask,
-position_ids [3, B, L], pixel_values [B, P, 1176], vision_segment_ids, vision_positions,
-image_token_index, last_index). A batch with P == 0 (or no pixel_values) skips the tower.
+position_ids [3, B, L], pixel_values [B, P, 1176] (uint8 [B, P, 588] for image-only batches:
+g2e.models.vision), vision_segment_ids, vision_positions, image_token_index, last_index). A
+batch with P == 0 (or no pixel_values) skips the tower.
+
+Video: an example's `<|video_pad|>` tokens (config.video_token_id) take merged vision tokens
+exactly as its `<|image_pad|>` tokens do. image_token_index numbers the vision tokens of both
+kinds in text order, and the patches of the example's images and videos lie in pixel_values in
+that same order, so one gather serves both (transformers scatters image features and video
+features separately, to the same places).
 
 Qwen2.5-VL (config.model_type 'qwen2_5_vl') is the same model with another vision tower; its
 batch has one more field, vision_window_ids [B, P] (g2e.models.positions.vision_window_ids:
@@ -138,7 +145,8 @@ class Qwen2VL(nnx.Module):
     def input_embeddings(
         self, batch: Mapping[str, jax.Array], vision_tokens: jax.Array | None = None
     ) -> jax.Array:
-        """Token embeddings [B, L, D], each <|image_pad|> replaced by its merged vision token.
+        """Token embeddings [B, L, D], each <|image_pad|> and <|video_pad|> replaced by its
+        merged vision token (image_token_index counts both kinds, in text order).
 
         `vision_tokens` [B, M, D]: `self.vision_tokens(batch)` computed beforehand (else here).
         """
@@ -150,8 +158,10 @@ class Qwen2VL(nnx.Module):
             return embeds
         index = batch["image_token_index"][..., None].astype(jnp.int32)  # [B, L, 1]
         gathered = jnp.take_along_axis(vision_tokens.astype(embeds.dtype), index, axis=1)
-        is_image = (input_ids == self.config.image_token_id)[..., None]
-        return jnp.where(is_image, gathered, embeds)
+        is_vision = (input_ids == self.config.image_token_id) | (
+            input_ids == self.config.video_token_id
+        )
+        return jnp.where(is_vision[..., None], gathered, embeds)
 
     def __call__(
         self,

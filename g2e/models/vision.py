@@ -3,12 +3,23 @@
 Letters and logical axis names: the legend of `g2e.models` (W vision width, H vision heads,
 F vision MLP width, C flattened patch, M = P // 4 merged tokens, S = 3 for query/key/value).
 
-Several images of one example are packed into its P patches (as the HF image processor emits
-them, each 2x2 merge window's patches consecutive); `segment_ids` (1, 2, ... per image, 0 on
-padding) confine attention to one image, like transformers' per-image `cu_seqlens`. The host
-builds `segment_ids` and the (row, col) rotary `positions` with
-`g2e.models.positions.vision_layout`. Where every row holds at most one image, attention takes
-each row's patch count as its key lengths instead (no mask for cuDNN; `VisionTower._blocks`).
+Several images (and videos) of one example are packed into its P patches (as the HF image
+and video processors emit them, each 2x2 merge window's patches consecutive); `segment_ids`
+(1, 2, ... per image and per temporal group of a video, 0 on padding) confine attention to one
+image or one group of frames, like transformers' `cu_seqlens`. The host builds `segment_ids`
+and the (row, col) rotary `positions` with `g2e.models.positions.vision_layout`. Where every
+row holds at most one segment, attention takes each row's patch count as its key lengths
+instead (no mask for cuDNN; `VisionTower._blocks`).
+
+Video, and what it costs images. A patch of Qwen2-VL spans two temporal frames (the kernel is
+[C = 3 x 2 x 14 x 14, W]). A still image's two frames are equal, so the host sends images one
+frame wide (uint8 [B, P, 588]) and `embed_patches` multiplies by the kernel's two temporal
+halves summed. A video's temporal group holds two different frames, so a batch holding any
+video is sent two frames wide (uint8 [B, P, 1176]; its images' frames duplicated on the host,
+which gives the same embedding as the summed kernel). The width is a property of the batch,
+not a per-patch flag: image-only batches keep exactly today's bytes, program and FLOPs, and a
+batch with video is one more program. A video of T frames (T even) is one input of grid
+(T / 2, h, w): T / 2 segments, each the same (row, col) rotary positions, as transformers does.
 
 Qwen2.5-VL (`VisionConfig.is_qwen2_5`) changes three things, all local: RMSNorm instead of
 LayerNorm (blocks and merger), a SwiGLU MLP (gate_proj, up_proj, down_proj, with biases), and
@@ -285,11 +296,14 @@ class VisionTower(nnx.Module):
             self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def embed_patches(self, pixel_values: jax.Array) -> jax.Array:
-        """Patch embeddings [B, P, W] of float patches [B, P, C] or uint8 frames [B, P, C / 2].
+        """Patch embeddings [B, P, W] of float patches [B, P, C] or uint8 patches.
 
-        For uint8 input each value is looked up in the processor's normalisation table (exact),
-        and, since both temporal frames of an image are equal, the two temporal halves of the
-        patch kernel are summed once instead of multiplying a duplicated frame.
+        uint8 patches come one frame wide [B, P, C / 2] (an image: both temporal frames of a
+        still image are equal) or two frames wide [B, P, C] (a video's temporal group, or any
+        patch of a batch that holds video; laid out channel, frame, row, column as the HF
+        processors flatten them). Each value is looked up in the processor's normalisation
+        table (exact). One frame wide, the two temporal halves of the patch kernel are summed
+        once instead of multiplying a duplicated frame, so an image costs half a video patch.
         """
         kernel = self.patch_embed[...]
         if pixel_values.dtype != jnp.uint8:
@@ -299,19 +313,23 @@ class VisionTower(nnx.Module):
         config = self.config
         channels, frames = config.in_channels, config.temporal_patch_size
         batch, patches, width = pixel_values.shape
-        if width * frames != config.patch_dim:
+        if width not in (config.patch_dim, config.patch_dim // frames):
             raise ValueError(
                 f"uint8 pixel_values have {width} values per patch; one frame of "
-                f"{config.patch_dim // frames} is expected"
+                f"{config.patch_dim // frames} (images) or {frames} frames of "
+                f"{config.patch_dim} (video) are expected"
             )
         table = jnp.asarray(config.pixel_table())  # [3, 256]
         values = pixel_values.reshape(batch, patches, channels, -1).astype(jnp.int32)
-        normalised = table[jnp.arange(channels)[:, None], values]  # [B, P, 3, 196]
-        frame_kernel = kernel.reshape(channels, frames, -1, kernel.shape[-1]).sum(axis=1)
+        normalised = table[jnp.arange(channels)[:, None], values]  # [B, P, 3, C / 3]
+        if width == config.patch_dim:
+            patch_kernel = kernel
+        else:
+            patch_kernel = kernel.reshape(channels, frames, -1, kernel.shape[-1]).sum(axis=1)
         return jnp.einsum(
             "bpc,cw->bpw",
             normalised.reshape(batch, patches, width).astype(self.dtype),
-            frame_kernel.reshape(width, -1).astype(self.dtype),
+            patch_kernel.reshape(width, -1).astype(self.dtype),
         )
 
     def __call__(
@@ -326,8 +344,10 @@ class VisionTower(nnx.Module):
         Args:
           pixel_values: [B, P, C] flattened patches (HF image processor layout), zero padding;
             or, as the host sends them, uint8 [B, P, C / 2]: one frame of 8-bit values (an
-            image's two temporal frames are equal), normalised here with `pixel_table`.
-          segment_ids: int [B, P], 1..n per image frame, 0 on padding.
+            image's two temporal frames are equal), or uint8 [B, P, C] (both frames: a batch
+            with video), normalised here with `pixel_table` (`embed_patches`).
+          segment_ids: int [B, P], 1..n per image or per video temporal group (HF's
+            cu_seqlens), 0 on padding.
           positions: int [B, P, 2] (row, col) of each patch.
           window_ids: int [B, P], Qwen2.5-VL's attention window of each patch
             (positions.vision_window_ids), 0 on padding; required by Qwen2.5-VL, unused by
