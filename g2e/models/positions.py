@@ -2,21 +2,25 @@
 
 Letters: the legend of `g2e.models`.
 
-`rope_index` reproduces transformers' `Qwen2VLModel.get_rope_index` (transformers 5.x)
-exactly. That version keys on the image tokens themselves (its `mm_token_type_ids` is 1 where
-`input_ids == image_token_id`), not on `<|vision_start|>`, so sequences without vision-start
-tokens — g2e's prompts — get the same ids as the released model. Per example, over the real
-(attention_mask == 1) tokens only:
+`rope_index` reproduces transformers' `get_rope_index` of Qwen2-VL and Qwen2.5-VL
+(transformers 5.x) exactly. That version keys on the vision tokens themselves (its
+`mm_token_type_ids`: 1 where `input_ids == image_token_id`, 2 where `== video_token_id`), not on
+`<|vision_start|>`, so sequences without vision-start tokens — g2e's prompts — get the same ids
+as the released model. Per example, over the real (attention_mask == 1) tokens only:
   * a run of text tokens continues a 1-D counter on all three axes;
-  * a run of image tokens is one image with grid (t, h, w) in patches: its merged tokens get
-    (temporal, row, col) = (start + i_t, start + i_h, start + i_w) over the (t, h/2, w/2) grid,
-    and the counter then advances by max(h, w) / 2 (not by the token count);
+  * a run of image (or video) tokens is one input with grid (t, h, w) in patches: its merged
+    tokens get (temporal, row, col) = (start + floor(i_t * interval), start + i_h,
+    start + i_w) over the (t, h/2, w/2) grid, and the counter then advances by max(h, w) / 2
+    (not by the token count, nor by t). interval is 1, except for Qwen2.5-VL videos:
+    tokens_per_second * seconds per temporal group (time-aligned ids);
   * padding positions are 0 (transformers 5 initialises the ids with zeros).
+transformers loops over the rows; g2e computes the whole batch with array operations (the
+host builds ids for 2,048-row steps), and raises the errors the per-row loop raised.
 
 `vision_layout` gives, for one example's images concatenated in patch order as the HF image
 processor emits them, the (row, col) rotary position of each patch in 2x2 merge-window order
 (transformers' `get_vision_position_ids`) and the attention segment of each patch (one segment
-per image frame, as HF's `cu_seqlens`; 0 for padding). `vision_window_ids` gives Qwen2.5-VL's
+per image and per temporal group of a video, as HF's `cu_seqlens`; 0 for padding). `vision_window_ids` gives Qwen2.5-VL's
 attention windows as segment ids over the same patch order (see its docstring for why the
 patches are not reordered as transformers does).
 """
@@ -84,12 +88,12 @@ def rope_index(
         )
     batch, length = input_ids.shape
     position_ids = np.zeros((3, batch, length), np.int32)
-    real = attention_mask.astype(bool)
-    tokens = input_ids[real]
+    real = np.flatnonzero(attention_mask)  # flat indices of the real tokens, row after row
+    tokens = input_ids.reshape(-1)[real]
     kinds = (tokens == image_token_id).astype(np.int8)
     if video_token_id is not None:
         kinds[tokens == video_token_id] = 2
-    runs = _Runs.of(np.nonzero(real)[0], kinds)
+    runs = _Runs.of(real // length, kinds)
     m = spatial_merge_size
     merged, steps = _vision_grids(runs, image_grid_thw, time_intervals, m)
     vision = runs.kind > 0
@@ -97,17 +101,17 @@ def rope_index(
     advance = np.where(vision, merged[:, 1:].max(axis=1), runs.length)
     before = np.cumsum(advance) - advance
     run_start = before - before[runs.first_of_row]
-    # Each token's place in its run, unravelled over the run's merged (t, h, w) grid.
+    # Each token's place in its run: text counts on from the run's start on all three axes;
+    # a vision token reads its (t, h, w) ids from its grid's table, offset by the run's start.
     run = runs.of_token
-    offset = np.arange(tokens.size) - runs.start[run]
-    grid = merged[run]
-    width = grid[:, 2]
-    temporal = (offset // (grid[:, 1] * width)).astype(np.float32) * steps[run]
-    in_vision = vision[run]
-    temporal = np.where(in_vision, temporal.astype(np.int64), offset)
-    row_id = np.where(in_vision, offset // width % grid[:, 1], offset)
-    col_id = np.where(in_vision, offset % width, offset)
-    position_ids[:, real] = np.stack([temporal, row_id, col_id]) + run_start[run]
+    offset = np.arange(tokens.size, dtype=np.int64) - runs.start[run]
+    ids = np.broadcast_to((offset + run_start[run]).astype(np.int32), (3, tokens.size)).copy()
+    in_vision = np.flatnonzero(vision[run])
+    if in_vision.size:
+        table, base = _vision_tables(merged, steps, vision)
+        vision_run = run[in_vision]
+        ids[:, in_vision] = table[:, base[vision_run] + offset[in_vision]] + run_start[vision_run]
+    position_ids.reshape(3, -1)[:, real] = ids
     return position_ids
 
 
@@ -133,6 +137,26 @@ class _Runs:
         row_begins[1:] = row[1:] != row[:-1]
         first_of_row = np.maximum.accumulate(np.where(row_begins, np.arange(row.size), 0))
         return cls(kinds[start], row, start, length, first_of_row, np.cumsum(new) - 1)
+
+
+def _vision_tables(
+    merged: np.ndarray, steps: np.ndarray, vision: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (t, h, w) ids of every distinct (grid, time interval) among the vision runs, laid
+    end to end [3, n], and per run where its grid's ids begin (0 for text runs)."""
+    keys = np.concatenate([merged, steps.view(np.int32)[:, None].astype(np.int64)], axis=1)
+    distinct, which = np.unique(keys[vision], axis=0, return_inverse=True)
+    tables, starts, begin = [], [], 0
+    for t, h, w, _ in distinct.tolist():
+        step = steps[vision][np.flatnonzero(which == len(tables))[0]]
+        grid = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+        temporal = (grid[0].astype(np.float32) * step).astype(np.int64)
+        tables.append(np.stack([temporal.reshape(-1), grid[1].reshape(-1), grid[2].reshape(-1)]))
+        starts.append(begin)
+        begin += t * h * w
+    base = np.zeros(len(merged), np.int64)
+    base[vision] = np.asarray(starts, np.int64)[which.reshape(-1)]
+    return np.concatenate(tables, axis=1), base
 
 
 def _vision_grids(
