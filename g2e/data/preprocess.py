@@ -1,4 +1,4 @@
-"""Host-side preprocessing: items -> token ids + image patches -> fixed-shape batches.
+"""Host-side preprocessing: items -> token ids + image and video patches -> fixed-shape batches.
 
 `Processor.from_dir(checkpoint_dir, ...)` reads the tokenizer (transformers' `AutoTokenizer`)
 and the Qwen2-VL image processor settings (`Qwen2VLImageProcessorPil`, no torch) from a
@@ -6,6 +6,14 @@ checkpoint directory. `encode` builds the prompt (g2e.data.prompts), loads and p
 image (g2e.data.images), tokenises, expands each `<|image_pad|>` to the image's merged-patch
 count and truncates; the processor's `batcher` (g2e.data.batching: `processor.batcher.collate`)
 pads a list of encodings into the fixed-shape batch dict of the design contract.
+
+Video: `EmbedItem.video` is loaded and sampled to `video_frames` frames by g2e.data.videos;
+each frame gets the image resolution policy, then all frames the image processor's resize of
+the first (one size per clip); `patchify` cuts temporal groups of two frames. The clip's
+`<|video_pad|>` expands to its merged-patch count, and an example with a video carries two
+frames per patch (its images' frames duplicated: g2e.models.vision explains the widths). For
+Qwen2.5-VL each video's time interval (tokens_per_second x seconds per group) goes with the
+encoding to the M-RoPE ids.
 
 Truncation keeps the chat template, the system turn, the query suffix and the last (pooled)
 token: only the data's own text is cut, from its end, and never an image token.
@@ -25,8 +33,14 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from g2e.data import images as images_lib
-from g2e.data import prompts
-from g2e.data.batching import Batcher, Encoded, default_length_buckets, default_patch_buckets
+from g2e.data import prompts, videos
+from g2e.data.batching import (
+    Batcher,
+    Encoded,
+    default_length_buckets,
+    default_patch_buckets,
+    widen_frames,
+)
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.models.config import Qwen2VLConfig
 
@@ -36,11 +50,13 @@ FAR_OVER_FACTOR = 4
 
 @dataclasses.dataclass(frozen=True)
 class EmbedItem:
-    """One input to embed: text (with its task instruction) and/or an image.
+    """One input to embed: text (with its task instruction) and/or an image and/or a video.
 
     `image` is encoded bytes, a path (relative to the processor's image root), a PIL image, or
     None ('' counts as None, as MMEB writes it). `role` is 'query' or 'candidate'. `row` only
-    serves error messages (which row of `subset` the item came from).
+    serves error messages (which row of `subset` the item came from). `video` is None, frames in
+    order (paths relative to the image root, or PIL images), a folder of frames or a video
+    file (g2e.data.videos); a list is kept as a tuple.
     """
 
     text: str
@@ -48,10 +64,13 @@ class EmbedItem:
     role: str
     subset: str = ""
     row: Any = None
+    video: videos.VideoSource | None = None
 
     def __post_init__(self):
         if self.role not in prompts.ROLES:
             raise ValueError(f"EmbedItem.role must be one of {prompts.ROLES}, got {self.role!r}")
+        if isinstance(self.video, list):
+            object.__setattr__(self, "video", tuple(self.video))
 
 
 def query_item(row: Any) -> EmbedItem:
@@ -87,6 +106,14 @@ def _image_token_id(tokenizer: transformers.PreTrainedTokenizerBase, expected: i
             "model do not belong together"
         )
     return image_token_id
+
+
+def _video_token_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int | None:
+    """The tokenizer's id of `<|video_pad|>`, or None when it has no such token."""
+    video_token_id = tokenizer.convert_tokens_to_ids(prompts.VIDEO_PAD)
+    if video_token_id is None or video_token_id == tokenizer.unk_token_id:
+        return None
+    return int(video_token_id)
 
 
 def _pad_token_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
@@ -150,8 +177,12 @@ class Processor:
         image_token_id: int | None = None,
         jpeg_draft: bool = False,
         window_merged: int = 0,
+        video_frames: int = 8,
+        video_tokens_per_second: float = 0.0,
     ):
         _check_options(max_length, image_resolution, padding_side)
+        if video_frames < 1:
+            raise ValueError(f"data.video_frames={video_frames} must be at least 1")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
@@ -173,6 +204,10 @@ class Processor:
         self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
         self.image_token_id = _image_token_id(tokenizer, image_token_id)
         self.pad_token_id = _pad_token_id(tokenizer)
+        self.video_token_id = _video_token_id(tokenizer)
+        self.video_frames = video_frames
+        # Qwen2.5-VL's time-aligned video ids (0: Qwen2-VL, whose temporal ids step by 1).
+        self.video_tokens_per_second = video_tokens_per_second
         self.batcher = Batcher(
             pad_token_id=self.pad_token_id,
             image_token_id=self.image_token_id,
@@ -182,6 +217,7 @@ class Processor:
             patch_buckets=self._patch_buckets(patch_buckets),
             padding_side=padding_side,
             window_merged=window_merged,
+            video_token_id=self.video_token_id,
         )
 
     def _patch_buckets(self, requested: Sequence[int] | None) -> tuple[int, ...]:
@@ -211,13 +247,15 @@ class Processor:
         padding_side: str = "right",
         image_root: str | os.PathLike | None = None,
         jpeg_draft: bool = False,
+        video_frames: int = 8,
     ) -> Processor:
         """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
 
         `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
         processor's. `on_bad_input` is 'error', 'skip' or a shared BadInputReport. `jpeg_draft`
         lets JPEG files decode at a reduced scale when the resolution policy shrinks them by
-        2x or more (see g2e.data.images.load_image).
+        2x or more (see g2e.data.images.load_image). `video_frames`: frames sampled per video
+        (data.video_frames).
         Raises FileNotFoundError when the directory lacks preprocessor_config.json.
         """
         checkpoint_dir = pathlib.Path(checkpoint_dir)
@@ -235,12 +273,13 @@ class Processor:
         image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(
             checkpoint_dir, **overrides
         )
-        image_token_id, window_merged = None, 0
+        image_token_id, window_merged, tokens_per_second = None, 0, 0.0
         if (checkpoint_dir / "config.json").is_file():
             config = Qwen2VLConfig.from_dir(checkpoint_dir)
             image_token_id = config.image_token_id
             if config.vision.is_qwen2_5:
                 window_merged = config.vision.window_merged
+                tokens_per_second = float(config.vision.tokens_per_second)
         return cls(
             tokenizer,
             image_processor,
@@ -255,6 +294,8 @@ class Processor:
             image_token_id=image_token_id,
             jpeg_draft=jpeg_draft,
             window_merged=window_merged,
+            video_frames=video_frames,
+            video_tokens_per_second=tokens_per_second,
         )
 
     # ---- images ---------------------------------------------------------------------------
@@ -340,10 +381,69 @@ class Processor:
             image = image.resize((width, height), resample=processor.resample)
         return image
 
+    # ---- videos ---------------------------------------------------------------------------
+
+    def load_video(
+        self, source: videos.VideoSource, *, image_root: str | os.PathLike | None = None
+    ) -> videos.Clip:
+        """`video_frames` frames of a video (g2e.data.videos), each under the resolution policy,
+        then all resized as the image processor resizes the first. Raises BadInput."""
+        root = self.image_root if image_root is None else image_root
+        clip = videos.load_clip(source, count=self.video_frames, image_root=root)
+        frames = [images_lib.apply_policy(f, self.image_resolution) for f in clip.frames]
+        images_lib.check_aspect_ratio(frames[0], clip.name)
+        size = frames[0].size
+        clip.frames = [self._resized(f.resize(size) if f.size != size else f, size) for f in frames]
+        return clip
+
+    def clip_features(self, clip: videos.Clip) -> tuple[np.ndarray, tuple[int, int, int], float]:
+        """uint8 patches [p, C] (two frames each), grid (t, h, w) and M-RoPE time interval of a
+        loaded clip: tokens_per_second x seconds per temporal group for Qwen2.5-VL, else 1."""
+        frames = np.stack([np.asarray(f, np.uint8) for f in clip.frames])  # [T, H, W, 3]
+        patches, grid = patchify(
+            frames,
+            patch=int(self.image_processor.patch_size),
+            merge=self.merge_size,
+            temporal=self.temporal_patch,
+        )
+        interval = 1.0
+        if self.video_tokens_per_second:
+            seconds = np.float32(self.temporal_patch / clip.sampled_fps)
+            interval = float(np.float32(self.video_tokens_per_second) * seconds)
+        return patches, grid, interval
+
+    def _vision_features(
+        self, video_order: np.ndarray, loaded: Sequence[Image.Image], clips: Sequence[videos.Clip]
+    ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[float]]:
+        """Patches, grids and time intervals of the images and clips in token order
+        (`video_order`: per vision input, whether it is a video); two frames per patch when
+        there is a clip."""
+        if not clips:
+            pixel_values, grids = self.image_features(loaded)
+            return pixel_values, grids, [1.0] * len(grids)
+        image_iter, clip_iter = iter(loaded), iter(clips)
+        pieces, grids, intervals = [], [], []
+        for is_video in video_order.tolist():
+            if is_video:
+                patches, grid, interval = self.clip_features(next(clip_iter))
+            else:
+                patches, (grid,) = self.image_features([next(image_iter)])
+                patches, interval = widen_frames(patches, self.patch_dim), 1.0
+            pieces.append(patches)
+            grids.append(grid)
+            intervals.append(interval)
+        return np.concatenate(pieces), grids, intervals
+
     # ---- encoding -------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: prompts.ChatPrompt, loaded: Sequence[Image.Image]) -> Encoded:
-        """Tokenises a ChatPrompt whose `<|image_pad|>`s stand for `loaded` images, in order.
+    def encode_prompt(
+        self,
+        prompt: prompts.ChatPrompt,
+        loaded: Sequence[Image.Image],
+        clips: Sequence[videos.Clip] = (),
+    ) -> Encoded:
+        """Tokenises a ChatPrompt whose `<|image_pad|>`s stand for `loaded` images and whose
+        `<|video_pad|>`s stand for `clips` (`load_video`), each kind in order.
 
         Raises:
           BadInput: text far over max_length, or a prompt that does not fit even with its
@@ -356,12 +456,22 @@ class Processor:
         tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(tokens["input_ids"], np.int64)
         offsets = np.asarray(tokens["offset_mapping"], np.int64).reshape(-1, 2)
+        is_video = np.zeros(len(ids), bool)
+        if self.video_token_id is not None:
+            is_video = ids == self.video_token_id
+        if int(is_video.sum()) != len(clips):
+            raise BadInput(
+                "video placeholders do not match videos",
+                detail=f"{int(is_video.sum())} {prompts.VIDEO_PAD} for {len(clips)} video(s)",
+                hint="the tokenizer needs a <|video_pad|> token for video input",
+            )
         is_image = ids == self.image_token_id
         if int(is_image.sum()) != len(loaded):
             raise BadInput(
                 "image placeholders do not match images",
                 detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(loaded)} image(s)",
             )
+        is_image |= is_video  # from here on: every vision token, either kind
         cuttable = (offsets[:, 0] >= body_start) & (offsets[:, 1] <= body_end) & ~is_image
         num_text = int(cuttable.sum())
         if num_text > FAR_OVER_FACTOR * self.max_length:
@@ -371,8 +481,8 @@ class Processor:
                 hint=f"texts over {FAR_OVER_FACTOR}x max_length are refused; raise "
                 "data.max_length or shorten the text",
             )
-        pixel_values, grids = self.image_features(loaded)
-        # Expand each image token to its merged-patch count.
+        pixel_values, grids, intervals = self._vision_features(is_video[is_image], loaded, clips)
+        # Expand each image (video) token to its merged-patch count.
         repeats = np.ones(len(ids), np.int64)
         repeats[is_image] = [t * h * w // self.merge_size**2 for t, h, w in grids]
         total = int(repeats.sum())
@@ -400,6 +510,7 @@ class Processor:
             image_grid_thw=grids,
             target_mask=target_mask,
             truncated_tokens=max(excess, 0),
+            time_intervals=intervals,
         )
 
     def _guarded(self, build, *, subset: str, row: Any, strict: bool) -> Encoded | None:
@@ -417,7 +528,8 @@ class Processor:
     def encode(
         self, item: EmbedItem, *, image_root: str | os.PathLike | None = None, strict: bool = False
     ) -> Encoded | None:
-        """Encodes one item with the hierarchical embedding prompt.
+        """Encodes one item with the hierarchical embedding prompt (and its video clause when
+        the item has a video: g2e.data.prompts).
 
         Returns None when the item is bad input and on_bad_input='skip' (it is counted in
         `self.report`). Raises BadInput (naming subset, row and file) under 'error', and
@@ -431,14 +543,18 @@ class Processor:
 
         def build() -> Encoded:
             loaded = self.load_images([image] if image is not None else [], image_root=image_root)
+            clips = []
+            if item.video is not None:
+                clips.append(self.load_video(item.video, image_root=image_root))
             prompt = prompts.embedding_prompt(
                 item.text,
                 has_image=image is not None,
                 role=item.role,
                 subset=item.subset,
                 options=self.prompt,
+                has_video=bool(clips),
             )
-            return self.encode_prompt(prompt, loaded)
+            return self.encode_prompt(prompt, loaded, clips)
 
         return self._guarded(build, subset=item.subset, row=item.row, strict=strict)
 

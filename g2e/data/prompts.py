@@ -5,6 +5,13 @@ A prompt is built as a `ChatPrompt`: `head` (chat template up to the user's own 
 template's end, which always survive) and optionally `answer` (assistant text a generator is
 trained on). `ChatPrompt.text` is the full string handed to the tokenizer.
 
+Video (g2e's extension, not the paper's; docs/method.md §1): an input with a video gets the
+same two-level prompt with the video named where the image is: the system turn
+`VIDEO_SYSTEM_PROMPT` and the query suffix `QUERY_SUFFIX_WITH_VIDEO`. Its placeholder is
+`<|video_pad|>` (the data may write `<|video_1|>`), expanded to the clip's merged-patch count;
+with no placeholder in the text the video goes first, as images do. Inputs without a video keep
+the paper's prompt unchanged.
+
 Image placeholders: the data writes `<|image_1|>` (`<|image_2|>`, ...); Qwen2-VL reads
 `<|image_pad|>`, which the preprocessor expands to the image's merged-patch count. No
 `<|vision_start|>`/`<|vision_end|>` are added. When an input has images but its text has no
@@ -26,6 +33,15 @@ SYSTEM_PROMPT = (
 # Level 2 suffixes, appended to the user's text of queries (and of Matching candidates).
 QUERY_SUFFIX_WITH_IMAGE = "\nRepresent the given text/image in one word."
 QUERY_SUFFIX_TEXT_ONLY = "\nRepresent the given text in one word."
+# The video clause of both levels (g2e's extension), for inputs that carry a video.
+VIDEO_SYSTEM_PROMPT = (
+    "Given a video, summarize the provided video in one word. "
+    "Given only text, describe the text in one word."
+)
+QUERY_SUFFIX_WITH_VIDEO = "\nRepresent the given text/video in one word."
+
+VIDEO_PAD = "<|video_pad|>"
+_VIDEO_PLACEHOLDER = re.compile(r"<\|video_\d+\|>|<\|video_pad\|>")
 
 IMAGE_PAD = "<|image_pad|>"
 # `<|image_1|>`, `<|image_2|>`, ... as MMEB writes them, and Qwen's own pad token.
@@ -107,8 +123,31 @@ def place_images(text: str, num_images: int) -> str:
     return _PLACEHOLDER.sub(IMAGE_PAD, text)
 
 
-def query_suffix(has_image: bool) -> str:
-    """The level-2 suffix of a query: depends only on whether the input has an image."""
+def place_videos(text: str, num_videos: int) -> str:
+    """Turns the data's video placeholders into `<|video_pad|>`; puts videos first when the
+    text has none.
+
+    Raises:
+      BadInput: the text has video placeholders but not exactly `num_videos` of them.
+    """
+    found = len(_VIDEO_PLACEHOLDER.findall(text))
+    if found == 0 and num_videos:
+        pads = "\n".join([VIDEO_PAD] * num_videos)
+        return pads + ("\n" + text if text else "")
+    if found != num_videos:
+        raise BadInput(
+            "video placeholders do not match videos",
+            detail=f"text has {found} video placeholder(s), the input has {num_videos} video(s)",
+            hint="give the row its video, or remove the <|video_1|> placeholder from its text",
+        )
+    return _VIDEO_PLACEHOLDER.sub(VIDEO_PAD, text)
+
+
+def query_suffix(has_image: bool, has_video: bool = False) -> str:
+    """The level-2 suffix of a query: depends only on whether the input has a video or an
+    image."""
+    if has_video:
+        return QUERY_SUFFIX_WITH_VIDEO
     return QUERY_SUFFIX_WITH_IMAGE if has_image else QUERY_SUFFIX_TEXT_ONLY
 
 
@@ -145,6 +184,7 @@ def embedding_prompt(
     role: str,
     subset: str = "",
     options: PromptOptions = PromptOptions(),
+    has_video: bool = False,
 ) -> ChatPrompt:
     """The hierarchical embedding prompt of docs/method.md §1 for one query or candidate.
 
@@ -155,18 +195,19 @@ def embedding_prompt(
       role: 'query' or 'candidate'.
       subset: the MMEB subset name (candidates of '*Matching*' subsets are formatted as queries).
       options: ablations (no system turn, no suffix).
+      has_video: whether the input carries a video (the video clause: module docstring).
     Raises:
-      BadInput: empty text without an image, or placeholders that do not match the image.
+      BadInput: empty text without an image or video, or placeholders that do not match.
     """
-    if not text.strip() and not has_image:
+    if not text.strip() and not has_image and not has_video:
         raise BadInput(
             "empty text and no image", subset=subset, hint="drop the row or fill in its text"
         )
-    body = place_images(text, 1 if has_image else 0)
+    body = place_videos(place_images(text, 1 if has_image else 0), 1 if has_video else 0)
     suffix = ""
     if options.suffix and uses_suffix(role, subset):
-        suffix = query_suffix(has_image)
-    system = SYSTEM_PROMPT if options.system else None
+        suffix = query_suffix(has_image, has_video)
+    system = (VIDEO_SYSTEM_PROMPT if has_video else SYSTEM_PROMPT) if options.system else None
     return chat_prompt(system, body, user_suffix=suffix)
 
 
@@ -177,10 +218,11 @@ def embedding_prompt_text(
     role: str,
     subset: str = "",
     options: PromptOptions = PromptOptions(),
+    has_video: bool = False,
 ) -> str:
     """The full string of `embedding_prompt` (before `<|image_pad|>` expansion)."""
     return embedding_prompt(
-        text, has_image=has_image, role=role, subset=subset, options=options
+        text, has_image=has_image, role=role, subset=subset, options=options, has_video=has_video
     ).text
 
 
