@@ -31,6 +31,8 @@ setuptools.setup(
         "einops>=0.8,<0.9",
         "safetensors>=0.8,<0.9",
         "pillow>=12,<14",
+        # Video files in embed inputs (g2e.data.videos); frames and folders need no decoder.
+        "av>=18,<20",
         "numpy>=2.0,<3",
         "pyarrow>=20",
         # MMEB-V2's annotations: local snapshots of many Hub repositories, each in its own

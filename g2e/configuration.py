@@ -117,6 +117,9 @@ def _data_config() -> ml_collections.ConfigDict:
             train_image_resolution="mid_low",
             min_pixels=0,
             max_pixels=0,  # 0: the checkpoint's image processor settings
+            # Frames sampled uniformly from each video input (g2e.data.videos); an odd count
+            # is padded with the last frame (two frames make one temporal patch).
+            video_frames=8,
             length_buckets=(128, 256, 512, 1024, 2048),
             # Embedding (eval, mine, embed, held-out checks) and training pack several inputs
             # into one row of this many tokens, each seeing only itself (g2e.data.batching.
@@ -366,6 +369,8 @@ def _check_preprocessing(data: ml_collections.ConfigDict) -> None:
         )
     for key in ("image_resolution", "train_image_resolution"):
         _one_of(f"data.{key}", data[key], images.POLICIES)
+    if data.video_frames < 1:
+        _fail("data.video_frames", f"is {data.video_frames}; sample at least 1 frame per video")
     for key in ("max_length", "train_max_length"):
         if data[key] < 16:
             _fail(f"data.{key}", f"is {data[key]}; it must hold the chat template (>= 16)")

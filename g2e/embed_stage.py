@@ -1,5 +1,9 @@
-"""The embed command (`configs/embed.py`): a JSONL file of {text, image, role} lines ->
-float32 [N, D] embeddings in input order, through the same `Embedder` as the Python API."""
+"""The embed command (`configs/embed.py`): a JSONL file of {text, image, video, role} lines ->
+float32 [N, D] embeddings in input order, through the same `Embedder` as the Python API.
+
+`"video"` is optional: a list of frame paths in order, or one path naming a folder of frames
+or a video file (g2e.data.videos samples data.video_frames frames from it). Paths, like image
+paths, are taken as given: relative ones from the working directory."""
 
 from __future__ import annotations
 
@@ -16,9 +20,24 @@ from g2e.data.preprocess import EmbedItem
 from g2e.embedding import Embedder
 from g2e.pipeline import Pipeline
 
+LINE_FORMAT = (
+    '{"text": str, "image": path or null, "video": [frame paths] or path or null (optional), '
+    '"role": "query" | "candidate"}'
+)
+
+
+def _video(record: dict) -> str | list[str] | None:
+    """The line's "video": None, a path, or a non-empty list of frame paths; raises ValueError."""
+    video = record.get("video")
+    if video is None or isinstance(video, str) and video:
+        return video
+    if isinstance(video, list) and video and all(isinstance(v, str) and v for v in video):
+        return video
+    raise ValueError("'video' must be a list of frame paths, a folder or file path, or null")
+
 
 def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[EmbedItem], list[int]]:
-    """Reads the embed command's input: one {"text", "image", "role"} object per line.
+    """Reads the embed command's input: one {"text", "image", "video", "role"} object per line.
 
     Returns the items and their line numbers (1-based). A malformed line raises ValueError naming
     the file and line; with on_bad_input='skip' it is logged, counted and left out of the items
@@ -33,7 +52,7 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("the line is not a JSON object")
-                unknown = set(record) - {"text", "image", "role"}
+                unknown = set(record) - {"text", "image", "video", "role"}
                 if unknown:
                     raise ValueError(f"unknown keys {sorted(unknown)}")
                 text, image, role = record.get("text", ""), record.get("image"), record.get("role")
@@ -43,11 +62,9 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                     raise ValueError("'image' must be a path or null")
                 if role not in ("query", "candidate"):
                     raise ValueError(f"'role' is {role!r}; use 'query' or 'candidate'")
+                video = _video(record)
             except ValueError as error:  # json.JSONDecodeError is a ValueError too.
-                message = (
-                    f"{path}, line {number}: {error}. Each line must be "
-                    '{"text": str, "image": path or null, "role": "query" | "candidate"}'
-                )
+                message = f"{path}, line {number}: {error}. Each line must be {LINE_FORMAT}"
                 if on_bad_input == "error":
                     raise ValueError(message) from None
                 logging.warning("skipped: %s", message)
@@ -56,7 +73,14 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
                 lines.append(number)
                 continue
             items.append(
-                EmbedItem(text=text, image=image, role=role, subset="", row=Line(path, number))
+                EmbedItem(
+                    text=text,
+                    image=image,
+                    role=role,
+                    subset="",
+                    row=Line(path, number),
+                    video=video,
+                )
             )
             lines.append(number)
     if skipped:
@@ -67,7 +91,8 @@ def read_jsonl_items(path: str, on_bad_input: str = "error") -> tuple[list[Embed
 
 
 def run_embed(pipeline: Pipeline) -> dict[str, Any]:
-    """The embed command: JSONL of {text, image, role} -> float32 [N, D] .npy in input order."""
+    """The embed command: JSONL of {text, image, video, role} -> float32 [N, D] .npy in input
+    order."""
     config = pipeline.config
     items, _ = read_jsonl_items(config.input, config.data.on_bad_input)
     # Image paths are taken as given: relative ones from the working directory.

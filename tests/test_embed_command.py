@@ -315,3 +315,40 @@ def test_mmeb_evaluation_of_a_qwen2_5_vl_checkpoint(qwen25_checkpoint, tmp_path)
     assert results["overall"] == pytest.approx(
         np.mean([r["precision_at_1"] for r in results["subsets"].values()])
     )
+
+
+def test_video_lines_equal_embed_items(checkpoint, run_dir, monkeypatch):
+    """Lines with "video" (frame paths, a folder, a video file; with and without text or an
+    image) give `Embedder.embed_items`' vectors for the same items, in order."""
+    from g2e import Embedder
+    from tests.data.test_videos import write_video
+
+    frames = run_dir / "clip"
+    frames.mkdir()
+    for i in range(5):
+        assets.noise_image(56, 84, seed=10 + i).save(frames / f"frame{i}.png")
+    write_video(run_dir / "clip.mp4", [20 * i for i in range(9)])
+    listed = [f"clip/frame{i}.png" for i in (4, 0, 2)]
+    lines = [
+        {"text": "a cat jumps", "video": listed, "role": "query"},
+        {"text": "", "video": "clip", "role": "candidate"},
+        {"text": "a red circle", "image": None, "role": "candidate"},
+        {"text": "<|video_1|> what moves?", "image": "tall.jpg", "video": "clip", "role": "query"},
+        {"text": "a fading clip", "video": "clip.mp4", "role": "candidate"},
+    ]
+    with open(run_dir / "video.jsonl", "w") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    result = run_embed(run_dir, checkpoint[1], "video")
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = np.load(run_dir / "out" / "video.npy")
+    monkeypatch.chdir(run_dir)
+    embedder = Embedder.from_pretrained(checkpoint[1])
+    items = [
+        EmbedItem(line["text"], line.get("image"), line["role"], video=line.get("video"))
+        for line in lines
+    ]
+    expected = embedder.embed_items(items)
+    np.testing.assert_allclose(command, expected, atol=1e-6, rtol=0)
+    # The video really counts: other frames give another vector.
+    other = embedder.embed_items([EmbedItem("a cat jumps", None, "query", video=listed[::-1])])
+    assert np.abs(other[0] - expected[0]).max() > 1e-3
