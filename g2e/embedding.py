@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from g2e import configuration, distributed
+from g2e import configuration, distributed, encode_inputs
 from g2e.data import workers as workers_lib
 from g2e.data.batching import Encoded, pack_rows, rows_bucket, segment_bucket
 from g2e.data.preprocess import EmbedItem, Processor
@@ -375,6 +375,17 @@ class Embedder(BatchRunner):
 
     def __init__(self, model: Qwen2VL, processor: Processor, **kwargs):
         super().__init__(model, processor, embed_step, **kwargs)
+        self._pooled_runner: BatchRunner | None = None  # encode(normalize_embeddings=False)
+
+    @staticmethod
+    def pooled_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]):
+        """float32 [B, D] ([B, S, D] packed) last-token hidden states before the L2
+        normalisation of `embed_step` (pure; jit with graphdef static)."""
+        return nnx.merge(graphdef, state).pooled_hidden(batch).astype(jnp.float32)
+
+    def reload(self, model: Qwen2VL) -> None:
+        super().reload(model)
+        self._pooled_runner = None
 
     @classmethod
     def for_stage(
@@ -473,6 +484,96 @@ class Embedder(BatchRunner):
             for index, (text, image) in enumerate(zip(texts, images))
         ]
         return self.embed_items(items)
+
+    def encode(
+        self,
+        inputs: Any,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        normalize_embeddings: bool = True,
+        *,
+        role: str | None = None,
+        subset: str = "",
+    ) -> np.ndarray | list[np.ndarray]:
+        """Embeds inputs the way sentence-transformers' `SentenceTransformer.encode` does.
+
+        Args:
+          inputs: one input or a list of them: a str (text), a PIL image, image bytes or a
+            pathlib.Path (image), a (text, image) pair, or a dict {"text", "image", "video",
+            "role"} as an embed command line (g2e.encode_inputs).
+          prompt_name: 'query', or 'document' / 'passage' / 'corpus' / 'candidate' (g2e's
+            candidate role); the role's prompt is docs/method.md §1's.
+          prompt: text put before each input's text (a task instruction).
+          batch_size: rows per step on this process (default: the embedder's).
+          show_progress_bar: None keeps the embedder's setting.
+          convert_to_numpy: True: one float32 array; False: a list of 1-D arrays.
+          normalize_embeddings: True: L2-normalised, the embed command's vectors; False: the
+            last-token hidden states before normalisation.
+          role: 'query' or 'candidate', instead of prompt_name (default 'query').
+          subset: an MMEB subset name, where prompts depend on it ('...Matching').
+        Returns:
+          float32 [D] for a single input, [N, D] for a list (NaN rows for skipped inputs).
+        Raises:
+          ValueError / TypeError: an input of no known form, a bad role or prompt name.
+          NotImplementedError: a video, where this build cannot embed one.
+        """
+        items, single = encode_inputs.to_items(
+            inputs,
+            role=encode_inputs.call_role(role, prompt_name),
+            prompt=prompt,
+            subset=subset,
+        )
+        runner = self if normalize_embeddings else self._unnormalised()
+        saved = runner.batch_size, runner.progress
+        if batch_size is not None:
+            runner.batch_size = -(-int(batch_size) // runner.devices) * runner.devices
+        if show_progress_bar is not None:
+            runner.progress = bool(show_progress_bar)
+        try:
+            encode = functools.partial(self.processor.encode, strict=True)
+            vectors = runner.run(items, encode, desc="encode")
+        finally:
+            runner.batch_size, runner.progress = saved
+        if single:
+            return vectors[0]
+        return vectors if convert_to_numpy else list(vectors)
+
+    def encode_query(self, inputs: Any, **kwargs: Any) -> np.ndarray | list[np.ndarray]:
+        """`encode` with the query role (sentence-transformers' `encode_query`)."""
+        return self.encode(inputs, role="query", **kwargs)
+
+    def encode_document(self, inputs: Any, **kwargs: Any) -> np.ndarray | list[np.ndarray]:
+        """`encode` with the candidate role (sentence-transformers' `encode_document`)."""
+        return self.encode(inputs, role="candidate", **kwargs)
+
+    @staticmethod
+    def similarity(embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """Cosine similarity [N1, N2] of two sets of embeddings ([D] or [N, D])."""
+        a = np.atleast_2d(np.asarray(embeddings1, np.float32))
+        b = np.atleast_2d(np.asarray(embeddings2, np.float32))
+        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+        return a @ b.T
+
+    def _unnormalised(self) -> BatchRunner:
+        """A runner of `pooled_step` on this embedder's weights, workers and batch layout."""
+        if self._pooled_runner is None:
+            self._pooled_runner = BatchRunner(
+                nnx.merge(self.graphdef, self.state),
+                self.processor,
+                self.pooled_step,
+                mesh=self.mesh,
+                rules=self.rules,
+                batch_size=self.batch_size,
+                progress=self.progress,
+                window=self.window,
+                pool=self.pool,
+                pack_length=self.pack_length,
+            )
+        return self._pooled_runner
 
     def embed_items(self, items: Sequence[EmbedItem], *, desc: str = "embed") -> np.ndarray:
         """float32 [len(items), D] in input order (NaN rows for skipped bad items)."""
