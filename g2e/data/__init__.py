@@ -32,6 +32,8 @@ Modules, in the order of the flow:
   subsets.py         each subset's meta-task and IND/OOD group (MMEB's table or subsets.json)
   prompts.py         every prompt string of g2e: embedding, chat, judge and SugarCrepe prompts
   images.py          safe image loading (the bad-input rules) and the image-resolution policies
+  videos.py          video inputs (frames, a folder, a file via PyAV) sampled to data.video_frames
+  patches.py         uint8 patches in the HF processors' layout (one frame for images, two for video)
   preprocess.py      EmbedItem -> Encoded, with the tokenizer and image processor of a checkpoint
   batching.py        Encoded -> fixed-shape batch arrays (buckets, M-RoPE ids, padding counts)
   workers.py         host work in Grain worker processes, in input order, in bounded memory

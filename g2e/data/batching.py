@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from g2e.data.patches import widen_frames
 from g2e.models import positions
 
 
@@ -58,16 +59,6 @@ class Encoded:
     @property
     def num_patches(self) -> int:
         return int(self.pixel_values.shape[0])
-
-
-def widen_frames(pixel_values: np.ndarray, width: int) -> np.ndarray:
-    """uint8 patches [p, width]: one-frame patches [p, width / 2] with their frame duplicated
-    (layout channel, frame, row, col, as the HF processors flatten a patch), or unchanged
-    patches already `width` wide."""
-    if pixel_values.shape[-1] == width:
-        return pixel_values
-    one = pixel_values.reshape(len(pixel_values), 3, 1, pixel_values.shape[-1] // 3)
-    return np.repeat(one, width // pixel_values.shape[-1], axis=2).reshape(len(one), width)
 
 
 def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:

@@ -34,14 +34,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from g2e.data import images as images_lib
 from g2e.data import prompts, videos
-from g2e.data.batching import (
-    Batcher,
-    Encoded,
-    default_length_buckets,
-    default_patch_buckets,
-    widen_frames,
-)
+from g2e.data.batching import Batcher, Encoded, default_length_buckets, default_patch_buckets
 from g2e.data.errors import BadInput, BadInputReport
+from g2e.data.patches import patchify, widen_frames
 from g2e.models.config import Qwen2VLConfig
 
 # A text with more tokens than this many times max_length is bad input, not just truncated.
@@ -133,29 +128,6 @@ def _length_buckets(requested: Sequence[int] | None, max_length: int) -> tuple[i
             f"max_length={max_length}; add a bucket of at least max_length"
         )
     return buckets
-
-
-def patchify(
-    frames: np.ndarray, *, patch: int, merge: int, temporal: int
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 patches and the (t, h, w) grid of RGB frames [T, H, W, 3] (H, W multiples of
-    patch * merge), in the HF processors' patch order (merge windows' patches consecutive,
-    temporal groups one after another) and layout (channel, frame, row, col).
-
-    One frame (an image): [h * w, 3 * patch**2], one frame per patch (the device duplicates
-    it: g2e.models.vision). T frames (a video, T a multiple of `temporal`): [T / temporal *
-    h * w, 3 * temporal * patch**2], grid (T / temporal, h, w).
-    """
-    count, height, width, _ = frames.shape
-    grid_h, grid_w = height // patch, width // patch
-    group = 1 if count == 1 else temporal
-    if count % group:
-        raise ValueError(f"patchify: {count} frames do not split into groups of {group}")
-    blocks = frames.reshape(
-        count // group, group, grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3
-    ).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    patches = blocks.reshape(count // group * grid_h * grid_w, -1)
-    return np.ascontiguousarray(patches), (count // group, grid_h, grid_w)
 
 
 class Processor:
@@ -396,22 +368,6 @@ class Processor:
         clip.frames = [self._resized(f.resize(size) if f.size != size else f, size) for f in frames]
         return clip
 
-    def clip_features(self, clip: videos.Clip) -> tuple[np.ndarray, tuple[int, int, int], float]:
-        """uint8 patches [p, C] (two frames each), grid (t, h, w) and M-RoPE time interval of a
-        loaded clip: tokens_per_second x seconds per temporal group for Qwen2.5-VL, else 1."""
-        frames = np.stack([np.asarray(f, np.uint8) for f in clip.frames])  # [T, H, W, 3]
-        patches, grid = patchify(
-            frames,
-            patch=int(self.image_processor.patch_size),
-            merge=self.merge_size,
-            temporal=self.temporal_patch,
-        )
-        interval = 1.0
-        if self.video_tokens_per_second:
-            seconds = np.float32(self.temporal_patch / clip.sampled_fps)
-            interval = float(np.float32(self.video_tokens_per_second) * seconds)
-        return patches, grid, interval
-
     def _vision_features(
         self, video_order: np.ndarray, loaded: Sequence[Image.Image], clips: Sequence[videos.Clip]
     ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[float]]:
@@ -425,7 +381,13 @@ class Processor:
         pieces, grids, intervals = [], [], []
         for is_video in video_order.tolist():
             if is_video:
-                patches, grid, interval = self.clip_features(next(clip_iter))
+                patches, grid, interval = videos.clip_patches(
+                    next(clip_iter),
+                    patch=int(self.image_processor.patch_size),
+                    merge=self.merge_size,
+                    temporal=self.temporal_patch,
+                    tokens_per_second=self.video_tokens_per_second,
+                )
             else:
                 patches, (grid,) = self.image_features([next(image_iter)])
                 patches, interval = widen_frames(patches, self.patch_dim), 1.0
@@ -435,6 +397,28 @@ class Processor:
         return np.concatenate(pieces), grids, intervals
 
     # ---- encoding -------------------------------------------------------------------------
+
+    def _vision_tokens(
+        self, ids: np.ndarray, images: int, clips: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(every vision token, the video tokens) of token `ids`; raises BadInput when their
+        counts are not `images` images and `clips` videos."""
+        is_video = np.zeros(len(ids), bool)
+        if self.video_token_id is not None:
+            is_video = ids == self.video_token_id
+        if int(is_video.sum()) != clips:
+            raise BadInput(
+                "video placeholders do not match videos",
+                detail=f"{int(is_video.sum())} {prompts.VIDEO_PAD} for {clips} video(s)",
+                hint="the tokenizer needs a <|video_pad|> token for video input",
+            )
+        is_image = ids == self.image_token_id
+        if int(is_image.sum()) != images:
+            raise BadInput(
+                "image placeholders do not match images",
+                detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {images} image(s)",
+            )
+        return is_image | is_video, is_video
 
     def encode_prompt(
         self,
@@ -456,22 +440,7 @@ class Processor:
         tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(tokens["input_ids"], np.int64)
         offsets = np.asarray(tokens["offset_mapping"], np.int64).reshape(-1, 2)
-        is_video = np.zeros(len(ids), bool)
-        if self.video_token_id is not None:
-            is_video = ids == self.video_token_id
-        if int(is_video.sum()) != len(clips):
-            raise BadInput(
-                "video placeholders do not match videos",
-                detail=f"{int(is_video.sum())} {prompts.VIDEO_PAD} for {len(clips)} video(s)",
-                hint="the tokenizer needs a <|video_pad|> token for video input",
-            )
-        is_image = ids == self.image_token_id
-        if int(is_image.sum()) != len(loaded):
-            raise BadInput(
-                "image placeholders do not match images",
-                detail=f"{int(is_image.sum())} {prompts.IMAGE_PAD} for {len(loaded)} image(s)",
-            )
-        is_image |= is_video  # from here on: every vision token, either kind
+        is_image, is_video = self._vision_tokens(ids, len(loaded), len(clips))
         cuttable = (offsets[:, 0] >= body_start) & (offsets[:, 1] <= body_end) & ~is_image
         num_text = int(cuttable.sum())
         if num_text > FAR_OVER_FACTOR * self.max_length:

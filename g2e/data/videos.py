@@ -30,6 +30,7 @@ from PIL import Image
 
 from g2e.data import images as images_lib
 from g2e.data.errors import BadInput
+from g2e.data.patches import patchify
 
 # transformers' VideoMetadata.sampled_fps when a video comes without a frame rate.
 DEFAULT_FPS = 24.0
@@ -156,3 +157,22 @@ def _clip(
     if len(loaded) % 2:
         loaded.append(loaded[-1])
     return Clip(loaded, fps, name)
+
+
+def clip_patches(
+    clip: Clip, *, patch: int, merge: int, temporal: int, tokens_per_second: float
+) -> tuple[np.ndarray, tuple[int, int, int], float]:
+    """uint8 patches [p, C] (two frames each), grid (t, h, w) and M-RoPE time interval of a
+    clip whose frames all have one processor size (`Processor.load_video`).
+
+    The interval is tokens_per_second x seconds per temporal group (temporal / sampled_fps),
+    in float32 as transformers computes it, for Qwen2.5-VL; 1 when tokens_per_second is 0
+    (Qwen2-VL, whose temporal ids step by 1).
+    """
+    frames = np.stack([np.asarray(f, np.uint8) for f in clip.frames])  # [T, H, W, 3]
+    patches, grid = patchify(frames, patch=patch, merge=merge, temporal=temporal)
+    interval = 1.0
+    if tokens_per_second:
+        seconds = np.float32(temporal / clip.sampled_fps)
+        interval = float(np.float32(tokens_per_second) * seconds)
+    return patches, grid, interval

@@ -1,7 +1,7 @@
 """Video in g2e's Qwen2-VL and Qwen2.5-VL: end-to-end parity with transformers' PyTorch models.
 
 Each case is a batch of examples made of text runs, images and videos (random uint8 frames).
-g2e's side goes through the host code a real input takes: `preprocess.patchify` (uint8
+g2e's side goes through the host code a real input takes: `patches.patchify` (uint8
 patches), `batching.Batcher.collate` (one frame per patch for image-only batches, two for a
 batch with video; vision segments per temporal group; M-RoPE ids with video runs) and the jitted
 model. transformers' side gets float patches made by its own image processor
@@ -20,8 +20,8 @@ import torch
 import transformers
 from PIL import Image
 
-from g2e.data.batching import Batcher, Encoded, widen_frames
-from g2e.data.preprocess import patchify
+from g2e.data.batching import Batcher, Encoded
+from g2e.data.patches import patchify, widen_frames
 from g2e.models import hf_io
 from tests.models import checkpoints
 from tests.models.test_qwen2_vl import forward
