@@ -14,6 +14,7 @@ Qwen2.5-VL, `second_per_grid_ts`.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -74,8 +75,9 @@ def _hf_patches(image_processor, frames: np.ndarray) -> np.ndarray:
     return np.concatenate(groups)
 
 
-def build(config, examples, side, rng, image_processor, *, qwen2_5: bool):
-    """(g2e batch of numpy arrays, transformers kwargs) for the same examples."""
+def build(config, examples, side, rng, image_processor, *, qwen2_5: bool, parts=None):
+    """(g2e batch of numpy arrays, transformers kwargs) for the same examples; with a dict
+    `parts`, also its encodings ('encoded') and batcher ('batcher')."""
     tokens = {"image": config.image_token_id, "video": config.video_token_id}
     encoded, hf_pixels, hf_grids, seconds = (
         [],
@@ -128,6 +130,8 @@ def build(config, examples, side, rng, image_processor, *, qwen2_5: bool):
         window_merged=config.vision.window_merged if qwen2_5 else 0,
     )
     batch = batcher.collate(encoded)
+    if parts is not None:
+        parts.update(encoded=encoded, batcher=batcher)
     input_ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
     types = np.where(batch["input_ids"] == tokens["image"], 1, 0)
     types = np.where(batch["input_ids"] == tokens["video"], 2, types)
@@ -199,3 +203,42 @@ def test_video_parity(tiny, image_processor, case):
     print(
         f"{case}: max |g2e - transformers| {np.abs(hidden[real] - expected_hidden[real]).max():.1e}"
     )
+
+
+@jax.jit
+def embed(model, batch):
+    return model.embed(batch)
+
+
+def test_packed_rows_with_video_equal_each_alone(tiny, image_processor):
+    """Batcher.pack puts a video, an image-and-video and a text example one after another in
+    a row (their own positions, time intervals and vision tokens): each one's embedding is
+    the one it has alone."""
+    _, model, qwen2_5 = tiny
+    parts = {}
+    examples, _ = CASES["mixed"]
+    batch, _ = build(
+        model.config,
+        examples,
+        "right",
+        np.random.default_rng(1),
+        image_processor,
+        qwen2_5=qwen2_5,
+        parts=parts,
+    )
+    encoded, batcher = parts["encoded"], parts["batcher"]
+    rows = [[encoded[2], encoded[3], encoded[0]], [encoded[4], encoded[1]]]
+    packed = batcher.pack(
+        rows,
+        pad_to_batch=2,
+        length=sum(e.length for e in encoded),
+        num_patches=sum(e.num_patches for e in encoded),
+        segments=3,
+    )
+    assert packed["pixel_values"].shape[-1] == 1176
+    alone = np.asarray(embed(model, batch))
+    together = np.asarray(embed(model, packed))
+    order = [[2, 3, 0], [4, 1]]
+    for row, indices in enumerate(order):
+        for slot, index in enumerate(indices):
+            np.testing.assert_allclose(together[row, slot], alone[index], atol=1e-5, rtol=0)
