@@ -27,11 +27,14 @@ prompt places the image or video itself).
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 IMAGE_REPO = "ziyjiang/MMEB_Test_Instruct"
+# A folder holding only some tasks (g2e.demo.mini_mmeb_v2's) lists them here: {"tasks": [...]}.
+MANIFEST = "MMEB_V2_TASKS.json"
 ASSETS_REPO = "TIGER-Lab/MMEB-V2"
 MODALITIES = ("image", "video", "visdoc")
 METRIC = {"image": "hit@1", "video": "hit@1", "visdoc": "ndcg_linear@5"}
@@ -187,10 +190,14 @@ def task(name: str) -> Task:
     )
 
 
-def select_tasks(names: str | Sequence[str]) -> list[Task]:
-    """Tasks by name or modality ('image', 'video', 'visdoc'); empty: all 78, in table order."""
+def select_tasks(names: str | Sequence[str], root: str | pathlib.Path | None = None) -> list[Task]:
+    """Tasks by name or modality ('image', 'video', 'visdoc'), in table order; empty: the
+    tasks `root`'s MANIFEST names when it has one (a generated mini-MMEB-V2), else all 78."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    manifest = pathlib.Path(root) / MANIFEST if root else None
+    if not names and manifest is not None and manifest.is_file():
+        names = json.loads(manifest.read_text())["tasks"]
     if not names:
         return list(TASKS)
     chosen: dict[str, Task] = {}
@@ -205,7 +212,8 @@ def select_tasks(names: str | Sequence[str]) -> list[Task]:
 
 
 def load_split(root: pathlib.Path, repo: str, config: str | None, split: str) -> Any:
-    """A split of a local snapshot of a Hub dataset repository, through `datasets`."""
+    """A split of a local snapshot of a Hub dataset repository, through `datasets` (its rows
+    streamed from the files, never from a cache)."""
     import datasets  # noqa: PLC0415 (heavy; only this stage needs it)
 
     path = root / repo
@@ -215,7 +223,16 @@ def load_split(root: pathlib.Path, repo: str, config: str | None, split: str) ->
             f"`huggingface-cli download --repo-type dataset {repo} --local-dir {path}`"
         )
     datasets.disable_progress_bars()
-    return datasets.load_dataset(str(path), config, split=split)
+    try:
+        # Streamed: read from the files each time. The builder's on-disk cache keys a local
+        # folder by its repository's name, so two copies (or a copy rewritten in place) would
+        # read each other's rows.
+        return datasets.load_dataset(str(path), config, split=split, streaming=True)
+    except ValueError as error:  # e.g. a config or split the copy does not hold
+        raise FileNotFoundError(
+            f"{path}: cannot read config {config!r}, split {split!r} of {repo} ({error}); "
+            "download the whole repository again"
+        ) from error
 
 
 class Reader:

@@ -38,13 +38,13 @@ FRAME_SIDE = 56
 FRAMES_SAVED = 8
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 TOPICS = ("harbour", "orchard", "glacier", "bakery", "volcano", "library", "canyon", "meadow")
-SUMMARY = "MINI_MMEB_V2.json"  # written last: the folder is complete
+SUMMARY = mmeb_v2.MANIFEST  # written last: the folder is complete
 TASK_NAMES = (
     "ImageNet-1K",
     "MSCOCO_t2i",
     "Kinetics-700",
-    "MSR-VTT",
     "NExTQA",
+    "MSR-VTT",
     "QVHighlight",
     "ViDoRe_docvqa",
 )
@@ -217,7 +217,7 @@ def _page(rng: np.random.Generator, topic: str) -> bytes:
     """A rendered text page about `topic` (PNG bytes)."""
     page = PIL.Image.new("RGB", (112, 112), (250, 250, 245))
     canvas = PIL.ImageDraw.Draw(page)
-    words = [topic.upper(), *scenes.pick(rng, [t for t in TOPICS if t != topic], 3)]
+    words = [topic.upper(), *scenes.pick(rng, [t for t in TOPICS if t not in topic], 3)]
     for line, word in enumerate(words):
         canvas.text((6, 6 + 26 * line), word, fill=(20, 20, 20))
     out = io.BytesIO()
@@ -229,7 +229,7 @@ def _visdoc_task(root: pathlib.Path, rng: np.random.Generator, count: int) -> No
     """ViDoRe_docvqa in BEIR form: two pages per topic (the titled one graded 2, the other 1)."""
     corpus, queries, qrels = [], [], []
     for i in range(count):
-        topic = TOPICS[i % len(TOPICS)]
+        topic = f"{TOPICS[i % len(TOPICS)]} {i // len(TOPICS) + 1}"  # one per query
         for k, gain in ((0, 2), (1, 1)):
             page_id = f"page{i:03d}_{k}"
             corpus.append(

@@ -195,14 +195,15 @@ def evaluate_mmeb_v2(
     host: Any = None,
     reader: mmeb_v2.Reader | None = None,
 ) -> dict[str, Any]:
-    """MMEB-V2 evaluation of `embed_fn` over `tasks` (names or modalities; all by default)
+    """MMEB-V2 evaluation of `embed_fn` over `tasks` (names or modalities; by default all, or
+    those the folder's manifest lists)
     read from `data_dir` (g2e.data.mmeb_v2's layout). Writes results.json and results.md and
     caches embeddings per task under `out_dir` (on process 0: `write_outputs`). Returns
     results.json's content (module docstring)."""
     reader = reader or mmeb_v2.Reader(data_dir)
     out = pathlib.Path(out_dir)
     results, host_reports = {}, {}
-    chosen = mmeb_v2.select_tasks(tasks)
+    chosen = mmeb_v2.select_tasks(tasks, data_dir)
     for number, task in enumerate(chosen, 1):
         logging.info("MMEB-V2 task %d/%d: %s", number, len(chosen), task.name)
         before = host.host_snapshot() if host is not None else None
