@@ -147,8 +147,8 @@ def _vision_tables(
     keys = np.concatenate([merged, steps.view(np.int32)[:, None].astype(np.int64)], axis=1)
     distinct, which = np.unique(keys[vision], axis=0, return_inverse=True)
     tables, starts, begin = [], [], 0
-    for t, h, w, _ in distinct.tolist():
-        step = steps[vision][np.flatnonzero(which == len(tables))[0]]
+    for t, h, w, bits in distinct.tolist():
+        step = np.array(bits, np.int32).view(np.float32)
         grid = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
         temporal = (grid[0].astype(np.float32) * step).astype(np.int64)
         tables.append(np.stack([temporal.reshape(-1), grid[1].reshape(-1), grid[2].reshape(-1)]))
@@ -190,11 +190,20 @@ def _vision_grids(
     # Runs of rows already refused: let them pass the token check below.
     unmatched = np.setdiff1d(vision_runs, matched)
     merged[unmatched, 2] = runs.length[unmatched]
+    _raise_first_mismatch(runs, merged, counts, given, matched, full, m)
+    return merged, steps
+
+
+def _raise_first_mismatch(runs, merged, counts, given, matched, full, m) -> None:
+    """Raises the per-row loop's ValueError for the lowest example with a mismatch: too many
+    or too few grids (`counts` runs vs `given` grids per example), else the first run whose
+    token count is not its grid's (`matched`: the vision runs of good rows, `full` their
+    grids)."""
     expected = merged.prod(axis=1)
     bad_runs = np.flatnonzero((runs.kind > 0) & (runs.length != expected))
-    bad_rows = np.flatnonzero(~row_ok)
-    first = min([int(runs.row[bad_runs[0]])] if bad_runs.size else [], default=len(grids))
-    if bad_rows.size and bad_rows[0] <= first:
+    bad_rows = np.flatnonzero(counts != given)
+    first_bad_run_row = int(runs.row[bad_runs[0]]) if bad_runs.size else len(given)
+    if bad_rows.size and bad_rows[0] < first_bad_run_row:
         example = int(bad_rows[0])
         raise ValueError(
             f"rope_index: example {example} has {counts[example]} runs of image tokens but "
@@ -211,7 +220,6 @@ def _vision_grids(
             f"sequence has {runs.length[run]}; expand each <|image_pad|> to t*h*w/{m * m} "
             "tokens."
         )
-    return merged, steps
 
 
 def rope_deltas(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
