@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from g2e import embedding_cache, layout
+from g2e import embedding_cache, hub, layout
 from g2e.data import errors, images, mmeb_v2, rows
 from g2e.models import attention, lora, sharding, text
 
@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = _train_config()
     # export.dtype: 'source' writes every tensor in the dtype the base checkpoint stores it in
     # (the merge itself is float32 either way); float32 / bfloat16 / float16 cast all of them.
-    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="source"))
+    # push_to_hub: '' or a Hub id ORG/NAME that export uploads export/hf (with its model card)
+    # to (g2e.hub.push_folder; HF_TOKEN must allow writing there).
+    c.export = ml_collections.ConfigDict(dict(max_shard_mb=2000, dtype="source", push_to_hub=""))
     c.compilation_cache = _compilation_cache_config()
     c.demo = _demo_config()
     return c
@@ -499,6 +501,9 @@ def _check_export_and_cache(config: ml_collections.ConfigDict) -> None:
     _one_of("export.dtype", config.export.dtype, EXPORT_DTYPES)
     if config.export.max_shard_mb < 1:
         _fail("export.max_shard_mb", f"is {config.export.max_shard_mb}; it must be at least 1")
+    push = config.export.push_to_hub
+    if push and not hub.is_hub_id(push):
+        _fail("export.push_to_hub", f"is {push!r}; use '' (no upload) or a Hub id ORG/NAME")
     cache = config.compilation_cache
     if cache.min_compile_time_secs < 0:
         _fail(

@@ -4,7 +4,10 @@
 the base checkpoint's tokenizer and preprocessor files, a model card) and, when the model
 carries adapters, `<out>/peft` (g2e.models.peft: loadable by PEFT on top of the base model).
 Both are written by `g2e.saving.save_model`, the save the train stages use too: each directory
-under a temporary name, renamed into place, so a partial export never looks complete.
+under a temporary name, renamed into place, so a partial export never looks complete. The
+card (g2e.model_card) gives the prompts, the recipe, the training data and the run's latest
+evaluation table. `export.push_to_hub=ORG/NAME` then uploads `<out>/hf` to that Hub
+repository (g2e.hub.push_folder), from process 0.
 
 What the export holds: the base checkpoint as stored on disk, every tensor copied bit for bit,
 except the adapted kernels, which are merged in float32 from the base's stored values (not
@@ -20,15 +23,12 @@ arrays that span hosts, and process 0 writes (`distributed.write_on_primary`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
-from typing import Any
 
-from g2e import layout, saving
+from g2e import distributed, hub, layout, model_card, saving
 from g2e.models import hf_io, lora, peft
-from g2e.models.config import QWEN2_5_VL
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 
@@ -37,16 +37,20 @@ DTYPES = ("source", *hf_io.DISK_DTYPES)
 
 
 def run(pipeline: Pipeline) -> dict[str, str]:
-    """Writes <workdir>/export/hf (adapters merged) and <workdir>/export/peft."""
+    """Writes <workdir>/export/hf (adapters merged, with its model card) and
+    <workdir>/export/peft; uploads export/hf to export.push_to_hub when it names a Hub id."""
     config = pipeline.config
     trained = pipeline.has_trained_model()
     model = pipeline.model(trained=trained)
     model_dir, adapter_dir = pipeline.model_paths(trained=trained)
     adapter = peft.read_peft_config(adapter_dir) if adapter_dir else None
-    # The model card's scores: the evaluation of the model exported, when it ran.
-    evaluation = layout.EVAL if trained else layout.EVAL_ZERO_SHOT
-    results_file = layout.results_file(pipeline.workdir, evaluation)
-    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    card = model_card.model_card(
+        base_model=config.model_dir,  # as the user named it: a Hub id stays one
+        model_type=model.config.model_type,
+        config=config,
+        trained=trained,
+        evaluation=model_card.latest_evaluation(pipeline.workdir),
+    )
     written = export_model(
         model,
         base_dir=model_dir,
@@ -54,60 +58,20 @@ def run(pipeline: Pipeline) -> dict[str, str]:
         adapter=adapter,
         dtype=config.export.dtype,
         max_shard_bytes=config.export.max_shard_mb << 20,
-        results=results,
+        card=card,
     )
     logging.info(
         "export: Hugging Face model in %s%s",
         written["hf"],
         f", PEFT adapter in {written['peft']}" if written["peft"] else "",
     )
+    if config.export.push_to_hub and distributed.is_primary():
+        url = hub.push_folder(
+            written["hf"], config.export.push_to_hub, message="g2e export (model and card)"
+        )
+        logging.info("export: uploaded %s to %s", written["hf"], url)
+        written["pushed"] = url
     return written
-
-
-def model_card(
-    results: dict[str, Any] | None, *, base_model: str, model_type: str = "qwen2_vl"
-) -> str:
-    """A short README.md for the export: what it is, how to embed with it, its MMEB scores."""
-    family = "Qwen2.5-VL" if model_type == QWEN2_5_VL else "Qwen2-VL"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: feature-extraction",
-        "---",
-        "",
-        f"# g2e embedder ({family})",
-        "",
-        f"{family} fine-tuned as a universal multimodal embedding model with g2e (base: "
-        f"`{base_model}`). Embedding = the last-layer hidden state of the last prompt token "
-        "(the newline after `assistant`), L2-normalised, with the hierarchical prompt:",
-        "",
-        "```",
-        "<|im_start|>system",
-        "Given an image, summarize the provided image in one word. "
-        "Given only text, describe the text in one word.<|im_end|>",
-        "<|im_start|>user",
-        "{instruction}[\\nRepresent the given text/image in one word.]<|im_end|>",
-        "<|im_start|>assistant",
-        "```",
-        "",
-    ]
-    if results:
-        lines += [
-            "## MMEB",
-            "",
-            "| Classification | VQA | Retrieval | Grounding | IND | OOD | Overall |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        meta = results.get("meta_tasks", {})
-
-        def cell(value):
-            value = value.get("precision_at_1") if isinstance(value, dict) else value
-            return "-" if value is None else f"{value:.1f}"
-
-        row = [cell(meta.get(name)) for name in ("Classification", "VQA", "Retrieval", "Grounding")]
-        row += [cell(results.get(key)) for key in ("IND", "OOD", "overall")]
-        lines += ["| " + " | ".join(row) + " |", ""]
-    return "\n".join(lines) + "\n"
 
 
 def export_model(
@@ -118,7 +82,7 @@ def export_model(
     adapter: lora.AdapterConfig | None,
     dtype: str = "source",
     max_shard_bytes: int = 2 << 30,
-    results: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> dict[str, str]:
     """Writes <out_dir>/peft (if the model has adapters) then <out_dir>/hf (adapters merged).
 
@@ -132,7 +96,7 @@ def export_model(
       adapter: the adapters' configuration, for the PEFT copy; None writes no PEFT copy.
       dtype: one of DTYPES: 'source', or the dtype every floating tensor is written in.
       max_shard_bytes: size cap of one safetensors file.
-      results: MMEB results for the model card's table.
+      card: the README.md to write (g2e.model_card); None: the card of the base alone.
 
     Returns:
       {'hf': path, 'peft': path or ''}.
@@ -151,8 +115,8 @@ def export_model(
         copy_base=True,
         dtype=None if dtype == "source" else hf_io.DISK_DTYPES[dtype],
         max_shard_bytes=max_shard_bytes,
-        model_card=model_card(
-            results, base_model=str(base_dir), model_type=model.config.model_type
-        ),
+        model_card=card
+        if card is not None
+        else model_card.model_card(base_model=str(base_dir), model_type=model.config.model_type),
     )
     return written

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from g2e import distributed, layout
+from g2e import distributed, hub, layout
 from g2e.data import prompts
 from g2e.data import workers as data_workers
 from g2e.data.preprocess import Processor
@@ -40,6 +40,7 @@ class Pipeline:
         self._mesh = mesh  # default: made from config.mesh on first use
         self.model_key = None
         self._model = None
+        self._local_dirs: dict[tuple[str, str], str] = {}  # (key, value) -> local directory
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -87,16 +88,25 @@ class Pipeline:
         Raises:
           FileNotFoundError: `trained` but the training stage has not written its model.
         """
+        model_dir = self.local_dir("model_dir")
         if not trained:
-            return self.config.model_dir, self.config.adapter_dir
+            return model_dir, self.local_dir("adapter_dir")
         adapter, full = self.trained_paths(run)
         if adapter.is_dir():
-            return self.config.model_dir, str(adapter)
+            return model_dir, str(adapter)
         if full.is_dir():
             return str(full), ""
         raise FileNotFoundError(
             f"{adapter} (or {full}) is missing: run the {run} stage first (--config.stages={run})"
         )
+
+    def local_dir(self, key: str) -> str:
+        """config.<key> (model_dir or adapter_dir) as a local directory: itself, or the
+        snapshot of the Hugging Face Hub id it names (g2e.hub.local_dir; fetched once)."""
+        value = str(self.config[key])
+        if (key, value) not in self._local_dirs:
+            self._local_dirs[key, value] = hub.local_dir(value, key)
+        return self._local_dirs[key, value]
 
     def forget_model(self) -> None:
         """Drops the cached model (its weights changed in place, or memory is needed)."""
@@ -166,7 +176,7 @@ class Pipeline:
                 system=self.config.prompt.system, suffix=self.config.prompt.suffix
             )
         return Processor.from_dir(
-            self.config.model_dir,
+            self.local_dir("model_dir"),
             max_length=data.train_max_length if train else data.max_length,
             image_resolution=resolution
             or (data.train_image_resolution if train else data.image_resolution),

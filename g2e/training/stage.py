@@ -80,7 +80,7 @@ def _save_trained(pipeline: Pipeline, name: str, model, adapter, result) -> None
         )
     adapter_dir, full_dir = pipeline.trained_paths(name)
     out_dir = full_dir if adapter is None else adapter_dir
-    saving.save_model(model, out_dir, base_dir=pipeline.config.model_dir, adapter=adapter)
+    saving.save_model(model, out_dir, base_dir=pipeline.local_dir("model_dir"), adapter=adapter)
     pipeline.forget_model()  # Later stages load the trained model from what was written.
 
 
