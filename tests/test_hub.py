@@ -192,3 +192,15 @@ def test_a_refused_upload_names_the_key(tmp_path, hub_stand_in, monkeypatch):
     with pytest.raises(hub.HubError, match=r"--config.export.push_to_hub=g2e-test/pushed: the"):
         hub.push_folder(tmp_path / "folder", "g2e-test/pushed", message="test")
     assert _HubStandIn.received == {}
+
+
+def test_push_to_hub_is_validated_at_start_up():
+    from g2e import configuration, main
+
+    config = configuration.base_config()
+    config.model_dir, config.stages = "/some/model", "export"
+    config.export.push_to_hub = "my-org/g2e-2b"
+    configuration.validate(config, main.STAGE_NAMES)
+    config.export.push_to_hub = "https://huggingface.co/my-org/g2e-2b"
+    with pytest.raises(configuration.ConfigError, match=r"--config.export.push_to_hub: is "):
+        configuration.validate(config, main.STAGE_NAMES)
