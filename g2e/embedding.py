@@ -179,38 +179,54 @@ class BatchRunner:
             stack.enter_context(nnx.logical_axis_rules(self.rules))
         return stack
 
-    def _shape(self, encoded: Encoded) -> tuple[int, int]:
-        """(length bucket, patch bucket) of one encoding."""
-        return self.processor.batcher.shape_of([encoded])
+    def _shape(self, encoded: Encoded) -> tuple[int, int, int]:
+        """(length bucket, patch bucket, frames per patch) of one encoding: a video's patches
+        are two frames wide, so steps with video are their own programs and image-only steps
+        keep one frame."""
+        batcher = self.processor.batcher
+        return (*batcher.shape_of([encoded]), batcher.frames_of([encoded]))
 
     def _plan(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
-        """Groups a window's encodings into steps: of one (patch, length) bucket each, or
-        packed into rows (`pack_length`)."""
+        """Groups a window's encodings into steps: of one (frames, patch, length) bucket each,
+        or packed into rows (`pack_length`)."""
         if self.pack_length:
             return self._plan_packed(window)
         order = sorted(window, key=lambda x: (self._shape(x[1])[::-1], x[1].length))
         steps = []
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            shape = np.max([self._shape(e) for _, e in chunk], axis=0)
-            steps.append(_Step([[i] for i, _ in chunk], [[e] for _, e in chunk], tuple(shape)))
+        for _, group in itertools.groupby(order, key=lambda x: self._shape(x[1])[2]):
+            group = list(group)  # one frame width: video apart from images
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                shape = np.max([self._shape(e) for _, e in chunk], axis=0)
+                indices, rows = [[i] for i, _ in chunk], [[e] for _, e in chunk]
+                steps.append(_Step(indices, rows, tuple(int(v) for v in shape)))
         return steps
 
     def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
         """The window's encodings packed into rows of `pack_length` tokens and at most the
         largest patch bucket; the rows grouped by their patch bucket (text-only rows apart
         from image rows), each group cut into steps of at most `batch_size` rows, a step the
-        fewest rows that hold its own (a power of two times this process's devices). A step's
-        shape is (pack_length, patch bucket, segment slots, rows)."""
+        fewest rows that hold its own (a power of two times this process's devices); videos
+        (two frames a patch) are packed apart from the rest. A step's shape is (pack_length, patch bucket, segment
+        slots, rows, frames)."""
         batcher = self.processor.batcher
         encodings = [e for _, e in window]
 
-        def bucket(row: list[int]) -> int:
-            return batcher.patch_bucket(sum(encodings[i].num_patches for i in row))
+        def bucket(row: list[int]) -> tuple[int, int]:
+            patches = sum(encodings[i].num_patches for i in row)
+            return batcher.frames_of([encodings[i] for i in row]), batcher.patch_bucket(patches)
 
-        rows = pack_rows(encodings, length=self.pack_length, num_patches=batcher.patch_buckets[-1])
+        rows = []
+        for frames in (1, 2):  # videos share rows only with videos
+            members = [i for i, e in enumerate(encodings) if batcher.frames_of([e]) == frames]
+            packed = pack_rows(
+                [encodings[i] for i in members],
+                length=self.pack_length,
+                num_patches=batcher.patch_buckets[-1],
+            )
+            rows += [[members[i] for i in row] for row in packed]
         steps = []
-        for patches, group in itertools.groupby(sorted(rows, key=bucket), key=bucket):
+        for (frames, patches), group in itertools.groupby(sorted(rows, key=bucket), key=bucket):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
@@ -219,6 +235,7 @@ class BatchRunner:
                     patches,
                     segment_bucket(max(len(row) for row in chunk)),
                     min(rows_bucket(len(chunk), self.devices), self.batch_size),
+                    frames,
                 )
                 indices = [[window[i][0] for i in row] for row in chunk]
                 rows_here = [[encodings[i] for i in row] for row in chunk]
@@ -230,7 +247,7 @@ class BatchRunner:
         the same on all processes: per dimension the largest any process's step needs (not
         the largest pair)."""
         count, more = distributed.max_across_processes([len(steps), int(taken > 0)])
-        width = 4 if self.pack_length else 2
+        width = 5 if self.pack_length else 3
         shapes = np.zeros((count, width), np.int32)  # Steps past a process's own feed padding.
         for number, step in enumerate(steps):
             shapes[number] = step.shape
@@ -243,19 +260,21 @@ class BatchRunner:
         rows = [] if step is None else step.rows
         batcher = self.processor.batcher
         if self.pack_length:
-            length, patches, segments, step_rows = shape
+            length, patches, segments, step_rows, frames = shape
             return batcher.pack(
                 rows,
                 pad_to_batch=step_rows,
                 length=length,
                 num_patches=patches,
                 segments=segments,
+                frames=frames,
             )
         return batcher.collate(
             [e for (e,) in rows],
             pad_to_batch=self.batch_size,
             length=shape[0],
             num_patches=shape[1],
+            frames=shape[2],
         )
 
     def _take_window(

@@ -188,6 +188,7 @@ class Pipeline:
             on_bad_input=data.on_bad_input,
             image_root=image_root,
             jpeg_draft=data.jpeg_draft,
+            video_frames=data.video_frames,
         )
 
     def embedding_cache_options(self) -> dict[str, Any]:

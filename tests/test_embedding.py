@@ -232,3 +232,56 @@ def test_batch_sizes_are_per_device():
     assert sharding.batch_devices(mesh, RULES, per_process=True) == 8
     assert rows_per_step(4, mesh, RULES) == 32
     assert rows_per_step(4, None, RULES) == 4
+
+
+@pytest.mark.parametrize("pack_length", [0, 256], ids=["rows", "packed"])
+def test_video_steps_are_their_own_and_an_agreed_frame_width_changes_nothing(
+    checkpoint, model, alone, tmp_path, monkeypatch, pack_length
+):
+    """A video's patches are two frames wide: it gets steps of its own, so image steps keep one
+    frame; and a step padded to the two frames another process's step needs (frames agreed
+    across processes, simulated) embeds its images exactly as one frame wide."""
+    frames = [assets.noise_image(56, 56, seed=10 + i) for i in range(4)]
+    video = EmbedItem("a clip of noise", None, "candidate", video=frames)
+    items = [*make_items(), video]
+    proc = processor(checkpoint[1])
+    embedder = Embedder(
+        model, proc, mesh=None, batch_size=16, progress=False, pack_length=pack_length
+    )
+    video_alone = embedder([video])
+    steps = embedder._plan(list(enumerate(proc.encode(item) for item in items)))
+    widths = {
+        tuple(sorted(i for row in step.indices for i in row)): step.shape[-1] for step in steps
+    }
+    assert widths[(7,)] == 2 and all(w == 1 for k, w in widths.items() if k != (7,)), widths
+    np.testing.assert_allclose(
+        embedder(items), np.concatenate([alone, video_alone]), atol=1e-5, rtol=0
+    )
+
+    # Another process's steps need two frames: every agreed step is two frames wide.
+    real = distributed.max_across_processes
+
+    def with_a_video_elsewhere(values):
+        values = list(real(values))
+        if len(values) > 2:  # the shapes, not (step count, any inputs)
+            width = len(steps[0].shape)
+            values[width - 1 :: width] = [2] * (len(values) // width)
+        return tuple(values)
+
+    monkeypatch.setattr(distributed, "max_across_processes", with_a_video_elsewhere)
+    agreed = Embedder(
+        model,
+        processor(checkpoint[1]),
+        mesh=None,
+        batch_size=16,
+        progress=False,
+        pack_length=pack_length,
+    )
+    sent, dispatch = [], agreed._dispatch
+    monkeypatch.setattr(
+        agreed,
+        "_dispatch",
+        lambda batch: sent.append(batch["pixel_values"].shape[-1]) or dispatch(batch),
+    )
+    np.testing.assert_allclose(agreed(make_items()), alone, atol=1e-5, rtol=0)
+    assert set(sent) == {2 * 588}, sent

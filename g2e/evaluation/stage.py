@@ -144,7 +144,9 @@ def run_eval_mmeb_v2(pipeline: Pipeline) -> dict[str, Any]:
             out_dir=str(pipeline.stage_dir(layout.EVAL_MMEB_V2)),
             tasks=config.data.mmeb_v2_tasks,
             batch_size=embedder.call_size,
-            fingerprint=pipeline.fingerprint(pipeline.model_key, processor.prompt),
+            fingerprint=pipeline.fingerprint(
+                pipeline.model_key, processor.prompt, f"video_frames={config.data.video_frames}"
+            ),
             model_name="fine-tuned" if trained else "zero-shot",
             write_outputs=distributed.is_primary(),
             cache_options=pipeline.embedding_cache_options(),
