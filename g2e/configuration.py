@@ -97,7 +97,7 @@ def _data_config() -> ml_collections.ConfigDict:
             sugarcrepe_image_root="",
             # MMEB-V2 (stage eval_mmeb_v2): the folder of its Hub snapshots (g2e/data/mmeb_v2.py
             # gives the layout) and the tasks to run: names and/or modalities (image, video,
-            # visdoc), comma-separated; "" runs all 78.
+            # visdoc), comma-separated; "" runs all 78 (or those a generated mini lists).
             mmeb_v2_dir="",
             mmeb_v2_tasks="",
             # 'parquet': the hub's layout in train_dir / eval_dir; 'tfds': the array_record copy
