@@ -160,7 +160,7 @@ def _values_section(title: str, config: ml_collections.ConfigDict, keys) -> list
             value = value[part]
         if isinstance(value, (tuple, list)):
             value = ", ".join(str(v) for v in value)
-        lines.append(f"| `{key}` | `{value}` |")
+        lines.append(f"| `{key}` | `{value}` |" if value != "" else f"| `{key}` | '' |")
     return lines + [""]
 
 

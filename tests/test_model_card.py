@@ -120,6 +120,7 @@ def test_a_fine_tuned_card_gives_the_recipe_and_training_data():
         assert f"| `{key}` |" in card, key
     assert "| `train.lr` | `2e-05` |" in card
     assert "| `data.train_dir` | `/data/MMEB-train` |" in card
+    assert "| `data.train_subsets` | '' |" in card  # '' (every subset), not an empty cell
     assert "| `train.adapter.targets` | `q_proj, k_proj, v_proj, o_proj, down_proj` |" in card
     # prompt.suffix=False: the card's prompts have no suffix.
     assert prompts.QUERY_SUFFIX_TEXT_ONLY.strip() not in card
