@@ -15,19 +15,23 @@ from g2e.demo import mini_mmeb
 from tests.killing import kill_at
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_STEPS = 6
 
-# The demo, trimmed: a tenth of the mini-MMEB, a smaller generator trained for a few steps,
-# 12 steps of DoRA fine-tuning with a checkpoint every 3.
+# The demo, trimmed: a tenth of the mini-MMEB's training rows and 4 queries per evaluation
+# subset (all 10 subsets), a smaller generator trained for two steps, 6 steps of DoRA
+# fine-tuning with a checkpoint every 2, each step's loss logged.
 TRIMMED = [
     "--config.demo.scale=0.1",
+    "--config.demo.eval_queries=40",  # x scale: 4 queries per evaluation subset
     "--config.demo.generator=train",
-    "--config.demo.generator_steps=6",
+    "--config.demo.generator_steps=2",
     "--config.demo.hidden_size=64",
     "--config.demo.num_layers=2",
     "--config.demo.vision_width=32",
-    "--config.train.steps=12",
-    "--config.train.checkpoint_every=3",
+    f"--config.train.steps={TRAIN_STEPS}",
+    "--config.train.checkpoint_every=2",
     "--config.train.warmup_steps=2",
+    "--config.train.log_every=1",
     "--config.eval.batch_size=2",  # per device: 16 a step on 8 devices
     "--config.mine.batch_size=2",
     "--config.mine.judge_batch_size=8",
@@ -62,7 +66,7 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     workdir = tmp_path / "demo"
-    kill_at(_command(workdir), "train_step_8", tmp_path / "first.log", env=_env())
+    kill_at(_command(workdir), "train_step_4", tmp_path / "first.log", env=_env(), timeout=900)
     assert not (workdir / "train" / "DONE.json").exists(), "training finished before the kill"
     for stage in ("prepare_demo", "eval_plain", "eval_zero_shot", "mine"):
         assert (workdir / stage / "DONE.json").is_file(), stage
@@ -91,7 +95,7 @@ def test_demo_runs_every_stage_and_resumes_after_a_kill_during_train(tmp_path):
     assert "resumed from step" in output
     assert "adapted projections of" in output  # evaluation runs the merged model
     done = json.loads((workdir / "train" / "DONE.json").read_text())
-    assert done["steps"] == 12
+    assert done["steps"] == TRAIN_STEPS
     # The real model (DoRA, Adam, GradCache, the row encoder) resumes bit for bit.
     adapter = pathlib.Path("train", "adapter", "adapter_model.safetensors")
     assert (workdir / adapter).read_bytes() == (reference / adapter).read_bytes()
