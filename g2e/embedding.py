@@ -39,7 +39,7 @@ from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
 from g2e.pipeline import Pipeline
 
-__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step"]
+__all__ = ["BatchRunner", "EmbedItem", "Embedder", "embed_step", "unit_rows"]
 
 
 def embed_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
@@ -55,6 +55,12 @@ def rows_per_step(per_device: int, mesh: jax.sharding.Mesh | None, rules: shardi
 
 
 _END = object()  # the end of an encoding stream
+
+
+def unit_rows(embeddings: Any) -> np.ndarray:
+    """float32 [N, D] of `embeddings` ([D] or [N, D]), each row L2-normalised (zero stays zero)."""
+    rows = np.atleast_2d(np.asarray(embeddings, np.float32))
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
 class BatchRunner:
@@ -571,11 +577,7 @@ class Embedder(BatchRunner):
     @staticmethod
     def similarity(embeddings1: Any, embeddings2: Any) -> np.ndarray:
         """Cosine similarity [N1, N2] of two sets of embeddings ([D] or [N, D])."""
-        a = np.atleast_2d(np.asarray(embeddings1, np.float32))
-        b = np.atleast_2d(np.asarray(embeddings2, np.float32))
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        return a @ b.T
+        return unit_rows(embeddings1) @ unit_rows(embeddings2).T
 
     def _unnormalised(self) -> BatchRunner:
         """A runner of `pooled_step` on this embedder's weights, workers and batch layout."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from g2e.embedding import Embedder
+from g2e.embedding import Embedder, unit_rows
 
 # A batch's columns this adapter reads; MTEB's others (id, title, body, query) are folded into
 # `text` by MTEB already.
@@ -108,11 +108,7 @@ class MTEBEncoder:
     @staticmethod
     def similarity_pairwise(embeddings1: Any, embeddings2: Any) -> np.ndarray:
         """Cosine similarity of each pair [N]."""
-        a = np.atleast_2d(np.asarray(embeddings1, np.float32))
-        b = np.atleast_2d(np.asarray(embeddings2, np.float32))
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        return np.sum(a * b, axis=-1)
+        return np.sum(unit_rows(embeddings1) * unit_rows(embeddings2), axis=-1)
 
     @property
     def mteb_model_meta(self):

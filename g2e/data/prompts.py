@@ -110,17 +110,7 @@ def place_images(text: str, num_images: int) -> str:
     Raises:
       BadInput: the text has placeholders but not exactly `num_images` of them.
     """
-    found = count_placeholders(text)
-    if found == 0 and num_images:
-        pads = "\n".join([IMAGE_PAD] * num_images)
-        return pads + ("\n" + text if text else "")
-    if found != num_images:
-        raise BadInput(
-            "image placeholders do not match images",
-            detail=f"text has {found} placeholder(s), the input has {num_images} image(s)",
-            hint="give the row its image, or remove the <|image_1|> placeholder from its text",
-        )
-    return _PLACEHOLDER.sub(IMAGE_PAD, text)
+    return _place(text, num_images, _PLACEHOLDER, IMAGE_PAD, "image")
 
 
 def place_videos(text: str, num_videos: int) -> str:
@@ -130,17 +120,22 @@ def place_videos(text: str, num_videos: int) -> str:
     Raises:
       BadInput: the text has video placeholders but not exactly `num_videos` of them.
     """
-    found = len(_VIDEO_PLACEHOLDER.findall(text))
-    if found == 0 and num_videos:
-        pads = "\n".join([VIDEO_PAD] * num_videos)
-        return pads + ("\n" + text if text else "")
-    if found != num_videos:
+    return _place(text, num_videos, _VIDEO_PLACEHOLDER, VIDEO_PAD, "video")
+
+
+def _place(text: str, count: int, placeholder: re.Pattern, pad: str, what: str) -> str:
+    """`count` inputs of kind `what` placed in `text`: at its `placeholder`s, else first."""
+    found = len(placeholder.findall(text))
+    if found == 0 and count:
+        return "\n".join([pad] * count) + ("\n" + text if text else "")
+    if found != count:
+        noun = "placeholder(s)" if what == "image" else f"{what} placeholder(s)"
         raise BadInput(
-            "video placeholders do not match videos",
-            detail=f"text has {found} video placeholder(s), the input has {num_videos} video(s)",
-            hint="give the row its video, or remove the <|video_1|> placeholder from its text",
+            f"{what} placeholders do not match {what}s",
+            detail=f"text has {found} {noun}, the input has {count} {what}(s)",
+            hint=f"give the row its {what}, or remove the <|{what}_1|> placeholder from its text",
         )
-    return _VIDEO_PLACEHOLDER.sub(VIDEO_PAD, text)
+    return placeholder.sub(pad, text)
 
 
 def query_suffix(has_image: bool, has_video: bool = False) -> str:

@@ -33,17 +33,13 @@ from g2e import atomic
 from g2e.data import mmeb_v2
 from g2e.data.images import image_key
 from g2e.data.preprocess import EmbedItem
+from g2e.embedding import unit_rows
 from g2e.embedding_cache import EmbeddingCache
 from g2e.evaluation.mmeb import embed_items
 
 EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
 TOP_K = 5  # enough for hit@1 and NDCG@5
 POOL_BLOCK = 4096  # pool rows scored per matmul in the streaming top-k
-
-
-def _normalize(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
 
 
 def top_k(queries: np.ndarray, pool: np.ndarray, k: int, block: int = POOL_BLOCK) -> np.ndarray:
@@ -83,7 +79,7 @@ def query_metrics(ranked: Sequence[str], gains: dict[str, float]) -> tuple[float
 def score_task(data: mmeb_v2.TaskData, queries: np.ndarray, pool: np.ndarray) -> dict[str, Any]:
     """A task's entry of results.json from its query and pool embeddings (pool order =
     `data.pool`'s)."""
-    queries, pool = _normalize(queries), _normalize(pool)
+    queries, pool = unit_rows(queries), unit_rows(pool)
     names = list(data.pool)
     if data.candidates is None:
         ranked = [[names[r] for r in rows] for rows in top_k(queries, pool, TOP_K)]

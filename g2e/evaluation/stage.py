@@ -130,6 +130,7 @@ def run_eval_mmeb_v2(pipeline: Pipeline) -> dict[str, Any]:
     stage wrote one, else of the zero-shot model: <workdir>/eval_mmeb_v2/results.{json,md}."""
     config = pipeline.config
     trained = pipeline.has_trained_model()
+    model_name = "fine-tuned" if trained else "zero-shot"
     processor = pipeline.processor()
     embedder = Embedder.for_stage(
         pipeline,
@@ -147,7 +148,7 @@ def run_eval_mmeb_v2(pipeline: Pipeline) -> dict[str, Any]:
             fingerprint=pipeline.fingerprint(
                 pipeline.model_key, processor.prompt, f"video_frames={config.data.video_frames}"
             ),
-            model_name="fine-tuned" if trained else "zero-shot",
+            model_name=model_name,
             write_outputs=distributed.is_primary(),
             cache_options=pipeline.embedding_cache_options(),
             host=embedder,
@@ -158,7 +159,7 @@ def run_eval_mmeb_v2(pipeline: Pipeline) -> dict[str, Any]:
         "eval_mmeb_v2: overall %s, modalities %s", results["overall"], results["modalities"]
     )
     return {
-        "model": "fine-tuned" if trained else "zero-shot",
+        "model": model_name,
         "overall": results["overall"],
         **results["modalities"],
         "padding": processor.padding_share(),
