@@ -161,10 +161,14 @@ def _local_workdir(workdir: str) -> pathlib.Path:
     return pathlib.Path(workdir).resolve()
 
 
-def _setup_compilation_cache(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def setup_compilation_cache(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Points JAX's persistent compilation cache at compilation_cache.dir (default under the
     workdir); must run before the first compilation. Only process 0 writes entries (JAX's
-    rule); every process reads them, so the folder is best on storage all hosts share."""
+    rule); every process reads them, so the folder is best on storage all hosts share.
+
+    A program's cache key does not depend on where the folder is: a workdir copied, renamed or
+    mounted at another path (a resume on a new machine) still finds its programs.
+    """
     cache = config.compilation_cache
     if not cache.enabled:
         return
@@ -176,6 +180,11 @@ def _setup_compilation_cache(config: ml_collections.ConfigDict, workdir: pathlib
         "jax_persistent_cache_min_compile_time_secs", float(cache.min_compile_time_secs)
     )
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(cache.min_entry_size_bytes))
+    # By default JAX also points XLA's GPU autotuning cache at <dir>/xla_gpu_..., and that
+    # path goes into the compile options every key hashes: the same program then has one key
+    # per cache path. Without it the keys depend on the program alone; a GPU still loads whole
+    # compiled programs from the cache and autotunes only the ones it has to compile.
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 
 def _setup_logging(workdir: pathlib.Path, primary: bool) -> None:
@@ -206,7 +215,7 @@ def main(argv: list[str]) -> None:
         prepare_demo_stage.point_at_demo(config, workdir)
     # A bad key fails here, before any device is touched.
     configuration.validate(config, STAGE_NAMES)
-    _setup_compilation_cache(config, workdir)
+    setup_compilation_cache(config, workdir)
     distributed.initialize(config)
     _setup_logging(workdir, distributed.is_primary())
     force = set(configuration.split_list(config.force))

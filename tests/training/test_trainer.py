@@ -190,10 +190,16 @@ def _wait_at_killpoint(proc, workdir, timeout=240):
     _marker(workdir).unlink()
 
 
+def _cache_entries(workdir) -> list[str]:
+    return sorted(p.name for p in (workdir / "compilation_cache").glob("*-cache"))
+
+
 @pytest.mark.slow
 def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
     """Killed and stopped runs encode rows in 2 Grain worker processes, the reference in the
-    main process: the resumed result is bit-equal (the input of step s depends on s only)."""
+    main process: the resumed result is bit-equal (the input of step s depends on s only).
+    The run finishes in its workdir moved to another path, and compiles nothing: its train step
+    and every other program come from the compilation cache the killed run filled."""
     reference = _run(tmp_path / "ref", tmp_path / "ref.npz", workers=0)
     work, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     # After step 7 the save of step 6 has begun, so step 3's is complete (a save waits for the
@@ -203,6 +209,8 @@ def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
     assert not (ckpts / "9").exists()
+    compiled = _cache_entries(work)
+    assert [name for name in compiled if name.startswith("jit_train_step-")], compiled
 
     resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert resumed_from in (3, 6)
@@ -218,10 +226,15 @@ def test_sigkill_and_sigterm_resume_equal_an_uninterrupted_run(tmp_path):
     assert (ckpts / str(resumed_from + 2)).is_dir()
 
     assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    # A resume on another machine, where the workdir is mounted at another path.
+    work = work.rename(tmp_path / "moved")
+    ckpts = work / "checkpoints"
+    compiled = _cache_entries(work)
     finished = _run(work, tmp_path / "out.npz")
     output = finished.communicate(timeout=120)[0]
     assert finished.returncode == 0, output
     assert "finished step=12 stopped_early=False" in output, output
+    assert _cache_entries(work) == compiled, "the moved run compiled programs again"
     ref, out = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "out.npz")
     for key in ref.files:
         # Bitwise: the same compiled step on the same batches from the same state.
