@@ -34,7 +34,8 @@ Modules, in the order of the flow:
   images.py          safe image loading (the bad-input rules) and the image-resolution policies
   videos.py          video inputs (frames, a folder, a file via PyAV) sampled to data.video_frames
   patches.py         uint8 patches in the HF processors' layout (one frame for images, two for video)
-  preprocess.py      EmbedItem -> Encoded, with the tokenizer and image processor of a checkpoint
+  image_settings.py  the checkpoint's image processor settings and its resize rule (no torch)
+  preprocess.py      EmbedItem -> Encoded, with the tokenizer and image settings of a checkpoint
   batching.py        Encoded -> fixed-shape batch arrays (buckets, M-RoPE ids, padding counts)
   workers.py         host work in Grain worker processes, in input order, in bounded memory
   errors.py          BadInput and BadInputReport: the on_bad_input policy

@@ -1,8 +1,8 @@
 """Host-side preprocessing: items -> token ids + image and video patches -> fixed-shape batches.
 
-`Processor.from_dir(checkpoint_dir, ...)` reads the tokenizer (transformers' `AutoTokenizer`)
-and the Qwen2-VL image processor settings (`Qwen2VLImageProcessorPil`, no torch) from a
-checkpoint directory. `encode` builds the prompt (g2e.data.prompts), loads and pre-resizes the
+`Processor.from_dir(checkpoint_dir, ...)` reads the tokenizer (`load_tokenizer`) and the Qwen2-VL
+image processor's settings (g2e.data.image_settings) from a checkpoint directory; neither
+imports torch. `encode` builds the prompt (g2e.data.prompts), loads and pre-resizes the
 image (g2e.data.images), tokenises, expands each `<|image_pad|>` to the image's merged-patch
 count and truncates; the processor's `batcher` (g2e.data.batching: `processor.batcher.collate`)
 pads a list of encodings into the fixed-shape batch dict of the design contract.
@@ -22,6 +22,7 @@ token: only the data's own text is cut, from its end, and never an image token.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -30,12 +31,12 @@ from typing import Any
 import numpy as np
 import transformers
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from g2e.data import images as images_lib
 from g2e.data import prompts, videos
 from g2e.data.batching import Batcher, Encoded, default_length_buckets, default_patch_buckets
 from g2e.data.errors import BadInput, BadInputReport
+from g2e.data.image_settings import ImageSettings
 from g2e.data.patches import patchify, widen_frames
 from g2e.models.config import Qwen2VLConfig
 
@@ -130,13 +131,32 @@ def _length_buckets(requested: Sequence[int] | None, max_length: int) -> tuple[i
     return buckets
 
 
+def load_tokenizer(checkpoint_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, as `AutoTokenizer.from_pretrained` loads it.
+
+    A Qwen2 tokenizer (tokenizer_config.json's `tokenizer_class` is Qwen2Tokenizer or
+    Qwen2TokenizerFast, with no remote code) is loaded with `Qwen2Tokenizer` directly: the class
+    and call AutoTokenizer ends in for a Qwen2-VL checkpoint, without AutoTokenizer's import of
+    transformers' configuration modules, which import torch. Any other checkpoint goes through
+    AutoTokenizer.
+    """
+    config_path = pathlib.Path(checkpoint_dir) / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if "auto_map" not in declared and declared.get("tokenizer_class") in (
+        "Qwen2Tokenizer",
+        "Qwen2TokenizerFast",
+    ):
+        return transformers.Qwen2Tokenizer.from_pretrained(checkpoint_dir)
+    return transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
+
+
 class Processor:
     """Turns `EmbedItem`s into fixed-shape batches for Qwen2-VL (see the module docstring)."""
 
     def __init__(
         self,
         tokenizer: transformers.PreTrainedTokenizerBase,
-        image_processor: transformers.Qwen2VLImageProcessorPil,
+        image_settings: ImageSettings,
         *,
         max_length: int,
         image_resolution: str = "processor",
@@ -156,7 +176,7 @@ class Processor:
         if video_frames < 1:
             raise ValueError(f"data.video_frames={video_frames} must be at least 1")
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        self.image_settings = image_settings
         self.max_length = max_length
         self.image_resolution = image_resolution
         self.prompt = prompt
@@ -168,12 +188,12 @@ class Processor:
             if isinstance(on_bad_input, BadInputReport)
             else BadInputReport(on_bad_input)
         )
-        self.merge_size = int(image_processor.merge_size)
+        self.merge_size = image_settings.merge_size
         self.jpeg_draft = jpeg_draft
         # Qwen2.5-VL's attention windows, in merged units (0: Qwen2-VL, no windows).
         self.window_merged = window_merged
-        self.temporal_patch = int(image_processor.temporal_patch_size)
-        self.patch_dim = 3 * self.temporal_patch * int(image_processor.patch_size) ** 2
+        self.temporal_patch = image_settings.temporal_patch_size
+        self.patch_dim = 3 * self.temporal_patch * image_settings.patch_size**2
         self.image_token_id = _image_token_id(tokenizer, image_token_id)
         self.pad_token_id = _pad_token_id(tokenizer)
         self.video_token_id = _video_token_id(tokenizer)
@@ -199,8 +219,8 @@ class Processor:
             # Every image has the same size, so one bucket fits them all (1,024 patches at
             # 448x448): no other program is compiled and no image is padded.
             return (0, self.patches_per_image(self.image_resolution))
-        processor = self.image_processor
-        max_patches = int(processor.size.longest_edge) // int(processor.patch_size) ** 2
+        settings = self.image_settings
+        max_patches = settings.max_pixels // settings.patch_size**2
         return tuple(sorted(requested or default_patch_buckets(max_patches)))
 
     @classmethod
@@ -221,7 +241,7 @@ class Processor:
         jpeg_draft: bool = False,
         video_frames: int = 8,
     ) -> Processor:
-        """Reads tokenizer and image-processor settings from a Hugging Face checkpoint directory.
+        """Reads the tokenizer and image-processor settings of a Hugging Face checkpoint directory.
 
         `min_pixels` / `max_pixels` (None or 0: keep the checkpoint's) override the image
         processor's. `on_bad_input` is 'error', 'skip' or a shared BadInputReport. `jpeg_draft`
@@ -231,20 +251,10 @@ class Processor:
         Raises FileNotFoundError when the directory lacks preprocessor_config.json.
         """
         checkpoint_dir = pathlib.Path(checkpoint_dir)
-        if not (checkpoint_dir / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(
-                f"{checkpoint_dir}/preprocessor_config.json is missing; "
-                "model_dir must be a Qwen2-VL checkpoint directory"
-            )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
-        overrides = {
-            key: value
-            for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-            if value
-        }
-        image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(
-            checkpoint_dir, **overrides
+        image_settings = ImageSettings.from_dir(
+            checkpoint_dir, min_pixels=min_pixels or None, max_pixels=max_pixels or None
         )
+        tokenizer = load_tokenizer(checkpoint_dir)
         image_token_id, window_merged, tokens_per_second = None, 0, 0.0
         if (checkpoint_dir / "config.json").is_file():
             config = Qwen2VLConfig.from_dir(checkpoint_dir)
@@ -254,7 +264,7 @@ class Processor:
                 tokens_per_second = float(config.vision.tokens_per_second)
         return cls(
             tokenizer,
-            image_processor,
+            image_settings,
             max_length=max_length,
             image_resolution=image_resolution,
             prompt=prompt,
@@ -275,14 +285,8 @@ class Processor:
     def patches_per_image(self, policy: str) -> int:
         """The patches of one image under a square resolution policy (e.g. 1,024 at 448^2)."""
         side = images_lib.SQUARE_POLICIES[policy]
-        patch = int(self.image_processor.patch_size)
-        height, width = smart_resize(
-            side,
-            side,
-            factor=patch * self.merge_size,
-            min_pixels=self.image_processor.size.shortest_edge,
-            max_pixels=self.image_processor.size.longest_edge,
-        )
+        patch = self.image_settings.patch_size
+        height, width = self.image_settings.resized_size(side, side)
         return (height // patch) * (width // patch)
 
     def load_images(
@@ -324,10 +328,9 @@ class Processor:
         `pixel_table`), so a patch travels as one frame of 588 bytes, not 1176 floats. The
         patch order and layout are the image processor's.
         """
-        processor = self.image_processor
         if not loaded:
             return np.zeros((0, self.patch_dim // self.temporal_patch), np.uint8), []
-        patch, merge = int(processor.patch_size), self.merge_size
+        patch, merge = self.image_settings.patch_size, self.merge_size
         pieces, grids = [], []
         for image in loaded:
             image = self._resized(image, image.size)
@@ -340,17 +343,9 @@ class Processor:
     def _resized(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         """`image` resized as the image processor resizes an image of `size` (width, height):
         a multiple of 28 pixels within its min/max pixels."""
-        processor = self.image_processor
-        factor = int(processor.patch_size) * self.merge_size
-        height, width = smart_resize(
-            size[1],
-            size[0],
-            factor=factor,
-            min_pixels=processor.size.shortest_edge,
-            max_pixels=processor.size.longest_edge,
-        )
+        height, width = self.image_settings.resized_size(size[1], size[0])
         if (width, height) != image.size:
-            image = image.resize((width, height), resample=processor.resample)
+            image = image.resize((width, height), resample=self.image_settings.resample)
         return image
 
     # ---- videos ---------------------------------------------------------------------------
@@ -383,7 +378,7 @@ class Processor:
             if is_video:
                 patches, grid, interval = videos.clip_patches(
                     next(clip_iter),
-                    patch=int(self.image_processor.patch_size),
+                    patch=self.image_settings.patch_size,
                     merge=self.merge_size,
                     temporal=self.temporal_patch,
                     tokens_per_second=self.video_tokens_per_second,

@@ -47,6 +47,11 @@ def hf_model(checkpoint):
     return transformers.Qwen2VLModel(transformers.AutoConfig.from_pretrained(checkpoint)).eval()
 
 
+@pytest.fixture(scope="module")
+def hf_image_processor(checkpoint):
+    return transformers.Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+
+
 def as_model_input(uint8_patches: np.ndarray, checkpoint) -> np.ndarray:
     """The float patches [.., 1176] the vision tower makes of the host's uint8 frames [.., 588]:
     each value through the config's normalisation table, the frame repeated in time."""
@@ -61,9 +66,8 @@ def make(checkpoint, **kwargs) -> Processor:
     return Processor.from_dir(checkpoint, image_root=checkpoint, **kwargs)
 
 
-def hf_reference(processor: Processor, text: str, pil_images):
+def hf_reference(processor: Processor, image_processor, text: str, pil_images):
     """What transformers' Qwen2VLProcessor does: image features, pad expansion, tokenisation."""
-    image_processor = processor.image_processor
     if pil_images:
         features = image_processor(images=list(pil_images))
         grids = np.asarray(features["image_grid_thw"])
@@ -115,7 +119,9 @@ ITEMS = [
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("resolution", ["processor", "random"])
-def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, resolution):
+def test_matches_transformers_preprocessing(
+    checkpoint, hf_model, hf_image_processor, padding_side, resolution
+):
     processor = make(checkpoint, padding_side=padding_side, image_resolution=resolution)
     encoded = [processor.encode(item) for item in ITEMS]
     batch = processor.batcher.collate(encoded)
@@ -126,7 +132,7 @@ def test_matches_transformers_preprocessing(checkpoint, hf_model, padding_side, 
             item.text, has_image=has_image, role=item.role, subset=item.subset
         )
         pil = processor.load_images([item.image] if has_image else [])
-        ids, pixel_values, item_grids = hf_reference(processor, text, pil)
+        ids, pixel_values, item_grids = hf_reference(processor, hf_image_processor, text, pil)
         grids.append(item_grids)
         real = batch["attention_mask"][row].astype(bool)
         np.testing.assert_array_equal(batch["input_ids"][row][real], ids)
@@ -312,14 +318,16 @@ def test_encode_chat_with_answer_marks_targets(checkpoint):
     assert batch["target_mask"][0].sum() == len(answer_ids) and not batch["target_mask"][1].any()
 
 
-def test_judge_prompt_with_two_images_matches_transformers(checkpoint, hf_model):
+def test_judge_prompt_with_two_images_matches_transformers(
+    checkpoint, hf_model, hf_image_processor
+):
     processor = make(checkpoint)
     query = EmbedItem(VQA, "images/OK-VQA/table.png", "query", "OK-VQA")
     candidate = EmbedItem("", noise(80, 50, 4), "candidate", "OK-VQA")
     encoded = processor.encode_judge(query, candidate)
     text = prompts.judge_prompt(VQA, True, "", True).text
     ids, pixel_values, grids = hf_reference(
-        processor, text, processor.load_images([query.image, candidate.image])
+        processor, hf_image_processor, text, processor.load_images([query.image, candidate.image])
     )
     np.testing.assert_array_equal(encoded.input_ids, ids)
     np.testing.assert_array_equal(as_model_input(encoded.pixel_values, checkpoint), pixel_values)
