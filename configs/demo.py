@@ -29,6 +29,7 @@ def get_config():
     config.data.train_image_resolution = "processor"
     config.data.length_buckets = (64, 128, 256)
     config.data.pack_length = 256  # rows shared by several inputs (embedding and training)
+    config.data.pack_patches = 256  # vision rows of a packed batch: about five images each
     config.data.patch_buckets = (0, 64, 128)
     config.data.train_split = "original"
     config.data.heldout_rows = 16  # per training subset, evaluated every train.heldout_every

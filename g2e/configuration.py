@@ -129,6 +129,11 @@ def _data_config() -> ml_collections.ConfigDict:
             # 0: one input per row, padded to its length bucket. When set, at least
             # max_length and train_max_length.
             pack_length=0,
+            # Patches per vision row of a packed batch: a packed batch's images lie in vision
+            # rows of their own, several to a row, each attending within itself (0: the
+            # largest patch bucket; a multiple of 4). Training packs its queries and
+            # candidates into one pool and may take smaller vision rows that waste less.
+            pack_patches=0,
             # 2048: a 640x480 photo under `random` has 1,564 patches (4096 would pay 2.6x).
             patch_buckets=(0, 1024, 2048, 4096, 16384),
             # Rows of each training subset that mining and training use (g2e.data.rows.
@@ -184,7 +189,8 @@ def _train_config() -> ml_collections.ConfigDict:
             # text decoder's remat policy with it, the least recomputation that fits
             # (g2e.training.step); 'direct' or 'gradcache' force one, with model.remat.
             # GradCache chunks are rows per device; 0 sizes them from the direct step's memory
-            # per row.
+            # per row. With data.pack_length the queries and candidates share one pool of
+            # rows, chunked with query_chunk.
             backprop="auto",
             query_chunk=0,
             candidate_chunk=0,
@@ -389,6 +395,8 @@ def _check_preprocessing(data: ml_collections.ConfigDict) -> None:
             f"is {data.pack_length}; a packed row must hold the longest input "
             f"(data.max_length / train_max_length, {longest}), or use 0 for no packing",
         )
+    if data.pack_patches % 4 or data.pack_patches < 0:
+        _fail("data.pack_patches", f"is {data.pack_patches}; use 0 or a multiple of 4")
     _one_of("data.format", data.format, rows.FORMATS)
 
 

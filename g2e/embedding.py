@@ -95,6 +95,8 @@ class BatchRunner:
       pack_length: 0, or pack each window's encodings into rows of this many tokens
         (data.pack_length; `g2e.data.batching.pack_rows`): a step is `batch_size` such rows,
         and `step` must give one output per segment ([B, S, ...], as `embed_step` does).
+      pack_patches: the most patches per vision row of a packed step (data.pack_patches; 0:
+        the largest patch bucket), unless one input needs more (`Batcher.vision_shape`).
 
     `host_snapshot()` before and `host_report(snapshot)` after a subset give what its report
     records of the host side; `close()` stops the pool's workers.
@@ -114,6 +116,7 @@ class BatchRunner:
         window: int = 8,
         pool: workers_lib.Pool | None = None,
         pack_length: int = 0,
+        pack_patches: int = 0,
     ):
         self.processor = processor
         self.mesh = mesh
@@ -122,6 +125,7 @@ class BatchRunner:
         self.workers = workers
         self.window = window
         self.pack_length = pack_length
+        self.pack_patches = pack_patches or max(processor.batcher.patch_buckets)
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
         self.devices = sharding.batch_devices(mesh, self.rules, per_process=True)
@@ -209,42 +213,32 @@ class BatchRunner:
         return steps
 
     def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
-        """The window's encodings packed into rows of `pack_length` tokens and at most the
-        largest patch bucket; the rows grouped by their patch bucket (text-only rows apart
-        from image rows), each group cut into steps of at most `batch_size` rows, a step the
-        fewest rows that hold its own (a power of two times this process's devices); videos
-        (two frames a patch) are packed apart from the rest. A step's shape is (pack_length, patch bucket, segment
-        slots, rows, frames)."""
+        """The window's encodings packed into text rows of `pack_length` tokens, cut into
+        steps of at most `batch_size` rows, a step the fewest rows that hold its own (a power
+        of two times this process's devices); each step's patches packed into vision rows
+        (`Batcher.vision_shape`, at most `pack_patches` patches a row unless its largest
+        input needs more); videos (two frames a patch) are packed apart from the rest. A step's
+        shape is (pack_length, patches per vision row, segment slots, rows, vision rows,
+        frames)."""
         batcher = self.processor.batcher
-        encodings = [e for _, e in window]
-
-        def bucket(row: list[int]) -> tuple[int, int]:
-            patches = sum(encodings[i].num_patches for i in row)
-            return batcher.frames_of([encodings[i] for i in row]), batcher.patch_bucket(patches)
-
-        rows = []
-        for frames in (1, 2):  # videos share rows only with videos
-            members = [i for i, e in enumerate(encodings) if batcher.frames_of([e]) == frames]
-            packed = pack_rows(
-                [encodings[i] for i in members],
-                length=self.pack_length,
-                num_patches=batcher.patch_buckets[-1],
-            )
-            rows += [[members[i] for i in row] for row in packed]
         steps = []
-        for (frames, patches), group in itertools.groupby(sorted(rows, key=bucket), key=bucket):
-            group = list(group)
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
+        for frames in (1, 2):  # videos share rows only with videos
+            members = [(i, e) for i, e in window if batcher.frames_of([e]) == frames]
+            rows = pack_rows([e for _, e in members], length=self.pack_length)
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                items = [members[i][1] for row in chunk for i in row]
+                patches, vision_rows = batcher.vision_shape(items, self.pack_patches, self.devices)
                 shape = (
                     self.pack_length,
                     patches,
                     segment_bucket(max(len(row) for row in chunk)),
                     min(rows_bucket(len(chunk), self.devices), self.batch_size),
+                    vision_rows,
                     frames,
                 )
-                indices = [[window[i][0] for i in row] for row in chunk]
-                rows_here = [[encodings[i] for i in row] for row in chunk]
+                indices = [[members[i][0] for i in row] for row in chunk]
+                rows_here = [[members[i][1] for i in row] for row in chunk]
                 steps.append(_Step(indices, rows_here, shape))
         return steps
 
@@ -253,7 +247,7 @@ class BatchRunner:
         the same on all processes: per dimension the largest any process's step needs (not
         the largest pair)."""
         count, more = distributed.max_across_processes([len(steps), int(taken > 0)])
-        width = 5 if self.pack_length else 3
+        width = 6 if self.pack_length else 3
         shapes = np.zeros((count, width), np.int32)  # Steps past a process's own feed padding.
         for number, step in enumerate(steps):
             shapes[number] = step.shape
@@ -266,7 +260,7 @@ class BatchRunner:
         rows = [] if step is None else step.rows
         batcher = self.processor.batcher
         if self.pack_length:
-            length, patches, segments, step_rows, frames = shape
+            length, patches, segments, step_rows, vision_rows, frames = shape
             return batcher.pack(
                 rows,
                 pad_to_batch=step_rows,
@@ -274,6 +268,7 @@ class BatchRunner:
                 num_patches=patches,
                 segments=segments,
                 frames=frames,
+                vision_rows=vision_rows,
             )
         return batcher.collate(
             [e for (e,) in rows],
@@ -433,6 +428,7 @@ class Embedder(BatchRunner):
             workers=pipeline.workers,
             progress=progress,
             pack_length=pipeline.config.data.pack_length,
+            pack_patches=pipeline.config.data.pack_patches,
         )
 
     @classmethod
@@ -593,6 +589,7 @@ class Embedder(BatchRunner):
                 window=self.window,
                 pool=self.pool,
                 pack_length=self.pack_length,
+                pack_patches=self.pack_patches,
             )
         return self._pooled_runner
 

@@ -11,7 +11,11 @@ shape agreed across hosts. Buckets bound the number of shapes, hence of compiled
 Packing (`pack_rows`, `Batcher.pack`): several examples one after another in one row of a
 fixed length, each its own segment (segment_ids), with its own positions and its last token
 named in last_index [B, S]; the model keeps each segment's tokens to themselves, so an
-example's embedding is the one it has alone, and far fewer slots are padding.
+example's embedding is the one it has alone, and far fewer slots are padding. A packed batch's
+patches lie in vision rows of their own ([V, P], `pack_vision`: several examples' images per
+row, V apart from B), so a text row is not limited by its images' patches and a vision row's
+attention spans P patches, not a whole text row's; merged_token_index [B, L] names each vision
+token's merged token in the flattened [V * P / 4] vision rows.
 
 Video (g2e.models.vision explains the widths): an image-only batch carries one frame per patch
 (uint8 [B, P, 588]), as before video existed; a batch with any video patch carries two
@@ -79,30 +83,54 @@ def pick_bucket(size: int, buckets: Sequence[int], what: str) -> int:
     return -(-size // largest) * largest
 
 
-def pack_rows(encoded: Sequence[Encoded], *, length: int, num_patches: int) -> list[list[int]]:
-    """Indices of `encoded` grouped into rows of at most `length` tokens and `num_patches`
-    patches each: first fit, longest first (an example with more patches than a row holds
-    gets a row of its own)."""
-    order = sorted(range(len(encoded)), key=lambda i: -encoded[i].length)
-    rows: list[list[int]] = []
-    room: list[list[int]] = []  # [tokens, patches] left in each row
-    for i in order:
-        item = encoded[i]
-        if item.length > length:
-            raise ValueError(
-                f"pack_rows: an example of {item.length} tokens does not fit a packed row of "
-                f"{length}; make data.pack_length at least data.max_length"
-            )
-        for row, left in zip(rows, room):
-            if item.length <= left[0] and item.num_patches <= left[1]:
-                row.append(i)
-                left[0] -= item.length
-                left[1] -= item.num_patches
+def _first_fit(sizes: dict[int, int], capacity: int) -> list[list[int]]:
+    """The keys of `sizes` grouped into bins whose sizes sum to at most `capacity`: first fit,
+    largest first."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        for number, left in enumerate(room):
+            if sizes[key] <= left:
+                bins[number].append(key)
+                room[number] -= sizes[key]
                 break
         else:
-            rows.append([i])
-            room.append([length - item.length, num_patches - item.num_patches])
-    return rows
+            bins.append([key])
+            room.append(capacity - sizes[key])
+    return bins
+
+
+def pack_rows(encoded: Sequence[Encoded], *, length: int) -> list[list[int]]:
+    """Indices of `encoded` grouped into rows of at most `length` tokens each: first fit,
+    longest first (their patches go to vision rows of their own: `pack_vision`)."""
+    longest = max((item.length for item in encoded), default=0)
+    if longest > length:
+        raise ValueError(
+            f"pack_rows: an example of {longest} tokens does not fit a packed row of "
+            f"{length}; make data.pack_length at least data.max_length"
+        )
+    return _first_fit({i: item.length for i, item in enumerate(encoded)}, length)
+
+
+def pack_vision(encoded: Sequence[Encoded], capacity: int) -> list[list[int]]:
+    """Indices of the encodings with patches grouped into vision rows of at most `capacity`
+    patches each: first fit, most patches first; an encoding's patches stay in one row."""
+    most = max((item.num_patches for item in encoded), default=0)
+    if most > capacity:
+        raise ValueError(
+            f"pack_vision: an example of {most} patches does not fit a vision row of "
+            f"{capacity}; the vision rows must hold the step's largest example"
+        )
+    return _first_fit({i: e.num_patches for i, e in enumerate(encoded) if e.num_patches}, capacity)
+
+
+def fine_bucket(count: int, multiple: int) -> int:
+    """Rows that hold `count` rows: a multiple of `multiple` (the devices along the batch axes)
+    times 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four sizes an octave: at most a
+    quarter of the rows are padding, with a few programs an octave)."""
+    units = max(-(-count // multiple), 1)
+    step = 1 << max(units.bit_length() - 3, 0)
+    return multiple * -(-units // step) * step
 
 
 def segment_bucket(count: int) -> int:
@@ -278,18 +306,20 @@ class Batcher:
         return is_vision
 
     def _empty_arrays(
-        self, batch: int, length: int, num_patches: int, frames: int = 1
+        self, batch: int, length: int, num_patches: int, frames: int = 1, vision_rows: int = 0
     ) -> dict[str, np.ndarray]:
-        """The batch's arrays, all padding: pad tokens, nothing attended, no patches."""
+        """The batch's arrays, all padding: pad tokens, nothing attended, no patches; the
+        patch fields have `vision_rows` rows (0: one per text row)."""
+        vision = vision_rows or batch
         return dict(
             input_ids=np.full((batch, length), self.pad_token_id, np.int32),
             attention_mask=np.zeros((batch, length), np.int32),
             image_token_index=np.zeros((batch, length), np.int32),
             last_index=np.zeros((batch,), np.int32),
-            pixel_values=np.zeros((batch, num_patches, frames * self.patch_bytes), np.uint8),
-            vision_segment_ids=np.zeros((batch, num_patches), np.int32),
-            vision_positions=np.zeros((batch, num_patches, 2), np.int32),
-            vision_window_ids=np.zeros((batch, num_patches), np.int32),  # Qwen2.5-VL only
+            pixel_values=np.zeros((vision, num_patches, frames * self.patch_bytes), np.uint8),
+            vision_segment_ids=np.zeros((vision, num_patches), np.int32),
+            vision_positions=np.zeros((vision, num_patches, 2), np.int32),
+            vision_window_ids=np.zeros((vision, num_patches), np.int32),  # Qwen2.5-VL only
             target_mask=np.zeros((batch, length), np.int32),
         )
 
@@ -360,32 +390,51 @@ class Batcher:
         num_patches: int,
         segments: int,
         frames: int | None = None,
+        vision_rows: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Packs rows of encodings (`pack_rows`) into a batch of `pad_to_batch` rows of
-        `length` tokens and `num_patches` patches, with `segments` slots per row.
+        `length` tokens with `segments` slots per row, and their patches into `vision_rows`
+        vision rows of `num_patches` patches (`pack_vision`; None: as many as they fill).
 
         Each encoding is one segment, its tokens right after the previous one's: segment_ids
         [B, L] (1, 2, ... in a row, 0 on padding), positions as `collate` gives it alone,
-        last_index [B, segments] (its last token; 0 in unused slots), its image tokens pointing
-        at its own images' merged tokens. Rows past `rows` are dummies, as in `collate`;
-        `frames` as in `collate`."""
+        last_index [B, segments] (its last token; 0 in unused slots), merged_token_index
+        [B, L] (its vision tokens' merged tokens in the flattened vision rows; 0 elsewhere).
+        Text rows past `rows` are dummies, as in `collate`; `frames` as in `collate`."""
         if len(rows) > pad_to_batch or max(map(len, rows), default=0) > segments:
             raise ValueError(
                 f"pack: {len(rows)} rows of up to {max(map(len, rows), default=0)} segments "
                 f"for pad_to_batch={pad_to_batch}, segments={segments}"
             )
         items = [item for row in rows for item in row]
+        vision = pack_vision(items, num_patches) if num_patches else []
+        vision_rows = len(vision) if vision_rows is None else vision_rows
+        if len(vision) > vision_rows or (vision and not vision_rows):
+            raise ValueError(f"pack: {len(vision)} vision rows for vision_rows={vision_rows}")
         arrays = self._empty_arrays(
-            pad_to_batch, length, num_patches, self.frames_of(items, frames)
+            pad_to_batch, length, num_patches, self.frames_of(items, frames), max(vision_rows, 1)
         )
         arrays["segment_ids"] = np.zeros((pad_to_batch, length), np.int32)
         arrays["last_index"] = np.zeros((pad_to_batch, segments), np.int32)
         arrays["attention_mask"][len(rows) :, 0] = 1  # dummies: one attended pad token
+        merged = num_patches // self.merge_size**2  # merged tokens per vision row
+        first_merged = np.zeros(len(items), np.int64)  # each item's first merged token
+        for v, members in enumerate(vision):
+            patch_start = 0
+            for i in members:
+                item = items[i]
+                patches = slice(patch_start, patch_start + item.num_patches)
+                arrays["pixel_values"][v, patches] = widen_frames(
+                    item.pixel_values, arrays["pixel_values"].shape[-1]
+                )
+                first_merged[i] = v * merged + patch_start // self.merge_size**2
+                patch_start = patches.stop
+            self._fill_vision(arrays, v, [g for i in members for g in items[i].image_grid_thw])
         alone = self._positions_alone(items) if items else None
         position_ids = np.zeros((3, pad_to_batch, length), np.int32)
         number = 0
         for r, row in enumerate(rows):
-            start, patch_start = 0, 0
+            start = 0
             for s, item in enumerate(row):
                 span = slice(start, start + item.length)
                 for name, value in (("input_ids", item.input_ids), ("attention_mask", 1)):
@@ -394,48 +443,80 @@ class Batcher:
                 arrays["last_index"][r, s] = span.stop - 1
                 position_ids[:, r, span] = alone[:, number, : item.length]
                 is_vision = np.flatnonzero(self._is_vision(item.input_ids))
-                first_token = patch_start // self.merge_size**2
-                arrays["image_token_index"][r, start + is_vision] = first_token + np.arange(
-                    len(is_vision), dtype=np.int32
-                )
-                patches = slice(patch_start, patch_start + item.num_patches)
-                arrays["pixel_values"][r, patches] = widen_frames(
-                    item.pixel_values, arrays["pixel_values"].shape[-1]
-                )
-                start, patch_start, number = span.stop, patches.stop, number + 1
-            self._fill_vision(arrays, r, [g for item in row for g in item.image_grid_thw])
-        self._count(items, pad_to_batch, length, num_patches)
+                arrays["image_token_index"][r, start + is_vision] = first_merged[
+                    number
+                ] + np.arange(len(is_vision), dtype=np.int32)
+                start, number = span.stop, number + 1
+        self._count(items, pad_to_batch, length, num_patches, patch_rows=max(vision_rows, 1))
         out = self._batch_dict(arrays, position_ids, with_targets=False)
+        out["merged_token_index"] = out.pop("image_token_index")
         return out | {"segment_ids": arrays["segment_ids"]}
 
     def widen_packed(
-        self, batch: dict[str, np.ndarray], *, rows: int, num_patches: int, segments: int
+        self,
+        batch: dict[str, np.ndarray],
+        *,
+        rows: int,
+        num_patches: int,
+        segments: int,
+        vision_rows: int,
     ) -> dict[str, np.ndarray]:
-        """A packed batch (`pack`) padded to more rows (dummies, as `pack` makes them), patches
-        and segment slots (unused slots name token 0)."""
+        """A packed batch (`pack`) padded to more text rows (dummies, as `pack` makes them),
+        segment slots (unused slots name token 0), vision rows and patches per vision row
+        (merged_token_index follows its tokens into the wider rows)."""
+        old_vision, old_patches = batch["pixel_values"].shape[:2]
         extra_rows = rows - batch["input_ids"].shape[0]
-        extra_patches = num_patches - batch["pixel_values"].shape[1]
+        extra_patches = num_patches - old_patches
         extra_slots = segments - batch["last_index"].shape[1]
-        if min(extra_rows, extra_patches, extra_slots) < 0:
+        extra_vision = vision_rows - old_vision
+        if min(extra_rows, extra_patches, extra_slots, extra_vision) < 0:
             raise ValueError(
-                f"widen_packed: ({rows}, {num_patches}, {segments}) is smaller than the batch's"
+                f"widen_packed: ({rows}, {num_patches}, {segments}, {vision_rows}) is smaller "
+                "than the batch's"
             )
         out = {}
         for name, value in batch.items():
             widths = [(0, 0)] * value.ndim
-            widths[1 if name == "position_ids" else 0] = (0, extra_rows)
             if name.startswith("vision_") or name == "pixel_values":
-                widths[1] = (0, extra_patches)
-            elif name == "last_index":
+                widths[0], widths[1] = (0, extra_vision), (0, extra_patches)
+            else:
+                widths[1 if name == "position_ids" else 0] = (0, extra_rows)
+            if name == "last_index":
                 widths[1] = (0, extra_slots)
             fill = self.pad_token_id if name == "input_ids" else 0
             out[name] = np.pad(value, widths, constant_values=fill)
         out["attention_mask"][rows - extra_rows :, 0] = 1  # dummies: one attended pad token
+        unit = self.merge_size**2
+        if extra_patches and old_patches:  # vision row v's tokens start at v * P / 4
+            index = out["merged_token_index"]
+            out["merged_token_index"] = (
+                index // (old_patches // unit) * (num_patches // unit)
+                + index % (old_patches // unit)
+            ).astype(np.int32)
         length = batch["input_ids"].shape[1]
         self.stats["token_slots"] += extra_rows * length
-        self.stats["patch_slots"] += (rows - extra_rows) * extra_patches + extra_rows * num_patches
+        self.stats["patch_slots"] += old_vision * extra_patches + extra_vision * num_patches
         self.shapes.add((rows, length, num_patches))
         return out
+
+    def vision_shape(
+        self, encoded: Sequence[Encoded], patches: int, multiple: int = 1, *, fit: bool = False
+    ) -> tuple[int, int]:
+        """(patches per vision row, vision rows) of a packed batch of `encoded`: rows of
+        `patches` (data.pack_patches; the patch bucket of its largest example where that is
+        more), as few as hold its images (`pack_vision`), `fine_bucket` of `multiple`;
+        (0, multiple) when no example has patches. With `fit`, of the row sizes that are
+        multiples of that bucket up to `patches`, the one with the fewest patch slots (ties:
+        the smaller, whose attention costs less): a training step's fixed number of examples
+        leaves few such shapes.
+        """
+        largest = max((e.num_patches for e in encoded), default=0)
+        if largest == 0:
+            return 0, multiple
+        base = self.patch_bucket(largest)
+        sizes = range(base, max(patches, base) + 1, base) if fit else [max(patches, base)]
+        shapes = [(size, fine_bucket(len(pack_vision(encoded, size)), multiple)) for size in sizes]
+        return min(shapes, key=lambda shape: (shape[0] * shape[1], shape[0]))
 
     def _positions_alone(self, items: Sequence[Encoded]) -> np.ndarray:
         """M-RoPE ids [3, N, longest] of each encoding as the only one of its row."""
@@ -493,14 +574,22 @@ class Batcher:
         self.shapes.add((rows, length, num_patches))
         return out
 
-    def _count(self, encoded: Sequence[Encoded], batch: int, length: int, num_patches: int) -> None:
+    def _count(
+        self,
+        encoded: Sequence[Encoded],
+        batch: int,
+        length: int,
+        num_patches: int,
+        *,
+        patch_rows: int | None = None,
+    ) -> None:
         self.stats["batches"] += 1
         self.stats["real_tokens"] += sum(e.length for e in encoded)
         self.stats["token_slots"] += batch * length
         self.stats["real_patches"] += sum(e.num_patches for e in encoded)
         self.stats["truncated_items"] += sum(e.truncated_tokens > 0 for e in encoded)
         self.stats["truncated_tokens"] += sum(e.truncated_tokens for e in encoded)
-        self.stats["patch_slots"] += batch * num_patches
+        self.stats["patch_slots"] += (batch if patch_rows is None else patch_rows) * num_patches
         self.shapes.add((batch, length, num_patches))
 
     def padding_report(self, *, skipped: int) -> dict[str, Any]:

@@ -21,7 +21,10 @@ image_token_index included, is laid out exactly as for Qwen2-VL.
 A packed batch (g2e.data.batching.Batcher.pack) holds several examples per row, one after
 another: segment_ids [B, L] (1, 2, ... per example, 0 on padding) keep each example's tokens to
 themselves, positions restart per example, and last_index [B, S] names each example's last
-token; its images' patches lie one after another in the row's pixel_values.
+token. Its patches lie in vision rows of their own (pixel_values [V, P, ...] and the other
+vision fields with V rows, V apart from B: several examples' images per vision row), and
+merged_token_index [B, L] replaces image_token_index: each vision token's merged token in the
+vision rows flattened to [V * P / 4].
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class Qwen2VL(nnx.Module):
         """Token embeddings [B, L, D], each <|image_pad|> and <|video_pad|> replaced by its
         merged vision token (image_token_index counts both kinds, in text order).
 
-        `vision_tokens` [B, M, D]: `self.vision_tokens(batch)` computed beforehand (else here).
+        `vision_tokens` [B, M, D]: `self.vision_tokens(batch)` computed beforehand (else here);
+        for a packed batch (merged_token_index), [V, M, D] or flattened [V * M, D].
         """
         input_ids = batch["input_ids"]
         embeds = self.language_model.embed(input_ids)
@@ -156,8 +160,13 @@ class Qwen2VL(nnx.Module):
             vision_tokens = self.vision_tokens(batch)
         if vision_tokens is None:
             return embeds
-        index = batch["image_token_index"][..., None].astype(jnp.int32)  # [B, L, 1]
-        gathered = jnp.take_along_axis(vision_tokens.astype(embeds.dtype), index, axis=1)
+        vision_tokens = vision_tokens.astype(embeds.dtype)
+        if "merged_token_index" in batch:  # packed: vision rows of their own
+            flat = vision_tokens.reshape(-1, vision_tokens.shape[-1])
+            gathered = jnp.take(flat, batch["merged_token_index"].astype(jnp.int32), axis=0)
+        else:
+            index = batch["image_token_index"][..., None].astype(jnp.int32)  # [B, L, 1]
+            gathered = jnp.take_along_axis(vision_tokens, index, axis=1)
         is_vision = (input_ids == self.config.image_token_id) | (
             input_ids == self.config.video_token_id
         )

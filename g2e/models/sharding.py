@@ -56,6 +56,7 @@ BATCH_FIELD_AXES: dict[str, tuple[str | None, ...]] = {
     "vision_positions": ("batch", "patches", None),
     "vision_window_ids": ("batch", "patches"),  # Qwen2.5-VL only
     "image_token_index": ("batch", "length"),
+    "merged_token_index": ("batch", "length"),
     "last_index": ("batch",),
 }
 

@@ -27,7 +27,7 @@ import numpy as np
 from g2e import distributed
 from g2e.data import prompts
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded, pack_rows, rows_bucket, segment_bucket
+from g2e.data.batching import Encoded, pack_rows, segment_bucket
 from g2e.data.errors import BadInput, BadInputReport
 from g2e.data.images import image_key
 from g2e.data.preprocess import Processor, positive_item, query_item
@@ -167,11 +167,14 @@ class RowCodec:
     that fail to encode. The train loop needs only these four methods and `report` (the tests'
     toy codec has the same).
 
-    `pack_length` (data.pack_length): each side's items are packed into rows of that many
-    tokens (g2e.data.batching.pack_rows), each side to the fewest rows that hold them, a power
-    of two times `row_multiple` (this process's devices on the batch axes); 'query_place' and
-    'candidate_place' [n, 2] give each pair's (row, segment) on its side, and the shape is
-    [patches, segments, rows] of the query side, then of the candidate side.
+    `pack_length` (data.pack_length): the queries and the candidates are packed together, one
+    pool of rows of that many tokens (g2e.data.batching.pack_rows; the fewest rows that hold
+    them, a multiple of `row_multiple`, this process's devices on the batch axes), embedded in
+    one pass; their patches go to vision rows (`Batcher.vision_shape` with `fit`: at most
+    `pack_patches` patches a row unless one item needs more; 0: the largest patch bucket).
+    The batch is {'pool', 'query_place', 'candidate_place', 'ids'}: each pair's query and
+    candidate as (row, segment) of the pool; the shape is [patches, segments, rows, vision
+    rows] of the pool.
     """
 
     def __init__(
@@ -181,10 +184,12 @@ class RowCodec:
         *,
         image_root: str | None,
         pack_length: int = 0,
+        pack_patches: int = 0,
         row_multiple: int = 1,
     ):
         self.processor, self.rows, self.image_root = processor, rows, image_root
         self.pack_length, self.row_multiple = pack_length, row_multiple
+        self.pack_patches = pack_patches or max(processor.batcher.patch_buckets)
 
     @property
     def report(self) -> BadInputReport:
@@ -199,61 +204,67 @@ class RowCodec:
 
     def shape(self, batch: Mapping[str, Any]) -> list[int]:
         """The collated `batch`'s shape (see the class docstring)."""
-        query, candidate = batch["query"], batch["candidate"]
-        if not self.pack_length:
+        if self.pack_length:
+            pool = batch["pool"]
             return [
-                query["input_ids"].shape[1],
-                query["pixel_values"].shape[1],
-                candidate["input_ids"].shape[1],
-                candidate["pixel_values"].shape[1],
+                pool["pixel_values"].shape[1],
+                pool["last_index"].shape[1],
+                pool["input_ids"].shape[0],
+                pool["pixel_values"].shape[0],
             ]
+        query, candidate = batch["query"], batch["candidate"]
         return [
-            dim
-            for side in (query, candidate)
-            for dim in (
-                side["pixel_values"].shape[1],
-                side["last_index"].shape[1],
-                side["input_ids"].shape[0],
-            )
+            query["input_ids"].shape[1],
+            query["pixel_values"].shape[1],
+            candidate["input_ids"].shape[1],
+            candidate["pixel_values"].shape[1],
         ]
 
     def collate(self, encoded: Sequence[tuple]) -> dict[str, Any]:
         """This process's encoded rows as a host batch of their own buckets."""
         ids = np.stack([e[2] for e in encoded])
-        sides = [e[0] for e in encoded], [e[1] for e in encoded]
-        if not self.pack_length:
-            query, candidate = (self.processor.batcher.collate(side) for side in sides)
-            return {"query": query, "candidate": candidate, "ids": ids}
+        queries, candidates = [e[0] for e in encoded], [e[1] for e in encoded]
         batcher = self.processor.batcher
-        out = {"ids": ids}
-        for name, side in zip(("query", "candidate"), sides):
-            groups = pack_rows(side, length=self.pack_length, num_patches=batcher.patch_buckets[-1])
-            most = max(sum(side[i].num_patches for i in group) for group in groups)
-            out[name] = batcher.pack(
-                [[side[i] for i in group] for group in groups],
-                pad_to_batch=rows_bucket(len(groups), self.row_multiple),
-                length=self.pack_length,
-                num_patches=batcher.patch_bucket(most),
-                segments=segment_bucket(max(len(group) for group in groups)),
-            )
-            place = np.zeros((len(side), 2), np.int32)
-            for row, group in enumerate(groups):
-                for segment, i in enumerate(group):
-                    place[i] = row, segment
-            out[f"{name}_place"] = place
-        return out
+        if not self.pack_length:
+            query, candidate = batcher.collate(queries), batcher.collate(candidates)
+            return {"query": query, "candidate": candidate, "ids": ids}
+        pool = queries + candidates
+        groups = pack_rows(pool, length=self.pack_length)
+        patches, vision_rows = batcher.vision_shape(
+            pool, self.pack_patches, self.row_multiple, fit=True
+        )
+        place = np.zeros((len(pool), 2), np.int32)
+        for row, group in enumerate(groups):
+            for segment, i in enumerate(group):
+                place[i] = row, segment
+        pool_batch = batcher.pack(
+            [[pool[i] for i in group] for group in groups],
+            pad_to_batch=-(-len(groups) // self.row_multiple) * self.row_multiple,
+            length=self.pack_length,
+            num_patches=patches,
+            segments=segment_bucket(max(len(group) for group in groups)),
+            vision_rows=vision_rows,
+        )
+        return {
+            "pool": pool_batch,
+            "query_place": place[: len(encoded)],
+            "candidate_place": place[len(encoded) :],
+            "ids": ids,
+        }
 
     def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> dict[str, Any]:
         """A collated host batch padded to the agreed (larger or equal) `shape`."""
         batcher = self.processor.batcher
         if self.pack_length:
-            widened = dict(batch)
-            for number, side in enumerate(("query", "candidate")):
-                patches, segments, rows = shape[3 * number : 3 * number + 3]
-                widened[side] = batcher.widen_packed(
-                    batch[side], rows=rows, num_patches=patches, segments=segments
-                )
-            return widened
+            patches, segments, rows, vision_rows = shape
+            pool = batcher.widen_packed(
+                batch["pool"],
+                rows=rows,
+                num_patches=patches,
+                segments=segments,
+                vision_rows=vision_rows,
+            )
+            return {**batch, "pool": pool}
         query_length, query_patches, candidate_length, candidate_patches = shape
         return {
             **batch,

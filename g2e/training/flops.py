@@ -167,15 +167,13 @@ def side_flops(
 def train_step_flops(
     config: Qwen2VLConfig, batch: Mapping[str, Any], adapter: lora.AdapterConfig | None
 ) -> float:
-    """Model FLOPs of one train step on a host batch {'query', 'candidate', ...} (the rows this
-    process holds; multiply by the process count for the global figure)."""
+    """Model FLOPs of one train step on a host batch {'query', 'candidate', ...} or, packed,
+    {'pool', ...} (the rows this process holds; multiply by the process count for the global
+    figure)."""
     pairs = len(np.asarray(batch["ids"]))
     loss = 2.0 * 3 * pairs * pairs * config.text.hidden_size  # sims, then dQ and dC
-    return (
-        side_flops(config, batch["query"], adapter)
-        + side_flops(config, batch["candidate"], adapter)
-        + loss
-    )
+    sides = ("pool",) if "pool" in batch else ("query", "candidate")
+    return sum(side_flops(config, batch[side], adapter) for side in sides) + loss
 
 
 # ----------------------------------------------------------------------- hardware FLOPs (HLO)

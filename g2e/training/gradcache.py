@@ -175,9 +175,34 @@ def loss_and_grads(
       mesh, rules: the device mesh and the logical-axis rules, whose 'batch' rule names the
         mesh axes the batch is split over (None: no mesh, one device).
 
+    A batch {'pool': model batch, ...} (packed rows holding the queries and the candidates)
+    is embedded once, in chunks of `query_chunk`; loss_fn gets the pool's embeddings as both
+    arguments (it finds each side's in them) and the pool's gradient is the sum of the two.
+
     Returns:
       (loss, aux metrics of loss_fn, float32 gradients shaped like `trainable`).
     """
+    if "pool" in batch:
+        pool = embed_in_chunks(
+            embed_fn, trainable, frozen, batch["pool"], rng, query_chunk, mesh=mesh, rules=rules
+        )
+        (loss, aux), (query_cot, candidate_cot, direct) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1, 2), has_aux=True
+        )(pool, pool, trainable)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), direct)
+        grads = _accumulate_grads(
+            embed_fn,
+            trainable,
+            frozen,
+            batch["pool"],
+            query_cot + candidate_cot,
+            rng,
+            query_chunk,
+            grads,
+            mesh,
+            rules,
+        )
+        return loss, aux, grads
     query_rng, candidate_rng = jax.random.split(rng)
     sides = (("query", query_rng, query_chunk), ("candidate", candidate_rng, candidate_chunk))
     # 1. Every embedding, chunk by chunk, without differentiating.
@@ -215,6 +240,9 @@ def direct_loss_and_grads(
     query_rng, candidate_rng = jax.random.split(rng)
 
     def total(params):
+        if "pool" in batch:  # packed: one pass over the queries and candidates together
+            pool = embed_fn(params, frozen, batch["pool"], rng).astype(jnp.float32)
+            return loss_fn(pool, pool, params)
         queries = embed_fn(params, frozen, batch["query"], query_rng)
         candidates = embed_fn(params, frozen, batch["candidate"], candidate_rng)
         return loss_fn(queries.astype(jnp.float32), candidates.astype(jnp.float32), params)

@@ -329,7 +329,10 @@ def train_model(
             rows,
             image_root=config.data.train_image_root or None,
             pack_length=config.data.pack_length,
-            row_multiple=sharding.batch_devices(mesh, rules, per_process=True),
+            pack_patches=config.data.pack_patches,
+            # A packed pool is chunked with train.query_chunk: its rows a multiple of it.
+            row_multiple=sharding.batch_devices(mesh, rules, per_process=True)
+            * max(int(config.train.query_chunk), 1),
         ),
         mesh=mesh,
         workdir=workdir,
@@ -407,29 +410,32 @@ def model_step_fns(
     (`Qwen2VL.vision_tokens`, `vision_chunk` rows of each of the `devices` along the batch
     axes (`sharding.batch_devices`) at a time,
     text-only chunks skipped; the chunk is cut to divide the rows per device) replace the pixel
-    fields of the batch, and the DoRA norms join the frozen weights.
+    fields of the batch, and the DoRA norms join the frozen weights. A packed batch's pool
+    (vision rows of their own) keeps its tokens whole beside the frozen weights, since a
+    GradCache chunk of text rows may use any vision row.
     embed_fn: the last non-pad token's hidden state, L2-normalised, with adapter dropout on.
     """
 
     def prepare(trainable, frozen, batch):
         model = nnx.merge(graphdef, nnx.State(trainable), frozen)
         prepared = dict(batch)
-        for side in ("query", "candidate"):
+        shared = {"state": frozen, "dora_norms": model.dora_norms()}
+        for side in ("pool",) if "pool" in batch else ("query", "candidate"):
             fields = dict(batch[side])
-            per_device = fields["input_ids"].shape[0] // devices
+            per_device = fields.get("pixel_values", fields["input_ids"]).shape[0] // devices
             chunk = math.gcd(vision_chunk, per_device) if vision_chunk else 0
             tokens = model.vision_tokens(fields, groups=devices, chunk=chunk)
             for key in VISION_FIELDS:
                 fields.pop(key, None)
             if tokens is not None:
-                fields["vision_tokens"] = tokens
+                (shared if side == "pool" else fields)["vision_tokens"] = tokens
             prepared[side] = fields
-        return {"state": frozen, "dora_norms": model.dora_norms()}, prepared
+        return shared, prepared
 
     def embed(trainable, prepared, batch, rng):
         model = nnx.merge(graphdef, nnx.State(trainable), prepared["state"])
         fields = dict(batch)
-        tokens = fields.pop("vision_tokens", None)
+        tokens = fields.pop("vision_tokens", prepared.get("vision_tokens"))
         embeddings = model.embed(
             fields,
             deterministic=False,

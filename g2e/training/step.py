@@ -202,14 +202,14 @@ def _loss_and_grads(
 
 
 def _pairs_of(embeddings: jax.Array, batch: Mapping[str, Any], side: str) -> jax.Array:
-    """One side's [N, D] embeddings in pair order. A packed side (g2e.training.batches.RowCodec
-    with data.pack_length) embeds [rows * S, D] segment slots, and batch['<side>_place'] [N, 2]
-    says each pair's (row, segment) within its process's rows (processes' rows one after
-    another, as g2e.distributed.put_batch lays them out)."""
+    """One side's [N, D] embeddings in pair order. A packed batch (g2e.training.batches.
+    RowCodec with data.pack_length) embeds one pool of [rows * S, D] segment slots, and
+    batch['<side>_place'] [N, 2] says each pair's (row, segment) within its process's rows
+    (processes' rows one after another, as g2e.distributed.put_batch lays them out)."""
     place = batch.get(f"{side}_place")
     if place is None:
         return embeddings
-    rows, slots = batch[side]["last_index"].shape
+    rows, slots = batch["pool"]["last_index"].shape
     pairs, processes = place.shape[0], jax.process_count()
     process = jnp.arange(pairs) // (pairs // processes)
     row = process * (rows // processes) + place[:, 0]
@@ -375,7 +375,9 @@ class CompiledSteps:
 
     def _choose(self, state, frozen, batch) -> Compiled:
         devices = sharding.batch_devices(self.setup.mesh, self.setup.rules)
-        rows = tuple(_rows(batch[side]) // devices for side in ("query", "candidate"))  # per device
+        # Per device; a packed batch's one pool is chunked with the query chunk.
+        sides = ("pool", "pool") if "pool" in batch else ("query", "candidate")
+        rows = tuple(_rows(batch[side]) // devices for side in sides)
         if rows in self._plans:
             return self._compile(state, frozen, batch, *self._plans[rows])
         compiled = self._search(state, frozen, batch, rows)

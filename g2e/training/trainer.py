@@ -144,8 +144,8 @@ def _next_batch(run: Run, inputs: batches.StepInputs, step: int, stop_requested:
     host, stop = inputs.agree(prepared, stop_requested=stop_requested)
     tokens = sum(
         int(np.sum(host[side]["attention_mask"]))
-        for side in ("query", "candidate")
-        if "attention_mask" in host[side]
+        for side in ("pool", "query", "candidate")
+        if side in host and "attention_mask" in host[side]
     )
     model_flops = run.model_flops(host) * jax.process_count() if run.model_flops else 0.0
     # Every process holds an equal share (local_row_range) of each field's rows: the pairs'

@@ -79,12 +79,18 @@ def test_packed_rows_train_like_one_row_per_example(assets, devices, chunk):
     packed = _codec(assets, rows, 256, row_multiple=devices)
     one_per_row = plain.collate([plain.encode(i) for i in range(8)])
     shared = packed.collate([packed.encode(i) for i in range(8)])
-    # Rows really are shared, and each side's pairs land in distinct slots.
-    assert shared["query"]["input_ids"].shape[0] < 8
-    assert shared["query"]["last_index"].shape[1] > 1
-    for side in ("query", "candidate"):
-        assert len({tuple(p) for p in shared[f"{side}_place"]}) == 8
-    chunk_rows = chunk and min(chunk, shared["query"]["input_ids"].shape[0] // devices)
+    # Rows really are shared, by queries and candidates together (one pool), every example in
+    # a slot of its own; the images lie in vision rows of their own.
+    pool = shared["pool"]
+    assert set(shared) == {"pool", "query_place", "candidate_place", "ids"}
+    assert pool["input_ids"].shape[0] < 8 and pool["last_index"].shape[1] > 1
+    places = [tuple(p) for side in ("query", "candidate") for p in shared[f"{side}_place"]]
+    assert len(set(places)) == 16
+    query_rows = {p[0] for p in shared["query_place"]}
+    assert query_rows & {p[0] for p in shared["candidate_place"]}
+    assert "merged_token_index" in pool and "image_token_index" not in pool
+    per_device = pool["input_ids"].shape[0] // devices
+    chunk_rows = chunk and max(d for d in range(1, chunk + 1) if per_device % d == 0)
     loss, aux, grads = _loss_and_grads(model, one_per_row, mesh, chunk)
     loss_packed, aux_packed, grads_packed = _loss_and_grads(model, shared, mesh, chunk_rows)
     np.testing.assert_allclose(float(loss_packed), float(loss), atol=1e-5, rtol=0)
