@@ -130,8 +130,8 @@ def _data_config() -> ml_collections.ConfigDict:
             # max_length and train_max_length.
             pack_length=0,
             # Patches per vision row of a packed batch: a packed batch's images lie in vision
-            # rows of their own, several to a row, each attending within itself (0: the
-            # largest patch bucket; a multiple of 4). Training packs its queries and
+            # rows of their own, several to a row, each attending within itself (0: rows as
+            # wide as the patch bucket of the batch's largest input; a multiple of 4). Training packs its queries and
             # candidates into one pool and may take smaller vision rows that waste less.
             pack_patches=0,
             # 2048: a 640x480 photo under `random` has 1,564 patches (4096 would pay 2.6x).

@@ -95,8 +95,9 @@ class BatchRunner:
       pack_length: 0, or pack each window's encodings into rows of this many tokens
         (data.pack_length; `g2e.data.batching.pack_rows`): a step is `batch_size` such rows,
         and `step` must give one output per segment ([B, S, ...], as `embed_step` does).
-      pack_patches: the most patches per vision row of a packed step (data.pack_patches; 0:
-        the largest patch bucket), unless one input needs more (`Batcher.vision_shape`).
+      pack_patches: patches per vision row of a packed step (data.pack_patches), or the patch
+        bucket of its largest input where that is more (0: always that bucket;
+        `Batcher.vision_shape`).
 
     `host_snapshot()` before and `host_report(snapshot)` after a subset give what its report
     records of the host side; `close()` stops the pool's workers.
@@ -125,7 +126,7 @@ class BatchRunner:
         self.workers = workers
         self.window = window
         self.pack_length = pack_length
-        self.pack_patches = pack_patches or max(processor.batcher.patch_buckets)
+        self.pack_patches = pack_patches
         self.graphdef, self.state = nnx.split(model)
         self.output_width = model.config.text.hidden_size
         self.devices = sharding.batch_devices(mesh, self.rules, per_process=True)

@@ -171,7 +171,7 @@ class RowCodec:
     pool of rows of that many tokens (g2e.data.batching.pack_rows; the fewest rows that hold
     them, a multiple of `row_multiple`, this process's devices on the batch axes), embedded in
     one pass; their patches go to vision rows (`Batcher.vision_shape` with `fit`: at most
-    `pack_patches` patches a row unless one item needs more; 0: the largest patch bucket).
+    `pack_patches` patches a row unless one item needs more; 0: its largest item's bucket).
     The batch is {'pool', 'query_place', 'candidate_place', 'ids'}: each pair's query and
     candidate as (row, segment) of the pool; the shape is [patches, segments, rows, vision
     rows] of the pool.
@@ -189,7 +189,7 @@ class RowCodec:
     ):
         self.processor, self.rows, self.image_root = processor, rows, image_root
         self.pack_length, self.row_multiple = pack_length, row_multiple
-        self.pack_patches = pack_patches or max(processor.batcher.patch_buckets)
+        self.pack_patches = pack_patches
 
     @property
     def report(self) -> BadInputReport:

@@ -98,12 +98,19 @@ def test_each_vision_token_names_its_own_patches_also_after_widening(examples):
 
 
 def test_vision_shape_is_the_fewest_rows_of_the_given_size(examples):
-    """Rows of the configured size unless the largest image needs a larger bucket; with no
-    image, no patches and one row per device."""
+    """Rows of the configured size unless the largest image needs a larger bucket (with `fit`,
+    the multiple of that bucket with the fewest slots); with no image, no patches and one row
+    per device."""
     b = batcher()
     assert b.vision_shape(examples, 128) == (128, 3)
     assert b.vision_shape(examples, 256) == (256, 2)
     assert b.vision_shape(examples, 32) == (64, 5)  # a 64-patch image needs rows of 64
+    assert b.vision_shape(examples, 0) == (64, 5)  # 0: as wide as the largest image's bucket
+    # fit (training): of 64, 128, 192 and 256 patches a row, the fewest slots (64 x 5).
+    assert b.vision_shape(examples, 256, fit=True) == (64, 5)
+    three = [encoded(20, (6, 6), seed) for seed in range(3)]  # 108 patches
+    assert b.vision_shape(three, 256, fit=True) == (128, 1)  # not 3 rows of 64
+    assert b.vision_shape(three, 256) == (256, 1)
     assert b.vision_shape(examples, 256, multiple=4) == (256, 4)
     assert b.vision_shape(examples[5:], 256) == (0, 1)
     assert b.vision_shape(examples[5:], 256, multiple=2) == (0, 2)
