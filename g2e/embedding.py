@@ -33,7 +33,7 @@ from flax import nnx
 
 from g2e import configuration, distributed, encode_inputs
 from g2e.data import workers as workers_lib
-from g2e.data.batching import Encoded, pack_rows, rows_bucket, segment_bucket
+from g2e.data.batching import Encoded, fine_bucket, pack_rows, segment_bucket
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.models import sharding
 from g2e.models.qwen2_vl import Qwen2VL
@@ -215,8 +215,8 @@ class BatchRunner:
 
     def _plan_packed(self, window: list[tuple[int, Encoded]]) -> list[_Step]:
         """The window's encodings packed into text rows of `pack_length` tokens, cut into
-        steps of at most `batch_size` rows, a step the fewest rows that hold its own (a power
-        of two times this process's devices); each step's patches packed into vision rows
+        steps of at most `batch_size` rows, a step the fewest rows that hold its own
+        (`fine_bucket` of this process's devices); each step's patches packed into vision rows
         (`Batcher.vision_shape`, at most `pack_patches` patches a row unless its largest
         input needs more); videos (two frames a patch) are packed apart from the rest. A step's
         shape is (pack_length, patches per vision row, segment slots, rows, vision rows,
@@ -234,7 +234,7 @@ class BatchRunner:
                     self.pack_length,
                     patches,
                     segment_bucket(max(len(row) for row in chunk)),
-                    min(rows_bucket(len(chunk), self.devices), self.batch_size),
+                    min(fine_bucket(len(chunk), self.devices), self.batch_size),
                     vision_rows,
                     frames,
                 )

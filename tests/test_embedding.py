@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from g2e import distributed
+from g2e.data.batching import fine_bucket, pack_rows, pack_vision
 from g2e.data.preprocess import EmbedItem, Processor
 from g2e.embedding import Embedder, rows_per_step
 from g2e.models import hf_io, sharding
@@ -134,16 +135,17 @@ def test_packed_rows_give_each_input_the_embedding_it_has_alone(checkpoint, mode
 
 
 def test_a_packed_step_has_only_the_rows_it_needs(checkpoint, model, alone):
-    """Seven inputs pack into a few rows: steps of a power of two rows each, one patch bucket
-    each, not one step of the batch's 16 rows of dummies; the embeddings are unchanged."""
+    """Seven inputs pack into one step of the few rows they fill, not the batch's 16 rows of
+    dummies, their images in vision rows of their own; the embeddings are unchanged."""
     items = make_items()
     proc = processor(checkpoint[1])
     embedder = Embedder(model, proc, mesh=None, batch_size=16, progress=False, pack_length=256)
     np.testing.assert_allclose(embedder(items), alone, atol=1e-5, rtol=0)
-    shapes = proc.padding_report()["shapes"]
-    assert len({shape[2] for shape in shapes}) == len(shapes)  # a step per patch bucket
-    assert all(shape[0] in (1, 2, 4) and shape[1] == 256 for shape in shapes)
-    assert sum(shape[0] for shape in shapes) <= 6
+    encoded = [proc.encode(item) for item in items]
+    needed = len(pack_rows(encoded, length=256))
+    (step,) = embedder._plan(list(enumerate(encoded)))
+    assert step.shape[3] == fine_bucket(needed, 1) < 16
+    assert step.shape[4] == len(pack_vision(encoded, step.shape[1]))
 
 
 @pytest.mark.parametrize(

@@ -138,12 +138,6 @@ def segment_bucket(count: int) -> int:
     return 1 << max(count - 1, 0).bit_length()
 
 
-def rows_bucket(count: int, multiple: int) -> int:
-    """Rows of a packed batch that holds `count` rows: the fewest that are a power of two times
-    `multiple` (the devices along the batch axes)."""
-    return multiple * segment_bucket(-(-count // multiple))
-
-
 def default_length_buckets(max_length: int) -> tuple[int, ...]:
     """Powers of two from 64 below max_length, then max_length."""
     buckets, size = [], 64
