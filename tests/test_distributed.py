@@ -19,6 +19,7 @@ from jax.sharding import AxisType
 
 from g2e import distributed
 from g2e.models import sharding
+from tests import compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -355,11 +356,21 @@ DEMO_FLAGS = [
     "--config.train.global_batch=16",
     "--config.train.cluster_size=2",
     "--config.data.heldout_rows=0",
+    # Host work in the main processes: a pool of Grain workers costs each stage of each process
+    # seconds to start on a 2-core machine, and results do not depend on it.
+    "--config.data.workers=0",
 ]
 
 
 def _demo_command(out: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "g2e.main", *DEMO_FLAGS, f"--config.workdir={out / 'workdir'}"]
+    return [
+        sys.executable,
+        "-m",
+        "g2e.main",
+        *DEMO_FLAGS,
+        f"--config.workdir={out / 'workdir'}",
+        *compilation_cache.main_flags(),
+    ]
 
 
 def _compare_demo(single: pathlib.Path, multi: pathlib.Path) -> None:

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from g2e.demo import mini_mmeb
+from tests import compilation_cache
 from tests.killing import kill_at
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ TRAIN_STEPS = 6
 
 # The demo, trimmed: a tenth of the mini-MMEB's training rows and 4 queries per evaluation
 # subset (all 10 subsets), a smaller generator trained for two steps, 6 steps of DoRA
-# fine-tuning with a checkpoint every 2, each step's loss logged.
+# fine-tuning with a checkpoint every 2, each step's loss logged; no Grain worker processes.
 TRIMMED = [
     "--config.demo.scale=0.1",
     "--config.demo.eval_queries=40",  # x scale: 4 queries per evaluation subset
@@ -35,6 +36,9 @@ TRIMMED = [
     "--config.eval.batch_size=2",  # per device: 16 a step on 8 devices
     "--config.mine.batch_size=2",
     "--config.mine.judge_batch_size=8",
+    # Host work in the main process: a pool of Grain workers costs a stage ~15 s to start on a
+    # 2-core machine, and results do not depend on it (tests/training/test_trainer.py).
+    "--config.data.workers=0",
 ]
 
 
@@ -46,6 +50,8 @@ def _command(workdir: pathlib.Path) -> list[str]:
         f"--config={REPO}/configs/demo.py",
         f"--config.workdir={workdir}",
         *TRIMMED,
+        # The three runs (and the stages inside each) load what an earlier one compiled.
+        *compilation_cache.main_flags(),
     ]
 
 
