@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,38 +109,65 @@ class EmbeddingCache:
         [len(indices), D]; it is called once per missing shard, and each shard is stored as
         soon as it is computed. A stored shard that does not read back is computed again.
         """
-        shards = self._shards(name, len(keys))
-        missing = set(self.missing(name, keys))
-        distributed.barrier(f"embedding-cache-{self.directory}-{name}")
-        if self.writable and len(missing) == len(shards):
-            self._reset(name, keys)
-        parts = []
-        for number, path in enumerate(shards):
-            indices = np.arange(
-                number * self.shard_size, min((number + 1) * self.shard_size, len(keys))
-            )
-            stored = None if number in missing else self._read(path, len(indices))
-            if stored is None:
-                stored = np.asarray(compute(indices), np.float32)
+        return self.get_sides({name: keys}, lambda wanted: {name: compute(wanted[name])})[name]
+
+    def get_sides(
+        self,
+        sides: Mapping[str, Sequence[Any]],
+        compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """`get` for several names at once ({name: keys} -> {name: [len(keys), D]}): shard k
+        of every name that lacks it is computed in one `compute({name: indices})` call, round
+        by round, each round's shards stored as soon as it is done (one embedding call over a
+        subset's queries and candidates leaves fewer partly filled steps than two)."""
+        shards = {name: self._shards(name, len(keys)) for name, keys in sides.items()}
+        missing = {name: set(self.missing(name, keys)) for name, keys in sides.items()}
+        for name, keys in sides.items():
+            distributed.barrier(f"embedding-cache-{self.directory}-{name}")
+            if self.writable and len(missing[name]) == len(shards[name]):
+                self._reset(name, keys)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in sides}
+        for number in range(max(map(len, shards.values()), default=0)):
+            wanted = {}
+            for name, keys in sides.items():
+                if number >= len(shards[name]):
+                    continue
+                indices = np.arange(
+                    number * self.shard_size, min((number + 1) * self.shard_size, len(keys))
+                )
+                stored = None
+                if number not in missing[name]:
+                    stored = self._read(shards[name][number], len(indices))
+                if stored is None:
+                    wanted[name] = indices
+                else:
+                    parts[name].append(stored)
+            computed = compute(wanted) if wanted else {}
+            for name, indices in wanted.items():
+                stored = np.asarray(computed[name], np.float32)
                 if stored.ndim != 2 or stored.shape[0] != len(indices):
                     raise ValueError(
                         f"cache {self.directory}/{name}: compute gave "
                         f"{stored.shape} for {len(indices)} items"
                     )
                 if self.writable:
-                    self._write(path, stored)
+                    self._write(shards[name][number], stored)
                     # A test may kill the process here: this shard is whole, the next absent.
                     killpoints.reached(f"embedding_shard_{self.directory.name}/{name}_{number}")
-            parts.append(stored)
-        if missing and len(missing) < len(shards):
-            logging.info(
-                "cache %s/%s: %d of %d shards reused",
-                self.directory,
-                name,
-                len(shards) - len(missing),
-                len(shards),
-            )
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+                parts[name].append(stored)
+        for name in sides:
+            if missing[name] and len(missing[name]) < len(shards[name]):
+                logging.info(
+                    "cache %s/%s: %d of %d shards reused",
+                    self.directory,
+                    name,
+                    len(shards[name]) - len(missing[name]),
+                    len(shards[name]),
+                )
+        return {
+            name: np.concatenate(parts[name]) if parts[name] else np.zeros((0, 0), np.float32)
+            for name in sides
+        }
 
     def _reset(self, name: str, keys: Sequence[Any]) -> None:
         """Removes another index's shards and writes the index of `keys`."""
@@ -165,3 +192,27 @@ class EmbeddingCache:
         buffer = io.BytesIO()
         np.save(buffer, embeddings.astype(self.dtype), allow_pickle=False)
         atomic.write_bytes(path, buffer.getvalue())
+
+
+def embed_sides(
+    embed: Callable[[list[Any], str], np.ndarray],
+    sides: Mapping[str, Sequence[Any]],
+    keys: Mapping[str, Sequence[Any]],
+    cache: EmbeddingCache | None,
+    *,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    """{name: float32 [len(items), D]} of several lists of items (e.g. a subset's queries and
+    candidates), from `cache` where held (`EmbeddingCache.get_sides`; keys[name] name the
+    items), what is missing of all lists embedded in one `embed(items, label)` call per round,
+    so that a packed embedder fills its steps with all of them."""
+
+    def compute(wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chosen = [sides[name][i] for name, indices in wanted.items() for i in indices]
+        embedded = embed(chosen, f"{desc} {'+'.join(wanted)}")
+        ends = np.cumsum([len(indices) for indices in wanted.values()])[:-1]
+        return dict(zip(wanted, np.split(embedded, ends)))
+
+    if cache is None:
+        return compute({name: np.arange(len(items)) for name, items in sides.items()})
+    return cache.get_sides(keys, compute)

@@ -32,12 +32,13 @@ from __future__ import annotations
 import logging
 import pathlib
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
 
+from g2e import embedding_cache
 from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data import subsets as subset_registry
@@ -302,33 +303,49 @@ def _subset_embeddings(
     progress: bool,
     allow_skipped: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(query, candidate) embeddings of the subset's unique items, from the cache where held."""
-
-    def embedder(role: str, desc: str):
-        role_items = items.items(role)
-
-        def compute(indices: np.ndarray) -> np.ndarray:
-            return embed_items(
-                embed_fn,
-                [role_items[i] for i in indices],
-                batch_size=batch_size,
-                desc=f"{subset} {desc}",
-                progress=progress,
-                allow_skipped=allow_skipped,
-            )
-
-        return compute, len(role_items)
-
-    (embed_queries, num_queries), (embed_candidates, num_candidates) = (
-        embedder("query", "queries"),
-        embedder("candidate", "candidates"),
+    """(query, candidate) embeddings of the subset's unique items, from the cache where held;
+    what is missing of both is embedded in one call (`embed_sides`)."""
+    sides = {"queries": items.items("query"), "candidates": items.items("candidate")}
+    keys = {"queries": items.query_keys, "candidates": items.candidate_keys}
+    embedded = embed_sides(
+        embed_fn,
+        sides,
+        keys,
+        cache,
+        batch_size=batch_size,
+        desc=subset,
+        progress=progress,
+        allow_skipped=allow_skipped,
     )
-    if cache is None:
-        return embed_queries(np.arange(num_queries)), embed_candidates(np.arange(num_candidates))
-    return (
-        cache.get("queries", items.query_keys, embed_queries),
-        cache.get("candidates", items.candidate_keys, embed_candidates),
-    )
+    return embedded["queries"], embedded["candidates"]
+
+
+def embed_sides(
+    embed_fn: EmbedFn,
+    sides: Mapping[str, Sequence[EmbedItem]],
+    keys: Mapping[str, Sequence[Any]],
+    cache: EmbeddingCache | None,
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool = True,
+    allow_skipped: bool = False,
+) -> dict[str, np.ndarray]:
+    """{name: float32 [len(items), D]} of several lists of items (e.g. a subset's queries and
+    candidates) by `embed_items`, what is missing of all of them in one call
+    (g2e.embedding_cache.embed_sides)."""
+
+    def embed(items: list[EmbedItem], label: str) -> np.ndarray:
+        return embed_items(
+            embed_fn,
+            items,
+            batch_size=batch_size,
+            desc=label,
+            progress=progress,
+            allow_skipped=allow_skipped,
+        )
+
+    return embedding_cache.embed_sides(embed, sides, keys, cache, desc=desc)
 
 
 def _score(

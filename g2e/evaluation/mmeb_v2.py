@@ -35,7 +35,7 @@ from g2e.data.images import image_key
 from g2e.data.preprocess import EmbedItem
 from g2e.embedding import unit_rows
 from g2e.embedding_cache import EmbeddingCache
-from g2e.evaluation.mmeb import embed_items
+from g2e.evaluation.mmeb import embed_sides
 
 EmbedFn = Callable[[Sequence[EmbedItem]], np.ndarray]
 TOP_K = 5  # enough for hit@1 and NDCG@5
@@ -155,23 +155,9 @@ def evaluate_task(
         "queries": [_key(q) for q in unique],
         "candidates": [_key(c) for c in data.pool.values()],
     }
-    embedded = {}
-    for side, items in sides.items():
-
-        def compute(indices: np.ndarray, items=items, side=side) -> np.ndarray:
-            return embed_items(
-                embed_fn,
-                [items[i] for i in indices],
-                batch_size=batch_size,
-                desc=f"{name} {side}",
-                progress=progress,
-            )
-
-        embedded[side] = (
-            compute(np.arange(len(items)))
-            if cache is None
-            else cache.get(side, keys[side], compute)
-        )
+    embedded = embed_sides(
+        embed_fn, sides, keys, cache, batch_size=batch_size, desc=name, progress=progress
+    )
     where = {q: i for i, q in enumerate(unique)}
     queries = embedded["queries"][[where[q] for q in data.queries]]
     return score_task(data, queries, embedded["candidates"])

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from g2e import atomic, distributed, layout, mining
+from g2e import atomic, distributed, embedding_cache, layout, mining
 from g2e.data import mmeb
 from g2e.data import rows as rows_lib
 from g2e.data.errors import BadInputReport
@@ -190,14 +190,16 @@ def mine_subset(
     unique_queries, query_of_row = rows_lib.index_keys(query_keys)
     unique_positives, positive_of_row = rows_lib.index_keys(positive_keys)
 
-    def embed(items: list, name: str):
-        return lambda indices: embedder([items[i] for i in indices], desc=f"{subset} {name}")
-
     queries = [query_item(rows[int(r)]) for r in rows_lib.first_of_each(query_of_row)]
     positives = [positive_item(rows[int(r)]) for r in rows_lib.first_of_each(positive_of_row)]
-    query_embeddings = cache.get("queries", unique_queries, embed(queries, "queries"))
-    positive_embeddings = cache.get("positives", unique_positives, embed(positives, "positives"))
-    row_embeddings = (query_embeddings[query_of_row], positive_embeddings[positive_of_row])
+    embedded = embedding_cache.embed_sides(
+        lambda items, label: embedder(items, desc=label),
+        {"queries": queries, "positives": positives},
+        {"queries": unique_queries, "positives": unique_positives},
+        cache,
+        desc=subset,
+    )
+    row_embeddings = (embedded["queries"][query_of_row], embedded["positives"][positive_of_row])
     kept = _usable_rows(subset, *row_embeddings, skipped=embedder.processor.report.total)
     row_queries, row_positives = (embeddings[kept] for embeddings in row_embeddings)
     if kept.size < len(rows):  # only then: ArrowRows stay a memory map, read by index
