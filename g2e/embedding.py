@@ -262,7 +262,7 @@ class BatchRunner:
         batcher = self.processor.batcher
         if self.pack_length:
             length, patches, segments, step_rows, vision_rows, frames = shape
-            return batcher.pack(
+            batch = batcher.pack(
                 rows,
                 pad_to_batch=step_rows,
                 length=length,
@@ -271,6 +271,7 @@ class BatchRunner:
                 frames=frames,
                 vision_rows=vision_rows,
             )
+            return batcher.for_process(batch, jax.process_index())
         return batcher.collate(
             [e for (e,) in rows],
             pad_to_batch=self.batch_size,

@@ -493,6 +493,16 @@ class Batcher:
         self.shapes.add((rows, length, num_patches))
         return out
 
+    def for_process(self, batch: dict[str, np.ndarray], process: int) -> dict[str, np.ndarray]:
+        """A packed batch as process `process` feeds its share of a global one: put_batch lays
+        the processes' rows one after another, so merged_token_index moves past the vision
+        rows of processes 0..process-1 (every process has as many, of as many patches)."""
+        if not process or "merged_token_index" not in batch:
+            return batch
+        rows, patches = batch["pixel_values"].shape[:2]
+        shift = process * rows * (patches // self.merge_size**2)
+        return {**batch, "merged_token_index": batch["merged_token_index"] + shift}
+
     def vision_shape(
         self, encoded: Sequence[Encoded], patches: int, multiple: int = 1, *, fit: bool = False
     ) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from g2e import distributed
@@ -253,7 +254,9 @@ class RowCodec:
         }
 
     def widen(self, batch: Mapping[str, Any], shape: Sequence[int]) -> dict[str, Any]:
-        """A collated host batch padded to the agreed (larger or equal) `shape`."""
+        """A collated host batch padded to the agreed (larger or equal) `shape`; a packed
+        pool's merged_token_index then counts the vision rows of the processes before this
+        one (`Batcher.for_process`)."""
         batcher = self.processor.batcher
         if self.pack_length:
             patches, segments, rows, vision_rows = shape
@@ -264,7 +267,7 @@ class RowCodec:
                 segments=segments,
                 vision_rows=vision_rows,
             )
-            return {**batch, "pool": pool}
+            return {**batch, "pool": batcher.for_process(pool, jax.process_index())}
         query_length, query_patches, candidate_length, candidate_patches = shape
         return {
             **batch,
@@ -412,8 +415,8 @@ class StepInputs:
             )
         stop = bool(table[:, 1].any())
         agreed = table[:, 2 : 2 + prepared.shape.size].max(axis=0)
-        if np.array_equal(agreed, prepared.shape):
-            return prepared.batch, stop
+        # Always widened (maybe to its own shape): a packed pool's index also moves past the
+        # processes before this one there.
         return self.codec.widen(prepared.batch, [int(v) for v in agreed]), stop
 
     def state(self) -> dict[str, Any]:

@@ -123,3 +123,20 @@ def test_fine_bucket_wastes_at_most_a_quarter():
             assert rows >= count and rows % multiple == 0
             assert rows - count < max(rows / 4, multiple) + 1e-9
     assert len({fine_bucket(n, 1) for n in range(1, 129)}) <= 4 * 7 + 1
+
+
+def test_each_process_indexes_its_own_vision_rows_in_the_global_batch(examples):
+    """put_batch lays the processes' rows one after another: process 1's vision tokens must
+    name its own patches in the concatenated vision rows, not process 0's."""
+    b = batcher()
+    shares = [examples[:3], examples[3:]]
+    local = [
+        b.for_process(
+            b.pack([share], pad_to_batch=1, length=256, num_patches=128, segments=4, vision_rows=2),
+            process,
+        )
+        for process, share in enumerate(shares)
+    ]
+    merged = {key: np.concatenate([batch[key] for batch in local]) for key in local[0]}
+    expected = [block for e in examples for block in e.pixel_values.reshape(-1, 4, 588)]
+    np.testing.assert_array_equal(np.stack(patches_of_vision_tokens(merged)), np.stack(expected))
